@@ -1,0 +1,1 @@
+//! Dequantization (placeholder; being written).
