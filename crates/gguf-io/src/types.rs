@@ -2,7 +2,9 @@
 //! spells it (`ggml_type_name`), block size in elements and bytes per block.
 //!
 //! Ids that ggml retired (Q4_2, Q4_3, the Q4_0_x_y / IQ4_NL_x_y repack types) are kept
-//! so that an old file gets a precise error instead of "unknown type".
+//! so that an old file gets a precise error instead of "unknown type". The table matches
+//! `ggml.h` of the pinned llama.cpp (GGML_TYPE_COUNT = 43); a test against ggml's own
+//! type traits (crate `ggml-trace`) keeps it honest.
 
 use std::fmt;
 
@@ -73,6 +75,9 @@ pub const TYPE_TABLE: &[TypeInfo] = &[
     gone(37, "iq4_nl_4_8"),
     gone(38, "iq4_nl_8_8"),
     t(39, "mxfp4", 32, 17),
+    t(40, "nvfp4", 64, 36),
+    t(41, "q1_0", 128, 18),
+    t(42, "q2_0", 64, 18),
 ];
 
 impl GgmlType {
@@ -108,6 +113,9 @@ impl GgmlType {
     pub const TQ1_0: Self = Self(34);
     pub const TQ2_0: Self = Self(35);
     pub const MXFP4: Self = Self(39);
+    pub const NVFP4: Self = Self(40);
+    pub const Q1_0: Self = Self(41);
+    pub const Q2_0: Self = Self(42);
 
     /// Facts about this type, or `None` for an id ggml never assigned.
     pub fn info(self) -> Option<&'static TypeInfo> {
