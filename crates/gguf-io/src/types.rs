@@ -27,10 +27,22 @@ pub struct TypeInfo {
 }
 
 const fn t(id: u32, name: &'static str, block_size: u32, type_size: u32) -> TypeInfo {
-    TypeInfo { id, name, block_size, type_size, retired: false }
+    TypeInfo {
+        id,
+        name,
+        block_size,
+        type_size,
+        retired: false,
+    }
 }
 const fn gone(id: u32, name: &'static str) -> TypeInfo {
-    TypeInfo { id, name, block_size: 0, type_size: 0, retired: true }
+    TypeInfo {
+        id,
+        name,
+        block_size: 0,
+        type_size: 0,
+        retired: true,
+    }
 }
 
 /// Indexed by type id.

@@ -1,0 +1,119 @@
+//! Command-line options of `gguf-reader`.
+
+use std::ffi::OsString;
+
+use regex::Regex;
+
+pub const USAGE: &str = "\
+gguf-reader: inspect a GGUF file (a kv-cache-monitor trace or a model)
+
+USAGE:
+    gguf-reader <FILE|-> [OPTIONS]
+
+    FILE             path of a GGUF file; `-` reads it from standard input (a pipe)
+
+OPTIONS:
+    --show-data      per tensor: the first N values (dequantized whatever the type) and
+                     mean, std, min, max, NaN and Inf counts over the whole tensor
+    --count N        how many values --show-data prints per tensor [default: 10]
+    --tensor REGEX   only tensors whose name matches REGEX (Rust regex syntax)
+    --json           one JSON document on stdout instead of text (schema: docs/json.md)
+    --full-arrays    print metadata arrays in full [default: first 8 elements and the count]
+    -h, --help       print this help
+    -V, --version    print the version
+
+EXIT CODES:
+    0  success      1  bad input (unreadable or malformed GGUF)      2  usage error
+
+EXAMPLES:
+    gguf-reader traced_tensors.gguf --show-data
+    gguf-reader model.gguf --tensor 'blk\\.0\\.' --show-data --count 4
+    kqv-trace-monitor -m model.gguf -p \"Hello\" --save-gguf - | gguf-reader -
+";
+
+/// Where the GGUF comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    Stdin,
+    Path(std::path::PathBuf),
+}
+
+impl Input {
+    pub fn display(&self) -> String {
+        match self {
+            Input::Stdin => "<stdin>".to_owned(),
+            Input::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub input: Input,
+    pub show_data: bool,
+    pub count: usize,
+    pub tensor_filter: Option<Regex>,
+    pub json: bool,
+    pub full_arrays: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Options),
+    Help,
+    Version,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("{0}")]
+    Args(#[from] pico_args::Error),
+    #[error("missing input: give a GGUF file path or `-` for stdin")]
+    MissingInput,
+    #[error("unexpected argument '{0}'")]
+    Unexpected(String),
+    #[error("--tensor: invalid regex: {0}")]
+    BadRegex(#[from] regex::Error),
+}
+
+pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
+    let mut p = pico_args::Arguments::from_vec(args);
+    if p.contains(["-h", "--help"]) {
+        return Ok(Command::Help);
+    }
+    if p.contains(["-V", "--version"]) {
+        return Ok(Command::Version);
+    }
+    let show_data = p.contains("--show-data");
+    let json = p.contains("--json");
+    let full_arrays = p.contains("--full-arrays");
+    let count = p.opt_value_from_str("--count")?.unwrap_or(10);
+    let tensor_filter = p
+        .opt_value_from_str::<_, String>("--tensor")?
+        .map(|s| Regex::new(&s))
+        .transpose()?;
+    let mut rest = p.finish().into_iter();
+    let input = match rest.next() {
+        None => return Err(UsageError::MissingInput),
+        Some(a) if a == "-" => Input::Stdin,
+        Some(a) => {
+            let s = a.to_string_lossy();
+            if s.starts_with('-') && s.len() > 1 {
+                return Err(UsageError::Unexpected(s.into_owned()));
+            }
+            Input::Path(a.into())
+        }
+    };
+    if let Some(extra) = rest.next() {
+        return Err(UsageError::Unexpected(extra.to_string_lossy().into_owned()));
+    }
+    Ok(Command::Run(Options {
+        input,
+        show_data,
+        count,
+        tensor_filter,
+        json,
+        full_arrays,
+    }))
+}

@@ -1,0 +1,99 @@
+//! `gguf-reader`: inspect any GGUF file, from a path (memory-mapped) or from stdin
+//! (read sequentially, so `kqv-trace-monitor ... --save-gguf - | gguf-reader -` works).
+//!
+//! The work is split in three: [`args`] parses the command line, [`report`] turns a GGUF
+//! into a [`report::Report`] (one description serving text and JSON alike), and the
+//! renderers in [`text`] and [`report`] print it.
+
+pub mod args;
+pub mod data;
+pub mod report;
+pub mod text;
+
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use args::{Command, Input, Options};
+use gguf_io::{GgufError, GgufFile, StreamReader};
+
+/// Documented exit codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const BAD_INPUT: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{input}: {source}")]
+    Gguf {
+        input: String,
+        #[source]
+        source: GgufError,
+    },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Entry point shared by `main.rs` and the tests: parse, run, map errors to exit codes.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let cmd = match args::parse(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gguf-reader: {e} (try --help)");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let opts = match cmd {
+        Command::Help => return print_quietly(args::USAGE),
+        Command::Version => {
+            return print_quietly(&format!("gguf-reader {}\n", env!("CARGO_PKG_VERSION")))
+        }
+        Command::Run(o) => o,
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let result = run(&opts, &mut out).and_then(|()| out.flush().map_err(RunError::from));
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        // A closed pipe (`gguf-reader x | head`) is how a reader says "enough": not an error.
+        Err(RunError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("gguf-reader: {e}");
+            ExitCode::from(exit::BAD_INPUT)
+        }
+    }
+}
+
+fn print_quietly(s: &str) -> ExitCode {
+    let _ = io::stdout().write_all(s.as_bytes());
+    ExitCode::from(exit::OK)
+}
+
+/// Read the input named in `opts` and write the report to `out`.
+pub fn run(opts: &Options, out: &mut impl Write) -> Result<(), RunError> {
+    let name = opts.input.display();
+    let wrap = |source| RunError::Gguf {
+        input: name.clone(),
+        source,
+    };
+    let report = match &opts.input {
+        Input::Path(p) => {
+            let file = GgufFile::open(p).map_err(wrap)?;
+            report::Report::from_file(&name, &file, opts).map_err(wrap)?
+        }
+        Input::Stdin => {
+            let stdin = io::stdin();
+            let mut reader = StreamReader::new(stdin.lock()).map_err(wrap)?;
+            report::Report::from_stream(&name, &mut reader, opts).map_err(wrap)?
+        }
+    };
+    if opts.json {
+        serde_json::to_writer_pretty(&mut *out, &report.to_json(opts)).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        text::render(&report, opts, out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! One description of a GGUF file, built once and rendered as text or JSON.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use gguf_io::{Array, GgufFile, Header, Result, StreamReader, Value};
+use serde_json::{json, Map, Value as Json};
+
+use crate::args::Options;
+use crate::data::{self, TensorData};
+
+/// Version of the `--json` document layout (docs/json.md).
+pub const JSON_SCHEMA: &str = "gguf-reader/1";
+/// Array elements shown without `--full-arrays`.
+pub const ARRAY_PREVIEW: usize = 8;
+
+/// What kind of GGUF this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A trace written by kv-cache-monitor (it carries `kqv_trace.*` metadata).
+    KqvTrace,
+    /// Anything else (a model, a LoRA, a file from another tool).
+    Other,
+}
+
+/// A trace's tensors grouped by the step in their name (`..._step_<N>`).
+#[derive(Clone, Debug, Default)]
+pub struct TraceGroups {
+    pub steps: BTreeMap<u64, Vec<usize>>,
+    pub ungrouped: Vec<usize>,
+}
+
+pub struct Report {
+    pub input: String,
+    pub file_size: Option<u64>,
+    pub header: Header,
+    pub kind: Kind,
+    /// Indices of the tensors that pass `--tensor`, in table order.
+    pub selected: Vec<usize>,
+    /// With `--show-data`: per selected tensor index, its data or why it has none.
+    pub data: BTreeMap<usize, std::result::Result<TensorData, String>>,
+    pub trace: Option<TraceGroups>,
+}
+
+fn kind_of(h: &Header) -> Kind {
+    if h.metadata.iter().any(|(k, _)| k.starts_with("kqv_trace.")) {
+        Kind::KqvTrace
+    } else {
+        Kind::Other
+    }
+}
+
+/// The step number at the end of a seed-style trace name (`kqv_out_kqv_out-0_step_3`).
+pub fn step_of(name: &str) -> Option<u64> {
+    let (_, tail) = name.rsplit_once("_step_")?;
+    tail.parse().ok()
+}
+
+fn group(h: &Header, selected: &[usize]) -> TraceGroups {
+    let mut g = TraceGroups::default();
+    for &i in selected {
+        match step_of(&h.tensors[i].name) {
+            Some(s) => g.steps.entry(s).or_default().push(i),
+            None => g.ungrouped.push(i),
+        }
+    }
+    g
+}
+
+impl Report {
+    fn new(input: &str, file_size: Option<u64>, header: Header, opts: &Options) -> Self {
+        let selected: Vec<usize> = (0..header.tensors.len())
+            .filter(|&i| {
+                opts.tensor_filter
+                    .as_ref()
+                    .is_none_or(|re| re.is_match(&header.tensors[i].name))
+            })
+            .collect();
+        let kind = kind_of(&header);
+        let trace = (kind == Kind::KqvTrace).then(|| group(&header, &selected));
+        Self {
+            input: input.to_owned(),
+            file_size,
+            header,
+            kind,
+            selected,
+            data: BTreeMap::new(),
+            trace,
+        }
+    }
+
+    pub fn from_file(input: &str, file: &GgufFile, opts: &Options) -> Result<Self> {
+        let mut r = Self::new(input, Some(file.len()), file.header().clone(), opts);
+        if opts.show_data {
+            let order = file.header().byte_order;
+            for &i in &r.selected {
+                let t = &file.tensors()[i];
+                let d = data::inspect(t, file.tensor_data(t), order, opts.count);
+                r.data.insert(i, d.map_err(|e| e.to_string()));
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn from_stream<R: Read>(
+        input: &str,
+        reader: &mut StreamReader<R>,
+        opts: &Options,
+    ) -> Result<Self> {
+        let mut r = Self::new(input, None, reader.header().clone(), opts);
+        if opts.show_data {
+            let order = reader.header().byte_order;
+            let wanted: std::collections::HashSet<usize> = r.selected.iter().copied().collect();
+            while let Some((t, bytes)) = reader.next_tensor()? {
+                let Some(i) = r.header.tensors.iter().position(|x| x.name == t.name) else {
+                    continue;
+                };
+                if wanted.contains(&i) {
+                    let d = data::inspect(t, &bytes, order, opts.count);
+                    r.data.insert(i, d.map_err(|e| e.to_string()));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn to_json(&self, opts: &Options) -> Json {
+        let h = &self.header;
+        let metadata: Vec<Json> = h
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                let mut m = Map::new();
+                m.insert("key".into(), json!(k));
+                m.insert("type".into(), json!(v.value_type().name()));
+                if let Value::Array(a) = v {
+                    m.insert("elem_type".into(), json!(a.elem_type().name()));
+                    m.insert("len".into(), json!(a.len()));
+                    let limit = if opts.full_arrays {
+                        usize::MAX
+                    } else {
+                        ARRAY_PREVIEW
+                    };
+                    m.insert("value".into(), array_json(a, limit));
+                    m.insert("truncated".into(), json!(a.len() > limit));
+                } else {
+                    m.insert("value".into(), value_json(v));
+                }
+                Json::Object(m)
+            })
+            .collect();
+        let tensors: Vec<Json> = self
+            .selected
+            .iter()
+            .map(|&i| {
+                let t = &h.tensors[i];
+                let mut m = Map::new();
+                m.insert("name".into(), json!(t.name));
+                m.insert("type".into(), json!(t.ty.name()));
+                m.insert("shape".into(), json!(t.dims));
+                m.insert("n_elements".into(), json!(t.n_elements));
+                m.insert("n_bytes".into(), json!(t.n_bytes));
+                m.insert("offset".into(), json!(t.offset));
+                if let Some(step) = self.trace.as_ref().and(step_of(&t.name)) {
+                    m.insert("step".into(), json!(step));
+                }
+                match self.data.get(&i) {
+                    Some(Ok(d)) => {
+                        let s = &d.summary;
+                        m.insert(
+                            "data".into(),
+                            json!({
+                                "first": d.first.iter().map(|&x| float_json(x.into())).collect::<Vec<_>>(),
+                                "count": s.count,
+                                "finite": s.finite,
+                                "mean": float_json(s.mean),
+                                "std": float_json(s.std),
+                                "min": float_json(s.min),
+                                "max": float_json(s.max),
+                                "nan": s.nan,
+                                "inf": s.inf(),
+                                "pos_inf": s.pos_inf,
+                                "neg_inf": s.neg_inf,
+                            }),
+                        );
+                    }
+                    Some(Err(e)) => {
+                        m.insert("data".into(), json!({ "error": e }));
+                    }
+                    None => {}
+                }
+                Json::Object(m)
+            })
+            .collect();
+        let trace = self.trace.as_ref().map(|g| {
+            json!({
+                "steps": g.steps.iter().map(|(s, idx)| json!({
+                    "step": s,
+                    "tensors": idx.iter().map(|&i| &h.tensors[i].name).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "ungrouped": g.ungrouped.iter().map(|&i| &h.tensors[i].name).collect::<Vec<_>>(),
+            })
+        });
+        json!({
+            "schema": JSON_SCHEMA,
+            "input": self.input,
+            "file_size": self.file_size,
+            "version": h.version,
+            "byte_order": h.byte_order.name(),
+            "alignment": h.alignment,
+            "data_offset": h.data_offset,
+            "kind": match self.kind { Kind::KqvTrace => "kqv-trace", Kind::Other => "gguf" },
+            "tensor_count": h.tensors.len(),
+            "metadata": metadata,
+            "tensors": tensors,
+            "trace": trace,
+        })
+    }
+}
+
+/// JSON has no NaN or infinity: those become the strings "nan", "inf", "-inf".
+pub fn float_json(x: f64) -> Json {
+    if x.is_finite() {
+        json!(x)
+    } else if x.is_nan() {
+        json!("nan")
+    } else if x > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
+fn value_json(v: &Value) -> Json {
+    match v {
+        Value::U8(x) => json!(x),
+        Value::I8(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::F32(x) => float_json(f64::from(*x)),
+        Value::Bool(x) => json!(x),
+        Value::String(s) => json!(s),
+        Value::Array(a) => array_json(a, usize::MAX),
+        Value::U64(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::F64(x) => float_json(*x),
+    }
+}
+
+fn array_json(a: &Array, limit: usize) -> Json {
+    let n = a.len().min(limit);
+    Json::Array(
+        (0..n)
+            .filter_map(|i| a.get(i))
+            .map(|v| value_json(&v))
+            .collect(),
+    )
+}

@@ -1,0 +1,176 @@
+//! Human-readable rendering of a [`Report`].
+
+use std::io::{self, Write};
+
+use gguf_io::{Array, Value};
+
+use crate::args::Options;
+use crate::report::{Kind, Report, ARRAY_PREVIEW};
+
+pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()> {
+    let h = &r.header;
+    writeln!(out, "GGUF: {}", r.input)?;
+    if r.kind == Kind::KqvTrace {
+        writeln!(out, "  kind:         kv-cache-monitor trace")?;
+    }
+    writeln!(out, "  version:      {}", h.version)?;
+    writeln!(out, "  byte order:   {}", h.byte_order.name())?;
+    writeln!(out, "  alignment:    {}", h.alignment)?;
+    writeln!(out, "  data offset:  {}", h.data_offset)?;
+    if let Some(size) = r.file_size {
+        writeln!(out, "  file size:    {size}")?;
+    }
+    writeln!(out, "  metadata:     {} keys", h.metadata.len())?;
+    writeln!(out, "  tensors:      {}", h.tensors.len())?;
+
+    writeln!(out, "\nMetadata ({} keys):", h.metadata.len())?;
+    let key_w = h.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in h.metadata.iter() {
+        let ty = match v {
+            Value::Array(a) => format!("ARRAY[{}; {}]", a.elem_type().name(), a.len()),
+            v => v.value_type().name().to_owned(),
+        };
+        let limit = if opts.full_arrays {
+            usize::MAX
+        } else {
+            ARRAY_PREVIEW
+        };
+        writeln!(out, "  {k:<key_w$}  {ty:<8}  {}", value_text(v, limit))?;
+    }
+
+    let sel = &r.selected;
+    if opts.tensor_filter.is_some() {
+        writeln!(
+            out,
+            "\nTensors ({} of {} match):",
+            sel.len(),
+            h.tensors.len()
+        )?;
+    } else {
+        writeln!(out, "\nTensors ({}):", h.tensors.len())?;
+    }
+    let rows: Vec<[String; 7]> = sel
+        .iter()
+        .map(|&i| {
+            let t = &h.tensors[i];
+            [
+                i.to_string(),
+                t.name.clone(),
+                t.ty.name().to_owned(),
+                shape_text(&t.dims),
+                t.n_elements.to_string(),
+                t.n_bytes.to_string(),
+                t.offset.to_string(),
+            ]
+        })
+        .collect();
+    let head = ["#", "name", "type", "shape", "elements", "bytes", "offset"];
+    let mut w = head.map(str::len);
+    for row in &rows {
+        for (c, cell) in row.iter().enumerate() {
+            w[c] = w[c].max(cell.len());
+        }
+    }
+    write_row(out, &head.map(str::to_owned), &w)?;
+    for row in &rows {
+        write_row(out, row, &w)?;
+    }
+
+    if let Some(g) = &r.trace {
+        writeln!(out, "\nTrace steps ({}):", g.steps.len())?;
+        for (step, idx) in &g.steps {
+            writeln!(out, "  step {step}: {} tensors", idx.len())?;
+        }
+        if !g.ungrouped.is_empty() {
+            writeln!(out, "  without a step: {} tensors", g.ungrouped.len())?;
+        }
+    }
+
+    if opts.show_data {
+        writeln!(
+            out,
+            "\nData (first {} values, statistics over all):",
+            opts.count
+        )?;
+        for &i in sel {
+            let t = &h.tensors[i];
+            writeln!(
+                out,
+                "  {} [{} {}]",
+                t.name,
+                t.ty.name(),
+                shape_text(&t.dims)
+            )?;
+            match r.data.get(&i) {
+                Some(Ok(d)) => {
+                    let first: Vec<String> = d.first.iter().map(|x| format!("{x:.6}")).collect();
+                    writeln!(out, "    values: [{}]", first.join(", "))?;
+                    let s = &d.summary;
+                    writeln!(
+                        out,
+                        "    mean={:.6e} std={:.6e} min={:.6e} max={:.6e} nan={} inf={}",
+                        s.mean,
+                        s.std,
+                        s.min,
+                        s.max,
+                        s.nan,
+                        s.inf()
+                    )?;
+                }
+                Some(Err(e)) => writeln!(out, "    no data: {e}")?,
+                None => writeln!(out, "    no data")?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One table row: `#` and the numbers right-aligned, names left-aligned.
+fn write_row(out: &mut impl Write, cells: &[String; 7], w: &[usize; 7]) -> io::Result<()> {
+    write!(out, " ")?;
+    for (c, cell) in cells.iter().enumerate() {
+        let width = w[c];
+        if matches!(c, 1..=3) {
+            write!(out, " {cell:<width$} ")?;
+        } else {
+            write!(out, " {cell:>width$} ")?;
+        }
+    }
+    writeln!(out)
+}
+
+pub fn shape_text(dims: &[u64]) -> String {
+    let d: Vec<String> = dims.iter().map(u64::to_string).collect();
+    format!("[{}]", d.join(", "))
+}
+
+fn value_text(v: &Value, limit: usize) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(a) => array_text(a, limit),
+        Value::F32(x) => format!("{x:?}"),
+        Value::F64(x) => format!("{x:?}"),
+        Value::U8(x) => x.to_string(),
+        Value::I8(x) => x.to_string(),
+        Value::U16(x) => x.to_string(),
+        Value::I16(x) => x.to_string(),
+        Value::U32(x) => x.to_string(),
+        Value::I32(x) => x.to_string(),
+        Value::U64(x) => x.to_string(),
+        Value::I64(x) => x.to_string(),
+        Value::Bool(x) => x.to_string(),
+    }
+}
+
+fn array_text(a: &Array, limit: usize) -> String {
+    let n = a.len().min(limit);
+    let items: Vec<String> = (0..n)
+        .filter_map(|i| a.get(i))
+        .map(|v| value_text(&v, limit))
+        .collect();
+    if a.len() > n {
+        format!("[{}, ...] ({} entries)", items.join(", "), a.len())
+    } else {
+        format!("[{}]", items.join(", "))
+    }
+}

@@ -1,0 +1,5 @@
+//! Statistics, difference metrics and reference attention, accumulated in f64.
+
+pub mod summary;
+
+pub use summary::{Summary, SummaryAccumulator};
