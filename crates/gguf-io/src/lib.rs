@@ -18,8 +18,8 @@ pub mod write;
 
 pub use error::{GgufError, Result};
 pub use read::{
-    parse_header, tensor_to_f32, ByteOrder, GgufFile, Header, StreamReader, TensorInfo,
-    DEFAULT_ALIGNMENT,
+    parse_header, swapped_in_big_endian, tensor_to_f32, to_little_endian, ByteOrder, GgufFile,
+    Header, StreamReader, TensorInfo, DEFAULT_ALIGNMENT,
 };
 pub use types::{GgmlType, TypeInfo, TYPE_TABLE};
 pub use value::{Array, Metadata, Value, ValueType};

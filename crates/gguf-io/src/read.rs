@@ -586,11 +586,26 @@ impl GgufFile {
     }
 }
 
-/// Dequantize one tensor's bytes to f32. Big-endian files (written by gguf-py) store
-/// scalar types byte-swapped; block formats are byte arrays and stay as they are.
-pub fn tensor_to_f32(t: &TensorInfo, data: &[u8], order: ByteOrder) -> Result<Vec<f32>> {
-    let data: Cow<[u8]> = match (order, t.ty.info()) {
-        (ByteOrder::Big, Some(info)) if info.block_size == 1 && info.type_size > 1 => {
+/// Whether a big-endian file stores this type byte-swapped. gguf-py (the one writer of
+/// big-endian GGUF) swaps the types numpy has native dtypes for (F16, F32, F64, I16, I32,
+/// I64) and writes everything it handles as raw bytes (BF16 and all block formats)
+/// unchanged, little-endian inside.
+pub fn swapped_in_big_endian(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::F16
+            | GgmlType::F32
+            | GgmlType::F64
+            | GgmlType::I16
+            | GgmlType::I32
+            | GgmlType::I64
+    )
+}
+
+/// Tensor bytes in little-endian order, as the dequantizers expect them.
+pub fn to_little_endian(ty: GgmlType, order: ByteOrder, data: &[u8]) -> Cow<'_, [u8]> {
+    match (order, ty.info()) {
+        (ByteOrder::Big, Some(info)) if swapped_in_big_endian(ty) => {
             let mut swapped = data.to_vec();
             for c in swapped.chunks_exact_mut(info.type_size as usize) {
                 c.reverse();
@@ -598,7 +613,12 @@ pub fn tensor_to_f32(t: &TensorInfo, data: &[u8], order: ByteOrder) -> Result<Ve
             Cow::Owned(swapped)
         }
         _ => Cow::Borrowed(data),
-    };
+    }
+}
+
+/// Dequantize one tensor's bytes to f32, whatever the file's byte order.
+pub fn tensor_to_f32(t: &TensorInfo, data: &[u8], order: ByteOrder) -> Result<Vec<f32>> {
+    let data = to_little_endian(t.ty, order, data);
     quant::dequantize_to_vec(t.ty, &data, t.n_elements as usize).map_err(|source| {
         GgufError::Dequantize {
             name: t.name.clone(),

@@ -30,14 +30,7 @@ fn scan(
     acc: &mut SummaryAccumulator,
 ) -> Result<(), QuantError> {
     let bytes_per_chunk = ty.bytes_for(CHUNK_ELEMS as u64).unwrap_or(0) as usize;
-    let swap = match (order, ty.info()) {
-        (ByteOrder::Big, Some(i)) if i.block_size == 1 && i.type_size > 1 => {
-            Some(i.type_size as usize)
-        }
-        _ => None,
-    };
     let mut out = vec![0f32; CHUNK_ELEMS.min(n_elements)];
-    let mut swapped = Vec::new();
     let mut done = 0usize;
     let mut src = bytes;
     while done < n_elements {
@@ -48,16 +41,8 @@ fn scan(
             src.len()
         };
         let (chunk, rest) = src.split_at(nb.min(src.len()));
-        let chunk = match swap {
-            Some(size) => {
-                swapped.clear();
-                swapped.extend_from_slice(chunk);
-                swapped.chunks_exact_mut(size).for_each(|c| c.reverse());
-                &swapped[..]
-            }
-            None => chunk,
-        };
-        quant::dequantize(ty, chunk, &mut out[..n])?;
+        let chunk = gguf_io::to_little_endian(ty, order, chunk);
+        quant::dequantize(ty, &chunk, &mut out[..n])?;
         if first.len() < keep {
             let take = (keep - first.len()).min(n);
             first.extend_from_slice(&out[..take]);

@@ -127,13 +127,12 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
 
 /// One table row: `#` and the numbers right-aligned, names left-aligned.
 fn write_row(out: &mut impl Write, cells: &[String; 7], w: &[usize; 7]) -> io::Result<()> {
-    write!(out, " ")?;
     for (c, cell) in cells.iter().enumerate() {
         let width = w[c];
         if matches!(c, 1..=3) {
-            write!(out, " {cell:<width$} ")?;
+            write!(out, "  {cell:<width$}")?;
         } else {
-            write!(out, " {cell:>width$} ")?;
+            write!(out, "  {cell:>width$}")?;
         }
     }
     writeln!(out)
