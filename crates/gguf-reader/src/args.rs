@@ -73,8 +73,8 @@ pub enum UsageError {
     MissingInput,
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
-    #[error("--tensor: invalid regex: {0}")]
-    BadRegex(#[from] regex::Error),
+    #[error("--tensor: invalid regex '{pattern}': {problem}")]
+    BadRegex { pattern: String, problem: String },
 }
 
 pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
@@ -88,10 +88,25 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
     let show_data = p.contains("--show-data");
     let json = p.contains("--json");
     let full_arrays = p.contains("--full-arrays");
-    let count = p.opt_value_from_str("--count")?.unwrap_or(10);
+    let count = p
+        .opt_value_from_fn("--count", |s| {
+            s.parse::<usize>()
+                .map_err(|_| "--count expects a whole number".to_owned())
+        })?
+        .unwrap_or(10);
     let tensor_filter = p
         .opt_value_from_str::<_, String>("--tensor")?
-        .map(|s| Regex::new(&s))
+        .map(|s| {
+            Regex::new(&s).map_err(|e| {
+                // regex's message spans lines (pattern, caret, problem): keep the problem.
+                let text = e.to_string();
+                let problem = text.lines().last().unwrap_or_default().trim();
+                UsageError::BadRegex {
+                    problem: problem.trim_start_matches("error: ").to_owned(),
+                    pattern: s.clone(),
+                }
+            })
+        })
         .transpose()?;
     let mut rest = p.finish().into_iter();
     let input = match rest.next() {

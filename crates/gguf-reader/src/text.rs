@@ -108,11 +108,11 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
                     let s = &d.summary;
                     writeln!(
                         out,
-                        "    mean={:.6e} std={:.6e} min={:.6e} max={:.6e} nan={} inf={}",
-                        s.mean,
-                        s.std,
-                        s.min,
-                        s.max,
+                        "    mean={} std={} min={} max={} nan={} inf={}",
+                        sci(s.mean),
+                        sci(s.std),
+                        sci(s.min),
+                        sci(s.max),
                         s.nan,
                         s.inf()
                     )?;
@@ -136,6 +136,24 @@ fn write_row(out: &mut impl Write, cells: &[String; 7], w: &[usize; 7]) -> io::R
         }
     }
     writeln!(out)
+}
+
+/// `printf("%.6e")` style: `2.500000e+00`, as the seed tools print numbers.
+pub fn sci(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let s = format!("{x:.6e}");
+    match s.split_once('e') {
+        Some((mantissa, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
 }
 
 pub fn shape_text(dims: &[u64]) -> String {
