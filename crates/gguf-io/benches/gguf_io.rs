@@ -39,7 +39,12 @@ fn source_bytes(ty: GgmlType, n: usize) -> Vec<u8> {
         GgmlType::Q6_K => &[208],
         GgmlType::TQ1_0 => &[52],
         GgmlType::TQ2_0 => &[64],
-        GgmlType::F16 => return bytes.chunks_exact(2).flat_map(|_| 0x3c00u16.to_le_bytes()).collect(),
+        GgmlType::F16 => {
+            return bytes
+                .chunks_exact(2)
+                .flat_map(|_| 0x3c00u16.to_le_bytes())
+                .collect()
+        }
         GgmlType::Q8_K => {
             for b in bytes.chunks_exact_mut(info.type_size as usize) {
                 b[..4].copy_from_slice(&0.01f32.to_le_bytes());

@@ -8,9 +8,15 @@ use super::for_each_block;
 /// `kvalues_fp4` from ggml-common.h (twice the E2M1 values).
 const KVALUES_FP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
+/// `kvalue * d` for all 16 codes: the very products ggml computes per element
+/// (`x0*d`), just computed once per scale.
 #[inline(always)]
-fn kv(i: u8) -> f32 {
-    f32::from(KVALUES_FP4[usize::from(i & 0x0f)])
+fn scaled_lut(d: f32) -> [f32; 16] {
+    let mut lut = [0.0f32; 16];
+    for (l, &k) in lut.iter_mut().zip(&KVALUES_FP4) {
+        *l = f32::from(k) * d;
+    }
+    lut
 }
 
 /// Half of the E8M0 value `2^(e-127)`, i.e. `2^(e-128)`, built from bits as ggml does
@@ -47,11 +53,11 @@ fn ue4m3_to_f32(x: u8) -> f32 {
 /// high one; `x = kvalue * d`.
 pub(super) fn dequant_mxfp4(src: &[u8], dst: &mut [f32]) {
     for_each_block::<17, 32>(src, dst, |b, y| {
-        let d = e8m0_to_f32_half(b[0]);
+        let lut = scaled_lut(e8m0_to_f32_half(b[0]));
         let (lo, hi) = y.split_at_mut(16);
         for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[1..]) {
-            *l = kv(q) * d;
-            *h = kv(q >> 4) * d;
+            *l = lut[usize::from(q & 0x0f)];
+            *h = lut[usize::from(q >> 4)];
         }
     });
 }
@@ -65,11 +71,11 @@ pub(super) fn dequant_nvfp4(src: &[u8], dst: &mut [f32]) {
             .zip(b[4..].chunks_exact(8))
             .zip(y.chunks_exact_mut(16))
         {
-            let d = ue4m3_to_f32(sc);
+            let lut = scaled_lut(ue4m3_to_f32(sc));
             let (lo, hi) = out.split_at_mut(8);
             for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
-                *l = kv(q) * d;
-                *h = kv(q >> 4) * d;
+                *l = lut[usize::from(q & 0x0f)];
+                *h = lut[usize::from(q >> 4)];
             }
         }
     });

@@ -8,19 +8,25 @@ const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
+/// `d * kvalue` for all 16 codes: the very products ggml computes per element, just
+/// computed once per scale.
 #[inline(always)]
-fn kv(i: u8) -> f32 {
-    f32::from(KVALUES_IQ4NL[usize::from(i & 0x0f)])
+fn scaled_lut(d: f32) -> [f32; 16] {
+    let mut lut = [0.0f32; 16];
+    for (l, &k) in lut.iter_mut().zip(&KVALUES_IQ4NL) {
+        *l = d * f32::from(k);
+    }
+    lut
 }
 
 /// IQ4_NL: `d: f16, qs: [u8; 16]`; `x = d * kvalues[nibble]`.
 pub(super) fn dequant_iq4_nl(src: &[u8], dst: &mut [f32]) {
     for_each_block::<18, 32>(src, dst, |b, y| {
-        let d = f16_at(b, 0);
+        let lut = scaled_lut(f16_at(b, 0));
         let (lo, hi) = y.split_at_mut(16);
         for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[2..]) {
-            *l = d * kv(q);
-            *h = d * kv(q >> 4);
+            *l = lut[usize::from(q & 0x0f)];
+            *h = lut[usize::from(q >> 4)];
         }
     });
 }
@@ -40,11 +46,11 @@ pub(super) fn dequant_iq4_xs(src: &[u8], dst: &mut [f32]) {
             let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0f;
             let high = ((scales_h >> (2 * ib)) & 3) as u8;
             let ls = i32::from(low | (high << 4));
-            let dl = d * (ls - 32) as f32;
+            let lut = scaled_lut(d * (ls - 32) as f32);
             let (lo, hi) = out.split_at_mut(16);
             for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
-                *l = dl * kv(q);
-                *h = dl * kv(q >> 4);
+                *l = lut[usize::from(q & 0x0f)];
+                *h = lut[usize::from(q >> 4)];
             }
         }
     });

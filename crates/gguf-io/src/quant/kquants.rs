@@ -7,27 +7,21 @@
 use super::{f16_at, for_each_block};
 
 /// Q2_K: `scales: [u8; 16] (4-bit scale | 4-bit min), qs: [u8; 64], d: f16, dmin: f16`.
+/// Output row k (0..8, 32 values) takes bits `2*(k%4)` of the 32 bytes `qs[32*(k/4)..]`;
+/// its first 16 values use `scales[2k]`, the last 16 `scales[2k+1]`.
 pub(super) fn dequant_q2_k(src: &[u8], dst: &mut [f32]) {
     for_each_block::<84, 256>(src, dst, |b, y| {
         let d = f16_at(b, 80);
         let min = f16_at(b, 82);
-        let scales = &b[0..16];
-        let mut is = 0;
-        let mut yo = 0;
-        for n in 0..2 {
-            let q = &b[16 + 32 * n..16 + 32 * n + 32];
-            for shift in [0u32, 2, 4, 6] {
-                for half in 0..2 {
-                    let sc = scales[is];
-                    is += 1;
-                    let dl = d * f32::from(sc & 0x0f);
-                    let ml = min * f32::from(sc >> 4);
-                    let qh = &q[16 * half..16 * half + 16];
-                    let out = &mut y[yo..yo + 16];
-                    for (v, &qq) in out.iter_mut().zip(qh) {
-                        *v = dl * f32::from((qq >> shift) & 3) - ml;
-                    }
-                    yo += 16;
+        for (k, row) in y.chunks_exact_mut(32).enumerate() {
+            let q = &b[16 + 32 * (k / 4)..16 + 32 * (k / 4) + 32];
+            let shift = 2 * (k % 4);
+            for (half, (out, q)) in row.chunks_exact_mut(16).zip(q.chunks_exact(16)).enumerate() {
+                let sc = b[2 * k + half];
+                let dl = d * f32::from(sc & 0x0f);
+                let ml = min * f32::from(sc >> 4);
+                for (v, &qq) in out.iter_mut().zip(q) {
+                    *v = dl * f32::from((qq >> shift) & 3) - ml;
                 }
             }
         }
