@@ -27,7 +27,10 @@ pub const MAX_STRING_LEN: u64 = 1 << 30;
 /// Deepest nesting of arrays inside arrays.
 pub const MAX_ARRAY_DEPTH: u32 = 16;
 /// When reading a stream of unknown length, the header may be at most this long.
-pub const MAX_STREAM_HEADER: u64 = 1 << 32;
+pub const MAX_STREAM_HEADER: u64 = 1 << 30;
+
+/// Most elements reserved up front for any list read from the input.
+const PREALLOC_LIMIT: usize = 1 << 16;
 
 /// Byte order of a GGUF file. gguf-py writes both; llama.cpp reads little-endian only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,22 +135,20 @@ impl<R: Read> Parser<R> {
             return Err(truncated(self.known_len.unwrap_or(self.budget)));
         }
         let n_usize = usize::try_from(n).map_err(|_| truncated(self.budget))?;
-        self.scratch.resize(n_usize, 0);
-        let mut filled = 0;
-        while filled < n_usize {
-            match self.input.read(&mut self.scratch[filled..n_usize]) {
-                Ok(0) => {
-                    return Err(GgufError::Truncated {
-                        what,
-                        offset: self.pos,
-                        needed: n,
-                        end: self.pos + filled as u64,
-                    })
-                }
-                Ok(k) => filled += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        // Grow the buffer with the data that really arrives, so a stream that claims a
+        // huge count and then ends costs no more memory than it sent.
+        self.scratch.clear();
+        let got = (&mut self.input)
+            .take(n)
+            .read_to_end(&mut self.scratch)
+            .map_err(GgufError::Io)?;
+        if got < n_usize {
+            return Err(GgufError::Truncated {
+                what,
+                offset: self.pos,
+                needed: n,
+                end: self.pos + got as u64,
+            });
         }
         self.pos += n;
         Ok(&self.scratch[..n_usize])
@@ -257,8 +258,10 @@ impl<R: Read> Parser<R> {
         }
         let elem = self.value_type()?;
         let n = self.count("array element", elem.min_size())?;
-        // `count` proved n * min_size <= remaining bytes, so n fits in memory terms.
+        // `count` proved n * min_size <= the bytes that may follow; still reserve no more
+        // than a small start, since a stream's budget is not bytes it has sent.
         let n_usize = n as usize;
+        let reserve = n_usize.min(PREALLOC_LIMIT);
         let order = self.order;
         macro_rules! fixed {
             ($variant:ident, $t:ty, $read_into:ident) => {{
@@ -290,21 +293,21 @@ impl<R: Read> Parser<R> {
             ValueType::I64 => fixed!(I64, i64, read_i64_into),
             ValueType::F64 => fixed!(F64, f64, read_f64_into),
             ValueType::Bool => {
-                let mut v = Vec::with_capacity(n_usize);
+                let mut v = Vec::with_capacity(reserve);
                 for _ in 0..n {
                     v.push(self.bool()?);
                 }
                 Array::Bool(v)
             }
             ValueType::String => {
-                let mut v = Vec::with_capacity(n_usize);
+                let mut v = Vec::with_capacity(reserve);
                 for _ in 0..n {
                     v.push(self.string("string array element")?);
                 }
                 Array::String(v)
             }
             ValueType::Array => {
-                let mut v = Vec::with_capacity(n_usize);
+                let mut v = Vec::with_capacity(reserve);
                 for _ in 0..n {
                     v.push(self.array_value(depth + 1)?);
                 }
@@ -360,7 +363,7 @@ impl<R: Read> Parser<R> {
             }
         };
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(PREALLOC_LIMIT));
         let mut seen_names = HashSet::new();
         for _ in 0..n_tensors {
             let info_offset = self.pos;

@@ -229,6 +229,16 @@ fn hostile_counts_fail_fast_without_allocating() {
         matches!(e, GgufError::StringTooLong { offset: 24, .. }),
         "{e}"
     );
+    // On a stream (no known length) a 512 MiB string followed by end of input fails
+    // without first reserving 512 MiB.
+    let mut claim = (1u64 << 29).to_le_bytes().to_vec();
+    claim.extend_from_slice(b"abc");
+    let bytes = header_only(0, 1, &claim);
+    let e = StreamReader::new(&bytes[..]).err().unwrap();
+    assert!(
+        matches!(e, GgufError::Truncated { end, .. } if end == bytes.len() as u64),
+        "{e}"
+    );
     // An array claiming 2^50 u32 elements.
     let mut kv = Vec::new();
     kv.extend_from_slice(&1u64.to_le_bytes());
