@@ -667,7 +667,7 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn skip_to(&mut self, target: u64, what: &'static str) -> Result<()> {
-        let n = target - self.pos;
+        let n = target.saturating_sub(self.pos);
         let copied = std::io::copy(&mut (&mut self.input).take(n), &mut std::io::sink())?;
         if copied < n {
             return Err(GgufError::Truncated {
@@ -690,6 +690,12 @@ impl<R: Read> StreamReader<R> {
         let t = &self.header.tensors[idx];
         let start = self.header.data_offset + t.offset;
         let n_bytes = t.n_bytes;
+        if n_bytes == 0 {
+            // An empty tensor may sit at any offset, even inside another's data (the
+            // overlap check ignores it): there is nothing to read.
+            return Ok(Some((&self.header.tensors[idx], Vec::new())));
+        }
+        // Non-empty tensors were checked not to overlap, so offsets only increase.
         self.skip_to(start, "padding before tensor data")?;
         let mut data = Vec::new();
         // The size was validated; still read through `take` so a short stream is an error
