@@ -380,6 +380,22 @@ impl<R: Read> Parser<R> {
 
         let header_len = self.pos;
         let data_offset = header_len.div_ceil(alignment) * alignment;
+        // Every later `data_offset + offset + n_bytes` is computed unchecked: prove here
+        // that none of them can overflow.
+        for t in &tensors {
+            if data_offset
+                .checked_add(t.offset)
+                .and_then(|x| x.checked_add(t.n_bytes))
+                .is_none()
+            {
+                return Err(GgufError::DataOutOfBounds {
+                    name: t.name.clone(),
+                    start: t.offset,
+                    end: u64::MAX,
+                    len: u64::MAX - data_offset,
+                });
+            }
+        }
         Ok(Header {
             version,
             byte_order: order,
