@@ -1,5 +1,7 @@
 //! Statistics, difference metrics and reference attention, accumulated in f64.
 
+pub mod attention;
 pub mod summary;
 
+pub use attention::{alibi_slope, attention, AttentionError, AttentionParams, Dense};
 pub use summary::{Summary, SummaryAccumulator};
