@@ -1,1 +1,59 @@
-fn main() {}
+//! `cargo xtask <command>`: project automation (see `cargo xtask help`).
+//!
+//! This file only dispatches; each subcommand lives in its own module.
+
+mod build_llama;
+mod gen_bindings;
+mod llama_tree;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const HELP: &str = "\
+cargo xtask <COMMAND> [OPTIONS]
+
+COMMANDS:
+  build-llama [--release] [--force]
+        Prepare vendor/llama.cpp (copy the tree pinned by vendor/pin/Cargo.lock
+        out of the cargo registry cache, apply vendor/patches/*.patch), then
+        `cargo build -p ggml-trace` (with --release: the release profile).
+        --force copies the tree again even when its stamp is current.
+  bindgen
+        Regenerate crates/ggml-trace/src/sys.rs from crates/ggml-trace/csrc/wrapper.h.
+        Needs libclang at run time (normal builds do not). Looked up in order:
+          1. $LIBCLANG_PATH (a directory holding libclang.so);
+          2. a system libclang (/usr/lib/llvm-*/lib, /usr/lib/x86_64-linux-gnu, ...);
+          3. the PyPI `libclang` wheel in target/libclang-venv. When missing it is
+             created with `python3 -m venv target/libclang-venv` and
+             `target/libclang-venv/bin/pip install libclang==18.1.1`; LIBCLANG_PATH
+             is then set to the wheel's clang/native directory.
+        The wheel ships no clang resource headers, so gcc's are passed with -isystem.
+  test [ARGS...]
+        build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
+        e.g. `cargo xtask test -- --nocapture`).
+  help
+        Print this help.
+";
+
+fn main() -> ExitCode {
+    let mut args = pico_args::Arguments::from_env();
+    let cmd = args.subcommand().ok().flatten();
+    let result = match cmd.as_deref() {
+        Some("build-llama") => build_llama::run(args),
+        Some("bindgen") => gen_bindings::run(args),
+        Some("test") => test::run(args),
+        None | Some("help") | Some("--help") | Some("-h") => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{HELP}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

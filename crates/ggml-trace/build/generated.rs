@@ -1,0 +1,101 @@
+//! Files cmake would generate: version headers, common's build-info.cpp, and
+//! the unity-build batches for src/models/*.cpp.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// llama.cpp's top-level CMakeLists.txt (not copied into vendor/llama.cpp)
+/// says 0.6.0 with LLAMA_BUILD_IS_DEV=ON. Update together with the pin.
+const LLAMA_VERSION: &str = "0.6.0-dev";
+
+/// Upstream builds src/models/*.cpp with CMake's UNITY_BUILD, batch size 16
+/// (src/CMakeLists.txt). We do the same: ~10 translation units instead of
+/// ~160, each of which would otherwise parse the heavy llama headers.
+const UNITY_BATCH: usize = 16;
+
+pub struct Generated {
+    /// Include directory with ggml-version.h and llama-version.h.
+    pub include_dir: PathBuf,
+    pub build_info_cpp: PathBuf,
+    pub unity_models: Vec<PathBuf>,
+}
+
+pub fn write_all(tree: &Path, dir: &Path) -> Generated {
+    fs::create_dir_all(dir).expect("create OUT_DIR/gen");
+    // "llama-cpp-sys-2 0.1.161" from the tree stamp: the best commit id we have.
+    let stamp = fs::read_to_string(tree.join(crate::STAMP)).unwrap_or_default();
+    let origin = stamp.lines().next().unwrap_or("unknown").to_string();
+
+    write(
+        &dir.join("ggml-version.h"),
+        &format!(
+            "#pragma once\n#define GGML_VERSION \"{}\"\n#define GGML_COMMIT  \"{origin}\"\n",
+            ggml_version(tree)
+        ),
+    );
+    write(
+        &dir.join("llama-version.h"),
+        &format!("#pragma once\n#define LLAMA_VERSION \"{LLAMA_VERSION}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
+    );
+    let build_info_cpp = dir.join("build-info.cpp");
+    write(&build_info_cpp, &build_info(tree, &origin));
+    let unity_models = unity_batches(&tree.join("src/models"), dir);
+    Generated {
+        include_dir: dir.to_path_buf(),
+        build_info_cpp,
+        unity_models,
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// "MAJOR.MINOR.PATCH" from the `set(GGML_VERSION_*)` lines of ggml/CMakeLists.txt.
+fn ggml_version(tree: &Path) -> String {
+    let text = fs::read_to_string(tree.join("ggml/CMakeLists.txt")).unwrap_or_default();
+    let part = |name: &str| {
+        let prefix = format!("set(GGML_VERSION_{name} ");
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(&prefix)
+                    .map(|v| v.trim_end_matches(')').trim().to_string())
+            })
+            .unwrap_or_else(|| "0".to_string())
+    };
+    format!("{}.{}.{}", part("MAJOR"), part("MINOR"), part("PATCH"))
+}
+
+/// common/build-info.cpp.in with cmake's @VARIABLES@ filled in.
+fn build_info(tree: &Path, origin: &str) -> String {
+    let template_path = tree.join("common/build-info.cpp.in");
+    let template = fs::read_to_string(&template_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
+    let target = std::env::var("TARGET").unwrap_or_default();
+    template
+        .replace("@LLAMA_BUILD_NUMBER@", "0")
+        .replace("@LLAMA_BUILD_COMMIT@", origin)
+        .replace("@BUILD_COMPILER@", "cc-rs (kv-cache-monitor ggml-trace)")
+        .replace("@BUILD_TARGET@", &target)
+}
+
+/// OUT_DIR/gen/unity_models_N.cpp, each #including up to UNITY_BATCH model
+/// sources in sorted order (the batches CMake would form).
+fn unity_batches(models_dir: &Path, dir: &Path) -> Vec<PathBuf> {
+    let mut models = crate::sources::cpp_files(models_dir);
+    models.sort();
+    models
+        .chunks(UNITY_BATCH)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let path = dir.join(format!("unity_models_{i}.cpp"));
+            let body: String = chunk
+                .iter()
+                .map(|p| format!("#include \"{}\"\n", p.display()))
+                .collect();
+            write(&path, &body);
+            path
+        })
+        .collect()
+}

@@ -1,0 +1,1 @@
+//! Source pin for llama.cpp: see `Cargo.toml`. Intentionally empty; never built.

@@ -1,0 +1,23 @@
+//! `cargo xtask build-llama`: prepare vendor/llama.cpp, then build ggml-trace.
+
+use crate::llama_tree;
+use crate::util::{self, Result};
+
+pub fn run(mut args: pico_args::Arguments) -> Result {
+    let release = args.contains("--release");
+    let force = args.contains("--force");
+    util::no_more_args(args)?;
+    build(release, force)
+}
+
+/// Shared with `cargo xtask test`.
+pub fn build(release: bool, force: bool) -> Result {
+    llama_tree::prepare(force)?;
+    let mut cmd = util::cargo();
+    cmd.args(["build", "-p", "ggml-trace"]);
+    if release {
+        cmd.arg("--release");
+    }
+    eprintln!("xtask: building ggml-trace (llama.cpp is compiled by its build script; a cold build takes minutes)");
+    util::run(&mut cmd)
+}
