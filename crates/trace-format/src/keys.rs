@@ -1,0 +1,53 @@
+//! GGUF metadata keys of a trace (docs/trace-format.md describes each).
+
+/// The seed tools' keys, kept so their scripts keep working.
+pub const DESCRIPTION: &str = "kqv_trace.description";
+pub const TOTAL_STEPS: &str = "kqv_trace.total_steps";
+pub const TARGET_LAYER: &str = "kqv_trace.target_layer";
+pub const TRACE_SOURCES: &str = "kqv_trace.trace_sources";
+pub const TENSOR_COUNT: &str = "kqv_trace.tensor_count";
+
+pub const FORMAT_VERSION: &str = "kqv_trace.format_version";
+pub const COMPLETE: &str = "kqv_trace.complete";
+
+pub const RUN_MODEL_PATH: &str = "kqv_trace.run.model_path";
+pub const RUN_MODEL_SHA256: &str = "kqv_trace.run.model_sha256";
+pub const RUN_ARCHITECTURE: &str = "kqv_trace.run.architecture";
+pub const RUN_N_LAYER: &str = "kqv_trace.run.n_layer";
+pub const RUN_N_HEAD: &str = "kqv_trace.run.n_head";
+pub const RUN_N_HEAD_KV: &str = "kqv_trace.run.n_head_kv";
+pub const RUN_CACHE_TYPE_K: &str = "kqv_trace.run.cache_type_k";
+pub const RUN_CACHE_TYPE_V: &str = "kqv_trace.run.cache_type_v";
+pub const RUN_FLASH_ATTN: &str = "kqv_trace.run.flash_attn";
+pub const RUN_KV_ROTATION: &str = "kqv_trace.run.kv_rotation";
+pub const RUN_MIXED_KV_CACHE: &str = "kqv_trace.run.mixed_kv_cache";
+pub const RUN_N_CTX: &str = "kqv_trace.run.n_ctx";
+pub const RUN_N_BATCH: &str = "kqv_trace.run.n_batch";
+pub const RUN_N_UBATCH: &str = "kqv_trace.run.n_ubatch";
+pub const RUN_N_PREDICT: &str = "kqv_trace.run.n_predict";
+pub const RUN_SEED: &str = "kqv_trace.run.seed";
+pub const RUN_PROMPT_TOKENS: &str = "kqv_trace.run.prompt_tokens";
+pub const RUN_LLAMA_VERSION: &str = "kqv_trace.run.llama_version";
+
+/// Per step (index = step): token count; positions and tokens concatenated.
+pub const STEP_N_TOKENS: &str = "kqv_trace.step.n_tokens";
+pub const STEP_POSITIONS: &str = "kqv_trace.step.positions";
+pub const STEP_TOKENS: &str = "kqv_trace.step.tokens";
+
+/// Per tensor, parallel to the tensor table.
+pub const TENSOR_ROLE: &str = "kqv_trace.tensor.role";
+pub const TENSOR_LAYER: &str = "kqv_trace.tensor.layer";
+pub const TENSOR_STEP: &str = "kqv_trace.tensor.step";
+pub const TENSOR_GGML_NAME: &str = "kqv_trace.tensor.ggml_name";
+pub const TENSOR_OP: &str = "kqv_trace.tensor.op";
+/// Four original byte strides per tensor, concatenated.
+pub const TENSOR_NB: &str = "kqv_trace.tensor.nb";
+pub const TENSOR_VIEW_OF: &str = "kqv_trace.tensor.view_of";
+
+/// Per traced attention (one per step and layer).
+pub const ATTN_STEP: &str = "kqv_trace.attn.step";
+pub const ATTN_LAYER: &str = "kqv_trace.attn.layer";
+pub const ATTN_OP: &str = "kqv_trace.attn.op";
+pub const ATTN_SCALE: &str = "kqv_trace.attn.scale";
+pub const ATTN_MAX_BIAS: &str = "kqv_trace.attn.max_bias";
+pub const ATTN_SOFTCAP: &str = "kqv_trace.attn.softcap";

@@ -1,0 +1,160 @@
+//! What a trace records: the run, each step, each traced tensor.
+
+use gguf_io::GgmlType;
+
+use crate::layout::TensorLayout;
+
+/// What a traced tensor is to attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The layer's attention output `kqv_out-<layer>` (what the seed tools watched).
+    KqvOut,
+    /// The attention op's own result (FLASH_ATTN_EXT output, or `kqv` without flash
+    /// attention), before the reshape/permute that makes `kqv_out`.
+    Attn,
+    Q,
+    K,
+    V,
+    Mask,
+    Sinks,
+    /// Without flash attention: the scores `kq = K·Q` before the softmax.
+    Kq,
+    /// Without flash attention: the softmax output.
+    KqSoftMax,
+    /// Mixed KV cache: the quantized (cold) K and V stores.
+    KQuant,
+    VQuant,
+}
+
+impl Role {
+    pub const ALL: [Role; 11] = [
+        Role::KqvOut,
+        Role::Attn,
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::Mask,
+        Role::Sinks,
+        Role::Kq,
+        Role::KqSoftMax,
+        Role::KQuant,
+        Role::VQuant,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::KqvOut => "kqv_out",
+            Role::Attn => "attn",
+            Role::Q => "q",
+            Role::K => "k",
+            Role::V => "v",
+            Role::Mask => "mask",
+            Role::Sinks => "sinks",
+            Role::Kq => "kq",
+            Role::KqSoftMax => "kq_soft_max",
+            Role::KQuant => "k_quant",
+            Role::VQuant => "v_quant",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// The seed's `src<i>` index: the source slot of the attention op this input fills
+    /// (FLASH_ATTN_EXT order: q, k, v, mask, sinks; the mixed op: q, k, v, k_quant,
+    /// v_quant, mask). `None` for outputs and intermediates.
+    pub fn src_index(self, mixed: bool) -> Option<usize> {
+        match (self, mixed) {
+            (Role::Q, _) => Some(0),
+            (Role::K, _) => Some(1),
+            (Role::V, _) => Some(2),
+            (Role::Mask, false) => Some(3),
+            (Role::Sinks, false) => Some(4),
+            (Role::KQuant, true) => Some(3),
+            (Role::VQuant, true) => Some(4),
+            (Role::Mask, true) => Some(5),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parameters of the attention op (FLASH_ATTN_EXT `op_params`, or SOFT_MAX's scale and
+/// max_bias plus a detected softcap without flash attention).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AttnParams {
+    pub scale: f32,
+    pub max_bias: f32,
+    pub softcap: f32,
+}
+
+/// One traced tensor's description. Its data is stored in logical contiguous order
+/// (ne0 fastest) in its own ggml type; `layout.nb` are the strides it had in ggml.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    pub role: Role,
+    pub layer: i32,
+    pub step: u32,
+    /// The tensor's ggml name (`kqv_out-0`, `cache_k_l0 (view) (permuted)`, ...).
+    pub ggml_name: String,
+    /// `ggml_op_name` of the op that produced it (`NONE` for leaves, `VIEW`, `PERMUTE`, ...).
+    pub op: String,
+    /// Type, shape and the original strides.
+    pub layout: TensorLayout,
+    /// Name of the tensor it views (`view_src`), empty if it is not a view.
+    pub view_of: String,
+}
+
+impl TensorMeta {
+    pub fn ty(&self) -> GgmlType {
+        self.layout.ty
+    }
+}
+
+/// One `llama_decode` call: a ubatch of the prompt or one generated token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepMeta {
+    pub step: u32,
+    /// Token positions of the ubatch, in batch order.
+    pub positions: Vec<i32>,
+    /// The tokens decoded in this step.
+    pub tokens: Vec<i32>,
+}
+
+/// Facts about the run that produced a trace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunMeta {
+    pub description: String,
+    pub model_path: String,
+    /// sha256 of the model file, hex.
+    pub model_sha256: String,
+    pub architecture: String,
+    pub n_layer: u32,
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub cache_type_k: String,
+    pub cache_type_v: String,
+    /// `"on"` or `"off"`: what the context really used.
+    pub flash_attn: String,
+    /// llama.cpp rotates Q/K/V by a Hadamard matrix for quantized caches: whether it did.
+    pub kv_rotation: bool,
+    pub mixed_kv_cache: bool,
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_predict: i32,
+    pub seed: u32,
+    pub prompt_tokens: Vec<i32>,
+    pub llama_version: String,
+    /// -1 for all layers.
+    pub target_layer: i32,
+    pub trace_sources: bool,
+    /// False when the run was interrupted (Ctrl-C) and the trace holds what was done.
+    pub complete: bool,
+}

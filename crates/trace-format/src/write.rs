@@ -1,0 +1,292 @@
+//! Writing a trace: captured tensors go to an anonymous spool file as they arrive (so a
+//! long run over many layers does not grow the process), and `finish` streams them into
+//! one GGUF with the metadata that describes them.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use gguf_io::{GgufWriter, HeaderSpec, Metadata, TensorSpec, MAX_TENSOR_NAME};
+
+use crate::keys;
+use crate::meta::{AttnParams, RunMeta, StepMeta, TensorMeta};
+use crate::TraceError;
+
+/// Version of the trace layout written by this crate.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One traced attention's op and parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttnRecord {
+    pub step: u32,
+    pub layer: i32,
+    /// `FLASH_ATTN_EXT`, `SOFT_MAX` (no flash attention) or the mixed cache's op.
+    pub op: String,
+    pub params: AttnParams,
+}
+
+/// Accumulates a trace; see the module docs.
+pub struct TraceWriter {
+    spool: BufWriter<File>,
+    tensors: Vec<(TensorMeta, String)>,
+    names: HashSet<String>,
+    steps: Vec<StepMeta>,
+    attn: Vec<AttnRecord>,
+    spooled_bytes: u64,
+}
+
+/// The GGUF tensor name: the seed's `kqv_out_<name>_step_<N>` for outputs and
+/// `src<i>_<name>_step_<N>` for the attention op's inputs (`<role>_<name>_step_<N>` for
+/// intermediates), with the layer added when the ggml name does not carry it (two masks
+/// are both `attn_inp_kq_mask` on Gemma 3), spaces dropped, and cut to ggml's 63 bytes.
+pub fn tensor_name(meta: &TensorMeta, mixed: bool) -> String {
+    let prefix = match meta.role.src_index(mixed) {
+        Some(i) => format!("src{i}"),
+        None => meta.role.name().to_owned(),
+    };
+    let mut base: String = meta.ggml_name.chars().filter(|c| *c != ' ').collect();
+    if !carries_layer(&base, meta.layer) {
+        base.push_str(&format!("@l{}", meta.layer));
+    }
+    let suffix = format!("_step_{}", meta.step);
+    let room = MAX_TENSOR_NAME.saturating_sub(prefix.len() + 1 + suffix.len());
+    if base.len() > room {
+        let mut cut = room;
+        while !base.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        base.truncate(cut);
+    }
+    format!("{prefix}_{base}{suffix}")
+}
+
+/// Whether a ggml name already says its layer: `kqv_out-3`, `Qcur-3(view)`, `cache_k_l3(view)`.
+fn carries_layer(name: &str, layer: i32) -> bool {
+    let l = layer.to_string();
+    ["-", "_l"].iter().any(|sep| {
+        let tag = format!("{sep}{l}");
+        name.match_indices(&tag)
+            .any(|(i, m)| !name[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
+    })
+}
+
+impl TraceWriter {
+    pub fn new() -> Result<Self, TraceError> {
+        Ok(Self {
+            spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
+            tensors: Vec::new(),
+            names: HashSet::new(),
+            steps: Vec::new(),
+            attn: Vec::new(),
+            spooled_bytes: 0,
+        })
+    }
+
+    pub fn add_step(&mut self, step: StepMeta) {
+        self.steps.push(step);
+    }
+
+    pub fn add_attn(&mut self, rec: AttnRecord) {
+        self.attn.push(rec);
+    }
+
+    pub fn n_tensors(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn spooled_bytes(&self) -> u64 {
+        self.spooled_bytes
+    }
+
+    /// Append a tensor: `data` is in logical contiguous order in the tensor's type.
+    pub fn add_tensor(
+        &mut self,
+        meta: TensorMeta,
+        data: &[u8],
+        mixed: bool,
+    ) -> Result<(), TraceError> {
+        let need = meta.layout.n_bytes()?;
+        if need != data.len() as u64 {
+            return Err(TraceError::Format(format!(
+                "{}: {} bytes of data for a layout of {need}",
+                meta.ggml_name,
+                data.len()
+            )));
+        }
+        let mut name = tensor_name(&meta, mixed);
+        let mut k = 1;
+        while self.names.contains(&name) {
+            // Unreachable with one record per (role, layer, step); kept as a guarantee.
+            let tag = format!("#{k}");
+            let mut cut = MAX_TENSOR_NAME - tag.len();
+            while !name.is_char_boundary(cut.min(name.len())) {
+                cut -= 1;
+            }
+            name.truncate(cut.min(name.len()));
+            name.push_str(&tag);
+            k += 1;
+        }
+        self.spool.write_all(data)?;
+        self.spooled_bytes += data.len() as u64;
+        self.names.insert(name.clone());
+        self.tensors.push((meta, name));
+        Ok(())
+    }
+
+    fn header(&self, run: &RunMeta) -> HeaderSpec {
+        let mut m = Metadata::new();
+        m.set(keys::DESCRIPTION, run.description.as_str());
+        m.set(keys::TOTAL_STEPS, self.steps.len() as i32);
+        m.set(keys::TARGET_LAYER, run.target_layer);
+        m.set(keys::TRACE_SOURCES, run.trace_sources);
+        m.set(keys::TENSOR_COUNT, self.tensors.len() as i32);
+        m.set(keys::FORMAT_VERSION, FORMAT_VERSION);
+        m.set(keys::COMPLETE, run.complete);
+        m.set(keys::RUN_MODEL_PATH, run.model_path.as_str());
+        m.set(keys::RUN_MODEL_SHA256, run.model_sha256.as_str());
+        m.set(keys::RUN_ARCHITECTURE, run.architecture.as_str());
+        m.set(keys::RUN_N_LAYER, run.n_layer);
+        m.set(keys::RUN_N_HEAD, run.n_head);
+        m.set(keys::RUN_N_HEAD_KV, run.n_head_kv);
+        m.set(keys::RUN_CACHE_TYPE_K, run.cache_type_k.as_str());
+        m.set(keys::RUN_CACHE_TYPE_V, run.cache_type_v.as_str());
+        m.set(keys::RUN_FLASH_ATTN, run.flash_attn.as_str());
+        m.set(keys::RUN_KV_ROTATION, run.kv_rotation);
+        m.set(keys::RUN_MIXED_KV_CACHE, run.mixed_kv_cache);
+        m.set(keys::RUN_N_CTX, run.n_ctx);
+        m.set(keys::RUN_N_BATCH, run.n_batch);
+        m.set(keys::RUN_N_UBATCH, run.n_ubatch);
+        m.set(keys::RUN_N_PREDICT, run.n_predict);
+        m.set(keys::RUN_SEED, run.seed);
+        m.set(keys::RUN_PROMPT_TOKENS, run.prompt_tokens.clone());
+        m.set(keys::RUN_LLAMA_VERSION, run.llama_version.as_str());
+
+        m.set(
+            keys::STEP_N_TOKENS,
+            self.steps
+                .iter()
+                .map(|s| s.positions.len() as u32)
+                .collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::STEP_POSITIONS,
+            self.steps
+                .iter()
+                .flat_map(|s| s.positions.iter().copied())
+                .collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::STEP_TOKENS,
+            self.steps
+                .iter()
+                .flat_map(|s| s.tokens.iter().copied())
+                .collect::<Vec<_>>(),
+        );
+
+        let t = &self.tensors;
+        m.set(
+            keys::TENSOR_ROLE,
+            t.iter()
+                .map(|(x, _)| x.role.name().to_owned())
+                .collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::TENSOR_LAYER,
+            t.iter().map(|(x, _)| x.layer).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::TENSOR_STEP,
+            t.iter().map(|(x, _)| x.step).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::TENSOR_GGML_NAME,
+            t.iter()
+                .map(|(x, _)| x.ggml_name.clone())
+                .collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::TENSOR_OP,
+            t.iter().map(|(x, _)| x.op.clone()).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::TENSOR_NB,
+            t.iter()
+                .flat_map(|(x, _)| x.layout.nb)
+                .collect::<Vec<u64>>(),
+        );
+        m.set(
+            keys::TENSOR_VIEW_OF,
+            t.iter().map(|(x, _)| x.view_of.clone()).collect::<Vec<_>>(),
+        );
+
+        let a = &self.attn;
+        m.set(
+            keys::ATTN_STEP,
+            a.iter().map(|r| r.step).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_LAYER,
+            a.iter().map(|r| r.layer).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_OP,
+            a.iter().map(|r| r.op.clone()).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_SCALE,
+            a.iter().map(|r| r.params.scale).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_MAX_BIAS,
+            a.iter().map(|r| r.params.max_bias).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_SOFTCAP,
+            a.iter().map(|r| r.params.softcap).collect::<Vec<_>>(),
+        );
+
+        HeaderSpec {
+            metadata: m,
+            tensors: t
+                .iter()
+                .map(|(x, name)| TensorSpec {
+                    name: name.clone(),
+                    dims: x.layout.ne.to_vec(),
+                    ty: x.layout.ty,
+                })
+                .collect(),
+            byte_order: gguf_io::ByteOrder::Little,
+        }
+    }
+
+    /// Write the GGUF to any sink (stdout for `--save-gguf -`).
+    pub fn finish<W: Write>(mut self, run: &RunMeta, out: W) -> Result<W, TraceError> {
+        let spec = self.header(run);
+        self.spool.flush()?;
+        let mut spool = self
+            .spool
+            .into_inner()
+            .map_err(|e| TraceError::Io(e.into_error()))?;
+        spool.seek(SeekFrom::Start(0))?;
+        let mut spool = BufReader::with_capacity(1 << 20, spool);
+        let mut w = GgufWriter::new(out, &spec)?;
+        for _ in &self.tensors {
+            w.write_tensor_from(&mut spool)?;
+        }
+        Ok(w.finish()?)
+    }
+
+    /// Write the GGUF to a path atomically: the path gets the whole file or is untouched.
+    pub fn finish_to_path(self, run: &RunMeta, path: &Path) -> Result<(), TraceError> {
+        let mut file = gguf_io::AtomicFile::create(path)?;
+        {
+            let out = BufWriter::with_capacity(1 << 20, file.file());
+            let out = self.finish(run, out)?;
+            out.into_inner()
+                .map_err(|e| TraceError::Io(e.into_error()))?;
+        }
+        file.commit()?;
+        Ok(())
+    }
+}

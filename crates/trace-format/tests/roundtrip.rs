@@ -1,0 +1,191 @@
+//! A trace written by `TraceWriter` reads back identically through `TraceFile`.
+
+use gguf_io::{quant, GgmlType};
+use trace_format::{
+    tensor_name, AttnParams, AttnRecord, Role, RunMeta, StepMeta, TensorLayout, TensorMeta,
+    TraceFile, TraceWriter,
+};
+
+fn meta(role: Role, layer: i32, step: u32, name: &str, ty: GgmlType, ne: [u64; 4]) -> TensorMeta {
+    let mut layout = TensorLayout::contiguous(ty, ne).unwrap();
+    if role == Role::K {
+        // Record a permuted view's strides, as captured.
+        layout.nb = [layout.nb[0], layout.nb[2], layout.nb[1], layout.nb[3]];
+    }
+    TensorMeta {
+        role,
+        layer,
+        step,
+        ggml_name: name.into(),
+        op: "VIEW".into(),
+        layout,
+        view_of: if role == Role::K {
+            "cache_k_l0".into()
+        } else {
+            String::new()
+        },
+    }
+}
+
+#[test]
+fn write_then_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.gguf");
+    let mut w = TraceWriter::new().unwrap();
+    let mut expected = Vec::new();
+    for step in 0..2u32 {
+        w.add_step(StepMeta {
+            step,
+            positions: if step == 0 { vec![0, 1, 2] } else { vec![3] },
+            tokens: if step == 0 {
+                vec![1, 72, 101]
+            } else {
+                vec![108]
+            },
+        });
+        for layer in 0..2 {
+            for (role, name, ty, ne) in [
+                (
+                    Role::KqvOut,
+                    format!("kqv_out-{layer}"),
+                    GgmlType::F32,
+                    [64, 3, 1, 1],
+                ),
+                (
+                    Role::Q,
+                    format!("Qcur-{layer} (view) (permuted)"),
+                    GgmlType::F32,
+                    [16, 3, 4, 1],
+                ),
+                (
+                    Role::K,
+                    format!("cache_k_l{layer} (view) (permuted)"),
+                    GgmlType::Q8_0,
+                    [32, 256, 2, 1],
+                ),
+                (
+                    Role::Mask,
+                    "attn_inp_kq_mask".to_owned(),
+                    GgmlType::F16,
+                    [256, 3, 1, 1],
+                ),
+            ] {
+                let m = meta(role, layer, step, &name, ty, ne);
+                let n = m.layout.n_elements() as usize;
+                let vals: Vec<f32> = (0..n)
+                    .map(|i| (i as f32 * 0.37 + layer as f32).sin())
+                    .collect();
+                let bytes = quant::quantize(ty, &vals).unwrap();
+                w.add_tensor(m.clone(), &bytes, false).unwrap();
+                expected.push((m, bytes));
+            }
+            w.add_attn(AttnRecord {
+                step,
+                layer,
+                op: "FLASH_ATTN_EXT".into(),
+                params: AttnParams {
+                    scale: 0.25,
+                    max_bias: 0.0,
+                    softcap: 0.0,
+                },
+            });
+        }
+    }
+    let run = RunMeta {
+        description: "test".into(),
+        architecture: "llama".into(),
+        n_layer: 2,
+        cache_type_k: "q8_0".into(),
+        flash_attn: "on".into(),
+        prompt_tokens: vec![1, 72, 101],
+        target_layer: -1,
+        trace_sources: true,
+        complete: true,
+        ..Default::default()
+    };
+    w.finish_to_path(&run, &path).unwrap();
+
+    let t = TraceFile::open(&path).unwrap();
+    assert!(!t.from_names_only);
+    assert!(t.unknown.is_empty());
+    assert_eq!(t.run, run);
+    assert_eq!(t.steps.len(), 2);
+    assert_eq!(t.steps[0].positions, [0, 1, 2]);
+    assert_eq!(t.steps[1].tokens, [108]);
+    assert_eq!(t.tensors.len(), expected.len());
+    for (tt, (m, bytes)) in t.tensors.iter().zip(&expected) {
+        assert_eq!(&tt.meta, m);
+        assert_eq!(t.data(tt), &bytes[..]);
+    }
+    assert_eq!(t.attn.len(), 4);
+    assert_eq!(t.attn(1, 1).unwrap().params.scale, 0.25);
+    assert_eq!(t.groups().len(), 4);
+    let k = t.find(Role::K, 1, 1).unwrap();
+    assert_eq!(k.name, "src1_cache_k_l1(view)(permuted)_step_1");
+    assert!(k.meta.layout.is_permuted());
+    // Two layers' masks share a ggml name; their GGUF names differ.
+    assert_eq!(
+        t.find(Role::Mask, 0, 0).unwrap().name,
+        "src3_attn_inp_kq_mask@l0_step_0"
+    );
+    assert_eq!(
+        t.find(Role::Mask, 1, 0).unwrap().name,
+        "src3_attn_inp_kq_mask@l1_step_0"
+    );
+    assert_eq!(
+        t.find(Role::KqvOut, 0, 1).unwrap().name,
+        "kqv_out_kqv_out-0_step_1"
+    );
+    // The seed keys are there.
+    let m = t.gguf().metadata();
+    assert_eq!(m.get_i64("kqv_trace.total_steps"), Some(2));
+    assert_eq!(m.get_i64("kqv_trace.tensor_count"), Some(16));
+    assert_eq!(m.get_i64("kqv_trace.target_layer"), Some(-1));
+    assert_eq!(m.get_bool("kqv_trace.trace_sources"), Some(true));
+}
+
+#[test]
+fn names_fit_ggml_and_keep_the_step() {
+    let long = "x".repeat(200);
+    let m = meta(Role::V, 7, 123456, &long, GgmlType::F32, [4, 1, 1, 1]);
+    let n = tensor_name(&m, false);
+    assert!(n.len() <= 63, "{n}");
+    assert!(n.starts_with("src2_x"));
+    assert!(n.ends_with("_step_123456"));
+    let m = meta(
+        Role::KQuant,
+        3,
+        1,
+        "cache_k_quant_l3",
+        GgmlType::Q4_0,
+        [32, 1, 1, 1],
+    );
+    assert_eq!(tensor_name(&m, true), "src3_cache_k_quant_l3_step_1");
+    let m = meta(Role::Kq, 12, 0, "kq-12", GgmlType::F32, [4, 1, 1, 1]);
+    assert_eq!(tensor_name(&m, false), "kq_kq-12_step_0");
+    // "-1" inside "-12" does not count as layer 1.
+    let m = meta(Role::Kq, 1, 0, "kq-12", GgmlType::F32, [4, 1, 1, 1]);
+    assert_eq!(tensor_name(&m, false), "kq_kq-12@l1_step_0");
+}
+
+#[test]
+fn interrupted_trace_is_marked_and_a_model_is_not_a_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.gguf");
+    let w = TraceWriter::new().unwrap();
+    let run = RunMeta {
+        complete: false,
+        ..Default::default()
+    };
+    w.finish_to_path(&run, &path).unwrap();
+    let t = TraceFile::open(&path).unwrap();
+    assert!(!t.run.complete);
+    assert!(t.tensors.is_empty());
+
+    let model = dir.path().join("m.gguf");
+    gguf_io::write_file(&model, &gguf_io::HeaderSpec::default(), |_| Ok(())).unwrap();
+    assert!(matches!(
+        TraceFile::open(&model),
+        Err(trace_format::TraceError::NotATrace)
+    ));
+}
