@@ -256,3 +256,24 @@ fn llama_cpp_runs_the_f16_and_tied_variants() {
         check_logits(&ctx.decode(&toks));
     }
 }
+
+/// The performance preset (about 88M parameters, 350 MB as F32) loads and decodes too.
+/// Ignored by default for its size: `cargo test -p tiny-llama --test llama_cpp -- --ignored`.
+#[test]
+#[ignore = "writes a 180 MB model"]
+fn llama_cpp_runs_the_larger_preset() {
+    let cfg = TinyLlamaConfig {
+        weight_type: GgmlType::F16,
+        ..TinyLlamaConfig::larger()
+    };
+    let (_dir, path) = write(&cfg);
+    let model = Model::load(&path);
+    // SAFETY: model is live.
+    unsafe {
+        assert_eq!(sys::llama_model_n_layer(model.0), 8);
+        assert_eq!(sys::llama_model_n_head_kv(model.0), 4);
+    }
+    let toks = model.tokenize("The quick brown fox jumps over the lazy dog");
+    let ctx = Context::new(&model, true);
+    check_logits(&ctx.decode(&toks));
+}
