@@ -9,7 +9,12 @@
 //!   ggml       the backend registry (ggml-backend-reg.cpp; GGML_USE_CPU)
 //!   ggml-cpu   the CPU backend, with host-specific SIMD flags (build/cpu.rs)
 //!   ggml-base  ggml core, gguf, the scheduler
+//!
+//! Each archive is cached in `<target-dir>/kcm-llama/<name>-<fingerprint>/`,
+//! shared by all profiles and by `cargo clippy` (build/cache.rs).
 
+#[path = "build/cache.rs"]
+mod cache;
 #[path = "build/compile.rs"]
 mod compile;
 #[path = "build/cpu.rs"]
@@ -32,14 +37,25 @@ fn main() {
     let csrc = manifest_dir.join("csrc");
     emit_rerun_directives(&tree, &csrc);
 
-    let gen_dir = generated::write_all(&tree, &out_dir.join("gen"));
+    let cache = cache::Cache::new(&out_dir);
+    let files = generated::render(&tree);
+    let gen = generated::write_all(&files, &cache.generated_dir(&files));
     let cpu = cpu::CpuFlags::for_host();
-    let libs = sources::libraries(&tree, &csrc, &gen_dir, &cpu);
-    compile::compile_all(&libs, &out_dir);
-    report(&libs, &cpu);
+    let libs = sources::libraries(&tree, &csrc, &gen, &cpu);
 
-    emit_link_directives(&libs, &out_dir);
+    let lib_dirs = compile::compile_all(&libs, &cache, &tree_identity(&tree));
+    report(&libs, &cpu, &lib_dirs);
+
+    emit_link_directives(&libs, &lib_dirs);
     emit_metadata(&tree, &csrc);
+}
+
+/// What identifies the vendored sources: the tree's path and its stamp
+/// (package version and patches). Part of every library's fingerprint.
+fn tree_identity(tree: &Path) -> Vec<u8> {
+    let mut id = tree.as_os_str().as_encoded_bytes().to_vec();
+    id.extend(std::fs::read(tree.join(STAMP)).unwrap_or_default());
+    id
 }
 
 fn env(key: &str) -> String {
@@ -72,26 +88,33 @@ fn emit_rerun_directives(tree: &Path, csrc: &Path) {
 
 /// A summary in the build script's output (`cargo build -vv`, or
 /// target/*/build/ggml-trace-*/output).
-fn report(libs: &[compile::Library], cpu: &cpu::CpuFlags) {
-    for lib in libs {
-        println!("kcm: lib{}.a from {} sources", lib.name, lib.source_count());
+fn report(libs: &[compile::Library], cpu: &cpu::CpuFlags, lib_dirs: &[PathBuf]) {
+    for (lib, dir) in libs.iter().zip(lib_dirs) {
+        println!(
+            "kcm: lib{}.a from {} sources in {}",
+            lib.name,
+            lib.source_count(),
+            dir.display()
+        );
     }
     println!(
         "kcm: ggml-cpu flags: {} {}",
         cpu.flags.join(" "),
-        cpu::NO_AMX.join(" ")
+        cpu.no_amx.join(" ")
     );
     println!("kcm: ggml-cpu defines: {}", cpu.defines.join(" "));
 }
 
-fn emit_link_directives(libs: &[compile::Library], out_dir: &Path) {
+fn emit_link_directives(libs: &[compile::Library], lib_dirs: &[PathBuf]) {
     // Dependents before their dependencies: the linker resolves left to right.
-    for lib in libs {
-        println!(
-            "cargo:rustc-link-search=native={}",
-            compile::lib_dir(out_dir, lib.name).display()
-        );
+    for (lib, dir) in libs.iter().zip(lib_dirs) {
+        println!("cargo:rustc-link-search=native={}", dir.display());
         println!("cargo:rustc-link-lib=static={}", lib.name);
+        // Rerun (and rebuild) if the cache entry disappears (rm -rf target/kcm-llama).
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join(cache::COMPLETE).display()
+        );
     }
     for system in ["stdc++", "m", "pthread", "dl"] {
         println!("cargo:rustc-link-lib=dylib={system}");

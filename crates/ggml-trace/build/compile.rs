@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cache::{Cache, Fnv};
+
 /// `KCM_LLAMA_DEBUG=1` compiles llama.cpp with `-g` (off by default: debug
 /// info makes the objects several times larger and the build slower).
 pub const DEBUG_ENV: &str = "KCM_LLAMA_DEBUG";
@@ -13,10 +15,11 @@ pub struct Library {
     pub cpp: Vec<PathBuf>,
     pub includes: Vec<PathBuf>,
     pub defines: Vec<(&'static str, Option<&'static str>)>,
-    /// Target-feature flags (ggml-cpu only).
-    pub arch_flags: Vec<String>,
-    /// Append `-mno-amx-*` (ggml-cpu only; see build/cpu.rs).
-    pub no_amx: bool,
+    /// Extra compiler flags (ggml-cpu: the SIMD flags of build/cpu.rs).
+    pub flags: Vec<String>,
+    /// Our own source directory (csrc/): sources there, and its headers, are
+    /// fingerprinted by content, since no tree stamp covers them.
+    pub own_sources: Option<PathBuf>,
 }
 
 impl Library {
@@ -44,42 +47,93 @@ impl Library {
     }
 }
 
-/// Where `lib`'s objects and archive go.
-pub fn lib_dir(out_dir: &Path, name: &str) -> PathBuf {
-    out_dir.join("lib").join(name)
-}
-
-/// Compiles every library; the libraries are built concurrently (one thread
-/// each) and `cc`'s `parallel` feature shares cargo's jobserver among all of
-/// their files, so both cores stay busy until the last file.
-pub fn compile_all(libs: &[Library], out_dir: &Path) {
+/// Compiles every library that the cache does not have yet and returns the
+/// directory holding each `lib<name>.a`, in `libs` order. The libraries are
+/// built concurrently (one thread each) and `cc`'s `parallel` feature shares
+/// cargo's jobserver among all of their files, so both cores stay busy until
+/// the last file.
+pub fn compile_all(libs: &[Library], cache: &Cache, tree_identity: &[u8]) -> Vec<PathBuf> {
     std::thread::scope(|scope| {
-        for lib in libs {
-            scope.spawn(move || compile(lib, out_dir));
-        }
-    });
+        let handles: Vec<_> = libs
+            .iter()
+            .map(|lib| {
+                scope.spawn(move || {
+                    let key = format!("{}-{}", lib.name, fingerprint(lib, tree_identity));
+                    cache.get_or_build(&key, |dir| compile(lib, dir))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a library build panicked"))
+            .collect()
+    })
 }
 
-fn compile(lib: &Library, out_dir: &Path) {
-    let dir = lib_dir(out_dir, lib.name);
-    std::fs::create_dir_all(&dir).expect("create the library directory");
+/// Everything that reaches the compiler for `lib`: the vendored tree's
+/// identity, the source paths, the content of sources and headers that live
+/// outside the tree (csrc/, generated files are named by content), and the
+/// complete C and C++ command lines (tool, flags, defines, includes).
+fn fingerprint(lib: &Library, tree_identity: &[u8]) -> String {
+    let mut h = Fnv::new();
+    h.field(CACHE_FORMAT.as_bytes());
+    h.field(tree_identity);
+    for src in lib.c.iter().chain(&lib.cpp) {
+        h.field(src.as_os_str().as_encoded_bytes());
+        if let Some(dir) = lib.own_sources.as_deref().filter(|d| src.starts_with(d)) {
+            h.field(&std::fs::read(src).unwrap_or_default());
+            h.dir_files_with_extension(dir, "h");
+        }
+    }
+    let mut builds = vec![cpp_build(lib)];
+    if !lib.c.is_empty() {
+        builds.push(c_build(lib));
+    }
+    for build in builds {
+        let tool = build.get_compiler();
+        h.field(tool.path().as_os_str().as_encoded_bytes());
+        for arg in tool.args() {
+            h.field(arg.as_encoded_bytes());
+        }
+    }
+    h.hex()
+}
+
+/// Bump when the cache layout or the way archives are produced changes.
+const CACHE_FORMAT: &str = "kcm-llama-1";
+
+fn compile(lib: &Library, dir: &Path) {
     let mut objects = Vec::new();
     if !lib.c.is_empty() {
-        let mut c = base_build(lib, &dir);
-        c.std("c11").files(&lib.c);
-        objects = c.compile_intermediates();
+        objects = c_build(lib)
+            .out_dir(dir)
+            .files(&lib.c)
+            .compile_intermediates();
     }
-    let mut cpp = base_build(lib, &dir);
-    cpp.cpp(true).std("c++17").files(&lib.cpp).objects(&objects);
-    cpp.compile(lib.name);
+    cpp_build(lib)
+        .out_dir(dir)
+        .files(&lib.cpp)
+        .objects(&objects)
+        .compile(lib.name);
+}
+
+fn c_build(lib: &Library) -> cc::Build {
+    let mut b = base_build(lib);
+    b.std("c11");
+    b
+}
+
+fn cpp_build(lib: &Library) -> cc::Build {
+    let mut b = base_build(lib);
+    b.cpp(true).std("c++17");
+    b
 }
 
 /// Settings shared by C and C++ and by all libraries.
-fn base_build(lib: &Library, dir: &Path) -> cc::Build {
+fn base_build(lib: &Library) -> cc::Build {
     let mut b = cc::Build::new();
-    b.out_dir(dir)
-        // ggml at -O0 is unusably slow, so always -O3, whatever the cargo profile.
-        .opt_level(3)
+    // ggml at -O0 is unusably slow, so always -O3, whatever the cargo profile.
+    b.opt_level(3)
         .debug(std::env::var(DEBUG_ENV).is_ok_and(|v| v == "1"))
         .define("NDEBUG", None)
         // Vendored code: its warnings are not ours to fix.
@@ -94,13 +148,8 @@ fn base_build(lib: &Library, dir: &Path) -> cc::Build {
     for (key, value) in &lib.defines {
         b.define(key, *value);
     }
-    for flag in &lib.arch_flags {
+    for flag in &lib.flags {
         b.flag(flag);
-    }
-    if lib.no_amx {
-        for flag in crate::cpu::NO_AMX {
-            b.flag_if_supported(flag);
-        }
     }
     b
 }

@@ -50,14 +50,16 @@ const X86_FEATURES: &[(&[&str], &[&str], &str)] = &[
 ];
 
 /// Appended after every other flag; see the module comment.
-pub const NO_AMX: &[&str] = &["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"];
+const NO_AMX: &[&str] = &["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"];
 
 #[derive(Debug, Clone)]
 pub struct CpuFlags {
     /// `x86` or `generic` (selects ggml-cpu/arch/ sources).
     pub arch: Arch,
-    /// Compiler flags, without the trailing `NO_AMX`.
+    /// Compiler flags, without the trailing `no_amx`.
     pub flags: Vec<String>,
+    /// The `NO_AMX` flags this compiler accepts; they go after `flags`.
+    pub no_amx: Vec<String>,
     /// GGML_* defines (only informational for a static build: ggml reads the
     /// compiler's __AVX2__ etc.; cmake sets them, so we do too).
     pub defines: Vec<&'static str>,
@@ -76,6 +78,7 @@ impl CpuFlags {
             return CpuFlags {
                 arch: Arch::Generic,
                 flags: Vec::new(),
+                no_amx: Vec::new(),
                 defines: vec!["GGML_CPU_GENERIC"],
             };
         }
@@ -93,9 +96,21 @@ impl CpuFlags {
         CpuFlags {
             arch: Arch::X86,
             flags,
+            no_amx: supported_no_amx_flags(),
             defines,
         }
     }
+}
+
+/// Older compilers do not know `-mno-amx-*`; they cannot emit AMX either.
+fn supported_no_amx_flags() -> Vec<String> {
+    let mut probe = cc::Build::new();
+    probe.cpp(true).cargo_metadata(false);
+    NO_AMX
+        .iter()
+        .filter(|f| probe.is_flag_supported(f).unwrap_or(false))
+        .map(|f| f.to_string())
+        .collect()
 }
 
 fn detected_x86_flags(host: &BTreeSet<String>) -> Vec<String> {

@@ -20,30 +20,44 @@ pub struct Generated {
     pub unity_models: Vec<PathBuf>,
 }
 
-pub fn write_all(tree: &Path, dir: &Path) -> Generated {
-    fs::create_dir_all(dir).expect("create OUT_DIR/gen");
+/// The generated files' names and contents.
+pub fn render(tree: &Path) -> Vec<(String, String)> {
     // "llama-cpp-sys-2 0.1.161" from the tree stamp: the best commit id we have.
     let stamp = fs::read_to_string(tree.join(crate::STAMP)).unwrap_or_default();
     let origin = stamp.lines().next().unwrap_or("unknown").to_string();
 
-    write(
-        &dir.join("ggml-version.h"),
-        &format!(
-            "#pragma once\n#define GGML_VERSION \"{}\"\n#define GGML_COMMIT  \"{origin}\"\n",
-            ggml_version(tree)
+    let mut files = vec![
+        (
+            "ggml-version.h".to_string(),
+            format!(
+                "#pragma once\n#define GGML_VERSION \"{}\"\n#define GGML_COMMIT  \"{origin}\"\n",
+                ggml_version(tree)
+            ),
         ),
-    );
-    write(
-        &dir.join("llama-version.h"),
-        &format!("#pragma once\n#define LLAMA_VERSION \"{LLAMA_VERSION}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
-    );
-    let build_info_cpp = dir.join("build-info.cpp");
-    write(&build_info_cpp, &build_info(tree, &origin));
-    let unity_models = unity_batches(&tree.join("src/models"), dir);
+        (
+            "llama-version.h".to_string(),
+            format!("#pragma once\n#define LLAMA_VERSION \"{LLAMA_VERSION}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
+        ),
+        ("build-info.cpp".to_string(), build_info(tree, &origin)),
+    ];
+    files.extend(unity_batches(&tree.join("src/models")));
+    files
+}
+
+/// Writes `files` into `dir`.
+pub fn write_all(files: &[(String, String)], dir: &Path) -> Generated {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    for (name, text) in files {
+        write(&dir.join(name), text);
+    }
     Generated {
         include_dir: dir.to_path_buf(),
-        build_info_cpp,
-        unity_models,
+        build_info_cpp: dir.join("build-info.cpp"),
+        unity_models: files
+            .iter()
+            .filter(|(name, _)| name.starts_with(UNITY_PREFIX))
+            .map(|(name, _)| dir.join(name))
+            .collect(),
     }
 }
 
@@ -80,22 +94,21 @@ fn build_info(tree: &Path, origin: &str) -> String {
         .replace("@BUILD_TARGET@", &target)
 }
 
-/// OUT_DIR/gen/unity_models_N.cpp, each #including up to UNITY_BATCH model
-/// sources in sorted order (the batches CMake would form).
-fn unity_batches(models_dir: &Path, dir: &Path) -> Vec<PathBuf> {
-    let mut models = crate::sources::cpp_files(models_dir);
-    models.sort();
+const UNITY_PREFIX: &str = "unity_models_";
+
+/// unity_models_N.cpp, each #including up to UNITY_BATCH model sources in
+/// sorted order (the batches CMake would form).
+fn unity_batches(models_dir: &Path) -> Vec<(String, String)> {
+    let models = crate::sources::cpp_files(models_dir);
     models
         .chunks(UNITY_BATCH)
         .enumerate()
         .map(|(i, chunk)| {
-            let path = dir.join(format!("unity_models_{i}.cpp"));
             let body: String = chunk
                 .iter()
                 .map(|p| format!("#include \"{}\"\n", p.display()))
                 .collect();
-            write(&path, &body);
-            path
+            (format!("{UNITY_PREFIX}{i}.cpp"), body)
         })
         .collect()
 }

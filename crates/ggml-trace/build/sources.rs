@@ -104,8 +104,7 @@ fn ggml_cpu(tree: &Path, cpu: &CpuFlags) -> Library {
     lib.defines
         .extend([("GGML_USE_CPU_REPACK", None), ("GGML_USE_LLAMAFILE", None)]);
     lib.defines.extend(cpu.defines.iter().map(|d| (*d, None)));
-    lib.arch_flags = cpu.flags.clone();
-    lib.no_amx = true;
+    lib.flags = cpu.flags.iter().chain(&cpu.no_amx).cloned().collect();
     lib
 }
 
@@ -137,14 +136,16 @@ fn common(tree: &Path, csrc: &Path, gen: &Generated) -> Library {
     }
     lib.cpp.push(gen.build_info_cpp.clone());
     lib.cpp.push(csrc.join("kcm_no_download.cpp"));
+    lib.own_sources = Some(csrc.to_path_buf());
     lib.includes = common_includes(tree);
     lib
 }
 
-/// Our C shim (csrc/kcm_shim.cpp) over common and llama.
+/// Our C shim (csrc/kcm_shim.cpp, csrc/kcm_session.cpp) over common and llama.
 fn kcm_shim(tree: &Path, csrc: &Path) -> Library {
     let mut lib = Library::new("kcm_shim");
     lib.cpp.push(csrc.join("kcm_shim.cpp"));
+    lib.cpp.push(csrc.join("kcm_session.cpp"));
     lib.includes = common_includes(tree);
     lib.includes.push(csrc.to_path_buf());
     lib

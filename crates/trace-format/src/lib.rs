@@ -9,6 +9,7 @@ pub mod keys;
 pub mod layout;
 pub mod meta;
 pub mod read;
+pub mod verify;
 pub mod write;
 
 pub use layout::{LayoutError, TensorLayout};

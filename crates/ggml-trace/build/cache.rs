@@ -1,0 +1,114 @@
+//! A compile cache shared by every build of this crate in one target dir.
+//!
+//! Cargo gives each build-script run its own OUT_DIR, and `cargo clippy`,
+//! `cargo build` and `cargo build --release` each get a different one. Since
+//! llama.cpp is always compiled the same way (-O3, no debug info, whatever the
+//! profile), that would mean one 10-minute compile per command. Instead the
+//! archives live in `<target-dir>/kcm-llama/<lib>-<fingerprint>/` and every
+//! run with the same fingerprint reuses them. Each library has its own
+//! fingerprint covering everything that reaches the compiler for it
+//! (build/compile.rs): the tree stamp, its sources (by content for our own
+//! csrc/ files), and its full compiler command lines (so CPU flags,
+//! CC/CFLAGS, KCM_LLAMA_DEBUG... all count). Editing csrc/ thus recompiles
+//! only the libraries containing csrc/ sources, not llama.cpp.
+//!
+//! A cold build therefore needs both `cargo clean -p ggml-trace` and
+//! `rm -rf <target-dir>/kcm-llama` (or a plain `cargo clean`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// `<target-dir>/kcm-llama`, found from OUT_DIR
+    /// (`<target-dir>/[<triple>/]<profile>/build/<pkg>-<hash>/out`); with an
+    /// unexpected layout, a private directory inside OUT_DIR (no sharing).
+    pub fn new(out_dir: &Path) -> Cache {
+        let shared = out_dir
+            .ancestors()
+            .nth(2)
+            .filter(|build| build.file_name().is_some_and(|n| n == "build"))
+            .and_then(|build| build.parent())
+            .and_then(|profile| profile.parent())
+            .map(|target| target.join("kcm-llama"));
+        Cache {
+            root: shared.unwrap_or_else(|| out_dir.join("kcm-llama")),
+        }
+    }
+
+    /// Directory for generated sources, named after their content.
+    pub fn generated_dir(&self, files: &[(String, String)]) -> PathBuf {
+        let mut h = Fnv::new();
+        for (name, text) in files {
+            h.field(name.as_bytes());
+            h.field(text.as_bytes());
+        }
+        self.root.join(format!("gen-{}", h.hex()))
+    }
+
+    /// Returns the directory for `key`, calling `build(dir)` to fill a fresh
+    /// one first when there is none. The directory only appears once `build` returned
+    /// (it is renamed into place), so an interrupted build is never reused.
+    pub fn get_or_build(&self, key: &str, build: impl FnOnce(&Path)) -> PathBuf {
+        let done = self.root.join(key);
+        if done.join(COMPLETE).is_file() {
+            return done;
+        }
+        let tmp = self.root.join(format!("{key}.tmp{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("cannot create {}: {e}", tmp.display()));
+        build(&tmp);
+        fs::write(tmp.join(COMPLETE), key).expect("write the completion marker");
+        let _ = fs::remove_dir_all(&done);
+        if fs::rename(&tmp, &done).is_err() && done.join(COMPLETE).is_file() {
+            // Someone else finished the same fingerprint first.
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        done
+    }
+}
+
+/// Marker file written last into a finished entry.
+pub const COMPLETE: &str = "complete";
+
+/// FNV-1a (64 bit): a stable hash with no dependency. Fields are
+/// length-prefixed so that concatenations cannot collide.
+pub struct Fnv(u64);
+
+impl Fnv {
+    pub fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn field(&mut self, data: &[u8]) {
+        self.bytes(&(data.len() as u64).to_le_bytes());
+        self.bytes(data);
+    }
+
+    /// Every `*.ext` file directly inside `dir`, by name and content.
+    pub fn dir_files_with_extension(&mut self, dir: &Path, ext: &str) {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.is_file() && p.extension().is_some_and(|x| x == ext));
+        files.sort();
+        for file in files {
+            self.field(file.file_name().unwrap_or_default().as_encoded_bytes());
+            self.field(&fs::read(&file).unwrap_or_default());
+        }
+    }
+
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}

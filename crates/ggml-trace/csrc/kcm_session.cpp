@@ -1,0 +1,259 @@
+// See kcm_session.h. Our own code over llama.cpp's `common` library.
+
+#include "kcm_session.h"
+
+#include "arg.h"
+#include "common.h"
+#include "log.h"
+#include "sampling.h"
+#include "llama.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+struct kcm_session {
+    common_params params;
+    common_init_result_ptr init;
+    llama_model * model = nullptr;
+    llama_context * ctx = nullptr;
+    common_sampler * sampler = nullptr;
+    std::vector<llama_token> prompt;
+    std::string generated;
+    int32_t verbose = 0;
+};
+
+static void set_err(char * err, size_t len, const std::string & msg) {
+    if (err && len > 0) {
+        snprintf(err, len, "%s", msg.c_str());
+    }
+}
+
+// Quiet mode: llama.cpp's and ggml's own logs keep errors only.
+static void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        fputs(text, stderr);
+    }
+}
+
+static bool flag_given(int argc, const char * const * argv, const char * a, const char * b) {
+    for (int i = 1; i < argc; ++i) {
+        if (strcmp(argv[i], a) == 0 || (b && strcmp(argv[i], b) == 0)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
+                                 ggml_backend_sched_eval_callback cb, void * cb_user,
+                                 int32_t verbose, char * err, size_t err_len) {
+    auto * s = new kcm_session();
+    s->verbose = verbose;
+    try {
+        common_params & p = s->params;
+        // Tracing defaults that differ from llama.cpp's tools: no warm-up decode (it would
+        // be traced as a step), no -fit dry run (it loads the model twice).
+        p.warmup = false;
+        p.fit_params = false;
+        // A tracer decodes the prompt only unless -n asks for generated tokens.
+        p.n_predict = 0;
+        if (!common_params_parse(argc, const_cast<char **>(argv), p, LLAMA_EXAMPLE_COMMON)) {
+            set_err(err, err_len, "llama.cpp rejected the arguments (its reason is printed above)");
+            delete s;
+            return nullptr;
+        }
+        const bool ctx_given = flag_given(argc, argv, "-c", "--ctx-size");
+        if (!verbose) {
+            common_log_pause(common_log_main());
+            llama_log_set(quiet_log, nullptr);
+            ggml_log_set(quiet_log, nullptr);
+        }
+        if (p.model.path.empty()) {
+            set_err(err, err_len, "no model given: pass -m FILE");
+            delete s;
+            return nullptr;
+        }
+        {
+            FILE * f = fopen(p.model.path.c_str(), "rb");
+            if (!f) {
+                set_err(err, err_len, "cannot open model file '" + p.model.path + "': " + strerror(errno));
+                delete s;
+                return nullptr;
+            }
+            fclose(f);
+        }
+        p.cb_eval = cb;
+        p.cb_eval_user_data = cb_user;
+
+        llama_backend_init();
+        llama_numa_init(p.numa);
+
+        s->init = common_init_from_params(p, /*model_only=*/true);
+        s->model = s->init ? s->init->model() : nullptr;
+        if (!s->model) {
+            set_err(err, err_len, "llama.cpp could not load the model '" + p.model.path + "'");
+            delete s;
+            return nullptr;
+        }
+        const llama_vocab * vocab = llama_model_get_vocab(s->model);
+        s->prompt = common_tokenize(vocab, p.prompt, /*add_special=*/true, /*parse_special=*/true);
+        if (s->prompt.empty()) {
+            // An empty prompt (-p '') still needs one token to decode: use BOS.
+            const llama_token bos = llama_vocab_bos(vocab);
+            if (bos == LLAMA_TOKEN_NULL) {
+                set_err(err, err_len, "the prompt is empty and the model has no BOS token");
+                delete s;
+                return nullptr;
+            }
+            s->prompt.push_back(bos);
+        }
+        if (!ctx_given) {
+            const int32_t n_gen = p.n_predict > 0 ? p.n_predict : 0;
+            const int32_t need = (int32_t) s->prompt.size() + n_gen;
+            p.n_ctx = std::max<int32_t>(256, (need + 255) / 256 * 256);
+        }
+        llama_context_params cparams = common_context_params_to_llama(p);
+        s->ctx = llama_init_from_model(s->model, cparams);
+        if (!s->ctx) {
+            set_err(err, err_len, "llama.cpp could not create a context (see its log with -v)");
+            delete s;
+            return nullptr;
+        }
+        if ((int32_t) s->prompt.size() > (int32_t) llama_n_ctx(s->ctx)) {
+            set_err(err, err_len, "the prompt has " + std::to_string(s->prompt.size()) +
+                                      " tokens, more than the context of " +
+                                      std::to_string(llama_n_ctx(s->ctx)));
+            delete s;
+            return nullptr;
+        }
+        s->sampler = common_sampler_init(s->model, p.sampling);
+        if (!s->sampler) {
+            set_err(err, err_len, "llama.cpp could not create the sampler");
+            delete s;
+            return nullptr;
+        }
+    } catch (const std::exception & e) {
+        set_err(err, err_len, std::string("llama.cpp: ") + e.what());
+        delete s;
+        return nullptr;
+    }
+    return s;
+}
+
+void kcm_session_info(const kcm_session * s, kcm_run_info * out) {
+    memset(out, 0, sizeof(*out));
+    const llama_model * m = s->model;
+    out->n_layer = llama_model_n_layer(m);
+    out->n_head = llama_model_n_head(m);
+    out->n_head_kv = llama_model_n_head_kv(m);
+    out->n_ctx = llama_n_ctx(s->ctx);
+    out->n_batch = llama_n_batch(s->ctx);
+    out->n_ubatch = llama_n_ubatch(s->ctx);
+    out->n_predict = s->params.n_predict;
+    out->seed = s->params.sampling.seed;
+    const llama_context_params cp = common_context_params_to_llama(s->params);
+    // AUTO is resolved inside the context; the trace records the resolution the
+    // callback observes (a FLASH_ATTN_EXT node or not), this is the request.
+    out->flash_attn = cp.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_ENABLED ? 1
+                    : cp.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED ? 0 : -1;
+    out->type_k = (int32_t) s->params.cache_type_k;
+    out->type_v = (int32_t) s->params.cache_type_v;
+    out->n_prompt_tokens = (int32_t) s->prompt.size();
+    llama_model_meta_val_str(m, "general.architecture", out->arch, sizeof(out->arch));
+    snprintf(out->model_path, sizeof(out->model_path), "%s", s->params.model.path.c_str());
+}
+
+int32_t kcm_session_prompt_tokens(const kcm_session * s, int32_t * out, int32_t cap) {
+    const int32_t n = (int32_t) s->prompt.size();
+    for (int32_t i = 0; i < n && i < cap; ++i) {
+        out[i] = s->prompt[i];
+    }
+    return n;
+}
+
+int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_step,
+                        void * user, char * err, size_t err_len) {
+    try {
+        const int32_t n_ubatch = (int32_t) llama_n_ubatch(s->ctx);
+        const int32_t n_ctx = (int32_t) llama_n_ctx(s->ctx);
+        const llama_vocab * vocab = llama_model_get_vocab(s->model);
+        uint32_t step = 0;
+        int32_t pos = 0;
+        std::vector<int32_t> positions;
+
+        auto decode = [&](llama_token * toks, int32_t n) -> int32_t {
+            positions.resize(n);
+            for (int32_t i = 0; i < n; ++i) {
+                positions[i] = pos + i;
+            }
+            if (on_step && !on_step(user, step, toks, positions.data(), n)) {
+                return 0;  // stopped by the caller
+            }
+            const int32_t rc = llama_decode(s->ctx, llama_batch_get_one(toks, n));
+            if (rc != 0) {
+                set_err(err, err_len, "llama_decode failed at step " + std::to_string(step) +
+                                          " (code " + std::to_string(rc) + ")");
+                return -1;
+            }
+            pos += n;
+            ++step;
+            return 1;
+        };
+
+        for (size_t i = 0; i < s->prompt.size(); i += (size_t) n_ubatch) {
+            const int32_t n = (int32_t) std::min<size_t>((size_t) n_ubatch, s->prompt.size() - i);
+            for (int32_t j = 0; j < n; ++j) {
+                common_sampler_accept(s->sampler, s->prompt[i + j], false);
+            }
+            const int32_t r = decode(s->prompt.data() + i, n);
+            if (r <= 0) {
+                return r < 0 ? -1 : (int32_t) step;
+            }
+        }
+        if (prefill_only) {
+            return (int32_t) step;
+        }
+        const int32_t n_predict = s->params.n_predict;
+        for (int32_t i = 0; n_predict < 0 || i < n_predict; ++i) {
+            if (pos >= n_ctx) {
+                break;  // the context is full
+            }
+            llama_token tok = common_sampler_sample(s->sampler, s->ctx, -1);
+            common_sampler_accept(s->sampler, tok, true);
+            if (llama_vocab_is_eog(vocab, tok)) {
+                break;
+            }
+            s->generated += common_token_to_piece(s->ctx, tok);
+            const int32_t r = decode(&tok, 1);
+            if (r <= 0) {
+                return r < 0 ? -1 : (int32_t) step;
+            }
+        }
+        return (int32_t) step;
+    } catch (const std::exception & e) {
+        set_err(err, err_len, std::string("llama.cpp: ") + e.what());
+        return -1;
+    }
+}
+
+const char * kcm_session_generated_text(kcm_session * s) {
+    return s->generated.c_str();
+}
+
+void kcm_session_free(kcm_session * s) {
+    if (!s) {
+        return;
+    }
+    if (s->sampler) {
+        common_sampler_free(s->sampler);
+    }
+    if (s->ctx) {
+        llama_free(s->ctx);
+    }
+    s->init.reset();
+    delete s;
+}

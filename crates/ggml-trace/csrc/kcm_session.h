@@ -1,0 +1,73 @@
+// A traced llama.cpp run, as a C ABI for the Rust capture engine (src/session.rs
+// declares the same items by hand: keep both in sync).
+//
+// Steps: step 0 is the first ubatch of the prompt; every llama_decode call after it (the
+// next prompt ubatch, then each generated token) is one more. The prompt is decoded in
+// chunks of n_ubatch tokens so that each llama_decode call is exactly one ubatch.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ggml-backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KCM_NAME_MAX 256
+#define KCM_PATH_MAX 4096
+
+typedef struct kcm_session kcm_session;
+
+typedef struct kcm_run_info {
+    int32_t  n_layer;
+    int32_t  n_head;
+    int32_t  n_head_kv;
+    uint32_t n_ctx;
+    uint32_t n_batch;
+    uint32_t n_ubatch;
+    int32_t  n_predict;
+    uint32_t seed;
+    int32_t  flash_attn;      // 1: the context uses flash attention, 0: it does not
+    int32_t  type_k;          // ggml_type of the K cache
+    int32_t  type_v;          // ggml_type of the V cache
+    int32_t  n_prompt_tokens;
+    char     arch[KCM_NAME_MAX];
+    char     model_path[KCM_PATH_MAX];
+} kcm_run_info;
+
+// Called before each llama_decode with the step number and the batch's tokens and
+// positions. Return 0 to stop before this step (the run ends cleanly).
+typedef int32_t (*kcm_step_cb)(void * user, uint32_t step, const int32_t * tokens,
+                               const int32_t * positions, int32_t n_tokens);
+
+// Parse llama.cpp options (argv[0] is the program name; no monitor options), load the
+// model, tokenize the prompt and create a context whose eval callback is `cb`.
+// -n defaults to 0 (prompt only). Without -c the context holds just the prompt plus -n
+// tokens (rounded up to 256); no
+// warm-up run; the -fit dry run only with an explicit -fit on. With verbose == 0,
+// llama.cpp's logs are silenced after argument parsing (errors still print).
+// Returns NULL on failure with a one-line reason in err.
+kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
+                                 ggml_backend_sched_eval_callback cb, void * cb_user,
+                                 int32_t verbose, char * err, size_t err_len);
+
+void kcm_session_info(const kcm_session * s, kcm_run_info * out);
+
+// Copies up to cap prompt tokens; returns the prompt's token count.
+int32_t kcm_session_prompt_tokens(const kcm_session * s, int32_t * out, int32_t cap);
+
+// Decode the prompt, then up to n_predict generated tokens (none if prefill_only).
+// Returns the number of steps run, or -1 with a reason in err.
+int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_step,
+                        void * user, char * err, size_t err_len);
+
+// The generated text so far (NUL-terminated, valid until the next call or free).
+const char * kcm_session_generated_text(kcm_session * s);
+
+void kcm_session_free(kcm_session * s);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,534 @@
+//! The capture engine: an eval callback that finds each layer's attention in the graph by
+//! structure, reads its inputs and outputs after the nodes ran, and hands them over with
+//! their layouts.
+//!
+//! How attention is found (names repeat, so only `kqv_out-<layer>` is looked up by name):
+//! - flash attention: a `FLASH_ATTN_EXT` node; its sources are q, k, v, mask, sinks.
+//! - without it: a `MUL_MAT` whose first source is a view of a KV-cache tensor (a leaf in
+//!   a buffer that holds neither weights nor compute results) is `kq` when its second
+//!   source is not a softmax, and `kqv` when it is; the `SOFT_MAX` between them is the
+//!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`.
+//! - `kqv_out-<layer>` is bound to the attention op that its source chain (views,
+//!   reshapes, permutes, copies) reaches, so the layer comes from structure too.
+//!
+//! The callback asks (`ask == true`) only for those nodes and reads data only in the
+//! `ask == false` call that follows each one's computation, while its inputs are still
+//! live: q and k are consumed by `kq` long before `kqv_out` runs when flash attention is
+//! off, so they are read at `kq`.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
+
+use crate::sys;
+
+/// One tensor read out of the graph: its description and its bytes in logical
+/// contiguous order, in its own ggml type.
+#[derive(Clone, Debug)]
+pub struct CapturedTensor {
+    pub meta: TensorMeta,
+    pub data: Vec<u8>,
+}
+
+/// Everything captured for one layer in one step.
+#[derive(Clone, Debug)]
+pub struct CapturedAttention {
+    pub step: u32,
+    pub layer: i32,
+    /// The op that computed attention: `FLASH_ATTN_EXT` or `SOFT_MAX` (no flash attention).
+    pub op: String,
+    pub params: AttnParams,
+    /// `kqv_out` first, then the attention op's output and its inputs.
+    pub tensors: Vec<CapturedTensor>,
+}
+
+/// What to capture.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureConfig {
+    /// Only this layer; `None` for all.
+    pub layer: Option<i32>,
+    /// Capture the attention inputs too (the seed's default); off: `kqv_out` only.
+    pub trace_sources: bool,
+}
+
+/// Receives the run as it happens (on the thread that runs `llama_decode`).
+pub trait CaptureSink {
+    /// The model is loaded and the context made; nothing has been decoded yet.
+    fn on_start(&mut self, _info: &crate::session::RunInfo) -> Result<(), String> {
+        Ok(())
+    }
+    /// A step is about to be decoded. Return false to stop the run before it (Ctrl-C).
+    fn on_step(&mut self, _step: &trace_format::StepMeta) -> bool {
+        true
+    }
+    /// A layer's attention for the current step is complete. An error stops the run.
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String>;
+}
+
+/// Attention being assembled between its op and `kqv_out`.
+#[derive(Default)]
+struct Pending {
+    op: String,
+    params: AttnParams,
+    tensors: Vec<CapturedTensor>,
+    layer_hint: Option<i32>,
+}
+
+/// The callback's state. Create one per run, pass `Capture::callback` and a pointer to it
+/// as the context's eval callback, and call [`Capture::begin_step`] before each decode.
+pub struct Capture<'a> {
+    cfg: CaptureConfig,
+    sink: &'a mut dyn CaptureSink,
+    step: u32,
+    /// Keyed by the node that finished the attention op (FA node, or `kqv`).
+    done: HashMap<*const sys::ggml_tensor, Pending>,
+    /// Without flash attention: keyed by the `kq` node, then by the softmax node.
+    open: HashMap<*const sys::ggml_tensor, Pending>,
+    error: Option<String>,
+    scratch: Vec<u8>,
+}
+
+fn op_name(op: sys::ggml_op) -> String {
+    // SAFETY: ggml_op_name returns a static NUL-terminated string for every op value.
+    let p = unsafe { sys::ggml_op_name(op) };
+    if p.is_null() {
+        return format!("op{op}");
+    }
+    // SAFETY: non-null, static storage.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn tensor_name(t: &sys::ggml_tensor) -> String {
+    let bytes: Vec<u8> = t
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The number after `prefix` at the start of a name (`cache_k_l12 (view)` → 12).
+fn number_after(name: &str, prefix: &str) -> Option<i32> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The layer of a node named exactly `kqv_out-<layer>`; views of it (`kqv_out-0
+/// (reshaped)`, made when llama.cpp un-rotates a quantized cache's output) are not it.
+fn kqv_out_layer(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix("kqv_out-")?;
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rest.parse().ok()
+}
+
+/// A layer hint from a KV view's base tensor name (`cache_k_l3`): used only to skip
+/// work for other layers under `--layer`; the binding itself is structural.
+fn layer_hint(base: &sys::ggml_tensor) -> Option<i32> {
+    let name = tensor_name(base);
+    let i = name.rfind("_l")?;
+    number_after(&name[i..], "_l")
+}
+
+/// Follow views to the tensor that owns the memory.
+///
+/// # Safety
+/// `t` must point to a live ggml tensor.
+unsafe fn view_base(mut t: *const sys::ggml_tensor) -> *const sys::ggml_tensor {
+    // SAFETY: the caller guarantees `t` is live; view_src pointers of live tensors are live.
+    unsafe {
+        while !(*t).view_src.is_null() {
+            t = (*t).view_src;
+        }
+    }
+    t
+}
+
+/// A view (possibly permuted) of a persistent, non-weight tensor: the KV cache.
+///
+/// # Safety
+/// `t` must be null or point to a live ggml tensor.
+unsafe fn is_kv_view(t: *const sys::ggml_tensor) -> bool {
+    if t.is_null() {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe {
+        let base = view_base(t);
+        if base == t || (*base).op != sys::GGML_OP_NONE || (*base).buffer.is_null() {
+            return false;
+        }
+        if (*base).flags & (sys::GGML_TENSOR_FLAG_INPUT as i32) != 0 {
+            return false;
+        }
+        sys::ggml_backend_buffer_get_usage((*base).buffer) == sys::GGML_BACKEND_BUFFER_USAGE_ANY
+    }
+}
+
+fn is_layout_op(op: sys::ggml_op) -> bool {
+    matches!(
+        op,
+        sys::GGML_OP_VIEW
+            | sys::GGML_OP_RESHAPE
+            | sys::GGML_OP_PERMUTE
+            | sys::GGML_OP_TRANSPOSE
+            | sys::GGML_OP_CONT
+            | sys::GGML_OP_CPY
+    )
+}
+
+fn f32_param(t: &sys::ggml_tensor, i: usize) -> f32 {
+    f32::from_bits(t.op_params[i] as u32)
+}
+
+impl<'a> Capture<'a> {
+    pub fn new(cfg: CaptureConfig, sink: &'a mut dyn CaptureSink) -> Self {
+        Self {
+            cfg,
+            sink,
+            step: 0,
+            done: HashMap::new(),
+            open: HashMap::new(),
+            error: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Start a new step (before its `llama_decode`); false when the sink says stop.
+    pub fn begin_step(&mut self, step: &trace_format::StepMeta) -> bool {
+        self.step = step.step;
+        self.done.clear();
+        self.open.clear();
+        self.sink.on_step(step)
+    }
+
+    pub(crate) fn start(&mut self, info: &crate::session::RunInfo) -> Result<(), String> {
+        self.sink.on_start(info)
+    }
+
+    /// The first error met inside the callback (the run stops there).
+    pub fn take_error(&mut self) -> Option<String> {
+        self.error.take()
+    }
+
+    fn wanted_layer(&self, hint: Option<i32>) -> bool {
+        match (self.cfg.layer, hint) {
+            (Some(want), Some(h)) => want == h,
+            _ => true,
+        }
+    }
+
+    /// Read a tensor's bytes (after its node ran) into logical contiguous order.
+    ///
+    /// # Safety
+    /// `t` must point to a live, allocated ggml tensor.
+    unsafe fn read(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        role: Role,
+        layer: i32,
+    ) -> Result<CapturedTensor, String> {
+        // SAFETY: caller guarantees `t` is live.
+        let tr = unsafe { &*t };
+        let ty = gguf_io::GgmlType(tr.type_);
+        let ne = tr.ne.map(|x| x.max(0) as u64);
+        let nb = tr.nb.map(|x| x as u64);
+        let layout = TensorLayout { ty, ne, nb };
+        let span = layout
+            .span_bytes()
+            .map_err(|e| format!("{}: {e}", tensor_name(tr)))? as usize;
+        let mut out = Vec::new();
+        if tr.data.is_null() || tr.buffer.is_null() {
+            return Err(format!("{}: tensor has no data", tensor_name(tr)));
+        }
+        // SAFETY: the buffer pointer is live while the graph runs.
+        let host = unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) };
+        if host {
+            // SAFETY: for host buffers `data` points at `span` readable bytes: ggml
+            // allocated ggml_nbytes(t) = span bytes for this (view of a) tensor.
+            let src = unsafe { std::slice::from_raw_parts(tr.data as *const u8, span) };
+            layout
+                .gather_into(src, &mut out)
+                .map_err(|e| e.to_string())?;
+        } else {
+            self.scratch.resize(span, 0);
+            // SAFETY: offset 0 and size span = ggml_nbytes(t) lie inside the tensor.
+            unsafe {
+                sys::ggml_backend_tensor_get(t, self.scratch.as_mut_ptr().cast(), 0, span);
+            }
+            layout
+                .gather_into(&self.scratch, &mut out)
+                .map_err(|e| e.to_string())?;
+        }
+        let view_of = if tr.view_src.is_null() {
+            String::new()
+        } else {
+            // SAFETY: view_src of a live tensor is live.
+            tensor_name(unsafe { &*tr.view_src })
+        };
+        Ok(CapturedTensor {
+            meta: TensorMeta {
+                role,
+                layer,
+                step: self.step,
+                ggml_name: tensor_name(tr),
+                op: op_name(tr.op),
+                layout,
+                view_of,
+            },
+            data: out,
+        })
+    }
+
+    /// The `ask == true` decision.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor of the graph being computed.
+    unsafe fn wants(&self, t: *const sys::ggml_tensor) -> bool {
+        // SAFETY: caller guarantees liveness; src pointers of live nodes are live or null.
+        unsafe {
+            let tr = &*t;
+            if let Some(layer) = kqv_out_layer(&tensor_name(tr)) {
+                return self.cfg.layer.is_none_or(|l| l == layer);
+            }
+            if !self.cfg.trace_sources {
+                return false;
+            }
+            match tr.op {
+                sys::GGML_OP_FLASH_ATTN_EXT => {
+                    let hint = if tr.src[1].is_null() {
+                        None
+                    } else {
+                        layer_hint(&*view_base(tr.src[1]))
+                    };
+                    self.wanted_layer(hint)
+                }
+                sys::GGML_OP_MUL_MAT if is_kv_view(tr.src[0]) => {
+                    self.wanted_layer(layer_hint(&*view_base(tr.src[0])))
+                }
+                sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
+                _ => false,
+            }
+        }
+    }
+
+    /// Without flash attention: the `kq` node a softmax's input chain reaches, if traced.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn kq_ancestor(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
+        // SAFETY: caller guarantees liveness.
+        unsafe {
+            let mut cur = (*t).src[0] as *const sys::ggml_tensor;
+            for _ in 0..8 {
+                if cur.is_null() {
+                    return None;
+                }
+                if self.open.contains_key(&cur) {
+                    return Some(cur);
+                }
+                cur = (*cur).src[0];
+            }
+        }
+        None
+    }
+
+    /// Softcapping without flash attention is SCALE(1/c) → TANH → SCALE(c) between kq and
+    /// the softmax: recover c.
+    ///
+    /// # Safety
+    /// `softmax` must point to a live ggml tensor.
+    unsafe fn softcap_before(softmax: *const sys::ggml_tensor) -> f32 {
+        // SAFETY: caller guarantees liveness.
+        unsafe {
+            let outer = (*softmax).src[0];
+            if outer.is_null() || (*outer).op != sys::GGML_OP_SCALE {
+                return 0.0;
+            }
+            let tanh = (*outer).src[0];
+            if tanh.is_null() || (*tanh).op != sys::GGML_OP_UNARY {
+                return 0.0;
+            }
+            f32_param(&*outer, 0)
+        }
+    }
+
+    /// The `ask == false` work: read what this node makes available.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor whose node has just been computed.
+    unsafe fn observe(&mut self, t: *const sys::ggml_tensor) -> Result<(), String> {
+        // SAFETY: caller guarantees liveness; sources of a computed node are still live.
+        unsafe {
+            let tr = &*t;
+            let name = tensor_name(tr);
+            if let Some(layer) = kqv_out_layer(&name) {
+                return self.finish_layer(t, layer);
+            }
+            match tr.op {
+                sys::GGML_OP_FLASH_ATTN_EXT => {
+                    let mut p = Pending {
+                        op: op_name(tr.op),
+                        params: AttnParams {
+                            scale: f32_param(tr, 0),
+                            max_bias: f32_param(tr, 1),
+                            softcap: f32_param(tr, 2),
+                        },
+                        layer_hint: if tr.src[1].is_null() {
+                            None
+                        } else {
+                            layer_hint(&*view_base(tr.src[1]))
+                        },
+                        tensors: Vec::new(),
+                    };
+                    let layer = p.layer_hint.unwrap_or(-1);
+                    p.tensors.push(self.read(t, Role::Attn, layer)?);
+                    for (i, role) in [Role::Q, Role::K, Role::V, Role::Mask, Role::Sinks]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        if !tr.src[i].is_null() {
+                            p.tensors.push(self.read(tr.src[i], role, layer)?);
+                        }
+                    }
+                    self.done.insert(t, p);
+                }
+                sys::GGML_OP_MUL_MAT if is_kv_view(tr.src[0]) => {
+                    let src1 = tr.src[1] as *const sys::ggml_tensor;
+                    let is_kqv = !src1.is_null() && self.open.contains_key(&src1);
+                    if is_kqv {
+                        let mut p = self.open.remove(&src1).unwrap_or_default();
+                        let layer = p.layer_hint.unwrap_or(-1);
+                        p.tensors.push(self.read(tr.src[0], Role::V, layer)?);
+                        p.tensors.push(self.read(t, Role::Attn, layer)?);
+                        self.done.insert(t, p);
+                    } else {
+                        let hint = layer_hint(&*view_base(tr.src[0]));
+                        let layer = hint.unwrap_or(-1);
+                        let mut p = Pending {
+                            layer_hint: hint,
+                            ..Default::default()
+                        };
+                        p.tensors.push(self.read(src1, Role::Q, layer)?);
+                        p.tensors.push(self.read(tr.src[0], Role::K, layer)?);
+                        p.tensors.push(self.read(t, Role::Kq, layer)?);
+                        self.open.insert(t, p);
+                    }
+                }
+                sys::GGML_OP_SOFT_MAX => {
+                    if let Some(kq) = self.kq_ancestor(t) {
+                        let mut p = self.open.remove(&kq).unwrap_or_default();
+                        let layer = p.layer_hint.unwrap_or(-1);
+                        p.op = op_name(tr.op);
+                        p.params = AttnParams {
+                            scale: f32_param(tr, 0),
+                            max_bias: f32_param(tr, 1),
+                            softcap: Self::softcap_before(t),
+                        };
+                        if !tr.src[1].is_null() {
+                            p.tensors.push(self.read(tr.src[1], Role::Mask, layer)?);
+                        }
+                        if !tr.src[2].is_null() {
+                            p.tensors.push(self.read(tr.src[2], Role::Sinks, layer)?);
+                        }
+                        p.tensors.push(self.read(t, Role::KqSoftMax, layer)?);
+                        self.open.insert(t, p);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// `kqv_out-<layer>` ran: bind it to the attention op its chain reaches, emit.
+    ///
+    /// # Safety
+    /// `t` must point to a live, computed ggml tensor.
+    unsafe fn finish_layer(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+    ) -> Result<(), String> {
+        let mut out = self.read(t, Role::KqvOut, layer)?;
+        out.meta.layer = layer;
+        let mut att = CapturedAttention {
+            step: self.step,
+            layer,
+            op: String::new(),
+            params: AttnParams::default(),
+            tensors: vec![out],
+        };
+        if self.cfg.trace_sources {
+            // SAFETY: the chain of a live node is live.
+            let mut cur = unsafe { (*t).src[0] } as *const sys::ggml_tensor;
+            let mut found = None;
+            for _ in 0..8 {
+                if cur.is_null() {
+                    break;
+                }
+                if self.done.contains_key(&cur) {
+                    found = self.done.remove(&cur);
+                    break;
+                }
+                // SAFETY: as above.
+                let c = unsafe { &*cur };
+                if !is_layout_op(c.op) {
+                    break;
+                }
+                cur = c.src[0];
+            }
+            let Some(p) = found else {
+                return Err(format!(
+                    "kqv_out-{layer} (step {}): no traced attention op feeds it (is this architecture's attention supported?)",
+                    self.step
+                ));
+            };
+            att.op = p.op;
+            att.params = p.params;
+            for mut c in p.tensors {
+                c.meta.layer = layer;
+                att.tensors.push(c);
+            }
+        }
+        self.sink.on_attention(att)
+    }
+
+    /// The eval callback to give llama.cpp (`ggml_backend_sched_eval_callback`), with a
+    /// `*mut Capture` as `user_data`.
+    ///
+    /// # Safety
+    /// `user_data` must be a valid `*mut Capture` for the duration of the run, and ggml
+    /// must call this with live tensors (it does).
+    pub unsafe extern "C" fn callback(
+        t: *mut sys::ggml_tensor,
+        ask: bool,
+        user_data: *mut std::ffi::c_void,
+    ) -> bool {
+        if user_data.is_null() || t.is_null() {
+            return false;
+        }
+        // SAFETY: the session passes a `*mut Capture` that outlives the run.
+        let cap = unsafe { &mut *(user_data as *mut Capture) };
+        if cap.error.is_some() {
+            // After an error ask for nothing more (and stop the graph if asked).
+            return false;
+        }
+        if ask {
+            // SAFETY: ggml passes live graph nodes.
+            return unsafe { cap.wants(t) };
+        }
+        // SAFETY: as above; this node has been computed.
+        match unsafe { cap.observe(t) } {
+            Ok(()) => true,
+            Err(e) => {
+                cap.error = Some(e);
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! A traced llama.cpp run: llama.cpp parses its own options, loads the model, and decodes
+//! the prompt (one ubatch per step) and the generated tokens, while [`Capture`] watches
+//! the graph. The C side is `csrc/kcm_session.{h,cpp}`.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use trace_format::StepMeta;
+
+use crate::capture::{Capture, CaptureConfig, CaptureSink};
+use crate::sys;
+
+const KCM_NAME_MAX: usize = 256;
+const KCM_PATH_MAX: usize = 4096;
+
+/// Mirrors `kcm_run_info` in csrc/kcm_session.h.
+#[repr(C)]
+struct KcmRunInfo {
+    n_layer: i32,
+    n_head: i32,
+    n_head_kv: i32,
+    n_ctx: u32,
+    n_batch: u32,
+    n_ubatch: u32,
+    n_predict: i32,
+    seed: u32,
+    flash_attn: i32,
+    type_k: i32,
+    type_v: i32,
+    n_prompt_tokens: i32,
+    arch: [c_char; KCM_NAME_MAX],
+    model_path: [c_char; KCM_PATH_MAX],
+}
+
+#[repr(C)]
+struct KcmSession {
+    _private: [u8; 0],
+}
+
+type StepCb = unsafe extern "C" fn(*mut c_void, u32, *const i32, *const i32, i32) -> i32;
+
+extern "C" {
+    fn kcm_session_create(
+        argc: i32,
+        argv: *const *const c_char,
+        cb: sys::ggml_backend_sched_eval_callback,
+        cb_user: *mut c_void,
+        verbose: i32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut KcmSession;
+    fn kcm_session_info(s: *const KcmSession, out: *mut KcmRunInfo);
+    fn kcm_session_prompt_tokens(s: *const KcmSession, out: *mut i32, cap: i32) -> i32;
+    fn kcm_session_run(
+        s: *mut KcmSession,
+        prefill_only: i32,
+        on_step: Option<StepCb>,
+        user: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn kcm_session_generated_text(s: *mut KcmSession) -> *const c_char;
+    fn kcm_session_free(s: *mut KcmSession);
+}
+
+/// Facts about the run, known before the first decode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunInfo {
+    pub n_layer: u32,
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_predict: i32,
+    pub seed: u32,
+    /// What was asked for: `Some(true)` on, `Some(false)` off, `None` auto (llama.cpp
+    /// decides; the trace records what the graph really did).
+    pub flash_attn_requested: Option<bool>,
+    pub type_k: gguf_io::GgmlType,
+    pub type_v: gguf_io::GgmlType,
+    pub architecture: String,
+    pub model_path: String,
+    pub prompt_tokens: Vec<i32>,
+}
+
+/// How the run went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub steps: u32,
+    /// Stopped early by the sink (Ctrl-C), not by the end of the prompt/generation.
+    pub interrupted: bool,
+    pub generated_text: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("argument contains a NUL byte: {0:?}")]
+    NulInArgument(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Decode(String),
+    #[error("capture failed: {0}")]
+    Capture(String),
+}
+
+fn c_string(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// What `run` needs besides llama.cpp's own options.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    pub capture: CaptureConfig,
+    pub prefill_only: bool,
+    /// Show llama.cpp's logs on stderr (otherwise errors only).
+    pub verbose: bool,
+}
+
+struct State<'a> {
+    capture: Capture<'a>,
+    stopped: bool,
+}
+
+unsafe extern "C" fn on_step(
+    user: *mut c_void,
+    step: u32,
+    tokens: *const i32,
+    positions: *const i32,
+    n: i32,
+) -> i32 {
+    // SAFETY: `user` is the `*mut State` passed to kcm_session_run, alive for the run.
+    let state = unsafe { &mut *(user as *mut State) };
+    let n = n.max(0) as usize;
+    // SAFETY: the C side passes `n` valid tokens and positions.
+    let (tokens, positions) = unsafe {
+        (
+            std::slice::from_raw_parts(tokens, n).to_vec(),
+            std::slice::from_raw_parts(positions, n).to_vec(),
+        )
+    };
+    let meta = StepMeta {
+        step,
+        positions,
+        tokens,
+    };
+    if state.capture.begin_step(&meta) {
+        1
+    } else {
+        state.stopped = true;
+        0
+    }
+}
+
+/// Run llama.cpp with `llama_args` (llama.cpp's own options, without a program name),
+/// capturing attention into `sink`.
+pub fn run(
+    llama_args: &[String],
+    opts: RunOptions,
+    sink: &mut dyn CaptureSink,
+) -> Result<(RunInfo, RunOutcome), SessionError> {
+    let mut argv_owned = vec![CString::new("kqv-trace-monitor").unwrap_or_default()];
+    for a in llama_args {
+        argv_owned
+            .push(CString::new(a.as_str()).map_err(|_| SessionError::NulInArgument(a.clone()))?);
+    }
+    let argv: Vec<*const c_char> = argv_owned.iter().map(|c| c.as_ptr()).collect();
+    let mut state = Box::new(State {
+        capture: Capture::new(opts.capture, sink),
+        stopped: false,
+    });
+    let state_ptr: *mut State = &mut *state;
+    // The eval callback receives a pointer to the Capture inside the boxed state.
+    // SAFETY: field projection of a live box; the box outlives the session below.
+    let cap_ptr: *mut Capture = unsafe { &mut (*state_ptr).capture };
+    let mut err = vec![0 as c_char; 1024];
+    // SAFETY: argv holds argc valid C strings; the callback and its user data stay valid
+    // until kcm_session_free below.
+    let session = unsafe {
+        kcm_session_create(
+            argv.len() as i32,
+            argv.as_ptr(),
+            Some(Capture::callback),
+            cap_ptr.cast(),
+            i32::from(opts.verbose),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if session.is_null() {
+        return Err(SessionError::Setup(c_string(&err)));
+    }
+    let guard = SessionGuard(session);
+    let mut raw = std::mem::MaybeUninit::<KcmRunInfo>::zeroed();
+    // SAFETY: valid session, writable out-struct.
+    let raw = unsafe {
+        kcm_session_info(guard.0, raw.as_mut_ptr());
+        raw.assume_init()
+    };
+    let mut prompt = vec![0i32; raw.n_prompt_tokens.max(0) as usize];
+    // SAFETY: the buffer holds n_prompt_tokens entries.
+    unsafe { kcm_session_prompt_tokens(guard.0, prompt.as_mut_ptr(), prompt.len() as i32) };
+    let info = RunInfo {
+        n_layer: raw.n_layer.max(0) as u32,
+        n_head: raw.n_head.max(0) as u32,
+        n_head_kv: raw.n_head_kv.max(0) as u32,
+        n_ctx: raw.n_ctx,
+        n_batch: raw.n_batch,
+        n_ubatch: raw.n_ubatch,
+        n_predict: raw.n_predict,
+        seed: raw.seed,
+        flash_attn_requested: match raw.flash_attn {
+            1 => Some(true),
+            0 => Some(false),
+            _ => None,
+        },
+        type_k: gguf_io::GgmlType(raw.type_k as u32),
+        type_v: gguf_io::GgmlType(raw.type_v as u32),
+        architecture: c_string(&raw.arch),
+        model_path: c_string(&raw.model_path),
+        prompt_tokens: prompt,
+    };
+    // SAFETY: state_ptr is live (boxed above).
+    unsafe { (*state_ptr).capture.start(&info) }.map_err(SessionError::Capture)?;
+    // SAFETY: valid session; on_step gets the live state pointer.
+    let steps = unsafe {
+        kcm_session_run(
+            guard.0,
+            i32::from(opts.prefill_only),
+            Some(on_step),
+            state_ptr.cast(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    // SAFETY: state_ptr is live.
+    if let Some(e) = unsafe { (*state_ptr).capture.take_error() } {
+        return Err(SessionError::Capture(e));
+    }
+    if steps < 0 {
+        return Err(SessionError::Decode(c_string(&err)));
+    }
+    // SAFETY: valid session; the text is copied out before the session is freed.
+    let generated_text = unsafe {
+        let p = kcm_session_generated_text(guard.0);
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    drop(guard);
+    let interrupted = state.stopped;
+    drop(state);
+    Ok((
+        info,
+        RunOutcome {
+            steps: steps as u32,
+            interrupted,
+            generated_text,
+        },
+    ))
+}
+
+struct SessionGuard(*mut KcmSession);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        // SAFETY: created by kcm_session_create and freed once.
+        unsafe { kcm_session_free(self.0) };
+    }
+}

@@ -1,0 +1,105 @@
+//! `kqv-trace-monitor`: run llama.cpp with the capture engine of `ggml-trace`, print one
+//! statistics line per traced tensor, and save the trace with `--save-gguf`.
+
+pub mod args;
+pub mod sink;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use args::{Command, SaveTarget};
+use ggml_trace::capture::CaptureConfig;
+use ggml_trace::session::{self, RunOptions};
+use sink::MonitorSink;
+
+/// Documented exit codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+/// The pinned llama.cpp this binary was built with.
+pub fn llama_version() -> String {
+    format!(
+        "llama.cpp from llama-cpp-sys-2 0.1.161 ({})",
+        ggml_trace::shim::common_build_info()
+    )
+}
+
+pub fn main(args: Vec<String>) -> ExitCode {
+    let opts = match args::parse(args) {
+        Ok(Command::Run(o)) => o,
+        Ok(Command::Help) => {
+            let _ = io::stdout().write_all(args::USAGE.as_bytes());
+            return ExitCode::from(exit::OK);
+        }
+        Ok(Command::Version) => {
+            println!(
+                "kqv-trace-monitor {} ({})",
+                env!("CARGO_PKG_VERSION"),
+                llama_version()
+            );
+            return ExitCode::from(exit::OK);
+        }
+        Err(e) => {
+            eprintln!("kqv-trace-monitor: {e} (try --help)");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match run(&opts) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("kqv-trace-monitor: {e}");
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("{0}")]
+    Session(#[from] session::SessionError),
+    #[error("saving the trace: {0}")]
+    Save(#[from] trace_format::TraceError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub fn run(opts: &args::Options) -> Result<(), MonitorError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        // A second handler cannot be installed (tests run several monitors in one
+        // process): then Ctrl-C just ends the process as usual.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    // Statistics go to stdout unless the trace itself does.
+    let stats_out: Box<dyn Write> = if opts.save == Some(SaveTarget::Stdout) {
+        Box::new(io::stderr())
+    } else {
+        Box::new(io::BufWriter::new(io::stdout()))
+    };
+    let mut sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?;
+    let run_opts = RunOptions {
+        capture: CaptureConfig {
+            layer: opts.layer,
+            trace_sources: opts.trace_sources,
+        },
+        prefill_only: opts.prefill_only,
+        verbose: opts.verbose,
+    };
+    let (info, outcome) = session::run(&opts.llama_args, run_opts, &mut sink)?;
+    if outcome.interrupted {
+        eprintln!(
+            "kqv-trace-monitor: interrupted after {} steps; saving what was traced",
+            outcome.steps
+        );
+    }
+    if opts.verbose && !outcome.generated_text.is_empty() {
+        eprintln!("generated: {:?}", outcome.generated_text);
+    }
+    sink.finish(&info, &outcome)
+}

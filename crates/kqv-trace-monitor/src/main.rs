@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    kqv_trace_monitor::main(std::env::args().skip(1).collect())
+}

@@ -1,0 +1,270 @@
+//! What the monitor does with each capture: a statistics line, and the trace writer.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
+use ggml_trace::session::{RunInfo, RunOutcome};
+use gguf_io::quant;
+use serde_json::json;
+use tensor_stats::{Summary, SummaryAccumulator};
+use trace_format::{AttnRecord, RunMeta, StepMeta, TraceWriter};
+
+use crate::args::{Options, SaveTarget};
+use crate::MonitorError;
+
+pub struct MonitorSink {
+    out: Box<dyn Write>,
+    json: bool,
+    writer: Option<TraceWriter>,
+    save: Option<SaveTarget>,
+    stop: Arc<AtomicBool>,
+    header_printed: bool,
+    /// The attention op the graph really used (resolves `-fa auto`).
+    seen_op: Option<String>,
+    target_layer: Option<i32>,
+    trace_sources: bool,
+    n_steps: u32,
+    io_error: Option<std::io::Error>,
+}
+
+/// Summary of a captured tensor, dequantized chunk by chunk.
+pub fn summarize(t: &CapturedTensor) -> Result<Summary, String> {
+    let ty = t.meta.layout.ty;
+    let n = t.meta.layout.n_elements() as usize;
+    let block = ty.info().map_or(1, |i| i.block_size as usize).max(1);
+    let chunk_elems = (1usize << 15) / block * block;
+    let chunk_bytes = ty.bytes_for(chunk_elems as u64).unwrap_or(0) as usize;
+    let mut acc = SummaryAccumulator::new();
+    let mut buf = vec![0f32; chunk_elems.min(n)];
+    let (mut done, mut at) = (0usize, 0usize);
+    while done < n {
+        let k = chunk_elems.min(n - done);
+        let nb = if k == chunk_elems {
+            chunk_bytes
+        } else {
+            t.data.len() - at
+        };
+        let src = t.data.get(at..at + nb).ok_or("short tensor data")?;
+        quant::dequantize(ty, src, &mut buf[..k]).map_err(|e| e.to_string())?;
+        acc.push(&buf[..k]);
+        done += k;
+        at += nb;
+    }
+    Ok(acc.finish())
+}
+
+fn shape(ne: &[u64; 4]) -> String {
+    let d: Vec<String> = ne.iter().map(u64::to_string).collect();
+    format!("[{}]", d.join(","))
+}
+
+fn num(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        json!(x)
+    } else if x.is_nan() {
+        json!("nan")
+    } else if x > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
+impl MonitorSink {
+    pub fn new(
+        opts: &Options,
+        out: Box<dyn Write>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, MonitorError> {
+        Ok(Self {
+            out,
+            json: opts.json,
+            writer: if opts.save.is_some() {
+                Some(TraceWriter::new()?)
+            } else {
+                None
+            },
+            save: opts.save.clone(),
+            stop,
+            header_printed: false,
+            seen_op: None,
+            target_layer: opts.layer,
+            trace_sources: opts.trace_sources,
+            n_steps: 0,
+            io_error: None,
+        })
+    }
+
+    fn line(&mut self, t: &CapturedTensor, s: &Summary) -> std::io::Result<()> {
+        let m = &t.meta;
+        if self.json {
+            let v = json!({
+                "step": m.step, "layer": m.layer, "role": m.role.name(), "name": m.ggml_name,
+                "op": m.op, "type": m.layout.ty.name(), "shape": m.layout.ne, "nb": m.layout.nb,
+                "count": s.count, "mean": num(s.mean), "std": num(s.std), "min": num(s.min),
+                "max": num(s.max), "nan": s.nan, "inf": s.inf(),
+            });
+            return writeln!(self.out, "{v}");
+        }
+        if !self.header_printed {
+            writeln!(
+                self.out,
+                "{:>5} {:>5} {:<11} {:<6} {:<20} {:>13} {:>13} {:>13} {:>13} {:>5} {:>5}  name",
+                "step", "layer", "role", "type", "shape", "mean", "std", "min", "max", "nan", "inf"
+            )?;
+            self.header_printed = true;
+        }
+        writeln!(
+            self.out,
+            "{:>5} {:>5} {:<11} {:<6} {:<20} {:>13.6e} {:>13.6e} {:>13.6e} {:>13.6e} {:>5} {:>5}  {}",
+            m.step,
+            m.layer,
+            m.role.name(),
+            m.layout.ty.name(),
+            shape(&m.layout.ne),
+            s.mean,
+            s.std,
+            s.min,
+            s.max,
+            s.nan,
+            s.inf(),
+            m.ggml_name
+        )
+    }
+
+    /// Flush statistics and write the trace (if asked).
+    pub fn finish(mut self, info: &RunInfo, outcome: &RunOutcome) -> Result<(), MonitorError> {
+        if let Some(e) = self.io_error.take() {
+            return Err(e.into());
+        }
+        self.out.flush()?;
+        let Some(writer) = self.writer.take() else {
+            return Ok(());
+        };
+        let flash = match self.seen_op.as_deref() {
+            Some("FLASH_ATTN_EXT") => "on",
+            Some(_) => "off",
+            None => match info.flash_attn_requested {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "auto",
+            },
+        };
+        let (head_k, head_v) = head_dims(info);
+        let rot_disabled = std::env::var("LLAMA_ATTN_ROT_DISABLE")
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .is_some_and(|v| v != 0);
+        // llama.cpp rotates Q/K (V) by a Hadamard matrix when the K (V) cache is quantized
+        // and the head size is a multiple of 64 (llama-kv-cache.cpp).
+        let rot_k = info.type_k.is_quantized() && head_k % 64 == 0 && head_k > 0;
+        let rot_v = info.type_v.is_quantized() && head_v % 64 == 0 && head_v > 0;
+        let run = RunMeta {
+            description: "kqv-trace-monitor trace of kqv_out and its attention inputs".into(),
+            model_path: info.model_path.clone(),
+            model_sha256: sha256_file(&info.model_path).unwrap_or_default(),
+            architecture: info.architecture.clone(),
+            n_layer: info.n_layer,
+            n_head: info.n_head,
+            n_head_kv: info.n_head_kv,
+            cache_type_k: info.type_k.name().into(),
+            cache_type_v: info.type_v.name().into(),
+            flash_attn: flash.into(),
+            kv_rotation: !rot_disabled && (rot_k || rot_v),
+            mixed_kv_cache: false,
+            n_ctx: info.n_ctx,
+            n_batch: info.n_batch,
+            n_ubatch: info.n_ubatch,
+            n_predict: info.n_predict,
+            seed: info.seed,
+            prompt_tokens: info.prompt_tokens.clone(),
+            llama_version: crate::llama_version(),
+            target_layer: self.target_layer.unwrap_or(-1),
+            trace_sources: self.trace_sources,
+            complete: !outcome.interrupted,
+        };
+        match &self.save {
+            Some(SaveTarget::Path(p)) => writer.finish_to_path(&run, p)?,
+            Some(SaveTarget::Stdout) => {
+                let out = std::io::BufWriter::new(std::io::stdout().lock());
+                let mut out = writer.finish(&run, out)?;
+                out.flush()?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// K and V head sizes from the model's own metadata (`<arch>.attention.key_length`,
+/// `value_length`, else `embedding_length / head_count`); 0 when unknown.
+fn head_dims(info: &RunInfo) -> (u64, u64) {
+    let Ok(f) = gguf_io::GgufFile::open(&info.model_path) else {
+        return (0, 0);
+    };
+    let m = f.metadata();
+    let a = &info.architecture;
+    let get = |k: &str| m.get_u64(&format!("{a}.{k}"));
+    let fallback = match (get("embedding_length"), get("attention.head_count")) {
+        (Some(e), Some(h)) if h > 0 => e / h,
+        _ => 0,
+    };
+    let k = get("attention.key_length").unwrap_or(fallback);
+    let v = get("attention.value_length").unwrap_or(fallback);
+    (k, v)
+}
+
+fn sha256_file(path: &str) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl CaptureSink for MonitorSink {
+    fn on_step(&mut self, step: &StepMeta) -> bool {
+        if self.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.n_steps = step.step + 1;
+        if let Some(w) = self.writer.as_mut() {
+            w.add_step(step.clone());
+        }
+        true
+    }
+
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+        if !att.op.is_empty() {
+            self.seen_op.get_or_insert_with(|| att.op.clone());
+        }
+        for t in &att.tensors {
+            let s = summarize(t)?;
+            if let Err(e) = self.line(t, &s) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    // Nobody reads the statistics any more: keep tracing quietly.
+                    self.out = Box::new(std::io::sink());
+                } else {
+                    return Err(format!("writing statistics: {e}"));
+                }
+            }
+        }
+        if let Some(w) = self.writer.as_mut() {
+            if !att.op.is_empty() {
+                w.add_attn(AttnRecord {
+                    step: att.step,
+                    layer: att.layer,
+                    op: att.op.clone(),
+                    params: att.params,
+                });
+            }
+            for t in att.tensors {
+                w.add_tensor(t.meta, &t.data, false)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
