@@ -372,6 +372,17 @@ impl AtomicFile {
             .prefix(&format!(".{name}."))
             .suffix(".tmp")
             .tempfile_in(dir)?;
+        // A temporary file is private (0600); the result should have the permissions a
+        // newly created file gets, or keep those of the file it replaces.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = match std::fs::metadata(&dest) {
+                Ok(m) => m.permissions(),
+                Err(_) => std::fs::Permissions::from_mode(0o644),
+            };
+            tmp.as_file().set_permissions(perms)?;
+        }
         Ok(Self { tmp, dest })
     }
 
