@@ -101,7 +101,7 @@ fn model_like_header() -> Vec<u8> {
     );
     m.set(
         "tokenizer.ggml.token_type",
-        (0..n).map(|i| (i % 6) as i32).collect::<Vec<_>>(),
+        (0..n).map(|i: i32| i % 6).collect::<Vec<_>>(),
     );
     let spec = HeaderSpec {
         metadata: m,
