@@ -10,6 +10,7 @@
 use std::ffi::CStr;
 
 pub mod capture;
+pub mod dequant;
 pub mod session;
 pub mod shim;
 
