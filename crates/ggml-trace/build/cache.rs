@@ -57,6 +57,7 @@ impl Cache {
         if done.join(COMPLETE).is_file() {
             return done;
         }
+        self.remove_abandoned(key);
         let tmp = self.root.join(format!("{key}.tmp{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("cannot create {}: {e}", tmp.display()));
@@ -68,6 +69,24 @@ impl Cache {
             let _ = fs::remove_dir_all(&tmp);
         }
         done
+    }
+
+    /// Removes `<key>.tmp<pid>` directories left by build scripts that were
+    /// killed (their process no longer exists).
+    fn remove_abandoned(&self, key: &str) {
+        let prefix = format!("{key}.tmp");
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 

@@ -107,14 +107,22 @@ fn compile(lib: &Library, dir: &Path) {
     if !lib.c.is_empty() {
         objects = c_build(lib)
             .out_dir(dir)
-            .files(&lib.c)
+            .files(largest_first(&lib.c))
             .compile_intermediates();
     }
     cpp_build(lib)
         .out_dir(dir)
-        .files(&lib.cpp)
+        .files(largest_first(&lib.cpp))
         .objects(&objects)
         .compile(lib.name);
+}
+
+/// Big files first, so that the last file to finish is a short one (cc
+/// starts them in list order). Does not affect the fingerprint.
+fn largest_first(files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut sorted = files.to_vec();
+    sorted.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)));
+    sorted
 }
 
 fn c_build(lib: &Library) -> cc::Build {
