@@ -117,6 +117,9 @@ fn c_string(buf: &[c_char]) -> String {
 #[derive(Clone, Copy, Debug)]
 pub struct RunOptions {
     pub capture: CaptureConfig,
+    /// Install the eval callback (false only to measure llama.cpp without it: the sink
+    /// then sees the steps but no attention).
+    pub eval_callback: bool,
     pub prefill_only: bool,
     /// Show llama.cpp's logs on stderr (otherwise errors only).
     pub verbose: bool,
@@ -185,7 +188,11 @@ pub fn run(
         kcm_session_create(
             argv.len() as i32,
             argv.as_ptr(),
-            Some(Capture::callback),
+            if opts.eval_callback {
+                Some(Capture::callback)
+            } else {
+                None
+            },
             cap_ptr.cast(),
             i32::from(opts.verbose),
             err.as_mut_ptr(),

@@ -90,6 +90,7 @@ pub fn run(opts: &args::Options) -> Result<(), MonitorError> {
         },
         prefill_only: opts.prefill_only,
         verbose: opts.verbose,
+        eval_callback: true,
     };
     let (info, outcome) = session::run(&opts.llama_args, run_opts, &mut sink)?;
     if outcome.interrupted {

@@ -1,0 +1,148 @@
+//! Monitor overhead on real decoding: gemma-3-270m, -t 2, tokens/s of the generation
+//! steps with (a) no eval callback, (b) the monitor's capture and statistics for all
+//! layers, (c) the same plus `--save-gguf` (spooling). Runs alternate so drift hits all
+//! three alike; the median of each is reported.
+//!
+//! `cargo bench -p kqv-trace-monitor --bench overhead` (KCM_BENCH_TOKENS, KCM_BENCH_RUNS
+//! override the 32 tokens and 3 runs).
+
+use std::io;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
+use ggml_trace::session::{self, RunInfo, RunOptions};
+use kqv_trace_monitor::args::{Options, SaveTarget};
+use kqv_trace_monitor::sink::MonitorSink;
+use trace_format::StepMeta;
+
+/// Wraps the monitor's sink and times the generation steps.
+struct Timed {
+    inner: Option<MonitorSink>,
+    n_prompt_steps: u32,
+    gen_start: Option<Instant>,
+    gen_steps: u32,
+}
+
+impl CaptureSink for Timed {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+        self.n_prompt_steps = (info.prompt_tokens.len() as u32).div_ceil(info.n_ubatch.max(1));
+        Ok(())
+    }
+    fn on_step(&mut self, step: &StepMeta) -> bool {
+        if step.step == self.n_prompt_steps {
+            self.gen_start = Some(Instant::now());
+        }
+        if step.step >= self.n_prompt_steps {
+            self.gen_steps += 1;
+        }
+        self.inner.as_mut().is_none_or(|s| s.on_step(step))
+    }
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+        match self.inner.as_mut() {
+            Some(s) => s.on_attention(att),
+            None => Ok(()),
+        }
+    }
+}
+
+fn main() {
+    let tokens: u32 = std::env::var("KCM_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let runs: usize = std::env::var("KCM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let model = model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("gemma-3-270m");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let llama_args: Vec<String> = [
+        "-m",
+        &model.display().to_string(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        &tokens.to_string(),
+        "-t",
+        "2",
+        "--temp",
+        "0",
+        "-fa",
+        "on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let modes = [
+        "no callback",
+        "monitor (all layers, stats)",
+        "monitor + --save-gguf",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for _ in 0..runs {
+        for (m, rate) in rates.iter_mut().enumerate() {
+            let save = dir.path().join("bench.gguf");
+            let opts = Options {
+                layer: None,
+                trace_sources: true,
+                save: (m == 2).then(|| SaveTarget::Path(save.clone())),
+                prefill_only: false,
+                json: false,
+                verbose: false,
+                llama_args: llama_args.clone(),
+            };
+            let inner = (m > 0).then(|| {
+                MonitorSink::new(
+                    &opts,
+                    Box::new(io::sink()),
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .expect("sink")
+            });
+            let mut timed = Timed {
+                inner,
+                n_prompt_steps: 0,
+                gen_start: None,
+                gen_steps: 0,
+            };
+            let run_opts = RunOptions {
+                capture: CaptureConfig {
+                    layer: None,
+                    trace_sources: true,
+                },
+                prefill_only: false,
+                verbose: false,
+                eval_callback: m > 0,
+            };
+            let (info, outcome) = session::run(&llama_args, run_opts, &mut timed).expect("run");
+            let end = Instant::now();
+            let secs = timed
+                .gen_start
+                .map_or(f64::NAN, |s| (end - s).as_secs_f64());
+            // The last generation step's decode ends when run() returns.
+            rate.push(f64::from(timed.gen_steps) / secs);
+            if let Some(sink) = timed.inner.take() {
+                sink.finish(&info, &outcome).expect("finish");
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = median(&mut rates[0].clone());
+    println!("gemma-3-270m Q4_K_M, -t 2, -fa on, {tokens} generated tokens, median of {runs} runs");
+    for (m, name) in modes.iter().enumerate() {
+        let r = median(&mut rates[m].clone());
+        println!(
+            "{name:<30} {r:8.2} tokens/s   ratio {:.3}   runs {:?}",
+            r / base,
+            rates[m]
+                .iter()
+                .map(|x| (x * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
+    }
+}
