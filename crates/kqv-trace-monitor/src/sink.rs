@@ -9,7 +9,7 @@ use ggml_trace::session::{RunInfo, RunOutcome};
 use gguf_io::quant;
 use serde_json::json;
 use tensor_stats::{Summary, SummaryAccumulator};
-use trace_format::{AttnRecord, RunMeta, StepMeta, TraceWriter};
+use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
 use crate::args::{Options, SaveTarget};
 use crate::MonitorError;
@@ -139,7 +139,13 @@ impl MonitorSink {
         if let Some(e) = self.io_error.take() {
             return Err(e.into());
         }
-        self.out.flush()?;
+        // Statistics are buffered: a reader that closed the pipe (`| head`) is often only
+        // noticed here. As in `on_attention`, that must not cost the trace.
+        if let Err(e) = self.out.flush() {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e.into());
+            }
+        }
         let Some(writer) = self.writer.take() else {
             return Ok(());
         };
@@ -186,15 +192,52 @@ impl MonitorSink {
             complete: !outcome.interrupted,
         };
         match &self.save {
-            Some(SaveTarget::Path(p)) => writer.finish_to_path(&run, p)?,
+            Some(SaveTarget::Path(p)) => save_to_path(writer, &run, p)?,
             Some(SaveTarget::Stdout) => {
                 let out = std::io::BufWriter::new(std::io::stdout().lock());
-                let mut out = writer.finish(&run, out)?;
-                out.flush()?;
+                let saved = writer
+                    .finish(&run, out)
+                    .and_then(|mut out| Ok(out.flush()?));
+                // The reader closed the pipe (`| gguf-reader -` stops after the header,
+                // `| head -c`): it has what it wanted, so end quietly, as gguf-reader does.
+                if let Err(e) = saved {
+                    if !is_broken_pipe(&e) {
+                        return Err(e.into());
+                    }
+                }
             }
             None => {}
         }
         Ok(())
+    }
+}
+
+fn is_broken_pipe(e: &TraceError) -> bool {
+    let io = match e {
+        TraceError::Io(e) | TraceError::Gguf(gguf_io::GgufError::Io(e)) => e,
+        _ => return false,
+    };
+    io.kind() == std::io::ErrorKind::BrokenPipe
+}
+
+/// Save to a path. A regular file (or a new path) gets the trace atomically, through any
+/// symlink to the file it names; what cannot be renamed over (a device such as
+/// `/dev/stdout` or `/dev/full`, a FIFO) is written to directly: renaming the temporary
+/// file over it would replace the device node or the pipe with a regular file.
+fn save_to_path(
+    writer: TraceWriter,
+    run: &RunMeta,
+    path: &std::path::Path,
+) -> Result<(), TraceError> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() && !m.is_dir() => {
+            let file = std::fs::OpenOptions::new().write(true).open(path)?;
+            let out = writer.finish(run, std::io::BufWriter::with_capacity(1 << 20, file))?;
+            out.into_inner().map_err(|e| e.into_error())?;
+            Ok(())
+        }
+        Ok(m) if m.is_file() => writer.finish_to_path(run, &std::fs::canonicalize(path)?),
+        _ => writer.finish_to_path(run, path),
     }
 }
 
