@@ -295,6 +295,9 @@ impl<'a> Capture<'a> {
             if let Some(layer) = kqv_out_layer(&tensor_name(tr)) {
                 return self.cfg.layer.is_none_or(|l| l == layer);
             }
+            if let Some(layer) = Self::unrotation_of(t) {
+                return self.cfg.layer.is_none_or(|l| l == layer);
+            }
             if !self.cfg.trace_sources {
                 return false;
             }
@@ -368,6 +371,9 @@ impl<'a> Capture<'a> {
             let name = tensor_name(tr);
             if let Some(layer) = kqv_out_layer(&name) {
                 return self.finish_layer(t, layer);
+            }
+            if let Some(layer) = Self::unrotation_of(t) {
+                return self.unrotated(t, layer);
             }
             match tr.op {
                 sys::GGML_OP_FLASH_ATTN_EXT => {
@@ -443,6 +449,69 @@ impl<'a> Capture<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A quantized cache makes llama.cpp rotate V by a Hadamard matrix, so `kqv_out` is in
+    /// the rotated basis and the next MUL_MAT (the rotation, an input tensor, times a
+    /// reshape of `kqv_out`) turns it back: recognise that node and return the layer.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn unrotation_of(t: *const sys::ggml_tensor) -> Option<i32> {
+        // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
+        unsafe {
+            let tr = &*t;
+            if tr.op != sys::GGML_OP_MUL_MAT || tr.src[0].is_null() || tr.src[1].is_null() {
+                return None;
+            }
+            if (*tr.src[0]).flags & (sys::GGML_TENSOR_FLAG_INPUT as i32) == 0 {
+                return None;
+            }
+            let mut cur = tr.src[1] as *const sys::ggml_tensor;
+            for _ in 0..4 {
+                if cur.is_null() {
+                    return None;
+                }
+                if let Some(layer) = kqv_out_layer(&tensor_name(&*cur)) {
+                    return Some(layer);
+                }
+                if !is_layout_op((*cur).op) {
+                    return None;
+                }
+                cur = (*cur).src[0];
+            }
+        }
+        None
+    }
+
+    /// Emit the un-rotated attention output, recorded in `kqv_out`'s shape.
+    ///
+    /// # Safety
+    /// `t` must point to a live, computed ggml tensor.
+    unsafe fn unrotated(&mut self, t: *const sys::ggml_tensor, layer: i32) -> Result<(), String> {
+        // SAFETY: caller guarantees liveness.
+        let mut c = unsafe { self.read(t, Role::KqvOutUnrotated, layer) }?;
+        // SAFETY: as above; src[1]'s chain was checked by unrotation_of.
+        let mut kqv_out = unsafe { (*t).src[1] } as *const sys::ggml_tensor;
+        // SAFETY: as above.
+        unsafe {
+            while kqv_out_layer(&tensor_name(&*kqv_out)).is_none() {
+                kqv_out = (*kqv_out).src[0];
+            }
+            let ne = (*kqv_out).ne.map(|x| x.max(0) as u64);
+            if let Ok(l) = TensorLayout::contiguous(c.meta.layout.ty, ne) {
+                if l.n_elements() == c.meta.layout.n_elements() {
+                    c.meta.layout = l;
+                }
+            }
+        }
+        self.sink.on_attention(CapturedAttention {
+            step: self.step,
+            layer,
+            op: String::new(),
+            params: AttnParams::default(),
+            tensors: vec![c],
+        })
     }
 
     /// `kqv_out-<layer>` ran: bind it to the attention op its chain reaches, emit.

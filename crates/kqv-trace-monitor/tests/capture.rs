@@ -141,6 +141,33 @@ fn quantized_cache_traces_verify() {
         assert_eq!(t.run.kv_rotation, rotated);
         let k = t.find(Role::K, 0, 0).unwrap();
         assert_eq!(k.meta.layout.ty.name(), ctk, "K is kept in its cache type");
+        // A rotated cache also records kqv_out rotated back, for every kqv_out.
+        let n_out = t
+            .tensors
+            .iter()
+            .filter(|x| x.meta.role == Role::KqvOut)
+            .count();
+        let n_unrot = t
+            .tensors
+            .iter()
+            .filter(|x| x.meta.role == Role::KqvOutUnrotated)
+            .count();
+        assert_eq!(n_unrot, if rotated { n_out } else { 0 });
+        if rotated {
+            let a = t.find(Role::KqvOut, 1, 2).unwrap();
+            let b = t.find(Role::KqvOutUnrotated, 1, 2).unwrap();
+            assert_eq!(a.meta.layout.ne, b.meta.layout.ne);
+            assert_ne!(t.data(a), t.data(b));
+            // A Hadamard rotation is orthonormal: the norm of each row is kept.
+            let (va, vb) = (t.f32(a).unwrap(), t.f32(b).unwrap());
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            assert!(
+                (norm(&va) - norm(&vb)).abs() <= 1e-4 * norm(&va),
+                "{} vs {}",
+                norm(&va),
+                norm(&vb)
+            );
+        }
         let worst = verify_all(&t, &format!("head_dim {hd} {ctk}/{ctv} fa={fa}"));
         assert!(worst <= bound, "{ctk}/{ctv} fa={fa}: worst NMSE {worst:e}");
     }

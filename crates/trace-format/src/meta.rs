@@ -24,10 +24,14 @@ pub enum Role {
     /// Mixed KV cache: the quantized (cold) K and V stores.
     KQuant,
     VQuant,
+    /// With a rotated (quantized) cache, `kqv_out` is in the rotated V basis; this is
+    /// llama.cpp's next result, rotated back, in `kqv_out`'s shape: the tensor to compare
+    /// with an unrotated (F16-cache) run's `kqv_out`.
+    KqvOutUnrotated,
 }
 
 impl Role {
-    pub const ALL: [Role; 11] = [
+    pub const ALL: [Role; 12] = [
         Role::KqvOut,
         Role::Attn,
         Role::Q,
@@ -39,6 +43,7 @@ impl Role {
         Role::KqSoftMax,
         Role::KQuant,
         Role::VQuant,
+        Role::KqvOutUnrotated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +59,7 @@ impl Role {
             Role::KqSoftMax => "kq_soft_max",
             Role::KQuant => "k_quant",
             Role::VQuant => "v_quant",
+            Role::KqvOutUnrotated => "kqv_out_unrotated",
         }
     }
 
