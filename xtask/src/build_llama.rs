@@ -6,7 +6,11 @@ use crate::util::{self, Result};
 pub fn run(mut args: pico_args::Arguments) -> Result {
     let release = args.contains("--release");
     let force = args.contains("--force");
+    let prepare_only = args.contains("--prepare-only");
     util::no_more_args(args)?;
+    if prepare_only {
+        return llama_tree::prepare(force);
+    }
     build(release, force)
 }
 

@@ -46,7 +46,10 @@ pub fn prepare(force: bool) -> Result {
         return Ok(());
     }
 
-    let tmp = root.join("vendor/llama.cpp.tmp");
+    // Staging directory: git-ignored (like vendor/llama.cpp) and on the same
+    // file system, so a failed run leaves nothing committable behind and the
+    // final rename is atomic.
+    let tmp = root.join("vendor/pin/target/llama.cpp.tmp");
     remove_dir(&tmp)?;
     eprintln!("xtask: copying {} -> vendor/llama.cpp", src.display());
     for name in COPIED {
