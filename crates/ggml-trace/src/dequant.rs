@@ -374,6 +374,28 @@ mod tests {
         }
     }
 
+    /// Zero blocks with scale 1.0 (f16 0x3c00) decode to grid entry 0 times the
+    /// smallest sub-block scale: known values, computed without any
+    /// `ggml_quantize_init` in this process (nothing in this crate calls it).
+    #[test]
+    fn grid_iquants_decode_without_quantize_init() {
+        let cases = [
+            // iq2xxs_grid[0] = 0x0808..08: 8 * (1 * (0.5 + 0) * 0.25).
+            (GgmlType::IQ2_XXS, 0, 1.0),
+            // iq3xxs_grid[0] = 0x04040404: 4 * (1 * (0.5 + 0) * 0.5).
+            (GgmlType::IQ3_XXS, 0, 1.0),
+            // iq1s_grid[0] = all -1, delta +0.125, dl = 1 * (2 * 0 + 1).
+            (GgmlType::IQ1_S, 0, -0.875),
+        ];
+        for (ty, off, want) in cases {
+            let info = ty.info().unwrap();
+            let mut block = vec![0u8; info.type_size as usize];
+            block[off..off + 2].copy_from_slice(&0x3c00u16.to_le_bytes());
+            let v = dequantize_any_to_vec(ty, &block, 256).unwrap();
+            assert!(v.iter().all(|&x| x == want), "{ty}: {v:?}");
+        }
+    }
+
     #[test]
     fn misaligned_source_is_copied() {
         // IQ2_XXS, d = 1.0 (f16 0x3c00), all-zero quants: grid entry 0 with scale
