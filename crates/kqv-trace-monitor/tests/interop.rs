@@ -226,3 +226,30 @@ fn ggml_c_reader_reads_a_saved_trace() {
         sys::gguf_free(ctx);
     }
 }
+
+/// docs/trace-format.md describes every key a trace holds and every role.
+#[test]
+fn the_format_doc_covers_every_key_and_role() {
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/trace-format.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let t = TraceFile::open(saved_trace(dir.path())).unwrap();
+    let mut n = 0;
+    for (key, _) in t.gguf().metadata().iter() {
+        // Tables list `kqv_trace.run.n_ctx` as `n_ctx` under their section.
+        let short = ["run.", "step.", "tensor.", "attn."]
+            .iter()
+            .find_map(|s| key.strip_prefix(&format!("kqv_trace.{s}")));
+        let found = doc.contains(&format!("`{key}`"))
+            || short.is_some_and(|s| doc.contains(&format!("`{s}`")));
+        assert!(found, "{key} is not in docs/trace-format.md");
+        n += 1;
+    }
+    assert!(n >= 41, "{n} keys");
+    for role in Role::ALL {
+        assert!(
+            doc.contains(&format!("`{}`", role.name())),
+            "role {role} is not in docs/trace-format.md"
+        );
+    }
+}
