@@ -17,8 +17,10 @@ pub struct Library {
     pub defines: Vec<(&'static str, Option<&'static str>)>,
     /// Extra compiler flags (ggml-cpu: the SIMD flags of build/cpu.rs).
     pub flags: Vec<String>,
-    /// Our own source directory (csrc/): sources there, and its headers, are
-    /// fingerprinted by content, since no tree stamp covers them.
+    /// Our own source directory (csrc/): sources there are fingerprinted by
+    /// content, since no tree stamp covers them; so are its headers when the
+    /// directory is on the include path (a csrc/ source in a library without
+    /// it, like common's kcm_no_download.cpp, must include no csrc/ header).
     pub own_sources: Option<PathBuf>,
 }
 
@@ -80,10 +82,20 @@ fn fingerprint(lib: &Library, tree_identity: &[u8]) -> String {
     h.field(tree_identity);
     for src in lib.c.iter().chain(&lib.cpp) {
         h.field(src.as_os_str().as_encoded_bytes());
-        if let Some(dir) = lib.own_sources.as_deref().filter(|d| src.starts_with(d)) {
+        if lib
+            .own_sources
+            .as_deref()
+            .is_some_and(|d| src.starts_with(d))
+        {
             h.field(&std::fs::read(src).unwrap_or_default());
-            h.dir_files_with_extension(dir, "h");
         }
+    }
+    if let Some(dir) = lib
+        .own_sources
+        .as_deref()
+        .filter(|d| lib.includes.iter().any(|i| i == d))
+    {
+        h.dir_files_with_extension(dir, "h");
     }
     let mut builds = vec![cpp_build(lib)];
     if !lib.c.is_empty() {
