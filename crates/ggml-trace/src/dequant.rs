@@ -400,14 +400,17 @@ mod tests {
     fn misaligned_source_is_copied() {
         // IQ2_XXS, d = 1.0 (f16 0x3c00), all-zero quants: grid entry 0 with scale
         // (0.5 + 0) * 0.25 = 0.125, i.e. 8 * 0.125 = 1.0 for grid value 8.
-        let mut buf = vec![0u8; 1 + 66];
-        buf[1..3].copy_from_slice(&0x3c00u16.to_le_bytes());
-        let mut a = vec![0f32; 256];
-        let mut b = vec![0f32; 256];
-        ggml_to_float(GgmlType::IQ2_XXS, &buf[1..], &mut a).unwrap();
-        let aligned = buf[1..].to_vec();
-        ggml_to_float(GgmlType::IQ2_XXS, &aligned, &mut b).unwrap();
-        assert_eq!(a, b);
-        assert!(a.iter().all(|&v| v == 1.0), "{a:?}");
+        let mut buf = [0u8; 66 + SRC_ALIGN];
+        // Every offset: at least one is misaligned, at least one aligned.
+        let mut outs = Vec::new();
+        for off in 0..SRC_ALIGN {
+            buf.fill(0);
+            buf[off..off + 2].copy_from_slice(&0x3c00u16.to_le_bytes());
+            let mut a = vec![0f32; 256];
+            ggml_to_float(GgmlType::IQ2_XXS, &buf[off..off + 66], &mut a).unwrap();
+            assert!(a.iter().all(|&v| v == 1.0), "offset {off}: {a:?}");
+            outs.push(a);
+        }
+        assert_eq!(outs.len(), SRC_ALIGN);
     }
 }
