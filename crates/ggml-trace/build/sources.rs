@@ -146,6 +146,8 @@ fn kcm_shim(tree: &Path, csrc: &Path) -> Library {
     let mut lib = Library::new("kcm_shim");
     lib.cpp.push(csrc.join("kcm_shim.cpp"));
     lib.cpp.push(csrc.join("kcm_session.cpp"));
+    // Our sources change: fingerprint their content so the cached archive follows.
+    lib.own_sources = Some(csrc.to_path_buf());
     lib.includes = common_includes(tree);
     lib.includes.push(csrc.to_path_buf());
     lib

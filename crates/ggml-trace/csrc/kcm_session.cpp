@@ -50,7 +50,11 @@ static bool flag_given(int argc, const char * const * argv, const char * a, cons
 
 kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                                  ggml_backend_sched_eval_callback cb, void * cb_user,
-                                 int32_t verbose, char * err, size_t err_len) {
+                                 int32_t verbose, char * err, size_t err_len,
+                                 int32_t * usage_error) {
+    if (usage_error) {
+        *usage_error = 0;
+    }
     auto * s = new kcm_session();
     s->verbose = verbose;
     try {
@@ -63,6 +67,9 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
         p.n_predict = 0;
         if (!common_params_parse(argc, const_cast<char **>(argv), p, LLAMA_EXAMPLE_COMMON)) {
             set_err(err, err_len, "llama.cpp rejected the arguments (its reason is printed above)");
+            if (usage_error) {
+                *usage_error = 1;
+            }
             delete s;
             return nullptr;
         }

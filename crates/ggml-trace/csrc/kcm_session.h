@@ -48,10 +48,12 @@ typedef int32_t (*kcm_step_cb)(void * user, uint32_t step, const int32_t * token
 // tokens (rounded up to 256); no
 // warm-up run; the -fit dry run only with an explicit -fit on. With verbose == 0,
 // llama.cpp's logs are silenced after argument parsing (errors still print).
-// Returns NULL on failure with a one-line reason in err.
+// Returns NULL on failure with a one-line reason in err; *usage_error is set to 1 when
+// llama.cpp's argument parser rejected the arguments, else 0.
 kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                                  ggml_backend_sched_eval_callback cb, void * cb_user,
-                                 int32_t verbose, char * err, size_t err_len);
+                                 int32_t verbose, char * err, size_t err_len,
+                                 int32_t * usage_error);
 
 void kcm_session_info(const kcm_session * s, kcm_run_info * out);
 

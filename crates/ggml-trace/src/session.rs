@@ -47,6 +47,7 @@ extern "C" {
         verbose: i32,
         err: *mut c_char,
         err_len: usize,
+        usage_error: *mut i32,
     ) -> *mut KcmSession;
     fn kcm_session_info(s: *const KcmSession, out: *mut KcmRunInfo);
     fn kcm_session_prompt_tokens(s: *const KcmSession, out: *mut i32, cap: i32) -> i32;
@@ -96,6 +97,9 @@ pub struct RunOutcome {
 pub enum SessionError {
     #[error("argument contains a NUL byte: {0:?}")]
     NulInArgument(String),
+    /// llama.cpp's own parser rejected an option (a usage error).
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Setup(String),
     #[error("{0}")]
@@ -182,6 +186,7 @@ pub fn run(
     // SAFETY: field projection of a live box; the box outlives the session below.
     let cap_ptr: *mut Capture = unsafe { &mut (*state_ptr).capture };
     let mut err = vec![0 as c_char; 1024];
+    let mut usage_error = 0i32;
     // SAFETY: argv holds argc valid C strings; the callback and its user data stay valid
     // until kcm_session_free below.
     let session = unsafe {
@@ -197,10 +202,15 @@ pub fn run(
             i32::from(opts.verbose),
             err.as_mut_ptr(),
             err.len(),
+            &mut usage_error,
         )
     };
     if session.is_null() {
-        return Err(SessionError::Setup(c_string(&err)));
+        return Err(if usage_error != 0 {
+            SessionError::Usage(c_string(&err))
+        } else {
+            SessionError::Setup(c_string(&err))
+        });
     }
     let guard = SessionGuard(session);
     let mut raw = std::mem::MaybeUninit::<KcmRunInfo>::zeroed();

@@ -6,6 +6,7 @@ use gguf_io::{Array, Value};
 
 use crate::args::Options;
 use crate::report::{Kind, Report, ARRAY_PREVIEW};
+use tensor_stats::sci;
 
 pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()> {
     let h = &r.header;
@@ -136,24 +137,6 @@ fn write_row(out: &mut impl Write, cells: &[String; 7], w: &[usize; 7]) -> io::R
         }
     }
     writeln!(out)
-}
-
-/// `printf("%.6e")` style: `2.500000e+00`, as the seed tools print numbers.
-pub fn sci(x: f64) -> String {
-    if !x.is_finite() {
-        return format!("{x}");
-    }
-    let s = format!("{x:.6e}");
-    match s.split_once('e') {
-        Some((mantissa, exp)) => {
-            let (sign, digits) = match exp.strip_prefix('-') {
-                Some(d) => ('-', d),
-                None => ('+', exp),
-            };
-            format!("{mantissa}e{sign}{digits:0>2}")
-        }
-        None => s,
-    }
 }
 
 pub fn shape_text(dims: &[u64]) -> String {

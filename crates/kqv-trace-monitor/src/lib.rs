@@ -51,6 +51,10 @@ pub fn main(args: Vec<String>) -> ExitCode {
     };
     match run(&opts) {
         Ok(()) => ExitCode::from(exit::OK),
+        Err(MonitorError::Session(session::SessionError::Usage(e))) => {
+            eprintln!("kqv-trace-monitor: {e} (try --help)");
+            ExitCode::from(exit::USAGE)
+        }
         Err(e) => {
             eprintln!("kqv-trace-monitor: {e}");
             ExitCode::from(exit::FAILED)

@@ -8,7 +8,7 @@ use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use gguf_io::quant;
 use serde_json::json;
-use tensor_stats::{Summary, SummaryAccumulator};
+use tensor_stats::{sci, Summary, SummaryAccumulator};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
 use crate::args::{Options, SaveTarget};
@@ -111,23 +111,23 @@ impl MonitorSink {
         if !self.header_printed {
             writeln!(
                 self.out,
-                "{:>5} {:>5} {:<11} {:<6} {:<20} {:>13} {:>13} {:>13} {:>13} {:>5} {:>5}  name",
+                "{:>5} {:>5} {:<17} {:<6} {:<20} {:>13} {:>13} {:>13} {:>13} {:>5} {:>5}  name",
                 "step", "layer", "role", "type", "shape", "mean", "std", "min", "max", "nan", "inf"
             )?;
             self.header_printed = true;
         }
         writeln!(
             self.out,
-            "{:>5} {:>5} {:<11} {:<6} {:<20} {:>13.6e} {:>13.6e} {:>13.6e} {:>13.6e} {:>5} {:>5}  {}",
+            "{:>5} {:>5} {:<17} {:<6} {:<20} {:>13} {:>13} {:>13} {:>13} {:>5} {:>5}  {}",
             m.step,
             m.layer,
             m.role.name(),
             m.layout.ty.name(),
             shape(&m.layout.ne),
-            s.mean,
-            s.std,
-            s.min,
-            s.max,
+            sci(s.mean),
+            sci(s.std),
+            sci(s.min),
+            sci(s.max),
             s.nan,
             s.inf(),
             m.ggml_name

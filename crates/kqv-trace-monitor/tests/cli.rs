@@ -452,6 +452,14 @@ fn errors_have_exit_codes_and_one_line() {
     one_error_line(&run(&["--layer", "x"]), 2);
     one_error_line(&run(&["-m", "m.gguf", "--layer"]), 2);
     one_error_line(&run(&["-m", "m.gguf", "--save-gguf"]), 2);
+
+    // An option llama.cpp's own parser rejects is a usage error too (llama.cpp prints
+    // its reason first; our line closes the output).
+    let o = run(&["-m", "m.gguf", "--bogus-opt"]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.contains("--bogus-opt"), "{err}");
+    assert!(err.lines().last().is_some_and(|l| l.starts_with("kqv-trace-monitor: ")), "{err}");
 }
 
 #[cfg(unix)]
