@@ -459,7 +459,12 @@ fn errors_have_exit_codes_and_one_line() {
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "stderr: {err}");
     assert!(err.contains("--bogus-opt"), "{err}");
-    assert!(err.lines().last().is_some_and(|l| l.starts_with("kqv-trace-monitor: ")), "{err}");
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("kqv-trace-monitor: ")),
+        "{err}"
+    );
 }
 
 #[cfg(unix)]
