@@ -19,11 +19,20 @@ OPTIONS:
     --tensor REGEX   only tensors whose name matches REGEX (Rust regex syntax)
     --json           one JSON document on stdout instead of text (schema: docs/json.md)
     --full-arrays    print metadata arrays in full [default: first 8 elements and the count]
+    --verify-attention
+                     for a kv-cache-monitor trace: recompute every traced attention in f64
+                     from its traced q/k/v/mask (with the recorded layouts) and compare with
+                     its kqv_out; a table (or JSON with --json) and exit code 0 all verified,
+                     1 some failed, 2 inputs missing (bounds: docs/verification.md)
+    --step N         with --verify-attention: only step N
+    --layer N        with --verify-attention: only layer N
     -h, --help       print this help
     -V, --version    print the version
 
 EXIT CODES:
-    0  success      1  bad input (unreadable or malformed GGUF)      2  usage error
+    0  success      1  bad input (unreadable or malformed GGUF); with --verify-attention:
+                       some attention failed      2  usage error; with --verify-attention:
+                       not a trace, or inputs missing
 
 EXAMPLES:
     gguf-reader traced_tensors.gguf --show-data
@@ -55,6 +64,9 @@ pub struct Options {
     pub tensor_filter: Option<Regex>,
     pub json: bool,
     pub full_arrays: bool,
+    pub verify: bool,
+    pub step: Option<u32>,
+    pub layer: Option<i32>,
 }
 
 /// What the command line asks for.
@@ -88,6 +100,15 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
     let show_data = p.contains("--show-data");
     let json = p.contains("--json");
     let full_arrays = p.contains("--full-arrays");
+    let verify = p.contains("--verify-attention");
+    let step = p.opt_value_from_fn("--step", |s| {
+        s.parse::<u32>()
+            .map_err(|_| "--step expects a step number".to_owned())
+    })?;
+    let layer = p.opt_value_from_fn("--layer", |s| {
+        s.parse::<i32>()
+            .map_err(|_| "--layer expects a layer number".to_owned())
+    })?;
     let count = p
         .opt_value_from_fn("--count", |s| {
             s.parse::<usize>()
@@ -130,5 +151,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
         tensor_filter,
         json,
         full_arrays,
+        verify,
+        step,
+        layer,
     }))
 }

@@ -9,9 +9,10 @@ pub mod args;
 pub mod data;
 pub mod report;
 pub mod text;
+pub mod verify;
 
 use std::ffi::OsString;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
 use args::{Command, Input, Options};
@@ -54,6 +55,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
+    if opts.verify {
+        let code = run_verify(&opts, &mut out);
+        let _ = out.flush();
+        return code;
+    }
     let result = run(&opts, &mut out).and_then(|()| out.flush().map_err(RunError::from));
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -69,6 +75,61 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 fn print_quietly(s: &str) -> ExitCode {
     let _ = io::stdout().write_all(s.as_bytes());
     ExitCode::from(exit::OK)
+}
+
+/// `--verify-attention`: exit 0 all verified, 1 some failed, 2 not a trace / inputs missing.
+fn run_verify(opts: &Options, out: &mut impl Write) -> ExitCode {
+    let name = opts.input.display();
+    let file = match &opts.input {
+        Input::Path(p) => GgufFile::open(p),
+        Input::Stdin => {
+            let mut bytes = Vec::new();
+            match io::stdin().lock().read_to_end(&mut bytes) {
+                Ok(_) => GgufFile::from_bytes(bytes),
+                Err(e) => Err(e.into()),
+            }
+        }
+    };
+    let trace = match file
+        .map_err(trace_format::TraceError::from)
+        .and_then(trace_format::TraceFile::from_gguf)
+    {
+        Ok(t) => t,
+        Err(e @ trace_format::TraceError::NotATrace) => {
+            eprintln!("gguf-reader: {name}: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+        Err(e) => {
+            eprintln!("gguf-reader: {name}: {e}");
+            return ExitCode::from(exit::BAD_INPUT);
+        }
+    };
+    let rows = match verify::run(&trace, opts.step, opts.layer) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gguf-reader: {name}: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match verify::render(&rows, opts.json, out) {
+        Ok((_, failed, missing)) => {
+            if missing > 0 {
+                eprintln!(
+                    "gguf-reader: {missing} group(s) lack traced inputs: re-trace without --no-trace-sources"
+                );
+                ExitCode::from(exit::USAGE)
+            } else if failed > 0 {
+                ExitCode::from(exit::BAD_INPUT)
+            } else {
+                ExitCode::from(exit::OK)
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("gguf-reader: {e}");
+            ExitCode::from(exit::BAD_INPUT)
+        }
+    }
 }
 
 /// Read the input named in `opts` and write the report to `out`.

@@ -703,3 +703,63 @@ fn seed_readme_commands_run_as_written() {
         assert!(v.cosine > 0.99, "{v:?}");
     }
 }
+
+/// `kqv-trace-monitor ... --save-gguf - | gguf-reader - --verify-attention`: every traced
+/// attention recomputes from its traced inputs (exit 0); a trace without inputs says what
+/// is missing (exit 2); a model is not a trace (exit 2).
+#[test]
+fn gguf_reader_verifies_attention_of_a_piped_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    for (fa, sources, code) in [("on", true, 0), ("off", true, 0), ("on", false, 2)] {
+        let mut args = vec![
+            "-m".to_owned(),
+            m.display().to_string(),
+            "-p".into(),
+            PROMPT.into(),
+            "-n".into(),
+            "2".into(),
+            "-fa".into(),
+            fa.into(),
+            "--save-gguf".into(),
+            "-".into(),
+        ];
+        if !sources {
+            args.push("--no-trace-sources".into());
+        }
+        let mut monitor = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let reader = Command::new(gguf_reader())
+            .args(["-", "--verify-attention"])
+            .stdin(monitor.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(monitor.wait().unwrap().success());
+        let out = text(&reader.stdout);
+        assert_eq!(
+            reader.status.code(),
+            Some(code),
+            "fa={fa} sources={sources}\n{out}\n{}",
+            text(&reader.stderr)
+        );
+        if sources {
+            assert!(
+                out.contains("verified 6 of 6 (step, layer) groups: 0 failed"),
+                "{out}"
+            );
+        } else {
+            assert!(out.contains("missing: q, k, v"), "{out}");
+            assert!(text(&reader.stderr).contains("re-trace without --no-trace-sources"));
+        }
+    }
+    let o = Command::new(gguf_reader())
+        .args([m.to_str().unwrap(), "--verify-attention"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("not a kv-cache-monitor trace"));
+}
