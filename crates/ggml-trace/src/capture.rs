@@ -523,7 +523,81 @@ impl<'a> Capture<'a> {
         t: *const sys::ggml_tensor,
         layer: i32,
     ) -> Result<(), String> {
-        let mut out = self.read(t, Role::KqvOut, layer)?;
+        // SAFETY: caller guarantees `t` is live and computed.
+        let out = unsafe { self.read(t, Role::KqvOut, layer) }?;
+        // SAFETY: as above.
+        unsafe { self.emit_layer(t, layer, out) }
+    }
+
+    /// With flash attention `kqv_out` is usually a contiguous reshape of the attention
+    /// op's output, already read when that op ran: then it is described from its own
+    /// layout and its bytes are the op output's, and the callback need not stop the
+    /// graph at it (one synchronisation less per layer). Returns false when the fast
+    /// path does not apply.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn finish_layer_as_view(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+    ) -> Result<bool, String> {
+        // SAFETY: caller guarantees liveness.
+        let tr = unsafe { &*t };
+        if tr.view_src.is_null() {
+            return Ok(false);
+        }
+        // SAFETY: view chains of live tensors are live.
+        let base = unsafe { view_base(t) };
+        let Some(p) = self.done.get(&base) else {
+            return Ok(false);
+        };
+        let Some(attn) = p.tensors.iter().find(|c| c.meta.role == Role::Attn) else {
+            return Ok(false);
+        };
+        let ty = gguf_io::GgmlType(tr.type_);
+        let layout = TensorLayout {
+            ty,
+            ne: tr.ne.map(|x| x.max(0) as u64),
+            nb: tr.nb.map(|x| x as u64),
+        };
+        let same_bytes = tr.view_offs == 0
+            && layout.is_contiguous()
+            && attn.meta.layout.is_contiguous()
+            && ty == attn.meta.layout.ty
+            && layout.n_elements() == attn.meta.layout.n_elements();
+        if !same_bytes {
+            return Ok(false);
+        }
+        let out = CapturedTensor {
+            meta: TensorMeta {
+                role: Role::KqvOut,
+                layer,
+                step: self.step,
+                ggml_name: tensor_name(tr),
+                op: op_name(tr.op),
+                layout,
+                // SAFETY: checked non-null above.
+                view_of: tensor_name(unsafe { &*tr.view_src }),
+            },
+            data: attn.data.clone(),
+        };
+        // SAFETY: caller guarantees liveness.
+        unsafe { self.emit_layer(t, layer, out) }?;
+        Ok(true)
+    }
+
+    /// Bind `kqv_out` (already captured as `out`) to the attention op its source chain
+    /// reaches, and hand the whole layer to the sink.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn emit_layer(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+        mut out: CapturedTensor,
+    ) -> Result<(), String> {
         out.meta.layer = layer;
         let mut att = CapturedAttention {
             step: self.step,
@@ -588,6 +662,20 @@ impl<'a> Capture<'a> {
             return false;
         }
         if ask {
+            // SAFETY: ggml passes live graph nodes.
+            if let Some(layer) = kqv_out_layer(&tensor_name(unsafe { &*t })) {
+                if cap.cfg.trace_sources && cap.cfg.layer.is_none_or(|l| l == layer) {
+                    // SAFETY: as above.
+                    match unsafe { cap.finish_layer_as_view(t, layer) } {
+                        Ok(true) => return false,
+                        Ok(false) => {}
+                        Err(e) => {
+                            cap.error = Some(e);
+                            return false;
+                        }
+                    }
+                }
+            }
             // SAFETY: ggml passes live graph nodes.
             return unsafe { cap.wants(t) };
         }
