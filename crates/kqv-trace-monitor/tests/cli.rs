@@ -763,3 +763,56 @@ fn gguf_reader_verifies_attention_of_a_piped_trace() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("not a kv-cache-monitor trace"));
 }
+
+/// Ctrl-C finishes the current step and saves what was traced, marked incomplete.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_what_was_traced_marked_incomplete() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let out = dir.path().join("partial.gguf");
+    let mut child = Command::new(BIN)
+        .args([
+            "-m",
+            m.to_str().unwrap(),
+            "-p",
+            "Hi",
+            "-n",
+            "500",
+            "-c",
+            "512",
+            "--ignore-eos",
+            "--temp",
+            "0",
+            "--save-gguf",
+            out.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until statistics flow (the run is under way), then interrupt it.
+    let mut first = [0u8; 4096];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("interrupted after"), "{err}");
+    let t = TraceFile::open(&out).unwrap();
+    assert!(!t.run.complete);
+    let n = t.steps.len();
+    assert!(n >= 1 && n < 501, "{n} steps");
+    // Every step that was started was traced whole: both layers.
+    assert_eq!(t.groups().len(), 2 * n);
+}
