@@ -812,7 +812,7 @@ fn ctrl_c_saves_what_was_traced_marked_incomplete() {
     let t = TraceFile::open(&out).unwrap();
     assert!(!t.run.complete);
     let n = t.steps.len();
-    assert!(n >= 1 && n < 501, "{n} steps");
+    assert!((1..501).contains(&n), "{n} steps");
     // Every step that was started was traced whole: both layers.
     assert_eq!(t.groups().len(), 2 * n);
 }
