@@ -116,14 +116,24 @@ fn number_after(name: &str, prefix: &str) -> Option<i32> {
     digits.parse().ok()
 }
 
+/// The name's bytes up to the NUL, without allocating: the callback asks about every
+/// node of every decode.
+fn name_bytes(t: &sys::ggml_tensor) -> &[u8] {
+    // SAFETY: `name` is a fixed array of c_char, which has u8's size and alignment.
+    let all: &[u8] =
+        unsafe { std::slice::from_raw_parts(t.name.as_ptr().cast::<u8>(), t.name.len()) };
+    let end = all.iter().position(|&b| b == 0).unwrap_or(all.len());
+    &all[..end]
+}
+
 /// The layer of a node named exactly `kqv_out-<layer>`; views of it (`kqv_out-0
 /// (reshaped)`, made when llama.cpp un-rotates a quantized cache's output) are not it.
-fn kqv_out_layer(name: &str) -> Option<i32> {
-    let rest = name.strip_prefix("kqv_out-")?;
-    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+fn kqv_out_layer(t: &sys::ggml_tensor) -> Option<i32> {
+    let rest = name_bytes(t).strip_prefix(b"kqv_out-")?;
+    if rest.is_empty() || !rest.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    rest.parse().ok()
+    std::str::from_utf8(rest).ok()?.parse().ok()
 }
 
 /// A layer hint from a KV view's base tensor name (`cache_k_l3`): used only to skip
@@ -292,7 +302,7 @@ impl<'a> Capture<'a> {
         // SAFETY: caller guarantees liveness; src pointers of live nodes are live or null.
         unsafe {
             let tr = &*t;
-            if let Some(layer) = kqv_out_layer(&tensor_name(tr)) {
+            if let Some(layer) = kqv_out_layer(tr) {
                 return self.cfg.layer.is_none_or(|l| l == layer);
             }
             if let Some(layer) = Self::unrotation_of(t) {
@@ -368,8 +378,7 @@ impl<'a> Capture<'a> {
         // SAFETY: caller guarantees liveness; sources of a computed node are still live.
         unsafe {
             let tr = &*t;
-            let name = tensor_name(tr);
-            if let Some(layer) = kqv_out_layer(&name) {
+            if let Some(layer) = kqv_out_layer(tr) {
                 return self.finish_layer(t, layer);
             }
             if let Some(layer) = Self::unrotation_of(t) {
@@ -472,7 +481,7 @@ impl<'a> Capture<'a> {
                 if cur.is_null() {
                     return None;
                 }
-                if let Some(layer) = kqv_out_layer(&tensor_name(&*cur)) {
+                if let Some(layer) = kqv_out_layer(&*cur) {
                     return Some(layer);
                 }
                 if !is_layout_op((*cur).op) {
@@ -495,7 +504,7 @@ impl<'a> Capture<'a> {
         let mut kqv_out = unsafe { (*t).src[1] } as *const sys::ggml_tensor;
         // SAFETY: as above.
         unsafe {
-            while kqv_out_layer(&tensor_name(&*kqv_out)).is_none() {
+            while kqv_out_layer(&*kqv_out).is_none() {
                 kqv_out = (*kqv_out).src[0];
             }
             let ne = (*kqv_out).ne.map(|x| x.max(0) as u64);
@@ -663,7 +672,7 @@ impl<'a> Capture<'a> {
         }
         if ask {
             // SAFETY: ggml passes live graph nodes.
-            if let Some(layer) = kqv_out_layer(&tensor_name(unsafe { &*t })) {
+            if let Some(layer) = kqv_out_layer(unsafe { &*t }) {
                 if cap.cfg.trace_sources && cap.cfg.layer.is_none_or(|l| l == layer) {
                     // SAFETY: as above.
                     match unsafe { cap.finish_layer_as_view(t, layer) } {
