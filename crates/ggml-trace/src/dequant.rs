@@ -161,26 +161,9 @@ fn to_float_fn(ty: GgmlType) -> Result<ToFloat, DequantError> {
     traits.to_float.ok_or(DequantError::NoToFloat { ty })
 }
 
+/// gguf-io's size rule, so both dequantizers refuse exactly the same inputs.
 fn check_sizes(ty: GgmlType, n: u64, actual: u64) -> Result<(), DequantError> {
-    // Only called after to_float_fn: the type is known and current.
-    let block_size = ty.info().map_or(0, |i| i.block_size);
-    if block_size == 0 || n % u64::from(block_size) != 0 {
-        return Err(DequantError::NotWholeBlocks {
-            ty,
-            n_elements: n,
-            block_size,
-        });
-    }
-    let expected = ty.bytes_for(n).unwrap_or(u64::MAX);
-    if expected != actual {
-        return Err(DequantError::LengthMismatch {
-            ty,
-            n_elements: n,
-            expected_bytes: expected,
-            actual_bytes: actual,
-        });
-    }
-    Ok(())
+    Ok(quant::check_sizes(ty, n, actual)?)
 }
 
 /// Elements per `to_float` call: a multiple of every block size (1 to 256), and small

@@ -201,7 +201,9 @@ fn expected_bytes(ty: GgmlType, n: u64) -> Result<u64, QuantError> {
     Ok((n / bs).saturating_mul(u64::from(info.type_size)))
 }
 
-fn check_sizes(ty: GgmlType, n: u64, actual: u64) -> Result<(), QuantError> {
+/// Check that `actual` bytes hold exactly `n` elements of `ty` (whole blocks), the rule
+/// every dequantizer here applies; other dequantizers (ggml's, through FFI) use it too.
+pub fn check_sizes(ty: GgmlType, n: u64, actual: u64) -> Result<(), QuantError> {
     let expected = expected_bytes(ty, n)?;
     if expected != actual {
         return Err(QuantError::LengthMismatch {
