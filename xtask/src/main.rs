@@ -2,6 +2,7 @@
 //!
 //! This file only dispatches; each subcommand lives in its own module.
 
+mod bench;
 mod build_llama;
 mod demo;
 mod fetch_model;
@@ -50,6 +51,12 @@ COMMANDS:
         seed scripts call (llama-kqv-trace-monitor, llama-kqv-gguf-reader,
         llama-tensor-diff-analyzer, as relative symlinks).
         Example: cargo xtask install --prefix ~/.local
+  bench [--quick] [--skip-cold-build] [--no-write]
+        Run every benchmark of the project in one go (criterion micro-benchmarks,
+        monitor overhead on gemma-3-270m, gguf-reader vs gguf-py's gguf-dump, the
+        cold llama.cpp build) and rewrite docs/performance.md from the results.
+        --quick: fewer runs; --skip-cold-build: skip the ~10-minute cold build;
+        --no-write: print the report instead of writing the file.
   test [ARGS...]
         build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
         e.g. `cargo xtask test -- --nocapture`).
@@ -65,6 +72,7 @@ fn main() -> ExitCode {
         Some("bindgen") => gen_bindings::run(args),
         Some("test") => test::run(args),
         Some("demo") => demo::run(args),
+        Some("bench") => bench::run(args),
         Some("fetch-model") => fetch_model::run(args),
         Some("install") => install::run(args),
         None | Some("help") | Some("--help") | Some("-h") => {

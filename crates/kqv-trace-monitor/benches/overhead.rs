@@ -4,7 +4,8 @@
 //! three alike; the median of each is reported.
 //!
 //! `cargo bench -p kqv-trace-monitor --bench overhead` (KCM_BENCH_TOKENS, KCM_BENCH_RUNS
-//! override the 32 tokens and 3 runs).
+//! override the 32 tokens and 3 runs; with KCM_BENCH_JSON=FILE the medians and every run
+//! are also written there as JSON, which `cargo xtask bench` reads).
 
 use std::io;
 use std::sync::atomic::AtomicBool;
@@ -136,8 +137,15 @@ fn main() {
     };
     let base = median(&mut rates[0].clone());
     println!("gemma-3-270m Q4_K_M, -t 2, -fa on, {tokens} generated tokens, median of {runs} runs");
+    let mut json_modes = Vec::new();
     for (m, name) in modes.iter().enumerate() {
         let r = median(&mut rates[m].clone());
+        json_modes.push(serde_json::json!({
+            "mode": name,
+            "tokens_per_s": r,
+            "ratio": r / base,
+            "runs": rates[m],
+        }));
         println!(
             "{name:<30} {r:8.2} tokens/s   ratio {:.3}   runs {:?}",
             r / base,
@@ -146,5 +154,16 @@ fn main() {
                 .map(|x| (x * 100.0).round() / 100.0)
                 .collect::<Vec<_>>()
         );
+    }
+    if let Some(path) = std::env::var_os("KCM_BENCH_JSON") {
+        let doc = serde_json::json!({
+            "model": "gemma-3-270m Q4_K_M",
+            "threads": 2,
+            "flash_attn": "on",
+            "tokens": tokens,
+            "runs": runs,
+            "modes": json_modes,
+        });
+        std::fs::write(&path, format!("{doc:#}\n")).expect("write KCM_BENCH_JSON");
     }
 }

@@ -1,0 +1,532 @@
+//! `cargo xtask bench [--quick] [--skip-cold-build] [--no-write]`: every benchmark of
+//! the project in one run, then docs/performance.md rewritten from the results.
+//!
+//! Ratios are only ever computed between figures measured in this same run. Each
+//! section of the generated file names the command that reproduces it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime};
+
+use serde_json::Value;
+
+use crate::build_llama;
+use crate::fetch_model;
+use crate::util::{self, Result};
+
+/// Criterion benchmarks: (package, bench target).
+const CRITERION: &[(&str, &str)] = &[
+    ("gguf-io", "gguf_io"),
+    ("ggml-trace", "dequant_vs_ggml"),
+    ("tensor-stats", "diff"),
+];
+
+pub fn run(mut args: pico_args::Arguments) -> Result {
+    let quick = args.contains("--quick");
+    let skip_cold = args.contains("--skip-cold-build");
+    let no_write = args.contains("--no-write");
+    util::no_more_args(args)?;
+
+    let root = util::workspace_root();
+    let target = util::target_dir();
+    let out = target.join("kcm-bench");
+    fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let started = SystemTime::now();
+    let machine = Machine::probe();
+
+    build_llama::build(true, false)?;
+    let mut report = Report::default();
+
+    // 1. Criterion micro-benchmarks.
+    for (pkg, bench) in CRITERION {
+        if !has_bench(&root, pkg, bench) {
+            report
+                .skipped
+                .push(format!("{pkg}/{bench}: no such benchmark in this checkout"));
+            continue;
+        }
+        let mut cmd = util::cargo();
+        cmd.args(["bench", "-p", pkg, "--bench", bench]);
+        util::run(&mut cmd)?;
+    }
+    report.criterion = read_criterion(&target.join("criterion"), started)?;
+
+    // 2. Monitor overhead on real decoding (gemma-3-270m).
+    let overhead_json = out.join("overhead.json");
+    let _ = fs::remove_file(&overhead_json);
+    let (tokens, runs) = if quick { ("16", "1") } else { ("64", "5") };
+    let mut cmd = util::cargo();
+    cmd.args(["bench", "-p", "kqv-trace-monitor", "--bench", "overhead"])
+        .env("KCM_BENCH_TOKENS", tokens)
+        .env("KCM_BENCH_RUNS", runs)
+        .env("KCM_BENCH_JSON", &overhead_json);
+    util::run(&mut cmd)?;
+    report.overhead = Some(read_json(&overhead_json)?);
+
+    // 3. gguf-reader against gguf-py's gguf-dump on the same model.
+    let model = fetch_model::gemma()?;
+    let mut cmd = util::cargo();
+    cmd.args(["build", "--release", "-p", "gguf-reader"]);
+    util::run(&mut cmd)?;
+    let reader = target.join("release/gguf-reader");
+    let python = bench_venv(&target.join("bench-venv"))?;
+    let reps = if quick { 1 } else { 3 };
+    report.reader = vec![
+        time_cmd(
+            "python -m gguf.scripts.gguf_dump MODEL",
+            Command::new(&python)
+                .args(["-m", "gguf.scripts.gguf_dump"])
+                .arg(&model),
+            if quick { 1 } else { 2 },
+        )?,
+        time_cmd("gguf-reader MODEL", Command::new(&reader).arg(&model), reps)?,
+        time_cmd(
+            "gguf-reader MODEL --show-data",
+            Command::new(&reader).arg(&model).arg("--show-data"),
+            reps,
+        )?,
+    ];
+
+    // 4. Cold build of the vendored llama.cpp in a scratch target directory.
+    if skip_cold {
+        report.skipped.push("cold build: --skip-cold-build".into());
+    } else {
+        report.cold_build = Some(cold_build(&target.join("bench-cold-build"))?);
+    }
+
+    let load_after = Machine::load();
+    let text = report.render(&machine, load_after, quick);
+    if no_write {
+        print!("{text}");
+    } else {
+        let path = root.join("docs/performance.md");
+        fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("xtask: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn has_bench(root: &Path, pkg: &str, bench: &str) -> bool {
+    let manifest = root.join("crates").join(pkg).join("Cargo.toml");
+    fs::read_to_string(manifest)
+        .map(|s| s.contains(&format!("name = \"{bench}\"")))
+        .unwrap_or(false)
+}
+
+struct Machine {
+    cpu: String,
+    cores: usize,
+    mem_gib: f64,
+    load: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let mem_kib: f64 = fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            mem_gib: mem_kib / (1024.0 * 1024.0),
+            load: Machine::load(),
+        }
+    }
+
+    fn load() -> String {
+        fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".into())
+    }
+}
+
+/// One criterion result: median time per iteration and its throughput.
+struct Crit {
+    median_ns: f64,
+    bytes: Option<f64>,
+}
+
+impl Crit {
+    fn gib_s(&self) -> Option<f64> {
+        self.bytes
+            .map(|b| b / (self.median_ns * 1e-9) / (1u64 << 30) as f64)
+    }
+}
+
+/// group -> id (function/value) -> result, for every benchmark written after `since`.
+fn read_criterion(
+    dir: &Path,
+    since: SystemTime,
+) -> Result<BTreeMap<String, BTreeMap<String, Crit>>> {
+    let mut out: BTreeMap<String, BTreeMap<String, Crit>> = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    if let Some((group, id, crit)) = read_one(&p, since)? {
+                        out.entry(group).or_default().insert(id, crit);
+                    }
+                } else {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_one(new: &Path, since: SystemTime) -> Result<Option<(String, String, Crit)>> {
+    let est = new.join("estimates.json");
+    let fresh = fs::metadata(&est)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= since);
+    if !fresh {
+        return Ok(None);
+    }
+    let b = read_json(&new.join("benchmark.json"))?;
+    let e = read_json(&est)?;
+    let group = b["group_id"].as_str().unwrap_or("?").to_owned();
+    let id = [b["function_id"].as_str(), b["value_str"].as_str()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("/");
+    let median_ns = e["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+    let bytes = b["throughput"]["Bytes"]
+        .as_f64()
+        .or_else(|| b["throughput"]["BytesDecimal"].as_f64());
+    Ok(Some((group, id, Crit { median_ns, bytes })))
+}
+
+fn read_json(p: &Path) -> Result<Value> {
+    let text = fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+struct Timed {
+    what: String,
+    secs: Vec<f64>,
+}
+
+/// Runs `cmd` `reps` times (output discarded), failing if it fails.
+fn time_cmd(what: &str, cmd: &mut Command, reps: usize) -> Result<Timed> {
+    let mut secs = Vec::new();
+    for _ in 0..reps {
+        eprintln!("xtask: timing {what}");
+        let t = Instant::now();
+        let status = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run {what}: {e}"))?;
+        if !status.success() {
+            return Err(format!("{what} failed: {status}"));
+        }
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    Ok(Timed {
+        what: what.to_owned(),
+        secs,
+    })
+}
+
+/// A venv with gguf-py 0.19.0 for the gguf-dump comparison.
+fn bench_venv(dir: &Path) -> Result<PathBuf> {
+    let python = dir.join("bin/python");
+    let marker = dir.join("kcm-gguf-0.19.0");
+    if marker.is_file() {
+        return Ok(python);
+    }
+    let _ = fs::remove_dir_all(dir);
+    util::run(Command::new("python3").args(["-m", "venv"]).arg(dir))?;
+    util::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "gguf==0.19.0"]))?;
+    fs::write(&marker, "").map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+    Ok(python)
+}
+
+struct ColdBuild {
+    secs: f64,
+    load_before: String,
+}
+
+/// `cargo build --release -p ggml-trace` into an empty target directory (so nothing is
+/// cached), timed, then removed.
+fn cold_build(dir: &Path) -> Result<ColdBuild> {
+    let _ = fs::remove_dir_all(dir);
+    let load_before = Machine::load();
+    eprintln!(
+        "xtask: cold build of llama.cpp into {} (minutes)",
+        dir.display()
+    );
+    let t = Instant::now();
+    let mut cmd = util::cargo();
+    cmd.args(["build", "--release", "-p", "ggml-trace"])
+        .env("CARGO_TARGET_DIR", dir);
+    util::run(&mut cmd)?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = fs::remove_dir_all(dir);
+    Ok(ColdBuild { secs, load_before })
+}
+
+#[derive(Default)]
+struct Report {
+    criterion: BTreeMap<String, BTreeMap<String, Crit>>,
+    overhead: Option<Value>,
+    reader: Vec<Timed>,
+    cold_build: Option<ColdBuild>,
+    skipped: Vec<String>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s >= 60.0 {
+        format!("{} min {:02.0} s", (s / 60.0).floor(), s % 60.0)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+impl Report {
+    fn render(&self, m: &Machine, load_after: String, quick: bool) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# Performance\n");
+        let _ = writeln!(
+            s,
+            "Generated by `cargo xtask bench{}` — do not edit by hand (hand-written analysis lives in\n\
+             [performance-notes.md](performance-notes.md)). Every ratio below compares two figures\n\
+             measured in this same run.\n",
+            if quick { " --quick" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            "Machine: {}, {} cores, {:.0} GiB; load average {} at the start, {} at the end\n\
+             (other work on a shared machine makes figures noisy; compare ratios, not absolutes).\n",
+            m.cpu, m.cores, m.mem_gib, m.load, load_after
+        );
+        self.render_overhead(&mut s);
+        self.render_reader(&mut s);
+        self.render_dequant(&mut s);
+        self.render_diff(&mut s);
+        self.render_cold(&mut s);
+        self.render_other_groups(&mut s);
+        if !self.skipped.is_empty() {
+            let _ = writeln!(s, "## Not measured in this run\n");
+            for k in &self.skipped {
+                let _ = writeln!(s, "- {k}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    fn render_overhead(&self, s: &mut String) {
+        let Some(o) = &self.overhead else { return };
+        let _ = writeln!(s, "## Monitor overhead on real decoding\n");
+        let _ = writeln!(
+            s,
+            "{}, -t {}, -fa {}, {} generated tokens, median of {} runs; the modes alternate in one\n\
+             process. Reproduce: `KCM_BENCH_TOKENS={} KCM_BENCH_RUNS={} cargo bench -p kqv-trace-monitor --bench overhead`.\n",
+            o["model"].as_str().unwrap_or("?"),
+            o["threads"],
+            o["flash_attn"].as_str().unwrap_or("?"),
+            o["tokens"],
+            o["runs"],
+            o["tokens"],
+            o["runs"],
+        );
+        let _ = writeln!(
+            s,
+            "| mode | tokens/s | ratio to no callback | goal |\n|---|---|---|---|"
+        );
+        for mode in o["modes"].as_array().into_iter().flatten() {
+            let name = mode["mode"].as_str().unwrap_or("?");
+            let ratio = mode["ratio"].as_f64().unwrap_or(f64::NAN);
+            let goal = match name {
+                n if n.starts_with("monitor (") => Some(0.95),
+                n if n.contains("--save-gguf") => Some(0.85),
+                _ => None,
+            };
+            let goal = goal.map_or(String::new(), |g| {
+                format!("≥ {g}: {}", if ratio >= g { "met" } else { "**not met**" })
+            });
+            let _ = writeln!(
+                s,
+                "| {name} | {:.2} | {ratio:.3} | {goal} |",
+                mode["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        s.push('\n');
+    }
+
+    fn render_reader(&self, s: &mut String) {
+        if self.reader.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "## gguf-reader vs gguf-py's gguf-dump (gemma-3-270m Q4_K_M, 253 MB)\n"
+        );
+        let _ = writeln!(
+            s,
+            "MODEL = `$(cargo xtask fetch-model gemma3-270m)`; gguf-dump from PyPI `gguf` 0.19.0;\n\
+             gguf-reader built with `cargo build --release -p gguf-reader`. Median wall time.\n"
+        );
+        let base = median(&self.reader[0].secs);
+        let _ = writeln!(
+            s,
+            "| command | runs | median | speed-up vs gguf-dump |\n|---|---|---|---|"
+        );
+        for t in &self.reader {
+            let m = median(&t.secs);
+            let _ = writeln!(
+                s,
+                "| `{}` | {} | {} | {:.0}× |",
+                t.what,
+                t.secs.len(),
+                fmt_secs(m),
+                base / m
+            );
+        }
+        if let Some(show) = self.reader.get(2) {
+            let m = median(&show.secs);
+            let _ = writeln!(
+                s,
+                "\nGoal for `--show-data` on this model: < 2 s — {}.",
+                if m < 2.0 { "met" } else { "**not met**" }
+            );
+        }
+        s.push('\n');
+    }
+
+    fn render_dequant(&self, s: &mut String) {
+        let Some(g) = self.criterion.get("dequant_vs_ggml") else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "## Dequantization: gguf-io against ggml's own `to_float`\n"
+        );
+        let _ = writeln!(
+            s,
+            "1M elements per type, one thread each side, GiB/s of f32 output (median).\n\
+             Reproduce: `cargo bench -p ggml-trace --bench dequant_vs_ggml`.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| type | gguf-io GiB/s | ggml GiB/s | gguf-io ÷ ggml |\n|---|---|---|---|"
+        );
+        for (id, ours) in g {
+            let Some(ty) = id.strip_prefix("gguf-io/") else {
+                continue;
+            };
+            let Some(theirs) = g.get(&format!("ggml/{ty}")) else {
+                continue;
+            };
+            let (a, b) = (
+                ours.gib_s().unwrap_or(f64::NAN),
+                theirs.gib_s().unwrap_or(f64::NAN),
+            );
+            let _ = writeln!(s, "| {ty} | {a:.2} | {b:.2} | {:.2} |", a / b);
+        }
+        if let Some(d) = self.criterion.get("dequantize") {
+            let _ = writeln!(
+                s,
+                "\nAll types gguf-io dequantizes (`cargo bench -p gguf-io --bench gguf_io`), GiB/s:\n"
+            );
+            let cells: Vec<String> = d
+                .iter()
+                .map(|(ty, c)| format!("{ty} {:.1}", c.gib_s().unwrap_or(f64::NAN)))
+                .collect();
+            let _ = writeln!(s, "{}", cells.join(" · "));
+        }
+        if let Some(c) = self
+            .criterion
+            .get("parse")
+            .and_then(|p| p.get("model_header"))
+        {
+            let _ = writeln!(
+                s,
+                "\nParsing a gemma-shaped header from memory (262,144 token strings, 236 tensors): {:.1} ms.",
+                c.median_ns / 1e6
+            );
+        }
+        s.push('\n');
+    }
+
+    /// Groups with a `memcpy` entry: every other entry's throughput against it.
+    fn render_diff(&self, s: &mut String) {
+        for (group, g) in &self.criterion {
+            let Some(base) = g.get("memcpy").and_then(Crit::gib_s) else {
+                continue;
+            };
+            let _ = writeln!(s, "## {group}: throughput against memcpy\n");
+            let _ = writeln!(
+                s,
+                "Reproduce: `cargo bench -p tensor-stats --bench diff`. GiB/s of input read (median).\n"
+            );
+            let _ = writeln!(s, "| benchmark | GiB/s | ÷ memcpy |\n|---|---|---|");
+            for (id, c) in g {
+                let r = c.gib_s().unwrap_or(f64::NAN);
+                let _ = writeln!(s, "| {id} | {r:.2} | {:.3} |", r / base);
+            }
+            s.push('\n');
+        }
+    }
+
+    fn render_cold(&self, s: &mut String) {
+        let Some(c) = &self.cold_build else { return };
+        let _ = writeln!(
+            s,
+            "## Cold build of the vendored llama.cpp (`cc`, no cmake)\n"
+        );
+        let _ = writeln!(
+            s,
+            "`CARGO_TARGET_DIR=<empty dir> cargo build --release -p ggml-trace` (122 translation units\n\
+             plus the Rust side; load average {} at its start): **{}**. Upstream's cmake build of\n\
+             comparable targets took about 9 minutes on this kind of machine.\n",
+            c.load_before,
+            fmt_secs(c.secs)
+        );
+    }
+
+    fn render_other_groups(&self, s: &mut String) {
+        let known = ["dequant_vs_ggml", "dequantize", "parse"];
+        for (group, g) in &self.criterion {
+            if known.contains(&group.as_str()) || g.contains_key("memcpy") {
+                continue;
+            }
+            let _ = writeln!(
+                s,
+                "## {group}\n\n| benchmark | median | GiB/s |\n|---|---|---|"
+            );
+            for (id, c) in g {
+                let gib = c.gib_s().map_or("—".to_owned(), |x| format!("{x:.2}"));
+                let _ = writeln!(s, "| {id} | {:.3} ms | {gib} |", c.median_ns / 1e6);
+            }
+            s.push('\n');
+        }
+    }
+}
