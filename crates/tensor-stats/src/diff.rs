@@ -1,0 +1,836 @@
+//! Difference metrics between a current tensor `c` and a reference tensor `r`, element
+//! pairs streamed in chunks and accumulated in f64 (docs/diff.md defines each one).
+//!
+//! - `d_i = |c_i - r_i|`; mean and max absolute difference, RMSE = sqrt(mean d²),
+//!   NMSE = MSE / Var(r) (population variance of the compared reference values) and in dB,
+//!   cosine similarity = Σcr / sqrt(Σc² Σr²).
+//! - **Relative difference and |r| ≈ 0.** `rel_i = d_i / |r_i|` is defined only where
+//!   `|r_i| > REL_FLOOR` (1e-12, the original analyzer's threshold); elements with a
+//!   smaller reference are left out of the mean and max relative difference (their
+//!   number is `rel_count` less than `compared`), so a zero in the reference never makes
+//!   the relative error infinite. The tolerance rules need no division: they are written
+//!   with `rel * |r_i|`, so at `r_i = 0` only the absolute tolerance can be met.
+//! - **NaN and Inf** are counted per side and never enter the numbers: only pairs where
+//!   both values are finite are `compared`. A pair where both sides are NaN, or both the
+//!   same infinity (a mask's `-inf`), agrees; any other pair with a non-finite value is a
+//!   mismatch that no tolerance passes.
+//! - **Tolerance** (`ToleranceMode`): `Elementwise` (torch `assert_close`): an element
+//!   fails when `d > abs + rel·|r|`; `Either` (Polygraphy): it fails only when `d > abs`
+//!   and `d > rel·|r|`; `Mean` (the seed fork): the tensor passes when mean abs ≤ abs and
+//!   mean rel ≤ rel. In the element modes up to `max_mismatch_pct` percent of the
+//!   elements (rounded down) may fail. The share of elements outside tolerance is
+//!   always counted with the mode's element rule (`Elementwise`'s for `Mean`).
+//! - **Smallest passing tolerances**: the smallest `abs` that passes with `rel` kept, and
+//!   the smallest `rel` with `abs` kept (exact, mismatch budget included; infinite when
+//!   no value passes, e.g. a non-finite mismatch or a failing element with r = 0 for
+//!   `rel`). In `Mean` mode they are the mean abs and mean rel themselves.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Below this `|r|`, an element has no relative difference (see the module docs).
+pub const REL_FLOOR: f64 = 1e-12;
+
+/// How a tensor is judged against the tolerances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToleranceMode {
+    /// Every element: `|c-r| <= abs + rel*|r|` (torch `assert_close`).
+    Elementwise,
+    /// An element fails only if both `|c-r| > abs` and `|c-r| > rel*|r|` (Polygraphy).
+    Either,
+    /// Mean absolute and mean relative difference within `abs` and `rel` (the seed fork).
+    Mean,
+}
+
+impl ToleranceMode {
+    pub const ALL: [ToleranceMode; 3] = [Self::Elementwise, Self::Either, Self::Mean];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Elementwise => "elementwise",
+            Self::Either => "either",
+            Self::Mean => "mean",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// Tolerances and the rule that applies them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub abs: f64,
+    pub rel: f64,
+    pub mode: ToleranceMode,
+    /// Percentage (0–100) of elements allowed to fail in the element modes.
+    pub max_mismatch_pct: f64,
+}
+
+impl Default for Tolerance {
+    /// The seed's defaults: abs 1e-6, rel 1e-4, elementwise, no failing element allowed.
+    fn default() -> Self {
+        Self {
+            abs: 1e-6,
+            rel: 1e-4,
+            mode: ToleranceMode::Elementwise,
+            max_mismatch_pct: 0.0,
+        }
+    }
+}
+
+impl Tolerance {
+    /// How many of `n` elements may fail: `floor(max_mismatch_pct / 100 * n)`.
+    pub fn allowed_mismatches(&self, n: u64) -> u64 {
+        if self.mode == ToleranceMode::Mean || self.max_mismatch_pct.is_nan() {
+            return 0;
+        }
+        let pct = self.max_mismatch_pct.clamp(0.0, 100.0);
+        ((pct / 100.0) * n as f64).floor().min(n as f64) as u64
+    }
+
+    /// Whether one element pair (finite values) fails the mode's element rule.
+    pub fn element_fails(&self, c: f64, r: f64) -> bool {
+        let d = (c - r).abs();
+        let ar = r.abs();
+        match self.mode {
+            ToleranceMode::Either => d > self.abs && d > self.rel * ar,
+            ToleranceMode::Elementwise | ToleranceMode::Mean => d > self.abs + self.rel * ar,
+        }
+    }
+}
+
+/// An element singled out by a metric.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Worst {
+    /// Flat index (ne0 fastest).
+    pub index: u64,
+    pub current: f64,
+    pub reference: f64,
+    /// The metric's value there (absolute or relative difference).
+    pub value: f64,
+}
+
+/// The metrics of one compared pair of tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiffMetrics {
+    /// Element pairs.
+    pub count: u64,
+    /// Pairs where both values are finite: the numbers below are over these.
+    pub compared: u64,
+    pub nan_current: u64,
+    pub inf_current: u64,
+    pub nan_reference: u64,
+    pub inf_reference: u64,
+    /// Pairs both NaN or both the same infinity.
+    pub nonfinite_agree: u64,
+    /// Pairs with a non-finite value that do not agree.
+    pub nonfinite_mismatch: u64,
+    pub mean_abs: f64,
+    pub max_abs: f64,
+    /// Over the `rel_count` pairs with `|r| > REL_FLOOR`; 0 when there are none.
+    pub mean_rel: f64,
+    pub max_rel: f64,
+    pub rel_count: u64,
+    pub mse: f64,
+    pub rmse: f64,
+    /// Population variance of the compared reference values.
+    pub ref_variance: f64,
+    /// MSE / Var(r); 0 when both are 0, +inf when only the variance is.
+    pub nmse: f64,
+    /// 10·log10(NMSE); -inf for an NMSE of 0.
+    pub nmse_db: f64,
+    /// 1 when both sides are all zero, 0 when only one is.
+    pub cosine: f64,
+    pub worst_abs: Option<Worst>,
+    pub worst_rel: Option<Worst>,
+    /// Elements failing the mode's element rule (non-finite mismatches included).
+    pub mismatches: u64,
+    /// `mismatches / count` (0 for an empty tensor).
+    pub mismatch_fraction: f64,
+    pub allowed_mismatches: u64,
+    pub within: bool,
+    /// The smallest `abs` that passes with `rel` unchanged.
+    pub min_passing_abs: f64,
+    /// The smallest `rel` that passes with `abs` unchanged.
+    pub min_passing_rel: f64,
+    pub tolerance: Tolerance,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiffError {
+    #[error("current has {current} values, reference {reference}")]
+    LengthMismatch { current: usize, reference: usize },
+}
+
+/// f64 with a total order, for the heaps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ord64(f64);
+impl Eq for Ord64 {}
+impl PartialOrd for Ord64 {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ord64 {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+/// The `k` largest values seen (a min-heap of them).
+#[derive(Clone, Debug)]
+struct TopK {
+    k: usize,
+    heap: BinaryHeap<Reverse<Ord64>>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            heap: BinaryHeap::new(),
+        }
+    }
+
+    /// Values at or below this cannot enter.
+    #[inline]
+    fn threshold(&self) -> f64 {
+        if self.heap.len() < self.k {
+            0.0
+        } else {
+            self.heap.peek().map_or(0.0, |r| r.0 .0)
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, v: f64) {
+        if v <= 0.0 || (self.heap.len() >= self.k && v <= self.threshold()) {
+            return;
+        }
+        self.heap.push(Reverse(Ord64(v)));
+        if self.heap.len() > self.k {
+            self.heap.pop();
+        }
+    }
+
+    fn merge(&mut self, o: &TopK) {
+        for v in &o.heap {
+            self.push(v.0 .0);
+        }
+    }
+
+    /// The k-th largest value: the smallest tolerance that lets k-1 elements exceed it.
+    fn kth(&self) -> f64 {
+        if self.heap.len() < self.k {
+            0.0
+        } else {
+            self.heap.peek().map_or(0.0, |r| r.0 .0)
+        }
+    }
+}
+
+/// Streaming accumulator over element pairs. Push chunks in order; accumulators built on
+/// separate ranges (`starting_at`) merge.
+#[derive(Clone, Debug)]
+pub struct DiffAccumulator {
+    tol: Tolerance,
+    allowed: u64,
+    /// Flat index of the next pushed element.
+    next: u64,
+    count: u64,
+    compared: u64,
+    nan_c: u64,
+    inf_c: u64,
+    nan_r: u64,
+    inf_r: u64,
+    nf_agree: u64,
+    nf_mismatch: u64,
+    sum_d: f64,
+    sum_d2: f64,
+    sum_rel: f64,
+    rel_count: u64,
+    dot: f64,
+    cc: f64,
+    rr: f64,
+    /// Reference mean and sum of squared deviations (Chan merge).
+    r_mean: f64,
+    r_m2: f64,
+    worst_abs: Option<Worst>,
+    worst_rel: Option<Worst>,
+    mismatches: u64,
+    need_abs: TopK,
+    need_rel: TopK,
+}
+
+/// Elements per internal block: two passes over it stay in cache.
+const BLOCK: usize = 4096;
+const LANES: usize = 8;
+
+fn better(a: &Option<Worst>, b: &Option<Worst>) -> Option<Worst> {
+    match (a, b) {
+        (Some(x), Some(y)) => {
+            if y.value > x.value || (y.value == x.value && y.index < x.index) {
+                Some(*y)
+            } else {
+                Some(*x)
+            }
+        }
+        (Some(x), None) => Some(*x),
+        (None, y) => *y,
+    }
+}
+
+impl DiffAccumulator {
+    /// An accumulator for a tensor of `n_total` elements (the mismatch budget is a share
+    /// of it), starting at element 0.
+    pub fn new(tol: Tolerance, n_total: u64) -> Self {
+        Self::starting_at(tol, n_total, 0)
+    }
+
+    /// The same, for a range of the tensor that starts at flat index `start`.
+    pub fn starting_at(tol: Tolerance, n_total: u64, start: u64) -> Self {
+        let allowed = tol.allowed_mismatches(n_total);
+        let k = usize::try_from(allowed.saturating_add(1)).unwrap_or(usize::MAX);
+        Self {
+            tol,
+            allowed,
+            next: start,
+            count: 0,
+            compared: 0,
+            nan_c: 0,
+            inf_c: 0,
+            nan_r: 0,
+            inf_r: 0,
+            nf_agree: 0,
+            nf_mismatch: 0,
+            sum_d: 0.0,
+            sum_d2: 0.0,
+            sum_rel: 0.0,
+            rel_count: 0,
+            dot: 0.0,
+            cc: 0.0,
+            rr: 0.0,
+            r_mean: 0.0,
+            r_m2: 0.0,
+            worst_abs: None,
+            worst_rel: None,
+            mismatches: 0,
+            need_abs: TopK::new(k),
+            need_rel: TopK::new(k),
+        }
+    }
+
+    /// Add the next `current.len()` element pairs.
+    pub fn push(&mut self, current: &[f32], reference: &[f32]) -> Result<(), DiffError> {
+        if current.len() != reference.len() {
+            return Err(DiffError::LengthMismatch {
+                current: current.len(),
+                reference: reference.len(),
+            });
+        }
+        for (c, r) in current.chunks(BLOCK).zip(reference.chunks(BLOCK)) {
+            self.push_block(c, r);
+        }
+        Ok(())
+    }
+
+    /// The tolerance needed by one finite pair: (abs with rel kept, rel with abs kept).
+    #[inline]
+    fn needed(&self, d: f64, ar: f64) -> (f64, f64) {
+        let t = &self.tol;
+        match t.mode {
+            ToleranceMode::Elementwise => {
+                let na = (d - t.rel * ar).max(0.0);
+                let nr = if d <= t.abs {
+                    0.0
+                } else if ar > 0.0 {
+                    (d - t.abs) / ar
+                } else {
+                    f64::INFINITY
+                };
+                (na, nr)
+            }
+            ToleranceMode::Either => {
+                let na = if d > t.rel * ar { d } else { 0.0 };
+                let nr = if d <= t.abs {
+                    0.0
+                } else if ar > 0.0 {
+                    d / ar
+                } else {
+                    f64::INFINITY
+                };
+                (na, nr)
+            }
+            ToleranceMode::Mean => (0.0, 0.0),
+        }
+    }
+
+    fn push_block(&mut self, c: &[f32], r: &[f32]) {
+        let n = c.len();
+        let base = self.next;
+        // Pass 1: everything but the reference's squared deviations, in LANES independent
+        // lanes (no loop-carried dependency between them, so the compiler vectorises).
+        let mut sum_d = [0.0f64; LANES];
+        let mut sum_d2 = [0.0f64; LANES];
+        let mut sum_rel = [0.0f64; LANES];
+        let mut rel_n = [0u64; LANES];
+        let mut dot = [0.0f64; LANES];
+        let mut cc = [0.0f64; LANES];
+        let mut rr = [0.0f64; LANES];
+        let mut sum_r = [0.0f64; LANES];
+        let mut max_d = [-1.0f64; LANES];
+        let mut max_d_i = [0usize; LANES];
+        let mut max_rel = [-1.0f64; LANES];
+        let mut max_rel_i = [0usize; LANES];
+        let mut bad = [0u64; LANES];
+        let mut nonfinite = [0u32; LANES];
+        let mut need_a = [0.0f64; LANES];
+        let mut need_r = [0.0f64; LANES];
+        let (abs_t, rel_t) = (self.tol.abs, self.tol.rel);
+        // With no mismatch budget the smallest passing tolerances are plain maxima.
+        let single = self.need_abs.k == 1;
+        let either = self.tol.mode == ToleranceMode::Either;
+        let body = n / LANES * LANES;
+        for j in (0..body).step_by(LANES) {
+            for l in 0..LANES {
+                let (cf, rf) = (c[j + l], r[j + l]);
+                nonfinite[l] |= u32::from(
+                    (cf.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+                        | (rf.to_bits() & 0x7f80_0000 == 0x7f80_0000),
+                );
+                let (cv, rv) = (f64::from(cf), f64::from(rf));
+                let d = (cv - rv).abs();
+                let ar = rv.abs();
+                sum_d[l] += d;
+                sum_d2[l] += d * d;
+                dot[l] += cv * rv;
+                cc[l] += cv * cv;
+                rr[l] += rv * rv;
+                sum_r[l] += rv;
+                let has_rel = ar > REL_FLOOR;
+                let rel = if has_rel { d / ar } else { 0.0 };
+                sum_rel[l] += rel;
+                rel_n[l] += u64::from(has_rel);
+                if d > max_d[l] {
+                    max_d[l] = d;
+                    max_d_i[l] = j + l;
+                }
+                if has_rel && rel > max_rel[l] {
+                    max_rel[l] = rel;
+                    max_rel_i[l] = j + l;
+                }
+                let fails = if either {
+                    d > abs_t && d > rel_t * ar
+                } else {
+                    d > abs_t + rel_t * ar
+                };
+                bad[l] += u64::from(fails);
+                if single {
+                    let (na, nr) = self.needed(d, ar);
+                    need_a[l] = need_a[l].max(na);
+                    need_r[l] = need_r[l].max(nr);
+                }
+            }
+        }
+        let tail_nonfinite = c[body..].iter().chain(&r[body..]).any(|x| !x.is_finite());
+        if tail_nonfinite || nonfinite.iter().any(|&x| x != 0) {
+            // Rare: redo the block element by element, sorting non-finite pairs out.
+            self.push_block_scalar(c, r);
+            return;
+        }
+        let mut s_r: f64 = sum_r.iter().sum();
+        let mut acc_d: f64 = sum_d.iter().sum();
+        let mut acc_d2: f64 = sum_d2.iter().sum();
+        let mut acc_rel: f64 = sum_rel.iter().sum();
+        let mut acc_rel_n: u64 = rel_n.iter().sum();
+        let mut acc_dot: f64 = dot.iter().sum();
+        let mut acc_cc: f64 = cc.iter().sum();
+        let mut acc_rr: f64 = rr.iter().sum();
+        let mut acc_bad: u64 = bad.iter().sum();
+        let mut wa: Option<Worst> = None;
+        let mut wr: Option<Worst> = None;
+        for l in 0..LANES {
+            if max_d[l] >= 0.0 {
+                let i = max_d_i[l];
+                wa = better(&wa, &Some(self.worst(base, i, c, r, max_d[l])));
+            }
+            if max_rel[l] >= 0.0 {
+                let i = max_rel_i[l];
+                wr = better(&wr, &Some(self.worst(base, i, c, r, max_rel[l])));
+            }
+        }
+        for i in body..n {
+            let (cv, rv) = (f64::from(c[i]), f64::from(r[i]));
+            let d = (cv - rv).abs();
+            let ar = rv.abs();
+            s_r += rv;
+            acc_d += d;
+            acc_d2 += d * d;
+            acc_dot += cv * rv;
+            acc_cc += cv * cv;
+            acc_rr += rv * rv;
+            wa = better(&wa, &Some(self.worst(base, i, c, r, d)));
+            if ar > REL_FLOOR {
+                acc_rel += d / ar;
+                acc_rel_n += 1;
+                wr = better(&wr, &Some(self.worst(base, i, c, r, d / ar)));
+            }
+            acc_bad += u64::from(self.tol.element_fails(cv, rv));
+            let (na, nr) = self.needed(d, ar);
+            self.need_abs.push(na);
+            self.need_rel.push(nr);
+        }
+        if single {
+            for l in 0..LANES {
+                self.need_abs.push(need_a[l]);
+                self.need_rel.push(need_r[l]);
+            }
+        } else if self.tol.mode != ToleranceMode::Mean {
+            // A mismatch budget: the k largest needs, element by element.
+            for i in 0..body {
+                let (cv, rv) = (f64::from(c[i]), f64::from(r[i]));
+                let (na, nr) = self.needed((cv - rv).abs(), rv.abs());
+                self.need_abs.push(na);
+                self.need_rel.push(nr);
+            }
+        }
+        // Pass 2: the reference's squared deviations from this block's mean (exact where
+        // a one-pass sum of squares would cancel).
+        let mean = s_r / n as f64;
+        let mut m2 = [0.0f64; LANES];
+        for j in (0..body).step_by(LANES) {
+            for l in 0..LANES {
+                let x = f64::from(r[j + l]) - mean;
+                m2[l] += x * x;
+            }
+        }
+        let mut m2_total: f64 = m2.iter().sum();
+        for &v in &r[body..] {
+            let x = f64::from(v) - mean;
+            m2_total += x * x;
+        }
+        self.merge_sums(
+            n as u64, n as u64, acc_d, acc_d2, acc_rel, acc_rel_n, acc_dot, acc_cc, acc_rr, mean,
+            m2_total, acc_bad,
+        );
+        self.worst_abs = better(&self.worst_abs, &wa);
+        self.worst_rel = better(&self.worst_rel, &wr);
+        self.count += n as u64;
+        self.next += n as u64;
+    }
+
+    #[inline]
+    fn worst(&self, base: u64, i: usize, c: &[f32], r: &[f32], value: f64) -> Worst {
+        Worst {
+            index: base + i as u64,
+            current: f64::from(c[i]),
+            reference: f64::from(r[i]),
+            value,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge_sums(
+        &mut self,
+        count: u64,
+        compared: u64,
+        sum_d: f64,
+        sum_d2: f64,
+        sum_rel: f64,
+        rel_count: u64,
+        dot: f64,
+        cc: f64,
+        rr: f64,
+        r_mean: f64,
+        r_m2: f64,
+        mismatches: u64,
+    ) {
+        let _ = count;
+        if compared > 0 {
+            if self.compared == 0 {
+                self.r_mean = r_mean;
+                self.r_m2 = r_m2;
+            } else {
+                let (na, nb) = (self.compared as f64, compared as f64);
+                let n = na + nb;
+                let delta = r_mean - self.r_mean;
+                self.r_mean += delta * nb / n;
+                self.r_m2 += r_m2 + delta * delta * na * nb / n;
+            }
+        }
+        self.compared += compared;
+        self.sum_d += sum_d;
+        self.sum_d2 += sum_d2;
+        self.sum_rel += sum_rel;
+        self.rel_count += rel_count;
+        self.dot += dot;
+        self.cc += cc;
+        self.rr += rr;
+        self.mismatches += mismatches;
+    }
+
+    /// The general path: element by element, non-finite values sorted out.
+    fn push_block_scalar(&mut self, c: &[f32], r: &[f32]) {
+        let base = self.next;
+        let (mut sum_d, mut sum_d2, mut sum_rel, mut dot, mut cc, mut rr, mut sum_r) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut rel_n, mut compared, mut bad) = (0u64, 0u64, 0u64);
+        let mut wa: Option<Worst> = None;
+        let mut wr: Option<Worst> = None;
+        for i in 0..c.len() {
+            let (cf, rf) = (c[i], r[i]);
+            if !cf.is_finite() || !rf.is_finite() {
+                self.nan_c += u64::from(cf.is_nan());
+                self.inf_c += u64::from(cf.is_infinite());
+                self.nan_r += u64::from(rf.is_nan());
+                self.inf_r += u64::from(rf.is_infinite());
+                let agree = (cf.is_nan() && rf.is_nan()) || (cf.is_infinite() && cf == rf);
+                if agree {
+                    self.nf_agree += 1;
+                } else {
+                    self.nf_mismatch += 1;
+                    bad += 1;
+                    self.need_abs.push(f64::INFINITY);
+                    self.need_rel.push(f64::INFINITY);
+                }
+                continue;
+            }
+            compared += 1;
+            let (cv, rv) = (f64::from(cf), f64::from(rf));
+            let d = (cv - rv).abs();
+            let ar = rv.abs();
+            sum_d += d;
+            sum_d2 += d * d;
+            dot += cv * rv;
+            cc += cv * cv;
+            rr += rv * rv;
+            sum_r += rv;
+            wa = better(&wa, &Some(self.worst(base, i, c, r, d)));
+            if ar > REL_FLOOR {
+                sum_rel += d / ar;
+                rel_n += 1;
+                wr = better(&wr, &Some(self.worst(base, i, c, r, d / ar)));
+            }
+            bad += u64::from(self.tol.element_fails(cv, rv));
+            let (na, nr) = self.needed(d, ar);
+            self.need_abs.push(na);
+            self.need_rel.push(nr);
+        }
+        let mean = if compared > 0 {
+            sum_r / compared as f64
+        } else {
+            0.0
+        };
+        let m2: f64 = r
+            .iter()
+            .zip(c)
+            .filter(|(r, c)| r.is_finite() && c.is_finite())
+            .map(|(&v, _)| (f64::from(v) - mean).powi(2))
+            .sum();
+        self.merge_sums(
+            c.len() as u64,
+            compared,
+            sum_d,
+            sum_d2,
+            sum_rel,
+            rel_n,
+            dot,
+            cc,
+            rr,
+            mean,
+            m2,
+            bad,
+        );
+        self.worst_abs = better(&self.worst_abs, &wa);
+        self.worst_rel = better(&self.worst_rel, &wr);
+        self.count += c.len() as u64;
+        self.next += c.len() as u64;
+    }
+
+    /// Combine with an accumulator of another range of the same tensor (same tolerance
+    /// and total).
+    pub fn merge(&mut self, o: &DiffAccumulator) {
+        self.merge_sums(
+            o.count,
+            o.compared,
+            o.sum_d,
+            o.sum_d2,
+            o.sum_rel,
+            o.rel_count,
+            o.dot,
+            o.cc,
+            o.rr,
+            o.r_mean,
+            o.r_m2,
+            o.mismatches,
+        );
+        self.count += o.count;
+        self.nan_c += o.nan_c;
+        self.inf_c += o.inf_c;
+        self.nan_r += o.nan_r;
+        self.inf_r += o.inf_r;
+        self.nf_agree += o.nf_agree;
+        self.nf_mismatch += o.nf_mismatch;
+        self.worst_abs = better(&self.worst_abs, &o.worst_abs);
+        self.worst_rel = better(&self.worst_rel, &o.worst_rel);
+        self.need_abs.merge(&o.need_abs);
+        self.need_rel.merge(&o.need_rel);
+        self.next = self.next.max(o.next);
+    }
+
+    /// Elements pushed so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn finish(&self) -> DiffMetrics {
+        let n = self.compared as f64;
+        let mean_of = |s: f64, k: u64| if k > 0 { s / k as f64 } else { 0.0 };
+        let mean_abs = mean_of(self.sum_d, self.compared);
+        let mse = mean_of(self.sum_d2, self.compared);
+        let mean_rel = mean_of(self.sum_rel, self.rel_count);
+        let ref_variance = if self.compared > 0 {
+            self.r_m2 / n
+        } else {
+            0.0
+        };
+        let nmse = if ref_variance > 0.0 {
+            mse / ref_variance
+        } else if mse == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        let cosine = if self.cc == 0.0 && self.rr == 0.0 {
+            1.0
+        } else if self.cc == 0.0 || self.rr == 0.0 {
+            0.0
+        } else {
+            // f32 inputs: cc * rr cannot overflow f64.
+            (self.dot / (self.cc * self.rr).sqrt()).clamp(-1.0, 1.0)
+        };
+        let t = self.tol;
+        let (within, min_abs, min_rel) = match t.mode {
+            ToleranceMode::Mean => {
+                let ok = self.nf_mismatch == 0 && mean_abs <= t.abs && mean_rel <= t.rel;
+                let inf_if_bad = |v: f64| {
+                    if self.nf_mismatch > 0 {
+                        f64::INFINITY
+                    } else {
+                        v
+                    }
+                };
+                (ok, inf_if_bad(mean_abs), inf_if_bad(mean_rel))
+            }
+            _ => (
+                self.mismatches <= self.allowed,
+                self.need_abs.kth(),
+                self.need_rel.kth(),
+            ),
+        };
+        DiffMetrics {
+            count: self.count,
+            compared: self.compared,
+            nan_current: self.nan_c,
+            inf_current: self.inf_c,
+            nan_reference: self.nan_r,
+            inf_reference: self.inf_r,
+            nonfinite_agree: self.nf_agree,
+            nonfinite_mismatch: self.nf_mismatch,
+            mean_abs,
+            max_abs: self.worst_abs.map_or(0.0, |w| w.value),
+            mean_rel,
+            max_rel: self.worst_rel.map_or(0.0, |w| w.value),
+            rel_count: self.rel_count,
+            mse,
+            rmse: mse.sqrt(),
+            ref_variance,
+            nmse,
+            nmse_db: 10.0 * nmse.log10(),
+            cosine,
+            worst_abs: self.worst_abs,
+            worst_rel: self.worst_rel,
+            mismatches: self.mismatches,
+            mismatch_fraction: if self.count > 0 {
+                self.mismatches as f64 / self.count as f64
+            } else {
+                0.0
+            },
+            allowed_mismatches: self.allowed,
+            within,
+            min_passing_abs: min_abs,
+            min_passing_rel: min_rel,
+            tolerance: t,
+        }
+    }
+}
+
+/// Compare two whole slices.
+pub fn diff(current: &[f32], reference: &[f32], tol: Tolerance) -> Result<DiffMetrics, DiffError> {
+    let mut acc = DiffAccumulator::new(tol, reference.len() as u64);
+    acc.push(current, reference)?;
+    Ok(acc.finish())
+}
+
+/// The same, split over up to `threads` threads for large inputs (ranges merged in order).
+pub fn diff_parallel(
+    current: &[f32],
+    reference: &[f32],
+    tol: Tolerance,
+    threads: usize,
+) -> Result<DiffMetrics, DiffError> {
+    if current.len() != reference.len() {
+        return Err(DiffError::LengthMismatch {
+            current: current.len(),
+            reference: reference.len(),
+        });
+    }
+    let n = reference.len();
+    let threads = threads.clamp(1, n.div_ceil(1 << 16).max(1));
+    if threads == 1 {
+        return diff(current, reference, tol);
+    }
+    let per = n.div_ceil(threads).div_ceil(BLOCK) * BLOCK;
+    let parts: Vec<DiffAccumulator> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| {
+                let end = (start + per).min(n);
+                let (c, r) = (&current[start..end], &reference[start..end]);
+                s.spawn(move || {
+                    let mut a = DiffAccumulator::starting_at(tol, n as u64, start as u64);
+                    // Lengths are equal by construction.
+                    let _ = a.push(c, r);
+                    a
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut acc = DiffAccumulator::new(tol, n as u64);
+    for p in &parts {
+        acc.merge(p);
+    }
+    Ok(acc.finish())
+}
+
+/// The 4-d index (ne0 fastest) of flat index `i` in a tensor of shape `ne`.
+pub fn unravel(i: u64, ne: [u64; 4]) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    let mut rest = i;
+    for (d, &n) in ne.iter().enumerate() {
+        let n = n.max(1);
+        if d == 3 {
+            out[d] = rest;
+        } else {
+            out[d] = rest % n;
+            rest /= n;
+        }
+    }
+    out
+}
