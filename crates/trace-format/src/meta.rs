@@ -164,3 +164,47 @@ pub struct RunMeta {
     /// False when the run was interrupted (Ctrl-C) and the trace holds what was done.
     pub complete: bool,
 }
+
+/// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types
+/// and head sizes (`llama-kv-cache.cpp`): a quantized cache whose head size is a multiple
+/// of 64, unless `LLAMA_ATTN_ROT_DISABLE` is set to a non-zero number. Returns (K, V).
+pub fn kv_rotation(type_k: GgmlType, type_v: GgmlType, head_k: u64, head_v: u64) -> (bool, bool) {
+    let disabled = std::env::var("LLAMA_ATTN_ROT_DISABLE")
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .is_some_and(|v| v != 0);
+    let rot =
+        |ty: GgmlType, head: u64| !disabled && ty.is_quantized() && head > 0 && head % 64 == 0;
+    (rot(type_k, head_k), rot(type_v, head_v))
+}
+
+/// K and V head sizes from a model's metadata (`<arch>.attention.key_length`,
+/// `value_length`, else `embedding_length / head_count`); 0 when unknown.
+pub fn model_head_dims(m: &gguf_io::Metadata) -> (u64, u64) {
+    let Some(a) = m.get_str("general.architecture") else {
+        return (0, 0);
+    };
+    let get = |k: &str| m.get_u64(&format!("{a}.{k}"));
+    let fallback = match (get("embedding_length"), get("attention.head_count")) {
+        (Some(e), Some(h)) if h > 0 => e / h,
+        _ => 0,
+    };
+    (
+        get("attention.key_length").unwrap_or(fallback),
+        get("attention.value_length").unwrap_or(fallback),
+    )
+}
+
+impl RunMeta {
+    /// Q and K were rotated (a rotated run with a quantized K cache).
+    pub fn rotated_k(&self) -> bool {
+        self.kv_rotation
+            && GgmlType::from_name(&self.cache_type_k).is_some_and(|t| t.is_quantized())
+    }
+
+    /// V, the attention result and `kqv_out` are in the rotated V basis.
+    pub fn rotated_v(&self) -> bool {
+        self.kv_rotation
+            && GgmlType::from_name(&self.cache_type_v).is_some_and(|t| t.is_quantized())
+    }
+}

@@ -1,0 +1,271 @@
+//! The analyzer's own options. The monitor's options that make sense here (`--layer`,
+//! `--no-trace-sources`, `--prefill-only`, `--json`, `-v`, `--save-gguf`, a bare `-fa`)
+//! are parsed by `kqv_trace_monitor::args::parse`, and every other argument goes to
+//! llama.cpp's own parser untouched.
+
+use std::path::PathBuf;
+
+use kqv_trace_monitor::args::{self as monitor_args, SaveTarget};
+use tensor_stats::{Tolerance, ToleranceMode};
+
+pub const USAGE: &str = "\
+tensor-diff-analyzer: compare a live llama.cpp run, or a saved trace, with a reference trace
+
+USAGE:
+    tensor-diff-analyzer [llama.cpp options] --reference FILE [analysis options]   (live)
+    tensor-diff-analyzer --reference FILE --current FILE [analysis options]        (offline)
+
+ANALYSIS OPTIONS:
+    --reference FILE        reference trace (kqv-trace-monitor --save-gguf); required
+    --current FILE          compare this saved trace instead of running llama.cpp
+    --layer N               compare only layer N (0-based); -1 or absent: every layer the
+                            reference holds
+    --tolerance-abs F       absolute tolerance (default 1e-6)
+    --tolerance-rel F       relative tolerance (default 1e-4)
+    --tolerance-mode MODE   elementwise (default): every element |c-r| <= abs + rel*|r|;
+                            either: an element fails only if |c-r| > abs and > rel*|r|;
+                            mean: mean abs diff <= abs and mean rel diff <= rel
+    --max-mismatch PCT      share of elements (percent) allowed outside tolerance (default 0)
+    --json                  one JSON document with every comparison (docs/json.md)
+    --plot FILE.svg         heatmap of the worst NMSE per layer (rows) and step (columns),
+                            out-of-tolerance cells marked
+    --noise-floor           live: run the current configuration twice and report the
+                            run-to-run difference beside the measured one
+    --noise-reference FILE  a second reference (the reference configuration run again):
+                            the noise floor is its difference from --reference
+    --no-trace-sources      live: compare kqv_out only
+    --prefill-only          live: decode the prompt only
+    --save-gguf FILE        live: also save the current run's trace to FILE
+    -v, --verbose           show llama.cpp's log on stderr
+    -h, --help              this help
+    -V, --version           version of the tool and of the pinned llama.cpp
+
+LLAMA.CPP OPTIONS (live mode):
+    Every other argument is parsed by llama.cpp's own `common_params_parse`, as in
+    kqv-trace-monitor: -m -p -f -n -c -b -ub -t -ngl -ctk -ctv -fa on|off|auto --seed ...
+    Use the reference's prompt and -n: tensors are matched by (role, layer, step).
+
+EXIT CODES:
+    0  every tensor compared and within tolerance
+    1  some tensor outside tolerance, a shape mismatch, or a tensor without counterpart
+    2  usage or input error: bad option, unreadable trace, different prompt or model
+       shape, nothing compared
+
+EXAMPLES:
+    kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" --layer 0 --save-gguf base.gguf
+    tensor-diff-analyzer -m model.gguf -n 4 -p \"Hello, world\" --reference base.gguf --layer 0
+    tensor-diff-analyzer -m model.gguf -p \"Test prompt\" -ctk q4_0 -ctv q4_0 \\
+        --reference golden.gguf --tolerance-abs 1e-3
+    tensor-diff-analyzer --reference golden.gguf --current q4.gguf --json
+";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub reference: PathBuf,
+    pub current: Option<PathBuf>,
+    pub tolerance: Tolerance,
+    pub plot: Option<PathBuf>,
+    pub noise_floor: bool,
+    pub noise_reference: Option<PathBuf>,
+    /// `--layer`, `--json`, `-v`, the capture switches and llama.cpp's arguments.
+    pub monitor: monitor_args::Options,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Options>),
+    Help,
+    Version,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UsageError {
+    #[error("{0} needs a value")]
+    MissingValue(&'static str),
+    #[error("{0} expects a number >= 0, got '{1}'")]
+    BadNumber(&'static str, String),
+    #[error("--max-mismatch expects a percentage from 0 to 100, got '{0}'")]
+    BadPercent(String),
+    #[error("--tolerance-mode expects elementwise, either or mean, got '{0}'")]
+    BadMode(String),
+    #[error("--reference FILE is required")]
+    NoReference,
+    #[error("{0}")]
+    Monitor(#[from] monitor_args::UsageError),
+    #[error("--current compares two saved traces: {0} cannot be used with it")]
+    NotOffline(String),
+    #[error("--save-gguf - would mix the trace with the summary on stdout: give a file")]
+    SaveToStdout,
+}
+
+fn number(flag: &'static str, v: String) -> Result<f64, UsageError> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(UsageError::BadNumber(flag, v)),
+    }
+}
+
+pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
+    let mut reference = None;
+    let mut current = None;
+    let mut tol = Tolerance::default();
+    let mut plot = None;
+    let mut noise_floor = false;
+    let mut noise_reference = None;
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let mut value = |flag: &'static str| it.next().ok_or(UsageError::MissingValue(flag));
+        match a.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--reference" => reference = Some(PathBuf::from(value("--reference")?)),
+            "--current" => current = Some(PathBuf::from(value("--current")?)),
+            "--tolerance-abs" => tol.abs = number("--tolerance-abs", value("--tolerance-abs")?)?,
+            "--tolerance-rel" => tol.rel = number("--tolerance-rel", value("--tolerance-rel")?)?,
+            "--tolerance-mode" => {
+                let v = value("--tolerance-mode")?;
+                tol.mode = ToleranceMode::from_name(&v).ok_or(UsageError::BadMode(v))?;
+            }
+            "--max-mismatch" => {
+                let v = value("--max-mismatch")?;
+                tol.max_mismatch_pct = match v.trim_end_matches('%').parse::<f64>() {
+                    Ok(x) if (0.0..=100.0).contains(&x) => x,
+                    _ => return Err(UsageError::BadPercent(v)),
+                };
+            }
+            "--plot" => plot = Some(PathBuf::from(value("--plot")?)),
+            "--noise-floor" => noise_floor = true,
+            "--noise-reference" => {
+                noise_reference = Some(PathBuf::from(value("--noise-reference")?))
+            }
+            _ => rest.push(a),
+        }
+    }
+    let monitor = match monitor_args::parse(rest)? {
+        monitor_args::Command::Run(o) => o,
+        monitor_args::Command::Help => return Ok(Command::Help),
+        monitor_args::Command::Version => return Ok(Command::Version),
+    };
+    let reference = reference.ok_or(UsageError::NoReference)?;
+    if monitor.save == Some(SaveTarget::Stdout) {
+        return Err(UsageError::SaveToStdout);
+    }
+    if current.is_some() {
+        let live_only = [
+            (!monitor.llama_args.is_empty(), "llama.cpp options"),
+            (noise_floor, "--noise-floor (use --noise-reference FILE)"),
+            (monitor.save.is_some(), "--save-gguf"),
+            (monitor.prefill_only, "--prefill-only"),
+            (!monitor.trace_sources, "--no-trace-sources"),
+        ];
+        if let Some((_, what)) = live_only.iter().find(|(used, _)| *used) {
+            let what = if *what == "llama.cpp options" {
+                format!("llama.cpp options ({})", monitor.llama_args.join(" "))
+            } else {
+                (*what).to_owned()
+            };
+            return Err(UsageError::NotOffline(what));
+        }
+    }
+    Ok(Command::Run(Box::new(Options {
+        reference,
+        current,
+        tolerance: tol,
+        plot,
+        noise_floor,
+        noise_reference,
+        monitor,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(v: &[&str]) -> Options {
+        match parse(args(v)) {
+            Ok(Command::Run(o)) => *o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn own_options_and_llama_options_are_split() {
+        let o = run(&[
+            "-m",
+            "m.gguf",
+            "-p",
+            "Hello",
+            "-ctk",
+            "q4_0",
+            "-fa",
+            "--reference",
+            "golden.gguf",
+            "--tolerance-abs",
+            "1e-3",
+            "--layer",
+            "0",
+            "--max-mismatch",
+            "0.5%",
+            "--tolerance-mode",
+            "either",
+        ]);
+        assert_eq!(o.reference, PathBuf::from("golden.gguf"));
+        assert_eq!(o.tolerance.abs, 1e-3);
+        assert_eq!(o.tolerance.rel, 1e-4);
+        assert_eq!(o.tolerance.mode, ToleranceMode::Either);
+        assert_eq!(o.tolerance.max_mismatch_pct, 0.5);
+        assert_eq!(o.monitor.layer, Some(0));
+        assert_eq!(
+            o.monitor.llama_args,
+            ["-m", "m.gguf", "-p", "Hello", "-ctk", "q4_0", "-fa", "on"]
+        );
+        let o = run(&["--reference", "a", "--current", "b", "--json"]);
+        assert_eq!(o.current, Some(PathBuf::from("b")));
+        assert!(o.monitor.json);
+    }
+
+    #[test]
+    fn usage_errors() {
+        let e = |v: &[&str]| parse(args(v)).unwrap_err();
+        assert_eq!(e(&["-m", "x"]), UsageError::NoReference);
+        assert_eq!(e(&["--reference"]), UsageError::MissingValue("--reference"));
+        assert_eq!(
+            e(&["--reference", "a", "--tolerance-abs", "-1"]),
+            UsageError::BadNumber("--tolerance-abs", "-1".into())
+        );
+        assert_eq!(
+            e(&["--reference", "a", "--tolerance-rel", "nan"]),
+            UsageError::BadNumber("--tolerance-rel", "nan".into())
+        );
+        assert_eq!(
+            e(&["--reference", "a", "--max-mismatch", "101"]),
+            UsageError::BadPercent("101".into())
+        );
+        assert_eq!(
+            e(&["--reference", "a", "--tolerance-mode", "max"]),
+            UsageError::BadMode("max".into())
+        );
+        assert!(matches!(
+            e(&["--reference", "a", "--current", "b", "-m", "x"]),
+            UsageError::NotOffline(_)
+        ));
+        assert!(matches!(
+            e(&["--reference", "a", "--current", "b", "--noise-floor"]),
+            UsageError::NotOffline(_)
+        ));
+        assert_eq!(
+            e(&["--reference", "a", "--save-gguf", "-"]),
+            UsageError::SaveToStdout
+        );
+        assert!(matches!(
+            e(&["--reference", "a", "--layer", "x"]),
+            UsageError::Monitor(_)
+        ));
+    }
+}

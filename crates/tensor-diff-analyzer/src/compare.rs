@@ -1,0 +1,594 @@
+//! The comparison engine: the reference trace (memory-mapped) indexed by (role, layer,
+//! step), the run metadata checked before any tensor, and each current tensor compared
+//! as it arrives, a chunk at a time, so the current side is never held whole.
+
+use std::collections::HashMap;
+
+use gguf_io::{quant, GgmlType};
+use tensor_stats::{unravel, DiffAccumulator, DiffMetrics, Tolerance};
+use trace_format::{Role, RunMeta, StepMeta, TensorMeta, TraceFile};
+
+/// Where an element sits: its 4-d index, and for attention tensors the token (within the
+/// step, and its position in the sequence), head and dimension.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Location {
+    pub index: [u64; 4],
+    pub token: Option<u64>,
+    pub position: Option<i32>,
+    pub head: Option<u64>,
+    pub dim: Option<u64>,
+}
+
+/// One compared pair.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    /// The current tensor's role, layer and step.
+    pub role: Role,
+    pub layer: i32,
+    pub step: u32,
+    /// The reference tensor's role: the same, except across a rotation difference
+    /// (`kqv_out` against `kqv_out_unrotated`).
+    pub reference_role: Role,
+    pub reference_name: String,
+    pub current_name: String,
+    pub reference_type: GgmlType,
+    pub current_type: GgmlType,
+    pub reference_shape: [u64; 4],
+    pub current_shape: [u64; 4],
+    /// None when the shapes differ or the values could not be read (`error`).
+    pub metrics: Option<DiffMetrics>,
+    pub error: Option<String>,
+    pub worst_abs_at: Option<Location>,
+    pub worst_rel_at: Option<Location>,
+    /// The run-to-run difference of the same tensor (`--noise-floor`).
+    pub noise: Option<DiffMetrics>,
+}
+
+impl Comparison {
+    pub fn shape_match(&self) -> bool {
+        self.reference_shape == self.current_shape
+    }
+
+    pub fn type_match(&self) -> bool {
+        self.reference_type == self.current_type
+    }
+
+    /// Same shape, values read, and within tolerance.
+    pub fn within(&self) -> bool {
+        self.shape_match()
+            && self.error.is_none()
+            && self.metrics.as_ref().is_some_and(|m| m.within)
+    }
+}
+
+/// A tensor that was not compared.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unpaired {
+    pub side: &'static str,
+    pub name: String,
+    pub role: Role,
+    pub layer: i32,
+    pub step: u32,
+    /// Why it is not comparable; None: it simply has no counterpart (unmatched).
+    pub reason: Option<String>,
+}
+
+/// What the run metadata says about comparability.
+#[derive(Clone, Debug, Default)]
+pub struct RunCheck {
+    /// Differences that make the comparison meaningless (exit 2).
+    pub fatal: Vec<String>,
+    /// Differences the user should know before reading numbers.
+    pub notes: Vec<String>,
+    pub ref_rot_k: bool,
+    pub ref_rot_v: bool,
+    pub cur_rot_k: bool,
+    pub cur_rot_v: bool,
+    /// Flash attention on in (reference, current); None until known.
+    pub flash: (Option<bool>, Option<bool>),
+}
+
+impl RunCheck {
+    fn rot_k_differs(&self) -> bool {
+        self.ref_rot_k != self.cur_rot_k
+    }
+    fn rot_v_differs(&self) -> bool {
+        self.ref_rot_v != self.cur_rot_v
+    }
+    fn fa_differs(&self) -> bool {
+        matches!(self.flash, (Some(a), Some(b)) if a != b)
+    }
+}
+
+fn flash_of(run: &RunMeta) -> Option<bool> {
+    match run.flash_attn.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn short_tokens(t: &[i32]) -> String {
+    let shown: Vec<String> = t.iter().take(8).map(i32::to_string).collect();
+    let more = if t.len() > 8 { ", …" } else { "" };
+    format!("[{}{more}] ({} tokens)", shown.join(", "), t.len())
+}
+
+fn side_name(rotated_in_current: bool) -> &'static str {
+    if rotated_in_current {
+        "current run"
+    } else {
+        "reference"
+    }
+}
+
+/// Compare the runs' metadata: model, prompt, cache types, rotation, flash attention.
+pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
+    let mut k = RunCheck {
+        ref_rot_k: r.rotated_k(),
+        ref_rot_v: r.rotated_v(),
+        cur_rot_k: c.rotated_k(),
+        cur_rot_v: c.rotated_v(),
+        flash: (flash_of(r), flash_of(c)),
+        ..Default::default()
+    };
+    let model = |m: &RunMeta| {
+        format!(
+            "{} with {} layers, {} heads over {} KV heads ({})",
+            m.architecture, m.n_layer, m.n_head, m.n_head_kv, m.model_path
+        )
+    };
+    let known = |m: &RunMeta| !m.architecture.is_empty() && m.n_layer > 0;
+    if known(r)
+        && known(c)
+        && (r.architecture != c.architecture
+            || r.n_layer != c.n_layer
+            || r.n_head != c.n_head
+            || r.n_head_kv != c.n_head_kv)
+    {
+        k.fatal.push(format!(
+            "the reference was traced with a different model: {} against {} here; use -m {}",
+            model(r),
+            model(c),
+            r.model_path
+        ));
+    } else if !r.model_sha256.is_empty()
+        && !c.model_sha256.is_empty()
+        && r.model_sha256 != c.model_sha256
+    {
+        k.notes.push(format!(
+            "the model file differs (reference {} sha256 {:.12}…, current {} sha256 {:.12}…): \
+             the differences below include the model change; use -m {} to compare the same model",
+            r.model_path, r.model_sha256, c.model_path, c.model_sha256, r.model_path
+        ));
+    }
+    if !r.prompt_tokens.is_empty()
+        && !c.prompt_tokens.is_empty()
+        && r.prompt_tokens != c.prompt_tokens
+    {
+        let at = r
+            .prompt_tokens
+            .iter()
+            .zip(&c.prompt_tokens)
+            .position(|(a, b)| a != b)
+            .unwrap_or(r.prompt_tokens.len().min(c.prompt_tokens.len()));
+        k.fatal.push(format!(
+            "the reference was traced with a different prompt: reference tokens {}, current {} \
+             (first difference at token {at}); run with the reference's prompt (-p/-f)",
+            short_tokens(&r.prompt_tokens),
+            short_tokens(&c.prompt_tokens)
+        ));
+    }
+    if (r.cache_type_k != c.cache_type_k || r.cache_type_v != c.cache_type_v)
+        && !r.cache_type_k.is_empty()
+        && !c.cache_type_k.is_empty()
+    {
+        k.notes.push(format!(
+            "KV cache types differ: reference K {} / V {}, current K {} / V {}",
+            r.cache_type_k, r.cache_type_v, c.cache_type_k, c.cache_type_v
+        ));
+    }
+    if k.rot_k_differs() {
+        k.notes.push(format!(
+            "rotation basis differs: the {} rotated Q and K by a Hadamard matrix (quantized K \
+             cache, head size a multiple of 64): q and k are not compared; set \
+             LLAMA_ATTN_ROT_DISABLE=1 for the rotated run to compare them",
+            side_name(k.cur_rot_k)
+        ));
+    }
+    if k.rot_v_differs() {
+        k.notes.push(format!(
+            "rotation basis differs: the {} stored V rotated (quantized V cache), so its v, attn \
+             and kqv_out are in the rotated basis: its kqv_out_unrotated is compared with the \
+             other side's kqv_out, v and attn are not compared; set LLAMA_ATTN_ROT_DISABLE=1 \
+             for the rotated run to compare them",
+            side_name(k.cur_rot_v)
+        ));
+    }
+    if k.fa_differs() {
+        k.notes.push(flash_note(k.flash));
+    }
+    if !r.complete {
+        k.notes
+            .push("the reference trace is incomplete (its run was interrupted)".into());
+    }
+    if r.n_ubatch != 0 && c.n_ubatch != 0 && r.n_ubatch != c.n_ubatch {
+        k.notes.push(format!(
+            "ubatch sizes differ (reference -ub {}, current -ub {}): prompt steps cover different \
+             tokens; use -ub {}",
+            r.n_ubatch, c.n_ubatch, r.n_ubatch
+        ));
+    }
+    if !r.llama_version.is_empty()
+        && !c.llama_version.is_empty()
+        && r.llama_version != c.llama_version
+    {
+        k.notes.push(format!(
+            "llama.cpp versions differ: reference '{}', current '{}'",
+            r.llama_version, c.llama_version
+        ));
+    }
+    k
+}
+
+fn flash_note(f: (Option<bool>, Option<bool>)) -> String {
+    let s = |b: Option<bool>| if b == Some(true) { "on" } else { "off" };
+    format!(
+        "flash attention differs (reference {}, current {}): attn and v have different layouts \
+         and kq/kq_soft_max exist only without it, so they are not compared; use -fa {} to match",
+        s(f.0),
+        s(f.1),
+        s(f.0)
+    )
+}
+
+/// Elements dequantized per chunk: a multiple of every block size (32, 256).
+const CHUNK: u64 = 1 << 14;
+
+/// Compare two tensors' bytes (logical order, own types) element by element, chunk by
+/// chunk, split over `threads` threads for large tensors.
+pub fn diff_bytes(
+    cur_ty: GgmlType,
+    cur: &[u8],
+    ref_ty: GgmlType,
+    reference: &[u8],
+    n: u64,
+    tol: Tolerance,
+    threads: usize,
+) -> Result<DiffMetrics, String> {
+    for (ty, b, side) in [(cur_ty, cur, "current"), (ref_ty, reference, "reference")] {
+        let need = ty
+            .bytes_for(n)
+            .ok_or_else(|| format!("{side}: type {} has no size for {n} elements", ty.name()))?;
+        if need != b.len() as u64 {
+            return Err(format!(
+                "{side}: {} bytes for {n} elements of {}",
+                b.len(),
+                ty.name()
+            ));
+        }
+        if !quant::can_dequantize(ty) {
+            return Err(format!("{side}: cannot read type {}", ty.name()));
+        }
+    }
+    let threads = threads.clamp(1, n.div_ceil(CHUNK * 16).max(1) as usize);
+    let per = n.div_ceil(threads as u64).div_ceil(CHUNK) * CHUNK;
+    let range = |start: u64, end: u64| -> Result<DiffAccumulator, String> {
+        let mut acc = DiffAccumulator::starting_at(tol, n, start);
+        let len = CHUNK.min(end - start) as usize;
+        let (mut c, mut r) = (vec![0f32; len], vec![0f32; len]);
+        let mut at = start;
+        while at < end {
+            let k = CHUNK.min(end - at);
+            let bytes = |ty: GgmlType, b: &'_ [u8]| -> Result<std::ops::Range<usize>, String> {
+                let from = ty.bytes_for(at).ok_or("bad offset")? as usize;
+                let to = ty.bytes_for(at + k).ok_or("bad offset")? as usize;
+                Ok(from..to.min(b.len()))
+            };
+            let (cs, rs) = (&mut c[..k as usize], &mut r[..k as usize]);
+            quant::dequantize(cur_ty, &cur[bytes(cur_ty, cur)?], cs).map_err(|e| e.to_string())?;
+            quant::dequantize(ref_ty, &reference[bytes(ref_ty, reference)?], rs)
+                .map_err(|e| e.to_string())?;
+            acc.push(cs, rs).map_err(|e| e.to_string())?;
+            at += k;
+        }
+        Ok(acc)
+    };
+    if threads == 1 {
+        return Ok(range(0, n)?.finish());
+    }
+    let parts: Vec<Result<DiffAccumulator, String>> = std::thread::scope(|s| {
+        let range = &range;
+        let hs: Vec<_> = (0..n)
+            .step_by(per as usize)
+            .map(|start| s.spawn(move || range(start, (start + per).min(n))))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("comparison thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut acc = DiffAccumulator::new(tol, n);
+    for p in parts {
+        acc.merge(&p?);
+    }
+    Ok(acc.finish())
+}
+
+/// Where flat index `i` of a tensor is, in attention terms where the role has them.
+pub fn locate(meta: &TensorMeta, run: &RunMeta, steps: &[StepMeta], i: u64) -> Location {
+    let ne = meta.layout.ne;
+    let idx = unravel(i, ne);
+    // (token, head, dim)
+    let thd = match meta.role {
+        Role::KqvOut | Role::KqvOutUnrotated
+            if run.n_head > 0 && ne[0] % u64::from(run.n_head) == 0 =>
+        {
+            let d = ne[0] / u64::from(run.n_head);
+            Some((idx[1], Some(idx[0] / d), Some(idx[0] % d)))
+        }
+        // FLASH_ATTN_EXT's result is [D, H, T]; `kqv` without flash attention [D, T, H].
+        Role::Attn if meta.op == "FLASH_ATTN_EXT" => Some((idx[2], Some(idx[1]), Some(idx[0]))),
+        Role::Attn | Role::Q => Some((idx[1], Some(idx[2]), Some(idx[0]))),
+        Role::Kq | Role::KqSoftMax => Some((idx[1], Some(idx[2]), None)),
+        Role::Mask => Some((idx[1], None, None)),
+        _ => None,
+    };
+    let position = thd.and_then(|(t, _, _)| {
+        steps
+            .iter()
+            .find(|s| s.step == meta.step)
+            .and_then(|s| s.positions.get(t as usize).copied())
+    });
+    Location {
+        index: idx,
+        token: thd.map(|x| x.0),
+        position,
+        head: thd.and_then(|x| x.1),
+        dim: thd.and_then(|x| x.2),
+    }
+}
+
+/// The analysis state: the reference and what has been compared so far.
+pub struct Analyzer<'r> {
+    pub reference: &'r TraceFile,
+    index: HashMap<(Role, i32, u32), usize>,
+    used: Vec<bool>,
+    pub layer: Option<i32>,
+    pub tolerance: Tolerance,
+    pub threads: usize,
+    pub check: RunCheck,
+    pub current_run: RunMeta,
+    pub current_steps: Vec<StepMeta>,
+    pub comparisons: Vec<Comparison>,
+    /// Current tensors without a counterpart, or not comparable.
+    pub current_unpaired: Vec<Unpaired>,
+    /// Notes found while comparing (generation divergence, step positions).
+    pub late_notes: Vec<String>,
+}
+
+impl<'r> Analyzer<'r> {
+    pub fn new(reference: &'r TraceFile, layer: Option<i32>, tolerance: Tolerance) -> Self {
+        let mut index = HashMap::new();
+        for (i, t) in reference.tensors.iter().enumerate() {
+            // The first of duplicates wins; the writer never makes any.
+            index
+                .entry((t.meta.role, t.meta.layer, t.meta.step))
+                .or_insert(i);
+        }
+        Self {
+            reference,
+            index,
+            used: vec![false; reference.tensors.len()],
+            layer,
+            tolerance,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            check: RunCheck::default(),
+            current_run: RunMeta::default(),
+            current_steps: Vec::new(),
+            comparisons: Vec::new(),
+            current_unpaired: Vec::new(),
+            late_notes: Vec::new(),
+        }
+    }
+
+    /// Check the current run against the reference's; returns the fatal differences.
+    pub fn set_current_run(&mut self, run: RunMeta) -> &RunCheck {
+        self.check = check_runs(&self.reference.run, &run);
+        self.current_run = run;
+        &self.check
+    }
+
+    /// Live mode learns whether flash attention is on from the first attention op.
+    pub fn set_current_flash(&mut self, on: bool) {
+        if self.check.flash.1.is_some() {
+            return;
+        }
+        self.check.flash.1 = Some(on);
+        self.current_run.flash_attn = if on { "on" } else { "off" }.into();
+        if self.check.fa_differs() {
+            self.check.notes.push(flash_note(self.check.flash));
+        }
+    }
+
+    /// A step of the current run: checks it decodes what the reference's step did.
+    pub fn add_current_step(&mut self, step: StepMeta) {
+        if let Some(r) = self.reference.steps.iter().find(|s| s.step == step.step) {
+            let diverged = self
+                .late_notes
+                .iter()
+                .any(|n| n.starts_with("generation diverged"));
+            if r.positions != step.positions {
+                self.late_notes.push(format!(
+                    "step {} covers positions {:?} in the reference and {:?} here",
+                    step.step, r.positions, step.positions
+                ));
+            } else if r.tokens != step.tokens && !r.tokens.is_empty() && !diverged {
+                self.late_notes.push(format!(
+                    "generation diverged at step {}: the reference decoded token(s) {:?}, this run \
+                     {:?}; from this step on the inputs differ",
+                    step.step, r.tokens, step.tokens
+                ));
+            }
+        }
+        self.current_steps.push(step);
+    }
+
+    pub fn wants_layer(&self, layer: i32) -> bool {
+        self.layer.is_none_or(|l| l == layer)
+    }
+
+    /// Why a tensor of this role on this side cannot be compared (basis or layout).
+    fn not_comparable(&self, role: Role, current_side: bool) -> Option<String> {
+        let k = &self.check;
+        let rot_v_here = if current_side {
+            k.cur_rot_v
+        } else {
+            k.ref_rot_v
+        };
+        if k.rot_k_differs() && matches!(role, Role::Q | Role::K) {
+            return Some(format!(
+                "rotated basis (Q/K rotated in the {} only)",
+                side_name(k.cur_rot_k)
+            ));
+        }
+        if k.rot_v_differs() {
+            if matches!(role, Role::V | Role::Attn) {
+                return Some(format!(
+                    "rotated basis (V rotated in the {} only)",
+                    side_name(k.cur_rot_v)
+                ));
+            }
+            if role == Role::KqvOut && rot_v_here {
+                return Some("rotated basis: its kqv_out_unrotated is compared instead".into());
+            }
+        }
+        if k.fa_differs() {
+            if matches!(role, Role::Attn | Role::V) {
+                return Some("layout differs between flash attention on and off".into());
+            }
+            if matches!(role, Role::Kq | Role::KqSoftMax) {
+                return Some("traced only without flash attention".into());
+            }
+        }
+        None
+    }
+
+    /// The reference role a current tensor of `role` is compared with.
+    fn counterpart(&self, role: Role) -> Role {
+        if self.check.rot_v_differs() {
+            match role {
+                Role::KqvOut if self.check.ref_rot_v => return Role::KqvOutUnrotated,
+                Role::KqvOutUnrotated if self.check.cur_rot_v => return Role::KqvOut,
+                _ => {}
+            }
+        }
+        role
+    }
+
+    /// Compare one current tensor (its bytes in logical order, in its own type).
+    pub fn compare(&mut self, meta: &TensorMeta, name: &str, data: &[u8]) {
+        if !self.wants_layer(meta.layer) {
+            return;
+        }
+        let unpaired = |reason| Unpaired {
+            side: "current",
+            name: name.to_owned(),
+            role: meta.role,
+            layer: meta.layer,
+            step: meta.step,
+            reason,
+        };
+        if let Some(why) = self.not_comparable(meta.role, true) {
+            self.current_unpaired.push(unpaired(Some(why)));
+            return;
+        }
+        let ref_role = self.counterpart(meta.role);
+        let Some(&ri) = self.index.get(&(ref_role, meta.layer, meta.step)) else {
+            self.current_unpaired.push(unpaired(None));
+            return;
+        };
+        self.used[ri] = true;
+        let rt = &self.reference.tensors[ri];
+        let mut c = Comparison {
+            role: meta.role,
+            layer: meta.layer,
+            step: meta.step,
+            reference_role: ref_role,
+            reference_name: rt.name.clone(),
+            current_name: name.to_owned(),
+            reference_type: rt.meta.layout.ty,
+            current_type: meta.layout.ty,
+            reference_shape: rt.meta.layout.ne,
+            current_shape: meta.layout.ne,
+            metrics: None,
+            error: None,
+            worst_abs_at: None,
+            worst_rel_at: None,
+            noise: None,
+        };
+        if c.shape_match() {
+            let n = meta.layout.n_elements();
+            match diff_bytes(
+                meta.layout.ty,
+                data,
+                rt.meta.layout.ty,
+                self.reference.data(rt),
+                n,
+                self.tolerance,
+                self.threads,
+            ) {
+                Ok(m) => {
+                    let at = |w: Option<tensor_stats::Worst>| {
+                        w.map(|w| locate(meta, &self.current_run, &self.current_steps, w.index))
+                    };
+                    c.worst_abs_at = at(m.worst_abs);
+                    c.worst_rel_at = at(m.worst_rel);
+                    c.metrics = Some(m);
+                }
+                Err(e) => c.error = Some(e),
+            }
+        }
+        self.comparisons.push(c);
+    }
+
+    /// Reference tensors (in the compared layers) that were not compared: (unmatched,
+    /// not comparable).
+    pub fn reference_unpaired(&self) -> Vec<Unpaired> {
+        self.reference
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| !self.used[*i] && self.wants_layer(t.meta.layer))
+            .map(|(_, t)| Unpaired {
+                side: "reference",
+                name: t.name.clone(),
+                role: t.meta.role,
+                layer: t.meta.layer,
+                step: t.meta.step,
+                reason: self.not_comparable(t.meta.role, false),
+            })
+            .collect()
+    }
+
+    /// Attach run-to-run differences: `noise` compares two runs of one configuration,
+    /// the reference's (`of_reference`, keyed by the reference role) or the current one.
+    pub fn attach_noise(&mut self, noise: &[Comparison], of_reference: bool) {
+        let by_key: HashMap<(Role, i32, u32), &Comparison> = noise
+            .iter()
+            .map(|c| ((c.role, c.layer, c.step), c))
+            .collect();
+        for c in &mut self.comparisons {
+            let role = if of_reference {
+                c.reference_role
+            } else {
+                c.role
+            };
+            c.noise = by_key
+                .get(&(role, c.layer, c.step))
+                .and_then(|n| n.metrics.clone());
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! `tensor-diff-analyzer`: compare a live llama.cpp run (the monitor's capture engine) or
+//! a saved trace with a reference trace, tensor by tensor, matched by (role, layer,
+//! step); print the seed's summary (or `--json`), optionally an SVG heatmap, and exit
+//! 0 (all within tolerance), 1 (not) or 2 (usage or input error). docs/diff.md.
+
+pub mod args;
+pub mod compare;
+pub mod live;
+pub mod plot;
+pub mod report;
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use args::{Command, Options};
+use compare::{Analyzer, Comparison};
+use ggml_trace::capture::CaptureConfig;
+use ggml_trace::session::{self, RunOptions, SessionError};
+use kqv_trace_monitor::args::SaveTarget;
+use report::Outcome;
+use trace_format::{TraceError, TraceFile};
+
+/// Documented exit codes.
+pub mod exit {
+    /// Every tensor compared and within tolerance.
+    pub const OK: u8 = 0;
+    /// Some tensor outside tolerance, a shape mismatch, or an unmatched tensor.
+    pub const OUTSIDE: u8 = 1;
+    /// Usage or input error (nothing to conclude).
+    pub const ERROR: u8 = 2;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyzerError {
+    #[error("{0} (try --help)")]
+    Usage(#[from] args::UsageError),
+    #[error("{what} {}: {source}", path.display())]
+    Trace {
+        what: &'static str,
+        path: PathBuf,
+        source: TraceError,
+    },
+    /// The metadata says the runs cannot be compared.
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{0} (try --help)")]
+    LlamaUsage(String),
+    #[error("{0}")]
+    Session(SessionError),
+    #[error("nothing was compared: {0}")]
+    NothingCompared(String),
+    #[error("saving the current trace: {0}")]
+    Save(String),
+    #[error("--plot: {0}")]
+    Plot(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub fn main(args: Vec<String>) -> ExitCode {
+    let opts = match args::parse(args) {
+        Ok(Command::Run(o)) => o,
+        Ok(Command::Help) => {
+            let _ = io::stdout().write_all(args::USAGE.as_bytes());
+            return ExitCode::from(exit::OK);
+        }
+        Ok(Command::Version) => {
+            println!(
+                "tensor-diff-analyzer {} ({})",
+                env!("CARGO_PKG_VERSION"),
+                kqv_trace_monitor::llama_version()
+            );
+            return ExitCode::from(exit::OK);
+        }
+        Err(e) => {
+            eprintln!("tensor-diff-analyzer: {}", AnalyzerError::from(e));
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match run(&opts) {
+        Ok(code) => ExitCode::from(code),
+        Err(AnalyzerError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("tensor-diff-analyzer: {e}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+fn open(what: &'static str, path: &Path) -> Result<TraceFile, AnalyzerError> {
+    TraceFile::open(path).map_err(|source| AnalyzerError::Trace {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Compare a saved trace with the analyzer's reference.
+pub fn compare_files(a: &mut Analyzer, current: &TraceFile) -> Result<(), AnalyzerError> {
+    let check = a.set_current_run(current.run.clone());
+    if !check.fatal.is_empty() {
+        return Err(AnalyzerError::Mismatch(check.fatal.join("; ")));
+    }
+    for s in &current.steps {
+        a.add_current_step(s.clone());
+    }
+    for (side, unknown) in [
+        ("reference", &a.reference.unknown),
+        ("current", &current.unknown),
+    ] {
+        if !unknown.is_empty() {
+            a.late_notes.push(format!(
+                "{} tensors of the {side} file have no trace role and are ignored: {}",
+                unknown.len(),
+                unknown.join(", ")
+            ));
+        }
+    }
+    for t in &current.tensors {
+        a.compare(&t.meta, &t.name, current.data(t));
+    }
+    Ok(())
+}
+
+/// Run llama.cpp once, comparing live; `save` also writes the run's trace there.
+pub fn compare_live(
+    a: &mut Analyzer,
+    opts: &Options,
+    save: Option<&Path>,
+) -> Result<(), AnalyzerError> {
+    let save_opts = save.map(|p| {
+        let mut o = opts.monitor.clone();
+        o.save = Some(SaveTarget::Path(p.to_owned()));
+        o.json = false;
+        o.layer = a.layer;
+        o
+    });
+    let run_opts = RunOptions {
+        capture: CaptureConfig {
+            layer: a.layer,
+            trace_sources: opts.monitor.trace_sources,
+        },
+        prefill_only: opts.monitor.prefill_only,
+        verbose: opts.monitor.verbose,
+        eval_callback: true,
+    };
+    let mut sink = live::LiveSink::new(a, save_opts.as_ref()).map_err(AnalyzerError::Save)?;
+    let result = session::run(&opts.monitor.llama_args, run_opts, &mut sink);
+    let saver = sink.save.take();
+    match result {
+        Err(_) if sink.fatal.is_some() => Err(AnalyzerError::Mismatch(
+            sink.fatal.take().unwrap_or_default(),
+        )),
+        Err(SessionError::Usage(e)) => Err(AnalyzerError::LlamaUsage(e)),
+        Err(e) => Err(AnalyzerError::Session(e)),
+        Ok((info, outcome)) => match saver {
+            Some(s) => s
+                .finish(&info, &outcome)
+                .map_err(|e| AnalyzerError::Save(e.to_string())),
+            None => Ok(()),
+        },
+    }
+}
+
+/// The whole analysis; returns the exit code of the verdict.
+pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
+    let reference = open("reference", &opts.reference)?;
+    // A reference traced for one layer: compare that layer unless told otherwise.
+    let layer = opts
+        .monitor
+        .layer
+        .or((reference.run.target_layer >= 0).then_some(reference.run.target_layer));
+    let mut a = Analyzer::new(&reference, layer, opts.tolerance);
+    // The first live run's trace, when --noise-floor runs the configuration again.
+    let tmp = tempfile::tempdir()?;
+    let first_run = match (&opts.monitor.save, opts.noise_floor) {
+        (Some(SaveTarget::Path(p)), _) => Some(p.clone()),
+        (_, true) => Some(tmp.path().join("first-run.gguf")),
+        _ => None,
+    };
+    let current_label = match &opts.current {
+        Some(path) => {
+            let cur = open("current", path)?;
+            compare_files(&mut a, &cur)?;
+            path.display().to_string()
+        }
+        None => {
+            compare_live(&mut a, opts, first_run.as_deref())?;
+            format!("live run ({})", opts.monitor.llama_args.join(" "))
+        }
+    };
+    if a.comparisons.is_empty() {
+        let r = a.reference_unpaired();
+        return Err(AnalyzerError::NothingCompared(format!(
+            "{} reference and {} current tensors have no counterpart (matched by role, layer \
+             and step{}); check the prompt, -n and --layer",
+            r.len(),
+            a.current_unpaired.len(),
+            layer.map_or(String::new(), |l| format!(", layer {l} only")),
+        )));
+    }
+    let mut noise_source = None;
+    if let Some(p) = &opts.noise_reference {
+        let second = open("noise reference", p)?;
+        let mut n = Analyzer::new(&reference, layer, opts.tolerance);
+        compare_files(&mut n, &second)?;
+        let noise: Vec<Comparison> = n.comparisons;
+        a.attach_noise(&noise, true);
+        noise_source = Some(format!("{} against the reference", p.display()));
+    } else if opts.noise_floor {
+        let path = first_run.as_deref().unwrap_or(tmp.path());
+        let first = open("first run", path)?;
+        let mut n = Analyzer::new(&first, layer, opts.tolerance);
+        compare_live(&mut n, opts, None)?;
+        let noise: Vec<Comparison> = n.comparisons;
+        a.attach_noise(&noise, false);
+        noise_source = Some("the current configuration run twice".into());
+    }
+    let outcome = Outcome::new(
+        opts.reference.display().to_string(),
+        current_label,
+        &a,
+        noise_source,
+    );
+    let code = if outcome.passed() {
+        exit::OK
+    } else {
+        exit::OUTSIDE
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    if opts.monitor.json {
+        let doc = report::to_json(&outcome, &a.check, code);
+        writeln!(out, "{doc}")?;
+    } else {
+        report::write_text(&outcome, &mut out)?;
+    }
+    out.flush()?;
+    if let Some(p) = &opts.plot {
+        plot::write_svg(&outcome, p).map_err(AnalyzerError::Plot)?;
+    }
+    Ok(code)
+}

@@ -1,0 +1,131 @@
+//! Live mode: the monitor's capture engine runs llama.cpp, and each layer's tensors are
+//! compared with the reference as they are captured (then dropped). With `--save-gguf`
+//! or `--noise-floor` the monitor's own sink spools them to a trace as well.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use ggml_trace::capture::{CaptureSink, CapturedAttention};
+use ggml_trace::session::RunInfo;
+use kqv_trace_monitor::sink::MonitorSink;
+use trace_format::{meta, RunMeta, StepMeta};
+
+use crate::compare::Analyzer;
+
+pub struct LiveSink<'a, 'r> {
+    pub analyzer: &'a mut Analyzer<'r>,
+    /// The monitor's sink (statistics to nowhere), when the run is also saved.
+    pub save: Option<MonitorSink>,
+    /// Set when the metadata check refused the run (exit 2).
+    pub fatal: Option<String>,
+}
+
+impl<'a, 'r> LiveSink<'a, 'r> {
+    pub fn new(
+        analyzer: &'a mut Analyzer<'r>,
+        save_opts: Option<&kqv_trace_monitor::args::Options>,
+    ) -> Result<Self, String> {
+        let save = match save_opts {
+            Some(o) => Some(
+                MonitorSink::new(
+                    o,
+                    Box::new(std::io::sink()),
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            analyzer,
+            save,
+            fatal: None,
+        })
+    }
+}
+
+/// sha256 of a file, lowercase hex (how the monitor records `model_sha256`).
+pub fn sha256_file(path: &str) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the trace of this run will say about it, as far as it is known before the first
+/// decode (flash attention "auto" is resolved by the first attention op).
+pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
+    let (head_k, head_v) = gguf_io::GgufFile::open(&info.model_path)
+        .map(|f| meta::model_head_dims(f.metadata()))
+        .unwrap_or((0, 0));
+    let (rot_k, rot_v) = meta::kv_rotation(info.type_k, info.type_v, head_k, head_v);
+    RunMeta {
+        model_path: info.model_path.clone(),
+        model_sha256: if with_sha {
+            sha256_file(&info.model_path).unwrap_or_default()
+        } else {
+            String::new()
+        },
+        architecture: info.architecture.clone(),
+        n_layer: info.n_layer,
+        n_head: info.n_head,
+        n_head_kv: info.n_head_kv,
+        cache_type_k: info.type_k.name().into(),
+        cache_type_v: info.type_v.name().into(),
+        flash_attn: match info.flash_attn_requested {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "auto",
+        }
+        .into(),
+        kv_rotation: rot_k || rot_v,
+        n_ctx: info.n_ctx,
+        n_batch: info.n_batch,
+        n_ubatch: info.n_ubatch,
+        n_predict: info.n_predict,
+        seed: info.seed,
+        prompt_tokens: info.prompt_tokens.clone(),
+        llama_version: kqv_trace_monitor::llama_version(),
+        target_layer: -1,
+        trace_sources: true,
+        complete: true,
+        ..Default::default()
+    }
+}
+
+impl CaptureSink for LiveSink<'_, '_> {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+        let with_sha = !self.analyzer.reference.run.model_sha256.is_empty();
+        let run = current_run_meta(info, with_sha);
+        let check = self.analyzer.set_current_run(run);
+        if !check.fatal.is_empty() {
+            let msg = check.fatal.join("; ");
+            self.fatal = Some(msg.clone());
+            return Err(msg);
+        }
+        match self.save.as_mut() {
+            Some(s) => s.on_start(info),
+            None => Ok(()),
+        }
+    }
+
+    fn on_step(&mut self, step: &StepMeta) -> bool {
+        self.analyzer.add_current_step(step.clone());
+        self.save.as_mut().is_none_or(|s| s.on_step(step))
+    }
+
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+        if !att.op.is_empty() {
+            self.analyzer.set_current_flash(att.op == "FLASH_ATTN_EXT");
+        }
+        for t in &att.tensors {
+            let name = trace_format::tensor_name(&t.meta, false);
+            self.analyzer.compare(&t.meta, &name, &t.data);
+        }
+        match self.save.as_mut() {
+            Some(s) => s.on_attention(att),
+            None => Ok(()),
+        }
+    }
+}

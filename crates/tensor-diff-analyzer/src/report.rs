@@ -1,0 +1,523 @@
+//! The verdict and its two forms: the seed's "TENSOR DIFFERENCE ANALYSIS SUMMARY" text
+//! and the `--json` document (schema `tensor-diff-analyzer/1`, docs/json.md).
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use serde_json::{json, Value};
+use tensor_stats::{DiffMetrics, Tolerance};
+
+use crate::compare::{Analyzer, Comparison, Location, RunCheck, Unpaired};
+
+pub const SCHEMA: &str = "tensor-diff-analyzer/1";
+
+/// `printf("%.2e")`: `2.34e-05`, as the seed's summary prints numbers.
+pub fn e2(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let s = format!("{x:.2e}");
+    match s.split_once('e') {
+        Some((m, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
+}
+
+/// The worst NMSE of one layer.
+#[derive(Clone, Debug)]
+pub struct LayerRow {
+    pub layer: i32,
+    pub nmse: f64,
+    pub step: u32,
+    pub role: String,
+    pub outside: usize,
+    pub noise_nmse: Option<f64>,
+}
+
+/// Everything the summary says.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub reference: String,
+    pub current: String,
+    pub tolerance: Tolerance,
+    pub notes: Vec<String>,
+    pub comparisons: Vec<Comparison>,
+    pub unmatched: Vec<Unpaired>,
+    pub not_comparable: Vec<Unpaired>,
+    pub noise_source: Option<String>,
+}
+
+impl Outcome {
+    pub fn new(
+        reference: String,
+        current: String,
+        a: &Analyzer,
+        noise_source: Option<String>,
+    ) -> Self {
+        let mut notes = a.check.notes.clone();
+        notes.extend(a.late_notes.iter().cloned());
+        let (mut unmatched, mut not_comparable) = (Vec::new(), Vec::new());
+        for u in a
+            .reference_unpaired()
+            .into_iter()
+            .chain(a.current_unpaired.iter().cloned())
+        {
+            if u.reason.is_some() {
+                not_comparable.push(u);
+            } else {
+                unmatched.push(u);
+            }
+        }
+        Self {
+            reference,
+            current,
+            tolerance: a.tolerance,
+            notes,
+            comparisons: a.comparisons.clone(),
+            unmatched,
+            not_comparable,
+            noise_source,
+        }
+    }
+
+    pub fn within(&self) -> usize {
+        self.comparisons.iter().filter(|c| c.within()).count()
+    }
+
+    pub fn shape_mismatches(&self) -> usize {
+        self.comparisons.iter().filter(|c| !c.shape_match()).count()
+    }
+
+    pub fn type_mismatches(&self) -> usize {
+        self.comparisons.iter().filter(|c| !c.type_match()).count()
+    }
+
+    fn metrics(&self) -> impl Iterator<Item = &DiffMetrics> {
+        self.comparisons.iter().filter_map(|c| c.metrics.as_ref())
+    }
+
+    pub fn max_abs(&self) -> f64 {
+        self.metrics().map(|m| m.max_abs).fold(0.0, f64::max)
+    }
+
+    pub fn max_rel(&self) -> f64 {
+        self.metrics().map(|m| m.max_rel).fold(0.0, f64::max)
+    }
+
+    pub fn average_cosine(&self) -> f64 {
+        let (s, n) = self
+            .metrics()
+            .fold((0.0, 0usize), |(s, n), m| (s + m.cosine, n + 1));
+        if n == 0 {
+            f64::NAN
+        } else {
+            s / n as f64
+        }
+    }
+
+    /// The earliest (step, layer) with a tensor out of tolerance, and its roles there.
+    pub fn first_failure(&self) -> Option<(u32, i32, Vec<&Comparison>)> {
+        let (step, layer) = self
+            .comparisons
+            .iter()
+            .filter(|c| !c.within())
+            .map(|c| (c.step, c.layer))
+            .min()?;
+        let at = self
+            .comparisons
+            .iter()
+            .filter(|c| !c.within() && c.step == step && c.layer == layer)
+            .collect();
+        Some((step, layer, at))
+    }
+
+    pub fn layers(&self) -> Vec<LayerRow> {
+        let mut rows: BTreeMap<i32, LayerRow> = BTreeMap::new();
+        for c in &self.comparisons {
+            let row = rows.entry(c.layer).or_insert(LayerRow {
+                layer: c.layer,
+                nmse: -1.0,
+                step: c.step,
+                role: c.role.name().into(),
+                outside: 0,
+                noise_nmse: None,
+            });
+            row.outside += usize::from(!c.within());
+            if let Some(m) = &c.metrics {
+                if m.nmse > row.nmse {
+                    row.nmse = m.nmse;
+                    row.step = c.step;
+                    row.role = c.role.name().into();
+                }
+            }
+            if let Some(n) = &c.noise {
+                row.noise_nmse = Some(row.noise_nmse.map_or(n.nmse, |x: f64| x.max(n.nmse)));
+            }
+        }
+        rows.into_values()
+            .map(|mut r| {
+                if r.nmse < 0.0 {
+                    r.nmse = f64::NAN;
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// Exit status: every reference and current tensor compared and within tolerance.
+    pub fn passed(&self) -> bool {
+        self.unmatched.is_empty() && self.within() == self.comparisons.len()
+    }
+}
+
+fn location_text(l: &Location) -> String {
+    match (l.token, l.head, l.dim) {
+        (Some(t), h, d) => {
+            let mut s = format!("token {t}");
+            if let Some(p) = l.position {
+                s += &format!(" (pos {p})");
+            }
+            if let Some(h) = h {
+                s += &format!(", head {h}");
+            }
+            if let Some(d) = d {
+                s += &format!(", dim {d}");
+            }
+            s
+        }
+        _ => format!("index {:?}", l.index),
+    }
+}
+
+fn failure_line(c: &Comparison, t: &Tolerance) -> String {
+    let name = &c.reference_name;
+    if !c.shape_match() {
+        return format!(
+            "  {name}: shape mismatch: reference {:?}, current {:?}",
+            c.reference_shape, c.current_shape
+        );
+    }
+    if let Some(e) = &c.error {
+        return format!("  {name}: not compared: {e}");
+    }
+    let Some(m) = &c.metrics else {
+        return format!("  {name}: not compared");
+    };
+    let mut s = format!(
+        "  {name}: abs={}, rel={}, nmse={}, cos={:.6}",
+        e2(m.max_abs),
+        e2(m.max_rel),
+        e2(m.nmse),
+        m.cosine
+    );
+    if c.role != c.reference_role {
+        s += &format!(" (current {})", c.role);
+    }
+    s += &format!(
+        "; outside {}/{} ({:.2}%)",
+        m.mismatches,
+        m.count,
+        100.0 * m.mismatch_fraction
+    );
+    if let Some(l) = &c.worst_abs_at {
+        s += &format!("; worst abs at {}", location_text(l));
+    }
+    if m.nan_current + m.inf_current + m.nan_reference + m.inf_reference > 0 {
+        s += &format!(
+            "; NaN/Inf current {}/{}, reference {}/{}",
+            m.nan_current, m.inf_current, m.nan_reference, m.inf_reference
+        );
+    }
+    s += &format!(
+        "; passes with --tolerance-abs {} or --tolerance-rel {}",
+        e2(m.min_passing_abs),
+        e2(m.min_passing_rel)
+    );
+    if t.mode == tensor_stats::ToleranceMode::Mean {
+        s += " (each half of the mean rule)";
+    }
+    if let Some(n) = &c.noise {
+        s += &format!("; noise nmse={}, abs={}", e2(n.nmse), e2(n.max_abs));
+    }
+    s
+}
+
+fn pct(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        100.0 * a as f64 / b as f64
+    }
+}
+
+pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
+    let t = &o.tolerance;
+    let n = o.comparisons.len();
+    writeln!(out, "=== TENSOR DIFFERENCE ANALYSIS SUMMARY ===")?;
+    writeln!(out, "Reference file: {}", o.reference)?;
+    writeln!(out, "Current: {}", o.current)?;
+    writeln!(out, "Total comparisons: {n}")?;
+    writeln!(
+        out,
+        "Tolerance - Absolute: {}, Relative: {} (mode {}, max mismatch {}%)",
+        e2(t.abs),
+        e2(t.rel),
+        t.mode.name(),
+        t.max_mismatch_pct
+    )?;
+    if !o.notes.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "--- Run differences (from the trace metadata) ---")?;
+        for note in &o.notes {
+            writeln!(out, "  {note}")?;
+        }
+    }
+    writeln!(out)?;
+    writeln!(out, "--- Overall Results ---")?;
+    writeln!(
+        out,
+        "Tensors within tolerance: {}/{n} ({:.1}%)",
+        o.within(),
+        pct(o.within(), n)
+    )?;
+    writeln!(out, "Shape mismatches: {}", o.shape_mismatches())?;
+    writeln!(out, "Type mismatches: {}", o.type_mismatches())?;
+    writeln!(out, "Maximum absolute difference: {}", e2(o.max_abs()))?;
+    writeln!(out, "Maximum relative difference: {}", e2(o.max_rel()))?;
+    writeln!(out, "Average cosine similarity: {:.6}", o.average_cosine())?;
+    writeln!(
+        out,
+        "Unmatched tensors: {} (reference {}, current {}); not comparable: {}",
+        o.unmatched.len(),
+        o.unmatched.iter().filter(|u| u.side == "reference").count(),
+        o.unmatched.iter().filter(|u| u.side == "current").count(),
+        o.not_comparable.len()
+    )?;
+    match o.first_failure() {
+        Some((step, layer, at)) => {
+            let roles: Vec<&str> = at.iter().map(|c| c.role.name()).collect();
+            writeln!(
+                out,
+                "First out of tolerance: step {step}, layer {layer} ({})",
+                roles.join(", ")
+            )?;
+        }
+        None => writeln!(out, "First out of tolerance: none")?,
+    }
+    let failing: Vec<&Comparison> = o.comparisons.iter().filter(|c| !c.within()).collect();
+    if !failing.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "--- Tensors exceeding tolerance ---")?;
+        for c in failing {
+            writeln!(out, "{}", failure_line(c, t))?;
+        }
+    }
+    let layers = o.layers();
+    if !layers.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "--- Worst NMSE per layer ---")?;
+        let noise = o.noise_source.is_some();
+        write!(
+            out,
+            "{:>5} {:>10} {:>8} {:>5} {:<17} {:>7}",
+            "layer", "NMSE", "dB", "step", "role", "outside"
+        )?;
+        if noise {
+            write!(out, " {:>11}", "noise NMSE")?;
+        }
+        writeln!(out)?;
+        for r in &layers {
+            write!(
+                out,
+                "{:>5} {:>10} {:>8.1} {:>5} {:<17} {:>7}",
+                r.layer,
+                e2(r.nmse),
+                10.0 * r.nmse.log10(),
+                r.step,
+                r.role,
+                r.outside
+            )?;
+            if noise {
+                write!(out, " {:>11}", r.noise_nmse.map_or("-".into(), e2))?;
+            }
+            writeln!(out)?;
+        }
+        if let Some(src) = &o.noise_source {
+            writeln!(out, "noise: {src}")?;
+        }
+    }
+    if !o.unmatched.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "--- Unmatched tensors (no counterpart) ---")?;
+        for u in &o.unmatched {
+            writeln!(
+                out,
+                "  {} only: {} (step {}, layer {}, {})",
+                u.side, u.name, u.step, u.layer, u.role
+            )?;
+        }
+    }
+    if !o.not_comparable.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "--- Not comparable ---")?;
+        for u in &o.not_comparable {
+            writeln!(
+                out,
+                "  {}: {} (step {}, layer {}, {}): {}",
+                u.side,
+                u.name,
+                u.step,
+                u.layer,
+                u.role,
+                u.reason.as_deref().unwrap_or("")
+            )?;
+        }
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Verdict: {}",
+        if o.passed() {
+            "all tensors within tolerance"
+        } else if o.within() < n {
+            "tensors outside tolerance"
+        } else {
+            "unmatched tensors"
+        }
+    )?;
+    Ok(())
+}
+
+/// A number JSON can hold, or "nan"/"inf"/"-inf" (docs/json.md).
+pub fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else if x.is_nan() {
+        json!("nan")
+    } else if x > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
+fn loc_json(l: &Option<Location>, w: Option<tensor_stats::Worst>) -> Value {
+    match (l, w) {
+        (Some(l), Some(w)) => json!({
+            "flat_index": w.index, "index": l.index, "token": l.token, "position": l.position,
+            "head": l.head, "dim": l.dim, "current": num(w.current), "reference": num(w.reference),
+            "value": num(w.value),
+        }),
+        _ => Value::Null,
+    }
+}
+
+fn metrics_json(m: &DiffMetrics) -> Value {
+    json!({
+        "count": m.count, "compared": m.compared,
+        "nan_current": m.nan_current, "inf_current": m.inf_current,
+        "nan_reference": m.nan_reference, "inf_reference": m.inf_reference,
+        "nonfinite_agree": m.nonfinite_agree, "nonfinite_mismatch": m.nonfinite_mismatch,
+        "mean_abs": num(m.mean_abs), "max_abs": num(m.max_abs),
+        "mean_rel": num(m.mean_rel), "max_rel": num(m.max_rel), "rel_count": m.rel_count,
+        "mse": num(m.mse), "rmse": num(m.rmse), "ref_variance": num(m.ref_variance),
+        "nmse": num(m.nmse), "nmse_db": num(m.nmse_db), "cosine": num(m.cosine),
+        "mismatches": m.mismatches, "mismatch_fraction": num(m.mismatch_fraction),
+        "allowed_mismatches": m.allowed_mismatches,
+        "min_passing_abs": num(m.min_passing_abs), "min_passing_rel": num(m.min_passing_rel),
+    })
+}
+
+fn unpaired_json(u: &Unpaired) -> Value {
+    json!({
+        "side": u.side, "name": u.name, "role": u.role.name(), "layer": u.layer, "step": u.step,
+        "reason": u.reason,
+    })
+}
+
+pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
+    let t = &o.tolerance;
+    let tensors: Vec<Value> = o
+        .comparisons
+        .iter()
+        .map(|c| {
+            json!({
+                "role": c.role.name(), "reference_role": c.reference_role.name(),
+                "layer": c.layer, "step": c.step,
+                "reference_name": c.reference_name, "current_name": c.current_name,
+                "reference_type": c.reference_type.name(), "current_type": c.current_type.name(),
+                "reference_shape": c.reference_shape, "current_shape": c.current_shape,
+                "shape_match": c.shape_match(), "type_match": c.type_match(),
+                "within": c.within(), "error": c.error,
+                "metrics": c.metrics.as_ref().map(metrics_json),
+                "worst_abs": loc_json(&c.worst_abs_at, c.metrics.as_ref().and_then(|m| m.worst_abs)),
+                "worst_rel": loc_json(&c.worst_rel_at, c.metrics.as_ref().and_then(|m| m.worst_rel)),
+                "noise": c.noise.as_ref().map(metrics_json),
+            })
+        })
+        .collect();
+    let first = o.first_failure().map(|(step, layer, at)| {
+        let roles: Vec<&str> = at.iter().map(|c| c.role.name()).collect();
+        json!({"step": step, "layer": layer, "roles": roles})
+    });
+    let layers: Vec<Value> = o
+        .layers()
+        .iter()
+        .map(|r| {
+            json!({
+                "layer": r.layer, "worst_nmse": num(r.nmse), "worst_nmse_db": num(10.0 * r.nmse.log10()),
+                "step": r.step, "role": r.role, "outside": r.outside,
+                "noise_nmse": r.noise_nmse.map(num),
+            })
+        })
+        .collect();
+    json!({
+        "schema": SCHEMA,
+        "reference": o.reference,
+        "current": o.current,
+        "tolerance": {
+            "abs": num(t.abs), "rel": num(t.rel), "mode": t.mode.name(),
+            "max_mismatch_pct": num(t.max_mismatch_pct),
+        },
+        "notes": o.notes,
+        "rotation": {
+            "reference": {"k": check.ref_rot_k, "v": check.ref_rot_v},
+            "current": {"k": check.cur_rot_k, "v": check.cur_rot_v},
+        },
+        "total_comparisons": o.comparisons.len(),
+        "within_tolerance": o.within(),
+        "shape_mismatches": o.shape_mismatches(),
+        "type_mismatches": o.type_mismatches(),
+        "max_abs": num(o.max_abs()),
+        "max_rel": num(o.max_rel()),
+        "average_cosine": num(o.average_cosine()),
+        "first_failure": first,
+        "layers": layers,
+        "tensors": tensors,
+        "unmatched": o.unmatched.iter().map(unpaired_json).collect::<Vec<_>>(),
+        "not_comparable": o.not_comparable.iter().map(unpaired_json).collect::<Vec<_>>(),
+        "noise_source": o.noise_source,
+        "passed": o.passed(),
+        "exit_code": exit_code,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::e2;
+
+    #[test]
+    fn like_printf_2e() {
+        assert_eq!(e2(2.34e-5), "2.34e-05");
+        assert_eq!(e2(1e-6), "1.00e-06");
+        assert_eq!(e2(0.0), "0.00e+00");
+        assert_eq!(e2(123.0), "1.23e+02");
+        assert_eq!(e2(f64::INFINITY), "inf");
+    }
+}
