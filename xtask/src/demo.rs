@@ -41,8 +41,11 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         DemoModel::Tiny => {
             let path = out.join("tiny-llama.gguf");
             demo.step(
-                "1. Generate the tiny deterministic llama model (2 layers, 4 query heads over 2 KV heads)",
-                demo.bin_cmd("examples/write_tiny_llama").arg(&path),
+                "1. Generate the tiny deterministic llama model (2 layers, 4 query heads over 2 KV \
+                 heads of 32 dims: quantized KV caches need a multiple of 32)",
+                demo.bin_cmd("examples/write_tiny_llama")
+                    .arg(&path)
+                    .args(["--head-dim", "32"]),
             )?;
             path
         }
