@@ -428,7 +428,8 @@ impl<'r> Analyzer<'r> {
             } else if r.tokens != step.tokens && !r.tokens.is_empty() && !diverged {
                 self.late_notes.push(format!(
                     "generation diverged at step {}: the reference decoded token(s) {:?}, this run \
-                     {:?}; from this step on the inputs differ",
+                     {:?}; from this step on the inputs differ (sampling: use --temp 0 or the \
+                     same fixed --seed for both runs)",
                     step.step, r.tokens, step.tokens
                 ));
             }

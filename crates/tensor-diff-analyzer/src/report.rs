@@ -364,18 +364,19 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         }
     }
     if !o.not_comparable.is_empty() {
-        writeln!(out)?;
-        writeln!(out, "--- Not comparable ---")?;
+        // One line per (side, role, reason): a rotated run makes five per step and layer.
+        let mut groups: BTreeMap<(&str, &str, &str), (usize, &Unpaired)> = BTreeMap::new();
         for u in &o.not_comparable {
+            let key = (u.side, u.role.name(), u.reason.as_deref().unwrap_or(""));
+            groups.entry(key).or_insert((0, u)).0 += 1;
+        }
+        writeln!(out)?;
+        writeln!(out, "--- Not comparable (listed in --json) ---")?;
+        for ((side, role, reason), (n, first)) in &groups {
             writeln!(
                 out,
-                "  {}: {} (step {}, layer {}, {}): {}",
-                u.side,
-                u.name,
-                u.step,
-                u.layer,
-                u.role,
-                u.reason.as_deref().unwrap_or("")
+                "  {side} {role}: {n} tensor(s), e.g. {}: {reason}",
+                first.name
             )?;
         }
     }

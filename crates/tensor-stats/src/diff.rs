@@ -8,7 +8,8 @@
 //!   `|r_i| > REL_FLOOR` (1e-12, the original analyzer's threshold); elements with a
 //!   smaller reference are left out of the mean and max relative difference (their
 //!   number is `rel_count` less than `compared`), so a zero in the reference never makes
-//!   the relative error infinite. The tolerance rules need no division: they are written
+//!   the relative error infinite (the fast path computes `d_i · (1/|r_i|)`, within an ulp
+//!   or two of the quotient). The tolerance rules need no division: they are written
 //!   with `rel * |r_i|`, so at `r_i = 0` only the absolute tolerance can be met.
 //! - **NaN and Inf** are counted per side and never enter the numbers: only pairs where
 //!   both values are finite are `compared`. A pair where both sides are NaN, or both the
@@ -282,6 +283,117 @@ fn better(a: &Option<Worst>, b: &Option<Worst>) -> Option<Worst> {
     }
 }
 
+/// Per-lane partial results of the fast path.
+struct Lanes {
+    sum_d: [f64; LANES],
+    sum_d2: [f64; LANES],
+    sum_rel: [f64; LANES],
+    dot: [f64; LANES],
+    cc: [f64; LANES],
+    rr: [f64; LANES],
+    sum_r: [f64; LANES],
+    max_d: [f64; LANES],
+    max_rel: [f64; LANES],
+    need_a: [f64; LANES],
+    need_r: [f64; LANES],
+    rel_n: [u64; LANES],
+    bad: [u64; LANES],
+    /// Start of the lane group holding the lane's maximum (add the lane for the index).
+    max_d_i: [u64; LANES],
+    max_rel_i: [u64; LANES],
+    nonfinite: [u32; LANES],
+}
+
+impl Lanes {
+    fn new() -> Self {
+        Self {
+            sum_d: [0.0; LANES],
+            sum_d2: [0.0; LANES],
+            sum_rel: [0.0; LANES],
+            dot: [0.0; LANES],
+            cc: [0.0; LANES],
+            rr: [0.0; LANES],
+            sum_r: [0.0; LANES],
+            max_d: [-1.0; LANES],
+            max_rel: [-1.0; LANES],
+            need_a: [0.0; LANES],
+            need_r: [0.0; LANES],
+            rel_n: [0; LANES],
+            bad: [0; LANES],
+            max_d_i: [0; LANES],
+            max_rel_i: [0; LANES],
+            nonfinite: [0; LANES],
+        }
+    }
+}
+
+/// The fast path over whole lane groups of finite values (non-finite ones are only
+/// flagged: the caller redoes such a block element by element). `EITHER` picks the
+/// element rule; `NEED` tracks the largest tolerance each element needs (no budget).
+#[inline(always)]
+fn kernel<const EITHER: bool, const NEED: bool>(
+    c: &[f32],
+    r: &[f32],
+    abs_t: f64,
+    rel_t: f64,
+    k: &mut Lanes,
+) {
+    const EXP: u32 = 0x7f80_0000;
+    for (g, (cg, rg)) in c.chunks_exact(LANES).zip(r.chunks_exact(LANES)).enumerate() {
+        let j = (g * LANES) as u64;
+        for l in 0..LANES {
+            let (cf, rf) = (cg[l], rg[l]);
+            k.nonfinite[l] |=
+                u32::from(cf.to_bits() & EXP == EXP) | u32::from(rf.to_bits() & EXP == EXP);
+            let (cv, rv) = (f64::from(cf), f64::from(rf));
+            let d = (cv - rv).abs();
+            let ar = rv.abs();
+            k.sum_d[l] += d;
+            k.sum_d2[l] += d * d;
+            k.dot[l] += cv * rv;
+            k.cc[l] += cv * cv;
+            k.rr[l] += rv * rv;
+            k.sum_r[l] += rv;
+            let has_rel = ar > REL_FLOOR;
+            // One division per element; 1/0 = +inf.
+            let inv = 1.0 / ar;
+            let q = d * inv;
+            let rel = if has_rel { q } else { 0.0 };
+            k.sum_rel[l] += rel;
+            k.rel_n[l] += u64::from(has_rel);
+            let gt = d > k.max_d[l];
+            k.max_d[l] = if gt { d } else { k.max_d[l] };
+            k.max_d_i[l] = if gt { j } else { k.max_d_i[l] };
+            let gtr = has_rel && rel > k.max_rel[l];
+            k.max_rel[l] = if gtr { rel } else { k.max_rel[l] };
+            k.max_rel_i[l] = if gtr { j } else { k.max_rel_i[l] };
+            let over_abs = d > abs_t;
+            let fails = if EITHER {
+                over_abs && d > rel_t * ar
+            } else {
+                d > abs_t + rel_t * ar
+            };
+            k.bad[l] += u64::from(fails);
+            if NEED {
+                // d / 0 is +inf: no rel tolerance passes a failing element at r = 0.
+                let (na, nr) = if EITHER {
+                    (
+                        if d > rel_t * ar { d } else { 0.0 },
+                        if over_abs { q } else { 0.0 },
+                    )
+                } else {
+                    (
+                        (d - rel_t * ar).max(0.0),
+                        if over_abs { (d - abs_t) * inv } else { 0.0 },
+                    )
+                };
+                k.need_a[l] = k.need_a[l].max(na);
+                k.need_r[l] = k.need_r[l].max(nr);
+            }
+        }
+    }
+}
+
 impl DiffAccumulator {
     /// An accumulator for a tensor of `n_total` elements (the mismatch budget is a share
     /// of it), starting at element 0.
@@ -371,69 +483,41 @@ impl DiffAccumulator {
         let n = c.len();
         let base = self.next;
         // Pass 1: everything but the reference's squared deviations, in LANES independent
-        // lanes (no loop-carried dependency between them, so the compiler vectorises).
-        let mut sum_d = [0.0f64; LANES];
-        let mut sum_d2 = [0.0f64; LANES];
-        let mut sum_rel = [0.0f64; LANES];
-        let mut rel_n = [0u64; LANES];
-        let mut dot = [0.0f64; LANES];
-        let mut cc = [0.0f64; LANES];
-        let mut rr = [0.0f64; LANES];
-        let mut sum_r = [0.0f64; LANES];
-        let mut max_d = [-1.0f64; LANES];
-        let mut max_d_i = [0usize; LANES];
-        let mut max_rel = [-1.0f64; LANES];
-        let mut max_rel_i = [0usize; LANES];
-        let mut bad = [0u64; LANES];
-        let mut nonfinite = [0u32; LANES];
-        let mut need_a = [0.0f64; LANES];
-        let mut need_r = [0.0f64; LANES];
+        // lanes, branch-free (the compiler vectorises it).
+        let mut k = Lanes::new();
         let (abs_t, rel_t) = (self.tol.abs, self.tol.rel);
         // With no mismatch budget the smallest passing tolerances are plain maxima.
         let single = self.need_abs.k == 1;
-        let either = self.tol.mode == ToleranceMode::Either;
         let body = n / LANES * LANES;
-        for j in (0..body).step_by(LANES) {
-            for l in 0..LANES {
-                let (cf, rf) = (c[j + l], r[j + l]);
-                nonfinite[l] |= u32::from(
-                    (cf.to_bits() & 0x7f80_0000 == 0x7f80_0000)
-                        | (rf.to_bits() & 0x7f80_0000 == 0x7f80_0000),
-                );
-                let (cv, rv) = (f64::from(cf), f64::from(rf));
-                let d = (cv - rv).abs();
-                let ar = rv.abs();
-                sum_d[l] += d;
-                sum_d2[l] += d * d;
-                dot[l] += cv * rv;
-                cc[l] += cv * cv;
-                rr[l] += rv * rv;
-                sum_r[l] += rv;
-                let has_rel = ar > REL_FLOOR;
-                let rel = if has_rel { d / ar } else { 0.0 };
-                sum_rel[l] += rel;
-                rel_n[l] += u64::from(has_rel);
-                if d > max_d[l] {
-                    max_d[l] = d;
-                    max_d_i[l] = j + l;
-                }
-                if has_rel && rel > max_rel[l] {
-                    max_rel[l] = rel;
-                    max_rel_i[l] = j + l;
-                }
-                let fails = if either {
-                    d > abs_t && d > rel_t * ar
-                } else {
-                    d > abs_t + rel_t * ar
-                };
-                bad[l] += u64::from(fails);
-                if single {
-                    let (na, nr) = self.needed(d, ar);
-                    need_a[l] = need_a[l].max(na);
-                    need_r[l] = need_r[l].max(nr);
-                }
+        let (cb, rb) = (&c[..body], &r[..body]);
+        match (self.tol.mode, single) {
+            (ToleranceMode::Either, true) => kernel::<true, true>(cb, rb, abs_t, rel_t, &mut k),
+            (ToleranceMode::Either, false) => kernel::<true, false>(cb, rb, abs_t, rel_t, &mut k),
+            (ToleranceMode::Elementwise, true) => {
+                kernel::<false, true>(cb, rb, abs_t, rel_t, &mut k)
             }
+            _ => kernel::<false, false>(cb, rb, abs_t, rel_t, &mut k),
         }
+        let Lanes {
+            sum_d,
+            sum_d2,
+            sum_rel,
+            dot,
+            cc,
+            rr,
+            sum_r,
+            max_d,
+            max_rel,
+            need_a,
+            need_r,
+            rel_n,
+            bad,
+            max_d_i,
+            max_rel_i,
+            nonfinite,
+        } = k;
+        let max_d_i = std::array::from_fn::<usize, LANES, _>(|l| max_d_i[l] as usize + l);
+        let max_rel_i = std::array::from_fn::<usize, LANES, _>(|l| max_rel_i[l] as usize + l);
         let tail_nonfinite = c[body..].iter().chain(&r[body..]).any(|x| !x.is_finite());
         if tail_nonfinite || nonfinite.iter().any(|&x| x != 0) {
             // Rare: redo the block element by element, sorting non-finite pairs out.
