@@ -22,22 +22,33 @@ OPTIONS:
     --verify-attention
                      for a kv-cache-monitor trace: recompute every traced attention in f64
                      from its traced q/k/v/mask (with the recorded layouts) and compare with
-                     its kqv_out; a table (or JSON with --json) and exit code 0 all verified,
-                     1 some failed, 2 inputs missing (bounds: docs/verification.md)
-    --step N         with --verify-attention: only step N
-    --layer N        with --verify-attention: only layer N
+                     its kqv_out: per (step, layer) NMSE, max abs error at (position,
+                     head, dim), cosine and a verdict against the bound of its KV type
+                     (docs/verification.md); for a group that fails, the input that
+                     explains it (the tensor named, and the mistake: wrong read order,
+                     permuted heads, transposed V, shifted mask rows, stale data, wrong
+                     scale); a summary line; exit 0 all verified, 1 some failed, 2
+                     inputs missing
+    --shapes         for a kv-cache-monitor trace: per (step, layer) each traced tensor's
+                     role, type, ne, original nb (the strides it had in ggml), memory
+                     order (dims by increasing stride) and layout; alone or with
+                     --verify-attention (then under each group's verdict)
+    --step N         with --verify-attention / --shapes: only step N
+    --layer N        with --verify-attention / --shapes: only layer N
     -h, --help       print this help
     -V, --version    print the version
 
 EXIT CODES:
-    0  success      1  bad input (unreadable or malformed GGUF); with --verify-attention:
-                       some attention failed      2  usage error; with --verify-attention:
-                       not a trace, or inputs missing
+    0  success (with --verify-attention: every group verified)
+    1  bad input (unreadable or malformed GGUF); with --verify-attention: some group failed
+    2  usage error; with --verify-attention / --shapes: not a trace, no group matches
+       --step/--layer, or (verifying) inputs missing: stderr says which and how to re-trace
 
 EXAMPLES:
     gguf-reader traced_tensors.gguf --show-data
     gguf-reader model.gguf --tensor 'blk\\.0\\.' --show-data --count 4
     kqv-trace-monitor -m model.gguf -p \"Hello\" --save-gguf - | gguf-reader -
+    gguf-reader trace.gguf --verify-attention --shapes --step 1 --layer 0
 ";
 
 /// Where the GGUF comes from.
@@ -65,6 +76,7 @@ pub struct Options {
     pub json: bool,
     pub full_arrays: bool,
     pub verify: bool,
+    pub shapes: bool,
     pub step: Option<u32>,
     pub layer: Option<i32>,
 }
@@ -101,6 +113,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
     let json = p.contains("--json");
     let full_arrays = p.contains("--full-arrays");
     let verify = p.contains("--verify-attention");
+    let shapes = p.contains("--shapes");
     let step = p.opt_value_from_fn("--step", |s| {
         s.parse::<u32>()
             .map_err(|_| "--step expects a step number".to_owned())
@@ -152,6 +165,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
         json,
         full_arrays,
         verify,
+        shapes,
         step,
         layer,
     }))

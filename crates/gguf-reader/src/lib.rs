@@ -55,7 +55,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    if opts.verify {
+    if opts.verify || opts.shapes {
         let code = run_verify(&opts, &mut out);
         let _ = out.flush();
         return code;
@@ -77,7 +77,8 @@ fn print_quietly(s: &str) -> ExitCode {
     ExitCode::from(exit::OK)
 }
 
-/// `--verify-attention`: exit 0 all verified, 1 some failed, 2 not a trace / inputs missing.
+/// `--verify-attention` and `--shapes`: exit 0 all verified (or shapes shown), 1 some
+/// failed (or the input is malformed), 2 not a trace / inputs missing.
 fn run_verify(opts: &Options, out: &mut impl Write) -> ExitCode {
     let name = opts.input.display();
     let file = match &opts.input {
@@ -104,21 +105,41 @@ fn run_verify(opts: &Options, out: &mut impl Write) -> ExitCode {
             return ExitCode::from(exit::BAD_INPUT);
         }
     };
-    let rows = match verify::run(&trace, opts.step, opts.layer) {
+    let rows = match verify::run(&trace, opts.step, opts.layer, opts.verify) {
         Ok(r) => r,
-        Err(e) => {
+        Err(e @ verify::VerifyError::Empty(_)) => {
             eprintln!("gguf-reader: {name}: {e}");
             return ExitCode::from(exit::USAGE);
         }
+        Err(e) => {
+            eprintln!("gguf-reader: {name}: {e}");
+            return ExitCode::from(exit::BAD_INPUT);
+        }
     };
-    match verify::render(&rows, opts.json, out) {
-        Ok((_, failed, missing)) => {
-            if missing > 0 {
+    match verify::render(&rows, opts.json, opts.shapes, out) {
+        Ok(n) => {
+            if n.missing > 0 {
+                let first = rows.iter().find_map(|r| match &r.result {
+                    Some(Err(m)) => Some(m),
+                    _ => None,
+                });
+                let missing: std::collections::BTreeSet<&str> = rows
+                    .iter()
+                    .filter_map(|r| match &r.result {
+                        Some(Err(m)) => Some(m.0.iter().copied()),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                let missing: Vec<&str> = missing.into_iter().collect();
                 eprintln!(
-                    "gguf-reader: {missing} group(s) lack traced inputs: re-trace without --no-trace-sources"
+                    "gguf-reader: {name}: {} group(s) cannot be verified, missing {}: {}",
+                    n.missing,
+                    missing.join(", "),
+                    first.map(|m| m.hint(Some(&trace.run))).unwrap_or_default()
                 );
                 ExitCode::from(exit::USAGE)
-            } else if failed > 0 {
+            } else if n.failed > 0 {
                 ExitCode::from(exit::BAD_INPUT)
             } else {
                 ExitCode::from(exit::OK)

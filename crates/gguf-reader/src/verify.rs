@@ -1,144 +1,235 @@
-//! `--verify-attention`: recompute every traced attention of a kv-cache-monitor trace from
-//! its traced inputs and compare with its traced `kqv_out` (trace_format::verify).
+//! `--verify-attention` and `--shapes` for kv-cache-monitor traces.
+//!
+//! `--verify-attention` recomputes every traced attention from its traced inputs and
+//! compares it with its traced `kqv_out` (trace_format::verify, which also diagnoses a
+//! failure: which input, which mistake). `--shapes` shows what was captured for each
+//! (step, layer): per tensor its role, type, `ne`, the strides it had in ggml (`nb`) and
+//! the memory order those strides give.
 
 use std::io::{self, Write};
 
-use serde_json::json;
-use tensor_stats::sci;
-use trace_format::verify::{verify_group, Verification};
-use trace_format::{TraceError, TraceFile};
+use serde_json::{json, Value};
+use trace_format::verify::{self, check_in_trace, Checked, Missing};
+use trace_format::{TraceError, TraceFile, TracedTensor};
 
-/// The documented NMSE bounds (docs/verification.md): ggml's CPU flash attention
-/// accumulates softmax·V in F16 when V is F16, which alone reaches about 1e-6.
-pub fn bound(v_type: gguf_io::GgmlType, flash: bool) -> f64 {
-    if flash && v_type == gguf_io::GgmlType::F16 {
-        2e-6
-    } else {
-        1e-6
-    }
-}
-
-/// One row of the report.
-pub struct Row {
+/// One (step, layer) of the report.
+pub struct Row<'a> {
     pub step: u32,
     pub layer: i32,
-    pub op: String,
-    pub bound: f64,
-    pub result: Result<Verification, Vec<&'static str>>,
+    /// `None` with `--shapes` alone.
+    pub result: Option<Result<Checked, Missing>>,
+    /// The group's tensors, in file order (for `--shapes`).
+    pub tensors: Vec<&'a TracedTensor>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{0}")]
     Trace(#[from] TraceError),
-    #[error("nothing to verify: the trace has no (step, layer) group{0}")]
+    #[error("nothing to show: the trace has no (step, layer) group{0}")]
     Empty(String),
 }
 
+/// The groups that pass the filters, checked when `verify`.
 pub fn run(
     trace: &TraceFile,
     step: Option<u32>,
     layer: Option<i32>,
-) -> Result<Vec<Row>, VerifyError> {
+    verify: bool,
+) -> Result<Vec<Row<'_>>, VerifyError> {
     let mut rows = Vec::new();
-    for &(s, l) in trace.groups().keys() {
+    for ((s, l), tensors) in trace.groups() {
         if step.is_some_and(|x| x != s) || layer.is_some_and(|x| x != l) {
             continue;
         }
-        let op = trace.attn(s, l).map(|a| a.op.clone()).unwrap_or_default();
-        let v_type = trace
-            .find(trace_format::Role::V, l, s)
-            .map_or(gguf_io::GgmlType::F32, |t| t.meta.layout.ty);
-        let result = verify_group(trace, s, l)?.map_err(|m| m.0);
+        let result = if verify {
+            Some(check_in_trace(trace, s, l)?)
+        } else {
+            None
+        };
         rows.push(Row {
             step: s,
             layer: l,
-            bound: bound(v_type, op == "FLASH_ATTN_EXT"),
-            op,
             result,
+            tensors,
         });
     }
     if rows.is_empty() {
         let filter = match (step, layer) {
             (None, None) => String::new(),
-            _ => format!(" matching --step {step:?} --layer {layer:?}"),
+            _ => format!(
+                " matching{}{}",
+                step.map(|s| format!(" --step {s}")).unwrap_or_default(),
+                layer.map(|l| format!(" --layer {l}")).unwrap_or_default()
+            ),
         };
         return Err(VerifyError::Empty(filter));
     }
     Ok(rows)
 }
 
-/// Print the table (or JSON); returns (verified, failed, missing) counts.
+/// Counts of a verification.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub verified: usize,
+    pub failed: usize,
+    pub missing: usize,
+}
+
+fn dims(x: &[u64; 4]) -> String {
+    let d: Vec<String> = x.iter().map(u64::to_string).collect();
+    format!("[{}]", d.join(","))
+}
+
+fn layout_word(t: &TracedTensor) -> &'static str {
+    let l = &t.meta.layout;
+    if l.is_contiguous() {
+        "contiguous"
+    } else if l.is_permuted() {
+        "permuted"
+    } else {
+        "strided"
+    }
+}
+
+fn shape_json(t: &TracedTensor) -> Value {
+    let l = &t.meta.layout;
+    json!({
+        "role": t.meta.role.name(), "name": t.name, "ggml_name": t.meta.ggml_name,
+        "op": t.meta.op, "type": l.ty.name(), "ne": l.ne, "nb": l.nb,
+        "memory_order": l.memory_order(), "layout": layout_word(t), "view_of": t.meta.view_of,
+    })
+}
+
+fn shapes_header(out: &mut impl Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "      {:<17} {:<6} {:<22} {:<30} {:<10} {:<11} ggml name",
+        "role", "type", "ne", "nb", "mem order", "layout"
+    )
+}
+
+fn shape_line(t: &TracedTensor, out: &mut impl Write) -> io::Result<()> {
+    let l = &t.meta.layout;
+    let order: Vec<String> = l.memory_order().iter().map(usize::to_string).collect();
+    writeln!(
+        out,
+        "      {:<17} {:<6} {:<22} {:<30} {:<10} {:<11} {}",
+        t.meta.role.name(),
+        l.ty.name(),
+        dims(&l.ne),
+        dims(&l.nb),
+        format!("[{}]", order.join(",")),
+        layout_word(t),
+        t.meta.ggml_name
+    )
+}
+
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else if x.is_nan() {
+        json!("nan")
+    } else if x > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
+/// The JSON object of a checked group (schema in docs/json.md).
+pub fn checked_json(c: &Checked) -> Value {
+    let v = &c.verification;
+    let findings: Vec<Value> = c
+        .findings
+        .iter()
+        .map(|f| {
+            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
+                   "nmse_after": f.nmse_after.map(num)})
+        })
+        .collect();
+    json!({
+        "step": v.step, "layer": v.layer, "op": c.op, "nmse": num(v.nmse),
+        "max_abs": num(v.max_abs),
+        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
+        "cosine": num(v.cosine), "bound": c.bound, "verdict": if c.pass { "ok" } else { "FAIL" },
+        "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
+    })
+}
+
+/// Print the table (or JSON); returns the counts (all zero with `--shapes` alone).
 pub fn render(
-    rows: &[Row],
+    rows: &[Row<'_>],
     json_out: bool,
+    shapes: bool,
     out: &mut impl Write,
-) -> io::Result<(usize, usize, usize)> {
-    let (mut ok, mut failed, mut missing) = (0, 0, 0);
+) -> io::Result<Counts> {
+    let mut n = Counts::default();
+    let verifying = rows.iter().any(|r| r.result.is_some());
     let mut items = Vec::new();
     if !json_out {
-        writeln!(
-            out,
-            "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9}  {:>9}  verdict",
-            "step", "layer", "op", "nmse", "max_abs", "at (tok,head,d)", "cosine", "bound"
-        )?;
+        if verifying {
+            writeln!(out, "{}", verify::table_header())?;
+        }
+        if shapes {
+            shapes_header(out)?;
+        }
     }
     for r in rows {
-        match &r.result {
-            Ok(v) => {
-                let pass = v.nmse <= r.bound;
-                if pass {
-                    ok += 1;
+        let mut item = match &r.result {
+            Some(Ok(c)) => {
+                if c.pass {
+                    n.verified += 1;
                 } else {
-                    failed += 1;
+                    n.failed += 1;
                 }
-                let verdict = if pass { "ok" } else { "FAIL" };
-                if json_out {
-                    items.push(json!({
-                        "step": r.step, "layer": r.layer, "op": r.op, "nmse": v.nmse,
-                        "max_abs": v.max_abs, "worst": {"token": v.worst.0, "head": v.worst.1, "dim": v.worst.2},
-                        "cosine": v.cosine, "bound": r.bound, "verdict": verdict,
-                    }));
-                } else {
-                    writeln!(
-                        out,
-                        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9.6}  {:>9.0e}  {verdict}",
-                        r.step,
-                        r.layer,
-                        r.op,
-                        sci(v.nmse),
-                        sci(v.max_abs),
-                        format!("({},{},{})", v.worst.0, v.worst.1, v.worst.2),
-                        v.cosine,
-                        r.bound
-                    )?;
+                if !json_out {
+                    writeln!(out, "{}", verify::table_row(c))?;
+                    for line in verify::diagnosis_lines(c) {
+                        writeln!(out, "{line}")?;
+                    }
                 }
+                checked_json(c)
             }
-            Err(m) => {
-                missing += 1;
-                if json_out {
-                    items.push(json!({"step": r.step, "layer": r.layer, "verdict": "missing", "missing": m}));
-                } else {
-                    writeln!(
-                        out,
-                        "{:>5} {:>5}  missing: {}",
-                        r.step,
-                        r.layer,
-                        m.join(", ")
-                    )?;
+            Some(Err(m)) => {
+                n.missing += 1;
+                if !json_out {
+                    writeln!(out, "{}", verify::missing_row(r.step, r.layer, m))?;
+                }
+                json!({"step": r.step, "layer": r.layer, "verdict": "missing", "missing": m.0})
+            }
+            None => {
+                if !json_out {
+                    writeln!(out, "{:>5} {:>5}", r.step, r.layer)?;
+                }
+                json!({"step": r.step, "layer": r.layer})
+            }
+        };
+        if shapes {
+            if json_out {
+                item["inputs"] = r.tensors.iter().map(|t| shape_json(t)).collect();
+            } else {
+                for t in &r.tensors {
+                    shape_line(t, out)?;
                 }
             }
         }
+        items.push(item);
     }
     if json_out {
-        let doc = json!({"schema": "gguf-reader-verify/1", "verified": ok, "failed": failed, "missing": missing, "groups": items});
+        let doc = if verifying {
+            json!({"schema": "gguf-reader-verify/1", "verified": n.verified, "failed": n.failed,
+                   "missing": n.missing, "groups": items})
+        } else {
+            json!({"schema": "gguf-reader-shapes/1", "groups": items})
+        };
         writeln!(out, "{doc}")?;
-    } else {
+    } else if verifying {
         writeln!(
             out,
-            "verified {ok} of {} (step, layer) groups: {failed} failed, {missing} missing inputs",
-            rows.len()
+            "{}",
+            verify::summary_line(n.verified, n.failed, n.missing)
         )?;
     }
-    Ok((ok, failed, missing))
+    Ok(n)
 }

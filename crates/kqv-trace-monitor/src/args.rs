@@ -12,6 +12,12 @@ MONITOR OPTIONS:
     --save-gguf FILE     save the trace to FILE (written atomically); `-` writes it to
                          stdout, and the statistics then go to stderr
     --prefill-only       decode the prompt only, no generation
+    --verify             recompute each traced attention in f64 from its captured q/k/v/mask
+                         as it is traced (no --save-gguf needed) and compare with kqv_out:
+                         one verdict line per (step, layer) after its statistics (NMSE, max
+                         abs error at (position, head, dim), cosine, bound, ok/FAIL, and for
+                         a failure the input that explains it), a summary line at the end;
+                         exit 1 if any group failed (bounds: docs/verification.md)
     --json               statistics as JSON Lines (schema: docs/json.md)
     -v, --verbose        show llama.cpp's log on stderr (default: errors only); also
                          passed to llama.cpp
@@ -31,13 +37,15 @@ STEPS:
     prompt ubatch, then each generated token) is one more. Every step is traced.
 
 EXIT CODES:
-    0  success      1  the run or the save failed      2  usage error
+    0  success      1  the run or the save failed, or (--verify) an attention did not
+                       verify      2  usage error
 
 EXAMPLES:
     kqv-trace-monitor -m model.gguf -p \"Hello world\" --save-gguf traced_tensors.gguf
     kqv-trace-monitor -m model.gguf -p \"Hello world\" --layer 0 --save-gguf layer0.gguf
     kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" -ctk q4_0 -ctv q4_0 -fa --layer 0
     kqv-trace-monitor -m model.gguf -p \"Hi\" --save-gguf - | gguf-reader -
+    kqv-trace-monitor -m model.gguf -p \"Hello world\" -n 4 -fa on --verify
 ";
 
 /// Where the trace goes.
@@ -55,6 +63,8 @@ pub struct Options {
     pub prefill_only: bool,
     pub json: bool,
     pub verbose: bool,
+    /// Verify each (step, layer) while tracing.
+    pub verify: bool,
     /// Arguments for llama.cpp, in order.
     pub llama_args: Vec<String>,
 }
@@ -72,6 +82,8 @@ pub enum UsageError {
     MissingValue(&'static str),
     #[error("--layer expects a layer number, got '{0}'")]
     BadLayer(String),
+    #[error("--verify needs the attention inputs: drop --no-trace-sources")]
+    VerifyWithoutSources,
 }
 
 /// Split the command line into the monitor's options and llama.cpp's.
@@ -83,6 +95,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         prefill_only: false,
         json: false,
         verbose: false,
+        verify: false,
         llama_args: Vec::new(),
     };
     let mut it = args.into_iter().peekable();
@@ -106,6 +119,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             }
             "--prefill-only" => o.prefill_only = true,
             "--json" => o.json = true,
+            "--verify" => o.verify = true,
             "-v" | "--verbose" | "--log-verbose" => {
                 o.verbose = true;
                 o.llama_args.push(a);
@@ -121,6 +135,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             }
             _ => o.llama_args.push(a),
         }
+    }
+    if o.verify && !o.trace_sources {
+        return Err(UsageError::VerifyWithoutSources);
     }
     Ok(Command::Run(o))
 }
@@ -192,6 +209,10 @@ mod tests {
         assert_eq!(o.save, Some(SaveTarget::Stdout));
         assert!(!o.trace_sources);
         assert_eq!(run(&["--flash-attn"]).llama_args, ["--flash-attn", "on"]);
+        let o = run(&["--verify", "-m", "m.gguf"]);
+        assert!(o.verify);
+        assert_eq!(o.llama_args, ["-m", "m.gguf"]);
+        assert!(!run(&["-m", "m.gguf"]).verify);
     }
 
     #[test]
@@ -203,6 +224,10 @@ mod tests {
         assert_eq!(
             parse(vec!["--layer".into(), "x".into()]).unwrap_err(),
             UsageError::BadLayer("x".into())
+        );
+        assert_eq!(
+            parse(vec!["--verify".into(), "--no-trace-sources".into()]).unwrap_err(),
+            UsageError::VerifyWithoutSources
         );
     }
 }

@@ -70,6 +70,12 @@ pub enum MonitorError {
     Save(#[from] trace_format::TraceError),
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("--verify: {failed} of {total} (step, layer) groups failed verification, {missing} could not be checked")]
+    Verify {
+        failed: usize,
+        missing: usize,
+        total: usize,
+    },
 }
 
 pub fn run(opts: &args::Options) -> Result<(), MonitorError> {

@@ -9,6 +9,7 @@ use ggml_trace::session::{RunInfo, RunOutcome};
 use gguf_io::quant;
 use serde_json::json;
 use tensor_stats::{sci, Summary, SummaryAccumulator};
+use trace_format::verify::{self, Checked, Fingerprints, Group};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
 use crate::args::{Options, SaveTarget};
@@ -27,6 +28,105 @@ pub struct MonitorSink {
     trace_sources: bool,
     n_steps: u32,
     io_error: Option<std::io::Error>,
+    /// `--verify`: checks each (step, layer) as it is captured.
+    verifier: Option<Verifier>,
+}
+
+/// `--verify` state: the current step's positions, the previous step's input fingerprints
+/// per layer (for the stale-buffer check; hashes only, no data kept), and the counts.
+#[derive(Default)]
+pub struct Verifier {
+    positions: Vec<i32>,
+    previous: std::collections::HashMap<i32, (u32, Fingerprints)>,
+    pub verified: usize,
+    pub failed: usize,
+    pub missing: usize,
+}
+
+impl Verifier {
+    /// Check one captured attention; the lines to print.
+    fn check(&mut self, att: &CapturedAttention, json: bool) -> Result<Vec<String>, String> {
+        let group = Group::from_tensors(
+            att.step,
+            att.layer,
+            &att.op,
+            att.params,
+            &self.positions,
+            att.tensors.iter().map(|t| (&t.meta, t.data.as_slice())),
+        )
+        .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
+        let prev = self.previous.get(&att.layer).map(|(s, f)| (*s, f));
+        let result = verify::check(&group, prev)
+            .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
+        self.previous
+            .insert(att.layer, (att.step, group.fingerprints()));
+        Ok(match result {
+            Ok(c) => {
+                if c.pass {
+                    self.verified += 1;
+                } else {
+                    self.failed += 1;
+                }
+                if json {
+                    vec![checked_json(&c).to_string()]
+                } else {
+                    let mut v = vec![verify::verdict_line(&c)];
+                    v.extend(verify::diagnosis_lines(&c));
+                    v
+                }
+            }
+            Err(m) => {
+                self.missing += 1;
+                if json {
+                    vec![
+                        json!({"step": att.step, "layer": att.layer, "verify": "missing",
+                                "missing": m.0})
+                        .to_string(),
+                    ]
+                } else {
+                    vec![format!(
+                        "verify step {} layer {}: missing {m}: {}",
+                        att.step,
+                        att.layer,
+                        m.hint(None)
+                    )]
+                }
+            }
+        })
+    }
+
+    fn summary(&self, json: bool) -> String {
+        if json {
+            json!({"verify_summary": {"verified": self.verified, "failed": self.failed,
+                                      "missing": self.missing}})
+            .to_string()
+        } else {
+            format!(
+                "verify: {}",
+                verify::summary_line(self.verified, self.failed, self.missing)
+            )
+        }
+    }
+}
+
+/// A verdict as one JSON Lines object (docs/json.md).
+fn checked_json(c: &Checked) -> serde_json::Value {
+    let v = &c.verification;
+    let findings: Vec<serde_json::Value> = c
+        .findings
+        .iter()
+        .map(|f| {
+            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
+                   "nmse_after": f.nmse_after.map(num)})
+        })
+        .collect();
+    json!({
+        "step": v.step, "layer": v.layer, "verify": if c.pass { "ok" } else { "FAIL" },
+        "op": c.op, "nmse": num(v.nmse), "max_abs": num(v.max_abs),
+        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
+        "cosine": num(v.cosine), "bound": c.bound, "diagnosis": findings,
+        "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
+    })
 }
 
 /// Summary of a captured tensor, dequantized chunk by chunk.
@@ -94,6 +194,7 @@ impl MonitorSink {
             trace_sources: opts.trace_sources,
             n_steps: 0,
             io_error: None,
+            verifier: opts.verify.then(Verifier::default),
         })
     }
 
@@ -139,6 +240,11 @@ impl MonitorSink {
         if let Some(e) = self.io_error.take() {
             return Err(e.into());
         }
+        if let Some(v) = &self.verifier {
+            let line = v.summary(self.json);
+            self.write_line(&line)
+                .map_err(|e| MonitorError::Io(std::io::Error::other(e)))?;
+        }
         // Statistics are buffered: a reader that closed the pipe (`| head`) is often only
         // noticed here. As in `on_attention`, that must not cost the trace.
         if let Err(e) = self.out.flush() {
@@ -147,7 +253,7 @@ impl MonitorSink {
             }
         }
         let Some(writer) = self.writer.take() else {
-            return Ok(());
+            return self.verdict();
         };
         let flash = match self.seen_op.as_deref() {
             Some("FLASH_ATTN_EXT") => "on",
@@ -207,6 +313,30 @@ impl MonitorSink {
                 }
             }
             None => {}
+        }
+        self.verdict()
+    }
+
+    /// `--verify`: an error when some group failed or could not be checked.
+    fn verdict(&self) -> Result<(), MonitorError> {
+        match &self.verifier {
+            Some(v) if v.failed + v.missing > 0 => Err(MonitorError::Verify {
+                failed: v.failed,
+                missing: v.missing,
+                total: v.verified + v.failed + v.missing,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// One line of output; a closed pipe silences the output instead of failing.
+    fn write_line(&mut self, line: &str) -> Result<(), String> {
+        if let Err(e) = writeln!(self.out, "{line}") {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                self.out = Box::new(std::io::sink());
+            } else {
+                return Err(format!("writing statistics: {e}"));
+            }
         }
         Ok(())
     }
@@ -273,6 +403,9 @@ impl CaptureSink for MonitorSink {
             return false;
         }
         self.n_steps = step.step + 1;
+        if let Some(v) = self.verifier.as_mut() {
+            v.positions.clone_from(&step.positions);
+        }
         if let Some(w) = self.writer.as_mut() {
             w.add_step(step.clone());
         }
@@ -292,6 +425,22 @@ impl CaptureSink for MonitorSink {
                 } else {
                     return Err(format!("writing statistics: {e}"));
                 }
+            }
+        }
+        // A capture without the attention (the rotated-back kqv_out of a rotated cache
+        // arrives on its own) has nothing to verify.
+        let attention = att.tensors.iter().any(|t| {
+            matches!(
+                t.meta.role,
+                trace_format::Role::Q
+                    | trace_format::Role::K
+                    | trace_format::Role::V
+                    | trace_format::Role::KqvOut
+            )
+        });
+        if let Some(v) = self.verifier.as_mut().filter(|_| attention) {
+            for line in v.check(&att, self.json)? {
+                self.write_line(&line)?;
             }
         }
         if let Some(w) = self.writer.as_mut() {

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use trace_format::verify::verify_group;
-use trace_format::{Role, TensorLayout, TraceFile};
+use trace_format::verify::check_in_trace;
+use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
 /// BOS, a leading "▁" and 41 byte tokens: with -ub 16 the prompt spans three ubatches.
@@ -60,19 +60,26 @@ fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
     TraceFile::open(out).unwrap()
 }
 
-/// Verify every (step, layer) of a trace and return the worst NMSE.
+/// Verify every (step, layer) of a trace against its documented bound
+/// (trace_format::verify::nmse_bound, docs/verification.md) and return the worst NMSE.
 fn verify_all(t: &TraceFile, label: &str) -> f64 {
     let groups = t.groups();
     assert!(!groups.is_empty(), "{label}: nothing traced");
     let mut worst = 0.0f64;
     for &(step, layer) in groups.keys() {
-        let v = verify_group(t, step, layer)
+        let c = check_in_trace(t, step, layer)
             .unwrap()
             .unwrap_or_else(|m| panic!("{label}: step {step} layer {layer} misses {:?}", m.0));
+        let v = &c.verification;
         assert!(v.cosine > 0.99, "{label}: {v:?}");
+        assert!(
+            c.pass && c.findings.is_empty(),
+            "{label}: step {step} layer {layer} exceeds its bound {:e}: {c:?}",
+            c.bound
+        );
         eprintln!(
-            "  step {step} layer {layer}: nmse {:.3e} max_abs {:.3e}",
-            v.nmse, v.max_abs
+            "  step {step} layer {layer}: nmse {:.3e} max_abs {:.3e} (bound {:e})",
+            v.nmse, v.max_abs, c.bound
         );
         worst = worst.max(v.nmse);
     }
@@ -112,26 +119,34 @@ fn f16_cache_traces_verify_with_and_without_flash_attention() {
         let t = trace(&m, &dir.path().join(format!("f16-{fa}.gguf")), &["-fa", fa]);
         check_structure(&t, flash);
         assert_eq!(t.run.cache_type_k, "f16");
-        let worst = verify_all(&t, &format!("f16 fa={fa}"));
-        // Without flash attention ggml accumulates in f32: 1e-6. With it, ggml's CPU
-        // kernel accumulates softmax·V in an F16 buffer (VKQ16 in ops.cpp) when V is F16;
-        // measured worst 1.13e-6 on this model, so the bound is 2e-6 (docs/verification.md).
-        let bound = if flash { 2e-6 } else { 1e-6 };
-        assert!(worst <= bound, "f16 fa={fa}: worst NMSE {worst:e}");
+        // Against the documented bounds: with flash attention ggml's CPU kernel
+        // accumulates softmax·V in an F16 buffer (VKQ16 in ops.cpp) when V is F16
+        // (measured worst 1.13e-6 on this model, bound 2e-6); without it, the softmax is
+        // rounded to F16 for the kqv product (bound 1e-6). docs/verification.md.
+        verify_all(&t, &format!("f16 fa={fa}"));
     }
 }
 
 #[test]
-fn quantized_cache_traces_verify() {
+fn quantized_and_other_cache_types_verify() {
     let dir = tempfile::tempdir().unwrap();
     // Quantized V needs flash attention in llama.cpp; quantized K alone works without it.
-    for (hd, ctk, ctv, fa, bound, rotated) in [
-        (32, "q8_0", "q8_0", "on", 2e-6, false),
-        (32, "q4_0", "q4_0", "on", 2e-6, false),
-        (32, "q8_0", "f16", "off", 2e-6, false),
-        (64, "q8_0", "q8_0", "on", 2e-6, true),
+    for (hd, ctk, ctv, fa, rotated) in [
+        (32, "q8_0", "q8_0", "on", false),
+        (32, "q4_0", "q4_0", "on", false),
+        (32, "q8_0", "f16", "off", false),
+        (64, "q8_0", "q8_0", "on", true),
+        // Unquantized caches other than F16: BF16 (flash attention on and off), and F32
+        // without flash attention (with it llama.cpp casts F32 K/V to F16 first).
+        (16, "bf16", "bf16", "on", false),
+        (16, "bf16", "bf16", "off", false),
+        (16, "f32", "f32", "off", false),
     ] {
-        let m = model_with_head_dim(dir.path(), hd);
+        let m = if hd == 16 {
+            model(dir.path())
+        } else {
+            model_with_head_dim(dir.path(), hd)
+        };
         let t = trace(
             &m,
             &dir.path().join(format!("hd{hd}-{ctk}-{ctv}-{fa}.gguf")),
@@ -168,50 +183,6 @@ fn quantized_cache_traces_verify() {
                 norm(&vb)
             );
         }
-        let worst = verify_all(&t, &format!("head_dim {hd} {ctk}/{ctv} fa={fa}"));
-        assert!(worst <= bound, "{ctk}/{ctv} fa={fa}: worst NMSE {worst:e}");
+        verify_all(&t, &format!("head_dim {hd} {ctk}/{ctv} fa={fa}"));
     }
-}
-
-#[test]
-fn a_planted_layout_bug_fails_the_check() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = model(dir.path());
-    let path = dir.path().join("t.gguf");
-    let t = trace(&m, &path, &["-fa", "on"]);
-    let k = t.find(Role::K, 0, 1).unwrap();
-    // Re-read K's bytes as if its memory were contiguous in the order of its ne (the
-    // seed reader's mistake): same bytes, the strides of the other order.
-    let layout = k.meta.layout;
-    let [d, n_kv, h, _] = layout.ne.map(|x| x as usize);
-    let ts = 2usize;
-    let logical = t.data(k).to_vec();
-    // Memory as ggml held it: [d, h, n_kv] (heads of one cell adjacent).
-    let mut memory = vec![0u8; logical.len()];
-    for j in 0..h {
-        for c in 0..n_kv {
-            for i in 0..d {
-                let src = ((j * n_kv + c) * d + i) * ts;
-                let dst = ((c * h + j) * d + i) * ts;
-                memory[dst..dst + ts].copy_from_slice(&logical[src..src + ts]);
-            }
-        }
-    }
-    let wrong = TensorLayout::contiguous(layout.ty, layout.ne)
-        .unwrap()
-        .gather(&memory)
-        .unwrap();
-    assert_ne!(wrong, logical);
-    // Write the wrongly read K into a copy of the trace and verify again.
-    let bytes = std::fs::read(&path).unwrap();
-    let file = gguf_io::GgufFile::from_bytes(bytes.clone()).unwrap();
-    let info = &file.tensors()[k.index];
-    let start = (file.header().data_offset + info.offset) as usize;
-    let mut planted = bytes;
-    planted[start..start + wrong.len()].copy_from_slice(&wrong);
-    let bad = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(planted).unwrap()).unwrap();
-    let good = verify_group(&t, 1, 0).unwrap().unwrap();
-    let caught = verify_group(&bad, 1, 0).unwrap().unwrap();
-    assert!(good.nmse <= 1e-6, "{good:?}");
-    assert!(caught.nmse > 1e-3, "the planted bug must fail: {caught:?}");
 }

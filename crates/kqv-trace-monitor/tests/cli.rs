@@ -753,7 +753,16 @@ fn gguf_reader_verifies_attention_of_a_piped_trace() {
             );
         } else {
             assert!(out.contains("missing: q, k, v"), "{out}");
-            assert!(text(&reader.stderr).contains("re-trace without --no-trace-sources"));
+            let err = text(&reader.stderr);
+            assert!(
+                err.contains("missing attention op parameters, k, kqv_out, q, v")
+                    || err.contains("missing k, q, v"),
+                "{err}"
+            );
+            assert!(
+                err.contains("made with --no-trace-sources); re-trace without that option: kqv-trace-monitor -m "),
+                "{err}"
+            );
         }
     }
     let o = Command::new(gguf_reader())

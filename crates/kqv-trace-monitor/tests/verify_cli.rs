@@ -1,0 +1,168 @@
+//! `kqv-trace-monitor --verify` (verdicts while tracing, no file needed) and determinism:
+//! two `-t 1` runs of the tiny model give bit-for-bit identical traces that verify
+//! identically.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use trace_format::verify::check_in_trace;
+use trace_format::TraceFile;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
+/// 43 prompt tokens in ubatches of 16 (3 steps), then 3 generated tokens: 12 groups.
+const PROMPT: &str = "The quick brown fox jumps over a lazy dog";
+
+fn model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    tiny_llama::write_model(&path, &tiny_llama::TinyLlamaConfig::default()).unwrap();
+    path
+}
+
+fn monitor(model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        PROMPT,
+        "-n",
+        "3",
+        "-ub",
+        "16",
+        "-b",
+        "16",
+        "--temp",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(BIN).args(&args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn verify_prints_a_verdict_per_group_and_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    for fa in ["on", "off"] {
+        let o = monitor(&m, &["-t", "2", "-fa", fa, "--verify"]);
+        let out = text(&o.stdout);
+        assert_eq!(o.status.code(), Some(0), "{out}\n{}", text(&o.stderr));
+        let verdicts: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("verify step "))
+            .collect();
+        assert_eq!(verdicts.len(), 12, "{out}");
+        let op = if fa == "on" {
+            "FLASH_ATTN_EXT"
+        } else {
+            "SOFT_MAX"
+        };
+        for (i, l) in verdicts.iter().enumerate() {
+            // Groups arrive step by step, layer by layer.
+            let head = format!("verify step {} layer {}  {op}  nmse ", i / 2, i % 2);
+            assert!(l.starts_with(&head), "{l}");
+            assert!(l.ends_with("  ok"), "{l}");
+            assert!(l.contains(" at (pos ") && l.contains(" cosine ") && l.contains(" bound "));
+        }
+        // After each group's statistics: the verdict follows that group's last tensor.
+        let lines: Vec<&str> = out.lines().collect();
+        let first = lines
+            .iter()
+            .position(|l| l.starts_with("verify step 0 layer 0"))
+            .unwrap();
+        assert!(
+            lines[first - 1].split_whitespace().nth(1) == Some("0"),
+            "{}",
+            lines[first - 1]
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some("verify: verified 12 of 12 (step, layer) groups: 0 failed, 0 missing inputs")
+        );
+    }
+    // JSON Lines: one object per verdict, then the summary.
+    let o = monitor(&m, &["-t", "2", "--verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let objs: Vec<serde_json::Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let verdicts: Vec<&serde_json::Value> =
+        objs.iter().filter(|v| v.get("verify").is_some()).collect();
+    assert_eq!(verdicts.len(), 12);
+    for v in &verdicts {
+        assert_eq!(v["verify"], "ok");
+        assert!(v["nmse"].as_f64().unwrap() <= v["bound"].as_f64().unwrap());
+        assert!(v["worst"]["position"].as_i64().is_some());
+        assert_eq!(v["diagnosis"].as_array().unwrap().len(), 0);
+    }
+    assert_eq!(
+        objs.last().unwrap()["verify_summary"],
+        serde_json::json!({"verified": 12, "failed": 0, "missing": 0})
+    );
+    // With --save-gguf - the trace takes stdout, verdicts go to stderr with the statistics.
+    let o = monitor(&m, &["-t", "2", "--verify", "--save-gguf", "-"]);
+    assert!(o.status.success());
+    assert!(o.stdout.starts_with(b"GGUF"));
+    assert!(text(&o.stderr).contains("verify: verified 12 of 12"));
+    // --verify needs the inputs.
+    let o = monitor(&m, &["--verify", "--no-trace-sources"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        text(&o.stderr),
+        "kqv-trace-monitor: --verify needs the attention inputs: drop --no-trace-sources (try --help)\n"
+    );
+}
+
+/// Two single-threaded runs: the same tensors, byte for byte, and the same verdicts (the
+/// same NMSE bits), in the file and live.
+#[test]
+fn single_threaded_runs_are_bit_for_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    for extra in [&["-fa", "on"][..], &["-fa", "off"][..]] {
+        let mut traces = Vec::new();
+        let mut stdouts = Vec::new();
+        for run in 0..2 {
+            let path = dir.path().join(format!("run{run}.gguf"));
+            let mut args = vec!["-t", "1", "--verify", "--save-gguf", path.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            let o = monitor(&m, &args);
+            assert!(o.status.success(), "{}", text(&o.stderr));
+            stdouts.push(text(&o.stdout));
+            traces.push(TraceFile::open(&path).unwrap());
+        }
+        let (a, b) = (&traces[0], &traces[1]);
+        assert_eq!(a.tensors.len(), b.tensors.len());
+        assert_eq!(a.tensors.len(), 12 * if extra[1] == "on" { 6 } else { 8 });
+        for (x, y) in a.tensors.iter().zip(&b.tensors) {
+            assert_eq!(x.name, y.name);
+            assert_eq!(x.meta, y.meta);
+            assert!(
+                a.data(x) == b.data(y),
+                "{extra:?}: {} differs between runs",
+                x.name
+            );
+        }
+        assert_eq!(a.steps, b.steps);
+        assert_eq!(a.attn, b.attn);
+        for &(s, l) in a.groups().keys() {
+            let va = check_in_trace(a, s, l).unwrap().unwrap();
+            let vb = check_in_trace(b, s, l).unwrap().unwrap();
+            assert!(va.pass);
+            assert_eq!(
+                va.verification.nmse.to_bits(),
+                vb.verification.nmse.to_bits()
+            );
+            assert_eq!(va, vb);
+        }
+        // The statistics and verdict lines printed live are identical too.
+        assert_eq!(stdouts[0], stdouts[1]);
+        // The whole files are: no time stamps or run-dependent keys.
+        let fa = std::fs::read(dir.path().join("run0.gguf")).unwrap();
+        let fb = std::fs::read(dir.path().join("run1.gguf")).unwrap();
+        assert!(fa == fb, "{extra:?}: the trace files differ");
+    }
+}
