@@ -21,7 +21,7 @@ use crate::util::{self, Result};
 const CRITERION: &[(&str, &str)] = &[
     ("gguf-io", "gguf_io"),
     ("ggml-trace", "dequant_vs_ggml"),
-    ("tensor-stats", "diff"),
+    ("tensor-diff-analyzer", "throughput"),
 ];
 
 pub fn run(mut args: pico_args::Arguments) -> Result {
@@ -295,6 +295,12 @@ struct Report {
     skipped: Vec<String>,
 }
 
+fn memcpy_entry(g: &BTreeMap<String, Crit>) -> Option<&Crit> {
+    g.iter()
+        .find(|(id, _)| id.starts_with("memcpy"))
+        .map(|(_, c)| c)
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -515,7 +521,7 @@ impl Report {
     fn render_other_groups(&self, s: &mut String) {
         let known = ["dequant_vs_ggml", "dequantize", "parse"];
         for (group, g) in &self.criterion {
-            if known.contains(&group.as_str()) || g.contains_key("memcpy") {
+            if known.contains(&group.as_str()) || memcpy_entry(g).is_some() {
                 continue;
             }
             let _ = writeln!(
