@@ -94,6 +94,8 @@ fn main() {
                 prefill_only: false,
                 json: false,
                 verbose: false,
+                verify: false,
+                quiet: true,
                 llama_args: llama_args.clone(),
             };
             let inner = (m == 1 || m == 2).then(|| {

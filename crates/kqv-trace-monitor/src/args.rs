@@ -19,6 +19,9 @@ MONITOR OPTIONS:
                          a failure the input that explains it), a summary line at the end;
                          exit 1 if any group failed (bounds: docs/verification.md)
     --json               statistics as JSON Lines (schema: docs/json.md)
+    --quiet              no progress line on stderr (it is shown only when stderr is a
+                         terminal and the statistics are not: stdout redirected); NO_COLOR
+                         turns its colour off
     -v, --verbose        show llama.cpp's log on stderr (default: errors only); also
                          passed to llama.cpp
     -h, --help           this help
@@ -65,6 +68,8 @@ pub struct Options {
     pub verbose: bool,
     /// Verify each (step, layer) while tracing.
     pub verify: bool,
+    /// No progress display.
+    pub quiet: bool,
     /// Arguments for llama.cpp, in order.
     pub llama_args: Vec<String>,
 }
@@ -96,6 +101,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         json: false,
         verbose: false,
         verify: false,
+        quiet: false,
         llama_args: Vec::new(),
     };
     let mut it = args.into_iter().peekable();
@@ -120,6 +126,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             "--prefill-only" => o.prefill_only = true,
             "--json" => o.json = true,
             "--verify" => o.verify = true,
+            "--quiet" => o.quiet = true,
             "-v" | "--verbose" | "--log-verbose" => {
                 o.verbose = true;
                 o.llama_args.push(a);

@@ -4,13 +4,14 @@
 pub mod args;
 pub mod sink;
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use args::{Command, SaveTarget};
 use ggml_trace::capture::CaptureConfig;
+use ggml_trace::progress::Progress;
 use ggml_trace::session::{self, RunOptions};
 use sink::MonitorSink;
 
@@ -92,7 +93,12 @@ pub fn run(opts: &args::Options) -> Result<(), MonitorError> {
     } else {
         Box::new(io::BufWriter::new(io::stdout()))
     };
-    let mut sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?;
+    // Progress only where it cannot tangle with the statistics: stderr is a terminal
+    // and the statistics go to a redirected stdout.
+    let stats_on_terminal =
+        opts.save == Some(SaveTarget::Stdout) || std::io::stdout().is_terminal();
+    let progress = Progress::new("kqv-trace-monitor", opts.quiet || stats_on_terminal);
+    let mut sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?.with_progress(progress);
     let run_opts = RunOptions {
         capture: CaptureConfig {
             layer: opts.layer,

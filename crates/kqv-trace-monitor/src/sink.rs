@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
+use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use gguf_io::quant;
 use serde_json::json;
@@ -30,6 +31,8 @@ pub struct MonitorSink {
     io_error: Option<std::io::Error>,
     /// `--verify`: checks each (step, layer) as it is captured.
     verifier: Option<Verifier>,
+    progress: Progress,
+    counters: Counters,
 }
 
 /// `--verify` state: the current step's positions, the previous step's input fingerprints
@@ -195,7 +198,16 @@ impl MonitorSink {
             n_steps: 0,
             io_error: None,
             verifier: opts.verify.then(Verifier::default),
+            progress: Progress::hidden(),
+            counters: Counters::default(),
         })
+    }
+
+    /// Show a progress line on stderr while tracing (see [`Progress`]); only when the
+    /// statistics do not go to the terminal themselves.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
     }
 
     fn line(&mut self, t: &CapturedTensor, s: &Summary) -> std::io::Result<()> {
@@ -237,6 +249,7 @@ impl MonitorSink {
 
     /// Flush statistics and write the trace (if asked).
     pub fn finish(mut self, info: &RunInfo, outcome: &RunOutcome) -> Result<(), MonitorError> {
+        self.progress.clear();
         if let Some(e) = self.io_error.take() {
             return Err(e.into());
         }
@@ -398,10 +411,24 @@ fn sha256_file(path: &str) -> std::io::Result<String> {
 }
 
 impl CaptureSink for MonitorSink {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+        let generated = if info.n_predict > 0 {
+            info.n_predict as u64
+        } else {
+            0
+        };
+        self.counters.tokens_total = info.prompt_tokens.len() as u64 + generated;
+        Ok(())
+    }
+
     fn on_step(&mut self, step: &StepMeta) -> bool {
         if self.stop.load(Ordering::SeqCst) {
             return false;
         }
+        // The previous step is done when the next one starts.
+        self.counters.steps = step.step;
+        self.progress.update(self.counters);
+        self.counters.tokens += step.tokens.len() as u64;
         self.n_steps = step.step + 1;
         if let Some(v) = self.verifier.as_mut() {
             v.positions.clone_from(&step.positions);
@@ -456,7 +483,9 @@ impl CaptureSink for MonitorSink {
                 w.add_tensor(t.meta, &t.data, false)
                     .map_err(|e| e.to_string())?;
             }
+            self.counters.bytes_written = w.spooled_bytes();
         }
+        self.progress.update(self.counters);
         Ok(())
     }
 }
