@@ -33,6 +33,15 @@ pub mod sys;
 /// Absolute path of the llama.cpp tree this crate was built from.
 pub const LLAMA_CPP_DIR: &str = env!("KCM_LLAMA_CPP_DIR");
 
+/// The pinned llama.cpp these tools are built with, for `--version` and trace
+/// metadata, e.g. `llama.cpp from llama-cpp-sys-2 0.1.161 (b0-llama-cpp-sys-2 0.1.161)`.
+pub fn llama_version() -> String {
+    format!(
+        "llama.cpp from llama-cpp-sys-2 0.1.161 ({})",
+        shim::common_build_info()
+    )
+}
+
 /// `llama_print_system_info()`: the CPU features ggml-cpu was compiled with,
 /// e.g. `CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | ...`.
 pub fn system_info() -> String {

@@ -49,7 +49,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     let opts = match cmd {
         Command::Help => return print_quietly(args::USAGE),
         Command::Version => {
-            return print_quietly(&format!("gguf-reader {}\n", env!("CARGO_PKG_VERSION")))
+            return print_quietly(&format!(
+                "gguf-reader {} ({})\n",
+                env!("CARGO_PKG_VERSION"),
+                ggml_trace::llama_version()
+            ))
         }
         Command::Run(o) => o,
     };

@@ -294,3 +294,26 @@ fn closed_pipe_ends_quietly() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `--version` names the tool and the llama.cpp pinned in vendor/pin/Cargo.toml.
+#[test]
+fn version_names_the_pinned_llama_cpp() {
+    let pin = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../vendor/pin/Cargo.toml"),
+    )
+    .unwrap();
+    let line = pin
+        .lines()
+        .find(|l| l.starts_with("llama-cpp-sys-2"))
+        .expect("pin line");
+    let version = line
+        .split("\"=")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .expect("pinned version");
+    let o = run(&["--version"], None);
+    assert!(o.status.success());
+    let s = stdout(&o);
+    assert!(s.starts_with("gguf-reader "), "{s}");
+    assert!(s.contains(&format!("llama-cpp-sys-2 {version}")), "{s}");
+}

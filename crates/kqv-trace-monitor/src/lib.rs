@@ -24,10 +24,7 @@ pub mod exit {
 
 /// The pinned llama.cpp this binary was built with.
 pub fn llama_version() -> String {
-    format!(
-        "llama.cpp from llama-cpp-sys-2 0.1.161 ({})",
-        ggml_trace::shim::common_build_info()
-    )
+    ggml_trace::llama_version()
 }
 
 pub fn main(args: Vec<String>) -> ExitCode {
