@@ -245,8 +245,20 @@ fn flash_note(f: (Option<bool>, Option<bool>)) -> String {
 /// Elements dequantized per chunk: a multiple of every block size (32, 256).
 const CHUNK: u64 = 1 << 14;
 
+/// Little-endian f32 bytes seen as f32 values in place, when they are aligned for it.
+fn f32_in_place(b: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32, and `align_to` only returns a correctly
+    // aligned middle part inside `b`; it is used only when it covers all of `b`.
+    let (head, mid, tail) = unsafe { b.align_to::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}
+
 /// Compare two tensors' bytes (logical order, own types) element by element, chunk by
-/// chunk, split over `threads` threads for large tensors.
+/// chunk, split over `threads` threads for large tensors. Two F32 tensors (the common
+/// case of a memory-mapped trace) are read in place, with no copy.
 pub fn diff_bytes(
     cur_ty: GgmlType,
     cur: &[u8],
@@ -255,6 +267,21 @@ pub fn diff_bytes(
     n: u64,
     tol: Tolerance,
     threads: usize,
+) -> Result<DiffMetrics, String> {
+    diff_bytes_with(cur_ty, cur, ref_ty, reference, n, tol, threads, true)
+}
+
+/// `diff_bytes`, with the in-place F32 path allowed or not (the tests compare both).
+#[allow(clippy::too_many_arguments)]
+fn diff_bytes_with(
+    cur_ty: GgmlType,
+    cur: &[u8],
+    ref_ty: GgmlType,
+    reference: &[u8],
+    n: u64,
+    tol: Tolerance,
+    threads: usize,
+    in_place: bool,
 ) -> Result<DiffMetrics, String> {
     for (ty, b, side) in [(cur_ty, cur, "current"), (ref_ty, reference, "reference")] {
         let need = ty
@@ -273,8 +300,19 @@ pub fn diff_bytes(
     }
     let threads = threads.clamp(1, n.div_ceil(CHUNK * 16).max(1) as usize);
     let per = n.div_ceil(threads as u64).div_ceil(CHUNK) * CHUNK;
+    let direct = match (cur_ty, ref_ty, in_place) {
+        (GgmlType::F32, GgmlType::F32, true) => f32_in_place(cur).zip(f32_in_place(reference)),
+        _ => None,
+    };
     let range = |start: u64, end: u64| -> Result<DiffAccumulator, String> {
         let mut acc = DiffAccumulator::starting_at(tol, n, start);
+        if let Some((c, r)) = direct {
+            // The same blocks as the chunked path below (CHUNK is a multiple of the
+            // accumulator's block), so the same bits.
+            let (s, e) = (start as usize, end as usize);
+            acc.push(&c[s..e], &r[s..e]).map_err(|e| e.to_string())?;
+            return Ok(acc);
+        }
         let len = CHUNK.min(end - start) as usize;
         let (mut c, mut r) = (vec![0f32; len], vec![0f32; len]);
         let mut at = start;

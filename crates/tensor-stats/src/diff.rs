@@ -283,7 +283,9 @@ fn better(a: &Option<Worst>, b: &Option<Worst>) -> Option<Worst> {
     }
 }
 
-/// Per-lane partial results of the fast path.
+/// Per-lane partial results of the fast path: lane `l` holds elements `l`, `l + LANES`,
+/// `l + 2·LANES`, … of a block's body.
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Lanes {
     sum_d: [f64; LANES],
     sum_d2: [f64; LANES],
@@ -293,15 +295,13 @@ struct Lanes {
     rr: [f64; LANES],
     sum_r: [f64; LANES],
     max_d: [f64; LANES],
+    /// Over all elements, with 0 for those without a relative difference: meaningful
+    /// only where `rel_n` is not 0.
     max_rel: [f64; LANES],
     need_a: [f64; LANES],
     need_r: [f64; LANES],
     rel_n: [u64; LANES],
     bad: [u64; LANES],
-    /// Start of the lane group holding the lane's maximum (add the lane for the index).
-    max_d_i: [u64; LANES],
-    max_rel_i: [u64; LANES],
-    nonfinite: [u32; LANES],
 }
 
 impl Lanes {
@@ -320,32 +320,38 @@ impl Lanes {
             need_r: [0.0; LANES],
             rel_n: [0; LANES],
             bad: [0; LANES],
-            max_d_i: [0; LANES],
-            max_rel_i: [0; LANES],
-            nonfinite: [0; LANES],
         }
+    }
+
+    /// Whether every input value was finite: a NaN or an infinity on either side makes
+    /// Σc² or Σr² non-finite, and finite f32 values cannot (4096 · f32::MAX² < f64::MAX).
+    fn all_finite(&self) -> bool {
+        self.cc.iter().chain(&self.rr).all(|x| x.is_finite())
     }
 }
 
-/// The fast path over whole lane groups of finite values (non-finite ones are only
-/// flagged: the caller redoes such a block element by element). `EITHER` picks the
-/// element rule; `NEED` tracks the largest tolerance each element needs (no budget).
+/// The largest of `v` (-1 for none above it).
+fn lane_max(v: &[f64; LANES]) -> f64 {
+    v.iter().fold(-1.0, |a, &b| if b > a { b } else { a })
+}
+
+/// The fast path over whole lane groups: every sum, maximum, count and (`NEED`) the
+/// largest tolerance each element needs, in LANES independent lanes with no branch and
+/// no index, so that the compiler vectorises it. Non-finite values poison Σc² or Σr²
+/// (`Lanes::all_finite`): the caller then redoes the block element by element. The
+/// worst elements' indices are found afterwards, only for a block that beats the worst
+/// so far. `EITHER` picks the element rule.
 #[inline(always)]
-fn kernel<const EITHER: bool, const NEED: bool>(
+fn kernel_impl<const EITHER: bool, const NEED: bool>(
     c: &[f32],
     r: &[f32],
     abs_t: f64,
     rel_t: f64,
-    k: &mut Lanes,
-) {
-    const EXP: u32 = 0x7f80_0000;
-    for (g, (cg, rg)) in c.chunks_exact(LANES).zip(r.chunks_exact(LANES)).enumerate() {
-        let j = (g * LANES) as u64;
+) -> Lanes {
+    let mut k = Lanes::new();
+    for (cg, rg) in c.chunks_exact(LANES).zip(r.chunks_exact(LANES)) {
         for l in 0..LANES {
-            let (cf, rf) = (cg[l], rg[l]);
-            k.nonfinite[l] |=
-                u32::from(cf.to_bits() & EXP == EXP) | u32::from(rf.to_bits() & EXP == EXP);
-            let (cv, rv) = (f64::from(cf), f64::from(rf));
+            let (cv, rv) = (f64::from(cg[l]), f64::from(rg[l]));
             let d = (cv - rv).abs();
             let ar = rv.abs();
             k.sum_d[l] += d;
@@ -361,12 +367,12 @@ fn kernel<const EITHER: bool, const NEED: bool>(
             let rel = if has_rel { q } else { 0.0 };
             k.sum_rel[l] += rel;
             k.rel_n[l] += u64::from(has_rel);
-            let gt = d > k.max_d[l];
-            k.max_d[l] = if gt { d } else { k.max_d[l] };
-            k.max_d_i[l] = if gt { j } else { k.max_d_i[l] };
-            let gtr = has_rel && rel > k.max_rel[l];
-            k.max_rel[l] = if gtr { rel } else { k.max_rel[l] };
-            k.max_rel_i[l] = if gtr { j } else { k.max_rel_i[l] };
+            k.max_d[l] = if d > k.max_d[l] { d } else { k.max_d[l] };
+            k.max_rel[l] = if rel > k.max_rel[l] {
+                rel
+            } else {
+                k.max_rel[l]
+            };
             let over_abs = d > abs_t;
             let fails = if EITHER {
                 over_abs && d > rel_t * ar
@@ -387,11 +393,111 @@ fn kernel<const EITHER: bool, const NEED: bool>(
                         if over_abs { (d - abs_t) * inv } else { 0.0 },
                     )
                 };
-                k.need_a[l] = k.need_a[l].max(na);
-                k.need_r[l] = k.need_r[l].max(nr);
+                k.need_a[l] = if na > k.need_a[l] { na } else { k.need_a[l] };
+                k.need_r[l] = if nr > k.need_r[l] { nr } else { k.need_r[l] };
             }
         }
     }
+    k
+}
+
+/// `kernel_impl` compiled for AVX-512F: the same IEEE operations in the same order per
+/// lane (no fused multiply-add), so the same bits as the portable build.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512<const EITHER: bool, const NEED: bool>(
+    c: &[f32],
+    r: &[f32],
+    abs_t: f64,
+    rel_t: f64,
+) -> Lanes {
+    kernel_impl::<EITHER, NEED>(c, r, abs_t, rel_t)
+}
+
+/// `kernel_impl` compiled for AVX2 (same bits, as above).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn kernel_avx2<const EITHER: bool, const NEED: bool>(
+    c: &[f32],
+    r: &[f32],
+    abs_t: f64,
+    rel_t: f64,
+) -> Lanes {
+    kernel_impl::<EITHER, NEED>(c, r, abs_t, rel_t)
+}
+
+/// Σ (r - mean)² over whole lane groups, in LANES lanes (pass 2 of a block).
+#[inline(always)]
+fn squared_deviations_impl(r: &[f32], mean: f64) -> [f64; LANES] {
+    let mut m2 = [0.0f64; LANES];
+    for g in r.chunks_exact(LANES) {
+        for l in 0..LANES {
+            let x = f64::from(g[l]) - mean;
+            m2[l] += x * x;
+        }
+    }
+    m2
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn squared_deviations_avx512(r: &[f32], mean: f64) -> [f64; LANES] {
+    squared_deviations_impl(r, mean)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn squared_deviations_avx2(r: &[f32], mean: f64) -> [f64; LANES] {
+    squared_deviations_impl(r, mean)
+}
+
+/// `squared_deviations_impl` with the widest vectors the CPU has (same bits).
+#[inline]
+fn squared_deviations(r: &[f32], mean: f64) -> [f64; LANES] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is available (checked above).
+            return unsafe { squared_deviations_avx512(r, mean) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { squared_deviations_avx2(r, mean) };
+        }
+    }
+    squared_deviations_impl(r, mean)
+}
+
+/// `kernel_impl` with the widest vectors the CPU has.
+#[inline]
+fn kernel<const EITHER: bool, const NEED: bool>(
+    c: &[f32],
+    r: &[f32],
+    abs_t: f64,
+    rel_t: f64,
+) -> Lanes {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is available (checked above).
+            return unsafe { kernel_avx512::<EITHER, NEED>(c, r, abs_t, rel_t) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { kernel_avx2::<EITHER, NEED>(c, r, abs_t, rel_t) };
+        }
+    }
+    kernel_impl::<EITHER, NEED>(c, r, abs_t, rel_t)
 }
 
 impl DiffAccumulator {
@@ -482,68 +588,53 @@ impl DiffAccumulator {
     fn push_block(&mut self, c: &[f32], r: &[f32]) {
         let n = c.len();
         let base = self.next;
-        // Pass 1: everything but the reference's squared deviations, in LANES independent
-        // lanes, branch-free (the compiler vectorises it).
-        let mut k = Lanes::new();
+        // Pass 1: everything but the reference's squared deviations and the worst
+        // elements' indices, in LANES independent lanes, branch-free (vectorised).
         let (abs_t, rel_t) = (self.tol.abs, self.tol.rel);
         // With no mismatch budget the smallest passing tolerances are plain maxima.
         let single = self.need_abs.k == 1;
         let body = n / LANES * LANES;
         let (cb, rb) = (&c[..body], &r[..body]);
-        match (self.tol.mode, single) {
-            (ToleranceMode::Either, true) => kernel::<true, true>(cb, rb, abs_t, rel_t, &mut k),
-            (ToleranceMode::Either, false) => kernel::<true, false>(cb, rb, abs_t, rel_t, &mut k),
-            (ToleranceMode::Elementwise, true) => {
-                kernel::<false, true>(cb, rb, abs_t, rel_t, &mut k)
-            }
-            _ => kernel::<false, false>(cb, rb, abs_t, rel_t, &mut k),
-        }
-        let Lanes {
-            sum_d,
-            sum_d2,
-            sum_rel,
-            dot,
-            cc,
-            rr,
-            sum_r,
-            max_d,
-            max_rel,
-            need_a,
-            need_r,
-            rel_n,
-            bad,
-            max_d_i,
-            max_rel_i,
-            nonfinite,
-        } = k;
-        let max_d_i = std::array::from_fn::<usize, LANES, _>(|l| max_d_i[l] as usize + l);
-        let max_rel_i = std::array::from_fn::<usize, LANES, _>(|l| max_rel_i[l] as usize + l);
+        let k = match self.tol.mode {
+            ToleranceMode::Either => kernel::<true, true>(cb, rb, abs_t, rel_t),
+            ToleranceMode::Elementwise => kernel::<false, true>(cb, rb, abs_t, rel_t),
+            ToleranceMode::Mean => kernel::<false, false>(cb, rb, abs_t, rel_t),
+        };
         let tail_nonfinite = c[body..].iter().chain(&r[body..]).any(|x| !x.is_finite());
-        if tail_nonfinite || nonfinite.iter().any(|&x| x != 0) {
+        if tail_nonfinite || !k.all_finite() {
             // Rare: redo the block element by element, sorting non-finite pairs out.
             self.push_block_scalar(c, r);
             return;
         }
-        let mut s_r: f64 = sum_r.iter().sum();
-        let mut acc_d: f64 = sum_d.iter().sum();
-        let mut acc_d2: f64 = sum_d2.iter().sum();
-        let mut acc_rel: f64 = sum_rel.iter().sum();
-        let mut acc_rel_n: u64 = rel_n.iter().sum();
-        let mut acc_dot: f64 = dot.iter().sum();
-        let mut acc_cc: f64 = cc.iter().sum();
-        let mut acc_rr: f64 = rr.iter().sum();
-        let mut acc_bad: u64 = bad.iter().sum();
+        let mut s_r: f64 = k.sum_r.iter().sum();
+        let mut acc_d: f64 = k.sum_d.iter().sum();
+        let mut acc_d2: f64 = k.sum_d2.iter().sum();
+        let mut acc_rel: f64 = k.sum_rel.iter().sum();
+        let body_rel_n: u64 = k.rel_n.iter().sum();
+        let mut acc_rel_n = body_rel_n;
+        let mut acc_dot: f64 = k.dot.iter().sum();
+        let mut acc_cc: f64 = k.cc.iter().sum();
+        let mut acc_rr: f64 = k.rr.iter().sum();
+        let mut acc_bad: u64 = k.bad.iter().sum();
+        // The worst elements of the body: their first index is looked up again only
+        // when the block beats the worst so far (a tie keeps the earlier element).
         let mut wa: Option<Worst> = None;
         let mut wr: Option<Worst> = None;
-        for l in 0..LANES {
-            if max_d[l] >= 0.0 {
-                let i = max_d_i[l];
-                wa = better(&wa, &Some(self.worst(base, i, c, r, max_d[l])));
-            }
-            if max_rel[l] >= 0.0 {
-                let i = max_rel_i[l];
-                wr = better(&wr, &Some(self.worst(base, i, c, r, max_rel[l])));
-            }
+        let max_d = lane_max(&k.max_d);
+        if body > 0 && self.worst_abs.is_none_or(|w| max_d > w.value) {
+            wa = (0..body)
+                .find(|&i| (f64::from(c[i]) - f64::from(r[i])).abs() == max_d)
+                .map(|i| self.worst(base, i, c, r, max_d));
+        }
+        let max_rel = lane_max(&k.max_rel);
+        if body_rel_n > 0 && self.worst_rel.is_none_or(|w| max_rel > w.value) {
+            wr = (0..body)
+                .find(|&i| {
+                    let (cv, rv) = (f64::from(c[i]), f64::from(r[i]));
+                    let ar = rv.abs();
+                    ar > REL_FLOOR && (cv - rv).abs() * (1.0 / ar) == max_rel
+                })
+                .map(|i| self.worst(base, i, c, r, max_rel));
         }
         for i in body..n {
             let (cv, rv) = (f64::from(c[i]), f64::from(r[i]));
@@ -566,31 +657,31 @@ impl DiffAccumulator {
             self.need_abs.push(na);
             self.need_rel.push(nr);
         }
-        if single {
-            for l in 0..LANES {
-                self.need_abs.push(need_a[l]);
-                self.need_rel.push(need_r[l]);
-            }
-        } else if self.tol.mode != ToleranceMode::Mean {
-            // A mismatch budget: the k largest needs, element by element.
-            for i in 0..body {
-                let (cv, rv) = (f64::from(c[i]), f64::from(r[i]));
-                let (na, nr) = self.needed((cv - rv).abs(), rv.abs());
-                self.need_abs.push(na);
-                self.need_rel.push(nr);
+        if self.tol.mode != ToleranceMode::Mean {
+            let (need_a, need_r) = (lane_max(&k.need_a), lane_max(&k.need_r));
+            if single {
+                self.need_abs.push(need_a);
+                self.need_rel.push(need_r);
+            } else {
+                // A mismatch budget: the k largest needs. Only a block holding a need
+                // above the current k-th largest can change them; the lanes' rel need
+                // is d·(1/|r|), within a few ulps of the quotient pushed below, hence
+                // the margin.
+                let may_rel = need_r * (1.0 + 1e-9) + 1e-300 > self.need_rel.threshold();
+                if need_a > self.need_abs.threshold() || may_rel {
+                    for i in 0..body {
+                        let (cv, rv) = (f64::from(c[i]), f64::from(r[i]));
+                        let (na, nr) = self.needed((cv - rv).abs(), rv.abs());
+                        self.need_abs.push(na);
+                        self.need_rel.push(nr);
+                    }
+                }
             }
         }
         // Pass 2: the reference's squared deviations from this block's mean (exact where
         // a one-pass sum of squares would cancel).
         let mean = s_r / n as f64;
-        let mut m2 = [0.0f64; LANES];
-        for j in (0..body).step_by(LANES) {
-            for l in 0..LANES {
-                let x = f64::from(r[j + l]) - mean;
-                m2[l] += x * x;
-            }
-        }
-        let mut m2_total: f64 = m2.iter().sum();
+        let mut m2_total: f64 = squared_deviations(&r[..body], mean).iter().sum();
         for &v in &r[body..] {
             let x = f64::from(v) - mean;
             m2_total += x * x;
