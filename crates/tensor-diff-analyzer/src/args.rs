@@ -96,6 +96,9 @@ pub enum UsageError {
     NotOffline(String),
     #[error("--save-gguf - would mix the trace with the summary on stdout: give a file")]
     SaveToStdout,
+    /// A kqv-trace-monitor option that means nothing here: refused rather than ignored.
+    #[error("{0} is a kqv-trace-monitor option, not an analyzer one: {1}")]
+    MonitorOnly(&'static str, &'static str),
 }
 
 fn number(flag: &'static str, v: String) -> Result<f64, UsageError> {
@@ -134,6 +137,13 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                     _ => return Err(UsageError::BadPercent(v)),
                 };
             }
+            // The monitor's parser would accept it and the analyzer would ignore it.
+            "--verify" => {
+                return Err(UsageError::MonitorOnly(
+                    "--verify",
+                    "run kqv-trace-monitor --verify, or gguf-reader --verify-attention on a trace",
+                ))
+            }
             "--plot" => plot = Some(PathBuf::from(value("--plot")?)),
             "--noise-floor" => noise_floor = true,
             "--noise-reference" => {
@@ -148,6 +158,12 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         monitor_args::Command::Version => return Ok(Command::Version),
     };
     let reference = reference.ok_or(UsageError::NoReference)?;
+    if monitor.verify {
+        return Err(UsageError::MonitorOnly(
+            "--verify",
+            "run kqv-trace-monitor --verify, or gguf-reader --verify-attention on a trace",
+        ));
+    }
     if monitor.save == Some(SaveTarget::Stdout) {
         return Err(UsageError::SaveToStdout);
     }
@@ -267,5 +283,22 @@ mod tests {
             e(&["--reference", "a", "--layer", "x"]),
             UsageError::Monitor(_)
         ));
+    }
+
+    #[test]
+    fn the_monitors_verify_flag_is_refused() {
+        let e = |v: &[&str]| parse(args(v)).unwrap_err();
+        for v in [
+            &["--reference", "a", "--current", "b", "--verify"][..],
+            &["-m", "m.gguf", "--verify", "--reference", "a"],
+            &["--verify", "--no-trace-sources", "--reference", "a"],
+        ] {
+            let err = e(v);
+            assert!(
+                matches!(err, UsageError::MonitorOnly("--verify", _)),
+                "{v:?}: {err:?}"
+            );
+            assert!(err.to_string().contains("kqv-trace-monitor --verify"));
+        }
     }
 }

@@ -631,3 +631,110 @@ impl<'r> Analyzer<'r> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensor_stats::ToleranceMode;
+
+    /// `n` values per side as little-endian bytes starting at `skew` bytes past a 4-byte
+    /// boundary, with zeros, tiny references, NaN and infinities among them.
+    fn sides(n: usize, seed: u64, skew: usize) -> (Vec<u8>, Vec<u8>, usize) {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let (mut c, mut r) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let x = next();
+            let v = ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            let rv = match x % 101 {
+                0 => 0.0,
+                1 => 1e-13,
+                2 if i % 3 == 0 => f32::NEG_INFINITY,
+                _ => v,
+            };
+            let cv = match x % 103 {
+                0 => f32::NAN,
+                1 => rv,
+                2 => f32::INFINITY,
+                _ if rv.is_infinite() && i % 2 == 0 => rv,
+                _ => rv + 1e-3 * (((x >> 8) & 0xffff) as f32 / 65536.0 - 0.5),
+            };
+            c.push(cv);
+            r.push(rv);
+        }
+        let bytes = |v: &[f32]| {
+            let mut b = vec![0u8; v.len() * 4 + 8];
+            let at = b.as_ptr().align_offset(4) + skew;
+            for (o, x) in b[at..].chunks_exact_mut(4).zip(v) {
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+            (b, at)
+        };
+        let ((cb, at), (rb, at2)) = (bytes(&c), bytes(&r));
+        assert_eq!(at, at2);
+        (cb, rb, at)
+    }
+
+    /// The in-place F32 path gives the dequantize-and-copy path's bits, whatever the
+    /// values, tolerance, mismatch budget and threads.
+    #[test]
+    fn in_place_f32_matches_the_copying_path() {
+        let tols = [
+            Tolerance::default(),
+            Tolerance {
+                abs: 1e-4,
+                rel: 1e-3,
+                mode: ToleranceMode::Either,
+                max_mismatch_pct: 2.0,
+            },
+            Tolerance {
+                abs: 1e-4,
+                rel: 1e-3,
+                mode: ToleranceMode::Elementwise,
+                max_mismatch_pct: 5.0,
+            },
+            Tolerance {
+                abs: 1e-4,
+                rel: 1e-3,
+                mode: ToleranceMode::Mean,
+                max_mismatch_pct: 0.0,
+            },
+        ];
+        for (seed, n) in [(1u64, 1usize), (2, 4097), (3, 300_007), (4, 1 << 19)] {
+            let (cb, rb, at) = sides(n, seed * 0x9e37_79b9, 0);
+            let (c, r) = (&cb[at..at + 4 * n], &rb[at..at + 4 * n]);
+            assert!(f32_in_place(c).is_some() && f32_in_place(r).is_some());
+            for t in tols {
+                for threads in [1, 2, 3] {
+                    let run = |in_place| {
+                        let m = diff_bytes_with(
+                            GgmlType::F32,
+                            c,
+                            GgmlType::F32,
+                            r,
+                            n as u64,
+                            t,
+                            threads,
+                            in_place,
+                        )
+                        .unwrap();
+                        format!("{m:?}")
+                    };
+                    assert_eq!(run(true), run(false), "n {n} {t:?} threads {threads}");
+                }
+            }
+            // Unaligned bytes are copied, with the same result.
+            let (cu, ru, au) = sides(n, seed * 0x9e37_79b9, 1);
+            let (c2, r2) = (&cu[au..au + 4 * n], &ru[au..au + 4 * n]);
+            let t = Tolerance::default();
+            let a = diff_bytes(GgmlType::F32, c, GgmlType::F32, r, n as u64, t, 2).unwrap();
+            let b = diff_bytes(GgmlType::F32, c2, GgmlType::F32, r2, n as u64, t, 2).unwrap();
+            assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        }
+    }
+}

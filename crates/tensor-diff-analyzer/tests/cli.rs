@@ -548,3 +548,32 @@ fn unmatched_tensors_are_listed_and_fail() {
     assert_eq!(code(&o), 0, "{}", text(&o.stdout));
     assert!(text(&o.stdout).contains(&format!("Total comparisons: {}\n", t0.tensors.len())));
 }
+
+/// The monitor's `--verify` would pass through its parser and be silently ignored here:
+/// refused with a usage error instead, offline and live, before any file is read.
+#[test]
+fn the_monitors_verify_flag_is_a_usage_error() {
+    let offline: Vec<String> = ["--reference", "a.gguf", "--current", "b.gguf", "--verify"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let live: Vec<String> = [
+        "-m",
+        "m.gguf",
+        "-p",
+        "Hi",
+        "--verify",
+        "--reference",
+        "a.gguf",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for a in [offline, live] {
+        let e = input_error(&analyze(&a, &[]));
+        assert!(
+            e.contains("--verify is a kqv-trace-monitor option") && e.contains("--help"),
+            "{e}"
+        );
+    }
+}

@@ -1009,3 +1009,212 @@ pub fn unravel(i: u64, ne: [u64; 4]) -> [u64; 4] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift values in [-1, 1), with zeros, tiny references and (`nonfinite`) NaN and
+    /// infinities planted.
+    fn inputs(n: usize, seed: u64, nonfinite: bool) -> (Vec<f32>, Vec<f32>) {
+        let mut s = seed | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut c = Vec::with_capacity(n);
+        let mut r = Vec::with_capacity(n);
+        for _ in 0..n {
+            let x = next();
+            let v = ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            let rv = match x % 97 {
+                0 => 0.0,
+                1 => -0.0,
+                2 => 1e-13,
+                _ => v,
+            };
+            let cv = match x % 89 {
+                0 => rv,
+                1 => 0.0,
+                _ => rv + 1e-3 * (((x >> 16) & 0xffff) as f32 / 65536.0 - 0.5),
+            };
+            r.push(rv);
+            c.push(cv);
+        }
+        if nonfinite {
+            for k in 0..6 {
+                let i = (next() % n as u64) as usize;
+                match k % 3 {
+                    0 => c[i] = f32::NAN,
+                    1 => r[i] = f32::INFINITY,
+                    _ => (c[i], r[i]) = (f32::NEG_INFINITY, f32::NEG_INFINITY),
+                }
+            }
+        }
+        (c, r)
+    }
+
+    fn bits(k: &Lanes) -> Vec<u64> {
+        let f = [
+            k.sum_d, k.sum_d2, k.sum_rel, k.dot, k.cc, k.rr, k.sum_r, k.max_d, k.max_rel, k.need_a,
+            k.need_r,
+        ];
+        // NaN (only from non-finite input, whose block is redone) in one canonical form.
+        let canon = |x: &f64| {
+            if x.is_nan() {
+                f64::NAN.to_bits()
+            } else {
+                x.to_bits()
+            }
+        };
+        f.iter()
+            .flat_map(|a| a.iter().map(canon))
+            .chain(k.rel_n.iter().chain(&k.bad).copied())
+            .collect()
+    }
+
+    /// Every vector build of the kernel gives the portable build's bits.
+    #[test]
+    fn kernel_builds_agree_bit_for_bit() {
+        for seed in 1..20u64 {
+            let (c, r) = inputs(BLOCK, seed * 7919, seed % 3 == 0);
+            let (a, t) = (1e-4, 1e-3);
+            type K = fn(&[f32], &[f32], f64, f64) -> Lanes;
+            let portable: [K; 3] = [
+                kernel_impl::<true, true>,
+                kernel_impl::<false, true>,
+                kernel_impl::<false, false>,
+            ];
+            let dispatched: [K; 3] = [
+                kernel::<true, true>,
+                kernel::<false, true>,
+                kernel::<false, false>,
+            ];
+            for (p, d) in portable.iter().zip(&dispatched) {
+                assert_eq!(
+                    bits(&p(&c, &r, a, t)),
+                    bits(&d(&c, &r, a, t)),
+                    "seed {seed}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 checked just above.
+                    let v = unsafe { kernel_avx2::<false, true>(&c, &r, a, t) };
+                    assert_eq!(bits(&v), bits(&portable[1](&c, &r, a, t)));
+                    let m = unsafe { squared_deviations_avx2(&r, 0.25) };
+                    assert_eq!(
+                        m.map(f64::to_bits),
+                        squared_deviations_impl(&r, 0.25).map(f64::to_bits)
+                    );
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F checked just above.
+                    let v = unsafe { kernel_avx512::<true, true>(&c, &r, a, t) };
+                    assert_eq!(bits(&v), bits(&portable[0](&c, &r, a, t)));
+                    let m = unsafe { squared_deviations_avx512(&r, 0.25) };
+                    assert_eq!(
+                        m.map(f64::to_bits),
+                        squared_deviations_impl(&r, 0.25).map(f64::to_bits)
+                    );
+                }
+            }
+        }
+    }
+
+    /// The lane fast path against the element-by-element path on the same blocks: the
+    /// counts, maxima, worst elements and smallest passing tolerances agree exactly (the
+    /// relative values up to the fast path's d·(1/|r|)), the sums to rounding.
+    #[test]
+    fn fast_path_matches_the_element_by_element_path() {
+        let tols = [
+            Tolerance::default(),
+            Tolerance {
+                abs: 1e-4,
+                rel: 1e-3,
+                mode: ToleranceMode::Either,
+                max_mismatch_pct: 0.0,
+            },
+            Tolerance {
+                abs: 1e-4,
+                rel: 1e-3,
+                mode: ToleranceMode::Elementwise,
+                max_mismatch_pct: 5.0,
+            },
+            Tolerance {
+                abs: 1e-5,
+                rel: 1e-2,
+                mode: ToleranceMode::Either,
+                max_mismatch_pct: 0.5,
+            },
+            Tolerance {
+                abs: 1e-4,
+                rel: 1e-3,
+                mode: ToleranceMode::Mean,
+                max_mismatch_pct: 0.0,
+            },
+        ];
+        for seed in 1..12u64 {
+            let n = [4096usize, 20_003, 65_536][(seed % 3) as usize];
+            let (c, r) = inputs(n, seed * 104_729, seed % 4 == 0);
+            for t in tols {
+                let mut fast = DiffAccumulator::new(t, n as u64);
+                fast.push(&c, &r).unwrap();
+                let mut slow = DiffAccumulator::new(t, n as u64);
+                for (cb, rb) in c.chunks(BLOCK).zip(r.chunks(BLOCK)) {
+                    slow.push_block_scalar(cb, rb);
+                }
+                let (f, s) = (fast.finish(), slow.finish());
+                let ctx = format!("seed {seed} n {n} {t:?}");
+                assert_eq!(
+                    (f.count, f.compared, f.rel_count, f.mismatches, f.within),
+                    (s.count, s.compared, s.rel_count, s.mismatches, s.within),
+                    "{ctx}"
+                );
+                assert_eq!(
+                    (
+                        f.nan_current,
+                        f.inf_current,
+                        f.nan_reference,
+                        f.inf_reference
+                    ),
+                    (
+                        s.nan_current,
+                        s.inf_current,
+                        s.nan_reference,
+                        s.inf_reference
+                    ),
+                    "{ctx}"
+                );
+                assert_eq!(
+                    (f.nonfinite_agree, f.nonfinite_mismatch),
+                    (s.nonfinite_agree, s.nonfinite_mismatch),
+                    "{ctx}"
+                );
+                assert_eq!(f.worst_abs, s.worst_abs, "{ctx}");
+                let (fr, sr) = (f.worst_rel.unwrap(), s.worst_rel.unwrap());
+                assert_eq!(fr.index, sr.index, "{ctx}");
+                assert!((fr.value - sr.value).abs() <= 4e-16 * sr.value, "{ctx}");
+                // (In `Mean` mode they are the means: sums, compared below.)
+                let exact = t.mode != ToleranceMode::Mean;
+                assert!(!exact || f.min_passing_abs == s.min_passing_abs, "{ctx}");
+                let (a, b) = (f.min_passing_rel, s.min_passing_rel);
+                let ulps = if exact { 4e-16 } else { 1e-12 };
+                assert!(a == b || (a - b).abs() <= ulps * b, "{ctx}: {a} {b}");
+                for (x, y) in [
+                    (f.mean_abs, s.mean_abs),
+                    (f.mse, s.mse),
+                    (f.mean_rel, s.mean_rel),
+                    (f.ref_variance, s.ref_variance),
+                    (f.cosine, s.cosine),
+                    (f.min_passing_abs, s.min_passing_abs),
+                ] {
+                    assert!(x == y || (x - y).abs() <= 1e-12 * y.abs(), "{ctx}: {x} {y}");
+                }
+            }
+        }
+    }
+}
