@@ -402,7 +402,8 @@ fn head_dims(info: &RunInfo) -> (u64, u64) {
     (k, v)
 }
 
-fn sha256_file(path: &str) -> std::io::Result<String> {
+/// sha256 of a file, lowercase hex (the trace's `model_sha256`).
+pub fn sha256_file(path: &str) -> std::io::Result<String> {
     use sha2::{Digest, Sha256};
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();

@@ -3,53 +3,12 @@
 //! the end. A pseudo-terminal comes from Python's `pty` module (python3 is a CI
 //! prerequisite); the monitor's stdout goes to a file.
 
-use std::path::Path;
-use std::process::Command;
+#[path = "support/pty.rs"]
+mod pty;
+
+use pty::contains;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
-
-/// Runs the monitor with stderr on a pty and stdout in `out`; returns what the pty saw.
-fn on_pty(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Vec<u8>, String) {
-    let out = dir.join("stats.txt");
-    let script = r#"
-import os, pty, subprocess, sys
-master, slave = pty.openpty()
-with open(sys.argv[1], "wb") as out:
-    p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=out, stderr=slave)
-os.close(slave)
-seen = b""
-while True:
-    try:
-        chunk = os.read(master, 65536)
-    except OSError:
-        break
-    if not chunk:
-        break
-    seen += chunk
-code = p.wait()
-sys.stdout.buffer.write(seen)
-sys.exit(code)
-"#;
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c").arg(script).arg(&out).arg(BIN).args(args);
-    cmd.env_remove("NO_COLOR").env("TERM", "xterm");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let o = cmd.output().expect("python3");
-    assert!(
-        o.status.success(),
-        "monitor under a pty failed: {:?}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let stats = std::fs::read_to_string(&out).expect("stats file");
-    (o.stdout, stats)
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
 
 #[test]
 fn progress_line_on_a_terminal_only_and_never_in_the_data() {
@@ -76,7 +35,7 @@ fn progress_line_on_a_terminal_only_and_never_in_the_data() {
     ];
 
     // stderr on a terminal, statistics redirected: progress drawn, then erased.
-    let (tty, stats) = on_pty(d, &args, &[]);
+    let (tty, stats) = pty::on_pty(BIN, d, &args, &[]);
     let text = String::from_utf8_lossy(&tty);
     assert!(
         text.contains("kqv-trace-monitor"),
@@ -103,7 +62,7 @@ fn progress_line_on_a_terminal_only_and_never_in_the_data() {
     assert!(stats.contains("kqv_out-0"), "{stats}");
 
     // NO_COLOR: still a progress line, no colour.
-    let (tty, _) = on_pty(d, &args, &[("NO_COLOR", "1")]);
+    let (tty, _) = pty::on_pty(BIN, d, &args, &[("NO_COLOR", "1")]);
     assert!(String::from_utf8_lossy(&tty).contains("tokens"));
     assert!(
         !contains(&tty, b"\x1b[2m"),
@@ -114,7 +73,7 @@ fn progress_line_on_a_terminal_only_and_never_in_the_data() {
     // --quiet: nothing at all on the terminal.
     let mut quiet = args.to_vec();
     quiet.push("--quiet");
-    let (tty, stats) = on_pty(d, &quiet, &[]);
+    let (tty, stats) = pty::on_pty(BIN, d, &quiet, &[]);
     assert!(
         tty.is_empty(),
         "--quiet printed {:?}",

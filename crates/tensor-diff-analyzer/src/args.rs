@@ -36,6 +36,8 @@ ANALYSIS OPTIONS:
     --no-trace-sources      live: compare kqv_out only
     --prefill-only          live: decode the prompt only
     --save-gguf FILE        live: also save the current run's trace to FILE
+    --quiet                 live: no progress line on stderr (shown only when stderr is a
+                            terminal; NO_COLOR turns its colour off)
     -v, --verbose           show llama.cpp's log on stderr
     -h, --help              this help
     -V, --version           version of the tool and of the pinned llama.cpp

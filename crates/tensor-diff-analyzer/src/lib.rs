@@ -147,8 +147,10 @@ pub fn compare_live(
         verbose: opts.monitor.verbose,
         eval_callback: true,
     };
-    let mut sink = live::LiveSink::new(a, save_opts.as_ref()).map_err(AnalyzerError::Save)?;
+    let mut sink = live::LiveSink::new(a, save_opts.as_ref(), opts.monitor.quiet)
+        .map_err(AnalyzerError::Save)?;
     let result = session::run(&opts.monitor.llama_args, run_opts, &mut sink);
+    sink.clear_progress();
     let saver = sink.save.take();
     match result {
         Err(_) if sink.fatal.is_some() => Err(AnalyzerError::Mismatch(

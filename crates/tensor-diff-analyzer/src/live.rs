@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use ggml_trace::capture::{CaptureSink, CapturedAttention};
+use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::RunInfo;
 use kqv_trace_monitor::sink::MonitorSink;
 use trace_format::{meta, RunMeta, StepMeta};
@@ -18,12 +19,17 @@ pub struct LiveSink<'a, 'r> {
     pub save: Option<MonitorSink>,
     /// Set when the metadata check refused the run (exit 2).
     pub fatal: Option<String>,
+    /// Progress on stderr (a terminal, not `--quiet`); nothing reaches stdout before the
+    /// summary, so it cannot tangle with it.
+    progress: Progress,
+    counters: Counters,
 }
 
 impl<'a, 'r> LiveSink<'a, 'r> {
     pub fn new(
         analyzer: &'a mut Analyzer<'r>,
         save_opts: Option<&kqv_trace_monitor::args::Options>,
+        quiet: bool,
     ) -> Result<Self, String> {
         let save = match save_opts {
             Some(o) => Some(
@@ -40,17 +46,21 @@ impl<'a, 'r> LiveSink<'a, 'r> {
             analyzer,
             save,
             fatal: None,
-        })
+            progress: Progress::hidden(),
+            counters: Counters::default(),
+        }
+        .with_progress(quiet))
     }
-}
 
-/// sha256 of a file, lowercase hex (how the monitor records `model_sha256`).
-pub fn sha256_file(path: &str) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    fn with_progress(mut self, quiet: bool) -> Self {
+        self.progress = Progress::new("tensor-diff-analyzer", quiet);
+        self
+    }
+
+    /// Erases the progress line (before the summary is printed).
+    pub fn clear_progress(&mut self) {
+        self.progress.clear();
+    }
 }
 
 /// What the trace of this run will say about it, as far as it is known before the first
@@ -63,7 +73,7 @@ pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
     RunMeta {
         model_path: info.model_path.clone(),
         model_sha256: if with_sha {
-            sha256_file(&info.model_path).unwrap_or_default()
+            kqv_trace_monitor::sink::sha256_file(&info.model_path).unwrap_or_default()
         } else {
             String::new()
         },
@@ -96,6 +106,12 @@ pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
 
 impl CaptureSink for LiveSink<'_, '_> {
     fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+        let generated = if info.n_predict > 0 {
+            info.n_predict as u64
+        } else {
+            0
+        };
+        self.counters.tokens_total = info.prompt_tokens.len() as u64 + generated;
         let with_sha = !self.analyzer.reference.run.model_sha256.is_empty();
         let run = current_run_meta(info, with_sha);
         let check = self.analyzer.set_current_run(run);
@@ -111,6 +127,9 @@ impl CaptureSink for LiveSink<'_, '_> {
     }
 
     fn on_step(&mut self, step: &StepMeta) -> bool {
+        self.counters.steps = step.step;
+        self.progress.update(self.counters);
+        self.counters.tokens += step.tokens.len() as u64;
         self.analyzer.add_current_step(step.clone());
         self.save.as_mut().is_none_or(|s| s.on_step(step))
     }
@@ -123,6 +142,7 @@ impl CaptureSink for LiveSink<'_, '_> {
             let name = trace_format::tensor_name(&t.meta, false);
             self.analyzer.compare(&t.meta, &name, &t.data);
         }
+        self.progress.update(self.counters);
         match self.save.as_mut() {
             Some(s) => s.on_attention(att),
             None => Ok(()),
