@@ -22,6 +22,7 @@ const CRITERION: &[(&str, &str)] = &[
     ("gguf-io", "gguf_io"),
     ("ggml-trace", "dequant_vs_ggml"),
     ("tensor-diff-analyzer", "throughput"),
+    ("tensor-stats", "summary"),
 ];
 
 pub fn run(mut args: pico_args::Arguments) -> Result {
