@@ -80,6 +80,43 @@ pub(super) fn dequant_f32(src: &[u8], dst: &mut [f32]) {
 }
 
 pub(super) fn dequant_f16(src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: AVX and F16C are available (checked above).
+            unsafe { dequant_f16_f16c(src, dst) };
+            return;
+        }
+    }
+    dequant_f16_portable(src, dst);
+}
+
+/// F16C's `vcvtph2ps`, eight values per instruction: exact like [`f16_to_f32`], and it
+/// quiets signalling NaNs keeping the payload, like [`f16_to_f32`] (checked over all
+/// 65,536 inputs by `f16c_matches_the_portable_conversion_everywhere`).
+///
+/// # Safety
+/// The CPU must support AVX and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn dequant_f16_f16c(src: &[u8], dst: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n = dst.len().min(src.len() / 2);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: elements i..i+8 exist in both slices (i + 8 <= n); unaligned load and
+        // store; x86-64 is little-endian, so the bytes are the f16 values in order.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(2 * i).cast::<__m128i>());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    dequant_f16_portable(&src[2 * i..2 * n], &mut dst[i..n]);
+}
+
+fn dequant_f16_portable(src: &[u8], dst: &mut [f32]) {
     // Fixed-size groups so the branch-free conversion vectorizes.
     let mut s16 = src.chunks_exact(32);
     let mut d16 = dst.chunks_exact_mut(16);
@@ -150,5 +187,35 @@ pub(super) fn quant_f16(src: &[f32], dst: &mut [u8]) {
 pub(super) fn quant_bf16(src: &[f32], dst: &mut [u8]) {
     for (s, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
         d.copy_from_slice(&f32_to_bf16(*s).to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every f16 bit pattern, at every alignment and with ragged tails, through the
+    /// dispatched conversion (F16C where the CPU has it): the same bits as the portable
+    /// `f16_to_f32`, signalling NaNs included.
+    #[test]
+    fn f16c_matches_the_portable_conversion_everywhere() {
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+        for offset in [0usize, 1, 3] {
+            let mut bytes = vec![0u8; offset];
+            bytes.extend_from_slice(&all);
+            let src = &bytes[offset..];
+            for n in [65_536usize, 65_531, 13, 8, 7, 0] {
+                let mut dst = vec![0f32; n];
+                dequant_f16(&src[..2 * n], &mut dst);
+                for (i, d) in dst.iter().enumerate() {
+                    let want = f16_to_f32(i as u16);
+                    assert_eq!(
+                        d.to_bits(),
+                        want.to_bits(),
+                        "f16 {i:#06x}, offset {offset}, n {n}"
+                    );
+                }
+            }
+        }
     }
 }
