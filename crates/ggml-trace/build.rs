@@ -43,19 +43,16 @@ fn main() {
     let cpu = cpu::CpuFlags::for_host();
     let libs = sources::libraries(&tree, &csrc, &gen, &cpu);
 
-    let lib_dirs = compile::compile_all(&libs, &cache, &tree_identity(&tree));
+    let roots = [
+        (tree.clone(), "<llama.cpp>"),
+        (csrc.clone(), "<csrc>"),
+        (cache.root().to_path_buf(), "<cache>"),
+    ];
+    let lib_dirs = compile::compile_all(&libs, &cache, &roots);
     report(&libs, &cpu, &lib_dirs);
 
     emit_link_directives(&libs, &lib_dirs);
     emit_metadata(&tree, &csrc);
-}
-
-/// What identifies the vendored sources: the tree's path and its stamp
-/// (package version and patches). Part of every library's fingerprint.
-fn tree_identity(tree: &Path) -> Vec<u8> {
-    let mut id = tree.as_os_str().as_encoded_bytes().to_vec();
-    id.extend(std::fs::read(tree.join(STAMP)).unwrap_or_default());
-    id
 }
 
 fn env(key: &str) -> String {

@@ -7,10 +7,12 @@
 //! archives live in `<target-dir>/kcm-llama/<lib>-<fingerprint>/` and every
 //! run with the same fingerprint reuses them. Each library has its own
 //! fingerprint covering everything that reaches the compiler for it
-//! (build/compile.rs): the tree stamp, its sources (by content for our own
-//! csrc/ files), and its full compiler command lines (so CPU flags,
-//! CC/CFLAGS, KCM_LLAMA_DEBUG... all count). Editing csrc/ thus recompiles
-//! only the libraries containing csrc/ sources, not llama.cpp.
+//! (build/compile.rs): its sources and the headers of its include
+//! directories, by content, and its full compiler command lines (so CPU
+//! flags, CC/CFLAGS, KCM_LLAMA_DEBUG... all count). Editing csrc/ thus
+//! recompiles only the libraries containing csrc/ sources, and a patch that
+//! touches only llama.cpp's src/ and common/ recompiles only llama, common
+//! and kcm_shim, not ggml.
 //!
 //! A cold build therefore needs both `cargo clean -p ggml-trace` and
 //! `rm -rf <target-dir>/kcm-llama` (or a plain `cargo clean`).
@@ -37,6 +39,11 @@ impl Cache {
         Cache {
             root: shared.unwrap_or_else(|| out_dir.join("kcm-llama")),
         }
+    }
+
+    /// `<target-dir>/kcm-llama` (or the private fallback).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Directory for generated sources, named after their content.
@@ -93,6 +100,28 @@ impl Cache {
 /// Marker file written last into a finished entry.
 pub const COMPLETE: &str = "complete";
 
+fn collect_files(dir: &Path, exts: &[&str], out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            collect_files(&path, exts, out);
+        } else if kind.is_file()
+            && path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| exts.contains(&x))
+        {
+            out.push(path);
+        }
+    }
+}
+
 /// FNV-1a (64 bit): a stable hash with no dependency. Fields are
 /// length-prefixed so that concatenations cannot collide.
 pub struct Fnv(u64);
@@ -114,15 +143,15 @@ impl Fnv {
         self.bytes(data);
     }
 
-    /// Every `*.ext` file directly inside `dir`, by name and content.
-    pub fn dir_files_with_extension(&mut self, dir: &Path, ext: &str) {
-        let mut files: Vec<PathBuf> = fs::read_dir(dir)
-            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        files.retain(|p| p.is_file() && p.extension().is_some_and(|x| x == ext));
+    /// Every file under `dir` (recursively) whose extension is one of
+    /// `exts`, by path relative to `dir` and content, in sorted order.
+    pub fn tree_files_with_extensions(&mut self, dir: &Path, exts: &[&str]) {
+        let mut files = Vec::new();
+        collect_files(dir, exts, &mut files);
         files.sort();
         for file in files {
-            self.field(file.file_name().unwrap_or_default().as_encoded_bytes());
+            let rel = file.strip_prefix(dir).unwrap_or(&file);
+            self.field(rel.as_os_str().as_encoded_bytes());
             self.field(&fs::read(&file).unwrap_or_default());
         }
     }

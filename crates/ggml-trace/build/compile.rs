@@ -17,11 +17,10 @@ pub struct Library {
     pub defines: Vec<(&'static str, Option<&'static str>)>,
     /// Extra compiler flags (ggml-cpu: the SIMD flags of build/cpu.rs).
     pub flags: Vec<String>,
-    /// Our own source directory (csrc/): sources there are fingerprinted by
-    /// content, since no tree stamp covers them; so are its headers when the
-    /// directory is on the include path (a csrc/ source in a library without
-    /// it, like common's kcm_no_download.cpp, must include no csrc/ header).
-    pub own_sources: Option<PathBuf>,
+    /// Files that are not compiled directly but reach the compiler through an
+    /// `#include` of a source (llama: the `src/models/*.cpp` that the unity
+    /// batches include): fingerprinted by content like the sources.
+    pub extra_inputs: Vec<PathBuf>,
 }
 
 impl Library {
@@ -54,13 +53,18 @@ impl Library {
 /// built concurrently (one thread each) and `cc`'s `parallel` feature shares
 /// cargo's jobserver among all of their files, so both cores stay busy until
 /// the last file.
-pub fn compile_all(libs: &[Library], cache: &Cache, tree_identity: &[u8]) -> Vec<PathBuf> {
+///
+/// `roots` are (directory, placeholder) pairs: occurrences of these absolute
+/// paths in file names, file contents and command lines are replaced by the
+/// placeholder before hashing, so the fingerprint does not depend on where the
+/// checkout lives (two worktrees with the same sources share cache entries).
+pub fn compile_all(libs: &[Library], cache: &Cache, roots: &[(PathBuf, &str)]) -> Vec<PathBuf> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = libs
             .iter()
             .map(|lib| {
                 scope.spawn(move || {
-                    let key = format!("{}-{}", lib.name, fingerprint(lib, tree_identity));
+                    let key = format!("{}-{}", lib.name, fingerprint(lib, roots));
                     cache.get_or_build(&key, |dir| compile(lib, dir))
                 })
             })
@@ -72,30 +76,24 @@ pub fn compile_all(libs: &[Library], cache: &Cache, tree_identity: &[u8]) -> Vec
     })
 }
 
-/// Everything that reaches the compiler for `lib`: the vendored tree's
-/// identity, the source paths, the content of sources and headers that live
-/// outside the tree (csrc/, generated files are named by content), and the
-/// complete C and C++ command lines (tool, flags, defines, includes).
-fn fingerprint(lib: &Library, tree_identity: &[u8]) -> String {
+/// Everything that reaches the compiler for `lib`, by content: each source
+/// file and extra input (path relative to its root, and content), every
+/// header (`*.h`, `*.hpp`, `*.inc`) under each of its include directories
+/// (recursively), and the complete C and C++ command lines (tool, flags,
+/// defines, includes). Nothing else: a patch that only changes `src/` and
+/// `common/` changes the fingerprints of `llama`, `common` (and `kcm_shim`,
+/// whose include path has `common/`), not those of the ggml libraries.
+fn fingerprint(lib: &Library, roots: &[(PathBuf, &str)]) -> String {
+    let norm = |bytes: &[u8]| normalize(bytes, roots);
     let mut h = Fnv::new();
     h.field(CACHE_FORMAT.as_bytes());
-    h.field(tree_identity);
-    for src in lib.c.iter().chain(&lib.cpp) {
-        h.field(src.as_os_str().as_encoded_bytes());
-        if lib
-            .own_sources
-            .as_deref()
-            .is_some_and(|d| src.starts_with(d))
-        {
-            h.field(&std::fs::read(src).unwrap_or_default());
-        }
+    for src in lib.c.iter().chain(&lib.cpp).chain(&lib.extra_inputs) {
+        h.field(&norm(src.as_os_str().as_encoded_bytes()));
+        h.field(&norm(&std::fs::read(src).unwrap_or_default()));
     }
-    if let Some(dir) = lib
-        .own_sources
-        .as_deref()
-        .filter(|d| lib.includes.iter().any(|i| i == d))
-    {
-        h.dir_files_with_extension(dir, "h");
+    for inc in &lib.includes {
+        h.field(&norm(inc.as_os_str().as_encoded_bytes()));
+        h.tree_files_with_extensions(inc, HEADER_EXTENSIONS);
     }
     let mut builds = vec![cpp_build(lib)];
     if !lib.c.is_empty() {
@@ -105,14 +103,41 @@ fn fingerprint(lib: &Library, tree_identity: &[u8]) -> String {
         let tool = build.get_compiler();
         h.field(tool.path().as_os_str().as_encoded_bytes());
         for arg in tool.args() {
-            h.field(arg.as_encoded_bytes());
+            h.field(&norm(arg.as_encoded_bytes()));
         }
     }
     h.hex()
 }
 
+/// What counts as a header when fingerprinting an include directory.
+const HEADER_EXTENSIONS: &[&str] = &["h", "hpp", "inc"];
+
+/// `bytes` with every occurrence of a root's path replaced by its placeholder.
+fn normalize(bytes: &[u8], roots: &[(PathBuf, &str)]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for (root, placeholder) in roots {
+        let needle = root.as_os_str().as_encoded_bytes();
+        if needle.is_empty() {
+            continue;
+        }
+        let mut replaced = Vec::with_capacity(out.len());
+        let mut i = 0;
+        while i < out.len() {
+            if out[i..].starts_with(needle) {
+                replaced.extend_from_slice(placeholder.as_bytes());
+                i += needle.len();
+            } else {
+                replaced.push(out[i]);
+                i += 1;
+            }
+        }
+        out = replaced;
+    }
+    out
+}
+
 /// Bump when the cache layout or the way archives are produced changes.
-const CACHE_FORMAT: &str = "kcm-llama-1";
+const CACHE_FORMAT: &str = "kcm-llama-2";
 
 fn compile(lib: &Library, dir: &Path) {
     let mut objects = Vec::new();

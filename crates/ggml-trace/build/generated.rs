@@ -97,7 +97,8 @@ fn build_info(tree: &Path, origin: &str) -> String {
 const UNITY_PREFIX: &str = "unity_models_";
 
 /// unity_models_N.cpp, each #including up to UNITY_BATCH model sources in
-/// sorted order (the batches CMake would form).
+/// sorted order (the batches CMake would form), as `models/<name>.cpp`
+/// (found through llama's `src/` include directory).
 fn unity_batches(models_dir: &Path) -> Vec<(String, String)> {
     let models = crate::sources::cpp_files(models_dir);
     models
@@ -106,7 +107,12 @@ fn unity_batches(models_dir: &Path) -> Vec<(String, String)> {
         .map(|(i, chunk)| {
             let body: String = chunk
                 .iter()
-                .map(|p| format!("#include \"{}\"\n", p.display()))
+                .map(|p| {
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    // Relative to src/ (on llama's include path), so the
+                    // generated files do not depend on where the tree lives.
+                    format!("#include \"models/{name}\"\n")
+                })
                 .collect();
             (format!("{UNITY_PREFIX}{i}.cpp"), body)
         })

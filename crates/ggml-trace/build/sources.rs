@@ -113,6 +113,8 @@ fn llama(tree: &Path, gen: &Generated) -> Library {
     let mut lib = Library::new("llama");
     lib.cpp.extend(cpp_files(&src));
     lib.cpp.extend(gen.unity_models.iter().cloned());
+    // The unity batches #include these: their content must be fingerprinted.
+    lib.extra_inputs = cpp_files(&tree.join("src/models"));
     lib.includes = vec![
         src,
         tree.join("include"),
@@ -136,7 +138,6 @@ fn common(tree: &Path, csrc: &Path, gen: &Generated) -> Library {
     }
     lib.cpp.push(gen.build_info_cpp.clone());
     lib.cpp.push(csrc.join("kcm_no_download.cpp"));
-    lib.own_sources = Some(csrc.to_path_buf());
     lib.includes = common_includes(tree);
     lib
 }
@@ -146,8 +147,6 @@ fn kcm_shim(tree: &Path, csrc: &Path) -> Library {
     let mut lib = Library::new("kcm_shim");
     lib.cpp.push(csrc.join("kcm_shim.cpp"));
     lib.cpp.push(csrc.join("kcm_session.cpp"));
-    // Our sources change: fingerprint their content so the cached archive follows.
-    lib.own_sources = Some(csrc.to_path_buf());
     lib.includes = common_includes(tree);
     lib.includes.push(csrc.to_path_buf());
     lib

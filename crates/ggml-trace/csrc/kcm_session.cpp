@@ -170,6 +170,10 @@ void kcm_session_info(const kcm_session * s, kcm_run_info * out) {
     out->type_k = (int32_t) s->params.cache_type_k;
     out->type_v = (int32_t) s->params.cache_type_v;
     out->n_prompt_tokens = (int32_t) s->prompt.size();
+    out->mixed_kv_cache = s->params.mixed_kv_cache ? 1 : 0;
+    out->mixed_hot_window = (uint32_t) s->params.mixed_hot_window;
+    out->mixed_cold_type = (int32_t) s->params.mixed_cold_type;
+    out->kv_buffer_bytes = (uint64_t) llama_memory_buffer_size(llama_get_memory(s->ctx));
     llama_model_meta_val_str(m, "general.architecture", out->arch, sizeof(out->arch));
     snprintf(out->model_path, sizeof(out->model_path), "%s", s->params.model.path.c_str());
 }

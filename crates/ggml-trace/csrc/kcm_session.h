@@ -35,6 +35,10 @@ typedef struct kcm_run_info {
     int32_t  n_prompt_tokens;
     char     arch[KCM_NAME_MAX];
     char     model_path[KCM_PATH_MAX];
+    int32_t  mixed_kv_cache;    // 1: --mixed-kv-cache (hot F16 window + cold quantized store)
+    uint32_t mixed_hot_window;  // --mixed-hot-window
+    int32_t  mixed_cold_type;   // ggml_type of the cold store (--mixed-cold-type)
+    uint64_t kv_buffer_bytes;   // bytes of the context's KV buffers (llama_memory_buffer_size)
 } kcm_run_info;
 
 // Called before each llama_decode with the step number and the batch's tokens and

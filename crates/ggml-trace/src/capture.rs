@@ -8,6 +8,10 @@
 //!   a buffer that holds neither weights nor compute results) is `kq` when its second
 //!   source is not a softmax, and `kqv` when it is; the `SOFT_MAX` between them is the
 //!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`.
+//! - mixed KV cache (`--mixed-kv-cache`): a `CUSTOM` node that llama.cpp's
+//!   `llama_mixed_attn_get_params` recognises (it compares the node's function pointer
+//!   with the mixed-attention kernel's); its six sources are q, k (hot), v (hot),
+//!   k_quant (cold), v_quant (cold), mask, saved with those roles and their layouts.
 //! - `kqv_out-<layer>` is bound to the attention op that its source chain (views,
 //!   reshapes, permutes, copies) reaches, so the layer comes from structure too.
 //!
@@ -36,7 +40,8 @@ pub struct CapturedTensor {
 pub struct CapturedAttention {
     pub step: u32,
     pub layer: i32,
-    /// The op that computed attention: `FLASH_ATTN_EXT` or `SOFT_MAX` (no flash attention).
+    /// The op that computed attention: `FLASH_ATTN_EXT`, `SOFT_MAX` (no flash attention)
+    /// or `MIXED_ATTN` (the mixed KV cache's node, a ggml `CUSTOM` op).
     pub op: String,
     pub params: AttnParams,
     /// `kqv_out` first, then the attention op's output and its inputs.
@@ -195,6 +200,36 @@ fn f32_param(t: &sys::ggml_tensor, i: usize) -> f32 {
     f32::from_bits(t.op_params[i] as u32)
 }
 
+/// The parameters of a mixed-KV-cache attention node, or `None` for any other node.
+///
+/// # Safety
+/// `t` must point to a live ggml tensor.
+pub unsafe fn mixed_attn_params(t: *const sys::ggml_tensor) -> Option<AttnParams> {
+    // SAFETY: caller guarantees liveness.
+    if unsafe { (*t).op } != sys::GGML_OP_CUSTOM {
+        return None;
+    }
+    let (mut scale, mut max_bias, mut softcap) = (0f32, 0f32, 0f32);
+    // SAFETY: live tensor, writable out-parameters; the function only reads the node.
+    let is_mixed =
+        unsafe { sys::llama_mixed_attn_get_params(t, &mut scale, &mut max_bias, &mut softcap) };
+    is_mixed.then_some(AttnParams {
+        scale,
+        max_bias,
+        softcap,
+    })
+}
+
+/// The sources of the mixed attention node, in order, with their roles.
+const MIXED_ROLES: [Role; 6] = [
+    Role::Q,
+    Role::K,
+    Role::V,
+    Role::KQuant,
+    Role::VQuant,
+    Role::Mask,
+];
+
 impl<'a> Capture<'a> {
     pub fn new(cfg: CaptureConfig, sink: &'a mut dyn CaptureSink) -> Self {
         Self {
@@ -324,6 +359,14 @@ impl<'a> Capture<'a> {
                     self.wanted_layer(layer_hint(&*view_base(tr.src[0])))
                 }
                 sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
+                sys::GGML_OP_CUSTOM if mixed_attn_params(t).is_some() => {
+                    let hint = if tr.src[1].is_null() {
+                        None
+                    } else {
+                        layer_hint(&*view_base(tr.src[1]))
+                    };
+                    self.wanted_layer(hint)
+                }
                 _ => false,
             }
         }
@@ -433,6 +476,33 @@ impl<'a> Capture<'a> {
                         p.tensors.push(self.read(t, Role::Kq, layer)?);
                         self.open.insert(t, p);
                     }
+                }
+                sys::GGML_OP_CUSTOM => {
+                    let Some(params) = mixed_attn_params(t) else {
+                        return Ok(());
+                    };
+                    let layer_hint = if tr.src[1].is_null() {
+                        None
+                    } else {
+                        layer_hint(&*view_base(tr.src[1]))
+                    };
+                    let layer = layer_hint.unwrap_or(-1);
+                    let mut p = Pending {
+                        op: trace_format::mixed::MIXED_ATTN_OP.to_string(),
+                        params,
+                        layer_hint,
+                        tensors: Vec::new(),
+                    };
+                    p.tensors.push(self.read(t, Role::Attn, layer)?);
+                    for (i, role) in MIXED_ROLES.into_iter().enumerate() {
+                        if tr.src[i].is_null() {
+                            return Err(format!(
+                                "mixed attention node (layer {layer}): source {i} ({role}) is missing"
+                            ));
+                        }
+                        p.tensors.push(self.read(tr.src[i], role, layer)?);
+                    }
+                    self.done.insert(t, p);
                 }
                 sys::GGML_OP_SOFT_MAX => {
                     if let Some(kq) = self.kq_ancestor(t) {

@@ -29,6 +29,10 @@ struct KcmRunInfo {
     n_prompt_tokens: i32,
     arch: [c_char; KCM_NAME_MAX],
     model_path: [c_char; KCM_PATH_MAX],
+    mixed_kv_cache: i32,
+    mixed_hot_window: u32,
+    mixed_cold_type: i32,
+    kv_buffer_bytes: u64,
 }
 
 #[repr(C)]
@@ -82,6 +86,20 @@ pub struct RunInfo {
     pub architecture: String,
     pub model_path: String,
     pub prompt_tokens: Vec<i32>,
+    /// The mixed KV cache's settings, when `--mixed-kv-cache` was given.
+    pub mixed: Option<MixedKvInfo>,
+    /// Bytes of the context's KV-cache backend buffers (hot and cold stores of a mixed
+    /// cache included), from ggml's buffer sizes (`llama_memory_buffer_size`).
+    pub kv_buffer_bytes: u64,
+}
+
+/// `--mixed-kv-cache` settings of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixedKvInfo {
+    /// Tokens kept in the F16 hot store (`--mixed-hot-window`).
+    pub hot_window: u32,
+    /// Type of the cold store (`--mixed-cold-type`).
+    pub cold_type: gguf_io::GgmlType,
 }
 
 /// How the run went.
@@ -241,6 +259,11 @@ pub fn run(
         architecture: c_string(&raw.arch),
         model_path: c_string(&raw.model_path),
         prompt_tokens: prompt,
+        mixed: (raw.mixed_kv_cache != 0).then(|| MixedKvInfo {
+            hot_window: raw.mixed_hot_window,
+            cold_type: gguf_io::GgmlType(raw.mixed_cold_type as u32),
+        }),
+        kv_buffer_bytes: raw.kv_buffer_bytes,
     };
     // SAFETY: state_ptr is live (boxed above).
     unsafe { (*state_ptr).capture.start(&info) }.map_err(SessionError::Capture)?;

@@ -39,6 +39,7 @@ pub const LLAMA_SESSION_MAGIC: u32 = 1734833006;
 pub const LLAMA_SESSION_VERSION: u32 = 11;
 pub const LLAMA_STATE_SEQ_MAGIC: u32 = 1734833009;
 pub const LLAMA_STATE_SEQ_VERSION: u32 = 4;
+pub const LLAMA_MIXED_KV_CHUNK: u32 = 32;
 pub const LLAMA_STATE_SEQ_FLAGS_NONE: u32 = 0;
 pub const LLAMA_STATE_SEQ_FLAGS_SWA_ONLY: u32 = 1;
 pub const LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: u32 = 1;
@@ -1618,10 +1619,13 @@ pub struct llama_context_params {
     pub samplers: *mut llama_sampler_seq_config,
     pub n_samplers: usize,
     pub ctx_other: *mut llama_context,
+    pub mixed_kv_cache: bool,
+    pub mixed_hot_window: u32,
+    pub mixed_cold_type: ggml_type,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of llama_context_params"][::std::mem::size_of::<llama_context_params>() - 160usize];
+    ["Size of llama_context_params"][::std::mem::size_of::<llama_context_params>() - 176usize];
     ["Alignment of llama_context_params"][::std::mem::align_of::<llama_context_params>() - 8usize];
     ["Offset of field: llama_context_params::n_ctx"]
         [::std::mem::offset_of!(llama_context_params, n_ctx) - 0usize];
@@ -1697,6 +1701,12 @@ const _: () = {
         [::std::mem::offset_of!(llama_context_params, n_samplers) - 144usize];
     ["Offset of field: llama_context_params::ctx_other"]
         [::std::mem::offset_of!(llama_context_params, ctx_other) - 152usize];
+    ["Offset of field: llama_context_params::mixed_kv_cache"]
+        [::std::mem::offset_of!(llama_context_params, mixed_kv_cache) - 160usize];
+    ["Offset of field: llama_context_params::mixed_hot_window"]
+        [::std::mem::offset_of!(llama_context_params, mixed_hot_window) - 164usize];
+    ["Offset of field: llama_context_params::mixed_cold_type"]
+        [::std::mem::offset_of!(llama_context_params, mixed_cold_type) - 168usize];
 };
 impl Default for llama_context_params {
     fn default() -> Self {
@@ -4583,6 +4593,25 @@ unsafe extern "C" {
     pub fn llama_memory_seq_pos_min(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos;
     pub fn llama_memory_seq_pos_max(mem: llama_memory_t, seq_id: llama_seq_id) -> llama_pos;
     pub fn llama_memory_can_shift(mem: llama_memory_t) -> bool;
+    pub fn llama_memory_buffer_size(mem: llama_memory_t) -> usize;
+    pub fn llama_mixed_attn(
+        ctx: *mut ggml_context,
+        q: *mut ggml_tensor,
+        k_hot: *mut ggml_tensor,
+        v_hot: *mut ggml_tensor,
+        k_cold: *mut ggml_tensor,
+        v_cold: *mut ggml_tensor,
+        mask: *mut ggml_tensor,
+        scale: f32,
+        max_bias: f32,
+        softcap: f32,
+    ) -> *mut ggml_tensor;
+    pub fn llama_mixed_attn_get_params(
+        node: *const ggml_tensor,
+        scale: *mut f32,
+        max_bias: *mut f32,
+        softcap: *mut f32,
+    ) -> bool;
     pub fn llama_state_get_size(ctx: *mut llama_context) -> usize;
     pub fn llama_get_state_size(ctx: *mut llama_context) -> usize;
     pub fn llama_state_get_data(ctx: *mut llama_context, dst: *mut u8, size: usize) -> usize;

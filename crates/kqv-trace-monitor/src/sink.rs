@@ -298,7 +298,7 @@ impl MonitorSink {
             cache_type_v: info.type_v.name().into(),
             flash_attn: flash.into(),
             kv_rotation: !rot_disabled && (rot_k || rot_v),
-            mixed_kv_cache: false,
+            mixed_kv_cache: info.mixed.is_some(),
             n_ctx: info.n_ctx,
             n_batch: info.n_batch,
             n_ubatch: info.n_ubatch,
@@ -480,8 +480,11 @@ impl CaptureSink for MonitorSink {
                     params: att.params,
                 });
             }
+            // The mixed KV cache's node numbers its sources differently (src3/src4 are the
+            // cold store, src5 the mask): the seed's `src<i>` names follow the node.
+            let mixed = att.op == trace_format::mixed::MIXED_ATTN_OP;
             for t in att.tensors {
-                w.add_tensor(t.meta, &t.data, false)
+                w.add_tensor(t.meta, &t.data, mixed)
                     .map_err(|e| e.to_string())?;
             }
             self.counters.bytes_written = w.spooled_bytes();

@@ -43,7 +43,10 @@ fn live_progress_on_a_terminal_only() {
         "no progress: {text:?}"
     );
     assert!(text.contains("tokens"), "{text:?}");
-    assert!(pty::contains(&tty, b"\r\x1b[2K"), "not redrawn in place: {text:?}");
+    assert!(
+        pty::contains(&tty, b"\r\x1b[2K"),
+        "not redrawn in place: {text:?}"
+    );
     assert!(tty.ends_with(b"\r\x1b[2K"), "not erased: {text:?}");
     assert!(
         summary.contains("=== TENSOR DIFFERENCE ANALYSIS SUMMARY ==="),

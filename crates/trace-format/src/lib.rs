@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod layout;
 pub mod meta;
+pub mod mixed;
 pub mod read;
 pub mod verify;
 pub mod write;

@@ -47,13 +47,16 @@ use crate::TraceError;
 pub const FLASH_OP: &str = "FLASH_ATTN_EXT";
 
 /// The roles a verification reads.
-const ROLES: [Role; 6] = [
+const ROLES: [Role; 8] = [
     Role::Q,
     Role::K,
     Role::V,
     Role::Mask,
     Role::Sinks,
     Role::KqvOut,
+    // the mixed KV cache's cold stores (crate::mixed)
+    Role::KQuant,
+    Role::VQuant,
 ];
 
 /// The documented NMSE bound of a group (docs/verification.md, "Bounds"), by the traced
@@ -484,15 +487,15 @@ impl Inputs {
 /// Metrics of `actual` against `reference` ([Dv, n_head, n_tokens, n_seq]) over a range of
 /// tokens.
 #[derive(Clone, Copy, Debug)]
-struct Metrics {
-    nmse: f64,
-    max_abs: f64,
-    worst: (usize, usize, usize),
-    cosine: f64,
-    n: usize,
+pub(crate) struct Metrics {
+    pub(crate) nmse: f64,
+    pub(crate) max_abs: f64,
+    pub(crate) worst: (usize, usize, usize),
+    pub(crate) cosine: f64,
+    pub(crate) n: usize,
 }
 
-fn compare(reference: &Dense, actual: &[f32], tokens: Range<usize>) -> Metrics {
+pub(crate) fn compare(reference: &Dense, actual: &[f32], tokens: Range<usize>) -> Metrics {
     let [dv, nh, nt, ns] = reference.ne;
     let r = &reference.data;
     let idx = |d: usize, h: usize, t: usize, s: usize| d + dv * (h + nh * (t + nt * s));
@@ -551,7 +554,7 @@ fn compare(reference: &Dense, actual: &[f32], tokens: Range<usize>) -> Metrics {
 }
 
 /// Squared error per head and per token, over the whole group's reference variance.
-fn slice_nmse(reference: &Dense, actual: &[f32]) -> (Vec<f64>, Vec<f64>) {
+pub(crate) fn slice_nmse(reference: &Dense, actual: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let [dv, nh, nt, ns] = reference.ne;
     let r = &reference.data;
     let n = r.len().max(1) as f64;
@@ -620,6 +623,10 @@ pub fn check(
     g: &Group,
     previous: Option<(u32, &Fingerprints)>,
 ) -> Result<Result<Checked, Missing>, TraceError> {
+    // The mixed KV cache's node has six inputs (cold store included): see mixed.rs.
+    if crate::mixed::is_mixed(g) {
+        return crate::mixed::check_mixed(g);
+    }
     let (inp, actual) = match build_inputs(g)? {
         Ok(x) => x,
         Err(m) => return Ok(Err(m)),

@@ -1,0 +1,149 @@
+//! The mixed KV cache (`--mixed-kv-cache`) against llama.cpp's plain F16 cache with flash
+//! attention, side by side in one run, on tiny-llama's `larger()` model (8 layers,
+//! n_embd 1024, 16 heads over 4 KV heads, head_dim 64, F32 weights):
+//!
+//! - KV bytes: ggml's buffer sizes of the context's KV cache (`llama_memory_buffer_size`)
+//!   at `-c 4096`, mixed (window 256, cold q4_0) ÷ plain F16. Goal <= 0.35.
+//! - Decode speed: a prompt of 2,048 tokens, then KCM_BENCH_TOKENS (default 32) greedy
+//!   tokens; tokens/s of the generation steps, mixed ÷ plain. Goal >= 0.9.
+//!
+//! Runs alternate between the two caches (KCM_BENCH_RUNS, default 3) so that machine
+//! load hits both alike; the median of each is reported.
+//!
+//! `cargo bench -p ggml-trace --bench mixed_kv` (-t 2; KCM_BENCH_THREADS overrides).
+
+use std::time::Instant;
+
+use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
+use ggml_trace::session::{self, RunInfo, RunOptions};
+use trace_format::StepMeta;
+
+/// Times the generation steps (the callback only sees step boundaries: no eval callback).
+#[derive(Default)]
+struct Timed {
+    n_prompt_steps: u32,
+    gen_start: Option<Instant>,
+    gen_steps: u32,
+}
+
+impl CaptureSink for Timed {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+        self.n_prompt_steps = (info.prompt_tokens.len() as u32).div_ceil(info.n_ubatch.max(1));
+        Ok(())
+    }
+    fn on_step(&mut self, step: &StepMeta) -> bool {
+        if step.step == self.n_prompt_steps {
+            self.gen_start = Some(Instant::now());
+        }
+        if step.step >= self.n_prompt_steps {
+            self.gen_steps += 1;
+        }
+        true
+    }
+    fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let tokens: u32 = env_or("KCM_BENCH_TOKENS", 32);
+    let runs: usize = env_or("KCM_BENCH_RUNS", 3);
+    let threads: u32 = env_or("KCM_BENCH_THREADS", 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny-llama-larger.gguf");
+    let cfg = tiny_llama::TinyLlamaConfig::larger();
+    tiny_llama::write_model(&model, &cfg).expect("write model");
+    // 2,048 prompt tokens: BOS, "▁" and 2,046 byte tokens.
+    let text: String = "The quick brown fox jumps over a lazy dog. "
+        .chars()
+        .cycle()
+        .take(2046)
+        .collect();
+    let base: Vec<String> = [
+        "-m",
+        &model.display().to_string(),
+        "-p",
+        &text,
+        "-n",
+        &tokens.to_string(),
+        "-c",
+        "4096",
+        "-t",
+        &threads.to_string(),
+        "--temp",
+        "0",
+        "-fa",
+        "on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut mixed = base.clone();
+    mixed.extend(
+        [
+            "--mixed-kv-cache",
+            "--mixed-hot-window",
+            "256",
+            "--mixed-cold-type",
+            "q4_0",
+        ]
+        .map(String::from),
+    );
+    let modes = [
+        ("plain F16 cache, flash attention", base),
+        ("mixed: window 256, cold q4_0", mixed),
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut bytes = vec![0u64; modes.len()];
+    let mut prompt_len = 0;
+    for _ in 0..runs {
+        for (m, (_, args)) in modes.iter().enumerate() {
+            let mut timed = Timed::default();
+            let opts = RunOptions {
+                capture: CaptureConfig {
+                    layer: None,
+                    trace_sources: false,
+                },
+                eval_callback: false,
+                prefill_only: false,
+                verbose: false,
+            };
+            let (info, _) = session::run(args, opts, &mut timed).expect("run");
+            let end = Instant::now();
+            let secs = timed
+                .gen_start
+                .map_or(f64::NAN, |s| (end - s).as_secs_f64());
+            rates[m].push(f64::from(timed.gen_steps) / secs);
+            bytes[m] = info.kv_buffer_bytes;
+            prompt_len = info.prompt_tokens.len();
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "tiny-llama larger() (8 layers, n_embd 1024, 16/4 heads, head_dim 64), -c 4096, -t {threads}, \
+         prompt {prompt_len} tokens, {tokens} generated, median of {runs} runs"
+    );
+    let (r0, b0) = (median(&rates[0]), bytes[0] as f64);
+    for (m, (name, _)) in modes.iter().enumerate() {
+        let r = median(&rates[m]);
+        println!(
+            "{name:<34} KV {:>10} bytes ({:.1} MiB)  ratio {:.4}   decode {r:7.2} tokens/s  ratio {:.3}   runs {:?}",
+            bytes[m],
+            bytes[m] as f64 / (1024.0 * 1024.0),
+            bytes[m] as f64 / b0,
+            r / r0,
+            rates[m].iter().map(|x| (x * 100.0).round() / 100.0).collect::<Vec<_>>()
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! The mixed KV cache end to end (`--mixed-kv-cache`, vendor/patches/0001-0003) on the
+//! generated tiny LLaMA: a hot window smaller than the prompt, so chunks of tokens move
+//! to the quantized cold store during the prompt and during generation; every traced
+//! (step, layer) holds the six inputs of the mixed node and verifies against the f64
+//! recomputation; the KV buffers' size comes from ggml's buffer sizes; unsupported setups
+//! fail at start with a clear message.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
+use ggml_trace::session::{self, RunOptions};
+use gguf_io::GgmlType;
+use trace_format::mixed::MIXED_ATTN_OP;
+use trace_format::verify::verify_group;
+use trace_format::{Role, TraceFile};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
+/// 3 × 41 bytes + BOS + "▁": 125 tokens, eight ubatches of 16.
+const PROMPT: &str = "The quick brown fox jumps over a lazy dog. The quick brown fox jumps over a lazy dog. The quick brown fox jumps over a lazy dog.";
+const WINDOW: u32 = 16;
+/// LLAMA_MIXED_KV_CHUNK in the patched llama.h.
+const CHUNK: u32 = 32;
+const N_GEN: usize = 40;
+
+/// head_dim 32: quantized rows need whole 32-value blocks.
+fn model(dir: &Path) -> (PathBuf, tiny_llama::TinyLlamaConfig) {
+    let path = dir.join("tiny-hd32.gguf");
+    let cfg = tiny_llama::TinyLlamaConfig {
+        head_dim: 32,
+        n_embd: 128,
+        ..Default::default()
+    };
+    tiny_llama::write_model(&path, &cfg).unwrap();
+    (path, cfg)
+}
+
+fn base_args(model: &Path) -> Vec<String> {
+    [
+        "-m",
+        &model.display().to_string(),
+        "-p",
+        PROMPT,
+        "-n",
+        &N_GEN.to_string(),
+        "-ub",
+        "16",
+        "-b",
+        "16",
+        "-t",
+        "2",
+        "--temp",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
+    let mut args = base_args(model);
+    args.extend(["--save-gguf".to_string(), out.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = Command::new(BIN).args(&args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}\nstderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    TraceFile::open(out).unwrap()
+}
+
+fn mixed_args() -> [&'static str; 5] {
+    [
+        "--mixed-kv-cache",
+        "--mixed-hot-window",
+        "16",
+        "--mixed-cold-type",
+        "q4_0",
+    ]
+}
+
+#[test]
+fn chunks_move_during_prompt_and_generation_and_every_group_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, cfg) = model(dir.path());
+    let t = trace(&m, &dir.path().join("mixed.gguf"), &mixed_args());
+    assert!(t.run.mixed_kv_cache);
+    assert!(!t.run.kv_rotation, "the mixed cache does not rotate");
+    let n_prompt = t.run.prompt_tokens.len();
+    assert_eq!(n_prompt, 125);
+    let n_prompt_steps = n_prompt.div_ceil(16);
+    assert_eq!(t.steps.len(), n_prompt_steps + N_GEN, "steps");
+    assert_eq!(t.groups().len(), t.steps.len() * cfg.n_layer);
+
+    let hd = cfg.head_dim as u64;
+    let hkv = cfg.n_head_kv as u64;
+    let mut cold_rows = Vec::new();
+    for (i, step) in t.steps.iter().enumerate() {
+        let s = step.step;
+        for layer in 0..cfg.n_layer as i32 {
+            let a = t.attn(s, layer).unwrap();
+            assert_eq!(a.op, MIXED_ATTN_OP);
+            let get = |r| {
+                t.find(r, layer, s)
+                    .unwrap_or_else(|| panic!("step {s} layer {layer}: no {r}"))
+            };
+            let (q, k, v, kq, vq, mask) = (
+                get(Role::Q),
+                get(Role::K),
+                get(Role::V),
+                get(Role::KQuant),
+                get(Role::VQuant),
+                get(Role::Mask),
+            );
+            let n_tok = step.positions.len() as u64;
+            assert_eq!(q.meta.layout.ne, [hd, n_tok, cfg.n_head as u64, 1]);
+            assert_eq!(k.meta.layout.ty, GgmlType::F16);
+            assert_eq!(v.meta.layout.ty, GgmlType::F16);
+            assert_eq!(kq.meta.layout.ty, GgmlType::Q4_0);
+            assert_eq!(vq.meta.layout.ty, GgmlType::Q4_0);
+            // permuted views: [hd, n, hkv] over memory ordered [hd, hkv, n]
+            for x in [k, v, kq, vq] {
+                assert_eq!(x.meta.layout.ne[0], hd);
+                assert_eq!(x.meta.layout.ne[2], hkv);
+                if x.meta.layout.ne[1] > 1 {
+                    assert!(x.meta.layout.is_permuted(), "{:?}", x.meta.layout);
+                }
+            }
+            assert!(
+                kq.meta.view_of.starts_with("cache_k_cold_l"),
+                "{}",
+                kq.meta.view_of
+            );
+            let (n_hot, n_cold) = (k.meta.layout.ne[1], kq.meta.layout.ne[1]);
+            assert_eq!(vq.meta.layout.ne[1], n_cold);
+            assert_eq!(
+                mask.meta.layout.ne[0],
+                n_cold + n_hot,
+                "mask covers cold then hot"
+            );
+            // every position seen so far is in exactly one store: count unmasked cells of
+            // the step's last token (causal: it sees every earlier token and itself)
+            let mvals = t.f32(mask).unwrap();
+            let last = (n_tok - 1) as usize * (n_cold + n_hot) as usize;
+            let visible = mvals[last..last + (n_cold + n_hot) as usize]
+                .iter()
+                .filter(|x| x.is_finite())
+                .count();
+            let last_pos = *step.positions.last().unwrap() as usize;
+            assert_eq!(visible, last_pos + 1, "step {s} layer {layer}");
+            if layer == 0 {
+                cold_rows.push((i, n_cold));
+            }
+        }
+    }
+    // chunks moved during the prompt and during generation, in whole chunks
+    let cold_at = |i: usize| cold_rows[i].1;
+    assert_eq!(cold_at(0), 0);
+    assert!(
+        cold_at(n_prompt_steps - 1) > 0,
+        "no chunk moved during the prompt"
+    );
+    assert!(
+        cold_at(t.steps.len() - 1) > cold_at(n_prompt_steps),
+        "no chunk moved during generation: {cold_rows:?}"
+    );
+    assert!(cold_rows.iter().all(|&(_, c)| c % u64::from(CHUNK) == 0));
+
+    let mut worst = 0.0f64;
+    for &(step, layer) in t.groups().keys() {
+        let v = verify_group(&t, step, layer)
+            .unwrap()
+            .unwrap_or_else(|m| panic!("step {step} layer {layer} misses {:?}", m.0));
+        assert!(v.cosine > 0.999, "{v:?}");
+        worst = worst.max(v.nmse);
+    }
+    eprintln!(
+        "mixed q4_0 window {WINDOW}: {} groups verify, worst NMSE {worst:.3e}; cold rows per step {:?}",
+        t.groups().len(),
+        cold_rows.iter().map(|&(_, c)| c).collect::<Vec<_>>()
+    );
+    assert!(worst <= 1e-6, "worst NMSE {worst:e}");
+}
+
+/// kqv_out of the mixed run against a plain F16 cache with flash attention, per layer, over
+/// the steps whose tokens are the same in both runs. The steps before the first chunk moves
+/// differ only by flash attention's own F16 rounding.
+#[test]
+fn mixed_versus_f16_cache_per_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, cfg) = model(dir.path());
+    let mixed = trace(&m, &dir.path().join("mixed.gguf"), &mixed_args());
+    let f16 = trace(&m, &dir.path().join("f16.gguf"), &["-fa", "on"]);
+    eprintln!("layer | steps | cold steps | worst NMSE | mean NMSE | min cosine | worst NMSE without cold rows");
+    for layer in 0..cfg.n_layer as i32 {
+        let (mut n, mut n_cold_steps, mut worst, mut sum, mut min_cos, mut worst_hot) =
+            (0usize, 0usize, 0f64, 0f64, 1f64, 0f64);
+        for (sm, sf) in mixed.steps.iter().zip(&f16.steps) {
+            if sm.tokens != sf.tokens {
+                break; // generation diverged: later steps see different tokens
+            }
+            let a = mixed.find(Role::KqvOut, layer, sm.step).unwrap();
+            let b = f16.find(Role::KqvOut, layer, sf.step).unwrap();
+            let (va, vb) = (mixed.f32(a).unwrap(), f16.f32(b).unwrap());
+            assert_eq!(va.len(), vb.len());
+            let nn = vb.len() as f64;
+            let mean = vb.iter().map(|&x| f64::from(x)).sum::<f64>() / nn;
+            let var = vb
+                .iter()
+                .map(|&x| (f64::from(x) - mean).powi(2))
+                .sum::<f64>()
+                / nn;
+            let mse = va
+                .iter()
+                .zip(&vb)
+                .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+                .sum::<f64>()
+                / nn;
+            let dot: f64 = va
+                .iter()
+                .zip(&vb)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            let na: f64 = va.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = vb.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            let nmse = mse / var;
+            let cos = dot / (na * nb);
+            let n_cold = mixed
+                .find(Role::KQuant, layer, sm.step)
+                .unwrap()
+                .meta
+                .layout
+                .ne[1];
+            if n_cold > 0 {
+                n_cold_steps += 1;
+            } else {
+                worst_hot = worst_hot.max(nmse);
+            }
+            n += 1;
+            worst = worst.max(nmse);
+            sum += nmse;
+            min_cos = min_cos.min(cos);
+        }
+        eprintln!(
+            "{layer} | {n} | {n_cold_steps} | {worst:.3e} | {:.3e} | {min_cos:.6} | {worst_hot:.3e}",
+            sum / n.max(1) as f64
+        );
+        assert!(
+            n >= mixed.steps.len() / 2,
+            "the runs diverged early ({n} steps)"
+        );
+        assert!(n_cold_steps > 0);
+        // no cold rows yet: the same F16 numbers, up to flash attention's F16 accumulation
+        assert!(worst_hot <= 2e-6, "layer {layer}: {worst_hot:e}");
+        assert!(min_cos > 0.99, "layer {layer}: cosine {min_cos}");
+    }
+}
+
+struct Nothing;
+
+impl CaptureSink for Nothing {
+    fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Runs llama.cpp through the session (no tracing) and returns the KV buffer bytes.
+fn kv_bytes(args: &[String]) -> u64 {
+    let opts = RunOptions {
+        capture: CaptureConfig {
+            layer: None,
+            trace_sources: false,
+        },
+        eval_callback: false,
+        prefill_only: true,
+        verbose: false,
+    };
+    let (info, _) = session::run(args, opts, &mut Nothing).unwrap();
+    info.kv_buffer_bytes
+}
+
+#[test]
+fn kv_buffers_hold_the_window_plus_the_quantized_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, cfg) = model(dir.path());
+    let n_ctx: u64 = 1024;
+    let ctx = ["-c", "1024"];
+    let mut plain = base_args(&m);
+    plain.extend(["-fa", "on"].iter().chain(&ctx).map(|s| s.to_string()));
+    let mut mixed = base_args(&m);
+    mixed.extend(mixed_args().iter().chain(&ctx).map(|s| s.to_string()));
+    let (b_plain, b_mixed) = (kv_bytes(&plain), kv_bytes(&mixed));
+
+    let (n_layer, n_kv) = (cfg.n_layer as u64, (cfg.n_head_kv * cfg.head_dim) as u64);
+    let f16_row = 2 * n_kv;
+    let q4_row = GgmlType::Q4_0.bytes_for(n_kv).unwrap();
+    let hot = u64::from(WINDOW + 2 * CHUNK);
+    let cold = n_ctx - u64::from(WINDOW);
+    let expect_plain = 2 * n_layer * n_ctx * f16_row;
+    let expect_mixed = 2 * n_layer * (hot * f16_row + cold * q4_row);
+    eprintln!(
+        "KV bytes at n_ctx {n_ctx}: plain F16 {b_plain} (expected {expect_plain}), mixed q4_0 window {WINDOW} {b_mixed} (expected {expect_mixed}), ratio {:.4}",
+        b_mixed as f64 / b_plain as f64
+    );
+    // ggml pads each tensor to the buffer's alignment (at most 64 bytes per tensor here)
+    let slack = 4 * n_layer * 64;
+    assert!(b_plain >= expect_plain && b_plain <= expect_plain + slack);
+    assert!(b_mixed >= expect_mixed && b_mixed <= expect_mixed + slack);
+    assert!((b_mixed as f64) < 0.4 * b_plain as f64);
+}
+
+fn expect_failure(args: &[String], needle: &str) {
+    let o = Command::new(BIN).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr lacks {needle:?}:\n{err}"
+    );
+}
+
+#[test]
+fn unsupported_setups_fail_at_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = model(dir.path());
+    let with = |extra: &[&str]| {
+        let mut a = base_args(&m);
+        a.extend(mixed_args().iter().chain(extra).map(|s| s.to_string()));
+        a.push("-v".into());
+        a
+    };
+    expect_failure(
+        &with(&["-ctk", "q8_0"]),
+        "mixed KV cache: the hot store is F16",
+    );
+    expect_failure(&with(&["-np", "2"]), "mixed KV cache: only one sequence");
+    let mut bad_type = base_args(&m);
+    bad_type.extend(["--mixed-kv-cache", "--mixed-cold-type", "q2_K"].map(String::from));
+    expect_failure(&bad_type, "--mixed-cold-type");
+    // a head size that is not a multiple of the block size (tiny default: 16)
+    let small = dir.path().join("tiny-hd16.gguf");
+    tiny_llama::write_model(&small, &tiny_llama::TinyLlamaConfig::default()).unwrap();
+    let mut a = base_args(&small);
+    a.extend(mixed_args().iter().map(|s| s.to_string()));
+    a.push("-v".into());
+    expect_failure(&a, "is not a multiple of the q4_0 block size");
+}
+
+/// Gemma 3 uses llama.cpp's sliding-window (iSWA) cache: rejected, not silently replaced.
+#[test]
+fn sliding_window_models_are_rejected() {
+    let model =
+        model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
+    let args: Vec<String> = [
+        "-m",
+        &model.display().to_string(),
+        "-p",
+        "Hi",
+        "-t",
+        "2",
+        "--mixed-kv-cache",
+        "-v",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    expect_failure(&args, "does not use llama.cpp's plain unified KV cache");
+}

@@ -1,0 +1,150 @@
+//! The mixed KV cache (`--mixed-kv-cache`): its attention node and how a traced group of
+//! it is verified.
+//!
+//! llama.cpp (patched, `vendor/patches/0001-0002`) keeps each layer's most recent tokens in
+//! an F16 hot store and older ones quantized in a cold store, and computes attention over
+//! both with one node whose six sources are traced with these roles and layouts (ggml `ne`):
+//!
+//! | role | tensor | `ne` |
+//! |------|--------|------|
+//! | `q` | Q, permuted view, F32 | `[D, n_tokens, n_head, 1]` |
+//! | `k` | hot K cache, permuted view, F16 | `[D, n_hot, n_head_kv, 1]` |
+//! | `v` | hot V cache (not transposed), permuted view, F16 | `[Dv, n_hot, n_head_kv, 1]` |
+//! | `k_quant` | cold K store, permuted view, quantized | `[D, n_cold, n_head_kv, 1]` |
+//! | `v_quant` | cold V store, permuted view, quantized | `[Dv, n_cold, n_head_kv, 1]` |
+//! | `mask` | F16 or F32 | `[n_cold + n_hot, n_tokens, 1, 1]` (cold columns first) |
+//!
+//! The node's output (`attn`) is `[Dv, n_head, n_tokens, 1]` F32 like `FLASH_ATTN_EXT`'s,
+//! and `kqv_out-<layer>` is its reshape. The kernel converts K and V rows to f32 and
+//! takes dot products with the f32 Q as it is (no rounding of Q to K's type), so the
+//! reference below recomputes from exactly the traced values: cold rows dequantized,
+//! concatenated in front of the hot rows (the mask's column order), then
+//! [`tensor_stats::attention`] in f64. `verify::check` hands such groups here, so
+//! `verify_group`, `gguf-reader --verify-attention` and `kqv-trace-monitor --verify` all
+//! verify mixed traces.
+
+use tensor_stats::{attention, AttentionParams, Dense};
+
+use crate::meta::Role;
+use crate::verify::{compare, slice_nmse, Checked, Group, Missing, Operand, Verification};
+use crate::TraceError;
+
+/// The `op` recorded for the mixed attention node (`AttnRecord::op`); in ggml it is a
+/// `CUSTOM` op whose function is the mixed-attention kernel.
+pub const MIXED_ATTN_OP: &str = "MIXED_ATTN";
+
+/// NMSE bound of a mixed group: the node works in F32 (F32 Q, F32 accumulators, no F16
+/// accumulator as in ggml's flash attention), measured worst 1.6e-13 (docs/verification.md).
+pub const MIXED_NMSE_BOUND: f64 = 1e-6;
+
+/// True when the group was computed by the mixed attention node: its op says so, or it
+/// has a cold store (`k_quant`).
+pub fn is_mixed(g: &Group) -> bool {
+    g.op.as_deref() == Some(MIXED_ATTN_OP) || g.get(Role::KQuant).is_some()
+}
+
+fn dense(o: &Operand) -> Result<Dense, TraceError> {
+    let ne = o.layout.ne.map(|x| x as usize);
+    Dense::from_f32(ne, &o.values).map_err(|e| TraceError::Format(format!("{}: {e}", o.name)))
+}
+
+/// `cold` then `hot` along dim 1 (the KV cells): `[D, n_cold + n_hot, H, S]`.
+pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, TraceError> {
+    let [d, n_cold, h, s] = cold.ne;
+    let [d2, n_hot, h2, s2] = hot.ne;
+    if d != d2 || h != h2 || s != s2 {
+        return Err(TraceError::Format(format!(
+            "cold store ne {:?} does not match hot store ne {:?}",
+            cold.ne, hot.ne
+        )));
+    }
+    Dense::from_fn([d2, n_cold + n_hot, h2, s2], |i0, i1, i2, i3| {
+        if i1 < n_cold {
+            cold.get(i0, i1, i2, i3)
+        } else {
+            hot.get(i0, i1 - n_cold, i2, i3)
+        }
+        .unwrap_or(f64::NAN)
+    })
+    .map_err(|e| TraceError::Format(e.to_string()))
+}
+
+/// Recompute a mixed-cache attention group from its six inputs and compare it with its
+/// `kqv_out` (see the module docs). A failed group lists the heads and tokens over the
+/// bound; there is no further diagnosis for this op.
+pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
+    let roles = [
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::KQuant,
+        Role::VQuant,
+        Role::Mask,
+        Role::KqvOut,
+    ];
+    let mut missing: Vec<&'static str> = roles
+        .iter()
+        .filter(|r| g.get(**r).is_none())
+        .map(|r| r.name())
+        .collect();
+    if g.params.is_none() {
+        missing.push("attention op parameters");
+    }
+    let [Some(q), Some(k), Some(v), Some(kq), Some(vq), Some(mask), Some(out)] =
+        roles.map(|r| g.get(r))
+    else {
+        return Ok(Err(Missing(missing)));
+    };
+    let Some(params) = g.params else {
+        return Ok(Err(Missing(missing)));
+    };
+    let (step, layer) = (g.step, g.layer);
+    let qd = dense(q)?;
+    let kd = concat_cells(&dense(kq)?, &dense(k)?)?;
+    let vd = concat_cells(&dense(vq)?, &dense(v)?)?;
+    let md = dense(mask)?;
+    let p = AttentionParams {
+        scale: f64::from(params.scale),
+        max_bias: f64::from(params.max_bias),
+        softcap: f64::from(params.softcap),
+    };
+    let reference = attention(&qd, &kd, &vd, Some(&md), None, &p)
+        .map_err(|e| TraceError::Format(format!("step {step} layer {layer}: {e}")))?;
+    let actual = &out.values;
+    if actual.len() != reference.data.len() {
+        return Err(TraceError::Format(format!(
+            "step {step} layer {layer}: kqv_out has {} values, attention of the traced inputs {}",
+            actual.len(),
+            reference.data.len()
+        )));
+    }
+    let m = compare(&reference, actual, 0..reference.ne[2]);
+    let bound = MIXED_NMSE_BOUND;
+    let pass = m.nmse <= bound;
+    let mut checked = Checked {
+        verification: Verification {
+            step,
+            layer,
+            nmse: m.nmse,
+            max_abs: m.max_abs,
+            worst: m.worst,
+            cosine: m.cosine,
+            n_elements: m.n,
+            worst_position: g.positions.get(m.worst.0).copied(),
+        },
+        op: MIXED_ATTN_OP.to_owned(),
+        bound,
+        pass,
+        findings: Vec::new(),
+        bad_heads: Vec::new(),
+        bad_tokens: Vec::new(),
+    };
+    if !pass {
+        let (heads, tokens) = slice_nmse(&reference, actual);
+        checked.bad_heads = (0..heads.len()).filter(|&h| !(heads[h] <= bound)).collect();
+        checked.bad_tokens = (0..tokens.len())
+            .filter(|&t| !(tokens[t] <= bound))
+            .collect();
+    }
+    Ok(Ok(checked))
+}
