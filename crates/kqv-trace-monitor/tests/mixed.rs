@@ -393,3 +393,51 @@ fn sliding_window_models_are_rejected() {
     .collect();
     expect_failure(&args, "does not use llama.cpp's plain unified KV cache");
 }
+
+/// The seed's bug, on the cold store: its permuted view `[D, n_cold, H_kv]` lies in memory
+/// as `[D, H_kv, n_cold]`; reading those bytes as if contiguous in `ne` order scrambles
+/// the cold cells across heads, and the verification catches it.
+#[test]
+fn a_planted_cold_store_layout_bug_fails_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = model(dir.path());
+    let path = dir.path().join("mixed.gguf");
+    let t = trace(&m, &path, &mixed_args());
+    let (step, kq) = t
+        .steps
+        .iter()
+        .find_map(|s| {
+            let k = t.find(Role::KQuant, 0, s.step)?;
+            (k.meta.layout.ne[1] >= 2).then_some((s.step, k))
+        })
+        .expect("a step with cold rows");
+    let [d, n, h, _] = kq.meta.layout.ne.map(|x| x as usize);
+    assert!(h >= 2);
+    let row = kq.meta.layout.ty.bytes_for(d as u64).unwrap() as usize;
+    let logical = t.data(kq).to_vec();
+    // memory as ggml held it: the heads of one cell adjacent
+    let mut memory = vec![0u8; logical.len()];
+    for j in 0..h {
+        for c in 0..n {
+            let src = (j * n + c) * row;
+            let dst = (c * h + j) * row;
+            memory[dst..dst + row].copy_from_slice(&logical[src..src + row]);
+        }
+    }
+    assert_ne!(memory, logical);
+    let bytes = std::fs::read(&path).unwrap();
+    let file = gguf_io::GgufFile::from_bytes(bytes.clone()).unwrap();
+    let info = &file.tensors()[kq.index];
+    let start = (file.header().data_offset + info.offset) as usize;
+    let mut planted = bytes;
+    planted[start..start + memory.len()].copy_from_slice(&memory);
+    let bad = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(planted).unwrap()).unwrap();
+    let good = verify_group(&t, step, 0).unwrap().unwrap();
+    let caught = verify_group(&bad, step, 0).unwrap().unwrap();
+    eprintln!(
+        "cold layout: good NMSE {:.3e}, planted {:.3e}",
+        good.nmse, caught.nmse
+    );
+    assert!(good.nmse <= 1e-6, "{good:?}");
+    assert!(caught.nmse > 1e-3, "the planted bug must fail: {caught:?}");
+}
