@@ -259,7 +259,7 @@ pub fn run(
         architecture: c_string(&raw.arch),
         model_path: c_string(&raw.model_path),
         prompt_tokens: prompt,
-        mixed: (raw.mixed_kv_cache != 0).then(|| MixedKvInfo {
+        mixed: (raw.mixed_kv_cache != 0).then_some(MixedKvInfo {
             hot_window: raw.mixed_hot_window,
             cold_type: gguf_io::GgmlType(raw.mixed_cold_type as u32),
         }),

@@ -141,10 +141,13 @@ pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
     };
     if !pass {
         let (heads, tokens) = slice_nmse(&reference, actual);
-        checked.bad_heads = (0..heads.len()).filter(|&h| !(heads[h] <= bound)).collect();
-        checked.bad_tokens = (0..tokens.len())
-            .filter(|&t| !(tokens[t] <= bound))
-            .collect();
+        // over the bound, NaN included
+        let over = |x: f64| {
+            x.partial_cmp(&bound) != Some(std::cmp::Ordering::Less)
+                && x.partial_cmp(&bound) != Some(std::cmp::Ordering::Equal)
+        };
+        checked.bad_heads = (0..heads.len()).filter(|&h| over(heads[h])).collect();
+        checked.bad_tokens = (0..tokens.len()).filter(|&t| over(tokens[t])).collect();
     }
     Ok(Ok(checked))
 }
