@@ -67,6 +67,16 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     util::run(&mut cmd)?;
     report.overhead = Some(read_json(&overhead_json)?);
 
+    // 2b. The mixed KV cache against the plain F16 cache (memory and decode speed).
+    let mixed_json = out.join("mixed_kv.json");
+    let _ = fs::remove_file(&mixed_json);
+    let mut cmd = util::cargo();
+    cmd.args(["bench", "-p", "ggml-trace", "--bench", "mixed_kv"])
+        .env("KCM_BENCH_RUNS", if quick { "1" } else { "3" })
+        .env("KCM_BENCH_JSON", &mixed_json);
+    util::run(&mut cmd)?;
+    report.mixed = Some(read_json(&mixed_json)?);
+
     // 3. gguf-reader against gguf-py's gguf-dump on the same model.
     let model = fetch_model::gemma()?;
     let mut cmd = util::cargo();
@@ -291,6 +301,7 @@ fn cold_build(dir: &Path) -> Result<ColdBuild> {
 struct Report {
     criterion: BTreeMap<String, BTreeMap<String, Crit>>,
     overhead: Option<Value>,
+    mixed: Option<Value>,
     reader: Vec<Timed>,
     cold_build: Option<ColdBuild>,
     skipped: Vec<String>,
@@ -334,6 +345,7 @@ impl Report {
             m.cpu, m.cores, m.mem_gib, m.load, load_after
         );
         self.render_overhead(&mut s);
+        self.render_mixed(&mut s);
         self.render_reader(&mut s);
         self.render_dequant(&mut s);
         self.render_diff(&mut s);
@@ -383,6 +395,38 @@ impl Report {
                 s,
                 "| {name} | {:.2} | {ratio:.3} | {goal} |",
                 mode["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        s.push('\n');
+    }
+
+    fn render_mixed(&self, s: &mut String) {
+        let Some(o) = &self.mixed else { return };
+        let _ = writeln!(s, "## Mixed KV cache against the plain F16 cache\n");
+        let _ = writeln!(
+            s,
+            "tiny-llama `larger()` (8 layers, n_embd 1024, 16 heads over 4 KV heads), -c 4096, -t {},\n\
+             a {}-token prompt then {} greedy tokens, runs alternating ({} each). KV bytes are\n\
+             ggml's buffer sizes of the context's KV cache. Reproduce: `KCM_BENCH_RUNS={} cargo bench\n\
+             -p ggml-trace --bench mixed_kv`.\n",
+            o["threads"], o["prompt_tokens"], o["tokens"], o["runs"], o["runs"]
+        );
+        let _ = writeln!(
+            s,
+            "| cache | KV bytes | ÷ F16 (goal ≤ 0.35) | decode tokens/s, median | ÷ F16 | best run | ÷ F16 (goal ≥ 0.9) |\n|---|---|---|---|---|---|---|"
+        );
+        for mode in o["modes"].as_array().into_iter().flatten() {
+            let f = |k: &str| mode[k].as_f64().unwrap_or(f64::NAN);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {:.3} |",
+                mode["mode"].as_str().unwrap_or("?"),
+                mode["kv_bytes"],
+                f("kv_ratio"),
+                f("median_tokens_per_s"),
+                f("median_ratio"),
+                f("best_tokens_per_s"),
+                f("best_ratio"),
             );
         }
         s.push('\n');
@@ -483,16 +527,19 @@ impl Report {
         s.push('\n');
     }
 
-    /// Groups with a `memcpy` entry: every other entry's throughput against it.
+    /// Groups with a `memcpy…` entry: every other entry's throughput against it.
     fn render_diff(&self, s: &mut String) {
         for (group, g) in &self.criterion {
-            let Some(base) = g.get("memcpy").and_then(Crit::gib_s) else {
+            let Some(base) = memcpy_entry(g).and_then(Crit::gib_s) else {
                 continue;
             };
             let _ = writeln!(s, "## {group}: throughput against memcpy\n");
             let _ = writeln!(
                 s,
-                "Reproduce: `cargo bench -p tensor-stats --bench diff`. GiB/s of input read (median).\n"
+                "Two f32 traces compared as `tensor-diff-analyzer --reference A --current B` does it\n\
+                 (memory-mapped, every metric, all cores), beside a memcpy of the same bytes.\n\
+                 Reproduce: `cargo bench -p tensor-diff-analyzer --bench throughput`. GiB/s of input\n\
+                 (both files' tensor bytes), median. Goal: ≥ 0.5 of memcpy.\n"
             );
             let _ = writeln!(s, "| benchmark | GiB/s | ÷ memcpy |\n|---|---|---|");
             for (id, c) in g {
@@ -534,6 +581,91 @@ impl Report {
                 let _ = writeln!(s, "| {id} | {:.3} ms | {gib} |", c.median_ns / 1e6);
             }
             s.push('\n');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crit(median_ns: f64, bytes: f64) -> Crit {
+        Crit {
+            median_ns,
+            bytes: Some(bytes),
+        }
+    }
+
+    /// The report renders every section from results shaped like the benches' own.
+    #[test]
+    fn every_section_is_rendered_from_results() {
+        let gib = (1u64 << 30) as f64;
+        let mut r = Report::default();
+        let mut diff = BTreeMap::new();
+        diff.insert(
+            "tensor-diff-analyzer --current".to_owned(),
+            crit(1e9, 2.0 * gib),
+        );
+        diff.insert("memcpy of the same bytes".to_owned(), crit(1e9, 4.0 * gib));
+        r.criterion.insert("offline_diff".into(), diff);
+        let mut deq = BTreeMap::new();
+        deq.insert("gguf-io/q8_0".to_owned(), crit(1e9, 3.0 * gib));
+        deq.insert("ggml/q8_0".to_owned(), crit(1e9, 2.0 * gib));
+        r.criterion.insert("dequant_vs_ggml".into(), deq);
+        let mut summary = BTreeMap::new();
+        summary.insert("f32_chunks_32768".to_owned(), crit(5e5, 0.5 * gib));
+        r.criterion.insert("summary".into(), summary);
+        r.overhead = Some(serde_json::json!({
+            "model": "m", "threads": 2, "flash_attn": "on", "tokens": 64, "runs": 5,
+            "modes": [
+                {"mode": "no callback", "tokens_per_s": 30.0, "ratio": 1.0},
+                {"mode": "monitor (all layers, stats)", "tokens_per_s": 29.0, "ratio": 0.966},
+            ]
+        }));
+        r.mixed = Some(serde_json::json!({
+            "threads": 2, "prompt_tokens": 2048, "tokens": 32, "runs": 3,
+            "modes": [{"mode": "mixed", "kv_bytes": 100, "kv_ratio": 0.342,
+                       "median_tokens_per_s": 30.0, "median_ratio": 0.98,
+                       "best_tokens_per_s": 31.0, "best_ratio": 0.95}]
+        }));
+        r.reader = vec![
+            Timed {
+                what: "gguf-dump".into(),
+                secs: vec![20.0],
+            },
+            Timed {
+                what: "gguf-reader MODEL".into(),
+                secs: vec![0.1],
+            },
+            Timed {
+                what: "gguf-reader MODEL --show-data".into(),
+                secs: vec![1.0],
+            },
+        ];
+        r.cold_build = Some(ColdBuild {
+            secs: 600.0,
+            load_before: "0.5".into(),
+        });
+        let m = Machine {
+            cpu: "cpu".into(),
+            cores: 2,
+            mem_gib: 24.0,
+            load: "1".into(),
+        };
+        let text = r.render(&m, "1".into(), false);
+        for want in [
+            "## Monitor overhead on real decoding",
+            "| monitor (all layers, stats) | 29.00 | 0.966 | ≥ 0.95: met |",
+            "## Mixed KV cache against the plain F16 cache",
+            "| mixed | 100 | 0.342 | 30.00 | 0.980 | 31.00 | 0.950 |",
+            "## offline_diff: throughput against memcpy",
+            "| tensor-diff-analyzer --current | 2.00 | 0.500 |",
+            "| q8_0 | 3.00 | 2.00 | 1.50 |",
+            "## summary",
+            "Goal for `--show-data` on this model: < 2 s — met.",
+            "**10 min 00 s**",
+        ] {
+            assert!(text.contains(want), "missing `{want}` in:\n{text}");
         }
     }
 }

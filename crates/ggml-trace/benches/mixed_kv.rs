@@ -11,7 +11,8 @@
 //! load hits both alike; the median and the best run of each are reported (on a shared
 //! machine the best run is the least disturbed one).
 //!
-//! `cargo bench -p ggml-trace --bench mixed_kv` (-t 2; KCM_BENCH_THREADS overrides).
+//! `cargo bench -p ggml-trace --bench mixed_kv` (-t 2; KCM_BENCH_THREADS overrides; with
+//! KCM_BENCH_JSON=FILE the results are also written there as JSON for `cargo xtask bench`).
 
 use std::time::Instant;
 
@@ -149,5 +150,29 @@ fn main() {
             best(&rates[m]) / best0,
             rates[m].iter().map(|x| (x * 100.0).round() / 100.0).collect::<Vec<_>>()
         );
+    }
+    if let Some(path) = std::env::var_os("KCM_BENCH_JSON") {
+        let modes_json: Vec<String> = modes
+            .iter()
+            .enumerate()
+            .map(|(m, (name, _))| {
+                let runs: Vec<String> = rates[m].iter().map(|r| format!("{r}")).collect();
+                format!(
+                    "{{\"mode\": \"{name}\", \"kv_bytes\": {}, \"kv_ratio\": {}, \"median_tokens_per_s\": {}, \"median_ratio\": {}, \"best_tokens_per_s\": {}, \"best_ratio\": {}, \"runs\": [{}]}}",
+                    bytes[m],
+                    bytes[m] as f64 / b0,
+                    median(&rates[m]),
+                    median(&rates[m]) / r0,
+                    best(&rates[m]),
+                    best(&rates[m]) / best0,
+                    runs.join(", ")
+                )
+            })
+            .collect();
+        let doc = format!(
+            "{{\"threads\": {threads}, \"prompt_tokens\": {prompt_len}, \"tokens\": {tokens}, \"runs\": {runs}, \"modes\": [{}]}}\n",
+            modes_json.join(", ")
+        );
+        std::fs::write(&path, doc).expect("write KCM_BENCH_JSON");
     }
 }
