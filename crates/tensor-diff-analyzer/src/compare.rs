@@ -84,8 +84,11 @@ pub struct RunCheck {
     pub ref_rot_v: bool,
     pub cur_rot_k: bool,
     pub cur_rot_v: bool,
-    /// Flash attention on in (reference, current); None until known.
+    /// Flash attention on in (reference, current); None until known. The mixed KV
+    /// cache's attention node has flash attention's layout and counts as on.
     pub flash: (Option<bool>, Option<bool>),
+    /// The mixed KV cache was used in (reference, current).
+    pub mixed: (bool, bool),
 }
 
 impl RunCheck {
@@ -98,9 +101,15 @@ impl RunCheck {
     fn fa_differs(&self) -> bool {
         matches!(self.flash, (Some(a), Some(b)) if a != b)
     }
+    fn mixed_differs(&self) -> bool {
+        self.mixed.0 != self.mixed.1
+    }
 }
 
 fn flash_of(run: &RunMeta) -> Option<bool> {
+    if run.mixed_kv_cache {
+        return Some(true);
+    }
     match run.flash_attn.as_str() {
         "on" => Some(true),
         "off" => Some(false),
@@ -130,6 +139,7 @@ pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
         cur_rot_k: c.rotated_k(),
         cur_rot_v: c.rotated_v(),
         flash: (flash_of(r), flash_of(c)),
+        mixed: (r.mixed_kv_cache, c.mixed_kv_cache),
         ..Default::default()
     };
     let model = |m: &RunMeta| {
@@ -207,6 +217,15 @@ pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
     }
     if k.fa_differs() {
         k.notes.push(flash_note(k.flash));
+    }
+    if k.mixed_differs() {
+        k.notes.push(format!(
+            "KV cache layout differs: the {} used the mixed KV cache (recent tokens in an F16 \
+             hot store, older ones in a quantized cold store): its k/v hold only the hot \
+             window, k_quant/v_quant the cold rows and its mask covers cold then hot cells, so \
+             k, v, k_quant, v_quant and mask are not compared; q, attn and kqv_out are",
+            side_name(k.mixed.1)
+        ));
     }
     if !r.complete {
         k.notes
@@ -503,6 +522,17 @@ impl<'r> Analyzer<'r> {
             if role == Role::KqvOut && rot_v_here {
                 return Some("rotated basis: its kqv_out_unrotated is compared instead".into());
             }
+        }
+        if k.mixed_differs()
+            && matches!(
+                role,
+                Role::K | Role::V | Role::KQuant | Role::VQuant | Role::Mask
+            )
+        {
+            return Some(format!(
+                "different KV cache layout (mixed KV cache in the {} only)",
+                side_name(k.mixed.1)
+            ));
         }
         if k.fa_differs() {
             if matches!(role, Role::Attn | Role::V) {

@@ -90,6 +90,7 @@ pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
         }
         .into(),
         kv_rotation: rot_k || rot_v,
+        mixed_kv_cache: info.mixed.is_some(),
         n_ctx: info.n_ctx,
         n_batch: info.n_batch,
         n_ubatch: info.n_ubatch,
@@ -136,7 +137,10 @@ impl CaptureSink for LiveSink<'_, '_> {
 
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
         if !att.op.is_empty() {
-            self.analyzer.set_current_flash(att.op == "FLASH_ATTN_EXT");
+            // The mixed KV cache's node has flash attention's layout.
+            self.analyzer.set_current_flash(
+                att.op == "FLASH_ATTN_EXT" || att.op == trace_format::mixed::MIXED_ATTN_OP,
+            );
         }
         for t in &att.tensors {
             let name = trace_format::tensor_name(&t.meta, false);
