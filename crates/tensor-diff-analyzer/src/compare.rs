@@ -387,7 +387,13 @@ pub fn locate(meta: &TensorMeta, run: &RunMeta, steps: &[StepMeta], i: u64) -> L
             Some((idx[1], Some(idx[0] / d), Some(idx[0] % d)))
         }
         // FLASH_ATTN_EXT's result is [D, H, T]; `kqv` without flash attention [D, T, H].
-        Role::Attn if meta.op == "FLASH_ATTN_EXT" => Some((idx[2], Some(idx[1]), Some(idx[0]))),
+        // Flash attention's output, and the mixed KV cache's node (a CUSTOM op with the
+        // same output layout): [dim, head, token].
+        Role::Attn
+            if meta.op == "FLASH_ATTN_EXT" || (meta.op == "CUSTOM" && run.mixed_kv_cache) =>
+        {
+            Some((idx[2], Some(idx[1]), Some(idx[0])))
+        }
         Role::Attn | Role::Q => Some((idx[1], Some(idx[2]), Some(idx[0]))),
         Role::Kq | Role::KqSoftMax => Some((idx[1], Some(idx[2]), None)),
         Role::Mask => Some((idx[1], None, None)),
@@ -485,9 +491,11 @@ impl<'r> Analyzer<'r> {
             } else if r.tokens != step.tokens && !r.tokens.is_empty() && !diverged {
                 self.late_notes.push(format!(
                     "generation diverged at step {}: the reference decoded token(s) {:?}, this run \
-                     {:?}; from this step on the inputs differ (sampling: use --temp 0 or the \
-                     same fixed --seed for both runs)",
-                    step.step, r.tokens, step.tokens
+                     {:?}; from this step on the inputs differ, so later numbers compare different \
+                     computations (with sampling: use --temp 0 or the same fixed --seed for both \
+                     runs; with greedy decoding the difference itself changed the token: compare \
+                     the steps before {}, i.e. a smaller -n)",
+                    step.step, r.tokens, step.tokens, step.step
                 ));
             }
         }
