@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use trace_format::json::number as float_json;
 
 use gguf_io::{Array, GgufFile, Header, Result, StreamReader, Value};
 use serde_json::{json, Map, Value as Json};
@@ -215,19 +216,6 @@ impl Report {
             "tensors": tensors,
             "trace": trace,
         })
-    }
-}
-
-/// JSON has no NaN or infinity: those become the strings "nan", "inf", "-inf".
-pub fn float_json(x: f64) -> Json {
-    if x.is_finite() {
-        json!(x)
-    } else if x.is_nan() {
-        json!("nan")
-    } else if x > 0.0 {
-        json!("inf")
-    } else {
-        json!("-inf")
     }
 }
 

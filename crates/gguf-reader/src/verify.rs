@@ -7,6 +7,7 @@
 //! the memory order those strides give.
 
 use std::io::{self, Write};
+use trace_format::json::number as num;
 
 use serde_json::{json, Value};
 use trace_format::verify::{self, check_in_trace, Checked, Missing};
@@ -123,18 +124,6 @@ fn shape_line(t: &TracedTensor, out: &mut impl Write) -> io::Result<()> {
         layout_word(t),
         t.meta.ggml_name
     )
-}
-
-fn num(x: f64) -> Value {
-    if x.is_finite() {
-        json!(x)
-    } else if x.is_nan() {
-        json!("nan")
-    } else if x > 0.0 {
-        json!("inf")
-    } else {
-        json!("-inf")
-    }
 }
 
 /// The JSON object of a checked group (schema in docs/json.md).

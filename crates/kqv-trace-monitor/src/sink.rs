@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use trace_format::json::number as num;
 
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::progress::{Counters, Progress};
@@ -161,18 +162,6 @@ pub fn summarize(t: &CapturedTensor) -> Result<Summary, String> {
 fn shape(ne: &[u64; 4]) -> String {
     let d: Vec<String> = ne.iter().map(u64::to_string).collect();
     format!("[{}]", d.join(","))
-}
-
-fn num(x: f64) -> serde_json::Value {
-    if x.is_finite() {
-        json!(x)
-    } else if x.is_nan() {
-        json!("nan")
-    } else if x > 0.0 {
-        json!("inf")
-    } else {
-        json!("-inf")
-    }
 }
 
 impl MonitorSink {

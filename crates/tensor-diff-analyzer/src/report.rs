@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use trace_format::json::number as num;
 
 use serde_json::{json, Value};
 use tensor_stats::{DiffMetrics, Tolerance};
@@ -393,19 +394,6 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         }
     )?;
     Ok(())
-}
-
-/// A number JSON can hold, or "nan"/"inf"/"-inf" (docs/json.md).
-pub fn num(x: f64) -> Value {
-    if x.is_finite() {
-        json!(x)
-    } else if x.is_nan() {
-        json!("nan")
-    } else if x > 0.0 {
-        json!("inf")
-    } else {
-        json!("-inf")
-    }
 }
 
 fn loc_json(l: &Option<Location>, w: Option<tensor_stats::Worst>) -> Value {

@@ -5,6 +5,7 @@
 //! **Step**: step 0 is the first ubatch of the prompt; every later `llama_decode` call
 //! (the next prompt ubatch, then each generated token) is one more.
 
+pub mod json;
 pub mod keys;
 pub mod layout;
 pub mod meta;
