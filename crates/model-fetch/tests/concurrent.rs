@@ -41,7 +41,10 @@ fn two_processes_of_two_threads_fetch_into_one_empty_cache() {
         })
         .collect();
     for mut c in children {
-        assert!(c.wait().expect("wait").success(), "a concurrent fetch failed");
+        assert!(
+            c.wait().expect("wait").success(),
+            "a concurrent fetch failed"
+        );
     }
     let model = cache.join(model_fetch::GEMMA_FILE);
     assert_eq!(
