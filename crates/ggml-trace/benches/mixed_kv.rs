@@ -17,31 +17,18 @@
 use std::time::Instant;
 
 use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
-use ggml_trace::session::{self, RunInfo, RunOptions};
-use trace_format::StepMeta;
+use ggml_trace::session::{self, RunOptions};
 
-/// Times the generation steps (the callback only sees step boundaries: no eval callback).
-#[derive(Default)]
-struct Timed {
-    n_prompt_steps: u32,
-    gen_start: Option<Instant>,
-    gen_steps: u32,
+mod support {
+    pub mod timed;
 }
 
-impl CaptureSink for Timed {
-    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
-        self.n_prompt_steps = (info.prompt_tokens.len() as u32).div_ceil(info.n_ubatch.max(1));
-        Ok(())
-    }
-    fn on_step(&mut self, step: &StepMeta) -> bool {
-        if step.step == self.n_prompt_steps {
-            self.gen_start = Some(Instant::now());
-        }
-        if step.step >= self.n_prompt_steps {
-            self.gen_steps += 1;
-        }
-        true
-    }
+use support::timed::{median, Timed};
+
+/// No sink: the runs are timed without an eval callback.
+struct Discard;
+
+impl CaptureSink for Discard {
     fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), String> {
         Ok(())
     }
@@ -107,7 +94,7 @@ fn main() {
     let mut prompt_len = 0;
     for _ in 0..runs {
         for (m, (_, args)) in modes.iter().enumerate() {
-            let mut timed = Timed::default();
+            let mut timed = Timed::<Discard>::new(None);
             let opts = RunOptions {
                 capture: CaptureConfig {
                     layer: None,
@@ -118,20 +105,11 @@ fn main() {
                 verbose: false,
             };
             let (info, _) = session::run(args, opts, &mut timed).expect("run");
-            let end = Instant::now();
-            let secs = timed
-                .gen_start
-                .map_or(f64::NAN, |s| (end - s).as_secs_f64());
-            rates[m].push(f64::from(timed.gen_steps) / secs);
+            rates[m].push(timed.tokens_per_s(Instant::now()));
             bytes[m] = info.kv_buffer_bytes;
             prompt_len = info.prompt_tokens.len();
         }
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "tiny-llama larger() (8 layers, n_embd 1024, 16/4 heads, head_dim 64), -c 4096, -t {threads}, \
          prompt {prompt_len} tokens, {tokens} generated, median of {runs} runs"

@@ -12,42 +12,15 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
-use ggml_trace::session::{self, RunInfo, RunOptions};
+use ggml_trace::capture::CaptureConfig;
+use ggml_trace::session::{self, RunOptions};
 use kqv_trace_monitor::args::{Options, SaveTarget};
 use kqv_trace_monitor::sink::MonitorSink;
-use trace_format::StepMeta;
 
-/// Wraps the monitor's sink (or none: capture only, captures dropped) and times the
-/// generation steps.
-struct Timed {
-    inner: Option<MonitorSink>,
-    n_prompt_steps: u32,
-    gen_start: Option<Instant>,
-    gen_steps: u32,
-}
+#[path = "../../ggml-trace/benches/support/timed.rs"]
+mod timed;
 
-impl CaptureSink for Timed {
-    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
-        self.n_prompt_steps = (info.prompt_tokens.len() as u32).div_ceil(info.n_ubatch.max(1));
-        Ok(())
-    }
-    fn on_step(&mut self, step: &StepMeta) -> bool {
-        if step.step == self.n_prompt_steps {
-            self.gen_start = Some(Instant::now());
-        }
-        if step.step >= self.n_prompt_steps {
-            self.gen_steps += 1;
-        }
-        self.inner.as_mut().is_none_or(|s| s.on_step(step))
-    }
-    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
-        match self.inner.as_mut() {
-            Some(s) => s.on_attention(att),
-            None => Ok(()),
-        }
-    }
-}
+use timed::{median, Timed};
 
 fn main() {
     let tokens: u32 = std::env::var("KCM_BENCH_TOKENS")
@@ -106,12 +79,7 @@ fn main() {
                 )
                 .expect("sink")
             });
-            let mut timed = Timed {
-                inner,
-                n_prompt_steps: 0,
-                gen_start: None,
-                gen_steps: 0,
-            };
+            let mut timed = Timed::new(inner);
             let run_opts = RunOptions {
                 capture: CaptureConfig {
                     layer: None,
@@ -122,26 +90,17 @@ fn main() {
                 eval_callback: m > 0,
             };
             let (info, outcome) = session::run(&llama_args, run_opts, &mut timed).expect("run");
-            let end = Instant::now();
-            let secs = timed
-                .gen_start
-                .map_or(f64::NAN, |s| (end - s).as_secs_f64());
-            // The last generation step's decode ends when run() returns.
-            rate.push(f64::from(timed.gen_steps) / secs);
+            rate.push(timed.tokens_per_s(Instant::now()));
             if let Some(sink) = timed.inner.take() {
                 sink.finish(&info, &outcome).expect("finish");
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let base = median(&mut rates[0].clone());
+    let base = median(&rates[0]);
     println!("gemma-3-270m Q4_K_M, -t 2, -fa on, {tokens} generated tokens, median of {runs} runs");
     let mut json_modes = Vec::new();
     for (m, name) in modes.iter().enumerate() {
-        let r = median(&mut rates[m].clone());
+        let r = median(&rates[m]);
         json_modes.push(serde_json::json!({
             "mode": name,
             "tokens_per_s": r,
