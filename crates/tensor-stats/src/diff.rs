@@ -687,8 +687,8 @@ impl DiffAccumulator {
             m2_total += x * x;
         }
         self.merge_sums(
-            n as u64, n as u64, acc_d, acc_d2, acc_rel, acc_rel_n, acc_dot, acc_cc, acc_rr, mean,
-            m2_total, acc_bad,
+            n as u64, acc_d, acc_d2, acc_rel, acc_rel_n, acc_dot, acc_cc, acc_rr, mean, m2_total,
+            acc_bad,
         );
         self.worst_abs = better(&self.worst_abs, &wa);
         self.worst_rel = better(&self.worst_rel, &wr);
@@ -709,7 +709,6 @@ impl DiffAccumulator {
     #[allow(clippy::too_many_arguments)]
     fn merge_sums(
         &mut self,
-        count: u64,
         compared: u64,
         sum_d: f64,
         sum_d2: f64,
@@ -722,7 +721,6 @@ impl DiffAccumulator {
         r_m2: f64,
         mismatches: u64,
     ) {
-        let _ = count;
         if compared > 0 {
             if self.compared == 0 {
                 self.r_mean = r_mean;
@@ -805,18 +803,7 @@ impl DiffAccumulator {
             .map(|(&v, _)| (f64::from(v) - mean).powi(2))
             .sum();
         self.merge_sums(
-            c.len() as u64,
-            compared,
-            sum_d,
-            sum_d2,
-            sum_rel,
-            rel_n,
-            dot,
-            cc,
-            rr,
-            mean,
-            m2,
-            bad,
+            compared, sum_d, sum_d2, sum_rel, rel_n, dot, cc, rr, mean, m2, bad,
         );
         self.worst_abs = better(&self.worst_abs, &wa);
         self.worst_rel = better(&self.worst_rel, &wr);
@@ -828,7 +815,6 @@ impl DiffAccumulator {
     /// and total).
     pub fn merge(&mut self, o: &DiffAccumulator) {
         self.merge_sums(
-            o.count,
             o.compared,
             o.sum_d,
             o.sum_d2,
