@@ -139,7 +139,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                     _ => return Err(UsageError::BadPercent(v)),
                 };
             }
-            // The monitor's parser would accept it and the analyzer would ignore it.
+            // The monitor's parser would accept it and the analyzer would ignore it; refused
+            // here, before that parser can reject it with a monitor-specific message.
             "--verify" => {
                 return Err(UsageError::MonitorOnly(
                     "--verify",
@@ -160,12 +161,6 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         monitor_args::Command::Version => return Ok(Command::Version),
     };
     let reference = reference.ok_or(UsageError::NoReference)?;
-    if monitor.verify {
-        return Err(UsageError::MonitorOnly(
-            "--verify",
-            "run kqv-trace-monitor --verify, or gguf-reader --verify-attention on a trace",
-        ));
-    }
     if monitor.save == Some(SaveTarget::Stdout) {
         return Err(UsageError::SaveToStdout);
     }
