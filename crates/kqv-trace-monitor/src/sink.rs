@@ -257,47 +257,20 @@ impl MonitorSink {
         let Some(writer) = self.writer.take() else {
             return self.verdict();
         };
-        let flash = match self.seen_op.as_deref() {
-            Some("FLASH_ATTN_EXT") => "on",
-            Some(_) => "off",
-            None => match info.flash_attn_requested {
-                Some(true) => "on",
-                Some(false) => "off",
-                None => "auto",
-            },
+        let base = run_meta(info, true);
+        // What the graph really did, when an attention op was seen; else as asked.
+        let flash_attn = match self.seen_op.as_deref() {
+            Some("FLASH_ATTN_EXT") => "on".into(),
+            Some(_) => "off".into(),
+            None => base.flash_attn.clone(),
         };
-        let (head_k, head_v) = head_dims(info);
-        let rot_disabled = std::env::var("LLAMA_ATTN_ROT_DISABLE")
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .is_some_and(|v| v != 0);
-        // llama.cpp rotates Q/K (V) by a Hadamard matrix when the K (V) cache is quantized
-        // and the head size is a multiple of 64 (llama-kv-cache.cpp).
-        let rot_k = info.type_k.is_quantized() && head_k % 64 == 0 && head_k > 0;
-        let rot_v = info.type_v.is_quantized() && head_v % 64 == 0 && head_v > 0;
         let run = RunMeta {
             description: "kqv-trace-monitor trace of kqv_out and its attention inputs".into(),
-            model_path: info.model_path.clone(),
-            model_sha256: sha256_file(&info.model_path).unwrap_or_default(),
-            architecture: info.architecture.clone(),
-            n_layer: info.n_layer,
-            n_head: info.n_head,
-            n_head_kv: info.n_head_kv,
-            cache_type_k: info.type_k.name().into(),
-            cache_type_v: info.type_v.name().into(),
-            flash_attn: flash.into(),
-            kv_rotation: !rot_disabled && (rot_k || rot_v),
-            mixed_kv_cache: info.mixed.is_some(),
-            n_ctx: info.n_ctx,
-            n_batch: info.n_batch,
-            n_ubatch: info.n_ubatch,
-            n_predict: info.n_predict,
-            seed: info.seed,
-            prompt_tokens: info.prompt_tokens.clone(),
-            llama_version: crate::llama_version(),
+            flash_attn,
             target_layer: self.target_layer.unwrap_or(-1),
             trace_sources: self.trace_sources,
             complete: !outcome.interrupted,
+            ..base
         };
         match &self.save {
             Some(SaveTarget::Path(p)) => save_to_path(writer, &run, p)?,
@@ -373,22 +346,49 @@ fn save_to_path(
     }
 }
 
-/// K and V head sizes from the model's own metadata (`<arch>.attention.key_length`,
-/// `value_length`, else `embedding_length / head_count`); 0 when unknown.
-fn head_dims(info: &RunInfo) -> (u64, u64) {
-    let Ok(f) = gguf_io::GgufFile::open(&info.model_path) else {
-        return (0, 0);
-    };
-    let m = f.metadata();
-    let a = &info.architecture;
-    let get = |k: &str| m.get_u64(&format!("{a}.{k}"));
-    let fallback = match (get("embedding_length"), get("attention.head_count")) {
-        (Some(e), Some(h)) if h > 0 => e / h,
-        _ => 0,
-    };
-    let k = get("attention.key_length").unwrap_or(fallback);
-    let v = get("attention.value_length").unwrap_or(fallback);
-    (k, v)
+/// What a trace says about the run, from what is known before the first decode:
+/// flash attention as asked (`auto` until an attention op shows it), a complete run of
+/// every layer with sources, the model's sha256 only when `with_sha` (it reads the whole
+/// file). Whether llama.cpp rotates K/V comes from the cache types and the model's head
+/// sizes (`trace_format::meta::kv_rotation`).
+pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
+    let (head_k, head_v) = gguf_io::GgufFile::open(&info.model_path)
+        .map(|f| trace_format::meta::model_head_dims(f.metadata()))
+        .unwrap_or((0, 0));
+    let (rot_k, rot_v) = trace_format::meta::kv_rotation(info.type_k, info.type_v, head_k, head_v);
+    RunMeta {
+        model_path: info.model_path.clone(),
+        model_sha256: if with_sha {
+            sha256_file(&info.model_path).unwrap_or_default()
+        } else {
+            String::new()
+        },
+        architecture: info.architecture.clone(),
+        n_layer: info.n_layer,
+        n_head: info.n_head,
+        n_head_kv: info.n_head_kv,
+        cache_type_k: info.type_k.name().into(),
+        cache_type_v: info.type_v.name().into(),
+        flash_attn: match info.flash_attn_requested {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "auto",
+        }
+        .into(),
+        kv_rotation: rot_k || rot_v,
+        mixed_kv_cache: info.mixed.is_some(),
+        n_ctx: info.n_ctx,
+        n_batch: info.n_batch,
+        n_ubatch: info.n_ubatch,
+        n_predict: info.n_predict,
+        seed: info.seed,
+        prompt_tokens: info.prompt_tokens.clone(),
+        llama_version: crate::llama_version(),
+        target_layer: -1,
+        trace_sources: true,
+        complete: true,
+        ..Default::default()
+    }
 }
 
 /// sha256 of a file, lowercase hex (the trace's `model_sha256`).

@@ -9,7 +9,7 @@ use ggml_trace::capture::{CaptureSink, CapturedAttention};
 use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::RunInfo;
 use kqv_trace_monitor::sink::MonitorSink;
-use trace_format::{meta, RunMeta, StepMeta};
+use trace_format::{RunMeta, StepMeta};
 
 use crate::compare::Analyzer;
 
@@ -66,43 +66,7 @@ impl<'a, 'r> LiveSink<'a, 'r> {
 /// What the trace of this run will say about it, as far as it is known before the first
 /// decode (flash attention "auto" is resolved by the first attention op).
 pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
-    let (head_k, head_v) = gguf_io::GgufFile::open(&info.model_path)
-        .map(|f| meta::model_head_dims(f.metadata()))
-        .unwrap_or((0, 0));
-    let (rot_k, rot_v) = meta::kv_rotation(info.type_k, info.type_v, head_k, head_v);
-    RunMeta {
-        model_path: info.model_path.clone(),
-        model_sha256: if with_sha {
-            kqv_trace_monitor::sink::sha256_file(&info.model_path).unwrap_or_default()
-        } else {
-            String::new()
-        },
-        architecture: info.architecture.clone(),
-        n_layer: info.n_layer,
-        n_head: info.n_head,
-        n_head_kv: info.n_head_kv,
-        cache_type_k: info.type_k.name().into(),
-        cache_type_v: info.type_v.name().into(),
-        flash_attn: match info.flash_attn_requested {
-            Some(true) => "on",
-            Some(false) => "off",
-            None => "auto",
-        }
-        .into(),
-        kv_rotation: rot_k || rot_v,
-        mixed_kv_cache: info.mixed.is_some(),
-        n_ctx: info.n_ctx,
-        n_batch: info.n_batch,
-        n_ubatch: info.n_ubatch,
-        n_predict: info.n_predict,
-        seed: info.seed,
-        prompt_tokens: info.prompt_tokens.clone(),
-        llama_version: kqv_trace_monitor::llama_version(),
-        target_layer: -1,
-        trace_sources: true,
-        complete: true,
-        ..Default::default()
-    }
+    kqv_trace_monitor::sink::run_meta(info, with_sha)
 }
 
 impl CaptureSink for LiveSink<'_, '_> {
