@@ -21,6 +21,12 @@ struct kcm_session {
     llama_model * model = nullptr;
     llama_context * ctx = nullptr;
     common_sampler * sampler = nullptr;
+    // The CPU threadpools llama.cpp's own tools attach (common_init_from_params does it
+    // when it makes the context; we make the context ourselves). Without them ggml starts
+    // and joins fresh threads for every graph computation, and the eval callback splits
+    // each decode into one computation per observed node; --poll, --cpu-mask, --prio and
+    // their -b variants also act through them. Freed after the context (kcm_session_free).
+    common_threadpools threadpools;
     std::vector<llama_token> prompt;
     std::string generated;
     int32_t verbose = 0;
@@ -130,22 +136,24 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             delete s;
             return nullptr;
         }
+        set_process_priority(p.cpuparams.priority);
+        s->threadpools.init(s->ctx, p);
         if ((int32_t) s->prompt.size() > (int32_t) llama_n_ctx(s->ctx)) {
             set_err(err, err_len, "the prompt has " + std::to_string(s->prompt.size()) +
                                       " tokens, more than the context of " +
                                       std::to_string(llama_n_ctx(s->ctx)));
-            delete s;
+            kcm_session_free(s);
             return nullptr;
         }
         s->sampler = common_sampler_init(s->model, p.sampling);
         if (!s->sampler) {
             set_err(err, err_len, "llama.cpp could not create the sampler");
-            delete s;
+            kcm_session_free(s);
             return nullptr;
         }
     } catch (const std::exception & e) {
         set_err(err, err_len, std::string("llama.cpp: ") + e.what());
-        delete s;
+        kcm_session_free(s);
         return nullptr;
     }
     return s;

@@ -22,7 +22,9 @@
 
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::sync::Arc;
 
+pub use trace_format::Revision;
 use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
 
 use crate::sys;
@@ -32,8 +34,26 @@ use crate::sys;
 #[derive(Clone, Debug)]
 pub struct CapturedTensor {
     pub meta: TensorMeta,
-    pub data: Vec<u8>,
+    /// Shared, not copied: a KV-cache view's or mask's bytes are the capture's own copy,
+    /// kept to compare the next step's with (see [`Revision`]).
+    pub data: Arc<Vec<u8>>,
+    /// For KV-cache views and masks: how these bytes relate to the previous capture of
+    /// the same (layer, role). `None` for everything else.
+    pub revision: Option<Revision>,
 }
+
+/// A KV-cache view's (or mask's) last copy, per (layer, role).
+struct Kept {
+    layout: TensorLayout,
+    data: Arc<Vec<u8>>,
+    block_hashes: Vec<u64>,
+    id: u64,
+}
+
+/// Keep KV-cache copies only while all of them together stay under this many bytes
+/// (a long context on a large model would otherwise hold a second KV cache); beyond
+/// it, further views are copied afresh each step as before.
+const KEPT_BUDGET: usize = 1 << 30;
 
 /// Everything captured for one layer in one step.
 #[derive(Clone, Debug)]
@@ -92,6 +112,9 @@ pub struct Capture<'a> {
     open: HashMap<*const sys::ggml_tensor, Pending>,
     error: Option<String>,
     scratch: Vec<u8>,
+    kept: HashMap<(i32, Role), Kept>,
+    kept_bytes: usize,
+    revisions: u64,
 }
 
 fn op_name(op: sys::ggml_op) -> String {
@@ -240,6 +263,9 @@ impl<'a> Capture<'a> {
             open: HashMap::new(),
             error: None,
             scratch: Vec::new(),
+            kept: HashMap::new(),
+            kept_bytes: 0,
+            revisions: 0,
         }
     }
 
@@ -286,29 +312,41 @@ impl<'a> Capture<'a> {
         let span = layout
             .span_bytes()
             .map_err(|e| format!("{}: {e}", tensor_name(tr)))? as usize;
-        let mut out = Vec::new();
         if tr.data.is_null() || tr.buffer.is_null() {
             return Err(format!("{}: tensor has no data", tensor_name(tr)));
         }
         // SAFETY: the buffer pointer is live while the graph runs.
         let host = unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) };
-        if host {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let src: &[u8] = if host {
             // SAFETY: for host buffers `data` points at `span` readable bytes: ggml
             // allocated ggml_nbytes(t) = span bytes for this (view of a) tensor.
-            let src = unsafe { std::slice::from_raw_parts(tr.data as *const u8, span) };
-            layout
-                .gather_into(src, &mut out)
-                .map_err(|e| e.to_string())?;
+            unsafe { std::slice::from_raw_parts(tr.data as *const u8, span) }
         } else {
-            self.scratch.resize(span, 0);
+            scratch.resize(span, 0);
             // SAFETY: offset 0 and size span = ggml_nbytes(t) lie inside the tensor.
             unsafe {
-                sys::ggml_backend_tensor_get(t, self.scratch.as_mut_ptr().cast(), 0, span);
+                sys::ggml_backend_tensor_get(t, scratch.as_mut_ptr().cast(), 0, span);
             }
+            &scratch
+        };
+        // KV-cache views and masks change little from one step to the next.
+        let keep = layer >= 0
+            && (role == Role::Mask
+                || matches!(role, Role::K | Role::V | Role::KQuant | Role::VQuant)
+                // SAFETY: caller guarantees `t` is live.
+                    && unsafe { is_kv_view(t) });
+        let gathered = if keep {
+            self.gather_kept(src, layout, role, layer)
+        } else {
+            let mut out = Vec::new();
             layout
-                .gather_into(&self.scratch, &mut out)
-                .map_err(|e| e.to_string())?;
-        }
+                .gather_into(src, &mut out)
+                .map(|()| (Arc::new(out), None))
+                .map_err(|e| e.to_string())
+        };
+        self.scratch = scratch;
+        let (data, revision) = gathered?;
         let view_of = if tr.view_src.is_null() {
             String::new()
         } else {
@@ -325,8 +363,56 @@ impl<'a> Capture<'a> {
                 layout,
                 view_of,
             },
-            data: out,
+            data,
+            revision,
         })
+    }
+
+    /// Gather a KV-cache view over its previous copy (see [`Revision`]).
+    fn gather_kept(
+        &mut self,
+        src: &[u8],
+        layout: TensorLayout,
+        role: Role,
+        layer: i32,
+    ) -> Result<(Arc<Vec<u8>>, Option<Revision>), String> {
+        self.revisions += 1;
+        let id = self.revisions;
+        if let Some(k) = self.kept.get_mut(&(layer, role)) {
+            if k.layout == layout {
+                // Unique unless a sink kept the previous capture: then it is copied once.
+                let before = k.data.len();
+                let data = Arc::make_mut(&mut k.data);
+                let changed = layout
+                    .gather_update(src, data, &mut k.block_hashes)
+                    .map_err(|e| e.to_string())?;
+                self.kept_bytes = self.kept_bytes - before + data.len();
+                let since = changed.map(|c| (k.id, c));
+                k.id = id;
+                return Ok((Arc::clone(&k.data), Some(Revision { id, since })));
+            }
+            let old = self.kept.remove(&(layer, role));
+            self.kept_bytes -= old.map_or(0, |k| k.data.len());
+        }
+        let (mut out, mut block_hashes) = (Vec::new(), Vec::new());
+        layout
+            .gather_update(src, &mut out, &mut block_hashes)
+            .map_err(|e| e.to_string())?;
+        let data = Arc::new(out);
+        if self.kept_bytes + data.len() <= KEPT_BUDGET {
+            self.kept_bytes += data.len();
+            self.kept.insert(
+                (layer, role),
+                Kept {
+                    layout,
+                    data: Arc::clone(&data),
+                    block_hashes,
+                    id,
+                },
+            );
+            return Ok((data, Some(Revision { id, since: None })));
+        }
+        Ok((data, None))
     }
 
     /// The `ask == true` decision.
@@ -659,7 +745,8 @@ impl<'a> Capture<'a> {
                 // SAFETY: checked non-null above.
                 view_of: tensor_name(unsafe { &*tr.view_src }),
             },
-            data: attn.data.clone(),
+            data: Arc::clone(&attn.data),
+            revision: None,
         };
         // SAFETY: caller guarantees liveness.
         unsafe { self.emit_layer(t, layer, out) }?;

@@ -56,9 +56,16 @@ fn main() {
         "monitor + --save-gguf",
         "capture only (data dropped)",
     ];
+    // KCM_BENCH_MODES=1,2 runs only those modes (for profiling one at a time).
+    let only: Option<Vec<usize>> = std::env::var("KCM_BENCH_MODES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect());
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for _ in 0..runs {
         for (m, rate) in rates.iter_mut().enumerate() {
+            if only.as_ref().is_some_and(|o| !o.contains(&m)) {
+                continue;
+            }
             let save = dir.path().join("bench.gguf");
             let opts = Options {
                 layer: None,
@@ -96,10 +103,17 @@ fn main() {
             }
         }
     }
-    let base = median(&rates[0]);
+    let base = if rates[0].is_empty() {
+        f64::NAN
+    } else {
+        median(&rates[0])
+    };
     println!("gemma-3-270m Q4_K_M, -t 2, -fa on, {tokens} generated tokens, median of {runs} runs");
     let mut json_modes = Vec::new();
     for (m, name) in modes.iter().enumerate() {
+        if rates[m].is_empty() {
+            continue;
+        }
         let r = median(&rates[m]);
         json_modes.push(serde_json::json!({
             "mode": name,

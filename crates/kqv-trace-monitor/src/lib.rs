@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod sink;
+pub mod stats;
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;

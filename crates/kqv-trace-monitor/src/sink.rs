@@ -8,13 +8,13 @@ use trace_format::json::number as num;
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
-use gguf_io::quant;
 use serde_json::json;
-use tensor_stats::{sci, Summary, SummaryAccumulator};
+use tensor_stats::{sci, Summary};
 use trace_format::verify::{self, Checked, Fingerprints, Group};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
 use crate::args::{Options, SaveTarget};
+use crate::stats::Stats;
 use crate::MonitorError;
 
 pub struct MonitorSink {
@@ -34,6 +34,7 @@ pub struct MonitorSink {
     verifier: Option<Verifier>,
     progress: Progress,
     counters: Counters,
+    stats: Stats,
 }
 
 /// `--verify` state: the current step's positions, the previous step's input fingerprints
@@ -133,32 +134,6 @@ fn checked_json(c: &Checked) -> serde_json::Value {
     })
 }
 
-/// Summary of a captured tensor, dequantized chunk by chunk.
-pub fn summarize(t: &CapturedTensor) -> Result<Summary, String> {
-    let ty = t.meta.layout.ty;
-    let n = t.meta.layout.n_elements() as usize;
-    let block = ty.info().map_or(1, |i| i.block_size as usize).max(1);
-    let chunk_elems = (1usize << 15) / block * block;
-    let chunk_bytes = ty.bytes_for(chunk_elems as u64).unwrap_or(0) as usize;
-    let mut acc = SummaryAccumulator::new();
-    let mut buf = vec![0f32; chunk_elems.min(n)];
-    let (mut done, mut at) = (0usize, 0usize);
-    while done < n {
-        let k = chunk_elems.min(n - done);
-        let nb = if k == chunk_elems {
-            chunk_bytes
-        } else {
-            t.data.len() - at
-        };
-        let src = t.data.get(at..at + nb).ok_or("short tensor data")?;
-        quant::dequantize(ty, src, &mut buf[..k]).map_err(|e| e.to_string())?;
-        acc.push(&buf[..k]);
-        done += k;
-        at += nb;
-    }
-    Ok(acc.finish())
-}
-
 fn shape(ne: &[u64; 4]) -> String {
     let d: Vec<String> = ne.iter().map(u64::to_string).collect();
     format!("[{}]", d.join(","))
@@ -189,6 +164,7 @@ impl MonitorSink {
             verifier: opts.verify.then(Verifier::default),
             progress: Progress::hidden(),
             counters: Counters::default(),
+            stats: Stats::new(),
         })
     }
 
@@ -434,7 +410,7 @@ impl CaptureSink for MonitorSink {
             self.seen_op.get_or_insert_with(|| att.op.clone());
         }
         for t in &att.tensors {
-            let s = summarize(t)?;
+            let s = self.stats.summarize(t)?;
             if let Err(e) = self.line(t, &s) {
                 if e.kind() == std::io::ErrorKind::BrokenPipe {
                     // Nobody reads the statistics any more: keep tracing quietly.
@@ -473,10 +449,10 @@ impl CaptureSink for MonitorSink {
             // cold store, src5 the mask): the seed's `src<i>` names follow the node.
             let mixed = att.op == trace_format::mixed::MIXED_ATTN_OP;
             for t in att.tensors {
-                w.add_tensor(t.meta, &t.data, mixed)
+                w.add_tensor_revision(t.meta, &t.data, mixed, t.revision.as_ref())
                     .map_err(|e| e.to_string())?;
             }
-            self.counters.bytes_written = w.spooled_bytes();
+            self.counters.bytes_written = w.trace_bytes();
         }
         self.progress.update(self.counters);
         Ok(())

@@ -134,6 +134,96 @@ impl TensorLayout {
 
     /// [`gather`](Self::gather) into a reused buffer (cleared first).
     pub fn gather_into(&self, src: &[u8], out: &mut Vec<u8>) -> Result<(), LayoutError> {
+        let rows = self.rows(src)?;
+        out.clear();
+        out.reserve(rows.total);
+        let mut row = Vec::new();
+        rows.for_each(src, &mut row, |bytes| out.extend_from_slice(bytes));
+        Ok(())
+    }
+
+    /// Gather over a previous gather of this same layout, rewriting only the rows (runs
+    /// of `ne0` elements) that changed; returns the byte ranges of `out` that changed
+    /// (sorted, disjoint, neighbouring rows merged).
+    ///
+    /// `block_hashes` holds the 64-bit XXH3 hash of each [`HASH_BLOCK`]-byte block of
+    /// the source memory from the previous call. Blocks that hash as before are taken to
+    /// be unchanged (a change goes unnoticed only if the block's hash collides, about
+    /// 2^-64 per changed block); the rows touching the other blocks are gathered again
+    /// and compared with what `out` held. When `out` or `block_hashes` does not fit the
+    /// layout, the tensor is gathered and hashed afresh and `None` is returned.
+    ///
+    /// The caller keeps `out` and `block_hashes` from one step to the next for tensors
+    /// that change little (a KV-cache view gains a cell per step): one hashing pass over
+    /// the live memory costs less than copying it, and far less than comparing it with a
+    /// copy that has long left the cache; whoever summarises the data can skip what did
+    /// not change.
+    pub fn gather_update(
+        &self,
+        src: &[u8],
+        out: &mut Vec<u8>,
+        block_hashes: &mut Vec<u64>,
+    ) -> Result<Option<Vec<std::ops::Range<usize>>>, LayoutError> {
+        let rows = self.rows(src)?;
+        let span = &src[..rows.span];
+        let n_blocks = span.len().div_ceil(HASH_BLOCK);
+        let hash = |i: usize| {
+            let end = ((i + 1) * HASH_BLOCK).min(span.len());
+            xxhash_rust::xxh3::xxh3_64(&span[i * HASH_BLOCK..end])
+        };
+        let mut row = Vec::new();
+        if out.len() != rows.total || block_hashes.len() != n_blocks {
+            self.gather_into(src, out)?;
+            block_hashes.clear();
+            block_hashes.extend((0..n_blocks).map(hash));
+            return Ok(None);
+        }
+        let mut dirty = vec![false; n_blocks];
+        let mut any = false;
+        for (i, (d, h)) in dirty.iter_mut().zip(block_hashes.iter_mut()).enumerate() {
+            let now = hash(i);
+            if now != *h {
+                *h = now;
+                *d = true;
+                any = true;
+            }
+        }
+        let mut changed: Vec<std::ops::Range<usize>> = Vec::new();
+        if !any {
+            return Ok(Some(changed));
+        }
+        let mut at = 0usize;
+        rows.for_each_where(
+            src,
+            &mut row,
+            |extent| {
+                let (first, last) = (extent.start / HASH_BLOCK, (extent.end - 1) / HASH_BLOCK);
+                dirty[first..=last].contains(&true)
+            },
+            |row| {
+                let (len, bytes) = match row {
+                    RowBytes::Read(b) => (b.len(), Some(b)),
+                    RowBytes::Skipped(n) => (n, None),
+                };
+                let end = at + len;
+                if let Some(bytes) = bytes {
+                    let dst = &mut out[at..end];
+                    if dst != bytes {
+                        dst.copy_from_slice(bytes);
+                        match changed.last_mut() {
+                            Some(last) if last.end == at => last.end = end,
+                            _ => changed.push(at..end),
+                        }
+                    }
+                }
+                at = end;
+            },
+        );
+        Ok(Some(changed))
+    }
+
+    /// Check that `src` can be gathered and describe its rows.
+    fn rows(&self, src: &[u8]) -> Result<Rows, LayoutError> {
         let (bs, ts) = self.block()?;
         if self.ne[0] % bs != 0 {
             return Err(LayoutError::NotWholeBlocks {
@@ -155,31 +245,103 @@ impl TensorLayout {
                 got: src.len() as u64,
             });
         }
-        out.clear();
         let total = self.n_bytes()? as usize;
-        out.reserve(total);
-        let [ne0, ne1, ne2, ne3] = self.ne.map(|x| x as usize);
-        let [nb0, nb1, nb2, nb3] = self.nb.map(|x| x as usize);
         let ts = ts as usize;
-        let row_contiguous = bs > 1 || nb0 == ts;
-        let row_bytes = ne0 / bs as usize * ts;
-        // Every offset below is < span <= src.len(), proved by span_bytes().
+        Ok(Rows {
+            span: span as usize,
+            ne: self.ne.map(|x| x as usize),
+            nb: self.nb.map(|x| x as usize),
+            ts,
+            row_contiguous: bs > 1 || self.nb[0] as usize == ts,
+            row_bytes: self.ne[0] as usize / bs as usize * ts,
+            total,
+        })
+    }
+}
+
+/// Bytes of the source memory per hash in [`TensorLayout::gather_update`]: large
+/// enough that hashing runs at memory speed, small enough that a changed cell costs
+/// little to gather again.
+pub const HASH_BLOCK: usize = 8192;
+
+/// A row handed over by `Rows::for_each_where`.
+enum RowBytes<'a> {
+    Read(&'a [u8]),
+    Skipped(usize),
+}
+
+/// A checked layout's logical rows (`ne0` elements each), in logical order.
+struct Rows {
+    span: usize,
+    ne: [usize; 4],
+    nb: [usize; 4],
+    ts: usize,
+    row_contiguous: bool,
+    row_bytes: usize,
+    total: usize,
+}
+
+impl Rows {
+    /// Call `f` for each logical row, in order: with its bytes when `wanted` says yes
+    /// for the row's extent in `src` (first byte to one past the last), with `None`
+    /// (and the row's length known to the caller as `row_bytes`) otherwise.
+    fn for_each_where(
+        &self,
+        src: &[u8],
+        row: &mut Vec<u8>,
+        mut wanted: impl FnMut(std::ops::Range<usize>) -> bool,
+        mut f: impl FnMut(RowBytes),
+    ) {
+        let [ne0, ne1, ne2, ne3] = self.ne;
+        let [nb0, nb1, nb2, nb3] = self.nb;
+        let extent = if self.row_contiguous {
+            self.row_bytes
+        } else {
+            (ne0.max(1) - 1) * nb0 + self.ts
+        };
         for i3 in 0..ne3 {
             for i2 in 0..ne2 {
                 for i1 in 0..ne1 {
                     let base = i1 * nb1 + i2 * nb2 + i3 * nb3;
-                    if row_contiguous {
-                        out.extend_from_slice(&src[base..base + row_bytes]);
+                    if self.row_bytes == 0 || !wanted(base..base + extent) {
+                        f(RowBytes::Skipped(self.row_bytes));
+                    } else if self.row_contiguous {
+                        f(RowBytes::Read(&src[base..base + self.row_bytes]));
                     } else {
+                        row.clear();
                         for i0 in 0..ne0 {
                             let at = base + i0 * nb0;
-                            out.extend_from_slice(&src[at..at + ts]);
+                            row.extend_from_slice(&src[at..at + self.ts]);
                         }
+                        f(RowBytes::Read(row));
                     }
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Call `f` with each logical row's bytes, in order; a strided row is assembled in
+    /// `row` first. Every offset is < span <= src.len() (checked by `TensorLayout::rows`).
+    fn for_each(&self, src: &[u8], row: &mut Vec<u8>, mut f: impl FnMut(&[u8])) {
+        let [ne0, ne1, ne2, ne3] = self.ne;
+        let [nb0, nb1, nb2, nb3] = self.nb;
+        for i3 in 0..ne3 {
+            for i2 in 0..ne2 {
+                for i1 in 0..ne1 {
+                    let base = i1 * nb1 + i2 * nb2 + i3 * nb3;
+                    if self.row_contiguous {
+                        f(&src[base..base + self.row_bytes]);
+                    } else {
+                        row.clear();
+                        for i0 in 0..ne0 {
+                            let at = base + i0 * nb0;
+                            row.extend_from_slice(&src[at..at + self.ts]);
+                        }
+                        f(row);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -283,5 +445,118 @@ mod tests {
         let mem: Vec<u8> = (0..48).collect();
         assert_eq!(c.gather(&mem).unwrap(), mem);
         assert_eq!(c.span_bytes().unwrap(), 48);
+    }
+
+    /// Byte ranges of rows (of `row` bytes) where `a` and `b` differ, neighbours merged:
+    /// the oracle for `gather_update`.
+    fn differing_rows(a: &[u8], b: &[u8], row: usize) -> Vec<std::ops::Range<usize>> {
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, (x, y)) in a.chunks(row).zip(b.chunks(row)).enumerate() {
+            if x != y {
+                let r = i * row..(i + 1) * row;
+                match out.last_mut() {
+                    Some(l) if l.end == r.start => l.end = r.end,
+                    _ => out.push(r),
+                }
+            }
+        }
+        out
+    }
+
+    /// `gather_update` leaves exactly what `gather_into` makes and reports exactly the
+    /// rows that changed (no hash collides here): a permuted K view, a transposed V view
+    /// (strided rows) and a Q8_0 view, each small (one hash block) and large (dozens),
+    /// with one byte changed, a short run, many scattered bytes, every byte, or nothing.
+    #[test]
+    fn gather_update_matches_a_fresh_gather_and_names_the_changed_rows() {
+        let f16 = GgmlType(1);
+        let q8_0 = GgmlType(8);
+        let mut layouts = Vec::new();
+        for (d, n_kv, h) in [(8u64, 6u64, 3u64), (64, 300, 4)] {
+            // K view: logical [d, n_kv, h] over memory [d, h, n_kv].
+            layouts.push(TensorLayout {
+                ty: f16,
+                ne: [d, n_kv, h, 1],
+                nb: [2, 2 * d * h, 2 * d, 2 * d * h * n_kv],
+            });
+            // V view without flash attention: logical [n_kv, d, h], transposed.
+            layouts.push(TensorLayout {
+                ty: f16,
+                ne: [n_kv, d, h, 1],
+                nb: [2 * d * h, 2, 2 * d, 2 * d * h * n_kv],
+            });
+            // A quantized cache view: rows of one Q8_0 block (34 bytes) per head.
+            layouts.push(TensorLayout {
+                ty: q8_0,
+                ne: [32, n_kv, h, 1],
+                nb: [34, 34 * h, 34, 34 * h * n_kv],
+            });
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut multi_block = false;
+        for layout in layouts {
+            let span = layout.span_bytes().unwrap() as usize;
+            multi_block |= span > 4 * HASH_BLOCK;
+            let row =
+                layout.n_bytes().unwrap() as usize / (layout.n_elements() / layout.ne[0]) as usize;
+            let mut mem: Vec<u8> = (0..span).map(|_| next() as u8).collect();
+            let mut kept = Vec::new();
+            let mut hashes = Vec::new();
+            assert_eq!(
+                layout.gather_update(&mem, &mut kept, &mut hashes).unwrap(),
+                None
+            );
+            assert_eq!(kept, layout.gather(&mem).unwrap());
+            assert_eq!(hashes.len(), span.div_ceil(HASH_BLOCK));
+            for edits in [0usize, 1, 2, 40, span] {
+                let before = kept.clone();
+                let start = (next() as usize) % span;
+                for k in 0..edits {
+                    let at = if edits <= 2 {
+                        (start + 7 * k) % span
+                    } else {
+                        next() as usize % span
+                    };
+                    mem[at] = mem[at].wrapping_add(1 + (next() % 255) as u8);
+                }
+                let changed = layout
+                    .gather_update(&mem, &mut kept, &mut hashes)
+                    .unwrap()
+                    .unwrap();
+                let fresh = layout.gather(&mem).unwrap();
+                assert_eq!(kept, fresh, "{layout:?} after {edits} edits");
+                assert_eq!(changed, differing_rows(&before, &fresh, row), "{layout:?}");
+            }
+        }
+        assert!(multi_block);
+        // A buffer of another size is gathered afresh.
+        let l = TensorLayout::contiguous(f16, [8, 6, 3, 1]).unwrap();
+        let mem = vec![1u8; l.span_bytes().unwrap() as usize];
+        let mut other = vec![0u8; 3];
+        let mut hashes = Vec::new();
+        assert_eq!(
+            l.gather_update(&mem, &mut other, &mut hashes).unwrap(),
+            None
+        );
+        assert_eq!(other, l.gather(&mem).unwrap());
+        assert_eq!(hashes.len(), 1);
+        // So is one whose block hashes do not fit.
+        hashes.push(0);
+        assert_eq!(
+            l.gather_update(&mem, &mut other, &mut hashes).unwrap(),
+            None
+        );
+        assert_eq!(hashes.len(), 1);
+        // Errors are the gather's.
+        assert!(matches!(
+            l.gather_update(&mem[..10], &mut other, &mut hashes),
+            Err(LayoutError::ShortBuffer { .. })
+        ));
     }
 }

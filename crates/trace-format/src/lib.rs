@@ -15,7 +15,7 @@ pub mod verify;
 pub mod write;
 
 pub use layout::{LayoutError, TensorLayout};
-pub use meta::{AttnParams, Role, RunMeta, StepMeta, TensorMeta};
+pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta};
 pub use read::{TraceFile, TracedTensor};
 pub use write::{tensor_name, AttnRecord, TraceWriter, FORMAT_VERSION};
 

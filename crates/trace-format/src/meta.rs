@@ -208,3 +208,19 @@ impl RunMeta {
             && GgmlType::from_name(&self.cache_type_v).is_some_and(|t| t.is_quantized())
     }
 }
+
+/// A KV-cache view changes little from step to step (a decode step writes one cell and
+/// unmasks it in the mask), so the capture keeps each (layer, role)'s last copy, hashes
+/// the live memory block by block and gathers again only the rows in blocks whose hash
+/// changed (see [`TensorLayout::gather_update`](crate::TensorLayout::gather_update)). This says which bytes changed, so that
+/// consumers (the monitor's statistics, the trace writer's spool) can skip the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revision {
+    /// Unique within a run.
+    pub id: u64,
+    /// The revision these bytes were compared with (the same layer and role's previous
+    /// capture) and the byte ranges that differ from it (sorted, disjoint); every other
+    /// byte is equal. `None` when there is nothing to compare with: the first capture, or
+    /// the view's type, shape or strides changed.
+    pub since: Option<(u64, Vec<std::ops::Range<usize>>)>,
+}

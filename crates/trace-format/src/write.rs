@@ -1,16 +1,23 @@
 //! Writing a trace: captured tensors go to an anonymous spool file as they arrive (so a
 //! long run over many layers does not grow the process), and `finish` streams them into
 //! one GGUF with the metadata that describes them.
+//!
+//! A tensor that arrives with a [`Revision`] relative to the previous tensor of the same
+//! (layer, role) (a KV-cache view one decode step later) is spooled as the byte ranges
+//! that changed only; `finish` rebuilds each full tensor from the previous one and its
+//! changes. The trace is the same; the spool holds a cell per step instead of the whole
+//! cache view.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::path::Path;
 
 use gguf_io::{GgufWriter, HeaderSpec, Metadata, TensorSpec, MAX_TENSOR_NAME};
 
 use crate::keys;
-use crate::meta::{AttnParams, RunMeta, StepMeta, TensorMeta};
+use crate::meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta};
 use crate::TraceError;
 
 /// Version of the trace layout written by this crate.
@@ -26,14 +33,30 @@ pub struct AttnRecord {
     pub params: AttnParams,
 }
 
+/// How a tensor's bytes sit in the spool.
+enum Spooled {
+    /// All of them.
+    Full,
+    /// The same (layer, role)'s previous tensor with these byte ranges replaced by the
+    /// spooled bytes, in order.
+    Changes(Vec<Range<usize>>),
+}
+
 /// Accumulates a trace; see the module docs.
 pub struct TraceWriter {
     spool: BufWriter<File>,
-    tensors: Vec<(TensorMeta, String)>,
+    tensors: Vec<(TensorMeta, String, Spooled)>,
     names: HashSet<String>,
     steps: Vec<StepMeta>,
     attn: Vec<AttnRecord>,
+    trace_bytes: u64,
     spooled_bytes: u64,
+    /// Per (layer, role): the revision id and byte count of the last tensor added with a
+    /// revision, which the next revision's changes may refer to.
+    last_revision: HashMap<(i32, Role), (u64, usize)>,
+    /// The (layer, role)s of which some tensor was spooled as changes: `finish` keeps
+    /// their latest full bytes in memory to rebuild the next ones.
+    streams_with_changes: HashSet<(i32, Role)>,
 }
 
 /// The GGUF tensor name: the seed's `kqv_out_<name>_step_<N>` for outputs and
@@ -79,7 +102,10 @@ impl TraceWriter {
             names: HashSet::new(),
             steps: Vec::new(),
             attn: Vec::new(),
+            trace_bytes: 0,
             spooled_bytes: 0,
+            last_revision: HashMap::new(),
+            streams_with_changes: HashSet::new(),
         })
     }
 
@@ -95,6 +121,13 @@ impl TraceWriter {
         self.tensors.len()
     }
 
+    /// Tensor bytes the trace will hold so far.
+    pub fn trace_bytes(&self) -> u64 {
+        self.trace_bytes
+    }
+
+    /// Bytes written to the spool so far (less than [`trace_bytes`](Self::trace_bytes)
+    /// when revisions were spooled as their changes).
     pub fn spooled_bytes(&self) -> u64 {
         self.spooled_bytes
     }
@@ -105,6 +138,21 @@ impl TraceWriter {
         meta: TensorMeta,
         data: &[u8],
         mixed: bool,
+    ) -> Result<(), TraceError> {
+        self.add_tensor_revision(meta, data, mixed, None)
+    }
+
+    /// [`add_tensor`](Self::add_tensor) for a tensor that may be a revision of the same
+    /// (layer, role)'s previous one: when `revision` says which bytes changed since the
+    /// revision added last for that (layer, role), and the size is the same, only those
+    /// bytes are spooled. `data` is always the whole tensor; the changes are trusted to
+    /// describe it (the capture computed both).
+    pub fn add_tensor_revision(
+        &mut self,
+        meta: TensorMeta,
+        data: &[u8],
+        mixed: bool,
+        revision: Option<&Revision>,
     ) -> Result<(), TraceError> {
         let need = meta.layout.n_bytes()?;
         if need != data.len() as u64 {
@@ -127,10 +175,36 @@ impl TraceWriter {
             name.push_str(&tag);
             k += 1;
         }
-        self.spool.write_all(data)?;
-        self.spooled_bytes += data.len() as u64;
+        let key = (meta.layer, meta.role);
+        let spooled = match revision {
+            Some(Revision {
+                since: Some((since, changes)),
+                ..
+            }) if self.last_revision.get(&key) == Some(&(*since, data.len()))
+                && changes
+                    .iter()
+                    .all(|r| r.start <= r.end && r.end <= data.len()) =>
+            {
+                for r in changes {
+                    self.spool.write_all(&data[r.clone()])?;
+                    self.spooled_bytes += r.len() as u64;
+                }
+                self.streams_with_changes.insert(key);
+                Spooled::Changes(changes.clone())
+            }
+            _ => {
+                self.spool.write_all(data)?;
+                self.spooled_bytes += data.len() as u64;
+                Spooled::Full
+            }
+        };
+        match revision {
+            Some(r) => self.last_revision.insert(key, (r.id, data.len())),
+            None => self.last_revision.remove(&key),
+        };
+        self.trace_bytes += data.len() as u64;
         self.names.insert(name.clone());
-        self.tensors.push((meta, name));
+        self.tensors.push((meta, name, spooled));
         Ok(())
     }
 
@@ -188,36 +262,38 @@ impl TraceWriter {
         m.set(
             keys::TENSOR_ROLE,
             t.iter()
-                .map(|(x, _)| x.role.name().to_owned())
+                .map(|(x, _, _)| x.role.name().to_owned())
                 .collect::<Vec<_>>(),
         );
         m.set(
             keys::TENSOR_LAYER,
-            t.iter().map(|(x, _)| x.layer).collect::<Vec<_>>(),
+            t.iter().map(|(x, _, _)| x.layer).collect::<Vec<_>>(),
         );
         m.set(
             keys::TENSOR_STEP,
-            t.iter().map(|(x, _)| x.step).collect::<Vec<_>>(),
+            t.iter().map(|(x, _, _)| x.step).collect::<Vec<_>>(),
         );
         m.set(
             keys::TENSOR_GGML_NAME,
             t.iter()
-                .map(|(x, _)| x.ggml_name.clone())
+                .map(|(x, _, _)| x.ggml_name.clone())
                 .collect::<Vec<_>>(),
         );
         m.set(
             keys::TENSOR_OP,
-            t.iter().map(|(x, _)| x.op.clone()).collect::<Vec<_>>(),
+            t.iter().map(|(x, _, _)| x.op.clone()).collect::<Vec<_>>(),
         );
         m.set(
             keys::TENSOR_NB,
             t.iter()
-                .flat_map(|(x, _)| x.layout.nb)
+                .flat_map(|(x, _, _)| x.layout.nb)
                 .collect::<Vec<u64>>(),
         );
         m.set(
             keys::TENSOR_VIEW_OF,
-            t.iter().map(|(x, _)| x.view_of.clone()).collect::<Vec<_>>(),
+            t.iter()
+                .map(|(x, _, _)| x.view_of.clone())
+                .collect::<Vec<_>>(),
         );
 
         let a = &self.attn;
@@ -250,7 +326,7 @@ impl TraceWriter {
             metadata: m,
             tensors: t
                 .iter()
-                .map(|(x, name)| TensorSpec {
+                .map(|(x, name, _)| TensorSpec {
                     name: name.clone(),
                     dims: x.layout.ne.to_vec(),
                     ty: x.layout.ty,
@@ -270,9 +346,37 @@ impl TraceWriter {
             .map_err(|e| TraceError::Io(e.into_error()))?;
         spool.seek(SeekFrom::Start(0))?;
         let mut spool = BufReader::with_capacity(1 << 20, spool);
+        let with_changes = &self.streams_with_changes;
         let mut w = GgufWriter::new(out, &spec)?;
-        for _ in &self.tensors {
-            w.write_tensor_from(&mut spool)?;
+        // The latest full bytes of each (layer, role) whose next tensor may be changes.
+        let mut current: HashMap<(i32, Role), Vec<u8>> = HashMap::new();
+        for (meta, _, spooled) in &self.tensors {
+            let key = (meta.layer, meta.role);
+            match spooled {
+                Spooled::Full if !with_changes.contains(&key) => {
+                    current.remove(&key);
+                    w.write_tensor_from(&mut spool)?;
+                }
+                Spooled::Full => {
+                    let n = meta.layout.n_bytes()? as usize;
+                    let buf = current.entry(key).or_default();
+                    buf.resize(n, 0);
+                    spool.read_exact(buf)?;
+                    w.write_tensor(buf)?;
+                }
+                Spooled::Changes(changes) => {
+                    let buf = current.get_mut(&key).ok_or_else(|| {
+                        TraceError::Format(format!(
+                            "{}: spooled as changes with no earlier tensor",
+                            meta.ggml_name
+                        ))
+                    })?;
+                    for r in changes {
+                        spool.read_exact(&mut buf[r.clone()])?;
+                    }
+                    w.write_tensor(buf)?;
+                }
+            }
         }
         Ok(w.finish()?)
     }

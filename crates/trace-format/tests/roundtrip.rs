@@ -189,3 +189,118 @@ fn interrupted_trace_is_marked_and_a_model_is_not_a_trace() {
         Err(trace_format::TraceError::NotATrace)
     ));
 }
+
+/// Byte ranges where two buffers differ.
+fn changes(a: &[u8], b: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x != y {
+            match out.last_mut() {
+                Some(l) if l.end == i => l.end = i + 1,
+                _ => out.push(i..i + 1),
+            }
+        }
+    }
+    out
+}
+
+/// Tensors added as revisions (changes only in the spool) read back whole and exact:
+/// two interleaved (layer, role) streams, revisions with no change, one cell, many
+/// cells; a revision that names the wrong predecessor, one whose size changed and a
+/// plain tensor in between all fall back to spooling everything. The spool holds less
+/// than the trace.
+#[test]
+fn revisions_spool_changes_and_read_back_whole() {
+    use trace_format::Revision;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.gguf");
+    let mut w = TraceWriter::new().unwrap();
+    let mut expected = Vec::new();
+    let mut seed = 0x0123_4567_89ab_cdefu64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut ids = 0u64;
+    // Per layer: the current bytes and the id the writer last saw for them.
+    let mut state: Vec<(Vec<u8>, Option<u64>)> = vec![(Vec::new(), None); 2];
+    for step in 0..8u32 {
+        w.add_step(StepMeta {
+            step,
+            positions: vec![step as i32],
+            tokens: vec![1],
+        });
+        for layer in 0..2i32 {
+            let cells = if step == 5 && layer == 1 { 12 } else { 10 };
+            let m = meta(
+                Role::V,
+                layer,
+                step,
+                &format!("cache_v_l{layer} (view)"),
+                GgmlType::F16,
+                [16, cells, 1, 1],
+            );
+            let n = m.layout.n_bytes().unwrap() as usize;
+            let (cur, last) = &mut state[layer as usize];
+            let before = cur.clone();
+            if cur.len() != n {
+                *cur = (0..n).map(|_| next() as u8).collect();
+            } else {
+                match step % 3 {
+                    0 => {}
+                    1 => cur[(step as usize * 32) % n] ^= 0x5a,
+                    _ => {
+                        for _ in 0..20 {
+                            let i = next() as usize % n;
+                            cur[i] = cur[i].wrapping_add(3);
+                        }
+                    }
+                }
+            }
+            ids += 1;
+            let since = match (step, layer) {
+                // A revision claiming a predecessor the writer never saw.
+                (3, 0) => Some((9999, changes(&before, cur))),
+                _ if before.len() == cur.len() => last.map(|l| (l, changes(&before, cur))),
+                _ => None,
+            };
+            let rev = Revision { id: ids, since };
+            if step == 6 && layer == 0 {
+                // A plain tensor breaks the chain: the next revision is spooled whole.
+                w.add_tensor(m.clone(), cur, false).unwrap();
+                *last = None;
+            } else {
+                w.add_tensor_revision(m.clone(), cur, false, Some(&rev))
+                    .unwrap();
+                *last = Some(ids);
+            }
+            expected.push((m, cur.clone()));
+        }
+    }
+    assert!(
+        w.spooled_bytes() < w.trace_bytes() / 2,
+        "{} of {}",
+        w.spooled_bytes(),
+        w.trace_bytes()
+    );
+    let run = RunMeta {
+        description: "revisions".into(),
+        architecture: "llama".into(),
+        n_layer: 2,
+        flash_attn: "on".into(),
+        prompt_tokens: vec![1],
+        target_layer: -1,
+        trace_sources: true,
+        complete: true,
+        ..Default::default()
+    };
+    w.finish_to_path(&run, &path).unwrap();
+    let t = TraceFile::open(&path).unwrap();
+    assert_eq!(t.tensors.len(), expected.len());
+    for (tt, (m, bytes)) in t.tensors.iter().zip(&expected) {
+        assert_eq!(&tt.meta, m);
+        assert_eq!(t.data(tt), &bytes[..], "{}", tt.name);
+    }
+}
