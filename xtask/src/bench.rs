@@ -58,7 +58,7 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     // 2. Monitor overhead on real decoding (gemma-3-270m).
     let overhead_json = out.join("overhead.json");
     let _ = fs::remove_file(&overhead_json);
-    let (tokens, runs) = if quick { ("16", "1") } else { ("64", "5") };
+    let (tokens, runs) = if quick { ("16", "1") } else { ("128", "7") };
     let mut cmd = util::cargo();
     cmd.args(["bench", "-p", "kqv-trace-monitor", "--bench", "overhead"])
         .env("KCM_BENCH_TOKENS", tokens)

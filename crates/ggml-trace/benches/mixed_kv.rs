@@ -99,6 +99,7 @@ fn main() {
                 capture: CaptureConfig {
                     layer: None,
                     trace_sources: false,
+                    keep: true,
                 },
                 eval_callback: false,
                 prefill_only: false,

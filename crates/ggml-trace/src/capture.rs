@@ -75,6 +75,10 @@ pub struct CaptureConfig {
     pub layer: Option<i32>,
     /// Capture the attention inputs too (the seed's default); off: `kqv_out` only.
     pub trace_sources: bool,
+    /// Keep each KV-cache view and mask from one step to the next and gather again only
+    /// the rows that changed (see [`Revision`]); off: copy everything every step, with
+    /// no revisions (the tools keep; tests compare the two).
+    pub keep: bool,
 }
 
 /// Receives the run as it happens (on the thread that runs `llama_decode`).
@@ -157,6 +161,10 @@ fn name_bytes(t: &sys::ggml_tensor) -> &[u8] {
 /// The layer of a node named exactly `kqv_out-<layer>`; views of it (`kqv_out-0
 /// (reshaped)`, made when llama.cpp un-rotates a quantized cache's output) are not it.
 fn kqv_out_layer(t: &sys::ggml_tensor) -> Option<i32> {
+    // Asked of every node of every decode: reject on the first byte before scanning.
+    if t.name[0] != b'k' as std::ffi::c_char {
+        return None;
+    }
     let rest = name_bytes(t).strip_prefix(b"kqv_out-")?;
     if rest.is_empty() || !rest.iter().all(u8::is_ascii_digit) {
         return None;
@@ -331,7 +339,8 @@ impl<'a> Capture<'a> {
             &scratch
         };
         // KV-cache views and masks change little from one step to the next.
-        let keep = layer >= 0
+        let keep = self.cfg.keep
+            && layer >= 0
             && (role == Role::Mask
                 || matches!(role, Role::K | Role::V | Role::KQuant | Role::VQuant)
                 // SAFETY: caller guarantees `t` is live.

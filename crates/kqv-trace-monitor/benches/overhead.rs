@@ -91,6 +91,7 @@ fn main() {
                 capture: CaptureConfig {
                     layer: None,
                     trace_sources: true,
+                    keep: true,
                 },
                 prefill_only: false,
                 verbose: false,

@@ -101,6 +101,7 @@ pub fn run(opts: &args::Options) -> Result<(), MonitorError> {
         capture: CaptureConfig {
             layer: opts.layer,
             trace_sources: opts.trace_sources,
+            keep: true,
         },
         prefill_only: opts.prefill_only,
         verbose: opts.verbose,

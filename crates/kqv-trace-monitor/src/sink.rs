@@ -9,7 +9,7 @@ use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
-use tensor_stats::{sci, Summary};
+use tensor_stats::{Sci, Summary};
 use trace_format::verify::{self, Checked, Fingerprints, Group};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
@@ -134,9 +134,17 @@ fn checked_json(c: &Checked) -> serde_json::Value {
     })
 }
 
-fn shape(ne: &[u64; 4]) -> String {
-    let d: Vec<String> = ne.iter().map(u64::to_string).collect();
-    format!("[{}]", d.join(","))
+/// `[256,256,1,1]`, padded as a whole.
+struct Shape<'a>(&'a [u64; 4]);
+
+impl std::fmt::Display for Shape<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d] = self.0;
+        if f.width().is_none() {
+            return write!(f, "[{a},{b},{c},{d}]");
+        }
+        f.pad(&format!("[{a},{b},{c},{d}]"))
+    }
 }
 
 impl MonitorSink {
@@ -201,11 +209,11 @@ impl MonitorSink {
             m.layer,
             m.role.name(),
             m.layout.ty.name(),
-            shape(&m.layout.ne),
-            sci(s.mean),
-            sci(s.std),
-            sci(s.min),
-            sci(s.max),
+            Shape(&m.layout.ne),
+            Sci(s.mean),
+            Sci(s.std),
+            Sci(s.min),
+            Sci(s.max),
             s.nan,
             s.inf(),
             m.ggml_name

@@ -19,7 +19,7 @@ use trace_format::Role;
 /// Elements per chunk (rounded down to whole blocks of quantized types): small enough
 /// that one new KV cell touches few chunks, large enough that the per-chunk merge is
 /// noise next to the summary passes.
-pub const CHUNK_ELEMENTS: usize = 4096;
+pub const CHUNK_ELEMENTS: usize = 1024;
 
 /// Chunk summaries kept for one (layer, role)'s KV-cache view.
 struct Kept {

@@ -297,6 +297,7 @@ fn kv_bytes(args: &[String]) -> u64 {
         capture: CaptureConfig {
             layer: None,
             trace_sources: false,
+            keep: true,
         },
         eval_callback: false,
         prefill_only: true,

@@ -142,6 +142,7 @@ pub fn compare_live(
         capture: CaptureConfig {
             layer: a.layer,
             trace_sources: opts.monitor.trace_sources,
+            keep: true,
         },
         prefill_only: opts.monitor.prefill_only,
         verbose: opts.monitor.verbose,

@@ -10,5 +10,5 @@ pub use diff::{
     diff, diff_parallel, unravel, DiffAccumulator, DiffError, DiffMetrics, Tolerance,
     ToleranceMode, Worst, REL_FLOOR,
 };
-pub use fmt::sci;
+pub use fmt::{sci, Sci};
 pub use summary::{Summary, SummaryAccumulator};

@@ -169,7 +169,7 @@ impl TensorLayout {
         let n_blocks = span.len().div_ceil(HASH_BLOCK);
         let hash = |i: usize| {
             let end = ((i + 1) * HASH_BLOCK).min(span.len());
-            xxhash_rust::xxh3::xxh3_64(&span[i * HASH_BLOCK..end])
+            xxh3::hash64_with_seed(&span[i * HASH_BLOCK..end], 0)
         };
         let mut row = Vec::new();
         if out.len() != rows.total || block_hashes.len() != n_blocks {
