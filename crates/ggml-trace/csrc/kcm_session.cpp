@@ -7,6 +7,7 @@
 #include "log.h"
 #include "sampling.h"
 #include "llama.h"
+#include "ggml-cpu.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -21,12 +22,15 @@ struct kcm_session {
     llama_model * model = nullptr;
     llama_context * ctx = nullptr;
     common_sampler * sampler = nullptr;
-    // The CPU threadpools llama.cpp's own tools attach (common_init_from_params does it
-    // when it makes the context; we make the context ourselves). Without them ggml starts
-    // and joins fresh threads for every graph computation, and the eval callback splits
-    // each decode into one computation per observed node; --poll, --cpu-mask, --prio and
-    // their -b variants also act through them. Freed after the context (kcm_session_free).
-    common_threadpools threadpools;
+    // The CPU threadpools llama.cpp's own tools attach (common_threadpools::init, which
+    // common_init_from_params calls when it makes the context; we make the context
+    // ourselves and keep the pointers, for kcm_session_threadpool). Without them ggml
+    // starts and joins fresh threads for every graph computation, and the eval callback
+    // splits each decode into one computation per observed node; --poll, --cpu-mask,
+    // --prio and their -b variants also act through them. Freed after the context.
+    ggml_threadpool * threadpool = nullptr;
+    ggml_threadpool * threadpool_batch = nullptr;
+    int32_t threadpool_threads = 0;
     std::vector<llama_token> prompt;
     std::string generated;
     int32_t verbose = 0;
@@ -137,7 +141,24 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             return nullptr;
         }
         set_process_priority(p.cpuparams.priority);
-        s->threadpools.init(s->ctx, p);
+        {
+            // As common_threadpools::init: one pool, or a batch pool and a paused one
+            // when the batch threads differ.
+            ggml_threadpool_params tpp_batch = ggml_threadpool_params_from_cpu_params(p.cpuparams_batch);
+            ggml_threadpool_params tpp = ggml_threadpool_params_from_cpu_params(p.cpuparams);
+            if (!ggml_threadpool_params_match(&tpp, &tpp_batch)) {
+                s->threadpool_batch = ggml_threadpool_new(&tpp_batch);
+                tpp.paused = true;
+            }
+            s->threadpool = ggml_threadpool_new(&tpp);
+            if (s->threadpool) {
+                s->threadpool_threads = tpp.n_threads;
+                llama_attach_threadpool(s->ctx, s->threadpool, s->threadpool_batch);
+            } else if (s->threadpool_batch) {
+                ggml_threadpool_free(s->threadpool_batch);
+                s->threadpool_batch = nullptr;
+            }
+        }
         if ((int32_t) s->prompt.size() > (int32_t) llama_n_ctx(s->ctx)) {
             set_err(err, err_len, "the prompt has " + std::to_string(s->prompt.size()) +
                                       " tokens, more than the context of " +
@@ -259,6 +280,16 @@ int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_st
     }
 }
 
+ggml_threadpool * kcm_session_threadpool(kcm_session * s, int32_t * n_threads) {
+    // With a separate batch pool the pool in use changes with the batch size: none then.
+    if (!s->threadpool || s->threadpool_batch) {
+        *n_threads = 0;
+        return nullptr;
+    }
+    *n_threads = s->threadpool_threads;
+    return s->threadpool;
+}
+
 const char * kcm_session_generated_text(kcm_session * s) {
     return s->generated.c_str();
 }
@@ -274,5 +305,11 @@ void kcm_session_free(kcm_session * s) {
         llama_free(s->ctx);
     }
     s->init.reset();
+    if (s->threadpool) {
+        ggml_threadpool_free(s->threadpool);
+    }
+    if (s->threadpool_batch) {
+        ggml_threadpool_free(s->threadpool_batch);
+    }
     delete s;
 }

@@ -72,6 +72,11 @@ int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_st
 // The generated text so far (NUL-terminated, valid until the next call or free).
 const char * kcm_session_generated_text(kcm_session * s);
 
+// The CPU threadpool the context computes with, for helpers that want to run work on
+// its threads between graph computations (the eval callback); null (and *n_threads 0)
+// when there is none or a separate batch pool is in use.
+struct ggml_threadpool * kcm_session_threadpool(kcm_session * s, int32_t * n_threads);
+
 void kcm_session_free(kcm_session * s);
 
 #ifdef __cplusplus

@@ -119,6 +119,9 @@ pub struct Capture<'a> {
     kept: HashMap<(i32, Role), Kept>,
     kept_bytes: usize,
     revisions: u64,
+    /// Hashes kept views on llama.cpp's CPU threadpool (see `pool_hash`), when the
+    /// session has one.
+    pool_hasher: Option<crate::pool_hash::PoolHasher>,
 }
 
 fn op_name(op: sys::ggml_op) -> String {
@@ -274,7 +277,24 @@ impl<'a> Capture<'a> {
             kept: HashMap::new(),
             kept_bytes: 0,
             revisions: 0,
+            pool_hasher: None,
         }
+    }
+
+    /// Hash kept KV-cache views on this CPU threadpool (the one the context computes
+    /// with), between graph computations.
+    ///
+    /// # Safety
+    /// `pool` must stay valid while this capture is used as the eval callback, and be
+    /// the threadpool of the graph computations the callback interrupts (so nothing else
+    /// computes on it while the callback runs).
+    pub(crate) unsafe fn use_threadpool(
+        &mut self,
+        pool: *mut sys::ggml_threadpool,
+        n_threads: i32,
+    ) {
+        // SAFETY: the caller's contract is PoolHasher::new's.
+        self.pool_hasher = unsafe { crate::pool_hash::PoolHasher::new(pool, n_threads) };
     }
 
     /// Start a new step (before its `llama_decode`); false when the sink says stop.
@@ -392,9 +412,16 @@ impl<'a> Capture<'a> {
                 // Unique unless a sink kept the previous capture: then it is copied once.
                 let before = k.data.len();
                 let data = Arc::make_mut(&mut k.data);
-                let changed = layout
-                    .gather_update(src, data, &mut k.block_hashes)
-                    .map_err(|e| e.to_string())?;
+                let changed = match self.pool_hasher.as_mut() {
+                    Some(h) => layout.gather_update_with(
+                        src,
+                        data,
+                        &mut k.block_hashes,
+                        &mut |span, out| h.hash(span, out),
+                    ),
+                    None => layout.gather_update(src, data, &mut k.block_hashes),
+                }
+                .map_err(|e| e.to_string())?;
                 self.kept_bytes = self.kept_bytes - before + data.len();
                 let since = changed.map(|c| (k.id, c));
                 k.id = id;

@@ -65,6 +65,8 @@ extern "C" {
     ) -> i32;
     fn kcm_session_generated_text(s: *mut KcmSession) -> *const c_char;
     fn kcm_session_free(s: *mut KcmSession);
+    fn kcm_session_threadpool(s: *mut KcmSession, n_threads: *mut i32)
+        -> *mut sys::ggml_threadpool;
 }
 
 /// Facts about the run, known before the first decode.
@@ -231,6 +233,15 @@ pub fn run(
         });
     }
     let guard = SessionGuard(session);
+    if opts.eval_callback {
+        let mut n_threads = 0i32;
+        // SAFETY: valid session; the pool lives until kcm_session_free (the guard), after
+        // the last decode, and the eval callback runs between the computations on it.
+        unsafe {
+            let pool = kcm_session_threadpool(guard.0, &mut n_threads);
+            (*state_ptr).capture.use_threadpool(pool, n_threads);
+        }
+    }
     let mut raw = std::mem::MaybeUninit::<KcmRunInfo>::zeroed();
     // SAFETY: valid session, writable out-struct.
     let raw = unsafe {

@@ -24,11 +24,15 @@ const PROMPT: &str = "The quick brown fox jumps over a lazy dog";
 const N_GEN: usize = 6;
 
 /// Two KV heads under four query heads: the K view is permuted (cells hold both heads).
+/// head_dim 64 makes each K/V view 64 KiB, enough blocks for the capture to hash them
+/// on llama.cpp's threadpool (`pool_hash`) when it runs with two threads.
 fn model(dir: &Path) -> PathBuf {
     let path = dir.join("tiny-gqa.gguf");
     let cfg = tiny_llama::TinyLlamaConfig {
         n_head: 4,
         n_head_kv: 2,
+        head_dim: 64,
+        n_embd: 256,
         ..Default::default()
     };
     tiny_llama::write_model(&path, &cfg).unwrap();
@@ -266,16 +270,19 @@ fn revisions_name_exactly_the_changed_rows_and_stats_and_traces_stay_exact() {
     }
 }
 
-/// The kept copies are what copying everything afresh gives: single-threaded runs (which
-/// are deterministic) with and without keeping capture the same bytes, step by step,
-/// with flash attention on and off; without keeping there are no revisions.
+/// The kept copies are what copying everything afresh gives: runs with and without
+/// keeping capture the same bytes, step by step, with flash attention on and off, on one
+/// thread and on two (where the views are hashed on llama.cpp's threadpool); without
+/// keeping there are no revisions.
 #[test]
 fn kept_views_hold_the_bytes_of_a_fresh_copy() {
     let dir = tempfile::tempdir().unwrap();
     let model = model(dir.path());
-    for flash in ["on", "off"] {
-        let (kept, _) = run(&model, flash, "1", true, &dir.path().join("kept.gguf"));
-        let (fresh, _) = run(&model, flash, "1", false, &dir.path().join("fresh.gguf"));
+    for (flash, threads) in [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")] {
+        let flash = flash.to_string() + " -t " + threads;
+        let fa = &flash[..flash.find(' ').unwrap_or(flash.len())];
+        let (kept, _) = run(&model, fa, threads, true, &dir.path().join("kept.gguf"));
+        let (fresh, _) = run(&model, fa, threads, false, &dir.path().join("fresh.gguf"));
         assert_eq!(kept.len(), fresh.len(), "{flash}");
         let mut with_revision = 0;
         for (k, f) in kept.iter().zip(&fresh) {

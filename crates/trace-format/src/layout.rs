@@ -164,24 +164,35 @@ impl TensorLayout {
         out: &mut Vec<u8>,
         block_hashes: &mut Vec<u64>,
     ) -> Result<Option<Vec<std::ops::Range<usize>>>, LayoutError> {
+        self.gather_update_with(src, out, block_hashes, &mut hash_blocks)
+    }
+
+    /// [`gather_update`](Self::gather_update) with the block hashing done by
+    /// `hash_span(span, hashes)`, which must leave in `hashes[i]` what [`hash_blocks`]
+    /// would (the capture spreads it over ggml's threads).
+    pub fn gather_update_with(
+        &self,
+        src: &[u8],
+        out: &mut Vec<u8>,
+        block_hashes: &mut Vec<u64>,
+        hash_span: &mut dyn FnMut(&[u8], &mut [u64]),
+    ) -> Result<Option<Vec<std::ops::Range<usize>>>, LayoutError> {
         let rows = self.rows(src)?;
         let span = &src[..rows.span];
         let n_blocks = span.len().div_ceil(HASH_BLOCK);
-        let hash = |i: usize| {
-            let end = ((i + 1) * HASH_BLOCK).min(span.len());
-            xxh3::hash64_with_seed(&span[i * HASH_BLOCK..end], 0)
-        };
         let mut row = Vec::new();
         if out.len() != rows.total || block_hashes.len() != n_blocks {
             self.gather_into(src, out)?;
             block_hashes.clear();
-            block_hashes.extend((0..n_blocks).map(hash));
+            block_hashes.resize(n_blocks, 0);
+            hash_span(span, block_hashes);
             return Ok(None);
         }
+        let mut now = vec![0u64; n_blocks];
+        hash_span(span, &mut now);
         let mut dirty = vec![false; n_blocks];
         let mut any = false;
-        for (i, (d, h)) in dirty.iter_mut().zip(block_hashes.iter_mut()).enumerate() {
-            let now = hash(i);
+        for ((d, h), now) in dirty.iter_mut().zip(block_hashes.iter_mut()).zip(now) {
             if now != *h {
                 *h = now;
                 *d = true;
@@ -263,6 +274,15 @@ impl TensorLayout {
 /// enough that hashing runs at memory speed, small enough that a changed cell costs
 /// little to gather again.
 pub const HASH_BLOCK: usize = 8192;
+
+/// The 64-bit XXH3 hash of each [`HASH_BLOCK`]-byte block of `span` (the last block
+/// may be shorter) into `hashes`, which holds `span.len().div_ceil(HASH_BLOCK)` entries
+/// (extra entries are left alone; missing ones are not computed).
+pub fn hash_blocks(span: &[u8], hashes: &mut [u64]) {
+    for (h, block) in hashes.iter_mut().zip(span.chunks(HASH_BLOCK)) {
+        *h = xxh3::hash64_with_seed(block, 0);
+    }
+}
 
 /// A row handed over by `Rows::for_each_where`.
 enum RowBytes<'a> {
