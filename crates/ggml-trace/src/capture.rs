@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::sync::Arc;
 
+use trace_format::layout::hash_blocks;
 pub use trace_format::Revision;
 use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
 
@@ -407,51 +408,55 @@ impl<'a> Capture<'a> {
     ) -> Result<(Arc<Vec<u8>>, Option<Revision>), String> {
         self.revisions += 1;
         let id = self.revisions;
-        if let Some(k) = self.kept.get_mut(&(layer, role)) {
+        let pool = &mut self.pool_hasher;
+        let mut hash = |span: &[u8], out: &mut [u64]| match pool.as_mut() {
+            Some(h) => h.hash(span, out),
+            None => hash_blocks(span, out),
+        };
+        let key = (layer, role);
+        if let Some(k) = self.kept.get_mut(&key) {
             if k.layout == layout {
                 // Unique unless a sink kept the previous capture: then it is copied once.
-                let before = k.data.len();
                 let data = Arc::make_mut(&mut k.data);
-                let changed = match self.pool_hasher.as_mut() {
-                    Some(h) => layout.gather_update_with(
-                        src,
-                        data,
-                        &mut k.block_hashes,
-                        &mut |span, out| h.hash(span, out),
-                    ),
-                    None => layout.gather_update(src, data, &mut k.block_hashes),
-                }
-                .map_err(|e| e.to_string())?;
-                self.kept_bytes = self.kept_bytes - before + data.len();
+                let changed = layout
+                    .gather_update(src, data, &mut k.block_hashes, &mut hash)
+                    .map_err(|e| e.to_string())?;
                 let since = changed.map(|c| (k.id, c));
                 k.id = id;
                 return Ok((Arc::clone(&k.data), Some(Revision { id, since })));
             }
-            let old = self.kept.remove(&(layer, role));
-            self.kept_bytes -= old.map_or(0, |k| k.data.len());
+            if let Some(old) = self.kept.remove(&key) {
+                self.kept_bytes -= old.data.len();
+            }
         }
-        let (mut out, mut block_hashes) = (Vec::new(), Vec::new());
+        let n_bytes = layout.n_bytes().map_err(|e| e.to_string())? as usize;
+        let mut out = Vec::new();
+        if self.kept_bytes + n_bytes > KEPT_BUDGET {
+            layout
+                .gather_into(src, &mut out)
+                .map_err(|e| e.to_string())?;
+            return Ok((Arc::new(out), None));
+        }
+        let mut block_hashes = Vec::new();
         layout
-            .gather_update(src, &mut out, &mut block_hashes)
+            .gather_update(src, &mut out, &mut block_hashes, &mut hash)
             .map_err(|e| e.to_string())?;
         let data = Arc::new(out);
-        if self.kept_bytes + data.len() <= KEPT_BUDGET {
-            self.kept_bytes += data.len();
-            self.kept.insert(
-                (layer, role),
-                Kept {
-                    layout,
-                    data: Arc::clone(&data),
-                    block_hashes,
-                    id,
-                },
-            );
-            return Ok((data, Some(Revision { id, since: None })));
-        }
-        Ok((data, None))
+        self.kept_bytes += data.len();
+        self.kept.insert(
+            key,
+            Kept {
+                layout,
+                data: Arc::clone(&data),
+                block_hashes,
+                id,
+            },
+        );
+        Ok((data, Some(Revision { id, since: None })))
     }
 
-    /// The `ask == true` decision.
+    /// The `ask == true` decision for every node but `kqv_out-<layer>` (which the
+    /// callback decides itself, as it may finish the layer right there).
     ///
     /// # Safety
     /// `t` must point to a live ggml tensor of the graph being computed.
@@ -459,9 +464,6 @@ impl<'a> Capture<'a> {
         // SAFETY: caller guarantees liveness; src pointers of live nodes are live or null.
         unsafe {
             let tr = &*t;
-            if let Some(layer) = kqv_out_layer(tr) {
-                return self.cfg.layer.is_none_or(|l| l == layer);
-            }
             if let Some(layer) = Self::unrotation_of(t) {
                 return self.cfg.layer.is_none_or(|l| l == layer);
             }
@@ -865,21 +867,25 @@ impl<'a> Capture<'a> {
         }
         if ask {
             // SAFETY: ggml passes live graph nodes.
-            if let Some(layer) = kqv_out_layer(unsafe { &*t }) {
-                if cap.cfg.trace_sources && cap.cfg.layer.is_none_or(|l| l == layer) {
-                    // SAFETY: as above.
-                    match unsafe { cap.finish_layer_as_view(t, layer) } {
-                        Ok(true) => return false,
-                        Ok(false) => {}
-                        Err(e) => {
-                            cap.error = Some(e);
-                            return false;
-                        }
+            let Some(layer) = kqv_out_layer(unsafe { &*t }) else {
+                // SAFETY: as above.
+                return unsafe { cap.wants(t) };
+            };
+            if cap.cfg.layer.is_some_and(|l| l != layer) {
+                return false;
+            }
+            if cap.cfg.trace_sources {
+                // SAFETY: as above.
+                match unsafe { cap.finish_layer_as_view(t, layer) } {
+                    Ok(true) => return false,
+                    Ok(false) => {}
+                    Err(e) => {
+                        cap.error = Some(e);
+                        return false;
                     }
                 }
             }
-            // SAFETY: ggml passes live graph nodes.
-            return unsafe { cap.wants(t) };
+            return true;
         }
         // SAFETY: as above; this node has been computed.
         match unsafe { cap.observe(t) } {

@@ -134,17 +134,9 @@ fn checked_json(c: &Checked) -> serde_json::Value {
     })
 }
 
-/// `[256,256,1,1]`, padded as a whole.
-struct Shape<'a>(&'a [u64; 4]);
-
-impl std::fmt::Display for Shape<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [a, b, c, d] = self.0;
-        if f.width().is_none() {
-            return write!(f, "[{a},{b},{c},{d}]");
-        }
-        f.pad(&format!("[{a},{b},{c},{d}]"))
-    }
+fn shape(ne: &[u64; 4]) -> String {
+    let [a, b, c, d] = ne;
+    format!("[{a},{b},{c},{d}]")
 }
 
 impl MonitorSink {
@@ -209,7 +201,7 @@ impl MonitorSink {
             m.layer,
             m.role.name(),
             m.layout.ty.name(),
-            Shape(&m.layout.ne),
+            shape(&m.layout.ne),
             Sci(s.mean),
             Sci(s.std),
             Sci(s.min),

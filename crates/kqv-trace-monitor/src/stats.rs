@@ -149,6 +149,7 @@ mod tests {
     use super::*;
     use ggml_trace::capture::Revision;
     use std::sync::Arc;
+    use trace_format::layout::differing_ranges;
     use trace_format::{TensorLayout, TensorMeta};
 
     fn bits(s: &Summary) -> [u64; 9] {
@@ -179,20 +180,6 @@ mod tests {
             data: Arc::new(data),
             revision: rev,
         }
-    }
-
-    /// Byte ranges where two buffers differ, at byte granularity.
-    fn diff_ranges(a: &[u8], b: &[u8]) -> Vec<Range<usize>> {
-        let mut out: Vec<Range<usize>> = Vec::new();
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            if x != y {
-                match out.last_mut() {
-                    Some(l) if l.end == i => l.end = i + 1,
-                    _ => out.push(i..i + 1),
-                }
-            }
-        }
-        out
     }
 
     /// A sequence of revisions of an F16 and a Q8_0 view (one cell written per step,
@@ -271,7 +258,7 @@ mod tests {
                     data.clone(),
                     Some(Revision {
                         id,
-                        since: Some((prev, diff_ranges(&before, &data))),
+                        since: Some((prev, differing_ranges(&before, &data, 1))),
                     }),
                 );
                 let r0 = stats.reused_chunks;

@@ -17,6 +17,7 @@ use ggml_trace::session::{self, RunInfo, RunOptions};
 use kqv_trace_monitor::args::{Options, SaveTarget};
 use kqv_trace_monitor::sink::MonitorSink;
 use kqv_trace_monitor::stats::{summarize, Stats};
+use trace_format::layout::differing_ranges;
 use trace_format::{Role, StepMeta, TraceFile};
 
 /// BOS, a leading "▁" and 41 byte tokens: with -ub 16 the prompt spans three ubatches.
@@ -59,21 +60,6 @@ impl CaptureSink for Tee {
         self.seen.extend(att.tensors.iter().cloned());
         self.inner.on_attention(att)
     }
-}
-
-/// Byte ranges of whole rows (of `row` bytes) where `a` and `b` differ, neighbours merged.
-fn differing_rows(a: &[u8], b: &[u8], row: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, (x, y)) in a.chunks(row).zip(b.chunks(row)).enumerate() {
-        if x != y {
-            let r = i * row..(i + 1) * row;
-            match out.last_mut() {
-                Some(l) if l.end == r.start => l.end = r.end,
-                _ => out.push(r),
-            }
-        }
-    }
-    out
 }
 
 fn run(
@@ -177,7 +163,7 @@ fn revisions_name_exactly_the_changed_rows_and_stats_and_traces_stay_exact() {
                         t.data.len() / (t.meta.layout.n_elements() / t.meta.layout.ne[0]) as usize;
                     assert_eq!(
                         *ranges,
-                        differing_rows(&prev.data, &t.data, row),
+                        differing_ranges(&prev.data, &t.data, row),
                         "{flash}: {key:?} step {}",
                         t.meta.step
                     );

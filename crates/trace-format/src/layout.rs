@@ -138,7 +138,16 @@ impl TensorLayout {
         out.clear();
         out.reserve(rows.total);
         let mut row = Vec::new();
-        rows.for_each(src, &mut row, |bytes| out.extend_from_slice(bytes));
+        rows.for_each_where(
+            src,
+            &mut row,
+            |_| true,
+            |r| {
+                if let RowBytes::Read(bytes) = r {
+                    out.extend_from_slice(bytes);
+                }
+            },
+        );
         Ok(())
     }
 
@@ -158,19 +167,11 @@ impl TensorLayout {
     /// the live memory costs less than copying it, and far less than comparing it with a
     /// copy that has long left the cache; whoever summarises the data can skip what did
     /// not change.
+    ///
+    /// `hash_span(span, hashes)` computes the hashes; it must leave in `hashes[i]` what
+    /// [`hash_blocks`] would (pass `&mut hash_blocks`, or spread the same work over
+    /// threads as the capture does on ggml's threadpool).
     pub fn gather_update(
-        &self,
-        src: &[u8],
-        out: &mut Vec<u8>,
-        block_hashes: &mut Vec<u64>,
-    ) -> Result<Option<Vec<std::ops::Range<usize>>>, LayoutError> {
-        self.gather_update_with(src, out, block_hashes, &mut hash_blocks)
-    }
-
-    /// [`gather_update`](Self::gather_update) with the block hashing done by
-    /// `hash_span(span, hashes)`, which must leave in `hashes[i]` what [`hash_blocks`]
-    /// would (the capture spreads it over ggml's threads).
-    pub fn gather_update_with(
         &self,
         src: &[u8],
         out: &mut Vec<u8>,
@@ -221,10 +222,7 @@ impl TensorLayout {
                     let dst = &mut out[at..end];
                     if dst != bytes {
                         dst.copy_from_slice(bytes);
-                        match changed.last_mut() {
-                            Some(last) if last.end == at => last.end = end,
-                            _ => changed.push(at..end),
-                        }
+                        push_range(&mut changed, at..end);
                     }
                 }
                 at = end;
@@ -284,6 +282,29 @@ pub fn hash_blocks(span: &[u8], hashes: &mut [u64]) {
     }
 }
 
+/// Append `r` to sorted, disjoint `ranges`, merging it with the last one when they touch.
+fn push_range(ranges: &mut Vec<std::ops::Range<usize>>, r: std::ops::Range<usize>) {
+    match ranges.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => ranges.push(r),
+    }
+}
+
+/// The byte ranges, in whole `unit`-byte pieces (rows), where `before` and `after`
+/// differ, neighbours merged: what a [`Revision`](crate::Revision) of `after` over
+/// `before` records when `unit` is the row size, computed by plain comparison (the
+/// tests hold `gather_update` and the capture's revisions to it).
+pub fn differing_ranges(before: &[u8], after: &[u8], unit: usize) -> Vec<std::ops::Range<usize>> {
+    let unit = unit.max(1);
+    let mut out = Vec::new();
+    for (i, (x, y)) in before.chunks(unit).zip(after.chunks(unit)).enumerate() {
+        if x != y {
+            push_range(&mut out, i * unit..i * unit + x.len());
+        }
+    }
+    out
+}
+
 /// A row handed over by `Rows::for_each_where`.
 enum RowBytes<'a> {
     Read(&'a [u8]),
@@ -303,8 +324,9 @@ struct Rows {
 
 impl Rows {
     /// Call `f` for each logical row, in order: with its bytes when `wanted` says yes
-    /// for the row's extent in `src` (first byte to one past the last), with `None`
-    /// (and the row's length known to the caller as `row_bytes`) otherwise.
+    /// for the row's extent in `src` (first byte to one past the last; a strided row is
+    /// assembled in `row` first), with its length only otherwise. Every offset is
+    /// < span <= src.len() (checked by `TensorLayout::rows`).
     fn for_each_where(
         &self,
         src: &[u8],
@@ -334,30 +356,6 @@ impl Rows {
                             row.extend_from_slice(&src[at..at + self.ts]);
                         }
                         f(RowBytes::Read(row));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Call `f` with each logical row's bytes, in order; a strided row is assembled in
-    /// `row` first. Every offset is < span <= src.len() (checked by `TensorLayout::rows`).
-    fn for_each(&self, src: &[u8], row: &mut Vec<u8>, mut f: impl FnMut(&[u8])) {
-        let [ne0, ne1, ne2, ne3] = self.ne;
-        let [nb0, nb1, nb2, nb3] = self.nb;
-        for i3 in 0..ne3 {
-            for i2 in 0..ne2 {
-                for i1 in 0..ne1 {
-                    let base = i1 * nb1 + i2 * nb2 + i3 * nb3;
-                    if self.row_contiguous {
-                        f(&src[base..base + self.row_bytes]);
-                    } else {
-                        row.clear();
-                        for i0 in 0..ne0 {
-                            let at = base + i0 * nb0;
-                            row.extend_from_slice(&src[at..at + self.ts]);
-                        }
-                        f(row);
                     }
                 }
             }
@@ -467,22 +465,6 @@ mod tests {
         assert_eq!(c.span_bytes().unwrap(), 48);
     }
 
-    /// Byte ranges of rows (of `row` bytes) where `a` and `b` differ, neighbours merged:
-    /// the oracle for `gather_update`.
-    fn differing_rows(a: &[u8], b: &[u8], row: usize) -> Vec<std::ops::Range<usize>> {
-        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, (x, y)) in a.chunks(row).zip(b.chunks(row)).enumerate() {
-            if x != y {
-                let r = i * row..(i + 1) * row;
-                match out.last_mut() {
-                    Some(l) if l.end == r.start => l.end = r.end,
-                    _ => out.push(r),
-                }
-            }
-        }
-        out
-    }
-
     /// `gather_update` leaves exactly what `gather_into` makes and reports exactly the
     /// rows that changed (no hash collides here): a permuted K view, a transposed V view
     /// (strided rows) and a Q8_0 view, each small (one hash block) and large (dozens),
@@ -529,7 +511,9 @@ mod tests {
             let mut kept = Vec::new();
             let mut hashes = Vec::new();
             assert_eq!(
-                layout.gather_update(&mem, &mut kept, &mut hashes).unwrap(),
+                layout
+                    .gather_update(&mem, &mut kept, &mut hashes, &mut hash_blocks)
+                    .unwrap(),
                 None
             );
             assert_eq!(kept, layout.gather(&mem).unwrap());
@@ -546,12 +530,16 @@ mod tests {
                     mem[at] = mem[at].wrapping_add(1 + (next() % 255) as u8);
                 }
                 let changed = layout
-                    .gather_update(&mem, &mut kept, &mut hashes)
+                    .gather_update(&mem, &mut kept, &mut hashes, &mut hash_blocks)
                     .unwrap()
                     .unwrap();
                 let fresh = layout.gather(&mem).unwrap();
                 assert_eq!(kept, fresh, "{layout:?} after {edits} edits");
-                assert_eq!(changed, differing_rows(&before, &fresh, row), "{layout:?}");
+                assert_eq!(
+                    changed,
+                    differing_ranges(&before, &fresh, row),
+                    "{layout:?}"
+                );
             }
         }
         assert!(multi_block);
@@ -561,7 +549,8 @@ mod tests {
         let mut other = vec![0u8; 3];
         let mut hashes = Vec::new();
         assert_eq!(
-            l.gather_update(&mem, &mut other, &mut hashes).unwrap(),
+            l.gather_update(&mem, &mut other, &mut hashes, &mut hash_blocks)
+                .unwrap(),
             None
         );
         assert_eq!(other, l.gather(&mem).unwrap());
@@ -569,13 +558,14 @@ mod tests {
         // So is one whose block hashes do not fit.
         hashes.push(0);
         assert_eq!(
-            l.gather_update(&mem, &mut other, &mut hashes).unwrap(),
+            l.gather_update(&mem, &mut other, &mut hashes, &mut hash_blocks)
+                .unwrap(),
             None
         );
         assert_eq!(hashes.len(), 1);
         // Errors are the gather's.
         assert!(matches!(
-            l.gather_update(&mem[..10], &mut other, &mut hashes),
+            l.gather_update(&mem[..10], &mut other, &mut hashes, &mut hash_blocks),
             Err(LayoutError::ShortBuffer { .. })
         ));
     }

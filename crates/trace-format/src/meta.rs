@@ -212,8 +212,9 @@ impl RunMeta {
 /// A KV-cache view changes little from step to step (a decode step writes one cell and
 /// unmasks it in the mask), so the capture keeps each (layer, role)'s last copy, hashes
 /// the live memory block by block and gathers again only the rows in blocks whose hash
-/// changed (see [`TensorLayout::gather_update`](crate::TensorLayout::gather_update)). This says which bytes changed, so that
-/// consumers (the monitor's statistics, the trace writer's spool) can skip the rest.
+/// changed (see [`TensorLayout::gather_update`](crate::TensorLayout::gather_update)).
+/// This says which bytes changed, so that consumers (the monitor's statistics, the trace
+/// writer's spool) can skip the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Revision {
     /// Unique within a run.

@@ -1,6 +1,7 @@
 //! A trace written by `TraceWriter` reads back identically through `TraceFile`.
 
 use gguf_io::{quant, GgmlType};
+use trace_format::layout::differing_ranges;
 use trace_format::{
     tensor_name, AttnParams, AttnRecord, Role, RunMeta, StepMeta, TensorLayout, TensorMeta,
     TraceFile, TraceWriter,
@@ -190,20 +191,6 @@ fn interrupted_trace_is_marked_and_a_model_is_not_a_trace() {
     ));
 }
 
-/// Byte ranges where two buffers differ.
-fn changes(a: &[u8], b: &[u8]) -> Vec<std::ops::Range<usize>> {
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        if x != y {
-            match out.last_mut() {
-                Some(l) if l.end == i => l.end = i + 1,
-                _ => out.push(i..i + 1),
-            }
-        }
-    }
-    out
-}
-
 /// Tensors added as revisions (changes only in the spool) read back whole and exact:
 /// two interleaved (layer, role) streams, revisions with no change, one cell, many
 /// cells; a revision that names the wrong predecessor, one whose size changed and a
@@ -262,8 +249,10 @@ fn revisions_spool_changes_and_read_back_whole() {
             ids += 1;
             let since = match (step, layer) {
                 // A revision claiming a predecessor the writer never saw.
-                (3, 0) => Some((9999, changes(&before, cur))),
-                _ if before.len() == cur.len() => last.map(|l| (l, changes(&before, cur))),
+                (3, 0) => Some((9999, differing_ranges(&before, cur, 1))),
+                _ if before.len() == cur.len() => {
+                    last.map(|l| (l, differing_ranges(&before, cur, 1)))
+                }
                 _ => None,
             };
             let rev = Revision { id: ids, since };
