@@ -61,8 +61,10 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect());
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    // Milliseconds per token inside the monitor's sink (statistics, lines, spooling).
+    let mut sink_ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for _ in 0..runs {
-        for (m, rate) in rates.iter_mut().enumerate() {
+        for (m, (rate, sink_ms)) in rates.iter_mut().zip(sink_ms.iter_mut()).enumerate() {
             if only.as_ref().is_some_and(|o| !o.contains(&m)) {
                 continue;
             }
@@ -99,6 +101,9 @@ fn main() {
             };
             let (info, outcome) = session::run(&llama_args, run_opts, &mut timed).expect("run");
             rate.push(timed.tokens_per_s(Instant::now()));
+            if timed.inner.is_some() {
+                sink_ms.push(timed.sink_ms_per_token());
+            }
             if let Some(sink) = timed.inner.take() {
                 sink.finish(&info, &outcome).expect("finish");
             }
@@ -116,14 +121,17 @@ fn main() {
             continue;
         }
         let r = median(&rates[m]);
+        let sink = (!sink_ms[m].is_empty()).then(|| median(&sink_ms[m]));
         json_modes.push(serde_json::json!({
             "mode": name,
             "tokens_per_s": r,
             "ratio": r / base,
             "runs": rates[m],
+            "sink_ms_per_token": sink,
         }));
+        let sink = sink.map_or(String::new(), |s| format!("   sink {s:.3} ms/token"));
         println!(
-            "{name:<30} {r:8.2} tokens/s   ratio {:.3}   runs {:?}",
+            "{name:<30} {r:8.2} tokens/s   ratio {:.3}{sink}   runs {:?}",
             r / base,
             rates[m]
                 .iter()

@@ -409,8 +409,25 @@ impl CaptureSink for MonitorSink {
         if !att.op.is_empty() {
             self.seen_op.get_or_insert_with(|| att.op.clone());
         }
+        // With flash attention `kqv_out` shares the attention output's bytes: same type,
+        // bytes and element count give the same summary, computed once.
+        let mut shared: Option<(*const Vec<u8>, gguf_io::GgmlType, u64, Summary)> = None;
         for t in &att.tensors {
-            let s = self.stats.summarize(t)?;
+            let key = (
+                Arc::as_ptr(&t.data),
+                t.meta.layout.ty,
+                t.meta.layout.n_elements(),
+            );
+            let s = match shared {
+                Some((p, ty, n, s)) if t.revision.is_none() && (p, ty, n) == key => s,
+                _ => {
+                    let s = self.stats.summarize(t)?;
+                    if t.revision.is_none() {
+                        shared = Some((key.0, key.1, key.2, s));
+                    }
+                    s
+                }
+            };
             if let Err(e) = self.line(t, &s) {
                 if e.kind() == std::io::ErrorKind::BrokenPipe {
                     // Nobody reads the statistics any more: keep tracing quietly.

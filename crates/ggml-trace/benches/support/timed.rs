@@ -2,7 +2,7 @@
 //! (`ggml-trace/benches/mixed_kv.rs`, and `kqv-trace-monitor/benches/overhead.rs` through
 //! `#[path]`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ggml_trace::capture::{CaptureSink, CapturedAttention};
 use ggml_trace::session::RunInfo;
@@ -15,6 +15,8 @@ pub struct Timed<S> {
     n_prompt_steps: u32,
     gen_start: Option<Instant>,
     gen_steps: u32,
+    /// Time spent inside the inner sink during the generation steps.
+    sink_time: Duration,
 }
 
 impl<S> Timed<S> {
@@ -24,6 +26,7 @@ impl<S> Timed<S> {
             n_prompt_steps: 0,
             gen_start: None,
             gen_steps: 0,
+            sink_time: Duration::ZERO,
         }
     }
 
@@ -32,6 +35,12 @@ impl<S> Timed<S> {
     pub fn tokens_per_s(&self, end: Instant) -> f64 {
         let secs = self.gen_start.map_or(f64::NAN, |s| (end - s).as_secs_f64());
         f64::from(self.gen_steps) / secs
+    }
+
+    /// Milliseconds per generated token spent inside the inner sink (statistics,
+    /// formatting, spooling), out of the callback's whole time.
+    pub fn sink_ms_per_token(&self) -> f64 {
+        self.sink_time.as_secs_f64() * 1e3 / f64::from(self.gen_steps.max(1))
     }
 }
 
@@ -53,10 +62,16 @@ impl<S: CaptureSink> CaptureSink for Timed<S> {
         self.inner.as_mut().is_none_or(|s| s.on_step(step))
     }
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
-        match self.inner.as_mut() {
-            Some(s) => s.on_attention(att),
-            None => Ok(()),
+        let Some(s) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        if self.gen_start.is_none() {
+            return s.on_attention(att);
         }
+        let t0 = Instant::now();
+        let r = s.on_attention(att);
+        self.sink_time += t0.elapsed();
+        r
     }
 }
 
