@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::sync::Arc;
 
-use trace_format::layout::hash_blocks;
+use trace_format::layout::{hash_blocks, HASH_BLOCK};
 pub use trace_format::Revision;
 use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
 
@@ -123,6 +123,17 @@ pub struct Capture<'a> {
     /// Hashes kept views on llama.cpp's CPU threadpool (see `pool_hash`), when the
     /// session has one.
     pool_hasher: Option<crate::pool_hash::PoolHasher>,
+    /// Block hashes of the spans an attention node's kept sources cover, computed in one
+    /// pool computation before they are read (see `prehash`); valid only during the
+    /// `observe` call that made them.
+    prehashed: Vec<Prehashed>,
+}
+
+/// The block hashes of one span, computed ahead.
+struct Prehashed {
+    ptr: *const u8,
+    len: usize,
+    hashes: Vec<u64>,
 }
 
 fn op_name(op: sys::ggml_op) -> String {
@@ -279,6 +290,7 @@ impl<'a> Capture<'a> {
             kept_bytes: 0,
             revisions: 0,
             pool_hasher: None,
+            prehashed: Vec::new(),
         }
     }
 
@@ -359,13 +371,8 @@ impl<'a> Capture<'a> {
             }
             &scratch
         };
-        // KV-cache views and masks change little from one step to the next.
-        let keep = self.cfg.keep
-            && layer >= 0
-            && (role == Role::Mask
-                || matches!(role, Role::K | Role::V | Role::KQuant | Role::VQuant)
-                // SAFETY: caller guarantees `t` is live.
-                    && unsafe { is_kv_view(t) });
+        // SAFETY: caller guarantees `t` is live.
+        let keep = unsafe { self.keeps(t, role, layer) };
         let gathered = if keep {
             self.gather_kept(src, layout, role, layer)
         } else {
@@ -398,6 +405,89 @@ impl<'a> Capture<'a> {
         })
     }
 
+    /// Is `t` kept from one step to the next? KV-cache views and masks change little.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn keeps(&self, t: *const sys::ggml_tensor, role: Role, layer: i32) -> bool {
+        self.cfg.keep
+            && layer >= 0
+            && (role == Role::Mask
+                || matches!(role, Role::K | Role::V | Role::KQuant | Role::VQuant)
+                // SAFETY: caller guarantees `t` is live.
+                    && unsafe { is_kv_view(t) })
+    }
+
+    /// Before an attention node's sources are read: hash the spans of those that `read`
+    /// will keep and hash, all in one computation on the pool (K and V — and the mixed
+    /// cache's cold stores — wake the pool once, not once each). `gather_kept` finds the
+    /// hashes by span; the memory cannot change in between, as no graph is computing.
+    ///
+    /// # Safety
+    /// Every non-null pointer in `srcs` must point to a live, allocated ggml tensor.
+    unsafe fn prehash(&mut self, srcs: &[(*const sys::ggml_tensor, Role)], layer: i32) {
+        self.prehashed.clear();
+        if self.pool_hasher.is_none() {
+            return;
+        }
+        for &(t, role) in srcs {
+            // SAFETY: caller guarantees liveness of non-null pointers.
+            if t.is_null() || !unsafe { self.keeps(t, role, layer) } {
+                continue;
+            }
+            // SAFETY: as above.
+            let tr = unsafe { &*t };
+            // SAFETY: the buffer of a live allocated tensor is live.
+            if tr.data.is_null()
+                || tr.buffer.is_null()
+                || !unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) }
+            {
+                continue;
+            }
+            let layout = TensorLayout {
+                ty: gguf_io::GgmlType(tr.type_),
+                ne: tr.ne.map(|x| x.max(0) as u64),
+                nb: tr.nb.map(|x| x as u64),
+            };
+            let (Ok(span), Ok(n_bytes)) = (layout.span_bytes(), layout.n_bytes()) else {
+                continue;
+            };
+            // Only what gather_kept will hash: an existing copy of this layout, or a new
+            // one within the budget.
+            let hashed = match self.kept.get(&(layer, role)) {
+                Some(k) if k.layout == layout => true,
+                Some(k) => self.kept_bytes - k.data.len() + n_bytes as usize <= KEPT_BUDGET,
+                None => self.kept_bytes + n_bytes as usize <= KEPT_BUDGET,
+            };
+            if hashed {
+                self.prehashed.push(Prehashed {
+                    ptr: tr.data as *const u8,
+                    len: span as usize,
+                    hashes: vec![0; (span as usize).div_ceil(HASH_BLOCK)],
+                });
+            }
+        }
+        if self.prehashed.len() < 2 {
+            // One span: gather_kept hashes it the same way by itself.
+            self.prehashed.clear();
+            return;
+        }
+        let Some(pool) = self.pool_hasher.as_mut() else {
+            return;
+        };
+        let mut jobs: Vec<(&[u8], &mut [u64])> = self
+            .prehashed
+            .iter_mut()
+            .map(|p| {
+                // SAFETY: host memory of a live tensor, `len` = its span in bytes (what
+                // `read` hands `gather_kept`).
+                let span = unsafe { std::slice::from_raw_parts(p.ptr, p.len) };
+                (span, p.hashes.as_mut_slice())
+            })
+            .collect();
+        pool.hash_many(&mut jobs);
+    }
+
     /// Gather a KV-cache view over its previous copy (see [`Revision`]).
     fn gather_kept(
         &mut self,
@@ -409,9 +499,16 @@ impl<'a> Capture<'a> {
         self.revisions += 1;
         let id = self.revisions;
         let pool = &mut self.pool_hasher;
-        let mut hash = |span: &[u8], out: &mut [u64]| match pool.as_mut() {
-            Some(h) => h.hash(span, out),
-            None => hash_blocks(span, out),
+        let prehashed = &self.prehashed;
+        let mut hash = |span: &[u8], out: &mut [u64]| {
+            let ahead = prehashed.iter().find(|p| {
+                p.ptr == span.as_ptr() && p.len == span.len() && p.hashes.len() == out.len()
+            });
+            match (ahead, pool.as_mut()) {
+                (Some(p), _) => out.copy_from_slice(&p.hashes),
+                (None, Some(h)) => h.hash(span, out),
+                (None, None) => hash_blocks(span, out),
+            }
         };
         let key = (layer, role);
         if let Some(k) = self.kept.get_mut(&key) {
@@ -542,6 +639,8 @@ impl<'a> Capture<'a> {
     /// # Safety
     /// `t` must point to a live ggml tensor whose node has just been computed.
     unsafe fn observe(&mut self, t: *const sys::ggml_tensor) -> Result<(), String> {
+        // Hashes computed ahead belong to the observe call that made them.
+        self.prehashed.clear();
         // SAFETY: caller guarantees liveness; sources of a computed node are still live.
         unsafe {
             let tr = &*t;
@@ -569,10 +668,11 @@ impl<'a> Capture<'a> {
                     };
                     let layer = p.layer_hint.unwrap_or(-1);
                     p.tensors.push(self.read(t, Role::Attn, layer)?);
-                    for (i, role) in [Role::Q, Role::K, Role::V, Role::Mask, Role::Sinks]
-                        .into_iter()
-                        .enumerate()
-                    {
+                    let roles = [Role::Q, Role::K, Role::V, Role::Mask, Role::Sinks];
+                    let srcs: [_; 5] =
+                        std::array::from_fn(|i| (tr.src[i] as *const sys::ggml_tensor, roles[i]));
+                    self.prehash(&srcs, layer);
+                    for (i, role) in roles.into_iter().enumerate() {
                         if !tr.src[i].is_null() {
                             p.tensors.push(self.read(tr.src[i], role, layer)?);
                         }
@@ -618,6 +718,10 @@ impl<'a> Capture<'a> {
                         tensors: Vec::new(),
                     };
                     p.tensors.push(self.read(t, Role::Attn, layer)?);
+                    let srcs: [_; 6] = std::array::from_fn(|i| {
+                        (tr.src[i] as *const sys::ggml_tensor, MIXED_ROLES[i])
+                    });
+                    self.prehash(&srcs, layer);
                     for (i, role) in MIXED_ROLES.into_iter().enumerate() {
                         if tr.src[i].is_null() {
                             return Err(format!(

@@ -8,18 +8,36 @@
 //! ggml's threads do the work without any thread of ours competing with them.
 
 use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use trace_format::layout::{hash_blocks, HASH_BLOCK};
 
 use crate::sys;
 
-/// What the graph's tasks hash (set before each computation).
-struct Job {
+/// One span of a job: its blocks are `first..first + n_blocks` of the job's.
+#[derive(Clone, Copy)]
+struct Part {
     span: *const u8,
     len: usize,
     out: *mut u64,
+    first: usize,
     n_blocks: usize,
 }
+
+/// What the graph's tasks hash (set before each computation): the parts' blocks,
+/// numbered one after another.
+struct Job {
+    parts: Vec<Part>,
+    n_blocks: usize,
+    /// The next block no task has taken yet.
+    next: AtomicUsize,
+}
+
+/// Blocks a task takes at a time. The tasks take work as they go rather than a fixed
+/// half each: a KV-cache view's used cells are usually still in cache from the attention
+/// that just read them while the rest comes from memory, so equal shares of blocks are
+/// far from equal shares of time.
+const GRAIN: usize = 2;
 
 /// A one-node graph bound to a threadpool.
 pub(crate) struct PoolHasher {
@@ -33,36 +51,75 @@ pub(crate) struct PoolHasher {
 /// Spans of fewer blocks are hashed on the calling thread: waking the pool costs more.
 const MIN_BLOCKS: usize = 8;
 
-/// The custom op's task: hash blocks `[n*ith/nth, n*(ith+1)/nth)`.
+/// The custom op's task: take up to `GRAIN` blocks of one part at a time until none are
+/// left, hash them.
 ///
 /// # Safety
-/// `userdata` points to the `Job` of a `PoolHasher::hash` call in progress, whose `span`
-/// holds `len` readable bytes and whose `out` holds `n_blocks` writable entries; each
-/// task writes only its own range of `out`.
+/// `userdata` points to the `Job` of a `PoolHasher::hash_many` call in progress, whose
+/// parts' `span`s hold `len` readable bytes and whose `out`s hold `n_blocks` writable
+/// entries; the atomic counter hands each block to exactly one task, which alone writes
+/// its entry.
 unsafe extern "C" fn hash_task(
     _dst: *mut sys::ggml_tensor,
     _a: *const sys::ggml_tensor,
-    ith: c_int,
-    nth: c_int,
+    _ith: c_int,
+    _nth: c_int,
     userdata: *mut c_void,
 ) {
     // SAFETY: see above.
     let job = unsafe { &*(userdata as *const Job) };
-    let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
-    let lo = job.n_blocks * ith / nth;
-    let hi = job.n_blocks * (ith + 1) / nth;
-    if lo >= hi {
-        return;
+    let mut part = 0usize;
+    loop {
+        let lo = job.next.fetch_add(GRAIN, Ordering::Relaxed);
+        if lo >= job.n_blocks {
+            return;
+        }
+        let mut hi = (lo + GRAIN).min(job.n_blocks);
+        // Hand out blocks in order: this task's next blocks are in this part or later.
+        while lo >= job.parts[part].first + job.parts[part].n_blocks {
+            part += 1;
+        }
+        let p = job.parts[part];
+        // A grain straddling two parts: the first part's blocks only; the rest were
+        // handed out with it, so take the next part's share of this grain too.
+        let mut tail = None;
+        if hi > p.first + p.n_blocks {
+            tail = Some(p.first + p.n_blocks..hi);
+            hi = p.first + p.n_blocks;
+        }
+        // SAFETY: see above.
+        unsafe { hash_part(&p, lo - p.first..hi - p.first) };
+        if let Some(rest) = tail {
+            let mut q = part + 1;
+            let mut at = rest.start;
+            while at < rest.end && q < job.parts.len() {
+                let p = job.parts[q];
+                let end = rest.end.min(p.first + p.n_blocks);
+                if end > at {
+                    // SAFETY: see above.
+                    unsafe { hash_part(&p, at - p.first..end - p.first) };
+                    at = end;
+                }
+                q += 1;
+            }
+        }
     }
-    // SAFETY: see above; the ranges [lo, hi) of different tasks are disjoint.
+}
+
+/// Hash blocks `blocks` of one part.
+///
+/// # Safety
+/// As `hash_task`: the part's pointers are valid and these blocks are this task's alone.
+unsafe fn hash_part(p: &Part, blocks: std::ops::Range<usize>) {
+    // SAFETY: the caller's contract.
     let (span, out) = unsafe {
         (
-            std::slice::from_raw_parts(job.span, job.len),
-            std::slice::from_raw_parts_mut(job.out.add(lo), hi - lo),
+            std::slice::from_raw_parts(p.span, p.len),
+            std::slice::from_raw_parts_mut(p.out.add(blocks.start), blocks.len()),
         )
     };
-    let start = lo * HASH_BLOCK;
-    let end = (hi * HASH_BLOCK).min(span.len());
+    let start = blocks.start * HASH_BLOCK;
+    let end = (blocks.end * HASH_BLOCK).min(span.len());
     hash_blocks(&span[start..end], out);
 }
 
@@ -79,10 +136,9 @@ impl PoolHasher {
             return None;
         }
         let mut job = Box::new(Job {
-            span: std::ptr::null(),
-            len: 0,
-            out: std::ptr::null_mut(),
+            parts: Vec::new(),
             n_blocks: 0,
+            next: AtomicUsize::new(0),
         });
         // SAFETY: plain ggml context and graph construction; every pointer is checked.
         unsafe {
@@ -131,28 +187,48 @@ impl PoolHasher {
     /// Fill `out` with [`hash_blocks`]`(span, out)`, on the pool's threads when the span
     /// is large enough (the same hashes either way).
     pub(crate) fn hash(&mut self, span: &[u8], out: &mut [u64]) {
-        let n_blocks = span.len().div_ceil(HASH_BLOCK).min(out.len());
+        self.hash_many(&mut [(span, out)]);
+    }
+
+    /// [`hash`](Self::hash) for several spans in one graph computation (one wake-up of
+    /// the pool instead of one per span).
+    pub(crate) fn hash_many(&mut self, jobs: &mut [(&[u8], &mut [u64])]) {
+        let mut n_blocks = 0usize;
+        self.job.parts.clear();
+        for (span, out) in jobs.iter_mut() {
+            let n = span.len().div_ceil(HASH_BLOCK).min(out.len());
+            self.job.parts.push(Part {
+                span: span.as_ptr(),
+                len: span.len(),
+                out: out.as_mut_ptr(),
+                first: n_blocks,
+                n_blocks: n,
+            });
+            n_blocks += n;
+        }
+        self.job.parts.retain(|p| p.n_blocks > 0);
         if n_blocks < MIN_BLOCKS {
-            hash_blocks(span, out);
+            self.job.parts.clear();
+            for (span, out) in jobs.iter_mut() {
+                hash_blocks(span, out);
+            }
             return;
         }
-        *self.job = Job {
-            span: span.as_ptr(),
-            len: span.len(),
-            out: out.as_mut_ptr(),
-            n_blocks,
-        };
+        self.job.n_blocks = n_blocks;
+        self.job.next = AtomicUsize::new(0);
         // SAFETY: the graph and pool are valid (constructor contract); the job points
-        // at `span` and `out`, which outlive the synchronous computation below.
+        // at the spans and outputs of `jobs`, which outlive the synchronous computation
+        // below.
         let ok = unsafe {
             let mut plan = sys::ggml_graph_plan(self.graph, self.n_threads, self.pool);
             plan.work_size == 0
                 && sys::ggml_graph_compute(self.graph, &mut plan) == sys::GGML_STATUS_SUCCESS
         };
-        self.job.span = std::ptr::null();
-        self.job.out = std::ptr::null_mut();
+        self.job.parts.clear();
         if !ok {
-            hash_blocks(span, out);
+            for (span, out) in jobs.iter_mut() {
+                hash_blocks(span, out);
+            }
         }
     }
 }
@@ -194,6 +270,49 @@ mod tests {
                     let mut got = vec![1u64; n];
                     h.hash(&span, &mut got);
                     assert_eq!(got, want, "{len} bytes");
+                }
+            }
+            sys::ggml_threadpool_free(pool);
+        }
+    }
+
+    /// Several spans in one computation (grains straddling spans, an empty span, spans
+    /// of one block) give each span's serial hashes.
+    #[test]
+    fn many_spans_in_one_computation_equal_serial_hashes() {
+        // SAFETY: a fresh threadpool, freed after the hasher.
+        unsafe {
+            let mut params = sys::ggml_threadpool_params_default(2);
+            let pool = sys::ggml_threadpool_new(&mut params);
+            assert!(!pool.is_null());
+            {
+                let mut h = PoolHasher::new(pool, 2).unwrap();
+                for lens in [
+                    vec![HASH_BLOCK, 0, 3 * HASH_BLOCK + 1, 9 * HASH_BLOCK],
+                    vec![5 * HASH_BLOCK - 3, 5 * HASH_BLOCK, 1, 2 * HASH_BLOCK],
+                    vec![17 * HASH_BLOCK],
+                ] {
+                    let spans: Vec<Vec<u8>> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &len)| (0..len).map(|i| (i * 29 + k * 7 + i / 5) as u8).collect())
+                        .collect();
+                    let want: Vec<Vec<u64>> = spans
+                        .iter()
+                        .map(|s| {
+                            let mut w = vec![0u64; s.len().div_ceil(HASH_BLOCK)];
+                            hash_blocks(s, &mut w);
+                            w
+                        })
+                        .collect();
+                    let mut got: Vec<Vec<u64>> = want.iter().map(|w| vec![1u64; w.len()]).collect();
+                    let mut jobs: Vec<(&[u8], &mut [u64])> = spans
+                        .iter()
+                        .zip(got.iter_mut())
+                        .map(|(s, g)| (s.as_slice(), g.as_mut_slice()))
+                        .collect();
+                    h.hash_many(&mut jobs);
+                    assert_eq!(got, want, "{lens:?}");
                 }
             }
             sys::ggml_threadpool_free(pool);
