@@ -475,3 +475,121 @@ impl CaptureSink for MonitorSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use trace_format::{Role, TensorLayout, TensorMeta};
+
+    /// A `Write` whose bytes the test reads back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn f32_tensor(role: Role, ne: [u64; 4], data: Arc<Vec<u8>>) -> CapturedTensor {
+        CapturedTensor {
+            meta: TensorMeta {
+                role,
+                layer: 0,
+                step: 0,
+                ggml_name: role.name().to_owned(),
+                op: "NONE".into(),
+                layout: TensorLayout::contiguous(gguf_io::GgmlType::F32, ne).unwrap(),
+                view_of: String::new(),
+            },
+            data,
+            revision: None,
+        }
+    }
+
+    /// `kqv_out` sharing the attention output's bytes prints that output's statistics,
+    /// computed once; Q, of the same type and length but other bytes, gets its own; every
+    /// line equals the from-scratch summary of its tensor, and the two sharing lines print
+    /// the same numbers.
+    #[test]
+    fn shared_bytes_are_summarised_once_and_others_on_their_own() {
+        let bytes = |f: fn(f32) -> f32| -> Arc<Vec<u8>> {
+            Arc::new(
+                (0..1024)
+                    .flat_map(|i| f(i as f32 * 0.01).to_le_bytes())
+                    .collect(),
+            )
+        };
+        let out = bytes(f32::sin);
+        let tensors = vec![
+            f32_tensor(Role::KqvOut, [1024, 1, 1, 1], out.clone()),
+            f32_tensor(Role::Attn, [256, 4, 1, 1], out),
+            f32_tensor(Role::Q, [256, 1, 4, 1], bytes(|x| x.cos() * 3.0 + 1.0)),
+        ];
+        let want: Vec<Summary> = tensors
+            .iter()
+            .map(|t| crate::stats::summarize(t).unwrap())
+            .collect();
+        assert_ne!(want[0].mean.to_bits(), want[2].mean.to_bits());
+        let opts = Options {
+            layer: None,
+            trace_sources: true,
+            save: None,
+            prefill_only: false,
+            json: true,
+            verbose: false,
+            verify: false,
+            quiet: true,
+            llama_args: Vec::new(),
+        };
+        let buf = Shared::default();
+        let mut sink = MonitorSink::new(
+            &opts,
+            Box::new(buf.clone()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        sink.on_attention(CapturedAttention {
+            step: 0,
+            layer: 0,
+            op: "FLASH_ATTN_EXT".into(),
+            params: trace_format::AttnParams::default(),
+            tensors,
+        })
+        .unwrap();
+        sink.out.flush().unwrap();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for key in ["mean", "std", "min", "max"] {
+            assert_eq!(lines[0][key], lines[1][key], "{key}");
+        }
+        for (line, s) in lines.iter().zip(&want) {
+            for (key, v) in [
+                ("mean", s.mean),
+                ("std", s.std),
+                ("min", s.min),
+                ("max", s.max),
+            ] {
+                // serde_json parses floats to within an ulp, not always exactly.
+                let got = line[key].as_f64().unwrap();
+                assert!(
+                    (got - v).abs() <= 1e-15 * v.abs(),
+                    "{key}: {got} vs {v} in {line}"
+                );
+            }
+            assert_eq!(line["count"], 1024);
+        }
+    }
+}
