@@ -246,6 +246,15 @@ fn f32_param(t: &sys::ggml_tensor, i: usize) -> f32 {
     f32::from_bits(t.op_params[i] as u32)
 }
 
+/// A tensor's type, shape and strides as ggml holds them.
+fn layout_of(t: &sys::ggml_tensor) -> TensorLayout {
+    TensorLayout {
+        ty: gguf_io::GgmlType(t.type_),
+        ne: t.ne.map(|x| x.max(0) as u64),
+        nb: t.nb.map(|x| x as u64),
+    }
+}
+
 /// The parameters of a mixed-KV-cache attention node, or `None` for any other node.
 ///
 /// # Safety
@@ -346,10 +355,7 @@ impl<'a> Capture<'a> {
     ) -> Result<CapturedTensor, String> {
         // SAFETY: caller guarantees `t` is live.
         let tr = unsafe { &*t };
-        let ty = gguf_io::GgmlType(tr.type_);
-        let ne = tr.ne.map(|x| x.max(0) as u64);
-        let nb = tr.nb.map(|x| x as u64);
-        let layout = TensorLayout { ty, ne, nb };
+        let layout = layout_of(tr);
         let span = layout
             .span_bytes()
             .map_err(|e| format!("{}: {e}", tensor_name(tr)))? as usize;
@@ -444,20 +450,16 @@ impl<'a> Capture<'a> {
             {
                 continue;
             }
-            let layout = TensorLayout {
-                ty: gguf_io::GgmlType(tr.type_),
-                ne: tr.ne.map(|x| x.max(0) as u64),
-                nb: tr.nb.map(|x| x as u64),
-            };
+            let layout = layout_of(tr);
             let (Ok(span), Ok(n_bytes)) = (layout.span_bytes(), layout.n_bytes()) else {
                 continue;
             };
             // Only what gather_kept will hash: an existing copy of this layout, or a new
             // one within the budget.
-            let hashed = match self.kept.get(&(layer, role)) {
+            let key = (layer, role);
+            let hashed = match self.kept.get(&key) {
                 Some(k) if k.layout == layout => true,
-                Some(k) => self.kept_bytes - k.data.len() + n_bytes as usize <= KEPT_BUDGET,
-                None => self.kept_bytes + n_bytes as usize <= KEPT_BUDGET,
+                _ => self.fits_budget(key, n_bytes as usize),
             };
             if hashed {
                 self.prehashed.push(Prehashed {
@@ -488,6 +490,13 @@ impl<'a> Capture<'a> {
         pool.hash_many(&mut jobs);
     }
 
+    /// Would a new copy of `n_bytes` for `key` stay within the budget, the key's old
+    /// copy (of another layout) being dropped?
+    fn fits_budget(&self, key: (i32, Role), n_bytes: usize) -> bool {
+        let old = self.kept.get(&key).map_or(0, |k| k.data.len());
+        self.kept_bytes - old + n_bytes <= KEPT_BUDGET
+    }
+
     /// Gather a KV-cache view over its previous copy (see [`Revision`]).
     fn gather_kept(
         &mut self,
@@ -498,6 +507,9 @@ impl<'a> Capture<'a> {
     ) -> Result<(Arc<Vec<u8>>, Option<Revision>), String> {
         self.revisions += 1;
         let id = self.revisions;
+        let key = (layer, role);
+        let n_bytes = layout.n_bytes().map_err(|e| e.to_string())? as usize;
+        let fits = self.fits_budget(key, n_bytes);
         let pool = &mut self.pool_hasher;
         let prehashed = &self.prehashed;
         let mut hash = |span: &[u8], out: &mut [u64]| {
@@ -510,7 +522,6 @@ impl<'a> Capture<'a> {
                 (None, None) => hash_blocks(span, out),
             }
         };
-        let key = (layer, role);
         if let Some(k) = self.kept.get_mut(&key) {
             if k.layout == layout {
                 // Unique unless a sink kept the previous capture: then it is copied once.
@@ -526,9 +537,8 @@ impl<'a> Capture<'a> {
                 self.kept_bytes -= old.data.len();
             }
         }
-        let n_bytes = layout.n_bytes().map_err(|e| e.to_string())? as usize;
         let mut out = Vec::new();
-        if self.kept_bytes + n_bytes > KEPT_BUDGET {
+        if !fits {
             layout
                 .gather_into(src, &mut out)
                 .map_err(|e| e.to_string())?;
@@ -862,16 +872,11 @@ impl<'a> Capture<'a> {
         let Some(attn) = p.tensors.iter().find(|c| c.meta.role == Role::Attn) else {
             return Ok(false);
         };
-        let ty = gguf_io::GgmlType(tr.type_);
-        let layout = TensorLayout {
-            ty,
-            ne: tr.ne.map(|x| x.max(0) as u64),
-            nb: tr.nb.map(|x| x as u64),
-        };
+        let layout = layout_of(tr);
         let same_bytes = tr.view_offs == 0
             && layout.is_contiguous()
             && attn.meta.layout.is_contiguous()
-            && ty == attn.meta.layout.ty
+            && layout.ty == attn.meta.layout.ty
             && layout.n_elements() == attn.meta.layout.n_elements();
         if !same_bytes {
             return Ok(false);

@@ -14,22 +14,23 @@ use trace_format::layout::{hash_blocks, HASH_BLOCK};
 
 use crate::sys;
 
-/// One span of a job: its blocks are `first..first + n_blocks` of the job's.
+/// One span of a job, hashed in grains of `GRAIN` blocks: its grains are
+/// `first_grain..first_grain + n_blocks.div_ceil(GRAIN)` of the job's.
 #[derive(Clone, Copy)]
 struct Part {
     span: *const u8,
     len: usize,
     out: *mut u64,
-    first: usize,
     n_blocks: usize,
+    first_grain: usize,
 }
 
-/// What the graph's tasks hash (set before each computation): the parts' blocks,
+/// What the graph's tasks hash (set before each computation): the parts' grains,
 /// numbered one after another.
 struct Job {
     parts: Vec<Part>,
-    n_blocks: usize,
-    /// The next block no task has taken yet.
+    n_grains: usize,
+    /// The next grain no task has taken yet.
     next: AtomicUsize,
 }
 
@@ -51,14 +52,13 @@ pub(crate) struct PoolHasher {
 /// Spans of fewer blocks are hashed on the calling thread: waking the pool costs more.
 const MIN_BLOCKS: usize = 8;
 
-/// The custom op's task: take up to `GRAIN` blocks of one part at a time until none are
-/// left, hash them.
+/// The custom op's task: take one grain at a time until none are left, hash it.
 ///
 /// # Safety
 /// `userdata` points to the `Job` of a `PoolHasher::hash_many` call in progress, whose
 /// parts' `span`s hold `len` readable bytes and whose `out`s hold `n_blocks` writable
-/// entries; the atomic counter hands each block to exactly one task, which alone writes
-/// its entry.
+/// entries; the atomic counter hands each grain to exactly one task, which alone writes
+/// its entries.
 unsafe extern "C" fn hash_task(
     _dst: *mut sys::ggml_tensor,
     _a: *const sys::ggml_tensor,
@@ -68,59 +68,29 @@ unsafe extern "C" fn hash_task(
 ) {
     // SAFETY: see above.
     let job = unsafe { &*(userdata as *const Job) };
+    // Grains are handed out in order: this task's next one is in this part or later.
     let mut part = 0usize;
     loop {
-        let lo = job.next.fetch_add(GRAIN, Ordering::Relaxed);
-        if lo >= job.n_blocks {
+        let g = job.next.fetch_add(1, Ordering::Relaxed);
+        if g >= job.n_grains {
             return;
         }
-        let mut hi = (lo + GRAIN).min(job.n_blocks);
-        // Hand out blocks in order: this task's next blocks are in this part or later.
-        while lo >= job.parts[part].first + job.parts[part].n_blocks {
+        while g >= job.parts[part].first_grain + job.parts[part].n_blocks.div_ceil(GRAIN) {
             part += 1;
         }
         let p = job.parts[part];
-        // A grain straddling two parts: the first part's blocks only; the rest were
-        // handed out with it, so take the next part's share of this grain too.
-        let mut tail = None;
-        if hi > p.first + p.n_blocks {
-            tail = Some(p.first + p.n_blocks..hi);
-            hi = p.first + p.n_blocks;
-        }
-        // SAFETY: see above.
-        unsafe { hash_part(&p, lo - p.first..hi - p.first) };
-        if let Some(rest) = tail {
-            let mut q = part + 1;
-            let mut at = rest.start;
-            while at < rest.end && q < job.parts.len() {
-                let p = job.parts[q];
-                let end = rest.end.min(p.first + p.n_blocks);
-                if end > at {
-                    // SAFETY: see above.
-                    unsafe { hash_part(&p, at - p.first..end - p.first) };
-                    at = end;
-                }
-                q += 1;
-            }
-        }
+        let lo = (g - p.first_grain) * GRAIN;
+        let hi = (lo + GRAIN).min(p.n_blocks);
+        // SAFETY: see above; blocks [lo, hi) of this part are this task's alone.
+        let (span, out) = unsafe {
+            (
+                std::slice::from_raw_parts(p.span, p.len),
+                std::slice::from_raw_parts_mut(p.out.add(lo), hi - lo),
+            )
+        };
+        let end = (hi * HASH_BLOCK).min(span.len());
+        hash_blocks(&span[lo * HASH_BLOCK..end], out);
     }
-}
-
-/// Hash blocks `blocks` of one part.
-///
-/// # Safety
-/// As `hash_task`: the part's pointers are valid and these blocks are this task's alone.
-unsafe fn hash_part(p: &Part, blocks: std::ops::Range<usize>) {
-    // SAFETY: the caller's contract.
-    let (span, out) = unsafe {
-        (
-            std::slice::from_raw_parts(p.span, p.len),
-            std::slice::from_raw_parts_mut(p.out.add(blocks.start), blocks.len()),
-        )
-    };
-    let start = blocks.start * HASH_BLOCK;
-    let end = (blocks.end * HASH_BLOCK).min(span.len());
-    hash_blocks(&span[start..end], out);
 }
 
 impl PoolHasher {
@@ -137,7 +107,7 @@ impl PoolHasher {
         }
         let mut job = Box::new(Job {
             parts: Vec::new(),
-            n_blocks: 0,
+            n_grains: 0,
             next: AtomicUsize::new(0),
         });
         // SAFETY: plain ggml context and graph construction; every pointer is checked.
@@ -193,20 +163,23 @@ impl PoolHasher {
     /// [`hash`](Self::hash) for several spans in one graph computation (one wake-up of
     /// the pool instead of one per span).
     pub(crate) fn hash_many(&mut self, jobs: &mut [(&[u8], &mut [u64])]) {
-        let mut n_blocks = 0usize;
+        let (mut n_blocks, mut n_grains) = (0usize, 0usize);
         self.job.parts.clear();
         for (span, out) in jobs.iter_mut() {
             let n = span.len().div_ceil(HASH_BLOCK).min(out.len());
+            if n == 0 {
+                continue;
+            }
             self.job.parts.push(Part {
                 span: span.as_ptr(),
                 len: span.len(),
                 out: out.as_mut_ptr(),
-                first: n_blocks,
                 n_blocks: n,
+                first_grain: n_grains,
             });
             n_blocks += n;
+            n_grains += n.div_ceil(GRAIN);
         }
-        self.job.parts.retain(|p| p.n_blocks > 0);
         if n_blocks < MIN_BLOCKS {
             self.job.parts.clear();
             for (span, out) in jobs.iter_mut() {
@@ -214,7 +187,7 @@ impl PoolHasher {
             }
             return;
         }
-        self.job.n_blocks = n_blocks;
+        self.job.n_grains = n_grains;
         self.job.next = AtomicUsize::new(0);
         // SAFETY: the graph and pool are valid (constructor contract); the job points
         // at the spans and outputs of `jobs`, which outlive the synchronous computation
@@ -245,77 +218,73 @@ impl Drop for PoolHasher {
 mod tests {
     use super::*;
 
-    /// On a real ggml threadpool the hashes are `hash_blocks`'s, for spans below and
-    /// above the threshold and not a whole number of blocks.
-    #[test]
-    fn pool_hashes_equal_serial_hashes() {
-        // SAFETY: a fresh threadpool, freed after the hasher.
+    /// `f` with a hasher on a fresh two-thread ggml threadpool.
+    fn with_pool_hasher(f: impl FnOnce(&mut PoolHasher)) {
+        // SAFETY: a fresh threadpool, freed after the hasher that uses it.
         unsafe {
             let mut params = sys::ggml_threadpool_params_default(2);
             let pool = sys::ggml_threadpool_new(&mut params);
             assert!(!pool.is_null());
-            {
-                let mut h = PoolHasher::new(pool, 2).unwrap();
-                for len in [
-                    0usize,
-                    100,
-                    3 * HASH_BLOCK,
-                    8 * HASH_BLOCK,
-                    37 * HASH_BLOCK + 5,
-                ] {
-                    let span: Vec<u8> = (0..len).map(|i| (i * 31 + i / 7) as u8).collect();
-                    let n = len.div_ceil(HASH_BLOCK);
-                    let mut want = vec![0u64; n];
-                    hash_blocks(&span, &mut want);
-                    let mut got = vec![1u64; n];
-                    h.hash(&span, &mut got);
-                    assert_eq!(got, want, "{len} bytes");
-                }
-            }
+            let mut h = PoolHasher::new(pool, 2).unwrap();
+            f(&mut h);
+            drop(h);
             sys::ggml_threadpool_free(pool);
         }
     }
 
-    /// Several spans in one computation (grains straddling spans, an empty span, spans
-    /// of one block) give each span's serial hashes.
+    /// `hash_blocks` of `span`: what the pool must give.
+    fn serial(span: &[u8]) -> Vec<u64> {
+        let mut want = vec![0u64; span.len().div_ceil(HASH_BLOCK)];
+        hash_blocks(span, &mut want);
+        want
+    }
+
+    /// On a real ggml threadpool the hashes are `hash_blocks`'s, for spans below and
+    /// above the threshold and not a whole number of blocks.
+    #[test]
+    fn pool_hashes_equal_serial_hashes() {
+        with_pool_hasher(|h| {
+            for len in [
+                0usize,
+                100,
+                3 * HASH_BLOCK,
+                8 * HASH_BLOCK,
+                37 * HASH_BLOCK + 5,
+            ] {
+                let span: Vec<u8> = (0..len).map(|i| (i * 31 + i / 7) as u8).collect();
+                let want = serial(&span);
+                let mut got = vec![1u64; want.len()];
+                h.hash(&span, &mut got);
+                assert_eq!(got, want, "{len} bytes");
+            }
+        });
+    }
+
+    /// Several spans in one computation (parts of odd block counts, so grains end at a
+    /// part's end; an empty span; spans of one block) give each span's serial hashes.
     #[test]
     fn many_spans_in_one_computation_equal_serial_hashes() {
-        // SAFETY: a fresh threadpool, freed after the hasher.
-        unsafe {
-            let mut params = sys::ggml_threadpool_params_default(2);
-            let pool = sys::ggml_threadpool_new(&mut params);
-            assert!(!pool.is_null());
-            {
-                let mut h = PoolHasher::new(pool, 2).unwrap();
-                for lens in [
-                    vec![HASH_BLOCK, 0, 3 * HASH_BLOCK + 1, 9 * HASH_BLOCK],
-                    vec![5 * HASH_BLOCK - 3, 5 * HASH_BLOCK, 1, 2 * HASH_BLOCK],
-                    vec![17 * HASH_BLOCK],
-                ] {
-                    let spans: Vec<Vec<u8>> = lens
-                        .iter()
-                        .enumerate()
-                        .map(|(k, &len)| (0..len).map(|i| (i * 29 + k * 7 + i / 5) as u8).collect())
-                        .collect();
-                    let want: Vec<Vec<u64>> = spans
-                        .iter()
-                        .map(|s| {
-                            let mut w = vec![0u64; s.len().div_ceil(HASH_BLOCK)];
-                            hash_blocks(s, &mut w);
-                            w
-                        })
-                        .collect();
-                    let mut got: Vec<Vec<u64>> = want.iter().map(|w| vec![1u64; w.len()]).collect();
-                    let mut jobs: Vec<(&[u8], &mut [u64])> = spans
-                        .iter()
-                        .zip(got.iter_mut())
-                        .map(|(s, g)| (s.as_slice(), g.as_mut_slice()))
-                        .collect();
-                    h.hash_many(&mut jobs);
-                    assert_eq!(got, want, "{lens:?}");
-                }
+        with_pool_hasher(|h| {
+            for lens in [
+                vec![HASH_BLOCK, 0, 3 * HASH_BLOCK + 1, 9 * HASH_BLOCK],
+                vec![5 * HASH_BLOCK - 3, 5 * HASH_BLOCK, 1, 2 * HASH_BLOCK],
+                vec![17 * HASH_BLOCK],
+            ] {
+                let spans: Vec<Vec<u8>> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &len)| (0..len).map(|i| (i * 29 + k * 7 + i / 5) as u8).collect())
+                    .collect();
+                let want: Vec<Vec<u64>> = spans.iter().map(|s| serial(s)).collect();
+                let mut got: Vec<Vec<u64>> = want.iter().map(|w| vec![1u64; w.len()]).collect();
+                let mut jobs: Vec<(&[u8], &mut [u64])> = spans
+                    .iter()
+                    .zip(got.iter_mut())
+                    .map(|(s, g)| (s.as_slice(), g.as_mut_slice()))
+                    .collect();
+                h.hash_many(&mut jobs);
+                assert_eq!(got, want, "{lens:?}");
             }
-            sys::ggml_threadpool_free(pool);
-        }
+        });
     }
 }

@@ -70,15 +70,10 @@ fn main() {
             }
             let save = dir.path().join("bench.gguf");
             let opts = Options {
-                layer: None,
-                trace_sources: true,
                 save: (m == 2).then(|| SaveTarget::Path(save.clone())),
-                prefill_only: false,
-                json: false,
-                verbose: false,
-                verify: false,
                 quiet: true,
                 llama_args: llama_args.clone(),
+                ..Options::default()
             };
             let inner = (m == 1 || m == 2).then(|| {
                 MonitorSink::new(

@@ -172,15 +172,8 @@ impl Cache {
 
 fn bench(c: &mut Criterion) {
     let opts = Options {
-        layer: None,
-        trace_sources: true,
-        save: None,
-        prefill_only: false,
-        json: false,
-        verbose: false,
-        verify: false,
         quiet: true,
-        llama_args: Vec::new(),
+        ..Options::default()
     };
     let mut sink = MonitorSink::new(
         &opts,

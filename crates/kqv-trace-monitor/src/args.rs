@@ -74,6 +74,24 @@ pub struct Options {
     pub llama_args: Vec<String>,
 }
 
+/// What a command line with no monitor options means: all layers, with their inputs,
+/// statistics as text, nothing saved.
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            layer: None,
+            trace_sources: true,
+            save: None,
+            prefill_only: false,
+            json: false,
+            verbose: false,
+            verify: false,
+            quiet: false,
+            llama_args: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Command {
     Run(Options),
@@ -93,17 +111,7 @@ pub enum UsageError {
 
 /// Split the command line into the monitor's options and llama.cpp's.
 pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
-    let mut o = Options {
-        layer: None,
-        trace_sources: true,
-        save: None,
-        prefill_only: false,
-        json: false,
-        verbose: false,
-        verify: false,
-        quiet: false,
-        llama_args: Vec::new(),
-    };
+    let mut o = Options::default();
     let mut it = args.into_iter().peekable();
     while let Some(a) = it.next() {
         match a.as_str() {

@@ -409,21 +409,21 @@ impl CaptureSink for MonitorSink {
         if !att.op.is_empty() {
             self.seen_op.get_or_insert_with(|| att.op.clone());
         }
-        // With flash attention `kqv_out` shares the attention output's bytes: same type,
-        // bytes and element count give the same summary, computed once.
-        let mut shared: Option<(*const Vec<u8>, gguf_io::GgmlType, u64, Summary)> = None;
+        // With flash attention `kqv_out` shares the attention output's bytes: the same
+        // bytes as the same type and element count give the same summary, computed once.
+        let mut shared: Option<(&CapturedTensor, Summary)> = None;
         for t in &att.tensors {
-            let key = (
-                Arc::as_ptr(&t.data),
-                t.meta.layout.ty,
-                t.meta.layout.n_elements(),
-            );
+            let same = |p: &CapturedTensor| {
+                Arc::ptr_eq(&p.data, &t.data)
+                    && p.meta.layout.ty == t.meta.layout.ty
+                    && p.meta.layout.n_elements() == t.meta.layout.n_elements()
+            };
             let s = match shared {
-                Some((p, ty, n, s)) if t.revision.is_none() && (p, ty, n) == key => s,
+                Some((p, s)) if t.revision.is_none() && same(p) => s,
                 _ => {
                     let s = self.stats.summarize(t)?;
                     if t.revision.is_none() {
-                        shared = Some((key.0, key.1, key.2, s));
+                        shared = Some((t, s));
                     }
                     s
                 }
@@ -540,15 +540,9 @@ mod tests {
             .collect();
         assert_ne!(want[0].mean.to_bits(), want[2].mean.to_bits());
         let opts = Options {
-            layer: None,
-            trace_sources: true,
-            save: None,
-            prefill_only: false,
             json: true,
-            verbose: false,
-            verify: false,
             quiet: true,
-            llama_args: Vec::new(),
+            ..Options::default()
         };
         let buf = Shared::default();
         let mut sink = MonitorSink::new(

@@ -64,30 +64,22 @@ impl Tree {
         }
     }
 
-    /// Recompute the ancestors of the leaves flagged in `dirty` (indexed by node; the
-    /// flags are cleared).
-    fn update(&mut self, dirty: &mut [bool]) {
-        let mut lo = self.width;
-        let mut hi = self.width + self.n_chunks;
-        while lo > 1 {
-            let (plo, phi) = (lo / 2, (hi - 1) / 2 + 1);
-            for child in lo..hi {
-                if std::mem::take(&mut dirty[child]) {
-                    dirty[child / 2] = true;
-                }
+    /// Recompute the ancestors of the chunks in `changed` (sorted, no repeats; left
+    /// holding the root's index).
+    fn update(&mut self, changed: &mut Vec<usize>) {
+        for i in changed.iter_mut() {
+            *i += self.width;
+        }
+        // Every leaf is at the same depth: the indices reach the root together.
+        while changed.first().is_some_and(|&i| i > 1) {
+            for i in changed.iter_mut() {
+                *i /= 2;
             }
-            for (i, _) in dirty
-                .iter()
-                .enumerate()
-                .take(phi)
-                .skip(plo)
-                .filter(|(_, d)| **d)
-            {
+            changed.dedup();
+            for &i in changed.iter() {
                 self.nodes[i] = self.merged(i);
             }
-            (lo, hi) = (plo, phi);
         }
-        dirty[1] = false;
     }
 
     fn root(&self) -> SummaryAccumulator {
@@ -102,21 +94,44 @@ pub struct Stats {
     buf: Vec<f32>,
     /// The tree of a tensor that is not kept.
     scratch: Tree,
-    /// Per tree node: does it need recomputing (all false between calls).
-    dirty: Vec<bool>,
+    /// The chunks a revision changed (scratch).
+    changed: Vec<usize>,
     /// Chunks summarised and chunks reused since the start (for tests and benchmarks).
     pub computed_chunks: u64,
     pub reused_chunks: u64,
 }
 
-/// Elements and bytes of a full chunk of `ty`.
-fn chunk_size(ty: GgmlType) -> Result<(usize, usize), String> {
-    let block = ty.info().map_or(1, |i| i.block_size as usize).max(1);
-    let elems = (CHUNK_ELEMENTS / block).max(1) * block;
-    let bytes =
-        ty.bytes_for(elems as u64)
-            .ok_or_else(|| format!("cannot size chunks of type {}", ty.name()))? as usize;
-    Ok((elems, bytes))
+/// How a tensor's bytes split into chunks.
+#[derive(Clone, Copy)]
+struct Chunks {
+    ty: GgmlType,
+    /// Elements in the tensor.
+    n: usize,
+    /// Elements and bytes of a full chunk (whole blocks of quantized types).
+    elems: usize,
+    bytes: usize,
+}
+
+impl Chunks {
+    fn of(t: &CapturedTensor) -> Result<Self, String> {
+        let ty = t.meta.layout.ty;
+        let block = ty.info().map_or(1, |i| i.block_size as usize).max(1);
+        let elems = (CHUNK_ELEMENTS / block).max(1) * block;
+        let bytes = ty
+            .bytes_for(elems as u64)
+            .ok_or_else(|| format!("cannot size chunks of type {}", ty.name()))?
+            as usize;
+        Ok(Chunks {
+            ty,
+            n: t.meta.layout.n_elements() as usize,
+            elems,
+            bytes,
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.n.div_ceil(self.elems)
+    }
 }
 
 impl Stats {
@@ -126,16 +141,13 @@ impl Stats {
 
     /// The summary of one captured tensor.
     pub fn summarize(&mut self, t: &CapturedTensor) -> Result<Summary, String> {
-        let ty = t.meta.layout.ty;
-        let n = t.meta.layout.n_elements() as usize;
-        let (chunk_elems, chunk_bytes) = chunk_size(ty)?;
+        let c = Chunks::of(t)?;
         let data: &[u8] = &t.data;
-        let n_chunks = n.div_ceil(chunk_elems);
-        self.buf.resize(chunk_elems.min(n), 0.0);
+        self.buf.resize(c.elems.min(c.n), 0.0);
         let Some(rev) = &t.revision else {
             // Not a kept view: build a tree for this tensor alone.
             let mut tree = std::mem::take(&mut self.scratch);
-            let built = self.fill(&mut tree, ty, data, n, chunk_elems, chunk_bytes);
+            let built = self.fill(&mut tree, c, data);
             let root = tree.root();
             self.scratch = tree;
             built?;
@@ -144,119 +156,83 @@ impl Stats {
         let key = (t.meta.layer, t.meta.role);
         let mut kept = self.kept.remove(&key).unwrap_or_else(|| Kept {
             revision: 0,
-            ty,
+            ty: c.ty,
             n_bytes: usize::MAX,
             tree: Tree::default(),
         });
         // The changed byte ranges, when the kept tree describes the other bytes.
         let ranges = rev.since.as_ref().and_then(|(since, ranges)| {
             (kept.revision == *since
-                && kept.ty == ty
+                && kept.ty == c.ty
                 && kept.n_bytes == data.len()
-                && kept.tree.n_chunks == n_chunks)
-                .then_some(ranges)
+                && kept.tree.n_chunks == c.count())
+            .then_some(ranges)
         });
         let done = match ranges {
-            None => self.fill(&mut kept.tree, ty, data, n, chunk_elems, chunk_bytes),
-            Some(ranges) => self.refill(
-                &mut kept.tree,
-                ranges,
-                ty,
-                data,
-                n,
-                chunk_elems,
-                chunk_bytes,
-            ),
+            None => self.fill(&mut kept.tree, c, data),
+            Some(ranges) => self.refill(&mut kept.tree, ranges, c, data),
         };
         // A failed update leaves a tree that no longer matches its revision: drop it.
         done?;
         let root = kept.tree.root();
         kept.revision = rev.id;
-        kept.ty = ty;
+        kept.ty = c.ty;
         kept.n_bytes = data.len();
         self.kept.insert(key, kept);
         Ok(root.finish())
     }
 
     /// Summarise every chunk into `tree`.
-    fn fill(
-        &mut self,
-        tree: &mut Tree,
-        ty: GgmlType,
-        data: &[u8],
-        n: usize,
-        chunk_elems: usize,
-        chunk_bytes: usize,
-    ) -> Result<(), String> {
-        let n_chunks = n.div_ceil(chunk_elems);
-        tree.reset(n_chunks);
-        for i in 0..n_chunks {
-            tree.nodes[tree.width + i] = self.chunk(ty, data, i, n, chunk_elems, chunk_bytes)?;
+    fn fill(&mut self, tree: &mut Tree, c: Chunks, data: &[u8]) -> Result<(), String> {
+        tree.reset(c.count());
+        for i in 0..c.count() {
+            tree.nodes[tree.width + i] = self.chunk(c, data, i)?;
         }
         tree.build();
         Ok(())
     }
 
-    /// Summarise again the chunks that `ranges` (sorted, disjoint byte ranges) touch and
-    /// merge their ancestors again; the other chunks keep their summaries.
-    #[allow(clippy::too_many_arguments)]
+    /// Summarise again the chunks that `ranges` (byte ranges) touch and merge their
+    /// ancestors again; the other chunks keep their summaries.
     fn refill(
         &mut self,
         tree: &mut Tree,
         ranges: &[Range<usize>],
-        ty: GgmlType,
+        c: Chunks,
         data: &[u8],
-        n: usize,
-        chunk_elems: usize,
-        chunk_bytes: usize,
     ) -> Result<(), String> {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.clear();
-        dirty.resize(tree.nodes.len(), false);
+        let mut changed = std::mem::take(&mut self.changed);
+        changed.clear();
+        for r in ranges.iter().filter(|r| r.start < r.end) {
+            let hi = ((r.end - 1) / c.bytes + 1).min(tree.n_chunks);
+            changed.extend(r.start / c.bytes..hi);
+        }
+        changed.sort_unstable();
+        changed.dedup();
         let mut result = Ok(());
-        for r in ranges {
-            if r.start >= r.end {
-                continue;
-            }
-            let lo = r.start / chunk_bytes;
-            let hi = ((r.end - 1) / chunk_bytes + 1).min(tree.n_chunks);
-            for i in lo..hi {
-                if dirty[tree.width + i] {
-                    continue;
-                }
-                match self.chunk(ty, data, i, n, chunk_elems, chunk_bytes) {
-                    Ok(acc) => tree.nodes[tree.width + i] = acc,
-                    Err(e) => result = Err(e),
-                }
-                dirty[tree.width + i] = true;
+        for &i in &changed {
+            match self.chunk(c, data, i) {
+                Ok(acc) => tree.nodes[tree.width + i] = acc,
+                Err(e) => result = Err(e),
             }
         }
-        self.reused_chunks += (tree.n_chunks - dirty.iter().filter(|d| **d).count()) as u64;
-        tree.update(&mut dirty);
-        self.dirty = dirty;
+        self.reused_chunks += (tree.n_chunks - changed.len()) as u64;
+        tree.update(&mut changed);
+        self.changed = changed;
         result
     }
 
-    /// Dequantize and summarise chunk `i` of `n` elements.
-    fn chunk(
-        &mut self,
-        ty: GgmlType,
-        data: &[u8],
-        i: usize,
-        n: usize,
-        chunk_elems: usize,
-        chunk_bytes: usize,
-    ) -> Result<SummaryAccumulator, String> {
-        let start = i * chunk_elems;
-        let k = chunk_elems.min(n - start);
-        let at = i * chunk_bytes;
-        let end = if k == chunk_elems {
-            at + chunk_bytes
+    /// Dequantize and summarise chunk `i`.
+    fn chunk(&mut self, c: Chunks, data: &[u8], i: usize) -> Result<SummaryAccumulator, String> {
+        let k = c.elems.min(c.n - i * c.elems);
+        let at = i * c.bytes;
+        let end = if k == c.elems {
+            at + c.bytes
         } else {
             data.len()
         };
         let src = data.get(at..end).ok_or("short tensor data")?;
-        quant::dequantize(ty, src, &mut self.buf[..k]).map_err(|e| e.to_string())?;
+        quant::dequantize(c.ty, src, &mut self.buf[..k]).map_err(|e| e.to_string())?;
         let mut acc = SummaryAccumulator::new();
         acc.push(&self.buf[..k]);
         self.computed_chunks += 1;
@@ -419,7 +395,7 @@ mod tests {
             );
             assert_eq!(
                 stats.computed_chunks - c0,
-                (layout.n_elements() as usize).div_ceil(chunk_size(ty).unwrap().0) as u64
+                Chunks::of(&stray).unwrap().count() as u64
             );
         }
     }

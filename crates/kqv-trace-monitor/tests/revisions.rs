@@ -91,15 +91,10 @@ fn run(
     .map(|s| s.to_string())
     .collect();
     let opts = Options {
-        layer: None,
-        trace_sources: true,
         save: Some(SaveTarget::Path(save.to_path_buf())),
-        prefill_only: false,
-        json: false,
-        verbose: false,
-        verify: false,
         quiet: true,
         llama_args: llama_args.clone(),
+        ..Options::default()
     };
     let inner = MonitorSink::new(
         &opts,
