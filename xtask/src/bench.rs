@@ -23,7 +23,7 @@ const CRITERION: &[(&str, &str)] = &[
     ("ggml-trace", "dequant_vs_ggml"),
     ("tensor-diff-analyzer", "throughput"),
     ("tensor-stats", "summary"),
-    ("kqv-trace-monitor", "sink"),
+    ("kcm-cli", "sink"),
 ];
 
 pub fn run(mut args: pico_args::Arguments) -> Result {

@@ -12,7 +12,6 @@ use std::ffi::CStr;
 pub mod capture;
 pub mod dequant;
 mod pool_hash;
-pub mod progress;
 pub mod session;
 pub mod shim;
 

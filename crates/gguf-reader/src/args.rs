@@ -82,12 +82,7 @@ pub struct Options {
 }
 
 /// What the command line asks for.
-#[derive(Debug)]
-pub enum Command {
-    Run(Options),
-    Help,
-    Version,
-}
+pub type Command = kcm_cli::Command<Options>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {

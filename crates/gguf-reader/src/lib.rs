@@ -15,8 +15,9 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
-use args::{Command, Input, Options};
+use args::{Input, Options};
 use gguf_io::{GgufError, GgufFile, StreamReader};
+use kcm_cli::tool::{is_broken_pipe, Failure, Tool};
 
 /// Documented exit codes.
 pub mod exit {
@@ -37,48 +38,36 @@ pub enum RunError {
     Io(#[from] io::Error),
 }
 
+/// The tool's name, help text and version.
+pub const TOOL: Tool = Tool {
+    name: "gguf-reader",
+    usage: args::USAGE,
+    version: env!("CARGO_PKG_VERSION"),
+};
+
 /// Entry point shared by `main.rs` and the tests: parse, run, map errors to exit codes.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let cmd = match args::parse(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gguf-reader: {e} (try --help)");
-            return ExitCode::from(exit::USAGE);
+    TOOL.main(args, args::parse, |opts| {
+        let stdout = io::stdout();
+        let mut out = io::BufWriter::new(stdout.lock());
+        if opts.verify || opts.shapes {
+            let code = run_verify(&opts, &mut out);
+            let _ = out.flush();
+            return code;
         }
-    };
-    let opts = match cmd {
-        Command::Help => return print_quietly(args::USAGE),
-        Command::Version => {
-            return print_quietly(&format!(
-                "gguf-reader {} ({})\n",
-                env!("CARGO_PKG_VERSION"),
-                ggml_trace::llama_version()
-            ))
-        }
-        Command::Run(o) => o,
-    };
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
-    if opts.verify || opts.shapes {
-        let code = run_verify(&opts, &mut out);
-        let _ = out.flush();
-        return code;
-    }
-    let result = run(&opts, &mut out).and_then(|()| out.flush().map_err(RunError::from));
-    match result {
-        Ok(()) => ExitCode::from(exit::OK),
-        // A closed pipe (`gguf-reader x | head`) is how a reader says "enough": not an error.
-        Err(RunError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
-        Err(e) => {
-            eprintln!("gguf-reader: {e}");
-            ExitCode::from(exit::BAD_INPUT)
-        }
-    }
+        let result = run(&opts, &mut out).and_then(|()| out.flush().map_err(RunError::from));
+        TOOL.exit(result.map(|()| exit::OK))
+    })
 }
 
-fn print_quietly(s: &str) -> ExitCode {
-    let _ = io::stdout().write_all(s.as_bytes());
-    ExitCode::from(exit::OK)
+impl Failure for RunError {
+    fn exit_code(&self) -> u8 {
+        exit::BAD_INPUT
+    }
+    /// A closed pipe (`gguf-reader x | head`) is how a reader says "enough": not an error.
+    fn is_closed_pipe(&self) -> bool {
+        matches!(self, RunError::Io(e) if is_broken_pipe(e))
+    }
 }
 
 /// `--verify-attention` and `--shapes`: exit 0 all verified (or shapes shown), 1 some

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use ggml_trace::capture::CaptureConfig;
 use ggml_trace::session::{self, RunOptions};
-use kqv_trace_monitor::args::{Options, SaveTarget};
-use kqv_trace_monitor::sink::MonitorSink;
+use kcm_cli::capture_args::{Options, SaveTarget};
+use kcm_cli::sink::MonitorSink;
 
 #[path = "../../ggml-trace/benches/support/timed.rs"]
 mod timed;

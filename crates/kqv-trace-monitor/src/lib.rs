@@ -1,121 +1,31 @@
 //! `kqv-trace-monitor`: run llama.cpp with the capture engine of `ggml-trace`, print one
-//! statistics line per traced tensor, and save the trace with `--save-gguf`.
+//! statistics line per traced tensor, and save the trace with `--save-gguf`. The work is
+//! `kcm_cli::trace::run`; this crate is its command line.
 
-pub mod args;
-pub mod sink;
-pub mod stats;
+mod usage;
 
-use std::io::{self, IsTerminal, Write};
+use std::ffi::OsString;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use args::{Command, SaveTarget};
-use ggml_trace::capture::CaptureConfig;
-use ggml_trace::progress::Progress;
-use ggml_trace::session::{self, RunOptions};
-use sink::MonitorSink;
+use kcm_cli::capture_args::{self, UsageError};
+use kcm_cli::tool::{utf8_args, Tool};
+pub use kcm_cli::trace::exit;
 
-/// Documented exit codes.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILED: u8 = 1;
-    pub const USAGE: u8 = 2;
-}
+/// The tool's name, help text and version.
+pub const TOOL: Tool = Tool {
+    name: "kqv-trace-monitor",
+    usage: usage::USAGE,
+    version: env!("CARGO_PKG_VERSION"),
+};
 
-/// The pinned llama.cpp this binary was built with.
-pub fn llama_version() -> String {
-    ggml_trace::llama_version()
-}
-
-pub fn main(args: Vec<String>) -> ExitCode {
-    let opts = match args::parse(args) {
-        Ok(Command::Run(o)) => o,
-        Ok(Command::Help) => {
-            let _ = io::stdout().write_all(args::USAGE.as_bytes());
-            return ExitCode::from(exit::OK);
-        }
-        Ok(Command::Version) => {
-            println!(
-                "kqv-trace-monitor {} ({})",
-                env!("CARGO_PKG_VERSION"),
-                llama_version()
-            );
-            return ExitCode::from(exit::OK);
-        }
-        Err(e) => {
-            eprintln!("kqv-trace-monitor: {e} (try --help)");
-            return ExitCode::from(exit::USAGE);
-        }
-    };
-    match run(&opts) {
-        Ok(()) => ExitCode::from(exit::OK),
-        Err(MonitorError::Session(session::SessionError::Usage(e))) => {
-            eprintln!("kqv-trace-monitor: {e} (try --help)");
-            ExitCode::from(exit::USAGE)
-        }
-        Err(e) => {
-            eprintln!("kqv-trace-monitor: {e}");
-            ExitCode::from(exit::FAILED)
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MonitorError {
-    #[error("{0}")]
-    Session(#[from] session::SessionError),
-    #[error("saving the trace: {0}")]
-    Save(#[from] trace_format::TraceError),
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("--verify: {failed} of {total} (step, layer) groups failed verification, {missing} could not be checked")]
-    Verify {
-        failed: usize,
-        missing: usize,
-        total: usize,
-    },
-}
-
-pub fn run(opts: &args::Options) -> Result<(), MonitorError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        // A second handler cannot be installed (tests run several monitors in one
-        // process): then Ctrl-C just ends the process as usual.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
-    // Statistics go to stdout unless the trace itself does.
-    let stats_out: Box<dyn Write> = if opts.save == Some(SaveTarget::Stdout) {
-        Box::new(io::stderr())
-    } else {
-        Box::new(io::BufWriter::new(io::stdout()))
-    };
-    // Progress only where it cannot tangle with the statistics: stderr is a terminal
-    // and the statistics go to a redirected stdout.
-    let stats_on_terminal =
-        opts.save == Some(SaveTarget::Stdout) || std::io::stdout().is_terminal();
-    let progress = Progress::new("kqv-trace-monitor", opts.quiet || stats_on_terminal);
-    let mut sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?.with_progress(progress);
-    let run_opts = RunOptions {
-        capture: CaptureConfig {
-            layer: opts.layer,
-            trace_sources: opts.trace_sources,
-            keep: true,
+/// The whole program: parse, run, one error line and a documented exit code.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    TOOL.main(
+        args,
+        |a| match utf8_args(a) {
+            Ok(a) => capture_args::parse(a),
+            Err(e) => Err(UsageError::NotUtf8(e)),
         },
-        prefill_only: opts.prefill_only,
-        verbose: opts.verbose,
-        eval_callback: true,
-    };
-    let (info, outcome) = session::run(&opts.llama_args, run_opts, &mut sink)?;
-    if outcome.interrupted {
-        eprintln!(
-            "kqv-trace-monitor: interrupted after {} steps; saving what was traced",
-            outcome.steps
-        );
-    }
-    if opts.verbose && !outcome.generated_text.is_empty() {
-        eprintln!("generated: {:?}", outcome.generated_text);
-    }
-    sink.finish(&info, &outcome)
+        |opts| TOOL.exit(kcm_cli::trace::run(&opts).map(|()| exit::OK)),
+    )
 }

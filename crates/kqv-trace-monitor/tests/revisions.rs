@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::session::{self, RunInfo, RunOptions};
-use kqv_trace_monitor::args::{Options, SaveTarget};
-use kqv_trace_monitor::sink::MonitorSink;
-use kqv_trace_monitor::stats::{summarize, Stats};
+use kcm_cli::capture_args::{Options, SaveTarget};
+use kcm_cli::sink::MonitorSink;
+use kcm_cli::stats::{summarize, Stats};
 use trace_format::layout::differing_ranges;
 use trace_format::{Role, StepMeta, TraceFile};
 

@@ -5,7 +5,7 @@
 //! known sha256, and the result is cached.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,17 +32,12 @@ pub enum FetchError {
     Checksum { got: String },
 }
 
+/// sha256 of a file, lowercase hex: the cache check here, and the `model_sha256` the
+/// tools record in a trace.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    std::io::copy(&mut f, &mut h)?;
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -78,32 +73,16 @@ pub fn gemma3_270m(cache_dir: &Path) -> Result<PathBuf, FetchError> {
         fs::write(&stamp, GEMMA_SHA256)?;
         return Ok(dest);
     }
-    let staging = Staging::new(cache_dir)?;
-    let result = assemble(&staging.0, &dest);
+    // A private directory in the cache (same file system: the final rename is atomic),
+    // removed when dropped.
+    let staging = tempfile::Builder::new()
+        .prefix(".staging-")
+        .tempdir_in(cache_dir)?;
+    let result = assemble(staging.path(), &dest);
     drop(staging);
     result?;
     fs::write(&stamp, GEMMA_SHA256)?;
     Ok(dest)
-}
-
-/// A private directory under the cache, removed when dropped.
-struct Staging(PathBuf);
-
-impl Staging {
-    fn new(cache_dir: &Path) -> std::io::Result<Staging> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = cache_dir.join(format!(".staging-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        Ok(Staging(dir))
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Downloads the part wheels into `staging`, unpacks them there, concatenates the chunks,

@@ -1,11 +1,11 @@
 //! The analyzer's own options. The monitor's options that make sense here (`--layer`,
 //! `--no-trace-sources`, `--prefill-only`, `--json`, `-v`, `--save-gguf`, a bare `-fa`)
-//! are parsed by `kqv_trace_monitor::args::parse`, and every other argument goes to
+//! are parsed by `kcm_cli::capture_args::parse`, and every other argument goes to
 //! llama.cpp's own parser untouched.
 
 use std::path::PathBuf;
 
-use kqv_trace_monitor::args::{self as monitor_args, SaveTarget};
+use kcm_cli::capture_args::{self as monitor_args, SaveTarget};
 use tensor_stats::{Tolerance, ToleranceMode};
 
 pub const USAGE: &str = "\
@@ -73,12 +73,8 @@ pub struct Options {
     pub monitor: monitor_args::Options,
 }
 
-#[derive(Debug)]
-pub enum Command {
-    Run(Box<Options>),
-    Help,
-    Version,
-}
+/// What a command line asks for (options boxed: they are large).
+pub type Command = kcm_cli::Command<Box<Options>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UsageError {
@@ -101,6 +97,8 @@ pub enum UsageError {
     /// A kqv-trace-monitor option that means nothing here: refused rather than ignored.
     #[error("{0} is a kqv-trace-monitor option, not an analyzer one: {1}")]
     MonitorOnly(&'static str, &'static str),
+    #[error("{0}")]
+    NotUtf8(#[from] kcm_cli::tool::NotUtf8),
 }
 
 fn number(flag: &'static str, v: String) -> Result<f64, UsageError> {
@@ -156,9 +154,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         }
     }
     let monitor = match monitor_args::parse(rest)? {
-        monitor_args::Command::Run(o) => o,
-        monitor_args::Command::Help => return Ok(Command::Help),
-        monitor_args::Command::Version => return Ok(Command::Version),
+        kcm_cli::Command::Run(o) => o,
+        kcm_cli::Command::Help => return Ok(Command::Help),
+        kcm_cli::Command::Version => return Ok(Command::Version),
     };
     let reference = reference.ok_or(UsageError::NoReference)?;
     if monitor.save == Some(SaveTarget::Stdout) {

@@ -9,15 +9,17 @@ pub mod live;
 pub mod plot;
 pub mod report;
 
+use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use args::{Command, Options};
+use args::Options;
 use compare::{Analyzer, Comparison};
 use ggml_trace::capture::CaptureConfig;
 use ggml_trace::session::{self, RunOptions, SessionError};
-use kqv_trace_monitor::args::SaveTarget;
+use kcm_cli::capture_args::SaveTarget;
+use kcm_cli::tool::{is_broken_pipe, utf8_args, Failure, Tool};
 use report::Outcome;
 use trace_format::{TraceError, TraceFile};
 
@@ -58,35 +60,31 @@ pub enum AnalyzerError {
     Io(#[from] io::Error),
 }
 
-pub fn main(args: Vec<String>) -> ExitCode {
-    let opts = match args::parse(args) {
-        Ok(Command::Run(o)) => o,
-        Ok(Command::Help) => {
-            let _ = io::stdout().write_all(args::USAGE.as_bytes());
-            return ExitCode::from(exit::OK);
-        }
-        Ok(Command::Version) => {
-            println!(
-                "tensor-diff-analyzer {} ({})",
-                env!("CARGO_PKG_VERSION"),
-                kqv_trace_monitor::llama_version()
-            );
-            return ExitCode::from(exit::OK);
-        }
-        Err(e) => {
-            eprintln!("tensor-diff-analyzer: {}", AnalyzerError::from(e));
-            return ExitCode::from(exit::ERROR);
-        }
-    };
-    match run(&opts) {
-        Ok(code) => ExitCode::from(code),
-        Err(AnalyzerError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
-            ExitCode::from(exit::OK)
-        }
-        Err(e) => {
-            eprintln!("tensor-diff-analyzer: {e}");
-            ExitCode::from(exit::ERROR)
-        }
+/// The tool's name, help text and version.
+pub const TOOL: Tool = Tool {
+    name: "tensor-diff-analyzer",
+    usage: args::USAGE,
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+/// The whole program: parse, run, one error line and a documented exit code.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    TOOL.main(
+        args,
+        |a| match utf8_args(a) {
+            Ok(a) => args::parse(a),
+            Err(e) => Err(args::UsageError::NotUtf8(e)),
+        },
+        |opts| TOOL.exit(run(&opts)),
+    )
+}
+
+impl Failure for AnalyzerError {
+    fn exit_code(&self) -> u8 {
+        exit::ERROR
+    }
+    fn is_closed_pipe(&self) -> bool {
+        matches!(self, AnalyzerError::Io(e) if is_broken_pipe(e))
     }
 }
 

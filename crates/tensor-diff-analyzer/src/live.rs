@@ -6,9 +6,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use ggml_trace::capture::{CaptureSink, CapturedAttention};
-use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::RunInfo;
-use kqv_trace_monitor::sink::MonitorSink;
+use kcm_cli::progress::{Counters, Progress};
+use kcm_cli::sink::MonitorSink;
 use trace_format::{RunMeta, StepMeta};
 
 use crate::compare::Analyzer;
@@ -28,7 +28,7 @@ pub struct LiveSink<'a, 'r> {
 impl<'a, 'r> LiveSink<'a, 'r> {
     pub fn new(
         analyzer: &'a mut Analyzer<'r>,
-        save_opts: Option<&kqv_trace_monitor::args::Options>,
+        save_opts: Option<&kcm_cli::capture_args::Options>,
         quiet: bool,
     ) -> Result<Self, String> {
         let save = match save_opts {
@@ -66,7 +66,7 @@ impl<'a, 'r> LiveSink<'a, 'r> {
 /// What the trace of this run will say about it, as far as it is known before the first
 /// decode (flash attention "auto" is resolved by the first attention op).
 pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
-    kqv_trace_monitor::sink::run_meta(info, with_sha)
+    kcm_cli::sink::run_meta(info, with_sha)
 }
 
 impl CaptureSink for LiveSink<'_, '_> {

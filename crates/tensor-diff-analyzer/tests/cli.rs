@@ -1,5 +1,5 @@
 //! `tensor-diff-analyzer` end to end on the generated tiny LLaMA: references are traced
-//! with the monitor's library (`kqv_trace_monitor::run`), then the analyzer binary runs
+//! with the monitor's library (`kcm_cli::trace::run`), then the analyzer binary runs
 //! live against them or compares saved traces offline. Expected numbers come from the
 //! traces themselves (recomputed here in f64 from the files), never from constants.
 
@@ -45,13 +45,13 @@ fn llama_args(model: &Path, extra: &[&str]) -> Vec<String> {
 fn reference(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
     let mut args = llama_args(model, extra);
     args.extend(["--save-gguf".into(), out.display().to_string()]);
-    let opts = match kqv_trace_monitor::args::parse(args).unwrap() {
-        kqv_trace_monitor::args::Command::Run(o) => o,
+    let opts = match kcm_cli::capture_args::parse(args).unwrap() {
+        kcm_cli::capture_args::Command::Run(o) => o,
         c => panic!("{c:?}"),
     };
     {
         let _one = LLAMA.lock().unwrap_or_else(|p| p.into_inner());
-        kqv_trace_monitor::run(&opts).unwrap();
+        kcm_cli::trace::run(&opts).unwrap();
     }
     TraceFile::open(out).unwrap()
 }

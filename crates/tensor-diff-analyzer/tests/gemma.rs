@@ -15,11 +15,11 @@ use trace_format::{Role, TraceFile};
 const BIN: &str = env!("CARGO_BIN_EXE_tensor-diff-analyzer");
 
 fn monitor(args: &[String]) {
-    let opts = match kqv_trace_monitor::args::parse(args.to_vec()).unwrap() {
-        kqv_trace_monitor::args::Command::Run(o) => o,
+    let opts = match kcm_cli::capture_args::parse(args.to_vec()).unwrap() {
+        kcm_cli::capture_args::Command::Run(o) => o,
         c => panic!("{c:?}"),
     };
-    kqv_trace_monitor::run(&opts).unwrap();
+    kcm_cli::trace::run(&opts).unwrap();
 }
 
 fn s(v: &[&str]) -> Vec<String> {

@@ -35,8 +35,8 @@ fn trace(model: &Path, out: &Path, extra: &[&str]) {
         .map(|s| s.to_string())
         .collect();
     args.extend(["--save-gguf".into(), out.display().to_string()]);
-    match kqv_trace_monitor::args::parse(args).unwrap() {
-        kqv_trace_monitor::args::Command::Run(o) => kqv_trace_monitor::run(&o).unwrap(),
+    match kcm_cli::capture_args::parse(args).unwrap() {
+        kcm_cli::capture_args::Command::Run(o) => kcm_cli::trace::run(&o).unwrap(),
         c => panic!("{c:?}"),
     }
 }

@@ -29,8 +29,8 @@ fn live_progress_on_a_terminal_only() {
     ];
     let mut trace: Vec<String> = llama.iter().map(|s| s.to_string()).collect();
     trace.extend(["--save-gguf".into(), r.into()]);
-    match kqv_trace_monitor::args::parse(trace).unwrap() {
-        kqv_trace_monitor::args::Command::Run(o) => kqv_trace_monitor::run(&o).unwrap(),
+    match kcm_cli::capture_args::parse(trace).unwrap() {
+        kcm_cli::capture_args::Command::Run(o) => kcm_cli::trace::run(&o).unwrap(),
         c => panic!("{c:?}"),
     }
 

@@ -1,55 +1,7 @@
-//! The monitor's own options; everything else goes to llama.cpp's parser untouched.
+//! The capture's own options (`kqv-trace-monitor`'s, and the analyzer's live mode);
+//! everything else goes to llama.cpp's parser untouched.
 
-pub const USAGE: &str = "\
-kqv-trace-monitor: run llama.cpp and trace each layer's attention
-
-USAGE:
-    kqv-trace-monitor [llama.cpp options] [monitor options]
-
-MONITOR OPTIONS:
-    --layer N            trace only layer N (0-based); -1 or absent: all layers
-    --no-trace-sources   trace kqv_out only, not the attention op's inputs and output
-    --save-gguf FILE     save the trace to FILE (written atomically); `-` writes it to
-                         stdout, and the statistics then go to stderr
-    --prefill-only       decode the prompt only, no generation
-    --verify             recompute each traced attention in f64 from its captured q/k/v/mask
-                         as it is traced (no --save-gguf needed) and compare with kqv_out:
-                         one verdict line per (step, layer) after its statistics (NMSE, max
-                         abs error at (position, head, dim), cosine, bound, ok/FAIL, and for
-                         a failure the input that explains it), a summary line at the end;
-                         exit 1 if any group failed (bounds: docs/verification.md)
-    --json               statistics as JSON Lines (schema: docs/json.md)
-    --quiet              no progress line on stderr (it is shown only when stderr is a
-                         terminal and the statistics are not: stdout redirected); NO_COLOR
-                         turns its colour off
-    -v, --verbose        show llama.cpp's log on stderr (default: errors only); also
-                         passed to llama.cpp
-    -h, --help           this help
-    -V, --version        version of the tool and of the pinned llama.cpp
-
-LLAMA.CPP OPTIONS:
-    Every other argument is parsed by llama.cpp's own `common_params_parse`, so all of
-    llama.cpp's options work: -m -p -f -n -c -b -ub -t -ngl -ctk -ctv -fa on|off|auto
-    --seed --temp ... A bare `-fa` (as older scripts write it) means `-fa on`.
-    Differences from llama.cpp's tools: -n defaults to 0 (the prompt only); without -c
-    the context holds the prompt plus -n tokens (rounded up to 256); no warm-up decode;
-    the -fit dry run only with an explicit `-fit on`.
-
-STEPS:
-    step 0 is the first ubatch of the prompt; each later llama_decode call (the next
-    prompt ubatch, then each generated token) is one more. Every step is traced.
-
-EXIT CODES:
-    0  success      1  the run or the save failed, or (--verify) an attention did not
-                       verify      2  usage error
-
-EXAMPLES:
-    kqv-trace-monitor -m model.gguf -p \"Hello world\" --save-gguf traced_tensors.gguf
-    kqv-trace-monitor -m model.gguf -p \"Hello world\" --layer 0 --save-gguf layer0.gguf
-    kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" -ctk q4_0 -ctv q4_0 -fa --layer 0
-    kqv-trace-monitor -m model.gguf -p \"Hi\" --save-gguf - | gguf-reader -
-    kqv-trace-monitor -m model.gguf -p \"Hello world\" -n 4 -fa on --verify
-";
+pub use crate::tool::Command;
 
 /// Where the trace goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,13 +44,6 @@ impl Default for Options {
     }
 }
 
-#[derive(Debug)]
-pub enum Command {
-    Run(Options),
-    Help,
-    Version,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UsageError {
     #[error("{0} needs a value")]
@@ -107,10 +52,12 @@ pub enum UsageError {
     BadLayer(String),
     #[error("--verify needs the attention inputs: drop --no-trace-sources")]
     VerifyWithoutSources,
+    #[error("{0}")]
+    NotUtf8(#[from] crate::tool::NotUtf8),
 }
 
 /// Split the command line into the monitor's options and llama.cpp's.
-pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
+pub fn parse(args: Vec<String>) -> Result<Command<Options>, UsageError> {
     let mut o = Options::default();
     let mut it = args.into_iter().peekable();
     while let Some(a) = it.next() {

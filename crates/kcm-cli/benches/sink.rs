@@ -15,8 +15,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor, Revision};
 use gguf_io::quant::f32_to_f16;
 use gguf_io::GgmlType;
-use kqv_trace_monitor::args::Options;
-use kqv_trace_monitor::sink::MonitorSink;
+use kcm_cli::capture_args::Options;
+use kcm_cli::sink::MonitorSink;
 use trace_format::{AttnParams, Role, StepMeta, TensorLayout, TensorMeta};
 
 const LAYERS: i32 = 18;

@@ -5,17 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use trace_format::json::number as num;
 
+use crate::progress::{Counters, Progress};
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
-use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
 use tensor_stats::{Sci, Summary};
 use trace_format::verify::{self, Checked, Fingerprints, Group};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
-use crate::args::{Options, SaveTarget};
+use crate::capture_args::{Options, SaveTarget};
 use crate::stats::Stats;
-use crate::MonitorError;
+use crate::trace::MonitorError;
 
 pub struct MonitorSink {
     out: Box<dyn Write>,
@@ -335,7 +335,7 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
     RunMeta {
         model_path: info.model_path.clone(),
         model_sha256: if with_sha {
-            sha256_file(&info.model_path).unwrap_or_default()
+            model_fetch::sha256_file(std::path::Path::new(&info.model_path)).unwrap_or_default()
         } else {
             String::new()
         },
@@ -359,21 +359,12 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
         n_predict: info.n_predict,
         seed: info.seed,
         prompt_tokens: info.prompt_tokens.clone(),
-        llama_version: crate::llama_version(),
+        llama_version: ggml_trace::llama_version(),
         target_layer: -1,
         trace_sources: true,
         complete: true,
         ..Default::default()
     }
-}
-
-/// sha256 of a file, lowercase hex (the trace's `model_sha256`).
-pub fn sha256_file(path: &str) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl CaptureSink for MonitorSink {

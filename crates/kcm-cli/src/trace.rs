@@ -1,0 +1,91 @@
+//! The monitor's run: the capture engine of `ggml-trace` with the monitor's sink
+//! (statistics lines, `--save-gguf`, `--verify`), stopped cleanly by Ctrl-C.
+
+use std::io::{self, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::capture_args::{Options, SaveTarget};
+use crate::progress::Progress;
+use crate::sink::MonitorSink;
+use ggml_trace::capture::CaptureConfig;
+use ggml_trace::session::{self, RunOptions};
+
+/// Documented exit codes of `kqv-trace-monitor`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("{0}")]
+    Session(#[from] session::SessionError),
+    #[error("saving the trace: {0}")]
+    Save(#[from] trace_format::TraceError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("--verify: {failed} of {total} (step, layer) groups failed verification, {missing} could not be checked")]
+    Verify {
+        failed: usize,
+        missing: usize,
+        total: usize,
+    },
+}
+
+pub fn run(opts: &Options) -> Result<(), MonitorError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        // A second handler cannot be installed (tests run several monitors in one
+        // process): then Ctrl-C just ends the process as usual.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    // Statistics go to stdout unless the trace itself does.
+    let stats_out: Box<dyn Write> = if opts.save == Some(SaveTarget::Stdout) {
+        Box::new(io::stderr())
+    } else {
+        Box::new(io::BufWriter::new(io::stdout()))
+    };
+    // Progress only where it cannot tangle with the statistics: stderr is a terminal
+    // and the statistics go to a redirected stdout.
+    let stats_on_terminal =
+        opts.save == Some(SaveTarget::Stdout) || std::io::stdout().is_terminal();
+    let progress = Progress::new("kqv-trace-monitor", opts.quiet || stats_on_terminal);
+    let mut sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?.with_progress(progress);
+    let run_opts = RunOptions {
+        capture: CaptureConfig {
+            layer: opts.layer,
+            trace_sources: opts.trace_sources,
+            keep: true,
+        },
+        prefill_only: opts.prefill_only,
+        verbose: opts.verbose,
+        eval_callback: true,
+    };
+    let (info, outcome) = session::run(&opts.llama_args, run_opts, &mut sink)?;
+    if outcome.interrupted {
+        eprintln!(
+            "kqv-trace-monitor: interrupted after {} steps; saving what was traced",
+            outcome.steps
+        );
+    }
+    if opts.verbose && !outcome.generated_text.is_empty() {
+        eprintln!("generated: {:?}", outcome.generated_text);
+    }
+    sink.finish(&info, &outcome)
+}
+
+impl crate::Failure for MonitorError {
+    fn exit_code(&self) -> u8 {
+        if self.is_usage() {
+            exit::USAGE
+        } else {
+            exit::FAILED
+        }
+    }
+    fn is_usage(&self) -> bool {
+        matches!(self, MonitorError::Session(session::SessionError::Usage(_)))
+    }
+}
