@@ -131,27 +131,30 @@ fn main() {
         );
     }
     if let Some(path) = std::env::var_os("KCM_BENCH_JSON") {
-        let modes_json: Vec<String> = modes
+        let modes_json: Vec<serde_json::Value> = modes
             .iter()
             .enumerate()
             .map(|(m, (name, _))| {
-                let runs: Vec<String> = rates[m].iter().map(|r| format!("{r}")).collect();
-                format!(
-                    "{{\"mode\": \"{name}\", \"kv_bytes\": {}, \"kv_ratio\": {}, \"median_tokens_per_s\": {}, \"median_ratio\": {}, \"best_tokens_per_s\": {}, \"best_ratio\": {}, \"runs\": [{}]}}",
-                    bytes[m],
-                    bytes[m] as f64 / b0,
-                    median(&rates[m]),
-                    median(&rates[m]) / r0,
-                    best(&rates[m]),
-                    best(&rates[m]) / best0,
-                    runs.join(", ")
-                )
+                serde_json::json!({
+                    "mode": name,
+                    "kv_bytes": bytes[m],
+                    "kv_ratio": bytes[m] as f64 / b0,
+                    "median_tokens_per_s": median(&rates[m]),
+                    "median_ratio": median(&rates[m]) / r0,
+                    "best_tokens_per_s": best(&rates[m]),
+                    "best_ratio": best(&rates[m]) / best0,
+                    "runs": rates[m],
+                })
             })
             .collect();
-        let doc = format!(
-            "{{\"threads\": {threads}, \"prompt_tokens\": {prompt_len}, \"tokens\": {tokens}, \"runs\": {runs}, \"modes\": [{}]}}\n",
-            modes_json.join(", ")
-        );
+        let doc = serde_json::json!({
+            "threads": threads,
+            "prompt_tokens": prompt_len,
+            "tokens": tokens,
+            "runs": runs,
+            "modes": modes_json,
+        });
+        let doc = format!("{doc}\n");
         std::fs::write(&path, doc).expect("write KCM_BENCH_JSON");
     }
 }

@@ -269,10 +269,7 @@ fn f32_in_place(b: &[u8]) -> Option<&[f32]> {
     if cfg!(target_endian = "big") {
         return None;
     }
-    // SAFETY: every bit pattern is a valid f32, and `align_to` only returns a correctly
-    // aligned middle part inside `b`; it is used only when it covers all of `b`.
-    let (head, mid, tail) = unsafe { b.align_to::<f32>() };
-    (head.is_empty() && tail.is_empty()).then_some(mid)
+    bytemuck::try_cast_slice(b).ok()
 }
 
 /// Compare two tensors' bytes (logical order, own types) element by element, chunk by
@@ -318,7 +315,6 @@ fn diff_bytes_with(
         }
     }
     let threads = threads.clamp(1, n.div_ceil(CHUNK * 16).max(1) as usize);
-    let per = n.div_ceil(threads as u64).div_ceil(CHUNK) * CHUNK;
     let direct = match (cur_ty, ref_ty, in_place) {
         (GgmlType::F32, GgmlType::F32, true) => f32_in_place(cur).zip(f32_in_place(reference)),
         _ => None,
@@ -356,9 +352,8 @@ fn diff_bytes_with(
     }
     let parts: Vec<Result<DiffAccumulator, String>> = std::thread::scope(|s| {
         let range = &range;
-        let hs: Vec<_> = (0..n)
-            .step_by(per as usize)
-            .map(|start| s.spawn(move || range(start, (start + per).min(n))))
+        let hs: Vec<_> = tensor_stats::split_ranges(n, threads, CHUNK)
+            .map(|piece| s.spawn(move || range(piece.start, piece.end)))
             .collect();
         hs.into_iter()
             .map(|h| {

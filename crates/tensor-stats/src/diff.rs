@@ -953,12 +953,10 @@ pub fn diff_parallel(
     if threads == 1 {
         return diff(current, reference, tol);
     }
-    let per = n.div_ceil(threads).div_ceil(BLOCK) * BLOCK;
     let parts: Vec<DiffAccumulator> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|start| {
-                let end = (start + per).min(n);
+        let handles: Vec<_> = crate::split_ranges(n as u64, threads, BLOCK as u64)
+            .map(|piece| {
+                let (start, end) = (piece.start as usize, piece.end as usize);
                 let (c, r) = (&current[start..end], &reference[start..end]);
                 s.spawn(move || {
                     let mut a = DiffAccumulator::starting_at(tol, n as u64, start as u64);

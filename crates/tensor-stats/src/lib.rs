@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod diff;
 pub mod fmt;
+pub mod split;
 pub mod summary;
 
 pub use attention::{alibi_slope, attention, AttentionError, AttentionParams, Dense};
@@ -11,4 +12,5 @@ pub use diff::{
     ToleranceMode, Worst, REL_FLOOR,
 };
 pub use fmt::{sci, Sci};
+pub use split::split_ranges;
 pub use summary::{Summary, SummaryAccumulator};
