@@ -1,73 +1,18 @@
 //! A traced llama.cpp run: llama.cpp parses its own options, loads the model, and decodes
 //! the prompt (one ubatch per step) and the generated tokens, while [`Capture`] watches
-//! the graph. The C side is `csrc/kcm_session.{h,cpp}`.
+//! the graph. The C side is `csrc/kcm_session.{h,cpp}` in ggml-trace-sys, declared in
+//! `ggml_trace_sys::session`.
 
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use trace_format::StepMeta;
 
+use ggml_trace_sys::session::{
+    kcm_run_info, kcm_session, kcm_session_create, kcm_session_free, kcm_session_generated_text,
+    kcm_session_info, kcm_session_prompt_tokens, kcm_session_run, kcm_session_threadpool,
+};
+
 use crate::capture::{Capture, CaptureConfig, CaptureSink};
-use crate::sys;
-
-const KCM_NAME_MAX: usize = 256;
-const KCM_PATH_MAX: usize = 4096;
-
-/// Mirrors `kcm_run_info` in csrc/kcm_session.h.
-#[repr(C)]
-struct KcmRunInfo {
-    n_layer: i32,
-    n_head: i32,
-    n_head_kv: i32,
-    n_ctx: u32,
-    n_batch: u32,
-    n_ubatch: u32,
-    n_predict: i32,
-    seed: u32,
-    flash_attn: i32,
-    type_k: i32,
-    type_v: i32,
-    n_prompt_tokens: i32,
-    arch: [c_char; KCM_NAME_MAX],
-    model_path: [c_char; KCM_PATH_MAX],
-    mixed_kv_cache: i32,
-    mixed_hot_window: u32,
-    mixed_cold_type: i32,
-    kv_buffer_bytes: u64,
-}
-
-#[repr(C)]
-struct KcmSession {
-    _private: [u8; 0],
-}
-
-type StepCb = unsafe extern "C" fn(*mut c_void, u32, *const i32, *const i32, i32) -> i32;
-
-extern "C" {
-    fn kcm_session_create(
-        argc: i32,
-        argv: *const *const c_char,
-        cb: sys::ggml_backend_sched_eval_callback,
-        cb_user: *mut c_void,
-        verbose: i32,
-        err: *mut c_char,
-        err_len: usize,
-        usage_error: *mut i32,
-    ) -> *mut KcmSession;
-    fn kcm_session_info(s: *const KcmSession, out: *mut KcmRunInfo);
-    fn kcm_session_prompt_tokens(s: *const KcmSession, out: *mut i32, cap: i32) -> i32;
-    fn kcm_session_run(
-        s: *mut KcmSession,
-        prefill_only: i32,
-        on_step: Option<StepCb>,
-        user: *mut c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn kcm_session_generated_text(s: *mut KcmSession) -> *const c_char;
-    fn kcm_session_free(s: *mut KcmSession);
-    fn kcm_session_threadpool(s: *mut KcmSession, n_threads: *mut i32)
-        -> *mut sys::ggml_threadpool;
-}
 
 /// Facts about the run, known before the first decode.
 #[derive(Clone, Debug, PartialEq)]
@@ -242,7 +187,7 @@ pub fn run(
             (*state_ptr).capture.use_threadpool(pool, n_threads);
         }
     }
-    let mut raw = std::mem::MaybeUninit::<KcmRunInfo>::zeroed();
+    let mut raw = std::mem::MaybeUninit::<kcm_run_info>::zeroed();
     // SAFETY: valid session, writable out-struct.
     let raw = unsafe {
         kcm_session_info(guard.0, raw.as_mut_ptr());
@@ -318,7 +263,7 @@ pub fn run(
     ))
 }
 
-struct SessionGuard(*mut KcmSession);
+struct SessionGuard(*mut kcm_session);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
