@@ -85,7 +85,7 @@ pub struct CaptureConfig {
 /// Receives the run as it happens (on the thread that runs `llama_decode`).
 pub trait CaptureSink {
     /// The model is loaded and the context made; nothing has been decoded yet.
-    fn on_start(&mut self, _info: &crate::session::RunInfo) -> Result<(), String> {
+    fn on_start(&mut self, _info: &crate::run_info::RunInfo) -> Result<(), String> {
         Ok(())
     }
     /// A step is about to be decoded. Return false to stop the run before it (Ctrl-C).
@@ -327,7 +327,7 @@ impl<'a> Capture<'a> {
         self.sink.on_step(step)
     }
 
-    pub(crate) fn start(&mut self, info: &crate::session::RunInfo) -> Result<(), String> {
+    pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), String> {
         self.sink.on_start(info)
     }
 

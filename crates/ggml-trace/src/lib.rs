@@ -11,6 +11,7 @@
 pub mod capture;
 mod pool_hash;
 pub mod progress;
+pub mod run_info;
 pub mod session;
 
 pub use ggml_trace_sys::{dequant, llama_version, shim, sys, system_info, LLAMA_CPP_DIR};
