@@ -12,7 +12,7 @@ use ggml_trace_sys::session::{
     kcm_session_info, kcm_session_prompt_tokens, kcm_session_run, kcm_session_threadpool,
 };
 
-use crate::capture::{Capture, CaptureConfig, CaptureSink};
+use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureSink};
 // Defined in `run_info` (shared with `capture`); re-exported here, where they are made.
 pub use crate::run_info::{MixedKvInfo, RunInfo, RunOutcome};
 
@@ -28,7 +28,7 @@ pub enum SessionError {
     #[error("{0}")]
     Decode(String),
     #[error("capture failed: {0}")]
-    Capture(String),
+    Capture(#[from] CaptureError),
 }
 
 fn c_string(buf: &[c_char]) -> String {

@@ -28,9 +28,12 @@ use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
 
 use crate::sys;
 
+mod error;
 mod graph;
 mod kept;
 mod read;
+
+pub use error::CaptureError;
 
 pub use graph::mixed_attn_params;
 use graph::{
@@ -82,7 +85,7 @@ pub struct CaptureConfig {
 /// Receives the run as it happens (on the thread that runs `llama_decode`).
 pub trait CaptureSink {
     /// The model is loaded and the context made; nothing has been decoded yet.
-    fn on_start(&mut self, _info: &crate::run_info::RunInfo) -> Result<(), String> {
+    fn on_start(&mut self, _info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {
         Ok(())
     }
     /// A step is about to be decoded. Return false to stop the run before it (Ctrl-C).
@@ -90,7 +93,7 @@ pub trait CaptureSink {
         true
     }
     /// A layer's attention for the current step is complete. An error stops the run.
-    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String>;
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError>;
 }
 
 /// Attention being assembled between its op and `kqv_out`.
@@ -112,7 +115,7 @@ pub struct Capture<'a> {
     done: HashMap<*const sys::ggml_tensor, Pending>,
     /// Without flash attention: keyed by the `kq` node, then by the softmax node.
     open: HashMap<*const sys::ggml_tensor, Pending>,
-    error: Option<String>,
+    error: Option<CaptureError>,
     scratch: Vec<u8>,
     /// KV-cache views' and masks' last copies (see [`Revision`]).
     kept: KeptCache,
@@ -157,12 +160,12 @@ impl<'a> Capture<'a> {
         self.sink.on_step(step)
     }
 
-    pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), String> {
+    pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {
         self.sink.on_start(info)
     }
 
     /// The first error met inside the callback (the run stops there).
-    pub fn take_error(&mut self) -> Option<String> {
+    pub fn take_error(&mut self) -> Option<CaptureError> {
         self.error.take()
     }
 
@@ -215,7 +218,7 @@ impl<'a> Capture<'a> {
     ///
     /// # Safety
     /// `t` must point to a live ggml tensor whose node has just been computed.
-    unsafe fn observe(&mut self, t: *const sys::ggml_tensor) -> Result<(), String> {
+    unsafe fn observe(&mut self, t: *const sys::ggml_tensor) -> Result<(), CaptureError> {
         // Hashes computed ahead belong to the observe call that made them.
         self.kept.clear_prehashed();
         // SAFETY: caller guarantees liveness; sources of a computed node are still live.
@@ -290,9 +293,11 @@ impl<'a> Capture<'a> {
                     self.prehash(&srcs, layer);
                     for (i, role) in MIXED_ROLES.into_iter().enumerate() {
                         if tr.src[i].is_null() {
-                            return Err(format!(
-                                "mixed attention node (layer {layer}): source {i} ({role}) is missing"
-                            ));
+                            return Err(CaptureError::MissingSource {
+                                layer,
+                                index: i,
+                                role,
+                            });
                         }
                         p.tensors.push(self.read(tr.src[i], role, layer)?);
                     }
@@ -324,7 +329,11 @@ impl<'a> Capture<'a> {
     ///
     /// # Safety
     /// `t` must point to a live, computed ggml tensor.
-    unsafe fn unrotated(&mut self, t: *const sys::ggml_tensor, layer: i32) -> Result<(), String> {
+    unsafe fn unrotated(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+    ) -> Result<(), CaptureError> {
         // SAFETY: caller guarantees liveness.
         let mut c = unsafe { self.read(t, Role::KqvOutUnrotated, layer) }?;
         // SAFETY: as above; src[1]'s chain was checked by unrotation_of.
@@ -354,7 +363,7 @@ impl<'a> Capture<'a> {
         &mut self,
         t: *const sys::ggml_tensor,
         layer: i32,
-    ) -> Result<(), String> {
+    ) -> Result<(), CaptureError> {
         // SAFETY: caller guarantees `t` is live and computed.
         let out = unsafe { self.read(t, Role::KqvOut, layer) }?;
         // SAFETY: as above.
@@ -373,7 +382,7 @@ impl<'a> Capture<'a> {
         &mut self,
         t: *const sys::ggml_tensor,
         layer: i32,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, CaptureError> {
         // SAFETY: caller guarantees liveness.
         let tr = unsafe { &*t };
         if tr.view_src.is_null() {
@@ -425,7 +434,7 @@ impl<'a> Capture<'a> {
         t: *const sys::ggml_tensor,
         layer: i32,
         mut out: CapturedTensor,
-    ) -> Result<(), String> {
+    ) -> Result<(), CaptureError> {
         out.meta.layer = layer;
         let mut att = CapturedAttention {
             step: self.step,
@@ -438,10 +447,10 @@ impl<'a> Capture<'a> {
             // SAFETY: caller guarantees liveness.
             let node = unsafe { attention_feeding(t, |c| self.done.contains_key(&c)) };
             let Some(p) = node.and_then(|n| self.done.remove(&n)) else {
-                return Err(format!(
-                    "kqv_out-{layer} (step {}): no traced attention op feeds it (is this architecture's attention supported?)",
-                    self.step
-                ));
+                return Err(CaptureError::Unbound {
+                    layer,
+                    step: self.step,
+                });
             };
             att.op = p.op;
             att.params = p.params;

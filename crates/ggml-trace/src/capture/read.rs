@@ -7,7 +7,7 @@ use std::sync::Arc;
 use trace_format::{Role, TensorMeta};
 
 use super::graph::{is_kv_view, layout_of, op_name, tensor_name};
-use super::{Capture, CapturedTensor};
+use super::{Capture, CaptureError, CapturedTensor};
 use crate::sys;
 
 /// The bytes of `t`'s span (`span` = its span in bytes): borrowed in place from a host
@@ -45,15 +45,18 @@ impl Capture<'_> {
         t: *const sys::ggml_tensor,
         role: Role,
         layer: i32,
-    ) -> Result<CapturedTensor, String> {
+    ) -> Result<CapturedTensor, CaptureError> {
         // SAFETY: caller guarantees `t` is live.
         let tr = unsafe { &*t };
         let layout = layout_of(tr);
-        let span = layout
-            .span_bytes()
-            .map_err(|e| format!("{}: {e}", tensor_name(tr)))? as usize;
+        let span = layout.span_bytes().map_err(|source| CaptureError::Layout {
+            tensor: tensor_name(tr),
+            source,
+        })? as usize;
         if tr.data.is_null() || tr.buffer.is_null() {
-            return Err(format!("{}: tensor has no data", tensor_name(tr)));
+            return Err(CaptureError::NoData {
+                tensor: tensor_name(tr),
+            });
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         // SAFETY: live tensor with data (checked above) and span `span`; nothing computes
@@ -62,15 +65,12 @@ impl Capture<'_> {
         // SAFETY: caller guarantees `t` is live.
         let keep = unsafe { self.keeps(t, role, layer) };
         let gathered = if keep {
-            self.kept
-                .gather(src, layout, (layer, role))
-                .map_err(|e| e.to_string())
+            self.kept.gather(src, layout, (layer, role))
         } else {
             let mut out = Vec::new();
             layout
                 .gather_into(src, &mut out)
                 .map(|()| (Arc::new(out), None))
-                .map_err(|e| e.to_string())
         };
         self.scratch = scratch;
         let (data, revision) = gathered?;
