@@ -66,24 +66,33 @@ unsafe extern "C" fn on_step(
 ) -> i32 {
     // SAFETY: `user` is the `*mut State` passed to kcm_session_run, alive for the run.
     let state = unsafe { &mut *(user as *mut State) };
-    let n = n.max(0) as usize;
-    // SAFETY: the C side passes `n` valid tokens and positions.
-    let (tokens, positions) = unsafe {
-        (
-            std::slice::from_raw_parts(tokens, n).to_vec(),
-            std::slice::from_raw_parts(positions, n).to_vec(),
-        )
-    };
-    let meta = StepMeta {
-        step,
-        positions,
-        tokens,
-    };
-    if state.capture.begin_step(&meta) {
-        1
-    } else {
-        state.stopped = true;
-        0
+    // A panic (the sink's on_step) must not unwind into C++: catch it, stop the run.
+    let go_on = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let n = n.max(0) as usize;
+        // SAFETY: the C side passes `n` valid tokens and positions.
+        let (tokens, positions) = unsafe {
+            (
+                std::slice::from_raw_parts(tokens, n).to_vec(),
+                std::slice::from_raw_parts(positions, n).to_vec(),
+            )
+        };
+        let meta = StepMeta {
+            step,
+            positions,
+            tokens,
+        };
+        state.capture.begin_step(&meta)
+    }));
+    match go_on {
+        Ok(true) => 1,
+        Ok(false) => {
+            state.stopped = true;
+            0
+        }
+        Err(panic) => {
+            state.capture.fail(CaptureError::from_panic(panic));
+            0
+        }
     }
 }
 

@@ -153,7 +153,11 @@ impl<'a> Capture<'a> {
     }
 
     /// Start a new step (before its `llama_decode`); false when the sink says stop.
+    /// After an error (or a caught panic) the run stops before the next step.
     pub fn begin_step(&mut self, step: &trace_format::StepMeta) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
         self.step = step.step;
         self.done.clear();
         self.open.clear();
@@ -164,7 +168,12 @@ impl<'a> Capture<'a> {
         self.sink.on_start(info)
     }
 
-    /// The first error met inside the callback (the run stops there).
+    /// Stop the run with `e` (kept unless an error came first).
+    pub(crate) fn fail(&mut self, e: CaptureError) {
+        self.error.get_or_insert(e);
+    }
+
+    /// The first error met inside the callbacks (the run stops there).
     pub fn take_error(&mut self) -> Option<CaptureError> {
         self.error.take()
     }
@@ -482,35 +491,46 @@ impl<'a> Capture<'a> {
             // After an error ask for nothing more (and stop the graph if asked).
             return false;
         }
-        if ask {
-            // SAFETY: ggml passes live graph nodes.
-            let Some(layer) = kqv_out_layer(unsafe { &*t }) else {
-                // SAFETY: as above.
-                return unsafe { cap.wants(t) };
-            };
-            if cap.cfg.layer.is_some_and(|l| l != layer) {
-                return false;
-            }
-            if cap.cfg.trace_sources {
-                // SAFETY: as above.
-                match unsafe { cap.finish_layer_as_view(t, layer) } {
-                    Ok(true) => return false,
-                    Ok(false) => {}
-                    Err(e) => {
-                        cap.error = Some(e);
-                        return false;
-                    }
-                }
-            }
-            return true;
-        }
-        // SAFETY: as above; this node has been computed.
-        match unsafe { cap.observe(t) } {
-            Ok(()) => true,
-            Err(e) => {
+        // A panic must not unwind into ggml's C code: catch it and stop the run with it.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: ggml passes live graph nodes; with `ask == false`, computed ones.
+            unsafe { cap.eval(t, ask) }
+        }));
+        match result {
+            Ok(Ok(wanted)) => wanted,
+            Ok(Err(e)) => {
                 cap.error = Some(e);
                 false
             }
+            Err(panic) => {
+                cap.error = Some(CaptureError::from_panic(panic));
+                false
+            }
         }
+    }
+
+    /// The callback's work: the `ask` decision, or the data call's reading.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor of the graph being computed, computed when
+    /// `ask` is false.
+    unsafe fn eval(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> Result<bool, CaptureError> {
+        if ask {
+            // SAFETY: caller guarantees liveness.
+            let Some(layer) = kqv_out_layer(unsafe { &*t }) else {
+                // SAFETY: as above.
+                return Ok(unsafe { self.wants(t) });
+            };
+            if self.cfg.layer.is_some_and(|l| l != layer) {
+                return Ok(false);
+            }
+            // SAFETY: as above.
+            if self.cfg.trace_sources && unsafe { self.finish_layer_as_view(t, layer) }? {
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        // SAFETY: as above; this node has been computed.
+        unsafe { self.observe(t) }.map(|()| true)
     }
 }
