@@ -20,7 +20,7 @@ use crate::util::{self, Result};
 /// Criterion benchmarks: (package, bench target).
 const CRITERION: &[(&str, &str)] = &[
     ("gguf-io", "gguf_io"),
-    ("ggml-trace", "dequant_vs_ggml"),
+    ("ggml-trace-sys", "dequant_vs_ggml"),
     ("tensor-diff-analyzer", "throughput"),
     ("tensor-stats", "summary"),
     ("kcm-cli", "sink"),
@@ -279,7 +279,7 @@ struct ColdBuild {
     load_before: String,
 }
 
-/// `cargo build --release -p ggml-trace` into an empty target directory (so nothing is
+/// `cargo build --release -p ggml-trace-sys` into an empty target directory (so nothing is
 /// cached), timed, then removed.
 fn cold_build(dir: &Path) -> Result<ColdBuild> {
     let _ = fs::remove_dir_all(dir);
@@ -290,7 +290,7 @@ fn cold_build(dir: &Path) -> Result<ColdBuild> {
     );
     let t = Instant::now();
     let mut cmd = util::cargo();
-    cmd.args(["build", "--release", "-p", "ggml-trace"])
+    cmd.args(["build", "--release", "-p", "ggml-trace-sys"])
         .env("CARGO_TARGET_DIR", dir);
     util::run(&mut cmd)?;
     let secs = t.elapsed().as_secs_f64();
@@ -526,7 +526,7 @@ impl Report {
         let _ = writeln!(
             s,
             "1M elements per type, one thread each side, GiB/s of f32 output (median).\n\
-             Reproduce: `cargo bench -p ggml-trace --bench dequant_vs_ggml`.\n"
+             Reproduce: `cargo bench -p ggml-trace-sys --bench dequant_vs_ggml`.\n"
         );
         let _ = writeln!(
             s,
@@ -601,7 +601,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "`CARGO_TARGET_DIR=<empty dir> cargo build --release -p ggml-trace` (122 translation units\n\
+            "`CARGO_TARGET_DIR=<empty dir> cargo build --release -p ggml-trace-sys` (122 translation units\n\
              plus the Rust side; load average {} at its start): **{}**. Upstream's cmake build of\n\
              comparable targets took about 9 minutes on this kind of machine.\n",
             c.load_before,

@@ -1,4 +1,4 @@
-//! `cargo xtask build-llama`: prepare vendor/llama.cpp, then build ggml-trace.
+//! `cargo xtask build-llama`: prepare vendor/llama.cpp, then build ggml-trace-sys.
 
 use crate::llama_tree;
 use crate::util::{self, Result};
@@ -18,10 +18,10 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
 pub fn build(release: bool, force: bool) -> Result {
     llama_tree::prepare(force)?;
     let mut cmd = util::cargo();
-    cmd.args(["build", "-p", "ggml-trace"]);
+    cmd.args(["build", "-p", "ggml-trace-sys"]);
     if release {
         cmd.arg("--release");
     }
-    eprintln!("xtask: building ggml-trace (llama.cpp is compiled by its build script; a cold build takes minutes)");
+    eprintln!("xtask: building ggml-trace-sys (llama.cpp is compiled by its build script; a cold build takes minutes)");
     util::run(&mut cmd)
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask bindgen`: regenerate `crates/ggml-trace/src/sys.rs`.
+//! `cargo xtask bindgen`: regenerate `crates/ggml-trace-sys/src/sys.rs`.
 //!
 //! The bindings are committed so that normal builds never need libclang; only
 //! this subcommand does (bindgen's `runtime` feature dlopens it). See the
@@ -19,7 +19,7 @@ pub fn run(args: pico_args::Arguments) -> Result {
     let root = util::workspace_root();
     llama_tree::prepare(false)?;
     let tree = root.join("vendor/llama.cpp");
-    let crate_dir = root.join("crates/ggml-trace");
+    let crate_dir = root.join("crates/ggml-trace-sys");
 
     let libclang = find_libclang(&root)?;
     eprintln!("xtask: using libclang from {}", libclang.dir.display());

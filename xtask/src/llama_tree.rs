@@ -27,7 +27,7 @@ const PACKAGE: &str = "llama-cpp-sys-2";
 /// What is copied out of the package's `llama.cpp/` directory.
 const COPIED: &[&str] = &["ggml", "src", "include", "common", "vendor", "LICENSE"];
 
-/// Written last into the tree; `crates/ggml-trace/build.rs` checks for it and
+/// Written last into the tree; `crates/ggml-trace-sys/build.rs` checks for it and
 /// reruns when it changes. Keep the name in sync with build.rs.
 pub const STAMP: &str = ".kcm-tree-stamp";
 

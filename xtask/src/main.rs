@@ -21,11 +21,11 @@ COMMANDS:
   build-llama [--release] [--force] [--prepare-only]
         Prepare vendor/llama.cpp (copy the tree pinned by vendor/pin/Cargo.lock
         out of the cargo registry cache, apply vendor/patches/*.patch), then
-        `cargo build -p ggml-trace` (with --release: the release profile).
+        `cargo build -p ggml-trace-sys` (with --release: the release profile).
         --force copies the tree again even when its stamp is current.
         --prepare-only stops after preparing vendor/llama.cpp.
   bindgen
-        Regenerate crates/ggml-trace/src/sys.rs from crates/ggml-trace/csrc/wrapper.h.
+        Regenerate crates/ggml-trace-sys/src/sys.rs from crates/ggml-trace-sys/csrc/wrapper.h.
         Needs libclang at run time (normal builds do not). Looked up in order:
           1. $LIBCLANG_PATH (a directory holding libclang.so);
           2. a system libclang (/usr/lib/llvm-*/lib, /usr/lib/x86_64-linux-gnu, ...);

@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
+use ggml_trace::capture::{CaptureConfig, CaptureError, CaptureSink, CapturedAttention};
 use ggml_trace::session::{self, RunOptions};
 
 mod support {
@@ -29,7 +29,7 @@ use support::timed::{median, Timed};
 struct Discard;
 
 impl CaptureSink for Discard {
-    fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), String> {
+    fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), CaptureError> {
         Ok(())
     }
 }

@@ -1,117 +1,20 @@
 //! A traced llama.cpp run: llama.cpp parses its own options, loads the model, and decodes
 //! the prompt (one ubatch per step) and the generated tokens, while [`Capture`] watches
-//! the graph. The C side is `csrc/kcm_session.{h,cpp}`.
+//! the graph. The C side is `csrc/kcm_session.{h,cpp}` in ggml-trace-sys, declared in
+//! `ggml_trace_sys::session`.
 
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use trace_format::StepMeta;
 
-use crate::capture::{Capture, CaptureConfig, CaptureSink};
-use crate::sys;
+use ggml_trace_sys::session::{
+    kcm_run_info, kcm_session, kcm_session_create, kcm_session_free, kcm_session_generated_text,
+    kcm_session_info, kcm_session_prompt_tokens, kcm_session_run, kcm_session_threadpool,
+};
 
-const KCM_NAME_MAX: usize = 256;
-const KCM_PATH_MAX: usize = 4096;
-
-/// Mirrors `kcm_run_info` in csrc/kcm_session.h.
-#[repr(C)]
-struct KcmRunInfo {
-    n_layer: i32,
-    n_head: i32,
-    n_head_kv: i32,
-    n_ctx: u32,
-    n_batch: u32,
-    n_ubatch: u32,
-    n_predict: i32,
-    seed: u32,
-    flash_attn: i32,
-    type_k: i32,
-    type_v: i32,
-    n_prompt_tokens: i32,
-    arch: [c_char; KCM_NAME_MAX],
-    model_path: [c_char; KCM_PATH_MAX],
-    mixed_kv_cache: i32,
-    mixed_hot_window: u32,
-    mixed_cold_type: i32,
-    kv_buffer_bytes: u64,
-}
-
-#[repr(C)]
-struct KcmSession {
-    _private: [u8; 0],
-}
-
-type StepCb = unsafe extern "C" fn(*mut c_void, u32, *const i32, *const i32, i32) -> i32;
-
-extern "C" {
-    fn kcm_session_create(
-        argc: i32,
-        argv: *const *const c_char,
-        cb: sys::ggml_backend_sched_eval_callback,
-        cb_user: *mut c_void,
-        verbose: i32,
-        err: *mut c_char,
-        err_len: usize,
-        usage_error: *mut i32,
-    ) -> *mut KcmSession;
-    fn kcm_session_info(s: *const KcmSession, out: *mut KcmRunInfo);
-    fn kcm_session_prompt_tokens(s: *const KcmSession, out: *mut i32, cap: i32) -> i32;
-    fn kcm_session_run(
-        s: *mut KcmSession,
-        prefill_only: i32,
-        on_step: Option<StepCb>,
-        user: *mut c_void,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> i32;
-    fn kcm_session_generated_text(s: *mut KcmSession) -> *const c_char;
-    fn kcm_session_free(s: *mut KcmSession);
-    fn kcm_session_threadpool(s: *mut KcmSession, n_threads: *mut i32)
-        -> *mut sys::ggml_threadpool;
-}
-
-/// Facts about the run, known before the first decode.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RunInfo {
-    pub n_layer: u32,
-    pub n_head: u32,
-    pub n_head_kv: u32,
-    pub n_ctx: u32,
-    pub n_batch: u32,
-    pub n_ubatch: u32,
-    pub n_predict: i32,
-    pub seed: u32,
-    /// What was asked for: `Some(true)` on, `Some(false)` off, `None` auto (llama.cpp
-    /// decides; the trace records what the graph really did).
-    pub flash_attn_requested: Option<bool>,
-    pub type_k: gguf_io::GgmlType,
-    pub type_v: gguf_io::GgmlType,
-    pub architecture: String,
-    pub model_path: String,
-    pub prompt_tokens: Vec<i32>,
-    /// The mixed KV cache's settings, when `--mixed-kv-cache` was given.
-    pub mixed: Option<MixedKvInfo>,
-    /// Bytes of the context's KV-cache backend buffers (hot and cold stores of a mixed
-    /// cache included), from ggml's buffer sizes (`llama_memory_buffer_size`).
-    pub kv_buffer_bytes: u64,
-}
-
-/// `--mixed-kv-cache` settings of a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MixedKvInfo {
-    /// Tokens kept in the F16 hot store (`--mixed-hot-window`).
-    pub hot_window: u32,
-    /// Type of the cold store (`--mixed-cold-type`).
-    pub cold_type: gguf_io::GgmlType,
-}
-
-/// How the run went.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunOutcome {
-    pub steps: u32,
-    /// Stopped early by the sink (Ctrl-C), not by the end of the prompt/generation.
-    pub interrupted: bool,
-    pub generated_text: String,
-}
+use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureSink};
+// Defined in `run_info` (shared with `capture`); re-exported here, where they are made.
+pub use crate::run_info::{MixedKvInfo, RunInfo, RunOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -125,7 +28,7 @@ pub enum SessionError {
     #[error("{0}")]
     Decode(String),
     #[error("capture failed: {0}")]
-    Capture(String),
+    Capture(#[from] CaptureError),
 }
 
 fn c_string(buf: &[c_char]) -> String {
@@ -163,24 +66,33 @@ unsafe extern "C" fn on_step(
 ) -> i32 {
     // SAFETY: `user` is the `*mut State` passed to kcm_session_run, alive for the run.
     let state = unsafe { &mut *(user as *mut State) };
-    let n = n.max(0) as usize;
-    // SAFETY: the C side passes `n` valid tokens and positions.
-    let (tokens, positions) = unsafe {
-        (
-            std::slice::from_raw_parts(tokens, n).to_vec(),
-            std::slice::from_raw_parts(positions, n).to_vec(),
-        )
-    };
-    let meta = StepMeta {
-        step,
-        positions,
-        tokens,
-    };
-    if state.capture.begin_step(&meta) {
-        1
-    } else {
-        state.stopped = true;
-        0
+    // A panic (the sink's on_step) must not unwind into C++: catch it, stop the run.
+    let go_on = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let n = n.max(0) as usize;
+        // SAFETY: the C side passes `n` valid tokens and positions.
+        let (tokens, positions) = unsafe {
+            (
+                std::slice::from_raw_parts(tokens, n).to_vec(),
+                std::slice::from_raw_parts(positions, n).to_vec(),
+            )
+        };
+        let meta = StepMeta {
+            step,
+            positions,
+            tokens,
+        };
+        state.capture.begin_step(&meta)
+    }));
+    match go_on {
+        Ok(true) => 1,
+        Ok(false) => {
+            state.stopped = true;
+            0
+        }
+        Err(panic) => {
+            state.capture.fail(CaptureError::from_panic(panic));
+            0
+        }
     }
 }
 
@@ -242,7 +154,7 @@ pub fn run(
             (*state_ptr).capture.use_threadpool(pool, n_threads);
         }
     }
-    let mut raw = std::mem::MaybeUninit::<KcmRunInfo>::zeroed();
+    let mut raw = std::mem::MaybeUninit::<kcm_run_info>::zeroed();
     // SAFETY: valid session, writable out-struct.
     let raw = unsafe {
         kcm_session_info(guard.0, raw.as_mut_ptr());
@@ -318,7 +230,7 @@ pub fn run(
     ))
 }
 
-struct SessionGuard(*mut KcmSession);
+struct SessionGuard(*mut kcm_session);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {

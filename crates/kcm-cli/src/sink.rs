@@ -6,7 +6,7 @@ use std::sync::Arc;
 use trace_format::json::number as num;
 
 use crate::progress::{Counters, Progress};
-use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
+use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
 use tensor_stats::{Sci, Summary};
@@ -29,7 +29,6 @@ pub struct MonitorSink {
     target_layer: Option<i32>,
     trace_sources: bool,
     n_steps: u32,
-    io_error: Option<std::io::Error>,
     /// `--verify`: checks each (step, layer) as it is captured.
     verifier: Option<Verifier>,
     progress: Progress,
@@ -160,7 +159,6 @@ impl MonitorSink {
             target_layer: opts.layer,
             trace_sources: opts.trace_sources,
             n_steps: 0,
-            io_error: None,
             verifier: opts.verify.then(Verifier::default),
             progress: Progress::hidden(),
             counters: Counters::default(),
@@ -215,9 +213,6 @@ impl MonitorSink {
     /// Flush statistics and write the trace (if asked).
     pub fn finish(mut self, info: &RunInfo, outcome: &RunOutcome) -> Result<(), MonitorError> {
         self.progress.clear();
-        if let Some(e) = self.io_error.take() {
-            return Err(e.into());
-        }
         if let Some(v) = &self.verifier {
             let line = v.summary(self.json);
             self.write_line(&line)
@@ -281,12 +276,15 @@ impl MonitorSink {
     }
 
     /// One line of output; a closed pipe silences the output instead of failing.
-    fn write_line(&mut self, line: &str) -> Result<(), String> {
+    fn write_line(&mut self, line: &str) -> Result<(), CaptureError> {
         if let Err(e) = writeln!(self.out, "{line}") {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 self.out = Box::new(std::io::sink());
             } else {
-                return Err(format!("writing statistics: {e}"));
+                return Err(CaptureError::Write {
+                    what: "writing statistics",
+                    source: e,
+                });
             }
         }
         Ok(())
@@ -368,7 +366,7 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
 }
 
 impl CaptureSink for MonitorSink {
-    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         let generated = if info.n_predict > 0 {
             info.n_predict as u64
         } else {
@@ -396,7 +394,7 @@ impl CaptureSink for MonitorSink {
         true
     }
 
-    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
         if !att.op.is_empty() {
             self.seen_op.get_or_insert_with(|| att.op.clone());
         }
@@ -412,7 +410,7 @@ impl CaptureSink for MonitorSink {
             let s = match shared {
                 Some((p, s)) if t.revision.is_none() && same(p) => s,
                 _ => {
-                    let s = self.stats.summarize(t)?;
+                    let s = self.stats.summarize(t).map_err(CaptureError::sink)?;
                     if t.revision.is_none() {
                         shared = Some((t, s));
                     }
@@ -424,7 +422,10 @@ impl CaptureSink for MonitorSink {
                     // Nobody reads the statistics any more: keep tracing quietly.
                     self.out = Box::new(std::io::sink());
                 } else {
-                    return Err(format!("writing statistics: {e}"));
+                    return Err(CaptureError::Write {
+                        what: "writing statistics",
+                        source: e,
+                    });
                 }
             }
         }
@@ -440,7 +441,7 @@ impl CaptureSink for MonitorSink {
             )
         });
         if let Some(v) = self.verifier.as_mut().filter(|_| attention) {
-            for line in v.check(&att, self.json)? {
+            for line in v.check(&att, self.json).map_err(CaptureError::sink)? {
                 self.write_line(&line)?;
             }
         }
@@ -458,7 +459,7 @@ impl CaptureSink for MonitorSink {
             let mixed = att.op == trace_format::mixed::MIXED_ATTN_OP;
             for t in att.tensors {
                 w.add_tensor_revision(t.meta, &t.data, mixed, t.revision.as_ref())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(CaptureError::sink)?;
             }
             self.counters.bytes_written = w.trace_bytes();
         }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::capture_args::{Options, SaveTarget};
 use crate::progress::Progress;
 use crate::sink::MonitorSink;
-use ggml_trace::capture::CaptureConfig;
-use ggml_trace::session::{self, RunOptions};
+use ggml_trace::capture::{CaptureConfig, CaptureError, CaptureSink, CapturedAttention};
+use ggml_trace::session::{self, RunInfo, RunOptions, RunOutcome};
 
 /// Documented exit codes of `kqv-trace-monitor`.
 pub mod exit {
@@ -64,7 +64,31 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
         verbose: opts.verbose,
         eval_callback: true,
     };
-    let (info, outcome) = session::run(&opts.llama_args, run_opts, &mut sink)?;
+    let mut started = Started {
+        sink: &mut sink,
+        info: None,
+        steps: 0,
+    };
+    let result = session::run(&opts.llama_args, run_opts, &mut started);
+    let (started_info, started_steps) = (started.info.take(), started.steps);
+    let (info, outcome) = match result {
+        Ok(r) => r,
+        Err(session::SessionError::Capture(e)) => {
+            // As on Ctrl-C, save what was traced, marked incomplete; then fail (exit 1).
+            if let Some(info) = started_info {
+                let outcome = RunOutcome {
+                    steps: started_steps,
+                    interrupted: true,
+                    generated_text: String::new(),
+                };
+                if let Err(save) = sink.finish(&info, &outcome) {
+                    eprintln!("kqv-trace-monitor: {save}");
+                }
+            }
+            return Err(session::SessionError::Capture(e).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if outcome.interrupted {
         eprintln!(
             "kqv-trace-monitor: interrupted after {} steps; saving what was traced",
@@ -75,6 +99,33 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
         eprintln!("generated: {:?}", outcome.generated_text);
     }
     sink.finish(&info, &outcome)
+}
+
+/// The monitor's sink, remembering the run's facts and its step count, so that a run
+/// that ends with a capture error can still save what was traced.
+struct Started<'a> {
+    sink: &'a mut MonitorSink,
+    info: Option<RunInfo>,
+    steps: u32,
+}
+
+impl CaptureSink for Started<'_> {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
+        self.info = Some(info.clone());
+        self.sink.on_start(info)
+    }
+
+    fn on_step(&mut self, step: &trace_format::StepMeta) -> bool {
+        let go_on = self.sink.on_step(step);
+        if go_on {
+            self.steps = step.step + 1;
+        }
+        go_on
+    }
+
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
+        self.sink.on_attention(att)
+    }
 }
 
 impl crate::Failure for MonitorError {

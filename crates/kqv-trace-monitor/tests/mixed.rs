@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
+use ggml_trace::capture::{CaptureConfig, CaptureError, CaptureSink, CapturedAttention};
 use ggml_trace::session::{self, RunOptions};
 use gguf_io::GgmlType;
 use trace_format::mixed::MIXED_ATTN_OP;
@@ -286,7 +286,7 @@ fn per_layer_table(
 struct Nothing;
 
 impl CaptureSink for Nothing {
-    fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), String> {
+    fn on_attention(&mut self, _att: CapturedAttention) -> Result<(), CaptureError> {
         Ok(())
     }
 }

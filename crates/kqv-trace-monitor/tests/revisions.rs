@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention, CapturedTensor};
+use ggml_trace::capture::{
+    CaptureConfig, CaptureError, CaptureSink, CapturedAttention, CapturedTensor,
+};
 use ggml_trace::session::{self, RunInfo, RunOptions};
 use kcm_cli::capture_args::{Options, SaveTarget};
 use kcm_cli::sink::MonitorSink;
@@ -49,14 +51,14 @@ struct Tee {
 }
 
 impl CaptureSink for Tee {
-    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         self.prompt_steps = (info.prompt_tokens.len() as u32).div_ceil(info.n_ubatch.max(1));
         self.inner.on_start(info)
     }
     fn on_step(&mut self, step: &StepMeta) -> bool {
         self.inner.on_step(step)
     }
-    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
         self.seen.extend(att.tensors.iter().cloned());
         self.inner.on_attention(att)
     }

@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ggml_trace::capture::{CaptureSink, CapturedAttention};
+use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention};
 use ggml_trace::session::RunInfo;
 use kcm_cli::progress::{Counters, Progress};
 use kcm_cli::sink::MonitorSink;
@@ -70,7 +70,7 @@ pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
 }
 
 impl CaptureSink for LiveSink<'_, '_> {
-    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         let generated = if info.n_predict > 0 {
             info.n_predict as u64
         } else {
@@ -83,7 +83,7 @@ impl CaptureSink for LiveSink<'_, '_> {
         if !check.fatal.is_empty() {
             let msg = check.fatal.join("; ");
             self.fatal = Some(msg.clone());
-            return Err(msg);
+            return Err(CaptureError::sink(msg));
         }
         match self.save.as_mut() {
             Some(s) => s.on_start(info),
@@ -99,7 +99,7 @@ impl CaptureSink for LiveSink<'_, '_> {
         self.save.as_mut().is_none_or(|s| s.on_step(step))
     }
 
-    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
         if !att.op.is_empty() {
             // The mixed KV cache's node has flash attention's layout.
             self.analyzer.set_current_flash(

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ggml_trace::capture::{CaptureSink, CapturedAttention};
+use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention};
 use ggml_trace::session::RunInfo;
 use trace_format::StepMeta;
 
@@ -46,7 +46,7 @@ impl<S> Timed<S> {
 }
 
 impl<S: CaptureSink> CaptureSink for Timed<S> {
-    fn on_start(&mut self, info: &RunInfo) -> Result<(), String> {
+    fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         self.n_prompt_steps = (info.prompt_tokens.len() as u32).div_ceil(info.n_ubatch.max(1));
         match self.inner.as_mut() {
             Some(s) => s.on_start(info),
@@ -62,7 +62,7 @@ impl<S: CaptureSink> CaptureSink for Timed<S> {
         }
         self.inner.as_mut().is_none_or(|s| s.on_step(step))
     }
-    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), String> {
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
         let Some(s) = self.inner.as_mut() else {
             return Ok(());
         };

@@ -1,5 +1,5 @@
 //! Our dequantization (`gguf_io::quant`) against ggml's own `to_float`, side by side on
-//! the same bytes: `cargo bench -p ggml-trace --bench dequant_vs_ggml`.
+//! the same bytes: `cargo bench -p ggml-trace-sys --bench dequant_vs_ggml`.
 //!
 //! Group `dequant_vs_ggml`, ids `gguf-io/<type>` and `ggml/<type>`, for every type both
 //! implement; 1M elements each, throughput in bytes of f32 output. Single-threaded on
@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ggml_trace::dequant;
+use ggml_trace_sys::dequant;
 use gguf_io::{quant, GgmlType, TYPE_TABLE};
 
 #[path = "../../gguf-io/benches/source/mod.rs"]

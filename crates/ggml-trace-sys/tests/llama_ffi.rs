@@ -1,6 +1,6 @@
 //! llama and common are linked in and built with the intended CPU flags.
 
-use ggml_trace::{shim, system_info};
+use ggml_trace_sys::{shim, system_info};
 
 #[test]
 fn system_info_reports_the_host_simd_and_no_amx() {
@@ -49,6 +49,6 @@ fn common_build_info_comes_from_the_generated_build_info() {
 
 #[test]
 fn llama_cpp_dir_points_at_the_tree() {
-    let dir = std::path::Path::new(ggml_trace::LLAMA_CPP_DIR);
+    let dir = std::path::Path::new(ggml_trace_sys::LLAMA_CPP_DIR);
     assert!(dir.join("include/llama.h").is_file());
 }

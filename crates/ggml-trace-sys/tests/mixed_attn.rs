@@ -12,7 +12,7 @@
 
 use std::ptr;
 
-use ggml_trace::sys;
+use ggml_trace_sys::sys;
 use gguf_io::{quant, GgmlType};
 use tensor_stats::{attention, AttentionParams, Dense};
 

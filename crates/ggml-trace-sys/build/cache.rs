@@ -14,7 +14,7 @@
 //! touches only llama.cpp's src/ and common/ recompiles only llama, common
 //! and kcm_shim, not ggml.
 //!
-//! A cold build therefore needs both `cargo clean -p ggml-trace` and
+//! A cold build therefore needs both `cargo clean -p ggml-trace-sys` and
 //! `rm -rf <target-dir>/kcm-llama` (or a plain `cargo clean`).
 
 use std::fs;

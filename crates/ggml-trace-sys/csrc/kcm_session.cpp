@@ -10,11 +10,36 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
+
+// The layout that src/session.rs mirrors by hand (`kcm_run_info`), checked with the same
+// numbers as the `const` assertions there: a field added or moved on one side only fails
+// to compile on that side.
+static_assert(sizeof(kcm_run_info) == 4424, "kcm_run_info size");
+static_assert(alignof(kcm_run_info) == 8, "kcm_run_info alignment");
+static_assert(offsetof(kcm_run_info, n_layer) == 0, "kcm_run_info.n_layer");
+static_assert(offsetof(kcm_run_info, n_head) == 4, "kcm_run_info.n_head");
+static_assert(offsetof(kcm_run_info, n_head_kv) == 8, "kcm_run_info.n_head_kv");
+static_assert(offsetof(kcm_run_info, n_ctx) == 12, "kcm_run_info.n_ctx");
+static_assert(offsetof(kcm_run_info, n_batch) == 16, "kcm_run_info.n_batch");
+static_assert(offsetof(kcm_run_info, n_ubatch) == 20, "kcm_run_info.n_ubatch");
+static_assert(offsetof(kcm_run_info, n_predict) == 24, "kcm_run_info.n_predict");
+static_assert(offsetof(kcm_run_info, seed) == 28, "kcm_run_info.seed");
+static_assert(offsetof(kcm_run_info, flash_attn) == 32, "kcm_run_info.flash_attn");
+static_assert(offsetof(kcm_run_info, type_k) == 36, "kcm_run_info.type_k");
+static_assert(offsetof(kcm_run_info, type_v) == 40, "kcm_run_info.type_v");
+static_assert(offsetof(kcm_run_info, n_prompt_tokens) == 44, "kcm_run_info.n_prompt_tokens");
+static_assert(offsetof(kcm_run_info, arch) == 48, "kcm_run_info.arch");
+static_assert(offsetof(kcm_run_info, model_path) == 304, "kcm_run_info.model_path");
+static_assert(offsetof(kcm_run_info, mixed_kv_cache) == 4400, "kcm_run_info.mixed_kv_cache");
+static_assert(offsetof(kcm_run_info, mixed_hot_window) == 4404, "kcm_run_info.mixed_hot_window");
+static_assert(offsetof(kcm_run_info, mixed_cold_type) == 4408, "kcm_run_info.mixed_cold_type");
+static_assert(offsetof(kcm_run_info, kv_buffer_bytes) == 4416, "kcm_run_info.kv_buffer_bytes");
 
 struct kcm_session {
     common_params params;

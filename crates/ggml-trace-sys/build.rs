@@ -84,7 +84,7 @@ fn emit_rerun_directives(tree: &Path, csrc: &Path) {
 }
 
 /// A summary in the build script's output (`cargo build -vv`, or
-/// target/*/build/ggml-trace-*/output).
+/// target/*/build/ggml-trace-sys-*/output).
 fn report(libs: &[compile::Library], cpu: &cpu::CpuFlags, lib_dirs: &[PathBuf]) {
     for (lib, dir) in libs.iter().zip(lib_dirs) {
         println!(
@@ -119,7 +119,7 @@ fn emit_link_directives(libs: &[compile::Library], lib_dirs: &[PathBuf]) {
 }
 
 /// `links` metadata for dependents' build scripts, and the tree path for this
-/// crate's code (`ggml_trace::LLAMA_CPP_DIR`).
+/// crate's code (`ggml_trace_sys::LLAMA_CPP_DIR`).
 fn emit_metadata(tree: &Path, csrc: &Path) {
     println!("cargo:root={}", tree.display());
     let includes = [

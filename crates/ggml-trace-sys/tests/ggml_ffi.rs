@@ -4,7 +4,7 @@
 use std::ffi::CStr;
 use std::ptr;
 
-use ggml_trace::sys;
+use ggml_trace_sys::sys;
 
 /// Copies `values` into an F32 tensor's data (contiguous, allocated in the context).
 ///

@@ -24,8 +24,8 @@
 use std::ffi::{c_void, CStr};
 use std::ptr;
 
-use ggml_trace::dequant::{self, DequantError};
-use ggml_trace::sys;
+use ggml_trace_sys::dequant::{self, DequantError};
+use ggml_trace_sys::sys;
 use gguf_io::quant;
 use gguf_io::{GgmlType, TYPE_TABLE};
 
@@ -727,7 +727,7 @@ fn cpu_from_float_differs_only_where_documented() {
             "{ty}: CPU from_float differs from the reference in {differing_blocks} of {} blocks",
             ours.len() / ts
         );
-        if ty == GgmlType::BF16 && ggml_trace::system_info().contains("AVX512_BF16 = 1") {
+        if ty == GgmlType::BF16 && ggml_trace_sys::system_info().contains("AVX512_BF16 = 1") {
             // `ggml_fp32_to_bf16_row` flushes subnormals to zero with AVX512-BF16.
             continue;
         }

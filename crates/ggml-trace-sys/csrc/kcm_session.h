@@ -1,5 +1,6 @@
 // A traced llama.cpp run, as a C ABI for the Rust capture engine (src/session.rs
-// declares the same items by hand: keep both in sync).
+// declares the same items by hand: keep both in sync; kcm_run_info's size and offsets
+// are asserted on both sides, in kcm_session.cpp and src/session.rs).
 //
 // Steps: step 0 is the first ubatch of the prompt; every llama_decode call after it (the
 // next prompt ubatch, then each generated token) is one more. The prompt is decoded in

@@ -1,0 +1,296 @@
+//! The kept copies: each (layer, role)'s last capture of a KV-cache view or mask, its
+//! 8 KiB block hashes, and the [`Revision`] numbering that tells consumers which bytes
+//! changed since (see docs/design.md, "Incremental revisions").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use trace_format::layout::{hash_blocks, HASH_BLOCK};
+use trace_format::{LayoutError, Revision, Role, TensorLayout};
+
+use crate::pool_hash::PoolHasher;
+
+/// A KV-cache view's (or mask's) last copy, per (layer, role).
+struct Kept {
+    layout: TensorLayout,
+    data: Arc<Vec<u8>>,
+    block_hashes: Vec<u64>,
+    id: u64,
+}
+
+/// Keep KV-cache copies only while all of them together stay under this many bytes
+/// (a long context on a large model would otherwise hold a second KV cache); beyond
+/// it, further views are copied afresh each step as before.
+pub(crate) const KEPT_BUDGET: usize = 1 << 30;
+
+/// The block hashes of one span, computed ahead.
+struct Prehashed {
+    ptr: *const u8,
+    len: usize,
+    hashes: Vec<u64>,
+}
+
+/// (layer, role): what a kept copy is kept for.
+pub(crate) type Key = (i32, Role);
+
+/// The kept copies of one run, with the hasher they use.
+pub(crate) struct KeptCache {
+    kept: HashMap<Key, Kept>,
+    kept_bytes: usize,
+    budget: usize,
+    revisions: u64,
+    /// Hashes kept views on llama.cpp's CPU threadpool (see `pool_hash`), when the
+    /// session has one.
+    pool_hasher: Option<PoolHasher>,
+    /// Block hashes of the spans an attention node's kept sources cover, computed in one
+    /// pool computation before they are read (see [`KeptCache::prehash`]); valid only
+    /// until [`KeptCache::clear_prehashed`].
+    prehashed: Vec<Prehashed>,
+}
+
+impl KeptCache {
+    pub(crate) fn new(budget: usize) -> KeptCache {
+        KeptCache {
+            kept: HashMap::new(),
+            kept_bytes: 0,
+            budget,
+            revisions: 0,
+            pool_hasher: None,
+            prehashed: Vec::new(),
+        }
+    }
+
+    /// Hash on this pool from now on.
+    pub(crate) fn use_pool(&mut self, pool: Option<PoolHasher>) {
+        self.pool_hasher = pool;
+    }
+
+    pub(crate) fn has_pool(&self) -> bool {
+        self.pool_hasher.is_some()
+    }
+
+    /// Forget the hashes computed ahead (their memory may change from now on).
+    pub(crate) fn clear_prehashed(&mut self) {
+        self.prehashed.clear();
+    }
+
+    /// Would a new copy of `n_bytes` for `key` stay within the budget, the key's old
+    /// copy (of another layout) being dropped?
+    fn fits_budget(&self, key: Key, n_bytes: usize) -> bool {
+        let old = self.kept.get(&key).map_or(0, |k| k.data.len());
+        self.kept_bytes - old + n_bytes <= self.budget
+    }
+
+    /// Will [`KeptCache::gather`] hash a view of `layout` (of `n_bytes` gathered) for
+    /// `key`: there is a copy of this layout, or a new one fits the budget.
+    pub(crate) fn will_hash(&self, key: Key, layout: &TensorLayout, n_bytes: usize) -> bool {
+        match self.kept.get(&key) {
+            Some(k) if k.layout == *layout => true,
+            _ => self.fits_budget(key, n_bytes),
+        }
+    }
+
+    /// Hash `spans` (pointer, length) all in one computation on the pool (K and V — and
+    /// the mixed cache's cold stores — wake the pool once, not once each), for
+    /// [`KeptCache::gather`] to find by span. With no pool, or fewer than two spans,
+    /// nothing is done (gather hashes a lone span the same way by itself).
+    ///
+    /// # Safety
+    /// Each span must be `len` readable bytes that do not change until
+    /// [`KeptCache::clear_prehashed`] (no graph computes in between).
+    pub(crate) unsafe fn prehash(&mut self, spans: &[(*const u8, usize)]) {
+        self.prehashed.clear();
+        if spans.len() < 2 {
+            return;
+        }
+        let Some(pool) = self.pool_hasher.as_mut() else {
+            return;
+        };
+        self.prehashed = spans
+            .iter()
+            .map(|&(ptr, len)| Prehashed {
+                ptr,
+                len,
+                hashes: vec![0; len.div_ceil(HASH_BLOCK)],
+            })
+            .collect();
+        let mut jobs: Vec<(&[u8], &mut [u64])> = self
+            .prehashed
+            .iter_mut()
+            .map(|p| {
+                // SAFETY: the caller's contract.
+                let span = unsafe { std::slice::from_raw_parts(p.ptr, p.len) };
+                (span, p.hashes.as_mut_slice())
+            })
+            .collect();
+        pool.hash_many(&mut jobs);
+    }
+
+    /// Gather a KV-cache view (the bytes of its span, `src`) over its previous copy for
+    /// `key` (see [`Revision`]); a new copy when the layout changed, a plain gather with
+    /// no revision when the budget is spent.
+    pub(crate) fn gather(
+        &mut self,
+        src: &[u8],
+        layout: TensorLayout,
+        key: Key,
+    ) -> Result<(Arc<Vec<u8>>, Option<Revision>), LayoutError> {
+        self.revisions += 1;
+        let id = self.revisions;
+        let n_bytes = layout.n_bytes()? as usize;
+        let fits = self.fits_budget(key, n_bytes);
+        let pool = &mut self.pool_hasher;
+        let prehashed = &self.prehashed;
+        let mut hash = |span: &[u8], out: &mut [u64]| {
+            let ahead = prehashed.iter().find(|p| {
+                p.ptr == span.as_ptr() && p.len == span.len() && p.hashes.len() == out.len()
+            });
+            match (ahead, pool.as_mut()) {
+                (Some(p), _) => out.copy_from_slice(&p.hashes),
+                (None, Some(h)) => h.hash(span, out),
+                (None, None) => hash_blocks(span, out),
+            }
+        };
+        if let Some(k) = self.kept.get_mut(&key) {
+            if k.layout == layout {
+                // Unique unless a sink kept the previous capture: then it is copied once.
+                let data = Arc::make_mut(&mut k.data);
+                let changed = layout.gather_update(src, data, &mut k.block_hashes, &mut hash)?;
+                let since = changed.map(|c| (k.id, c));
+                k.id = id;
+                return Ok((Arc::clone(&k.data), Some(Revision { id, since })));
+            }
+            if let Some(old) = self.kept.remove(&key) {
+                self.kept_bytes -= old.data.len();
+            }
+        }
+        let mut out = Vec::new();
+        if !fits {
+            layout.gather_into(src, &mut out)?;
+            return Ok((Arc::new(out), None));
+        }
+        let mut block_hashes = Vec::new();
+        layout.gather_update(src, &mut out, &mut block_hashes, &mut hash)?;
+        let data = Arc::new(out);
+        self.kept_bytes += data.len();
+        self.kept.insert(
+            key,
+            Kept {
+                layout,
+                data: Arc::clone(&data),
+                block_hashes,
+                id,
+            },
+        );
+        Ok((data, Some(Revision { id, since: None })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gguf_io::GgmlType;
+
+    use super::*;
+
+    /// `rows` rows of `cols` F32 values, contiguous.
+    fn layout(cols: u64, rows: u64) -> TensorLayout {
+        TensorLayout::contiguous(GgmlType::F32, [cols, rows, 1, 1]).expect("F32 layout")
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn revisions_name_what_changed_since_the_previous_capture() {
+        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let l = layout(4096, 8); // 16 KiB per row: rows in their own blocks
+        let key = (0, Role::K);
+        let mut src = bytes(4096 * 8 * 4, 1);
+        let (first, r1) = cache.gather(&src, l, key).expect("gather");
+        assert_eq!(*first, src);
+        let r1 = r1.expect("kept");
+        assert_eq!(r1.since, None);
+
+        // Nothing changed: an empty change list against r1.
+        let (_, r2) = cache.gather(&src, l, key).expect("gather");
+        let r2 = r2.expect("kept");
+        assert_eq!(r2.since, Some((r1.id, vec![])));
+
+        // One row changes: its byte range, against r2.
+        let row = 16384;
+        src[5 * row + 7] ^= 0xff;
+        let (data, r3) = cache.gather(&src, l, key).expect("gather");
+        assert_eq!(*data, src);
+        let (since, changed) = r3.expect("kept").since.expect("compared");
+        assert_eq!(since, r2.id);
+        assert!(!changed.is_empty());
+        assert!(changed
+            .iter()
+            .all(|c| c.start >= 5 * row && c.end <= 6 * row));
+        assert!(changed.iter().any(|c| c.contains(&(5 * row + 7))));
+    }
+
+    #[test]
+    fn keys_are_separate_and_layout_changes_start_over() {
+        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let src = bytes(64 * 4 * 4, 2);
+        let (_, a) = cache
+            .gather(&src, layout(64, 4), (0, Role::K))
+            .expect("gather");
+        let (_, b) = cache
+            .gather(&src, layout(64, 4), (0, Role::V))
+            .expect("gather");
+        let (a, b) = (a.expect("kept"), b.expect("kept"));
+        assert_ne!(a.id, b.id);
+        assert_eq!(b.since, None, "another role has its own copy");
+        let (data, c) = cache
+            .gather(&src, layout(128, 2), (0, Role::K))
+            .expect("gather");
+        assert_eq!(*data, src);
+        assert_eq!(c.expect("kept").since, None, "a new layout is not compared");
+    }
+
+    #[test]
+    fn budget_bounds_the_kept_bytes() {
+        let l = layout(64, 4); // 1 KiB
+        let src = bytes(1024, 3);
+        let mut cache = KeptCache::new(1024);
+        assert!(cache.will_hash((0, Role::K), &l, 1024));
+        let (_, r) = cache.gather(&src, l, (0, Role::K)).expect("gather");
+        assert!(r.is_some());
+        assert!(!cache.will_hash((1, Role::K), &l, 1024));
+        let (data, r) = cache.gather(&src, l, (1, Role::K)).expect("gather");
+        assert_eq!(*data, src);
+        assert_eq!(r, None, "over budget: copied afresh, no revision");
+        // The kept key still compares.
+        assert!(cache.will_hash((0, Role::K), &l, 1024));
+        let (_, r) = cache.gather(&src, l, (0, Role::K)).expect("gather");
+        assert!(r.expect("kept").since.is_some());
+    }
+
+    #[test]
+    fn a_shared_previous_capture_is_not_changed() {
+        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let l = layout(64, 4);
+        let mut src = bytes(1024, 4);
+        let (old, _) = cache.gather(&src, l, (2, Role::Mask)).expect("gather");
+        src[0] ^= 1;
+        let (new, _) = cache.gather(&src, l, (2, Role::Mask)).expect("gather");
+        assert_ne!(old[0], new[0], "the sink's Arc keeps the old bytes");
+        assert_eq!(*new, src);
+    }
+
+    #[test]
+    fn prehash_without_a_pool_does_nothing() {
+        let mut cache = KeptCache::new(KEPT_BUDGET);
+        assert!(!cache.has_pool());
+        let src = bytes(1024, 5);
+        // SAFETY: the spans are live slices, unchanged until cleared.
+        unsafe { cache.prehash(&[(src.as_ptr(), src.len()), (src.as_ptr(), 512)]) };
+        assert!(cache.prehashed.is_empty());
+        cache.clear_prehashed();
+    }
+}

@@ -1,0 +1,536 @@
+//! The capture engine: an eval callback that finds each layer's attention in the graph by
+//! structure, reads its inputs and outputs after the nodes ran, and hands them over with
+//! their layouts.
+//!
+//! How attention is found (names repeat, so only `kqv_out-<layer>` is looked up by name):
+//! - flash attention: a `FLASH_ATTN_EXT` node; its sources are q, k, v, mask, sinks.
+//! - without it: a `MUL_MAT` whose first source is a view of a KV-cache tensor (a leaf in
+//!   a buffer that holds neither weights nor compute results) is `kq` when its second
+//!   source is not a softmax, and `kqv` when it is; the `SOFT_MAX` between them is the
+//!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`.
+//! - mixed KV cache (`--mixed-kv-cache`): a `CUSTOM` node that llama.cpp's
+//!   `llama_mixed_attn_get_params` recognises (it compares the node's function pointer
+//!   with the mixed-attention kernel's); its six sources are q, k (hot), v (hot),
+//!   k_quant (cold), v_quant (cold), mask, saved with those roles and their layouts.
+//! - `kqv_out-<layer>` is bound to the attention op that its source chain (views,
+//!   reshapes, permutes, copies) reaches, so the layer comes from structure too.
+//!
+//! The callback asks (`ask == true`) only for those nodes and reads data only in the
+//! `ask == false` call that follows each one's computation, while its inputs are still
+//! live: q and k are consumed by `kq` long before `kqv_out` runs when flash attention is
+//! off, so they are read at `kq`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use trace_format::Revision;
+use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
+
+use crate::sys;
+
+mod error;
+mod graph;
+mod kept;
+mod read;
+
+pub use error::CaptureError;
+
+pub use graph::mixed_attn_params;
+use graph::{
+    attention_feeding, flash_attn_params, is_kv_mul_mat, kq_ancestor, kqv_out_layer, layout_of,
+    op_name, softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of,
+    view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
+};
+use kept::{KeptCache, KEPT_BUDGET};
+
+/// One tensor read out of the graph: its description and its bytes in logical
+/// contiguous order, in its own ggml type.
+#[derive(Clone, Debug)]
+pub struct CapturedTensor {
+    pub meta: TensorMeta,
+    /// Shared, not copied: a KV-cache view's or mask's bytes are the capture's own copy,
+    /// kept to compare the next step's with (see [`Revision`]).
+    pub data: Arc<Vec<u8>>,
+    /// For KV-cache views and masks: how these bytes relate to the previous capture of
+    /// the same (layer, role). `None` for everything else.
+    pub revision: Option<Revision>,
+}
+
+/// Everything captured for one layer in one step.
+#[derive(Clone, Debug)]
+pub struct CapturedAttention {
+    pub step: u32,
+    pub layer: i32,
+    /// The op that computed attention: `FLASH_ATTN_EXT`, `SOFT_MAX` (no flash attention)
+    /// or `MIXED_ATTN` (the mixed KV cache's node, a ggml `CUSTOM` op).
+    pub op: String,
+    pub params: AttnParams,
+    /// `kqv_out` first, then the attention op's output and its inputs.
+    pub tensors: Vec<CapturedTensor>,
+}
+
+/// What to capture.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureConfig {
+    /// Only this layer; `None` for all.
+    pub layer: Option<i32>,
+    /// Capture the attention inputs too (the seed's default); off: `kqv_out` only.
+    pub trace_sources: bool,
+    /// Keep each KV-cache view and mask from one step to the next and gather again only
+    /// the rows that changed (see [`Revision`]); off: copy everything every step, with
+    /// no revisions (the tools keep; tests compare the two).
+    pub keep: bool,
+}
+
+/// Receives the run as it happens (on the thread that runs `llama_decode`).
+pub trait CaptureSink {
+    /// The model is loaded and the context made; nothing has been decoded yet.
+    fn on_start(&mut self, _info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {
+        Ok(())
+    }
+    /// A step is about to be decoded. Return false to stop the run before it (Ctrl-C).
+    fn on_step(&mut self, _step: &trace_format::StepMeta) -> bool {
+        true
+    }
+    /// A layer's attention for the current step is complete. An error stops the run.
+    fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError>;
+}
+
+/// Attention being assembled between its op and `kqv_out`.
+#[derive(Default)]
+struct Pending {
+    op: String,
+    params: AttnParams,
+    tensors: Vec<CapturedTensor>,
+    layer_hint: Option<i32>,
+}
+
+/// The callback's state. Create one per run, pass `Capture::callback` and a pointer to it
+/// as the context's eval callback, and call [`Capture::begin_step`] before each decode.
+pub struct Capture<'a> {
+    cfg: CaptureConfig,
+    sink: &'a mut dyn CaptureSink,
+    step: u32,
+    /// Keyed by the node that finished the attention op (FA node, or `kqv`).
+    done: HashMap<*const sys::ggml_tensor, Pending>,
+    /// Without flash attention: keyed by the `kq` node, then by the softmax node.
+    open: HashMap<*const sys::ggml_tensor, Pending>,
+    error: Option<CaptureError>,
+    scratch: Vec<u8>,
+    /// KV-cache views' and masks' last copies (see [`Revision`]).
+    kept: KeptCache,
+}
+
+impl<'a> Capture<'a> {
+    pub fn new(cfg: CaptureConfig, sink: &'a mut dyn CaptureSink) -> Self {
+        Self {
+            cfg,
+            sink,
+            step: 0,
+            done: HashMap::new(),
+            open: HashMap::new(),
+            error: None,
+            scratch: Vec::new(),
+            kept: KeptCache::new(KEPT_BUDGET),
+        }
+    }
+
+    /// Hash kept KV-cache views on this CPU threadpool (the one the context computes
+    /// with), between graph computations.
+    ///
+    /// # Safety
+    /// `pool` must stay valid while this capture is used as the eval callback, and be
+    /// the threadpool of the graph computations the callback interrupts (so nothing else
+    /// computes on it while the callback runs).
+    pub(crate) unsafe fn use_threadpool(
+        &mut self,
+        pool: *mut sys::ggml_threadpool,
+        n_threads: i32,
+    ) {
+        // SAFETY: the caller's contract is PoolHasher::new's.
+        self.kept
+            .use_pool(unsafe { crate::pool_hash::PoolHasher::new(pool, n_threads) });
+    }
+
+    /// Start a new step (before its `llama_decode`); false when the sink says stop.
+    /// After an error (or a caught panic) the run stops before the next step.
+    pub fn begin_step(&mut self, step: &trace_format::StepMeta) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        self.step = step.step;
+        self.done.clear();
+        self.open.clear();
+        self.sink.on_step(step)
+    }
+
+    pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {
+        self.sink.on_start(info)
+    }
+
+    /// Stop the run with `e` (kept unless an error came first).
+    pub(crate) fn fail(&mut self, e: CaptureError) {
+        self.error.get_or_insert(e);
+    }
+
+    /// The first error met inside the callbacks (the run stops there).
+    pub fn take_error(&mut self) -> Option<CaptureError> {
+        self.error.take()
+    }
+
+    /// Without flash attention: the traced `kq` node a softmax's input chain reaches.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn kq_ancestor(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
+        // SAFETY: caller guarantees liveness.
+        unsafe { kq_ancestor(t, |c| self.open.contains_key(&c)) }
+    }
+
+    fn wanted_layer(&self, hint: Option<i32>) -> bool {
+        match (self.cfg.layer, hint) {
+            (Some(want), Some(h)) => want == h,
+            _ => true,
+        }
+    }
+
+    /// The `ask == true` decision for every node but `kqv_out-<layer>` (which the
+    /// callback decides itself, as it may finish the layer right there).
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor of the graph being computed.
+    unsafe fn wants(&self, t: *const sys::ggml_tensor) -> bool {
+        // SAFETY: caller guarantees liveness; src pointers of live nodes are live or null.
+        unsafe {
+            let tr = &*t;
+            if let Some(layer) = unrotation_of(t) {
+                return self.cfg.layer.is_none_or(|l| l == layer);
+            }
+            if !self.cfg.trace_sources {
+                return false;
+            }
+            match tr.op {
+                sys::GGML_OP_FLASH_ATTN_EXT => self.wanted_layer(source_layer_hint(tr.src[1])),
+                sys::GGML_OP_MUL_MAT if is_kv_mul_mat(tr) => {
+                    self.wanted_layer(source_layer_hint(tr.src[0]))
+                }
+                sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
+                sys::GGML_OP_CUSTOM if mixed_attn_params(t).is_some() => {
+                    self.wanted_layer(source_layer_hint(tr.src[1]))
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// The `ask == false` work: read what this node makes available.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor whose node has just been computed.
+    unsafe fn observe(&mut self, t: *const sys::ggml_tensor) -> Result<(), CaptureError> {
+        // Hashes computed ahead belong to the observe call that made them.
+        self.kept.clear_prehashed();
+        // SAFETY: caller guarantees liveness; sources of a computed node are still live.
+        unsafe {
+            let tr = &*t;
+            if let Some(layer) = kqv_out_layer(tr) {
+                return self.finish_layer(t, layer);
+            }
+            if let Some(layer) = unrotation_of(t) {
+                return self.unrotated(t, layer);
+            }
+            if let Some(params) = flash_attn_params(tr) {
+                let mut p = Pending {
+                    op: op_name(tr.op),
+                    params,
+                    layer_hint: source_layer_hint(tr.src[1]),
+                    tensors: Vec::new(),
+                };
+                let layer = p.layer_hint.unwrap_or(-1);
+                p.tensors.push(self.read(t, Role::Attn, layer)?);
+                let srcs: [_; 5] = std::array::from_fn(|i| {
+                    (tr.src[i] as *const sys::ggml_tensor, FLASH_ATTN_ROLES[i])
+                });
+                self.prehash(&srcs, layer);
+                for (i, role) in FLASH_ATTN_ROLES.into_iter().enumerate() {
+                    if !tr.src[i].is_null() {
+                        p.tensors.push(self.read(tr.src[i], role, layer)?);
+                    }
+                }
+                self.done.insert(t, p);
+                return Ok(());
+            }
+            match tr.op {
+                sys::GGML_OP_MUL_MAT if is_kv_mul_mat(tr) => {
+                    let src1 = tr.src[1] as *const sys::ggml_tensor;
+                    let is_kqv = !src1.is_null() && self.open.contains_key(&src1);
+                    if is_kqv {
+                        let mut p = self.open.remove(&src1).unwrap_or_default();
+                        let layer = p.layer_hint.unwrap_or(-1);
+                        p.tensors.push(self.read(tr.src[0], Role::V, layer)?);
+                        p.tensors.push(self.read(t, Role::Attn, layer)?);
+                        self.done.insert(t, p);
+                    } else {
+                        let hint = source_layer_hint(tr.src[0]);
+                        let layer = hint.unwrap_or(-1);
+                        let mut p = Pending {
+                            layer_hint: hint,
+                            ..Default::default()
+                        };
+                        p.tensors.push(self.read(src1, Role::Q, layer)?);
+                        p.tensors.push(self.read(tr.src[0], Role::K, layer)?);
+                        p.tensors.push(self.read(t, Role::Kq, layer)?);
+                        self.open.insert(t, p);
+                    }
+                }
+                sys::GGML_OP_CUSTOM => {
+                    let Some(params) = mixed_attn_params(t) else {
+                        return Ok(());
+                    };
+                    let layer_hint = source_layer_hint(tr.src[1]);
+                    let layer = layer_hint.unwrap_or(-1);
+                    let mut p = Pending {
+                        op: trace_format::mixed::MIXED_ATTN_OP.to_string(),
+                        params,
+                        layer_hint,
+                        tensors: Vec::new(),
+                    };
+                    p.tensors.push(self.read(t, Role::Attn, layer)?);
+                    let srcs: [_; 6] = std::array::from_fn(|i| {
+                        (tr.src[i] as *const sys::ggml_tensor, MIXED_ROLES[i])
+                    });
+                    self.prehash(&srcs, layer);
+                    for (i, role) in MIXED_ROLES.into_iter().enumerate() {
+                        if tr.src[i].is_null() {
+                            return Err(CaptureError::MissingSource {
+                                layer,
+                                index: i,
+                                role,
+                            });
+                        }
+                        p.tensors.push(self.read(tr.src[i], role, layer)?);
+                    }
+                    self.done.insert(t, p);
+                }
+                sys::GGML_OP_SOFT_MAX => {
+                    if let Some(kq) = self.kq_ancestor(t) {
+                        let mut p = self.open.remove(&kq).unwrap_or_default();
+                        let layer = p.layer_hint.unwrap_or(-1);
+                        p.op = op_name(tr.op);
+                        p.params = softmax_params(t);
+                        if !tr.src[1].is_null() {
+                            p.tensors.push(self.read(tr.src[1], Role::Mask, layer)?);
+                        }
+                        if !tr.src[2].is_null() {
+                            p.tensors.push(self.read(tr.src[2], Role::Sinks, layer)?);
+                        }
+                        p.tensors.push(self.read(t, Role::KqSoftMax, layer)?);
+                        self.open.insert(t, p);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Emit the un-rotated attention output, recorded in `kqv_out`'s shape.
+    ///
+    /// # Safety
+    /// `t` must point to a live, computed ggml tensor.
+    unsafe fn unrotated(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+    ) -> Result<(), CaptureError> {
+        // SAFETY: caller guarantees liveness.
+        let mut c = unsafe { self.read(t, Role::KqvOutUnrotated, layer) }?;
+        // SAFETY: as above; src[1]'s chain was checked by unrotation_of.
+        unsafe {
+            let kqv_out = unrotated_kqv_out(t);
+            let ne = (*kqv_out).ne.map(|x| x.max(0) as u64);
+            if let Ok(l) = TensorLayout::contiguous(c.meta.layout.ty, ne) {
+                if l.n_elements() == c.meta.layout.n_elements() {
+                    c.meta.layout = l;
+                }
+            }
+        }
+        self.sink.on_attention(CapturedAttention {
+            step: self.step,
+            layer,
+            op: String::new(),
+            params: AttnParams::default(),
+            tensors: vec![c],
+        })
+    }
+
+    /// `kqv_out-<layer>` ran: bind it to the attention op its chain reaches, emit.
+    ///
+    /// # Safety
+    /// `t` must point to a live, computed ggml tensor.
+    unsafe fn finish_layer(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+    ) -> Result<(), CaptureError> {
+        // SAFETY: caller guarantees `t` is live and computed.
+        let out = unsafe { self.read(t, Role::KqvOut, layer) }?;
+        // SAFETY: as above.
+        unsafe { self.emit_layer(t, layer, out) }
+    }
+
+    /// With flash attention `kqv_out` is usually a contiguous reshape of the attention
+    /// op's output, already read when that op ran: then it is described from its own
+    /// layout and its bytes are the op output's, and the callback need not stop the
+    /// graph at it (one synchronisation less per layer). Returns false when the fast
+    /// path does not apply.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn finish_layer_as_view(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+    ) -> Result<bool, CaptureError> {
+        // SAFETY: caller guarantees liveness.
+        let tr = unsafe { &*t };
+        if tr.view_src.is_null() {
+            return Ok(false);
+        }
+        // SAFETY: view chains of live tensors are live.
+        let base = unsafe { view_base(t) };
+        let Some(p) = self.done.get(&base) else {
+            return Ok(false);
+        };
+        let Some(attn) = p.tensors.iter().find(|c| c.meta.role == Role::Attn) else {
+            return Ok(false);
+        };
+        let layout = layout_of(tr);
+        let same_bytes = tr.view_offs == 0
+            && layout.is_contiguous()
+            && attn.meta.layout.is_contiguous()
+            && layout.ty == attn.meta.layout.ty
+            && layout.n_elements() == attn.meta.layout.n_elements();
+        if !same_bytes {
+            return Ok(false);
+        }
+        let out = CapturedTensor {
+            meta: TensorMeta {
+                role: Role::KqvOut,
+                layer,
+                step: self.step,
+                ggml_name: tensor_name(tr),
+                op: op_name(tr.op),
+                layout,
+                // SAFETY: checked non-null above.
+                view_of: tensor_name(unsafe { &*tr.view_src }),
+            },
+            data: Arc::clone(&attn.data),
+            revision: None,
+        };
+        // SAFETY: caller guarantees liveness.
+        unsafe { self.emit_layer(t, layer, out) }?;
+        Ok(true)
+    }
+
+    /// Bind `kqv_out` (already captured as `out`) to the attention op its source chain
+    /// reaches, and hand the whole layer to the sink.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn emit_layer(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        layer: i32,
+        mut out: CapturedTensor,
+    ) -> Result<(), CaptureError> {
+        out.meta.layer = layer;
+        let mut att = CapturedAttention {
+            step: self.step,
+            layer,
+            op: String::new(),
+            params: AttnParams::default(),
+            tensors: vec![out],
+        };
+        if self.cfg.trace_sources {
+            // SAFETY: caller guarantees liveness.
+            let node = unsafe { attention_feeding(t, |c| self.done.contains_key(&c)) };
+            let Some(p) = node.and_then(|n| self.done.remove(&n)) else {
+                return Err(CaptureError::Unbound {
+                    layer,
+                    step: self.step,
+                });
+            };
+            att.op = p.op;
+            att.params = p.params;
+            for mut c in p.tensors {
+                c.meta.layer = layer;
+                att.tensors.push(c);
+            }
+        }
+        self.sink.on_attention(att)
+    }
+
+    /// The eval callback to give llama.cpp (`ggml_backend_sched_eval_callback`), with a
+    /// `*mut Capture` as `user_data`.
+    ///
+    /// # Safety
+    /// `user_data` must be a valid `*mut Capture` for the duration of the run, and ggml
+    /// must call this with live tensors (it does).
+    pub unsafe extern "C" fn callback(
+        t: *mut sys::ggml_tensor,
+        ask: bool,
+        user_data: *mut std::ffi::c_void,
+    ) -> bool {
+        if user_data.is_null() || t.is_null() {
+            return false;
+        }
+        // SAFETY: the session passes a `*mut Capture` that outlives the run.
+        let cap = unsafe { &mut *(user_data as *mut Capture) };
+        if cap.error.is_some() {
+            // After an error ask for nothing more (and stop the graph if asked).
+            return false;
+        }
+        // A panic must not unwind into ggml's C code: catch it and stop the run with it.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: ggml passes live graph nodes; with `ask == false`, computed ones.
+            unsafe { cap.eval(t, ask) }
+        }));
+        match result {
+            Ok(Ok(wanted)) => wanted,
+            Ok(Err(e)) => {
+                cap.error = Some(e);
+                false
+            }
+            Err(panic) => {
+                cap.error = Some(CaptureError::from_panic(panic));
+                false
+            }
+        }
+    }
+
+    /// The callback's work: the `ask` decision, or the data call's reading.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor of the graph being computed, computed when
+    /// `ask` is false.
+    unsafe fn eval(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> Result<bool, CaptureError> {
+        if ask {
+            // SAFETY: caller guarantees liveness.
+            let Some(layer) = kqv_out_layer(unsafe { &*t }) else {
+                // SAFETY: as above.
+                return Ok(unsafe { self.wants(t) });
+            };
+            if self.cfg.layer.is_some_and(|l| l != layer) {
+                return Ok(false);
+            }
+            // SAFETY: as above.
+            if self.cfg.trace_sources && unsafe { self.finish_layer_as_view(t, layer) }? {
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        // SAFETY: as above; this node has been computed.
+        unsafe { self.observe(t) }.map(|()| true)
+    }
+}

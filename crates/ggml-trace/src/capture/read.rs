@@ -1,0 +1,155 @@
+//! Reading and gathering a tensor's bytes after its node ran: from host memory in place
+//! (or through `ggml_backend_tensor_get`), into logical contiguous order, over the kept
+//! copy for KV-cache views and masks ([`super::kept`]).
+
+use std::sync::Arc;
+
+use trace_format::{Role, TensorMeta};
+
+use super::graph::{is_kv_view, layout_of, op_name, tensor_name};
+use super::{Capture, CaptureError, CapturedTensor};
+use crate::sys;
+
+/// The bytes of `t`'s span (`span` = its span in bytes): borrowed in place from a host
+/// buffer, or copied into `scratch` from any other.
+///
+/// # Safety
+/// `t` must point to a live ggml tensor with data in a live buffer, whose span is `span`
+/// bytes; the bytes must not change while the returned slice is used.
+unsafe fn span_bytes(t: *const sys::ggml_tensor, span: usize, scratch: &mut Vec<u8>) -> &[u8] {
+    // SAFETY: caller guarantees `t` is live.
+    let tr = unsafe { &*t };
+    // SAFETY: the buffer pointer is live while the graph runs.
+    let host = unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) };
+    if host {
+        // SAFETY: for host buffers `data` points at `span` readable bytes: ggml
+        // allocated ggml_nbytes(t) = span bytes for this (view of a) tensor.
+        unsafe { std::slice::from_raw_parts(tr.data as *const u8, span) }
+    } else {
+        scratch.resize(span, 0);
+        // SAFETY: offset 0 and size span = ggml_nbytes(t) lie inside the tensor.
+        unsafe {
+            sys::ggml_backend_tensor_get(t, scratch.as_mut_ptr().cast(), 0, span);
+        }
+        scratch
+    }
+}
+
+impl Capture<'_> {
+    /// Read a tensor's bytes (after its node ran) into logical contiguous order.
+    ///
+    /// # Safety
+    /// `t` must point to a live, allocated ggml tensor.
+    pub(super) unsafe fn read(
+        &mut self,
+        t: *const sys::ggml_tensor,
+        role: Role,
+        layer: i32,
+    ) -> Result<CapturedTensor, CaptureError> {
+        // SAFETY: caller guarantees `t` is live.
+        let tr = unsafe { &*t };
+        let layout = layout_of(tr);
+        let span = layout.span_bytes().map_err(|source| CaptureError::Layout {
+            tensor: tensor_name(tr),
+            source,
+        })? as usize;
+        if tr.data.is_null() || tr.buffer.is_null() {
+            return Err(CaptureError::NoData {
+                tensor: tensor_name(tr),
+            });
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // SAFETY: live tensor with data (checked above) and span `span`; nothing computes
+        // while the callback runs.
+        let src = unsafe { span_bytes(t, span, &mut scratch) };
+        // SAFETY: caller guarantees `t` is live.
+        let keep = unsafe { self.keeps(t, role, layer) };
+        let gathered = if keep {
+            self.kept.gather(src, layout, (layer, role))
+        } else {
+            let mut out = Vec::new();
+            layout
+                .gather_into(src, &mut out)
+                .map(|()| (Arc::new(out), None))
+        };
+        self.scratch = scratch;
+        let (data, revision) = gathered?;
+        let view_of = if tr.view_src.is_null() {
+            String::new()
+        } else {
+            // SAFETY: view_src of a live tensor is live.
+            tensor_name(unsafe { &*tr.view_src })
+        };
+        Ok(CapturedTensor {
+            meta: TensorMeta {
+                role,
+                layer,
+                step: self.step,
+                ggml_name: tensor_name(tr),
+                op: op_name(tr.op),
+                layout,
+                view_of,
+            },
+            data,
+            revision,
+        })
+    }
+
+    /// Is `t` kept from one step to the next? KV-cache views and masks change little.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn keeps(&self, t: *const sys::ggml_tensor, role: Role, layer: i32) -> bool {
+        self.cfg.keep
+            && layer >= 0
+            && (role == Role::Mask
+                || matches!(role, Role::K | Role::V | Role::KQuant | Role::VQuant)
+                // SAFETY: caller guarantees `t` is live.
+                    && unsafe { is_kv_view(t) })
+    }
+
+    /// Before an attention node's sources are read: hash the spans of those that `read`
+    /// will keep and hash, all in one computation on the pool (see
+    /// [`super::kept::KeptCache::prehash`]). The memory cannot change before they are
+    /// read, as no graph is computing.
+    ///
+    /// # Safety
+    /// Every non-null pointer in `srcs` must point to a live, allocated ggml tensor.
+    pub(super) unsafe fn prehash(&mut self, srcs: &[(*const sys::ggml_tensor, Role)], layer: i32) {
+        self.kept.clear_prehashed();
+        if !self.kept.has_pool() {
+            return;
+        }
+        let mut spans = Vec::new();
+        for &(t, role) in srcs {
+            // SAFETY: caller guarantees liveness of non-null pointers.
+            if t.is_null() || !unsafe { self.keeps(t, role, layer) } {
+                continue;
+            }
+            // SAFETY: as above.
+            let tr = unsafe { &*t };
+            // SAFETY: the buffer of a live allocated tensor is live.
+            if tr.data.is_null()
+                || tr.buffer.is_null()
+                || !unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) }
+            {
+                continue;
+            }
+            let layout = layout_of(tr);
+            let (Ok(span), Ok(n_bytes)) = (layout.span_bytes(), layout.n_bytes()) else {
+                continue;
+            };
+            // Only what gather will hash: an existing copy of this layout, or a new one
+            // within the budget.
+            if self
+                .kept
+                .will_hash((layer, role), &layout, n_bytes as usize)
+            {
+                spans.push((tr.data as *const u8, span as usize));
+            }
+        }
+        // SAFETY: host memory of live tensors, each `len` = its span in bytes (what
+        // `read` hands `gather`); unchanged until the next observe call clears them.
+        unsafe { self.kept.prehash(&spans) };
+    }
+}

@@ -1,0 +1,46 @@
+//! Facts about a traced run, shared by [`crate::session`] (which makes them) and
+//! [`crate::capture`] (which hands them to the sink), so that neither imports the other.
+
+/// Facts about the run, known before the first decode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunInfo {
+    pub n_layer: u32,
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_predict: i32,
+    pub seed: u32,
+    /// What was asked for: `Some(true)` on, `Some(false)` off, `None` auto (llama.cpp
+    /// decides; the trace records what the graph really did).
+    pub flash_attn_requested: Option<bool>,
+    pub type_k: gguf_io::GgmlType,
+    pub type_v: gguf_io::GgmlType,
+    pub architecture: String,
+    pub model_path: String,
+    pub prompt_tokens: Vec<i32>,
+    /// The mixed KV cache's settings, when `--mixed-kv-cache` was given.
+    pub mixed: Option<MixedKvInfo>,
+    /// Bytes of the context's KV-cache backend buffers (hot and cold stores of a mixed
+    /// cache included), from ggml's buffer sizes (`llama_memory_buffer_size`).
+    pub kv_buffer_bytes: u64,
+}
+
+/// `--mixed-kv-cache` settings of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixedKvInfo {
+    /// Tokens kept in the F16 hot store (`--mixed-hot-window`).
+    pub hot_window: u32,
+    /// Type of the cold store (`--mixed-cold-type`).
+    pub cold_type: gguf_io::GgmlType,
+}
+
+/// How the run went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub steps: u32,
+    /// Stopped early by the sink (Ctrl-C), not by the end of the prompt/generation.
+    pub interrupted: bool,
+    pub generated_text: String,
+}
