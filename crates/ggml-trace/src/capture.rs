@@ -722,7 +722,7 @@ impl<'a> Capture<'a> {
                     };
                     let layer = layer_hint.unwrap_or(-1);
                     let mut p = Pending {
-                        op: trace_format::mixed::MIXED_ATTN_OP.to_string(),
+                        op: trace_format::MIXED_ATTN_OP.to_string(),
                         params,
                         layer_hint,
                         tensors: Vec::new(),

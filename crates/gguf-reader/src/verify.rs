@@ -1,7 +1,7 @@
 //! `--verify-attention` and `--shapes` for kv-cache-monitor traces.
 //!
 //! `--verify-attention` recomputes every traced attention from its traced inputs and
-//! compares it with its traced `kqv_out` (trace_format::verify, which also diagnoses a
+//! compares it with its traced `kqv_out` (the attn-verify crate, which also diagnoses a
 //! failure: which input, which mistake). `--shapes` shows what was captured for each
 //! (step, layer): per tensor its role, type, `ne`, the strides it had in ggml (`nb`) and
 //! the memory order those strides give.
@@ -9,8 +9,8 @@
 use std::io::{self, Write};
 use trace_format::json::number as num;
 
+use attn_verify::{check_in_trace, render, Checked, Missing};
 use serde_json::{json, Value};
-use trace_format::verify::{self, check_in_trace, Checked, Missing};
 use trace_format::{TraceError, TraceFile, TracedTensor};
 
 /// One (step, layer) of the report.
@@ -158,7 +158,7 @@ pub fn render(
     let mut items = Vec::new();
     if !json_out {
         if verifying {
-            writeln!(out, "{}", verify::table_header())?;
+            writeln!(out, "{}", render::table_header())?;
         }
         if shapes {
             shapes_header(out)?;
@@ -173,8 +173,8 @@ pub fn render(
                     n.failed += 1;
                 }
                 if !json_out {
-                    writeln!(out, "{}", verify::table_row(c))?;
-                    for line in verify::diagnosis_lines(c) {
+                    writeln!(out, "{}", render::table_row(c))?;
+                    for line in render::diagnosis_lines(c) {
                         writeln!(out, "{line}")?;
                     }
                 }
@@ -183,7 +183,7 @@ pub fn render(
             Some(Err(m)) => {
                 n.missing += 1;
                 if !json_out {
-                    writeln!(out, "{}", verify::missing_row(r.step, r.layer, m))?;
+                    writeln!(out, "{}", render::missing_row(r.step, r.layer, m))?;
                 }
                 json!({"step": r.step, "layer": r.layer, "verdict": "missing", "missing": m.0})
             }
@@ -217,7 +217,7 @@ pub fn render(
         writeln!(
             out,
             "{}",
-            verify::summary_line(n.verified, n.failed, n.missing)
+            render::summary_line(n.verified, n.failed, n.missing)
         )?;
     }
     Ok(n)

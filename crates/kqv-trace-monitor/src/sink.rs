@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use trace_format::json::number as num;
 
+use attn_verify::{render, Checked, Fingerprints, Group};
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
 use tensor_stats::{Sci, Summary};
-use trace_format::verify::{self, Checked, Fingerprints, Group};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
 use crate::args::{Options, SaveTarget};
@@ -61,7 +61,7 @@ impl Verifier {
         )
         .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
         let prev = self.previous.get(&att.layer).map(|(s, f)| (*s, f));
-        let result = verify::check(&group, prev)
+        let result = attn_verify::check(&group, prev)
             .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
         self.previous
             .insert(att.layer, (att.step, group.fingerprints()));
@@ -75,8 +75,8 @@ impl Verifier {
                 if json {
                     vec![checked_json(&c).to_string()]
                 } else {
-                    let mut v = vec![verify::verdict_line(&c)];
-                    v.extend(verify::diagnosis_lines(&c));
+                    let mut v = vec![render::verdict_line(&c)];
+                    v.extend(render::diagnosis_lines(&c));
                     v
                 }
             }
@@ -108,7 +108,7 @@ impl Verifier {
         } else {
             format!(
                 "verify: {}",
-                verify::summary_line(self.verified, self.failed, self.missing)
+                render::summary_line(self.verified, self.failed, self.missing)
             )
         }
     }
@@ -464,7 +464,7 @@ impl CaptureSink for MonitorSink {
             }
             // The mixed KV cache's node numbers its sources differently (src3/src4 are the
             // cold store, src5 the mask): the seed's `src<i>` names follow the node.
-            let mixed = att.op == trace_format::mixed::MIXED_ATTN_OP;
+            let mixed = att.op == trace_format::MIXED_ATTN_OP;
             for t in att.tensors {
                 w.add_tensor_revision(t.meta, &t.data, mixed, t.revision.as_ref())
                     .map_err(|e| e.to_string())?;

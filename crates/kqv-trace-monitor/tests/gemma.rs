@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use trace_format::verify::check_in_trace;
+use attn_verify::check_in_trace;
 use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");

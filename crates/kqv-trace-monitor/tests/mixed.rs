@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use attn_verify::verify_group;
 use ggml_trace::capture::{CaptureConfig, CaptureSink, CapturedAttention};
 use ggml_trace::session::{self, RunOptions};
 use gguf_io::GgmlType;
-use trace_format::mixed::MIXED_ATTN_OP;
-use trace_format::verify::verify_group;
+use trace_format::MIXED_ATTN_OP;
 use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");

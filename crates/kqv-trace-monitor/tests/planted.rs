@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use attn_verify::{check_in_trace, Checked, Suspect};
 use gguf_io::{Array, GgufFile, HeaderSpec, Value};
-use trace_format::verify::{check_in_trace, Checked, Suspect};
 use trace_format::{keys, Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");

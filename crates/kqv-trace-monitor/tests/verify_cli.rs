@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use trace_format::verify::check_in_trace;
+use attn_verify::check_in_trace;
 use trace_format::TraceFile;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");

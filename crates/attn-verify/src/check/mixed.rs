@@ -19,19 +19,20 @@
 //! takes dot products with the f32 Q as it is (no rounding of Q to K's type), so the
 //! reference below recomputes from exactly the traced values: cold rows dequantized,
 //! concatenated in front of the hot rows (the mask's column order), then
-//! [`tensor_stats::attention`] in f64. `verify::check` hands such groups here, so
+//! [`tensor_stats::attention`] in f64. [`check`](super::check) hands such groups here, so
 //! `verify_group`, `gguf-reader --verify-attention` and `kqv-trace-monitor --verify` all
 //! verify mixed traces.
 
 use tensor_stats::{attention, AttentionParams, Dense};
+use trace_format::meta::Role;
+use trace_format::TraceError;
+/// The `op` recorded for the mixed attention node (a format constant: the capture writes it).
+pub use trace_format::MIXED_ATTN_OP;
 
-use crate::meta::Role;
-use crate::verify::{compare, slice_nmse, Checked, Group, Missing, Operand, Verification};
-use crate::TraceError;
-
-/// The `op` recorded for the mixed attention node (`AttnRecord::op`); in ggml it is a
-/// `CUSTOM` op whose function is the mixed-attention kernel.
-pub const MIXED_ATTN_OP: &str = "MIXED_ATTN";
+use super::{Checked, Verification};
+use crate::bounds::{compare, slice_nmse};
+use crate::group::{Group, Missing};
+use crate::recompute::dense;
 
 /// NMSE bound of a mixed group: the node works in F32 (F32 Q, F32 accumulators, no F16
 /// accumulator as in ggml's flash attention), measured worst 1.6e-13 (docs/verification.md).
@@ -41,11 +42,6 @@ pub const MIXED_NMSE_BOUND: f64 = 1e-6;
 /// has a cold store (`k_quant`).
 pub fn is_mixed(g: &Group) -> bool {
     g.op.as_deref() == Some(MIXED_ATTN_OP) || g.get(Role::KQuant).is_some()
-}
-
-fn dense(o: &Operand) -> Result<Dense, TraceError> {
-    let ne = o.layout.ne.map(|x| x as usize);
-    Dense::from_f32(ne, &o.values).map_err(|e| TraceError::Format(format!("{}: {e}", o.name)))
 }
 
 /// `cold` then `hot` along dim 1 (the KV cells): `[D, n_cold + n_hot, H, S]`.
