@@ -6,7 +6,9 @@ pub mod mixed;
 
 use gguf_io::GgmlType;
 use trace_format::meta::Role;
-use trace_format::{TraceError, TraceFile};
+use trace_format::TraceFile;
+
+use crate::VerifyError;
 
 use crate::bounds::{attended_cells, compare, exceeds, nmse_bound, slice_nmse};
 use crate::diagnose::{diagnose, Finding};
@@ -29,6 +31,32 @@ pub struct Verification {
     pub worst_position: Option<i32>,
 }
 
+/// What checking a group gives: its verdict ([`Checked`]; [`verify_group`] gives the
+/// [`Verification`] alone), or what the group lacks for a recomputation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome<T = Checked> {
+    Checked(T),
+    Missing(Missing),
+}
+
+impl<T> Outcome<T> {
+    /// The verdict, or what is missing, as a `Result`.
+    pub fn into_result(self) -> Result<T, Missing> {
+        match self {
+            Outcome::Checked(c) => Ok(c),
+            Outcome::Missing(m) => Err(m),
+        }
+    }
+
+    /// The verdict mapped by `f`; a missing group stays missing.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Checked(c) => Outcome::Checked(f(c)),
+            Outcome::Missing(m) => Outcome::Missing(m),
+        }
+    }
+}
+
 /// A checked group: metrics, bound, verdict and, when it failed, the diagnosis.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checked {
@@ -48,22 +76,18 @@ pub struct Checked {
 /// Recompute the attention of a group and compare it with its `kqv_out`; diagnose a
 /// failure. `previous` is the previous step's fingerprints of the same layer (for the
 /// stale-buffer check), with that step's number.
-pub fn check(
-    g: &Group,
-    previous: Option<(u32, &Fingerprints)>,
-) -> Result<Result<Checked, Missing>, TraceError> {
+pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcome, VerifyError> {
     // The mixed KV cache's node has six inputs (cold store included): see mixed.rs.
     if mixed::is_mixed(g) {
         return mixed::check_mixed(g);
     }
-    let (inp, actual) = match build_inputs(g)? {
-        Ok(x) => x,
-        Err(m) => return Ok(Err(m)),
+    let Some((inp, actual)) = build_inputs(g)? else {
+        return Ok(Outcome::Missing(g.missing()));
     };
     let reference = inp.reference()?;
     let (step, layer) = (g.step, g.layer);
     if actual.len() != reference.data.len() {
-        return Err(TraceError::Format(format!(
+        return Err(VerifyError::Malformed(format!(
             "step {step} layer {layer}: kqv_out has {} values, attention of the traced inputs {}",
             actual.len(),
             reference.data.len()
@@ -105,7 +129,7 @@ pub fn check(
             .collect();
         checked.findings = diagnose(g, &inp, &reference, &actual, bound, previous)?;
     }
-    Ok(Ok(checked))
+    Ok(Outcome::Checked(checked))
 }
 
 /// Recompute the attention of (step, layer) and compare it with the traced `kqv_out`.
@@ -113,16 +137,12 @@ pub fn verify_group(
     trace: &TraceFile,
     step: u32,
     layer: i32,
-) -> Result<Result<Verification, Missing>, TraceError> {
+) -> Result<Outcome<Verification>, VerifyError> {
     Ok(check_in_trace(trace, step, layer)?.map(|c| c.verification))
 }
 
 /// [`check`] for (step, layer) of a saved trace, with the previous step's fingerprints.
-pub fn check_in_trace(
-    trace: &TraceFile,
-    step: u32,
-    layer: i32,
-) -> Result<Result<Checked, Missing>, TraceError> {
+pub fn check_in_trace(trace: &TraceFile, step: u32, layer: i32) -> Result<Outcome, VerifyError> {
     let g = Group::from_trace(trace, step, layer)?;
     let prev = step
         .checked_sub(1)

@@ -5,9 +5,9 @@
 use std::fmt;
 use std::ops::Range;
 
+use crate::VerifyError;
 use tensor_stats::{sci, AttentionParams, Dense};
 use trace_format::meta::Role;
-use trace_format::TraceError;
 
 use crate::bounds::{compare, exceeds, slice_nmse};
 use crate::group::{Fingerprints, Group};
@@ -56,7 +56,7 @@ impl fmt::Display for Finding {
 
 /// The stored data was memory ordered [ne0, ne2, ne1, ne3] but read as if in `ne` order:
 /// read it the other way.
-fn reread_swapped12(d: &Dense) -> Result<Dense, TraceError> {
+fn reread_swapped12(d: &Dense) -> Result<Dense, VerifyError> {
     let [a, b, c, _] = d.ne;
     Dense::from_fn(d.ne, |i0, i1, i2, i3| {
         d.data[i0 + a * (i2 + c * (i1 + b * i3))]
@@ -65,7 +65,7 @@ fn reread_swapped12(d: &Dense) -> Result<Dense, TraceError> {
 }
 
 /// The stored data is the transpose (dims 0 and 1) of what its layout says: read it back.
-fn reread_transposed01(d: &Dense) -> Result<Dense, TraceError> {
+fn reread_transposed01(d: &Dense) -> Result<Dense, VerifyError> {
     let [a, b, c, _] = d.ne;
     Dense::from_fn(d.ne, |i0, i1, i2, i3| {
         d.data[i1 + b * (i0 + a * (i2 + c * i3))]
@@ -81,7 +81,7 @@ fn repaired(
     actual: &[f32],
     tokens: Range<usize>,
     bound: f64,
-) -> Result<Option<f64>, TraceError> {
+) -> Result<Option<f64>, VerifyError> {
     if tokens.is_empty() {
         return Ok(None);
     }
@@ -100,7 +100,7 @@ pub(crate) fn diagnose(
     actual: &[f32],
     bound: f64,
     previous: Option<(u32, &Fingerprints)>,
-) -> Result<Vec<Finding>, TraceError> {
+) -> Result<Vec<Finding>, VerifyError> {
     let mut found = Vec::new();
     let n_tokens = original.ne[2];
     let all = 0..n_tokens;
@@ -238,7 +238,7 @@ fn q_heads(
     original: &Dense,
     actual: &[f32],
     bound: f64,
-) -> Result<Option<Finding>, TraceError> {
+) -> Result<Option<Finding>, VerifyError> {
     let [d, nt, nh, ns] = inp.q.ne;
     if nh < 2 {
         return Ok(None);
@@ -291,7 +291,7 @@ fn scale_fit(
     original: &Dense,
     actual: &[f32],
     bound: f64,
-) -> Result<Option<Finding>, TraceError> {
+) -> Result<Option<Finding>, VerifyError> {
     let all = 0..original.ne[2];
     let rec = inp.p.scale;
     let d = inp.q.ne[0] as f64;
@@ -301,12 +301,12 @@ fn scale_fit(
     } else {
         usual
     };
-    let eval = |s: f64| -> Result<f64, TraceError> {
+    let eval = |s: f64| -> Result<f64, VerifyError> {
         let p = AttentionParams { scale: s, ..inp.p };
         Ok(compare(&inp.reference_with(&p)?, actual, all.clone()).nmse)
     };
     let mut best = (f64::INFINITY, center);
-    let consider = |s: f64, best: &mut (f64, f64)| -> Result<(), TraceError> {
+    let consider = |s: f64, best: &mut (f64, f64)| -> Result<(), VerifyError> {
         let e = eval(s)?;
         if e < best.0 {
             *best = (e, s);

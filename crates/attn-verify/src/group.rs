@@ -10,7 +10,9 @@ use std::hash::Hasher;
 
 use gguf_io::{quant, GgmlType};
 use trace_format::meta::{AttnParams, Role, RunMeta, TensorMeta};
-use trace_format::{TensorLayout, TraceError, TraceFile};
+use trace_format::{TensorLayout, TraceFile};
+
+use crate::VerifyError;
 
 /// The op name of flash attention; anything else is the non-flash `kq`/softmax/`kqv` path.
 pub const FLASH_OP: &str = "FLASH_ATTN_EXT";
@@ -127,7 +129,7 @@ impl fmt::Display for Missing {
 
 impl Group {
     /// The group of (step, layer) in a saved trace.
-    pub fn from_trace(trace: &TraceFile, step: u32, layer: i32) -> Result<Self, TraceError> {
+    pub fn from_trace(trace: &TraceFile, step: u32, layer: i32) -> Result<Self, VerifyError> {
         let mut operands = Vec::new();
         for role in ROLES {
             if let Some(t) = trace.find(role, layer, step) {
@@ -166,7 +168,7 @@ impl Group {
         params: AttnParams,
         positions: &[i32],
         tensors: impl IntoIterator<Item = (&'a TensorMeta, &'a [u8])>,
-    ) -> Result<Self, TraceError> {
+    ) -> Result<Self, VerifyError> {
         let mut operands = Vec::new();
         for (meta, bytes) in tensors {
             if !ROLES.contains(&meta.role) || operands.iter().any(|o: &Operand| o.role == meta.role)
@@ -174,9 +176,9 @@ impl Group {
                 continue;
             }
             let n = usize::try_from(meta.layout.n_elements())
-                .map_err(|_| TraceError::Format(format!("{}: too large", meta.ggml_name)))?;
+                .map_err(|_| VerifyError::Malformed(format!("{}: too large", meta.ggml_name)))?;
             let values = quant::dequantize_to_vec(meta.layout.ty, bytes, n)
-                .map_err(|e| TraceError::Format(format!("{}: {e}", meta.ggml_name)))?;
+                .map_err(|e| VerifyError::Malformed(format!("{}: {e}", meta.ggml_name)))?;
             operands.push(Operand {
                 role: meta.role,
                 name: meta.ggml_name.clone(),

@@ -51,6 +51,21 @@ pub mod render;
 
 pub use bounds::nmse_bound;
 pub use check::mixed;
-pub use check::{check, check_in_trace, verify_group, Checked, Verification};
+pub use check::{check, check_in_trace, verify_group, Checked, Outcome, Verification};
 pub use diagnose::{Finding, Suspect};
 pub use group::{trace_fingerprints, Fingerprint, Fingerprints, Group, Missing, Operand, FLASH_OP};
+
+use trace_format::TraceError;
+
+/// Why a group could not be verified at all. A group that lacks inputs is no error: it
+/// is [`Outcome::Missing`].
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Reading a traced tensor from the trace failed.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    /// The traced inputs do not fit together (shapes, sizes, a tensor too large), or the
+    /// reference cannot be computed from them.
+    #[error("malformed trace: {0}")]
+    Malformed(String),
+}

@@ -4,24 +4,24 @@
 
 use std::fmt;
 
+use crate::VerifyError;
 use gguf_io::{quant, GgmlType};
 use tensor_stats::{attention, AttentionParams, Dense};
 use trace_format::meta::Role;
-use trace_format::TraceError;
 
-use crate::group::{Group, Missing, Operand};
+use crate::group::{Group, Operand};
 
-pub(crate) fn dense(o: &Operand) -> Result<Dense, TraceError> {
+pub(crate) fn dense(o: &Operand) -> Result<Dense, VerifyError> {
     let ne = o.layout.ne.map(|x| x as usize);
-    Dense::from_f32(ne, &o.values).map_err(|e| TraceError::Format(format!("{}: {e}", o.name)))
+    Dense::from_f32(ne, &o.values).map_err(|e| VerifyError::Malformed(format!("{}: {e}", o.name)))
 }
 
-pub(crate) fn attn_err(e: impl fmt::Display) -> TraceError {
-    TraceError::Format(e.to_string())
+pub(crate) fn attn_err(e: impl fmt::Display) -> VerifyError {
+    VerifyError::Malformed(e.to_string())
 }
 
 /// Swap dims 0 and 1 (the transposed V of the non-flash path is [n_kv, Dv, H]).
-fn transpose01(d: &Dense) -> Result<Dense, TraceError> {
+fn transpose01(d: &Dense) -> Result<Dense, VerifyError> {
     let [a, b, c, e] = d.ne;
     Dense::from_fn([b, a, c, e], |i0, i1, i2, i3| {
         d.get(i1, i0, i2, i3).unwrap_or(f64::NAN)
@@ -32,7 +32,7 @@ fn transpose01(d: &Dense) -> Result<Dense, TraceError> {
 /// ggml's CPU flash attention (and MUL_MAT) converts each Q row to the type K's dot product takes
 /// (`vec_dot_type`: F16 for an F16 cache, Q8_0 for the Q4_0/Q5_0/Q8_0 family) before
 /// multiplying: do the same, so the comparison measures the kernel, not that rounding.
-fn round_q_like_ggml(q: &mut Dense, k_type: GgmlType) -> Result<(), TraceError> {
+fn round_q_like_ggml(q: &mut Dense, k_type: GgmlType) -> Result<(), VerifyError> {
     let dot_type = match k_type {
         GgmlType::F16 => GgmlType::F16,
         GgmlType::BF16 => GgmlType::BF16,
@@ -54,9 +54,9 @@ fn round_q_like_ggml(q: &mut Dense, k_type: GgmlType) -> Result<(), TraceError> 
             *r = x as f32;
         }
         let bytes =
-            quant::quantize(dot_type, &row).map_err(|e| TraceError::Format(e.to_string()))?;
+            quant::quantize(dot_type, &row).map_err(|e| VerifyError::Malformed(e.to_string()))?;
         quant::dequantize(dot_type, &bytes, &mut row)
-            .map_err(|e| TraceError::Format(e.to_string()))?;
+            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
         for (c, &r) in chunk.iter_mut().zip(row.iter()) {
             *c = f64::from(r);
         }
@@ -80,21 +80,21 @@ pub(crate) struct Inputs {
 }
 
 impl Inputs {
-    pub(crate) fn q_from_stored(&self, mut stored: Dense) -> Result<Dense, TraceError> {
+    pub(crate) fn q_from_stored(&self, mut stored: Dense) -> Result<Dense, VerifyError> {
         round_q_like_ggml(&mut stored, self.k_type)?;
         Ok(stored)
     }
-    pub(crate) fn v_from_stored(&self, stored: Dense) -> Result<Dense, TraceError> {
+    pub(crate) fn v_from_stored(&self, stored: Dense) -> Result<Dense, VerifyError> {
         if self.flash {
             Ok(stored)
         } else {
             transpose01(&stored)
         }
     }
-    pub(crate) fn reference(&self) -> Result<Dense, TraceError> {
+    pub(crate) fn reference(&self) -> Result<Dense, VerifyError> {
         self.reference_with(&self.p)
     }
-    pub(crate) fn reference_with(&self, p: &AttentionParams) -> Result<Dense, TraceError> {
+    pub(crate) fn reference_with(&self, p: &AttentionParams) -> Result<Dense, VerifyError> {
         attention(
             &self.q,
             &self.k,
@@ -107,8 +107,9 @@ impl Inputs {
     }
 }
 
-pub(crate) fn build_inputs(g: &Group) -> Result<Result<(Inputs, Vec<f32>), Missing>, TraceError> {
-    let missing = g.missing();
+/// The group's inputs as the reference reads them, and its traced `kqv_out`; `None` when
+/// the group lacks some of them ([`Group::missing`] says which).
+pub(crate) fn build_inputs(g: &Group) -> Result<Option<(Inputs, Vec<f32>)>, VerifyError> {
     let (Some(q), Some(k), Some(v), Some(out), Some(params)) = (
         g.get(Role::Q),
         g.get(Role::K),
@@ -116,7 +117,7 @@ pub(crate) fn build_inputs(g: &Group) -> Result<Result<(Inputs, Vec<f32>), Missi
         g.get(Role::KqvOut),
         g.params,
     ) else {
-        return Ok(Err(missing));
+        return Ok(None);
     };
     let mut inp = Inputs {
         q: Dense::zeros([0; 4]).map_err(attn_err)?,
@@ -138,5 +139,5 @@ pub(crate) fn build_inputs(g: &Group) -> Result<Result<(Inputs, Vec<f32>), Missi
     inp.q = inp.q_from_stored(dense(q)?)?;
     // Without flash attention V is read transposed: ne [n_kv, Dv, H_kv].
     inp.v = inp.v_from_stored(dense(v)?)?;
-    Ok(Ok((inp, out.values.clone())))
+    Ok(Some((inp, out.values.clone())))
 }

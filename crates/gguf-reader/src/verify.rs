@@ -9,16 +9,16 @@
 use std::io::{self, Write};
 use trace_format::json::number as num;
 
-use attn_verify::{check_in_trace, render, Checked, Missing};
+use attn_verify::{check_in_trace, render, Outcome};
 use serde_json::{json, Value};
-use trace_format::{TraceError, TraceFile, TracedTensor};
+use trace_format::{TraceFile, TracedTensor};
 
 /// One (step, layer) of the report.
 pub struct Row<'a> {
     pub step: u32,
     pub layer: i32,
     /// `None` with `--shapes` alone.
-    pub result: Option<Result<Checked, Missing>>,
+    pub result: Option<Outcome>,
     /// The group's tensors, in file order (for `--shapes`).
     pub tensors: Vec<&'a TracedTensor>,
 }
@@ -26,7 +26,7 @@ pub struct Row<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{0}")]
-    Trace(#[from] TraceError),
+    Check(#[from] attn_verify::VerifyError),
     #[error("nothing to show: the trace has no (step, layer) group{0}")]
     Empty(String),
 }
@@ -166,7 +166,7 @@ pub fn render(
     }
     for r in rows {
         let mut item = match &r.result {
-            Some(Ok(c)) => {
+            Some(Outcome::Checked(c)) => {
                 if c.pass {
                     n.verified += 1;
                 } else {
@@ -180,7 +180,7 @@ pub fn render(
                 }
                 checked_json(c)
             }
-            Some(Err(m)) => {
+            Some(Outcome::Missing(m)) => {
                 n.missing += 1;
                 if !json_out {
                     writeln!(out, "{}", render::missing_row(r.step, r.layer, m))?;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use trace_format::json::number as num;
 
-use attn_verify::{render, Checked, Fingerprints, Group};
+use attn_verify::{render, Checked, Fingerprints, Group, Outcome};
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
@@ -66,7 +66,7 @@ impl Verifier {
         self.previous
             .insert(att.layer, (att.step, group.fingerprints()));
         Ok(match result {
-            Ok(c) => {
+            Outcome::Checked(c) => {
                 if c.pass {
                     self.verified += 1;
                 } else {
@@ -80,7 +80,7 @@ impl Verifier {
                     v
                 }
             }
-            Err(m) => {
+            Outcome::Missing(m) => {
                 self.missing += 1;
                 if json {
                     vec![

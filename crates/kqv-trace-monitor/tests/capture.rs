@@ -69,6 +69,7 @@ fn verify_all(t: &TraceFile, label: &str) -> f64 {
     for &(step, layer) in groups.keys() {
         let c = check_in_trace(t, step, layer)
             .unwrap()
+            .into_result()
             .unwrap_or_else(|m| panic!("{label}: step {step} layer {layer} misses {:?}", m.0));
         let v = &c.verification;
         assert!(v.cosine > 0.99, "{label}: {v:?}");

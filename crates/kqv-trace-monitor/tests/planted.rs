@@ -96,7 +96,7 @@ fn only_failure(path: &Path, step: u32, layer: i32) -> (TraceFile, Checked) {
     let t = TraceFile::open(path).unwrap();
     let mut planted = None;
     for &(s, l) in t.groups().keys() {
-        let c = check_in_trace(&t, s, l).unwrap().unwrap();
+        let c = check_in_trace(&t, s, l).unwrap().into_result().unwrap();
         if (s, l) == (step, layer) {
             assert!(!c.pass, "the planted bug must fail: {c:?}");
             planted = Some(c);
@@ -182,7 +182,7 @@ fn the_unplanted_trace_verifies_without_findings() {
         let t = TraceFile::open(good_trace(fa)).unwrap();
         assert_eq!(t.groups().len(), 12);
         for &(s, l) in t.groups().keys() {
-            let c = check_in_trace(&t, s, l).unwrap().unwrap();
+            let c = check_in_trace(&t, s, l).unwrap().into_result().unwrap();
             assert!(c.pass && c.findings.is_empty(), "fa={fa}: {c:?}");
         }
     }

@@ -149,8 +149,8 @@ fn single_threaded_runs_are_bit_for_bit_identical() {
         assert_eq!(a.steps, b.steps);
         assert_eq!(a.attn, b.attn);
         for &(s, l) in a.groups().keys() {
-            let va = check_in_trace(a, s, l).unwrap().unwrap();
-            let vb = check_in_trace(b, s, l).unwrap().unwrap();
+            let va = check_in_trace(a, s, l).unwrap().into_result().unwrap();
+            let vb = check_in_trace(b, s, l).unwrap().into_result().unwrap();
             assert!(va.pass);
             assert_eq!(
                 va.verification.nmse.to_bits(),

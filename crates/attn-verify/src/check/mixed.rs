@@ -23,13 +23,13 @@
 //! `verify_group`, `gguf-reader --verify-attention` and `kqv-trace-monitor --verify` all
 //! verify mixed traces.
 
+use crate::VerifyError;
 use tensor_stats::{attention, AttentionParams, Dense};
 use trace_format::meta::Role;
-use trace_format::TraceError;
 /// The `op` recorded for the mixed attention node (a format constant: the capture writes it).
 pub use trace_format::MIXED_ATTN_OP;
 
-use super::{Checked, Verification};
+use super::{Checked, Outcome, Verification};
 use crate::bounds::{compare, slice_nmse};
 use crate::group::{Group, Missing};
 use crate::recompute::dense;
@@ -45,11 +45,11 @@ pub fn is_mixed(g: &Group) -> bool {
 }
 
 /// `cold` then `hot` along dim 1 (the KV cells): `[D, n_cold + n_hot, H, S]`.
-pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, TraceError> {
+pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, VerifyError> {
     let [d, n_cold, h, s] = cold.ne;
     let [d2, n_hot, h2, s2] = hot.ne;
     if d != d2 || h != h2 || s != s2 {
-        return Err(TraceError::Format(format!(
+        return Err(VerifyError::Malformed(format!(
             "cold store ne {:?} does not match hot store ne {:?}",
             cold.ne, hot.ne
         )));
@@ -62,13 +62,13 @@ pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, TraceError> {
         }
         .unwrap_or(f64::NAN)
     })
-    .map_err(|e| TraceError::Format(e.to_string()))
+    .map_err(|e| VerifyError::Malformed(e.to_string()))
 }
 
 /// Recompute a mixed-cache attention group from its six inputs and compare it with its
 /// `kqv_out` (see the module docs). A failed group lists the heads and tokens over the
 /// bound; there is no further diagnosis for this op.
-pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
+pub fn check_mixed(g: &Group) -> Result<Outcome, VerifyError> {
     let roles = [
         Role::Q,
         Role::K,
@@ -89,10 +89,10 @@ pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
     let [Some(q), Some(k), Some(v), Some(kq), Some(vq), Some(mask), Some(out)] =
         roles.map(|r| g.get(r))
     else {
-        return Ok(Err(Missing(missing)));
+        return Ok(Outcome::Missing(Missing(missing)));
     };
     let Some(params) = g.params else {
-        return Ok(Err(Missing(missing)));
+        return Ok(Outcome::Missing(Missing(missing)));
     };
     let (step, layer) = (g.step, g.layer);
     let qd = dense(q)?;
@@ -105,10 +105,10 @@ pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
         softcap: f64::from(params.softcap),
     };
     let reference = attention(&qd, &kd, &vd, Some(&md), None, &p)
-        .map_err(|e| TraceError::Format(format!("step {step} layer {layer}: {e}")))?;
+        .map_err(|e| VerifyError::Malformed(format!("step {step} layer {layer}: {e}")))?;
     let actual = &out.values;
     if actual.len() != reference.data.len() {
-        return Err(TraceError::Format(format!(
+        return Err(VerifyError::Malformed(format!(
             "step {step} layer {layer}: kqv_out has {} values, attention of the traced inputs {}",
             actual.len(),
             reference.data.len()
@@ -145,5 +145,5 @@ pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
         checked.bad_heads = (0..heads.len()).filter(|&h| over(heads[h])).collect();
         checked.bad_tokens = (0..tokens.len()).filter(|&t| over(tokens[t])).collect();
     }
-    Ok(Ok(checked))
+    Ok(Outcome::Checked(checked))
 }
