@@ -5,6 +5,7 @@
 pub mod mixed;
 
 use gguf_io::GgmlType;
+use tensor_stats::Dense;
 use trace_format::meta::Role;
 use trace_format::TraceFile;
 
@@ -85,6 +86,29 @@ pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcom
         return Ok(Outcome::Missing(g.missing()));
     };
     let reference = inp.reference()?;
+    let v_type = g.get(Role::V).map_or(GgmlType::F32, |v| v.layout.ty);
+    let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
+    let bound = nmse_bound(v_type, inp.flash, n_cells);
+    let op = g.op.clone().unwrap_or_default();
+    let mut checked = judge(g, op, &reference, &actual, bound)?;
+    if !checked.pass {
+        checked.findings = diagnose(g, &inp, &reference, &actual, bound, previous)?;
+    }
+    Ok(Outcome::Checked(checked))
+}
+
+/// Compare a group's traced `kqv_out` (`actual`) with its recomputed `reference` over all
+/// tokens and judge the result against `bound`: the metrics, the verdict and, for a failed
+/// group, the heads and tokens whose own NMSE exceeds the bound. `op` is the op recorded
+/// in the verdict. Findings are left empty (the caller's diagnosis fills them). Used by
+/// [`check`] and by [`mixed::check_mixed`].
+fn judge(
+    g: &Group,
+    op: String,
+    reference: &Dense,
+    actual: &[f32],
+    bound: f64,
+) -> Result<Checked, VerifyError> {
     let (step, layer) = (g.step, g.layer);
     if actual.len() != reference.data.len() {
         return Err(VerifyError::Malformed(format!(
@@ -93,11 +117,7 @@ pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcom
             reference.data.len()
         )));
     }
-    let all = 0..reference.ne[2];
-    let m = compare(&reference, &actual, all);
-    let v_type = g.get(Role::V).map_or(GgmlType::F32, |v| v.layout.ty);
-    let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
-    let bound = nmse_bound(v_type, inp.flash, n_cells);
+    let m = compare(reference, actual, 0..reference.ne[2]);
     // NaN fails too.
     let pass = m.nmse <= bound;
     let verification = Verification {
@@ -112,7 +132,7 @@ pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcom
     };
     let mut checked = Checked {
         verification,
-        op: g.op.clone().unwrap_or_default(),
+        op,
         bound,
         pass,
         findings: Vec::new(),
@@ -120,16 +140,15 @@ pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcom
         bad_tokens: Vec::new(),
     };
     if !pass {
-        let (heads, tokens) = slice_nmse(&reference, &actual);
+        let (heads, tokens) = slice_nmse(reference, actual);
         checked.bad_heads = (0..heads.len())
             .filter(|&h| exceeds(heads[h], bound))
             .collect();
         checked.bad_tokens = (0..tokens.len())
             .filter(|&t| exceeds(tokens[t], bound))
             .collect();
-        checked.findings = diagnose(g, &inp, &reference, &actual, bound, previous)?;
     }
-    Ok(Outcome::Checked(checked))
+    Ok(checked)
 }
 
 /// Recompute the attention of (step, layer) and compare it with the traced `kqv_out`.

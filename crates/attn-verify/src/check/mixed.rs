@@ -29,8 +29,7 @@ use trace_format::meta::Role;
 /// The `op` recorded for the mixed attention node (a format constant: the capture writes it).
 pub use trace_format::MIXED_ATTN_OP;
 
-use super::{Checked, Outcome, Verification};
-use crate::bounds::{compare, slice_nmse};
+use super::{judge, Outcome};
 use crate::group::{Group, Missing};
 use crate::recompute::dense;
 
@@ -106,44 +105,12 @@ pub fn check_mixed(g: &Group) -> Result<Outcome, VerifyError> {
     };
     let reference = attention(&qd, &kd, &vd, Some(&md), None, &p)
         .map_err(|e| VerifyError::Malformed(format!("step {step} layer {layer}: {e}")))?;
-    let actual = &out.values;
-    if actual.len() != reference.data.len() {
-        return Err(VerifyError::Malformed(format!(
-            "step {step} layer {layer}: kqv_out has {} values, attention of the traced inputs {}",
-            actual.len(),
-            reference.data.len()
-        )));
-    }
-    let m = compare(&reference, actual, 0..reference.ne[2]);
-    let bound = MIXED_NMSE_BOUND;
-    let pass = m.nmse <= bound;
-    let mut checked = Checked {
-        verification: Verification {
-            step,
-            layer,
-            nmse: m.nmse,
-            max_abs: m.max_abs,
-            worst: m.worst,
-            cosine: m.cosine,
-            n_elements: m.n,
-            worst_position: g.positions.get(m.worst.0).copied(),
-        },
-        op: MIXED_ATTN_OP.to_owned(),
-        bound,
-        pass,
-        findings: Vec::new(),
-        bad_heads: Vec::new(),
-        bad_tokens: Vec::new(),
-    };
-    if !pass {
-        let (heads, tokens) = slice_nmse(&reference, actual);
-        // over the bound, NaN included
-        let over = |x: f64| {
-            x.partial_cmp(&bound) != Some(std::cmp::Ordering::Less)
-                && x.partial_cmp(&bound) != Some(std::cmp::Ordering::Equal)
-        };
-        checked.bad_heads = (0..heads.len()).filter(|&h| over(heads[h])).collect();
-        checked.bad_tokens = (0..tokens.len()).filter(|&t| over(tokens[t])).collect();
-    }
+    let checked = judge(
+        g,
+        MIXED_ATTN_OP.to_owned(),
+        &reference,
+        &out.values,
+        MIXED_NMSE_BOUND,
+    )?;
     Ok(Outcome::Checked(checked))
 }
