@@ -7,9 +7,9 @@
 //! the memory order those strides give.
 
 use std::io::{self, Write};
-use trace_format::json::number as num;
 
-use attn_verify::{check_in_trace, render, Outcome};
+use attn_verify::render::{self, VerdictKey};
+use attn_verify::{check_in_trace, Outcome};
 use serde_json::{json, Value};
 use trace_format::{TraceFile, TracedTensor};
 
@@ -126,26 +126,6 @@ fn shape_line(t: &TracedTensor, out: &mut impl Write) -> io::Result<()> {
     )
 }
 
-/// The JSON object of a checked group (schema in docs/json.md).
-pub fn checked_json(c: &Checked) -> Value {
-    let v = &c.verification;
-    let findings: Vec<Value> = c
-        .findings
-        .iter()
-        .map(|f| {
-            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
-                   "nmse_after": f.nmse_after.map(num)})
-        })
-        .collect();
-    json!({
-        "step": v.step, "layer": v.layer, "op": c.op, "nmse": num(v.nmse),
-        "max_abs": num(v.max_abs),
-        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
-        "cosine": num(v.cosine), "bound": c.bound, "verdict": if c.pass { "ok" } else { "FAIL" },
-        "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
-    })
-}
-
 /// Print the table (or JSON); returns the counts (all zero with `--shapes` alone).
 pub fn render(
     rows: &[Row<'_>],
@@ -178,14 +158,14 @@ pub fn render(
                         writeln!(out, "{line}")?;
                     }
                 }
-                checked_json(c)
+                render::checked_json(c, VerdictKey::Verdict)
             }
             Some(Outcome::Missing(m)) => {
                 n.missing += 1;
                 if !json_out {
                     writeln!(out, "{}", render::missing_row(r.step, r.layer, m))?;
                 }
-                json!({"step": r.step, "layer": r.layer, "verdict": "missing", "missing": m.0})
+                render::missing_json(r.step, r.layer, m, VerdictKey::Verdict)
             }
             None => {
                 if !json_out {

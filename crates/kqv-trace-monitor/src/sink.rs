@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use trace_format::json::number as num;
 
-use attn_verify::{render, Checked, Fingerprints, Group, Outcome};
+use attn_verify::render::{self, VerdictKey};
+use attn_verify::{Fingerprints, Group, Outcome};
 use ggml_trace::capture::{CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::progress::{Counters, Progress};
 use ggml_trace::session::{RunInfo, RunOutcome};
@@ -73,7 +74,7 @@ impl Verifier {
                     self.failed += 1;
                 }
                 if json {
-                    vec![checked_json(&c).to_string()]
+                    vec![render::checked_json(&c, VerdictKey::Verify).to_string()]
                 } else {
                     let mut v = vec![render::verdict_line(&c)];
                     v.extend(render::diagnosis_lines(&c));
@@ -84,9 +85,8 @@ impl Verifier {
                 self.missing += 1;
                 if json {
                     vec![
-                        json!({"step": att.step, "layer": att.layer, "verify": "missing",
-                                "missing": m.0})
-                        .to_string(),
+                        render::missing_json(att.step, att.layer, &m, VerdictKey::Verify)
+                            .to_string(),
                     ]
                 } else {
                     vec![format!(
@@ -112,26 +112,6 @@ impl Verifier {
             )
         }
     }
-}
-
-/// A verdict as one JSON Lines object (docs/json.md).
-fn checked_json(c: &Checked) -> serde_json::Value {
-    let v = &c.verification;
-    let findings: Vec<serde_json::Value> = c
-        .findings
-        .iter()
-        .map(|f| {
-            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
-                   "nmse_after": f.nmse_after.map(num)})
-        })
-        .collect();
-    json!({
-        "step": v.step, "layer": v.layer, "verify": if c.pass { "ok" } else { "FAIL" },
-        "op": c.op, "nmse": num(v.nmse), "max_abs": num(v.max_abs),
-        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
-        "cosine": num(v.cosine), "bound": c.bound, "diagnosis": findings,
-        "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
-    })
 }
 
 fn shape(ne: &[u64; 4]) -> String {
