@@ -78,7 +78,7 @@ pub struct Checked {
 /// failure. `previous` is the previous step's fingerprints of the same layer (for the
 /// stale-buffer check), with that step's number.
 pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcome, VerifyError> {
-    // The mixed KV cache's node has six inputs (cold store included): see mixed.rs.
+    // The mixed KV cache's node has six inputs (cold store included): see check/mixed.rs.
     if mixed::is_mixed(g) {
         return mixed::check_mixed(g);
     }

@@ -7,7 +7,7 @@
 //! The unit is a [`Group`]: the q, k, v, mask, sinks and `kqv_out` of one (step, layer)
 //! with the attention op's parameters, built from a saved trace ([`Group::from_trace`]) or
 //! from live captures ([`Group::from_tensors`], what `kqv-trace-monitor --verify` uses).
-//! [`check`] recomputes it and returns a [`Checked`]: the metrics, the documented bound
+//! [`check()`] recomputes it and returns a [`Checked`]: the metrics, the documented bound
 //! ([`nmse_bound`]) and, for a group that fails, a diagnosis.
 //!
 //! **Diagnosis.** A failed group is tried against the mistakes a tracer or a reader
@@ -38,9 +38,9 @@
 //! - [`bounds`]: the documented bound ([`nmse_bound`]) and the metrics of a comparison;
 //! - `recompute`: the operands as the reference attention reads them, and the reference;
 //! - [`diagnose`]: the repairs tried on a failed group ([`Finding`], [`Suspect`]);
-//! - [`check`]: [`check`] itself, with its child [`check::mixed`] for the mixed KV cache's
-//!   node;
-//! - [`render`]: the verdicts as text (both tools print the same lines).
+//! - [`check`](mod@check): [`check()`] itself ([`Outcome`], [`Checked`]), with its child
+//!   [`check::mixed`] for the mixed KV cache's node;
+//! - [`render`]: the verdicts as text and JSON (both tools print the same).
 
 pub mod bounds;
 pub mod check;

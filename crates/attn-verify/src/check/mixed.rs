@@ -19,7 +19,7 @@
 //! takes dot products with the f32 Q as it is (no rounding of Q to K's type), so the
 //! reference below recomputes from exactly the traced values: cold rows dequantized,
 //! concatenated in front of the hot rows (the mask's column order), then
-//! [`tensor_stats::attention`] in f64. [`check`](super::check) hands such groups here, so
+//! [`tensor_stats::attention()`] in f64. [`check`](super::check) hands such groups here, so
 //! `verify_group`, `gguf-reader --verify-attention` and `kqv-trace-monitor --verify` all
 //! verify mixed traces.
 
