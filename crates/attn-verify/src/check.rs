@@ -9,12 +9,11 @@ use tensor_stats::Dense;
 use trace_format::meta::Role;
 use trace_format::TraceFile;
 
-use crate::VerifyError;
-
 use crate::bounds::{attended_cells, compare, exceeds, nmse_bound, slice_nmse};
 use crate::diagnose::{diagnose, Finding};
 use crate::group::{trace_fingerprints, Fingerprints, Group, Missing};
 use crate::recompute::build_inputs;
+use crate::VerifyError;
 
 /// The result of checking one (step, layer).
 #[derive(Clone, Debug, PartialEq)]
@@ -62,7 +61,7 @@ impl<T> Outcome<T> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checked {
     pub verification: Verification,
-    /// `FLASH_ATTN_EXT` or `SOFT_MAX`.
+    /// `FLASH_ATTN_EXT`, `SOFT_MAX` or `MIXED_ATTN`.
     pub op: String,
     pub bound: f64,
     pub pass: bool,
