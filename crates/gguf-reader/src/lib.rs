@@ -113,13 +113,13 @@ fn run_verify(opts: &Options, out: &mut impl Write) -> ExitCode {
         Ok(n) => {
             if n.missing > 0 {
                 let first = rows.iter().find_map(|r| match &r.result {
-                    Some(Err(m)) => Some(m),
+                    Some(attn_verify::Outcome::Missing(m)) => Some(m),
                     _ => None,
                 });
                 let missing: std::collections::BTreeSet<&str> = rows
                     .iter()
                     .filter_map(|r| match &r.result {
-                        Some(Err(m)) => Some(m.0.iter().copied()),
+                        Some(attn_verify::Outcome::Missing(m)) => Some(m.0.iter().copied()),
                         _ => None,
                     })
                     .flatten()

@@ -1,24 +1,24 @@
 //! `--verify-attention` and `--shapes` for kv-cache-monitor traces.
 //!
 //! `--verify-attention` recomputes every traced attention from its traced inputs and
-//! compares it with its traced `kqv_out` (trace_format::verify, which also diagnoses a
+//! compares it with its traced `kqv_out` (the attn-verify crate, which also diagnoses a
 //! failure: which input, which mistake). `--shapes` shows what was captured for each
 //! (step, layer): per tensor its role, type, `ne`, the strides it had in ggml (`nb`) and
 //! the memory order those strides give.
 
 use std::io::{self, Write};
-use trace_format::json::number as num;
 
+use attn_verify::render::{self, VerdictKey};
+use attn_verify::{check_in_trace, Outcome};
 use serde_json::{json, Value};
-use trace_format::verify::{self, check_in_trace, Checked, Missing};
-use trace_format::{TraceError, TraceFile, TracedTensor};
+use trace_format::{TraceFile, TracedTensor};
 
 /// One (step, layer) of the report.
 pub struct Row<'a> {
     pub step: u32,
     pub layer: i32,
     /// `None` with `--shapes` alone.
-    pub result: Option<Result<Checked, Missing>>,
+    pub result: Option<Outcome>,
     /// The group's tensors, in file order (for `--shapes`).
     pub tensors: Vec<&'a TracedTensor>,
 }
@@ -26,7 +26,7 @@ pub struct Row<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{0}")]
-    Trace(#[from] TraceError),
+    Check(#[from] attn_verify::VerifyError),
     #[error("nothing to show: the trace has no (step, layer) group{0}")]
     Empty(String),
 }
@@ -126,26 +126,6 @@ fn shape_line(t: &TracedTensor, out: &mut impl Write) -> io::Result<()> {
     )
 }
 
-/// The JSON object of a checked group (schema in docs/json.md).
-pub fn checked_json(c: &Checked) -> Value {
-    let v = &c.verification;
-    let findings: Vec<Value> = c
-        .findings
-        .iter()
-        .map(|f| {
-            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
-                   "nmse_after": f.nmse_after.map(num)})
-        })
-        .collect();
-    json!({
-        "step": v.step, "layer": v.layer, "op": c.op, "nmse": num(v.nmse),
-        "max_abs": num(v.max_abs),
-        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
-        "cosine": num(v.cosine), "bound": c.bound, "verdict": if c.pass { "ok" } else { "FAIL" },
-        "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
-    })
-}
-
 /// Print the table (or JSON); returns the counts (all zero with `--shapes` alone).
 pub fn render(
     rows: &[Row<'_>],
@@ -158,7 +138,7 @@ pub fn render(
     let mut items = Vec::new();
     if !json_out {
         if verifying {
-            writeln!(out, "{}", verify::table_header())?;
+            writeln!(out, "{}", render::table_header())?;
         }
         if shapes {
             shapes_header(out)?;
@@ -166,26 +146,26 @@ pub fn render(
     }
     for r in rows {
         let mut item = match &r.result {
-            Some(Ok(c)) => {
+            Some(Outcome::Checked(c)) => {
                 if c.pass {
                     n.verified += 1;
                 } else {
                     n.failed += 1;
                 }
                 if !json_out {
-                    writeln!(out, "{}", verify::table_row(c))?;
-                    for line in verify::diagnosis_lines(c) {
+                    writeln!(out, "{}", render::table_row(c))?;
+                    for line in render::diagnosis_lines(c) {
                         writeln!(out, "{line}")?;
                     }
                 }
-                checked_json(c)
+                render::checked_json(c, VerdictKey::Verdict)
             }
-            Some(Err(m)) => {
+            Some(Outcome::Missing(m)) => {
                 n.missing += 1;
                 if !json_out {
-                    writeln!(out, "{}", verify::missing_row(r.step, r.layer, m))?;
+                    writeln!(out, "{}", render::missing_row(r.step, r.layer, m))?;
                 }
-                json!({"step": r.step, "layer": r.layer, "verdict": "missing", "missing": m.0})
+                render::missing_json(r.step, r.layer, m, VerdictKey::Verdict)
             }
             None => {
                 if !json_out {
@@ -217,7 +197,7 @@ pub fn render(
         writeln!(
             out,
             "{}",
-            verify::summary_line(n.verified, n.failed, n.missing)
+            render::summary_line(n.verified, n.failed, n.missing)
         )?;
     }
     Ok(n)

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use trace_format::json::number as num;
 
 use crate::progress::{Counters, Progress};
+use attn_verify::render::{self, VerdictKey};
+use attn_verify::{Fingerprints, Group, Outcome};
 use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
 use tensor_stats::{Sci, Summary};
-use trace_format::verify::{self, Checked, Fingerprints, Group};
 use trace_format::{AttnRecord, RunMeta, StepMeta, TraceError, TraceWriter};
 
 use crate::capture_args::{Options, SaveTarget};
@@ -60,32 +61,31 @@ impl Verifier {
         )
         .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
         let prev = self.previous.get(&att.layer).map(|(s, f)| (*s, f));
-        let result = verify::check(&group, prev)
+        let result = attn_verify::check(&group, prev)
             .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
         self.previous
             .insert(att.layer, (att.step, group.fingerprints()));
         Ok(match result {
-            Ok(c) => {
+            Outcome::Checked(c) => {
                 if c.pass {
                     self.verified += 1;
                 } else {
                     self.failed += 1;
                 }
                 if json {
-                    vec![checked_json(&c).to_string()]
+                    vec![render::checked_json(&c, VerdictKey::Verify).to_string()]
                 } else {
-                    let mut v = vec![verify::verdict_line(&c)];
-                    v.extend(verify::diagnosis_lines(&c));
+                    let mut v = vec![render::verdict_line(&c)];
+                    v.extend(render::diagnosis_lines(&c));
                     v
                 }
             }
-            Err(m) => {
+            Outcome::Missing(m) => {
                 self.missing += 1;
                 if json {
                     vec![
-                        json!({"step": att.step, "layer": att.layer, "verify": "missing",
-                                "missing": m.0})
-                        .to_string(),
+                        render::missing_json(att.step, att.layer, &m, VerdictKey::Verify)
+                            .to_string(),
                     ]
                 } else {
                     vec![format!(
@@ -107,30 +107,10 @@ impl Verifier {
         } else {
             format!(
                 "verify: {}",
-                verify::summary_line(self.verified, self.failed, self.missing)
+                render::summary_line(self.verified, self.failed, self.missing)
             )
         }
     }
-}
-
-/// A verdict as one JSON Lines object (docs/json.md).
-fn checked_json(c: &Checked) -> serde_json::Value {
-    let v = &c.verification;
-    let findings: Vec<serde_json::Value> = c
-        .findings
-        .iter()
-        .map(|f| {
-            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
-                   "nmse_after": f.nmse_after.map(num)})
-        })
-        .collect();
-    json!({
-        "step": v.step, "layer": v.layer, "verify": if c.pass { "ok" } else { "FAIL" },
-        "op": c.op, "nmse": num(v.nmse), "max_abs": num(v.max_abs),
-        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
-        "cosine": num(v.cosine), "bound": c.bound, "diagnosis": findings,
-        "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
-    })
 }
 
 fn shape(ne: &[u64; 4]) -> String {
@@ -456,7 +436,7 @@ impl CaptureSink for MonitorSink {
             }
             // The mixed KV cache's node numbers its sources differently (src3/src4 are the
             // cold store, src5 the mask): the seed's `src<i>` names follow the node.
-            let mixed = att.op == trace_format::mixed::MIXED_ATTN_OP;
+            let mixed = att.op == trace_format::MIXED_ATTN_OP;
             for t in att.tensors {
                 w.add_tensor_revision(t.meta, &t.data, mixed, t.revision.as_ref())
                     .map_err(CaptureError::sink)?;

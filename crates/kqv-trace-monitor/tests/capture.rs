@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use trace_format::verify::check_in_trace;
+use attn_verify::check_in_trace;
 use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
@@ -61,7 +61,7 @@ fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
 }
 
 /// Verify every (step, layer) of a trace against its documented bound
-/// (trace_format::verify::nmse_bound, docs/verification.md) and return the worst NMSE.
+/// (attn_verify::nmse_bound, docs/verification.md) and return the worst NMSE.
 fn verify_all(t: &TraceFile, label: &str) -> f64 {
     let groups = t.groups();
     assert!(!groups.is_empty(), "{label}: nothing traced");
@@ -69,6 +69,7 @@ fn verify_all(t: &TraceFile, label: &str) -> f64 {
     for &(step, layer) in groups.keys() {
         let c = check_in_trace(t, step, layer)
             .unwrap()
+            .into_result()
             .unwrap_or_else(|m| panic!("{label}: step {step} layer {layer} misses {:?}", m.0));
         let v = &c.verification;
         assert!(v.cosine > 0.99, "{label}: {v:?}");

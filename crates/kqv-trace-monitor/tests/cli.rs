@@ -697,8 +697,9 @@ fn seed_readme_commands_run_as_written() {
     }
     // The traced inputs reproduce the traced output.
     for s in 0..5 {
-        let v = trace_format::verify::verify_group(&t, s, 0)
+        let v = attn_verify::verify_group(&t, s, 0)
             .unwrap()
+            .into_result()
             .unwrap();
         assert!(v.cosine > 0.99, "{v:?}");
     }

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use trace_format::verify::check_in_trace;
+use attn_verify::check_in_trace;
 use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
@@ -48,7 +48,10 @@ fn verify_all(t: &TraceFile, label: &str) -> f64 {
     assert!(!t.groups().is_empty(), "{label}: nothing traced");
     let mut worst = (0.0f64, 0, 0);
     for &(step, layer) in t.groups().keys() {
-        let c = check_in_trace(t, step, layer).unwrap().unwrap();
+        let c = check_in_trace(t, step, layer)
+            .unwrap()
+            .into_result()
+            .unwrap();
         assert!(
             c.pass && c.findings.is_empty(),
             "{label}: step {step} layer {layer} exceeds its bound {:e}: {c:?}",

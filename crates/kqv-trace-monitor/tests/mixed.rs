@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use attn_verify::verify_group;
 use ggml_trace::capture::{CaptureConfig, CaptureError, CaptureSink, CapturedAttention};
 use ggml_trace::session::{self, RunOptions};
 use gguf_io::GgmlType;
-use trace_format::mixed::MIXED_ATTN_OP;
-use trace_format::verify::verify_group;
+use trace_format::MIXED_ATTN_OP;
 use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
@@ -178,6 +178,7 @@ fn chunks_move_during_prompt_and_generation_and_every_group_verifies() {
     for &(step, layer) in t.groups().keys() {
         let v = verify_group(&t, step, layer)
             .unwrap()
+            .into_result()
             .unwrap_or_else(|m| panic!("step {step} layer {layer} misses {:?}", m.0));
         assert!(v.cosine > 0.999, "{v:?}");
         worst = worst.max(v.nmse);
@@ -433,8 +434,8 @@ fn a_planted_cold_store_layout_bug_fails_the_check() {
     let mut planted = bytes;
     planted[start..start + memory.len()].copy_from_slice(&memory);
     let bad = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(planted).unwrap()).unwrap();
-    let good = verify_group(&t, step, 0).unwrap().unwrap();
-    let caught = verify_group(&bad, step, 0).unwrap().unwrap();
+    let good = verify_group(&t, step, 0).unwrap().into_result().unwrap();
+    let caught = verify_group(&bad, step, 0).unwrap().into_result().unwrap();
     eprintln!(
         "cold layout: good NMSE {:.3e}, planted {:.3e}",
         good.nmse, caught.nmse

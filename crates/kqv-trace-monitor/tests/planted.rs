@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use attn_verify::{check_in_trace, Checked, Suspect};
 use gguf_io::{Array, GgufFile, HeaderSpec, Value};
-use trace_format::verify::{check_in_trace, Checked, Suspect};
 use trace_format::{keys, Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
@@ -96,7 +96,7 @@ fn only_failure(path: &Path, step: u32, layer: i32) -> (TraceFile, Checked) {
     let t = TraceFile::open(path).unwrap();
     let mut planted = None;
     for &(s, l) in t.groups().keys() {
-        let c = check_in_trace(&t, s, l).unwrap().unwrap();
+        let c = check_in_trace(&t, s, l).unwrap().into_result().unwrap();
         if (s, l) == (step, layer) {
             assert!(!c.pass, "the planted bug must fail: {c:?}");
             planted = Some(c);
@@ -182,7 +182,7 @@ fn the_unplanted_trace_verifies_without_findings() {
         let t = TraceFile::open(good_trace(fa)).unwrap();
         assert_eq!(t.groups().len(), 12);
         for &(s, l) in t.groups().keys() {
-            let c = check_in_trace(&t, s, l).unwrap().unwrap();
+            let c = check_in_trace(&t, s, l).unwrap().into_result().unwrap();
             assert!(c.pass && c.findings.is_empty(), "fa={fa}: {c:?}");
         }
     }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use trace_format::verify::check_in_trace;
+use attn_verify::check_in_trace;
 use trace_format::TraceFile;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
@@ -149,8 +149,8 @@ fn single_threaded_runs_are_bit_for_bit_identical() {
         assert_eq!(a.steps, b.steps);
         assert_eq!(a.attn, b.attn);
         for &(s, l) in a.groups().keys() {
-            let va = check_in_trace(a, s, l).unwrap().unwrap();
-            let vb = check_in_trace(b, s, l).unwrap().unwrap();
+            let va = check_in_trace(a, s, l).unwrap().into_result().unwrap();
+            let vb = check_in_trace(b, s, l).unwrap().into_result().unwrap();
             assert!(va.pass);
             assert_eq!(
                 va.verification.nmse.to_bits(),

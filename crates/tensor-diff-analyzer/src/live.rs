@@ -103,7 +103,7 @@ impl CaptureSink for LiveSink<'_, '_> {
         if !att.op.is_empty() {
             // The mixed KV cache's node has flash attention's layout.
             self.analyzer.set_current_flash(
-                att.op == "FLASH_ATTN_EXT" || att.op == trace_format::mixed::MIXED_ATTN_OP,
+                att.op == "FLASH_ATTN_EXT" || att.op == trace_format::MIXED_ATTN_OP,
             );
         }
         for t in &att.tensors {

@@ -1,6 +1,7 @@
 //! The kv-cache-monitor trace: what a traced tensor is (role, layer, step, layout), and
 //! how a trace is laid out in GGUF. Written by `kqv-trace-monitor`, read by
-//! `gguf-reader` and `tensor-diff-analyzer`. docs/trace-format.md is the reference.
+//! `gguf-reader`, `attn-verify` and `tensor-diff-analyzer`. docs/trace-format.md is the
+//! reference.
 //!
 //! **Step**: step 0 is the first ubatch of the prompt; every later `llama_decode` call
 //! (the next prompt ubatch, then each generated token) is one more.
@@ -9,13 +10,11 @@ pub mod json;
 pub mod keys;
 pub mod layout;
 pub mod meta;
-pub mod mixed;
 pub mod read;
-pub mod verify;
 pub mod write;
 
 pub use layout::{LayoutError, TensorLayout};
-pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta};
+pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta, MIXED_ATTN_OP};
 pub use read::{TraceFile, TracedTensor};
 pub use write::{tensor_name, AttnRecord, TraceWriter, FORMAT_VERSION};
 

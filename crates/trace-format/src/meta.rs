@@ -100,6 +100,11 @@ pub struct AttnParams {
     pub softcap: f32,
 }
 
+/// The `op` recorded for the mixed KV cache's attention node (`AttnRecord::op`,
+/// `kqv_trace.attn.op`); in ggml it is a `CUSTOM` op whose function is the
+/// mixed-attention kernel.
+pub const MIXED_ATTN_OP: &str = "MIXED_ATTN";
+
 /// One traced tensor's description. Its data is stored in logical contiguous order
 /// (ne0 fastest) in its own ggml type; `layout.nb` are the strides it had in ggml.
 #[derive(Clone, Debug, PartialEq)]

@@ -290,7 +290,7 @@ impl<'a> Capture<'a> {
                     let layer_hint = source_layer_hint(tr.src[1]);
                     let layer = layer_hint.unwrap_or(-1);
                     let mut p = Pending {
-                        op: trace_format::mixed::MIXED_ATTN_OP.to_string(),
+                        op: trace_format::MIXED_ATTN_OP.to_string(),
                         params,
                         layer_hint,
                         tensors: Vec::new(),

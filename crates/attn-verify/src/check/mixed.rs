@@ -19,19 +19,19 @@
 //! takes dot products with the f32 Q as it is (no rounding of Q to K's type), so the
 //! reference below recomputes from exactly the traced values: cold rows dequantized,
 //! concatenated in front of the hot rows (the mask's column order), then
-//! [`tensor_stats::attention`] in f64. `verify::check` hands such groups here, so
+//! [`tensor_stats::attention()`] in f64. [`check`](super::check) hands such groups here, so
 //! `verify_group`, `gguf-reader --verify-attention` and `kqv-trace-monitor --verify` all
 //! verify mixed traces.
 
+use crate::VerifyError;
 use tensor_stats::{attention, AttentionParams, Dense};
+use trace_format::meta::Role;
+/// The `op` recorded for the mixed attention node (a format constant: the capture writes it).
+pub use trace_format::MIXED_ATTN_OP;
 
-use crate::meta::Role;
-use crate::verify::{compare, slice_nmse, Checked, Group, Missing, Operand, Verification};
-use crate::TraceError;
-
-/// The `op` recorded for the mixed attention node (`AttnRecord::op`); in ggml it is a
-/// `CUSTOM` op whose function is the mixed-attention kernel.
-pub const MIXED_ATTN_OP: &str = "MIXED_ATTN";
+use super::{judge, Outcome};
+use crate::group::{Group, Missing};
+use crate::recompute::dense;
 
 /// NMSE bound of a mixed group: the node works in F32 (F32 Q, F32 accumulators, no F16
 /// accumulator as in ggml's flash attention), measured worst 1.6e-13 (docs/verification.md).
@@ -43,17 +43,12 @@ pub fn is_mixed(g: &Group) -> bool {
     g.op.as_deref() == Some(MIXED_ATTN_OP) || g.get(Role::KQuant).is_some()
 }
 
-fn dense(o: &Operand) -> Result<Dense, TraceError> {
-    let ne = o.layout.ne.map(|x| x as usize);
-    Dense::from_f32(ne, &o.values).map_err(|e| TraceError::Format(format!("{}: {e}", o.name)))
-}
-
 /// `cold` then `hot` along dim 1 (the KV cells): `[D, n_cold + n_hot, H, S]`.
-pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, TraceError> {
+pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, VerifyError> {
     let [d, n_cold, h, s] = cold.ne;
     let [d2, n_hot, h2, s2] = hot.ne;
     if d != d2 || h != h2 || s != s2 {
-        return Err(TraceError::Format(format!(
+        return Err(VerifyError::Malformed(format!(
             "cold store ne {:?} does not match hot store ne {:?}",
             cold.ne, hot.ne
         )));
@@ -66,13 +61,13 @@ pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, TraceError> {
         }
         .unwrap_or(f64::NAN)
     })
-    .map_err(|e| TraceError::Format(e.to_string()))
+    .map_err(|e| VerifyError::Malformed(e.to_string()))
 }
 
 /// Recompute a mixed-cache attention group from its six inputs and compare it with its
 /// `kqv_out` (see the module docs). A failed group lists the heads and tokens over the
 /// bound; there is no further diagnosis for this op.
-pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
+pub fn check_mixed(g: &Group) -> Result<Outcome, VerifyError> {
     let roles = [
         Role::Q,
         Role::K,
@@ -93,10 +88,10 @@ pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
     let [Some(q), Some(k), Some(v), Some(kq), Some(vq), Some(mask), Some(out)] =
         roles.map(|r| g.get(r))
     else {
-        return Ok(Err(Missing(missing)));
+        return Ok(Outcome::Missing(Missing(missing)));
     };
     let Some(params) = g.params else {
-        return Ok(Err(Missing(missing)));
+        return Ok(Outcome::Missing(Missing(missing)));
     };
     let (step, layer) = (g.step, g.layer);
     let qd = dense(q)?;
@@ -109,45 +104,13 @@ pub fn check_mixed(g: &Group) -> Result<Result<Checked, Missing>, TraceError> {
         softcap: f64::from(params.softcap),
     };
     let reference = attention(&qd, &kd, &vd, Some(&md), None, &p)
-        .map_err(|e| TraceError::Format(format!("step {step} layer {layer}: {e}")))?;
-    let actual = &out.values;
-    if actual.len() != reference.data.len() {
-        return Err(TraceError::Format(format!(
-            "step {step} layer {layer}: kqv_out has {} values, attention of the traced inputs {}",
-            actual.len(),
-            reference.data.len()
-        )));
-    }
-    let m = compare(&reference, actual, 0..reference.ne[2]);
-    let bound = MIXED_NMSE_BOUND;
-    let pass = m.nmse <= bound;
-    let mut checked = Checked {
-        verification: Verification {
-            step,
-            layer,
-            nmse: m.nmse,
-            max_abs: m.max_abs,
-            worst: m.worst,
-            cosine: m.cosine,
-            n_elements: m.n,
-            worst_position: g.positions.get(m.worst.0).copied(),
-        },
-        op: MIXED_ATTN_OP.to_owned(),
-        bound,
-        pass,
-        findings: Vec::new(),
-        bad_heads: Vec::new(),
-        bad_tokens: Vec::new(),
-    };
-    if !pass {
-        let (heads, tokens) = slice_nmse(&reference, actual);
-        // over the bound, NaN included
-        let over = |x: f64| {
-            x.partial_cmp(&bound) != Some(std::cmp::Ordering::Less)
-                && x.partial_cmp(&bound) != Some(std::cmp::Ordering::Equal)
-        };
-        checked.bad_heads = (0..heads.len()).filter(|&h| over(heads[h])).collect();
-        checked.bad_tokens = (0..tokens.len()).filter(|&t| over(tokens[t])).collect();
-    }
-    Ok(Ok(checked))
+        .map_err(|e| VerifyError::Malformed(format!("step {step} layer {layer}: {e}")))?;
+    let checked = judge(
+        g,
+        MIXED_ATTN_OP.to_owned(),
+        &reference,
+        &out.values,
+        MIXED_NMSE_BOUND,
+    )?;
+    Ok(Outcome::Checked(checked))
 }

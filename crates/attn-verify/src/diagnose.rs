@@ -1,0 +1,375 @@
+//! Diagnosis of a failed group: each try *repairs* one input from the data the trace
+//! holds and recomputes (see the crate docs for the list); a repair that makes the group
+//! pass is a [`Finding`] blaming a [`Suspect`].
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::VerifyError;
+use tensor_stats::{sci, AttentionParams, Dense};
+use trace_format::meta::Role;
+
+use crate::bounds::{compare, exceeds, slice_nmse};
+use crate::group::{Fingerprints, Group};
+use crate::recompute::{attn_err, dense, Inputs};
+
+/// Which input a finding blames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suspect {
+    /// A traced tensor.
+    Tensor(Role),
+    /// The op's recorded scale (`kqv_trace.attn.scale`).
+    Scale,
+}
+
+impl fmt::Display for Suspect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Suspect::Tensor(r) => f.write_str(r.name()),
+            Suspect::Scale => f.write_str("scale"),
+        }
+    }
+}
+
+/// One explanation of a failed group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub suspect: Suspect,
+    /// The tensor's name (GGUF name in a file, ggml name live), or the metadata key.
+    pub tensor: String,
+    /// What is wrong with it, in words.
+    pub what: String,
+    /// NMSE of the group with this input repaired (`None` for stale-buffer evidence,
+    /// which cannot be repaired).
+    pub nmse_after: Option<f64>,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.suspect, self.tensor, self.what)?;
+        if let Some(n) = self.nmse_after {
+            write!(f, "; repaired, the group verifies (NMSE {})", sci(n))?;
+        }
+        Ok(())
+    }
+}
+
+/// The stored data was memory ordered [ne0, ne2, ne1, ne3] but read as if in `ne` order:
+/// read it the other way.
+fn reread_swapped12(d: &Dense) -> Result<Dense, VerifyError> {
+    let [a, b, c, _] = d.ne;
+    Dense::from_fn(d.ne, |i0, i1, i2, i3| {
+        d.data[i0 + a * (i2 + c * (i1 + b * i3))]
+    })
+    .map_err(attn_err)
+}
+
+/// The stored data is the transpose (dims 0 and 1) of what its layout says: read it back.
+fn reread_transposed01(d: &Dense) -> Result<Dense, VerifyError> {
+    let [a, b, c, _] = d.ne;
+    Dense::from_fn(d.ne, |i0, i1, i2, i3| {
+        d.data[i1 + b * (i0 + a * (i2 + c * i3))]
+    })
+    .map_err(attn_err)
+}
+
+/// Try one repaired set of inputs over `tokens`: `Some(nmse)` when it passes there and
+/// the original does not.
+fn repaired(
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    tokens: Range<usize>,
+    bound: f64,
+) -> Result<Option<f64>, VerifyError> {
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let before = compare(original, actual, tokens.clone()).nmse;
+    if before <= bound {
+        return Ok(None);
+    }
+    let after = compare(&inp.reference()?, actual, tokens).nmse;
+    Ok((after <= bound).then_some(after))
+}
+
+pub(crate) fn diagnose(
+    g: &Group,
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    bound: f64,
+    previous: Option<(u32, &Fingerprints)>,
+) -> Result<Vec<Finding>, VerifyError> {
+    let mut found = Vec::new();
+    let n_tokens = original.ne[2];
+    let all = 0..n_tokens;
+    let name = |r: Role| g.get(r).map(|o| o.name.clone()).unwrap_or_default();
+
+    // Stale buffers: an input byte for byte the previous step's.
+    if let Some((prev_step, prev)) = previous {
+        for o in &g.operands {
+            if o.role != Role::KqvOut && prev.get(&o.role) == Some(&o.fingerprint) {
+                found.push(Finding {
+                    suspect: Suspect::Tensor(o.role),
+                    tensor: o.name.clone(),
+                    what: format!(
+                        "byte for byte the {} of step {prev_step}: a stale buffer (data of the previous step)",
+                        o.role
+                    ),
+                    nmse_after: None,
+                });
+            }
+        }
+    }
+
+    // Layouts: memory order [ne0, ne2, ne1] read as ne order; V transposed.
+    let order_words = |r: Role| match r {
+        Role::Q => (
+            "[head_dim, n_head, n_tokens]",
+            "[head_dim, n_tokens, n_head]",
+        ),
+        _ => ("[head_dim, n_head_kv, n_kv]", "[head_dim, n_kv, n_head_kv]"),
+    };
+    for role in [Role::Q, Role::K, Role::V] {
+        let Some(o) = g.get(role) else { continue };
+        let stored = dense(o)?;
+        let [_, n1, n2, _] = stored.ne;
+        let mut tries: Vec<(Dense, String)> = Vec::new();
+        if n1 > 1 && n2 > 1 {
+            let (mem, ne) = order_words(role);
+            let recorded = if o.layout.memory_order() == [0, 2, 1, 3] {
+                " (the order its recorded nb give)"
+            } else {
+                ""
+            };
+            let ne_words = if role == Role::V && !inp.flash {
+                "its ne order".to_owned()
+            } else {
+                format!("ne order {ne}")
+            };
+            let mem_words = if role == Role::V && !inp.flash {
+                "memory order [ne0, ne2, ne1]".to_owned()
+            } else {
+                format!("memory order {mem}")
+            };
+            tries.push((
+                reread_swapped12(&stored)?,
+                format!("data in {mem_words}{recorded} read as if in {ne_words}"),
+            ));
+        }
+        if role == Role::V && stored.ne[0] > 1 && n1 > 1 {
+            tries.push((
+                reread_transposed01(&stored)?,
+                "data stored transposed (dims 0 and 1 exchanged)".to_owned(),
+            ));
+        }
+        for (fixed, what) in tries {
+            let mut alt = inp.clone();
+            match role {
+                Role::Q => alt.q = inp.q_from_stored(fixed)?,
+                Role::K => alt.k = fixed,
+                _ => alt.v = inp.v_from_stored(fixed)?,
+            }
+            if let Some(n) = repaired(&alt, original, actual, all.clone(), bound)? {
+                found.push(Finding {
+                    suspect: Suspect::Tensor(role),
+                    tensor: o.name.clone(),
+                    what,
+                    nmse_after: Some(n),
+                });
+            }
+        }
+    }
+
+    // Mask rows shifted by one.
+    if let Some(mask) = &inp.mask {
+        let [n_kv, rows, m2, m3] = mask.ne;
+        for (dir, tokens) in [
+            (1i64, 1..n_tokens),
+            (-1, 0..n_tokens.min(rows.saturating_sub(1))),
+        ] {
+            if rows < 2 {
+                break;
+            }
+            // dir +1: stored row t holds row t+1, so row t is stored row t-1.
+            let fixed = Dense::from_fn([n_kv, rows, m2, m3], |i0, i1, i2, i3| {
+                let src = (i1 as i64 - dir).clamp(0, rows as i64 - 1) as usize;
+                mask.get(i0, src, i2, i3).unwrap_or(f64::NAN)
+            })
+            .map_err(attn_err)?;
+            let mut alt = inp.clone();
+            alt.mask = Some(fixed);
+            if let Some(n) = repaired(&alt, original, actual, tokens.clone(), bound)? {
+                let held = if dir > 0 { "t+1" } else { "t-1" };
+                found.push(Finding {
+                    suspect: Suspect::Tensor(Role::Mask),
+                    tensor: name(Role::Mask),
+                    what: format!(
+                        "rows shifted by one (row t holds row {held}'s mask); compared on tokens {}..{} (the shift loses a row)",
+                        tokens.start,
+                        tokens.end - 1
+                    ),
+                    nmse_after: Some(n),
+                });
+            }
+        }
+    }
+
+    // Q heads permuted.
+    if let Some(f) = q_heads(g, inp, original, actual, bound)? {
+        found.push(f);
+    }
+
+    // The scale, fitted, when nothing else explained it (it is the costliest try).
+    if found.is_empty() {
+        if let Some(f) = scale_fit(inp, original, actual, bound)? {
+            found.push(f);
+        }
+    }
+    Ok(found)
+}
+
+/// Each output head's best q head (giving every query head one q head's data at a time);
+/// a finding when that matching is a permutation other than the identity that verifies.
+fn q_heads(
+    g: &Group,
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    bound: f64,
+) -> Result<Option<Finding>, VerifyError> {
+    let [d, nt, nh, ns] = inp.q.ne;
+    if nh < 2 {
+        return Ok(None);
+    }
+    let head_of = |q: &Dense, from: &dyn Fn(usize) -> usize| {
+        Dense::from_fn([d, nt, nh, ns], |i0, i1, i2, i3| {
+            q.get(i0, i1, from(i2), i3).unwrap_or(f64::NAN)
+        })
+        .map_err(attn_err)
+    };
+    // err[h][s]: head h's squared error when all heads read q head s.
+    let mut err = vec![vec![0.0f64; nh]; nh];
+    for s in 0..nh {
+        let mut alt = inp.clone();
+        alt.q = head_of(&inp.q, &|_| s)?;
+        let (heads, _) = slice_nmse(&alt.reference()?, actual);
+        for (row, e) in err.iter_mut().zip(heads) {
+            row[s] = e;
+        }
+    }
+    let map: Vec<usize> = (0..nh)
+        .map(|h| {
+            (0..nh)
+                .min_by(|&a, &b| err[h][a].total_cmp(&err[h][b]))
+                .unwrap_or(h)
+        })
+        .collect();
+    let mut seen = vec![false; nh];
+    let bijective = map.iter().all(|&s| !std::mem::replace(&mut seen[s], true));
+    if !bijective || map.iter().enumerate().all(|(h, &s)| h == s) {
+        return Ok(None);
+    }
+    let mut alt = inp.clone();
+    alt.q = head_of(&inp.q, &|h| map[h])?;
+    let all = 0..original.ne[2];
+    Ok(
+        repaired(&alt, original, actual, all, bound)?.map(|n| Finding {
+            suspect: Suspect::Tensor(Role::Q),
+            tensor: g.get(Role::Q).map(|o| o.name.clone()).unwrap_or_default(),
+            what: format!("heads permuted: output head h matches q head {:?}[h]", map),
+            nmse_after: Some(n),
+        }),
+    )
+}
+
+/// Fit the scale: ggml's usual 1/sqrt(head_dim) and a few others, a grid over a factor
+/// of 64 either way of the recorded scale, then a golden-section search around the best.
+fn scale_fit(
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    bound: f64,
+) -> Result<Option<Finding>, VerifyError> {
+    let all = 0..original.ne[2];
+    let rec = inp.p.scale;
+    let d = inp.q.ne[0] as f64;
+    let usual = 1.0 / d.sqrt();
+    let center = if rec.is_finite() && rec > 0.0 {
+        rec
+    } else {
+        usual
+    };
+    let eval = |s: f64| -> Result<f64, VerifyError> {
+        let p = AttentionParams { scale: s, ..inp.p };
+        Ok(compare(&inp.reference_with(&p)?, actual, all.clone()).nmse)
+    };
+    let mut best = (f64::INFINITY, center);
+    let consider = |s: f64, best: &mut (f64, f64)| -> Result<(), VerifyError> {
+        let e = eval(s)?;
+        if e < best.0 {
+            *best = (e, s);
+        }
+        Ok(())
+    };
+    for s in [usual, 1.0, 1.0 / d, rec * rec, rec.abs().sqrt()] {
+        if s.is_finite() && s > 0.0 {
+            consider(s, &mut best)?;
+        }
+    }
+    let step = 2f64.sqrt();
+    for k in -12..=12 {
+        consider(center * step.powi(k), &mut best)?;
+    }
+    if best.0 > bound {
+        // Golden-section search on log(scale) within one grid step either side.
+        let (mut a, mut b) = ((best.1 / step).ln(), (best.1 * step).ln());
+        let phi = (5f64.sqrt() - 1.0) / 2.0;
+        let (mut c, mut e) = (b - phi * (b - a), a + phi * (b - a));
+        let (mut fc, mut fe) = (eval(c.exp())?, eval(e.exp())?);
+        for _ in 0..40 {
+            if fc < fe {
+                b = e;
+                e = c;
+                fe = fc;
+                c = b - phi * (b - a);
+                fc = eval(c.exp())?;
+            } else {
+                a = c;
+                c = e;
+                fc = fe;
+                e = a + phi * (b - a);
+                fe = eval(e.exp())?;
+            }
+        }
+        let (f, s) = if fc < fe {
+            (fc, c.exp())
+        } else {
+            (fe, e.exp())
+        };
+        if f < best.0 {
+            best = (f, s);
+        }
+    }
+    let (after, s) = best;
+    let before = compare(original, actual, all).nmse;
+    if exceeds(after, bound) || before <= bound || (s - rec).abs() <= 1e-6 * rec.abs() {
+        return Ok(None);
+    }
+    let named = if (s - usual).abs() <= 1e-6 * usual {
+        format!(" = 1/sqrt({})", inp.q.ne[0])
+    } else {
+        String::new()
+    };
+    Ok(Some(Finding {
+        suspect: Suspect::Scale,
+        tensor: trace_format::keys::ATTN_SCALE.to_owned(),
+        what: format!(
+            "the recorded op scale {} does not reproduce kqv_out; scale {}{named} does",
+            rec as f32,
+            sci(s)
+        ),
+        nmse_after: Some(after),
+    }))
+}

@@ -1,0 +1,241 @@
+//! Rendering verdicts, the one rendering both tools print: as text (the table of
+//! `gguf-reader --verify-attention`, the verdict lines of `kqv-trace-monitor --verify`)
+//! and as JSON (docs/json.md).
+
+use serde_json::{json, Value};
+use tensor_stats::sci;
+use trace_format::json::number as num;
+
+use crate::check::Checked;
+use crate::group::Missing;
+
+/// Column titles of the verification table (`gguf-reader --verify-attention`,
+/// `kqv-trace-monitor --verify`).
+pub fn table_header() -> String {
+    format!(
+        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9}  {:>9}  verdict",
+        "step", "layer", "op", "nmse", "max_abs", "at (pos,head,d)", "cosine", "bound"
+    )
+}
+
+/// One table row: metrics and verdict (`ok` or `FAIL`).
+pub fn table_row(c: &Checked) -> String {
+    let v = &c.verification;
+    let at = match v.worst_position {
+        Some(p) => format!("({p},{},{})", v.worst.1, v.worst.2),
+        None => format!("(t{},{},{})", v.worst.0, v.worst.1, v.worst.2),
+    };
+    format!(
+        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9.6}  {:>9.0e}  {}",
+        v.step,
+        v.layer,
+        c.op,
+        sci(v.nmse),
+        sci(v.max_abs),
+        at,
+        v.cosine,
+        c.bound,
+        if c.pass { "ok" } else { "FAIL" }
+    )
+}
+
+/// A verdict as one self-describing line (`kqv-trace-monitor --verify`, among the
+/// statistics lines).
+pub fn verdict_line(c: &Checked) -> String {
+    let v = &c.verification;
+    let at = match v.worst_position {
+        Some(p) => format!("pos {p}"),
+        None => format!("token {}", v.worst.0),
+    };
+    format!(
+        "verify step {} layer {}  {}  nmse {}  max_abs {} at ({at}, head {}, dim {})  cosine {:.6}  bound {:.0e}  {}",
+        v.step,
+        v.layer,
+        c.op,
+        sci(v.nmse),
+        sci(v.max_abs),
+        v.worst.1,
+        v.worst.2,
+        v.cosine,
+        c.bound,
+        if c.pass { "ok" } else { "FAIL" }
+    )
+}
+
+/// The diagnosis lines printed under a failed row (none for a passing one).
+pub fn diagnosis_lines(c: &Checked) -> Vec<String> {
+    if c.pass {
+        return Vec::new();
+    }
+    if c.findings.is_empty() {
+        return vec![format!(
+            "      no single-input repair explains it: heads {:?} and tokens {:?} exceed the bound (a kernel bug, or more than one input wrong)",
+            c.bad_heads, c.bad_tokens
+        )];
+    }
+    c.findings
+        .iter()
+        .map(|f| format!("      suspect {f}"))
+        .collect()
+}
+
+/// The row of a group that could not be checked.
+pub fn missing_row(step: u32, layer: i32, m: &Missing) -> String {
+    format!("{step:>5} {layer:>5}  missing: {m}")
+}
+
+/// The closing line.
+pub fn summary_line(verified: usize, failed: usize, missing: usize) -> String {
+    format!(
+        "verified {verified} of {} (step, layer) groups: {failed} failed, {missing} missing inputs",
+        verified + failed + missing
+    )
+}
+
+/// The JSON key that holds a verdict (`ok`, `FAIL`, `missing`): `"verdict"` in the
+/// document of `gguf-reader --verify-attention --json`, `"verify"` in the JSON lines of
+/// `kqv-trace-monitor --verify --json` (where it also tells a verdict from a statistics
+/// line). Everything else in the objects is the same (docs/json.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerdictKey {
+    /// `"verdict"` (gguf-reader).
+    Verdict,
+    /// `"verify"` (kqv-trace-monitor).
+    Verify,
+}
+
+impl VerdictKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictKey::Verdict => "verdict",
+            VerdictKey::Verify => "verify",
+        }
+    }
+}
+
+/// The JSON object of a checked group (schema in docs/json.md), its verdict under `key`.
+pub fn checked_json(c: &Checked, key: VerdictKey) -> Value {
+    let v = &c.verification;
+    let findings: Vec<Value> = c
+        .findings
+        .iter()
+        .map(|f| {
+            json!({"input": f.suspect.to_string(), "tensor": f.tensor, "finding": f.what,
+                   "nmse_after": f.nmse_after.map(num)})
+        })
+        .collect();
+    let mut o = json!({
+        "step": v.step, "layer": v.layer, "op": c.op, "nmse": num(v.nmse),
+        "max_abs": num(v.max_abs),
+        "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
+        "cosine": num(v.cosine), "bound": c.bound,
+        "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
+    });
+    o[key.as_str()] = json!(if c.pass { "ok" } else { "FAIL" });
+    o
+}
+
+/// The JSON object of a group that could not be checked: its verdict `missing` under
+/// `key`, and what it lacks.
+pub fn missing_json(step: u32, layer: i32, m: &Missing, key: VerdictKey) -> Value {
+    let mut o = json!({"step": step, "layer": layer, "missing": m.0});
+    o[key.as_str()] = json!("missing");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::Verification;
+    use crate::diagnose::{Finding, Suspect};
+    use trace_format::Role;
+
+    fn checked(pass: bool) -> Checked {
+        Checked {
+            verification: Verification {
+                step: 3,
+                layer: 1,
+                nmse: if pass { 1e-9 } else { f64::NAN },
+                max_abs: 0.5,
+                worst: (2, 1, 7),
+                cosine: 0.25,
+                n_elements: 64,
+                worst_position: Some(9),
+            },
+            op: "FLASH_ATTN_EXT".into(),
+            bound: 4e-6,
+            pass,
+            findings: if pass {
+                Vec::new()
+            } else {
+                vec![Finding {
+                    suspect: Suspect::Tensor(Role::K),
+                    tensor: "k-1".into(),
+                    what: "w".into(),
+                    nmse_after: Some(1e-10),
+                }]
+            },
+            bad_heads: if pass { Vec::new() } else { vec![1] },
+            bad_tokens: if pass { Vec::new() } else { vec![0, 2] },
+        }
+    }
+
+    fn keys(v: &Value) -> Vec<&str> {
+        let mut k: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        k.sort_unstable();
+        k
+    }
+
+    #[test]
+    fn the_two_tools_json_differs_only_in_the_verdict_key() {
+        for pass in [true, false] {
+            let c = checked(pass);
+            let reader = checked_json(&c, VerdictKey::Verdict);
+            let monitor = checked_json(&c, VerdictKey::Verify);
+            let verdict = if pass { "ok" } else { "FAIL" };
+            assert_eq!(reader["verdict"], verdict);
+            assert_eq!(monitor["verify"], verdict);
+            assert!(reader.get("verify").is_none() && monitor.get("verdict").is_none());
+            let mut same = monitor.clone();
+            let moved = same.as_object_mut().unwrap().remove("verify").unwrap();
+            same["verdict"] = moved;
+            assert_eq!(same, reader);
+            assert_eq!(
+                keys(&reader),
+                [
+                    "bad_heads",
+                    "bad_tokens",
+                    "bound",
+                    "cosine",
+                    "diagnosis",
+                    "layer",
+                    "max_abs",
+                    "nmse",
+                    "op",
+                    "step",
+                    "verdict",
+                    "worst"
+                ]
+            );
+        }
+        let fail = checked_json(&checked(false), VerdictKey::Verdict);
+        assert_eq!(fail["nmse"], "nan");
+        assert_eq!(fail["diagnosis"][0]["input"], "k");
+        assert_eq!(fail["worst"]["position"], 9);
+    }
+
+    #[test]
+    fn a_missing_group_says_missing_under_the_tools_key() {
+        let m = Missing(vec!["q", "attention op parameters"]);
+        let reader = missing_json(2, 0, &m, VerdictKey::Verdict);
+        let monitor = missing_json(2, 0, &m, VerdictKey::Verify);
+        assert_eq!(
+            reader,
+            json!({"step": 2, "layer": 0, "verdict": "missing", "missing": ["q", "attention op parameters"]})
+        );
+        assert_eq!(
+            monitor,
+            json!({"step": 2, "layer": 0, "verify": "missing", "missing": ["q", "attention op parameters"]})
+        );
+    }
+}
