@@ -19,11 +19,7 @@ use std::time::Instant;
 use ggml_trace::capture::{CaptureConfig, CaptureError, CaptureSink, CapturedAttention};
 use ggml_trace::session::{self, RunOptions};
 
-mod support {
-    pub mod timed;
-}
-
-use support::timed::{median, Timed};
+use test_support::timed::{median, Timed};
 
 /// No sink: the runs are timed without an eval callback.
 struct Discard;

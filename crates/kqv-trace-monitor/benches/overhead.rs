@@ -17,10 +17,7 @@ use ggml_trace::session::{self, RunOptions};
 use kcm_cli::capture_args::{Options, SaveTarget};
 use kcm_cli::sink::MonitorSink;
 
-#[path = "../../ggml-trace/benches/support/timed.rs"]
-mod timed;
-
-use timed::{median, Timed};
+use test_support::timed::{median, Timed};
 
 fn main() {
     let tokens: u32 = std::env::var("KCM_BENCH_TOKENS")

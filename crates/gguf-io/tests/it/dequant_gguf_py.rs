@@ -21,7 +21,7 @@
 //! [`is_snan_quieting`]); that case is asserted exactly (quiet bit only, and exactly the
 //! 1022 sNaN patterns). Everything else is bit-identical.
 
-mod support;
+use test_support::gguf_py as support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

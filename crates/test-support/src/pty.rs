@@ -1,6 +1,5 @@
 //! Running a tool with stderr on a pseudo-terminal (Python's `pty` module; python3 is a
-//! CI prerequisite) and stdout in a file. Shared with tensor-diff-analyzer's tests
-//! through `#[path]`.
+//! CI prerequisite) and stdout in a file.
 
 use std::path::Path;
 use std::process::Command;

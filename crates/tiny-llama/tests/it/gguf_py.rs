@@ -1,8 +1,7 @@
 //! gguf-py (PyPI `gguf` 0.19, the reader llama.cpp's own Python tools use) reads the
 //! tiny model with the same metadata, tensor names, shapes, types and values.
 
-#[path = "../../gguf-io/tests/support/mod.rs"]
-mod support;
+use test_support::gguf_py as support;
 
 use gguf_io::{GgmlType, GgufFile};
 use serde_json::Value as Json;

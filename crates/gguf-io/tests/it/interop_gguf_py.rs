@@ -3,7 +3,7 @@
 //! own reader reads them, and files gguf-io writes are read by gguf-py with identical
 //! metadata (types, values, order) and tensors (names, types, shapes, offsets, values).
 
-mod support;
+use test_support::gguf_py as support;
 
 use std::path::Path;
 

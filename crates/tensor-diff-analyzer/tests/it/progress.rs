@@ -1,8 +1,7 @@
 //! Live mode's progress line: on stderr when it is a terminal, erased before the summary,
 //! never in stdout's data, and absent with `--quiet`.
 
-#[path = "../../kqv-trace-monitor/tests/support/pty.rs"]
-mod pty;
+use test_support::pty;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tensor-diff-analyzer");
 

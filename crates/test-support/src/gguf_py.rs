@@ -9,8 +9,6 @@
 //! Set `GGUF_PY_PYTHON` to an interpreter that already has `gguf` and numpy to skip the
 //! venv altogether, and `GGUF_PY_PYTHON3` to pick the interpreter the venv is made from.
 //!
-//! Use it from a test file with `mod support;`.
-#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::fs;
@@ -28,7 +26,7 @@ const STALE_LOCK: Duration = Duration::from_secs(20 * 60);
 /// How long to wait for another process to finish the venv.
 const WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
 
-/// The workspace root (`crates/gguf-io/../..`).
+/// The workspace root (`crates/test-support/../..`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..")
 }

@@ -1,6 +1,5 @@
 //! Timing of the generation steps of a run, shared by the decode-speed benchmarks
-//! (`ggml-trace/benches/mixed_kv.rs`, and `kqv-trace-monitor/benches/overhead.rs` through
-//! `#[path]`).
+//! (`ggml-trace/benches/mixed_kv.rs`, `kqv-trace-monitor/benches/overhead.rs`).
 
 use std::time::{Duration, Instant};
 

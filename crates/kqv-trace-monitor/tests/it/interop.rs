@@ -2,8 +2,7 @@
 //! FFI of the vendored llama.cpp) read the same tensors, names, keys and values as
 //! `trace-format`.
 
-#[path = "../../gguf-io/tests/support/mod.rs"]
-mod support;
+use test_support::gguf_py as support;
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};

@@ -3,8 +3,7 @@
 //! the end. A pseudo-terminal comes from Python's `pty` module (python3 is a CI
 //! prerequisite); the monitor's stdout goes to a file.
 
-#[path = "support/pty.rs"]
-mod pty;
+use test_support::pty;
 
 use pty::contains;
 

@@ -1,0 +1,15 @@
+//! kqv-trace-monitor's integration tests in one binary (one link of llama.cpp): the
+//! command line, captures against llama.cpp, revisions, verification, planted bugs,
+//! the mixed KV cache, gemma-3-270m, gguf-py interop and the progress line.
+//! One binary per crate, as ripgrep does (`tests/integration/`): each file below is a
+//! module; shared helpers live in the `test-support` crate.
+
+mod capture;
+mod cli;
+mod gemma;
+mod interop;
+mod mixed;
+mod planted;
+mod progress;
+mod revisions;
+mod verify_cli;
