@@ -7,6 +7,7 @@ use tensor_stats::{
     diff, diff_parallel, unravel, DiffAccumulator, DiffError, DiffMetrics, Tolerance,
     ToleranceMode, REL_FLOOR,
 };
+use test_support::Rng;
 
 fn tol(mode: ToleranceMode, abs: f64, rel: f64, pct: f64) -> Tolerance {
     Tolerance {
@@ -349,20 +350,10 @@ fn oracle(c: &[f32], r: &[f32], t: &Tolerance) -> Oracle {
     o
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
 fn pair(n: usize, noise: f32, offset: f32, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let mut g = Rng(seed);
-    let r: Vec<f32> = (0..n).map(|_| offset + g.next()).collect();
-    let c: Vec<f32> = r.iter().map(|&x| x + noise * g.next()).collect();
+    let mut g = Rng::new(seed);
+    let r: Vec<f32> = (0..n).map(|_| offset + g.signed()).collect();
+    let c: Vec<f32> = r.iter().map(|&x| x + noise * g.signed()).collect();
     (c, r)
 }
 

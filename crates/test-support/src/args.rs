@@ -27,6 +27,15 @@ impl LlamaArgs {
         self.arg("-t").arg(t.to_string())
     }
 
+    /// `-ub N -b N`: N tokens per ubatch and per batch (a prompt of more tokens is
+    /// decoded in several steps).
+    pub fn ubatch(self, n: u32) -> LlamaArgs {
+        self.arg("-ub")
+            .arg(n.to_string())
+            .arg("-b")
+            .arg(n.to_string())
+    }
+
     /// `-c N`: context size.
     pub fn ctx(self, c: u32) -> LlamaArgs {
         self.arg("-c").arg(c.to_string())
@@ -77,6 +86,7 @@ mod tests {
             .flash(false)
             .cache("q8_0", "f16")
             .ctx(512)
+            .ubatch(16)
             .args(["--layer", "0"])
             .build();
         assert_eq!(
@@ -100,6 +110,10 @@ mod tests {
                 "f16",
                 "-c",
                 "512",
+                "-ub",
+                "16",
+                "-b",
+                "16",
                 "--layer",
                 "0"
             ]

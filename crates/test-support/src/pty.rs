@@ -1,13 +1,19 @@
 //! Running a tool with stderr on a pseudo-terminal (Python's `pty` module; python3 is a
 //! CI prerequisite) and stdout in a file.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
 /// Runs `bin` with stderr on a pty and stdout in `dir/stats.txt`, `TERM=xterm` and
 /// `NO_COLOR` unset unless `env` says otherwise; returns what the pty saw and the stdout
 /// file. Panics if the tool fails.
-pub fn on_pty(bin: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Vec<u8>, String) {
+pub fn on_pty<S: AsRef<OsStr>>(
+    bin: &str,
+    dir: &Path,
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (Vec<u8>, String) {
     let out = dir.join("stats.txt");
     let script = r#"
 import os, pty, subprocess, sys

@@ -23,6 +23,7 @@
 
 use std::ffi::{c_void, CStr};
 use std::ptr;
+use test_support::Rng;
 
 use ggml_trace_sys::dequant::{self, DequantError};
 use ggml_trace_sys::sys;
@@ -36,33 +37,6 @@ extern "C" {
 
 // ---------------------------------------------------------------------------------
 // Helpers
-
-/// Deterministic xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| (self.next_u64() >> 32) as u8).collect()
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Roughly normal (Irwin-Hall with 4 terms), mean 0, sd 1.
-    fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.unit()).sum();
-        (s - 2.0) * 3f32.sqrt()
-    }
-}
 
 fn ggml_traits(ty: GgmlType) -> &'static sys::ggml_type_traits {
     dequant::type_traits(ty).expect("id below GGML_TYPE_COUNT")
@@ -528,7 +502,7 @@ fn dequantize_matches_ggml_on_crafted_blocks() {
     let mut types = both_dequantize();
     types.push(GgmlType::Q8_K);
     for ty in types {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(ty.0));
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ u64::from(ty.0));
         for kind in [Blocks::Random, Blocks::Sane, Blocks::Zero, Blocks::Edge] {
             let n = if kind == Blocks::Zero { 16 } else { N_BLOCKS };
             let src = make_blocks(ty, kind, n, &mut rng);
@@ -550,7 +524,7 @@ fn dequantize_matches_ggml_on_ggml_quantized_blocks() {
             continue; // F32
         }
         assert!(quant::can_dequantize(ty), "{ty}");
-        let mut rng = Rng(0x5151_5151 ^ u64::from(ty.0));
+        let mut rng = Rng::new(0x5151_5151 ^ u64::from(ty.0));
         let x = random_rows(&mut rng, nrows, n_per_row);
         let w: Vec<f32> = (0..n_per_row).map(|_| 0.01 + rng.unit() * 10.0).collect();
         for (imatrix, label) in [(None, "quantized"), (Some(&w[..]), "quantized, imatrix")] {
@@ -631,7 +605,7 @@ fn quantizer_inputs(rng: &mut Rng) -> Vec<f32> {
 
 #[test]
 fn quantize_matches_ggml_reference() {
-    let mut rng = Rng(0xdead_beef);
+    let mut rng = Rng::new(0xdead_beef);
     let x = quantizer_inputs(&mut rng);
     assert_eq!(x.len() % 1024, 0, "whole rows for ggml_quantize_chunk");
     let mut failures = Vec::new();
@@ -693,7 +667,7 @@ fn quantize_matches_ggml_reference() {
 fn cpu_from_float_differs_only_where_documented() {
     // SAFETY: idempotent initialisation of ggml-cpu's tables.
     unsafe { sys::ggml_cpu_init() };
-    let mut rng = Rng(0x0ddba11);
+    let mut rng = Rng::new(0x0ddba11);
     let x = quantizer_inputs(&mut rng);
     // Finite, in f16 range: the F16C and scalar conversions agree there.
     let finite: Vec<f32> = x.iter().map(|v| v.clamp(-65504.0, 65504.0)).collect();
@@ -806,7 +780,7 @@ fn grid_iquant(ty: GgmlType) {
     let nrows = 8;
     let mut failures = Vec::new();
     {
-        let mut rng = Rng(0x00a1_1ce5 ^ u64::from(ty.0));
+        let mut rng = Rng::new(0x00a1_1ce5 ^ u64::from(ty.0));
 
         // ggml-quantized random data: always with a random importance matrix, and
         // without one where ggml allows it.
@@ -883,7 +857,7 @@ grid_tests! {
 /// commented out in ggml-quants.h) and is not checked here.
 #[test]
 fn types_without_ggml_to_float_are_plain_casts() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let raw = rng.bytes(8 * 4096);
     let check = |ty: GgmlType, f: &dyn Fn(&[u8]) -> f32| {
         let (_, ts) = block_geometry(ty);

@@ -11,29 +11,11 @@
 //!   ggml's own `FLASH_ATTN_EXT` over the same F16 cache.
 
 use std::ptr;
+use test_support::Rng;
 
 use ggml_trace_sys::sys;
 use gguf_io::{quant, GgmlType};
 use tensor_stats::{attention, AttentionParams, Dense};
-
-/// Deterministic xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.unit()).sum();
-        (s - 2.0) * 3f32.sqrt()
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -113,7 +95,7 @@ fn ggml_quantize(ty: GgmlType, rows: &[f32], n_per_row: usize) -> Vec<u8> {
 }
 
 fn make_inputs(c: &Case, seed: u64) -> Inputs {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let row = c.d * c.n_head_kv;
     let q: Vec<f32> = (0..c.d * c.n_head * c.n_q).map(|_| rng.normal()).collect();
     let k_hot: Vec<f32> = (0..row * c.n_hot)

@@ -1,19 +1,6 @@
 use super::*;
 use crate::types::TYPE_TABLE;
-
-/// Deterministic xorshift64* bytes.
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-}
+use test_support::Rng;
 
 fn f16_bytes(x: f32) -> [u8; 2] {
     half::f16::from_f32(x).to_bits().to_le_bytes()
@@ -76,7 +63,7 @@ fn f32_to_f16_rounds_to_nearest_even_like_half() {
             );
         }
     }
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = Rng::new(0x1234_5678);
     for _ in 0..1_000_000 {
         let v = f32::from_bits(rng.next_u64() as u32);
         if v.is_nan() {
@@ -260,7 +247,7 @@ fn error_cases() {
 #[test]
 fn every_output_is_written() {
     const SENTINEL: u32 = 0x7fba_dbad; // a signalling NaN: arithmetic never produces it
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     for info in TYPE_TABLE {
         let ty = GgmlType(info.id);
         if !can_dequantize(ty) {
@@ -283,7 +270,7 @@ fn every_output_is_written() {
 /// No input makes any entry point panic.
 #[test]
 fn arbitrary_inputs_never_panic() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for id in 0..48u32 {
         let ty = GgmlType(id);
         for _ in 0..50 {

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use test_support::LlamaArgs;
 
 use attn_verify::{check_in_trace, Checked, Suspect};
 use gguf_io::{Array, GgufFile, HeaderSpec, Value};
@@ -33,26 +34,18 @@ fn good_trace(fa: &'static str) -> PathBuf {
         tiny_llama::write_model(&model, &tiny_llama::TinyLlamaConfig::default()).unwrap();
         let out = dir.join("good.gguf");
         let o = Command::new(BIN)
-            .args([
-                "-m",
-                model.to_str().unwrap(),
-                "-p",
-                PROMPT,
-                "-n",
-                "3",
-                "-ub",
-                "16",
-                "-b",
-                "16",
-                "-t",
-                "2",
-                "--temp",
-                "0",
-                "-fa",
-                fa,
-                "--save-gguf",
-                out.to_str().unwrap(),
-            ])
+            .args(
+                LlamaArgs::new(&model, PROMPT)
+                    .n(3)
+                    .ubatch(16)
+                    .threads(2)
+                    .greedy()
+                    .arg("-fa")
+                    .arg(fa)
+                    .arg("--save-gguf")
+                    .arg(out.to_str().unwrap())
+                    .build(),
+            )
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", text(&o.stderr));

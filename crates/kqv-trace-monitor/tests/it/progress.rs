@@ -3,7 +3,7 @@
 //! the end. A pseudo-terminal comes from Python's `pty` module (python3 is a CI
 //! prerequisite); the monitor's stdout goes to a file.
 
-use test_support::pty;
+use test_support::{pty, LlamaArgs};
 
 use pty::contains;
 
@@ -18,20 +18,13 @@ fn progress_line_on_a_terminal_only_and_never_in_the_data() {
     let m = model.to_str().unwrap();
     let save = d.join("t.gguf");
     let s = save.to_str().unwrap();
-    let args = [
-        "-m",
-        m,
-        "-p",
-        "Hello world",
-        "-n",
-        "3",
-        "-t",
-        "2",
-        "--temp",
-        "0",
-        "--save-gguf",
-        s,
-    ];
+    let args = LlamaArgs::new(m, "Hello world")
+        .n(3)
+        .threads(2)
+        .greedy()
+        .arg("--save-gguf")
+        .arg(s)
+        .build();
 
     // stderr on a terminal, statistics redirected: progress drawn, then erased.
     let (tty, stats) = pty::on_pty(BIN, d, &args, &[]);
@@ -71,7 +64,7 @@ fn progress_line_on_a_terminal_only_and_never_in_the_data() {
 
     // --quiet: nothing at all on the terminal.
     let mut quiet = args.to_vec();
-    quiet.push("--quiet");
+    quiet.push("--quiet".into());
     let (tty, stats) = pty::on_pty(BIN, d, &quiet, &[]);
     assert!(
         tty.is_empty(),

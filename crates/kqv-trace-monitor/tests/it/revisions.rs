@@ -19,6 +19,7 @@ use ggml_trace::session::{self, RunInfo, RunOptions};
 use kcm_cli::capture_args::{Options, SaveTarget};
 use kcm_cli::sink::MonitorSink;
 use kcm_cli::stats::{summarize, Stats};
+use test_support::LlamaArgs;
 use trace_format::layout::differing_ranges;
 use trace_format::{Role, StepMeta, TraceFile};
 
@@ -71,27 +72,15 @@ fn run(
     keep: bool,
     save: &Path,
 ) -> (Vec<CapturedTensor>, u32) {
-    let llama_args: Vec<String> = [
-        "-m",
-        &model.display().to_string(),
-        "-p",
-        PROMPT,
-        "-n",
-        &N_GEN.to_string(),
-        "-ub",
-        "16",
-        "-b",
-        "16",
-        "-t",
-        threads,
-        "--temp",
-        "0",
-        "-fa",
-        flash,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let llama_args = LlamaArgs::new(model, PROMPT)
+        .n(N_GEN as u32)
+        .ubatch(16)
+        .arg("-t")
+        .arg(threads)
+        .greedy()
+        .arg("-fa")
+        .arg(flash)
+        .build();
     let opts = Options {
         save: Some(SaveTarget::Path(save.to_path_buf())),
         quiet: true,

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use test_support::LlamaArgs;
 
 use attn_verify::check_in_trace;
 use trace_format::TraceFile;
@@ -19,21 +20,12 @@ fn model(dir: &Path) -> PathBuf {
 }
 
 fn monitor(model: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "-m",
-        model.to_str().unwrap(),
-        "-p",
-        PROMPT,
-        "-n",
-        "3",
-        "-ub",
-        "16",
-        "-b",
-        "16",
-        "--temp",
-        "0",
-    ];
-    args.extend_from_slice(extra);
+    let args = LlamaArgs::new(model, PROMPT)
+        .n(3)
+        .ubatch(16)
+        .greedy()
+        .args(extra.iter().copied())
+        .build();
     Command::new(BIN).args(&args).output().unwrap()
 }
 
