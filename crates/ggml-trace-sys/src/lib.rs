@@ -24,7 +24,10 @@ pub mod shim;
     dead_code,
     unnecessary_transmutes,
     clippy::all,
-    clippy::pedantic
+    clippy::pedantic,
+    // Generated code: bindgen writes no SAFETY comments.
+    clippy::undocumented_unsafe_blocks,
+    unsafe_op_in_unsafe_fn
 )]
 pub mod sys;
 

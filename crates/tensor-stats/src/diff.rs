@@ -1089,6 +1089,7 @@ mod tests {
                     // SAFETY: AVX2 checked just above.
                     let v = unsafe { kernel_avx2::<false, true>(&c, &r, a, t) };
                     assert_eq!(bits(&v), bits(&portable[1](&c, &r, a, t)));
+                    // SAFETY: AVX2 checked above.
                     let m = unsafe { squared_deviations_avx2(&r, 0.25) };
                     assert_eq!(
                         m.map(f64::to_bits),
@@ -1099,6 +1100,7 @@ mod tests {
                     // SAFETY: AVX-512F checked just above.
                     let v = unsafe { kernel_avx512::<true, true>(&c, &r, a, t) };
                     assert_eq!(bits(&v), bits(&portable[0](&c, &r, a, t)));
+                    // SAFETY: AVX-512F checked above.
                     let m = unsafe { squared_deviations_avx512(&r, 0.25) };
                     assert_eq!(
                         m.map(f64::to_bits),

@@ -11,15 +11,22 @@ use ggml_trace_sys::sys;
 /// # Safety
 /// `t` must be a contiguous F32 tensor with `values.len()` elements and data.
 unsafe fn fill_f32(t: *mut sys::ggml_tensor, values: &[f32]) {
-    assert_eq!(sys::ggml_nelements(t) as usize, values.len());
-    ptr::copy_nonoverlapping(values.as_ptr(), (*t).data as *mut f32, values.len());
+    // SAFETY: the caller guarantees `t` is a live F32 tensor with data for `values.len()`
+    // elements; the assertion checks the count.
+    unsafe {
+        assert_eq!(sys::ggml_nelements(t) as usize, values.len());
+        ptr::copy_nonoverlapping(values.as_ptr(), (*t).data as *mut f32, values.len());
+    }
 }
 
 /// # Safety
 /// `t` must be a contiguous F32 tensor with computed data.
 unsafe fn read_f32(t: *const sys::ggml_tensor) -> Vec<f32> {
-    let n = sys::ggml_nelements(t) as usize;
-    std::slice::from_raw_parts((*t).data as *const f32, n).to_vec()
+    // SAFETY: the caller guarantees `t` is a live contiguous F32 tensor with data.
+    unsafe {
+        let n = sys::ggml_nelements(t) as usize;
+        std::slice::from_raw_parts((*t).data as *const f32, n).to_vec()
+    }
 }
 
 #[test]
@@ -102,8 +109,9 @@ fn q8_0_traits() -> &'static sys::ggml_type_traits {
 fn q8_0_traits_describe_the_block() {
     let t = q8_0_traits();
     // SAFETY: type_name is a static NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(t.type_name) };
     assert_eq!(
-        unsafe { CStr::from_ptr(t.type_name) }.to_str().unwrap(),
+        name.to_str().unwrap(),
         "q8_0"
     );
     assert_eq!(t.blck_size, QK8_0 as i64);
@@ -152,6 +160,7 @@ fn q8_0_from_float_ref_matches_the_reference_formula() {
     let mut y = [0f32; QK8_0];
     // SAFETY: one block in, QK8_0 floats out.
     unsafe { traits.to_float.unwrap()(block.as_ptr().cast(), y.as_mut_ptr(), QK8_0 as i64) };
+    // SAFETY: a pure conversion of a value.
     let d_back = unsafe { sys::ggml_fp16_to_fp32(d_f16) };
     for i in 0..QK8_0 {
         assert_eq!(y[i], (block[2 + i] as i8) as f32 * d_back);

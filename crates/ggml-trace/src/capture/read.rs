@@ -128,11 +128,12 @@ impl Capture<'_> {
             }
             // SAFETY: as above.
             let tr = unsafe { &*t };
-            // SAFETY: the buffer of a live allocated tensor is live.
-            if tr.data.is_null()
-                || tr.buffer.is_null()
-                || !unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) }
-            {
+            if tr.data.is_null() || tr.buffer.is_null() {
+                continue;
+            }
+            // SAFETY: the buffer of a live allocated tensor is live (checked non-null).
+            let host = unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) };
+            if !host {
                 continue;
             }
             let layout = layout_of(tr);
