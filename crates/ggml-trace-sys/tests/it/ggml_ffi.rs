@@ -110,10 +110,7 @@ fn q8_0_traits_describe_the_block() {
     let t = q8_0_traits();
     // SAFETY: type_name is a static NUL-terminated string.
     let name = unsafe { CStr::from_ptr(t.type_name) };
-    assert_eq!(
-        name.to_str().unwrap(),
-        "q8_0"
-    );
+    assert_eq!(name.to_str().unwrap(), "q8_0");
     assert_eq!(t.blck_size, QK8_0 as i64);
     assert_eq!(t.type_size, Q8_0_BLOCK_BYTES);
     assert!(t.is_quantized);
