@@ -15,3 +15,37 @@ pub mod timed;
 
 pub use args::LlamaArgs;
 pub use rng::Rng;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// A workspace binary (`target/<profile>/<bin>`, beside the running test's `deps/`
+/// directory), built once per test process with `cargo build -p <package>` (a no-op when
+/// it is up to date): a test of another crate must never run a stale binary.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let exe = std::env::current_exe().expect("current test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps")
+        .to_path_buf();
+    let path = dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|p| p == package) {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", package])
+            .current_dir(gguf_py::workspace_root())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "cargo build -p {package}: {st:?}");
+        built.push(package.to_owned());
+    }
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}

@@ -19,7 +19,7 @@
 //! one-hot. Norm weights are `1 ± 0.1`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use gguf_io::{quant, GgmlType, GgufError, GgufWriter, HeaderSpec, Metadata, TensorSpec, Value};
 
@@ -500,6 +500,20 @@ pub fn write_to<W: Write>(out: W, cfg: &TinyLlamaConfig) -> Result<W, GgufError>
 pub fn write_model(path: impl AsRef<Path>, cfg: &TinyLlamaConfig) -> Result<(), GgufError> {
     let spec = cfg.header_spec()?;
     gguf_io::write_file(path, &spec, |w| write_tensors(w, cfg))
+}
+
+/// The default model with a head size of `head_dim` (and `n_embd` = 4 heads of it):
+/// quantized caches need whole 32-value blocks, and at 64 llama.cpp rotates Q/K/V.
+/// Written as `dir/tiny-hd<head_dim>.gguf`; returns that path.
+pub fn write_with_head_dim(dir: impl AsRef<Path>, head_dim: usize) -> Result<PathBuf, GgufError> {
+    let path = dir.as_ref().join(format!("tiny-hd{head_dim}.gguf"));
+    let cfg = TinyLlamaConfig {
+        head_dim,
+        n_embd: 4 * head_dim,
+        ..Default::default()
+    };
+    write_model(&path, &cfg)?;
+    Ok(path)
 }
 
 /// The model file's bytes (identical to what [`write_model`] writes).

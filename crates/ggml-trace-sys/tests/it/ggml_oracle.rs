@@ -21,6 +21,7 @@
 //!   a random importance matrix, and without one where ggml allows that) and random
 //!   valid blocks all decode to finite values equal to ggml's `to_float`.
 
+use gguf_io::quant::GRID_TYPES;
 use std::ffi::{c_void, CStr};
 use std::ptr;
 use test_support::Rng;
@@ -68,16 +69,6 @@ fn both_dequantize() -> Vec<GgmlType> {
         .filter(|&t| quant::can_dequantize(t) && dequant::ggml_can_to_float(t))
         .collect()
 }
-
-const GRID_TYPES: [GgmlType; 7] = [
-    GgmlType::IQ1_S,
-    GgmlType::IQ1_M,
-    GgmlType::IQ2_XXS,
-    GgmlType::IQ2_XS,
-    GgmlType::IQ2_S,
-    GgmlType::IQ3_XXS,
-    GgmlType::IQ3_S,
-];
 
 /// The non-grid types `ggml_quantize_chunk` has a case for (its `default:` is an
 /// `assert(false)` compiled out under NDEBUG, then a failing GGML_ASSERT on the size:

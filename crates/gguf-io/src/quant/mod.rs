@@ -53,6 +53,18 @@ pub enum QuantError {
     },
 }
 
+/// The grid-based i-quants, which this module deliberately does not dequantize (their
+/// lookup grids are ggml's; the tools route them through ggml instead).
+pub const GRID_TYPES: [GgmlType; 7] = [
+    GgmlType::IQ1_S,
+    GgmlType::IQ1_M,
+    GgmlType::IQ2_XXS,
+    GgmlType::IQ2_XS,
+    GgmlType::IQ2_S,
+    GgmlType::IQ3_XXS,
+    GgmlType::IQ3_S,
+];
+
 /// `true` if [`dequantize`] handles `ty` (known, not retired, not a grid i-quant).
 pub fn can_dequantize(ty: GgmlType) -> bool {
     dequantizer(ty).is_some()

@@ -6,16 +6,6 @@ fn f16_bytes(x: f32) -> [u8; 2] {
     half::f16::from_f32(x).to_bits().to_le_bytes()
 }
 
-const GRID_TYPES: [GgmlType; 7] = [
-    GgmlType::IQ1_S,
-    GgmlType::IQ1_M,
-    GgmlType::IQ2_XXS,
-    GgmlType::IQ2_XS,
-    GgmlType::IQ2_S,
-    GgmlType::IQ3_XXS,
-    GgmlType::IQ3_S,
-];
-
 #[test]
 fn f16_to_f32_matches_half_for_every_bit_pattern() {
     for h in 0..=u16::MAX {

@@ -21,6 +21,7 @@
 //! [`is_snan_quieting`]); that case is asserted exactly (quiet bit only, and exactly the
 //! 1022 sNaN patterns). Everything else is bit-identical.
 
+use gguf_io::quant::GRID_TYPES;
 use test_support::gguf_py as support;
 
 use std::collections::BTreeSet;
@@ -29,18 +30,6 @@ use std::sync::OnceLock;
 
 use gguf_io::quant::{self, QuantError};
 use gguf_io::GgmlType;
-
-/// Grid-based i-quants: gguf-py dequantizes them, `gguf_io::quant` deliberately does not
-/// (they will be routed through ggml).
-const GRID_TYPES: [GgmlType; 7] = [
-    GgmlType::IQ1_S,
-    GgmlType::IQ1_M,
-    GgmlType::IQ2_XXS,
-    GgmlType::IQ2_XS,
-    GgmlType::IQ2_S,
-    GgmlType::IQ3_XXS,
-    GgmlType::IQ3_S,
-];
 
 /// Quantization cases whose expected bytes come from numpy's undefined float -> int cast.
 ///

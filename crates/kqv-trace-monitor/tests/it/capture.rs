@@ -21,14 +21,7 @@ fn model(dir: &Path) -> PathBuf {
 /// Quantized caches need head_dim to be a multiple of the block size (32); at 64
 /// llama.cpp also rotates Q/K/V by a Hadamard matrix (`kv_rotation`).
 fn model_with_head_dim(dir: &Path, head_dim: usize) -> PathBuf {
-    let path = dir.join(format!("tiny-hd{head_dim}.gguf"));
-    let cfg = tiny_llama::TinyLlamaConfig {
-        head_dim,
-        n_embd: 4 * head_dim,
-        ..Default::default()
-    };
-    tiny_llama::write_model(&path, &cfg).unwrap();
-    path
+    tiny_llama::write_with_head_dim(dir, head_dim).unwrap()
 }
 
 fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {

@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 use trace_format::{Role, TraceFile};
 
@@ -314,27 +313,8 @@ fn json_lines_carry_the_documented_fields() {
     assert_eq!(&roles[..6], &FA_ROLES);
 }
 
-/// `target/debug/gguf-reader`, next to this test's `deps/` directory; built if missing.
 fn gguf_reader() -> PathBuf {
-    static READER: OnceLock<PathBuf> = OnceLock::new();
-    READER
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-            let reader = dir.join(format!("gguf-reader{}", std::env::consts::EXE_SUFFIX));
-            if !reader.exists() {
-                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-                let st = Command::new(cargo)
-                    .args(["build", "-p", "gguf-reader"])
-                    .current_dir(env!("CARGO_MANIFEST_DIR"))
-                    .status()
-                    .unwrap();
-                assert!(st.success(), "cargo build -p gguf-reader: {st:?}");
-            }
-            assert!(reader.exists(), "{} is missing", reader.display());
-            reader
-        })
-        .clone()
+    test_support::workspace_bin("gguf-reader", "gguf-reader")
 }
 
 #[test]
@@ -644,13 +624,7 @@ fn seed_readme_commands_run_as_written() {
     assert_eq!(before, after, "nothing written without --save-gguf");
 
     // q4_0 blocks are 32 values: head_dim 32 (no Hadamard rotation below 64).
-    let q4 = d.join("tiny-hd32.gguf");
-    let cfg = tiny_llama::TinyLlamaConfig {
-        head_dim: 32,
-        n_embd: 128,
-        ..Default::default()
-    };
-    tiny_llama::write_model(&q4, &cfg).unwrap();
+    let q4 = tiny_llama::write_with_head_dim(d, 32).unwrap();
     let out = ok(
         &run_in(
             Some(d),

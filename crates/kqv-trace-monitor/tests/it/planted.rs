@@ -119,23 +119,7 @@ fn assert_named(t: &TraceFile, c: &Checked, suspect: Suspect, step: u32, layer: 
 }
 
 fn gguf_reader() -> PathBuf {
-    static READER: OnceLock<PathBuf> = OnceLock::new();
-    READER
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-            let reader = dir.join(format!("gguf-reader{}", std::env::consts::EXE_SUFFIX));
-            // Build it (a no-op when it is up to date): an older binary would not diagnose.
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let st = Command::new(cargo)
-                .args(["build", "-p", "gguf-reader"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(st.success(), "cargo build -p gguf-reader: {st:?}");
-            reader
-        })
-        .clone()
+    test_support::workspace_bin("gguf-reader", "gguf-reader")
 }
 
 /// `gguf-reader TRACE --verify-attention`: exit 1, the planted group's row says FAIL and

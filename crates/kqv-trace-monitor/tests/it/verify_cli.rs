@@ -160,17 +160,7 @@ fn single_threaded_runs_are_bit_for_bit_identical() {
 }
 
 fn gguf_reader() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    // Build it (a no-op when up to date): an older binary would lack --shapes.
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-p", "gguf-reader"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "cargo build -p gguf-reader: {st:?}");
-    dir.join(format!("gguf-reader{}", std::env::consts::EXE_SUFFIX))
+    test_support::workspace_bin("gguf-reader", "gguf-reader")
 }
 
 /// `gguf-reader TRACE --shapes`: per traced tensor its role, type, ne, original nb and

@@ -17,14 +17,7 @@ const PROMPT: &str = "Hello world";
 static LLAMA: Mutex<()> = Mutex::new(());
 
 fn model(dir: &Path, head_dim: usize) -> PathBuf {
-    let path = dir.join(format!("tiny-hd{head_dim}.gguf"));
-    let cfg = tiny_llama::TinyLlamaConfig {
-        head_dim,
-        n_embd: 4 * head_dim,
-        ..Default::default()
-    };
-    tiny_llama::write_model(&path, &cfg).unwrap();
-    path
+    tiny_llama::write_with_head_dim(dir, head_dim).unwrap()
 }
 
 fn llama_args(model: &Path, extra: &[&str]) -> Vec<String> {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
+use test_support::LlamaArgs;
 use trace_format::{Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tensor-diff-analyzer");
@@ -45,38 +46,14 @@ fn seed_workflows_2_and_3_on_gemma() {
 
     // Workflow 2: baseline, then the analyzer with the same options.
     let base = p("baseline_tensors.gguf");
-    monitor(&s(&[
-        "-m",
-        &m,
-        "-n",
-        "4",
-        "-p",
-        "Hello, world",
-        "-t",
-        "2",
-        "--temp",
-        "0",
-        "--layer",
-        "0",
-        "--save-gguf",
-        &base,
-    ]));
-    let (code, out, err) = analyzer(&s(&[
-        "-m",
-        &m,
-        "-n",
-        "4",
-        "-p",
-        "Hello, world",
-        "-t",
-        "2",
-        "--temp",
-        "0",
-        "--reference",
-        &base,
-        "--layer",
-        "0",
-    ]));
+    let hello = LlamaArgs::new(&m, "Hello, world").n(4).threads(2).greedy();
+    monitor(
+        &hello
+            .clone()
+            .args(["--layer", "0", "--save-gguf", &base])
+            .build(),
+    );
+    let (code, out, err) = analyzer(&hello.args(["--reference", &base, "--layer", "0"]).build());
     eprintln!("{out}");
     assert_eq!(code, 0, "{out}\n{err}");
     let t = TraceFile::open(&base).unwrap();
@@ -87,43 +64,22 @@ fn seed_workflows_2_and_3_on_gemma() {
 
     // Workflow 3: golden f16 reference, q4_0 cache at --tolerance-abs 1e-3.
     let golden = p("golden_reference.gguf");
-    monitor(&s(&[
-        "-m",
-        &m,
-        "-p",
-        "Test prompt",
-        "-t",
-        "2",
-        "--temp",
-        "0",
-        "-ctk",
-        "f16",
-        "-ctv",
-        "f16",
-        "--save-gguf",
-        &golden,
-    ]));
+    let test_prompt = LlamaArgs::new(&m, "Test prompt").threads(2).greedy();
+    monitor(
+        &test_prompt
+            .clone()
+            .cache("f16", "f16")
+            .args(["--save-gguf", &golden])
+            .build(),
+    );
     let q4 = p("q4_0.gguf");
-    let (code, out, err) = analyzer(&s(&[
-        "-m",
-        &m,
-        "-p",
-        "Test prompt",
-        "-t",
-        "2",
-        "--temp",
-        "0",
-        "-ctk",
-        "q4_0",
-        "-ctv",
-        "q4_0",
-        "--reference",
-        &golden,
-        "--tolerance-abs",
-        "1e-3",
-        "--save-gguf",
-        &q4,
-    ]));
+    let (code, out, err) = analyzer(
+        &test_prompt
+            .cache("q4_0", "q4_0")
+            .args(["--reference", &golden, "--tolerance-abs", "1e-3"])
+            .args(["--save-gguf", &q4])
+            .build(),
+    );
     eprintln!("{out}");
     assert!(code == 0 || code == 1, "{out}\n{err}");
     // head_dim 256 and a quantized cache: llama.cpp rotates, and the analyzer says so.

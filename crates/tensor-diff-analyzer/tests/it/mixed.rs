@@ -16,14 +16,7 @@ const PROMPT: &str =
     "The quick brown fox jumps over a lazy dog. The quick brown fox jumps over a lazy dog.";
 
 fn model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny-hd32.gguf");
-    let cfg = tiny_llama::TinyLlamaConfig {
-        head_dim: 32,
-        n_embd: 128,
-        ..Default::default()
-    };
-    tiny_llama::write_model(&path, &cfg).unwrap();
-    path
+    tiny_llama::write_with_head_dim(dir, 32).unwrap()
 }
 
 /// Traces with the monitor's library (one llama.cpp run at a time: one test).
