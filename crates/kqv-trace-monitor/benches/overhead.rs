@@ -11,6 +11,7 @@ use std::io;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
+use test_support::LlamaArgs;
 
 use ggml_trace::capture::CaptureConfig;
 use ggml_trace::session::{self, RunOptions};
@@ -30,23 +31,12 @@ fn main() {
         .unwrap_or(3);
     let model = model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("gemma-3-270m");
     let dir = tempfile::tempdir().expect("tempdir");
-    let llama_args: Vec<String> = [
-        "-m",
-        &model.display().to_string(),
-        "-p",
-        "The capital of France is",
-        "-n",
-        &tokens.to_string(),
-        "-t",
-        "2",
-        "--temp",
-        "0",
-        "-fa",
-        "on",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let llama_args = LlamaArgs::new(&model, "The capital of France is")
+        .n(tokens)
+        .threads(2)
+        .greedy()
+        .flash(true)
+        .build();
     let modes = [
         "no callback",
         "monitor (all layers, stats)",

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use test_support::LlamaArgs;
 
 use trace_format::{Role, TraceFile};
 
@@ -25,7 +26,7 @@ fn model(dir: &Path) -> PathBuf {
     path
 }
 
-fn run_in(dir: Option<&Path>, args: &[&str]) -> Output {
+fn run_in<S: AsRef<std::ffi::OsStr>>(dir: Option<&Path>, args: &[S]) -> Output {
     let mut c = Command::new(BIN);
     c.args(args).stdin(Stdio::null());
     if let Some(d) = dir {
@@ -34,7 +35,7 @@ fn run_in(dir: Option<&Path>, args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
-fn run(args: &[&str]) -> Output {
+fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     run_in(None, args)
 }
 
@@ -55,9 +56,12 @@ fn ok(o: &Output, what: &str) -> String {
 
 /// `-m M -p PROMPT -n 2 -t 2 --temp 0` plus `extra`.
 fn small_run(model: &Path, extra: &[&str]) -> Output {
-    let m = model.to_str().unwrap();
-    let mut args = vec!["-m", m, "-p", PROMPT, "-n", "2", "-t", "2", "--temp", "0"];
-    args.extend_from_slice(extra);
+    let args = LlamaArgs::new(model, PROMPT)
+        .n(2)
+        .threads(2)
+        .greedy()
+        .args(extra.iter().copied())
+        .build();
     run(&args)
 }
 
@@ -344,17 +348,14 @@ fn save_gguf_to_stdout_is_a_trace_and_stats_go_to_stderr() {
 
     // Through a real pipe into gguf-reader.
     let mut mon = Command::new(BIN)
-        .args([
-            "-m",
-            m.to_str().unwrap(),
-            "-p",
-            PROMPT,
-            "-n",
-            "2",
-            "-t",
-            "2",
-        ])
-        .args(["--temp", "0", "--save-gguf", "-"])
+        .args(
+            LlamaArgs::new(&m, PROMPT)
+                .n(2)
+                .threads(2)
+                .greedy()
+                .args(["--save-gguf", "-"])
+                .build(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use test_support::LlamaArgs;
 
 use attn_verify::verify_group;
 use ggml_trace::capture::{CaptureConfig, CaptureError, CaptureSink, CapturedAttention};
@@ -36,25 +37,12 @@ fn model(dir: &Path) -> (PathBuf, tiny_llama::TinyLlamaConfig) {
 }
 
 fn base_args(model: &Path) -> Vec<String> {
-    [
-        "-m",
-        &model.display().to_string(),
-        "-p",
-        PROMPT,
-        "-n",
-        &N_GEN.to_string(),
-        "-ub",
-        "16",
-        "-b",
-        "16",
-        "-t",
-        "2",
-        "--temp",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    LlamaArgs::new(model, PROMPT)
+        .n(N_GEN as u32)
+        .ubatch(16)
+        .threads(2)
+        .greedy()
+        .build()
 }
 
 fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
@@ -380,19 +368,10 @@ fn unsupported_setups_fail_at_start_with_a_clear_message() {
 fn sliding_window_models_are_rejected() {
     let model =
         model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
-    let args: Vec<String> = [
-        "-m",
-        &model.display().to_string(),
-        "-p",
-        "Hi",
-        "-t",
-        "2",
-        "--mixed-kv-cache",
-        "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = LlamaArgs::new(&model, "Hi")
+        .threads(2)
+        .args(["--mixed-kv-cache", "-v"])
+        .build();
     expect_failure(&args, "does not use llama.cpp's plain unified KV cache");
 }
 
