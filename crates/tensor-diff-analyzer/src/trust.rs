@@ -168,7 +168,9 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
     let (mut kqv_out, mut unrotated) = (None, None);
     let type_k = cache_type(keys::RUN_CACHE_TYPE_K, &run.cache_type_k)?;
     let type_v = cache_type(keys::RUN_CACHE_TYPE_V, &run.cache_type_v)?;
-    if run.target_layer < -1 || (run.n_layer > 0 && run.target_layer >= run.n_layer as i32) {
+    if run.target_layer < -1
+        || (run.n_layer > 0 && i64::from(run.target_layer) >= i64::from(run.n_layer))
+    {
         return Err(contradiction(
             keys::TARGET_LAYER,
             run.target_layer.to_string(),
@@ -194,7 +196,7 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
                 format!("{} is of another layer", at(t)),
             ));
         }
-        if run.n_layer > 0 && (m.layer < 0 || m.layer >= run.n_layer as i32) {
+        if run.n_layer > 0 && (m.layer < 0 || i64::from(m.layer) >= i64::from(run.n_layer)) {
             return Err(contradiction(
                 keys::RUN_N_LAYER,
                 run.n_layer.to_string(),
