@@ -73,8 +73,8 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(input));
     g.bench_function("tensor-diff-analyzer --current", |b| {
         b.iter(|| {
-            let mut a = Analyzer::new(&reference, None, Tolerance::default());
-            tensor_diff_analyzer::compare_files(&mut a, &current).unwrap();
+            let mut a = Analyzer::new(&reference, None, Tolerance::default()).unwrap();
+            tensor_diff_analyzer::compare_files(&mut a, &current, &cp).unwrap();
             assert_eq!(a.comparisons.len() as u64, n_tensors);
             a.comparisons.len()
         })

@@ -28,7 +28,8 @@ ANALYSIS OPTIONS:
     --max-mismatch PCT      share of elements (percent) allowed outside tolerance (default 0)
     --json                  one JSON document with every comparison (docs/json.md)
     --plot FILE.svg         heatmap of the worst NMSE per layer (rows) and step (columns),
-                            out-of-tolerance cells marked
+                            out-of-tolerance cells marked; more than 120 steps or 64
+                            layers are binned (each cell the worst of its bin)
     --noise-floor           live: run the current configuration twice and report the
                             run-to-run difference beside the measured one
     --noise-reference FILE  a second reference (the reference configuration run again):
@@ -50,8 +51,9 @@ LLAMA.CPP OPTIONS (live mode):
 EXIT CODES:
     0  every tensor compared and within tolerance
     1  some tensor outside tolerance, a shape mismatch, or a tensor without counterpart
-    2  usage or input error: bad option, unreadable trace, different prompt or model
-       shape, nothing compared
+    2  usage or input error: bad option, unreadable trace, run metadata its tensors
+       contradict, a duplicated tensor, different prompt or model shape, nothing or no
+       kqv_out compared
 
 EXAMPLES:
     kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" --layer 0 --save-gguf base.gguf

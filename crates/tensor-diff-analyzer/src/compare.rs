@@ -2,11 +2,14 @@
 //! step), the run metadata checked before any tensor, and each current tensor compared
 //! as it arrives, a chunk at a time, so the current side is never held whole.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-use gguf_io::{quant, GgmlType};
+use gguf_io::{quant, ByteOrder, GgmlType};
 use tensor_stats::{unravel, DiffAccumulator, DiffMetrics, Tolerance};
-use trace_format::{Role, RunMeta, StepMeta, TensorMeta, TraceFile};
+use trace_format::{Role, RunMeta, StepMeta, TensorMeta, TraceFile, TracedTensor};
+
+use crate::trust::{self, shown, Observed, TrustError};
 
 /// Where an element sits: its 4-d index, and for attention tensors the token (within the
 /// step, and its position in the sequence), head and dimension.
@@ -106,14 +109,15 @@ impl RunCheck {
     }
 }
 
-fn flash_of(run: &RunMeta) -> Option<bool> {
-    if run.mixed_kv_cache {
-        return Some(true);
-    }
-    match run.flash_attn.as_str() {
-        "on" => Some(true),
-        "off" => Some(false),
-        _ => None,
+/// A long list of numbers shown as its first 8 and its length.
+struct Short<'a>(&'a [i32]);
+
+impl std::fmt::Debug for Short<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.len() <= 8 {
+            return write!(f, "{:?}", self.0);
+        }
+        write!(f, "{:?}.. ({} in all)", &self.0[..8], self.0.len())
     }
 }
 
@@ -131,21 +135,26 @@ fn side_name(rotated_in_current: bool) -> &'static str {
     }
 }
 
-/// Compare the runs' metadata: model, prompt, cache types, rotation, flash attention.
-pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
+/// Compare the runs' metadata: model, prompt, cache types; and what each side's tensors
+/// show ([`trust::observe`]): rotation, flash attention, the mixed KV cache.
+pub fn check_runs(r: &RunMeta, rs: &Observed, c: &RunMeta, cs: &Observed) -> RunCheck {
     let mut k = RunCheck {
-        ref_rot_k: r.rotated_k(),
-        ref_rot_v: r.rotated_v(),
-        cur_rot_k: c.rotated_k(),
-        cur_rot_v: c.rotated_v(),
-        flash: (flash_of(r), flash_of(c)),
-        mixed: (r.mixed_kv_cache, c.mixed_kv_cache),
+        ref_rot_k: rs.rot_k,
+        ref_rot_v: rs.rot_v,
+        cur_rot_k: cs.rot_k,
+        cur_rot_v: cs.rot_v,
+        flash: (rs.flash, cs.flash),
+        mixed: (rs.mixed, cs.mixed),
         ..Default::default()
     };
     let model = |m: &RunMeta| {
         format!(
             "{} with {} layers, {} heads over {} KV heads ({})",
-            m.architecture, m.n_layer, m.n_head, m.n_head_kv, m.model_path
+            shown(&m.architecture),
+            m.n_layer,
+            m.n_head,
+            m.n_head_kv,
+            shown(&m.model_path)
         )
     };
     let known = |m: &RunMeta| !m.architecture.is_empty() && m.n_layer > 0;
@@ -160,7 +169,7 @@ pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
             "the reference was traced with a different model: {} against {} here; use -m {}",
             model(r),
             model(c),
-            r.model_path
+            shown(&r.model_path)
         ));
     } else if !r.model_sha256.is_empty()
         && !c.model_sha256.is_empty()
@@ -169,7 +178,11 @@ pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
         k.notes.push(format!(
             "the model file differs (reference {} sha256 {:.12}…, current {} sha256 {:.12}…): \
              the differences below include the model change; use -m {} to compare the same model",
-            r.model_path, r.model_sha256, c.model_path, c.model_sha256, r.model_path
+            shown(&r.model_path),
+            shown(&r.model_sha256),
+            shown(&c.model_path),
+            shown(&c.model_sha256),
+            shown(&r.model_path)
         ));
     }
     if !r.prompt_tokens.is_empty()
@@ -195,7 +208,10 @@ pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
     {
         k.notes.push(format!(
             "KV cache types differ: reference K {} / V {}, current K {} / V {}",
-            r.cache_type_k, r.cache_type_v, c.cache_type_k, c.cache_type_v
+            shown(&r.cache_type_k),
+            shown(&r.cache_type_v),
+            shown(&c.cache_type_k),
+            shown(&c.cache_type_v)
         ));
     }
     if k.rot_k_differs() {
@@ -244,7 +260,8 @@ pub fn check_runs(r: &RunMeta, c: &RunMeta) -> RunCheck {
     {
         k.notes.push(format!(
             "llama.cpp versions differ: reference '{}', current '{}'",
-            r.llama_version, c.llama_version
+            shown(&r.llama_version),
+            shown(&c.llama_version)
         ));
     }
     k
@@ -369,8 +386,9 @@ fn diff_bytes_with(
     Ok(acc.finish())
 }
 
-/// Where flat index `i` of a tensor is, in attention terms where the role has them.
-pub fn locate(meta: &TensorMeta, run: &RunMeta, steps: &[StepMeta], i: u64) -> Location {
+/// Where flat index `i` of a tensor is, in attention terms where the role has them;
+/// `step` is the tensor's step (its positions), when known.
+pub fn locate(meta: &TensorMeta, run: &RunMeta, step: Option<&StepMeta>, i: u64) -> Location {
     let ne = meta.layout.ne;
     let idx = unravel(i, ne);
     // (token, head, dim)
@@ -394,12 +412,8 @@ pub fn locate(meta: &TensorMeta, run: &RunMeta, steps: &[StepMeta], i: u64) -> L
         Role::Mask => Some((idx[1], None, None)),
         _ => None,
     };
-    let position = thd.and_then(|(t, _, _)| {
-        steps
-            .iter()
-            .find(|s| s.step == meta.step)
-            .and_then(|s| s.positions.get(t as usize).copied())
-    });
+    let position =
+        thd.and_then(|(t, _, _)| step.and_then(|s| s.positions.get(t as usize).copied()));
     Location {
         index: idx,
         token: thd.map(|x| x.0),
@@ -409,10 +423,32 @@ pub fn locate(meta: &TensorMeta, run: &RunMeta, steps: &[StepMeta], i: u64) -> L
     }
 }
 
+/// A tensor's bytes in little-endian order, whatever its file's byte order: the one path
+/// both the reader and the comparison take (`gguf_io::to_little_endian`).
+pub fn le_data<'a>(file: &'a TraceFile, t: &TracedTensor) -> Cow<'a, [u8]> {
+    gguf_io::to_little_endian(t.meta.layout.ty, byte_order(file), file.data(t))
+}
+
+fn byte_order(file: &TraceFile) -> ByteOrder {
+    file.gguf().header().byte_order
+}
+
+/// Position notes kept in full; more are counted in one line.
+const POSITION_NOTES: usize = 5;
+
 /// The analysis state: the reference and what has been compared so far.
 pub struct Analyzer<'r> {
     pub reference: &'r TraceFile,
+    /// What the reference's tensors show ([`trust::observe`]).
+    pub reference_seen: Observed,
+    /// (role, layer, step) -> tensor, built once; unique ([`trust::observe`] refuses
+    /// duplicates).
     index: HashMap<(Role, i32, u32), usize>,
+    /// Step number -> index in `reference.steps` / `current_steps`.
+    ref_steps: HashMap<u32, usize>,
+    cur_steps: HashMap<u32, usize>,
+    diverged: bool,
+    position_notes: usize,
     used: Vec<bool>,
     pub layer: Option<i32>,
     pub tolerance: Tolerance,
@@ -423,22 +459,43 @@ pub struct Analyzer<'r> {
     pub comparisons: Vec<Comparison>,
     /// Current tensors without a counterpart, or not comparable.
     pub current_unpaired: Vec<Unpaired>,
+    /// Current tensors of a layer `--layer` leaves out.
+    pub current_other_layer: usize,
+    /// Current tensors without a trace role (a file of another tool).
+    pub current_no_role: usize,
     /// Notes found while comparing (generation divergence, step positions).
     pub late_notes: Vec<String>,
 }
 
 impl<'r> Analyzer<'r> {
-    pub fn new(reference: &'r TraceFile, layer: Option<i32>, tolerance: Tolerance) -> Self {
-        let mut index = HashMap::new();
-        for (i, t) in reference.tensors.iter().enumerate() {
-            // The first of duplicates wins; the writer never makes any.
-            index
-                .entry((t.meta.role, t.meta.layer, t.meta.step))
-                .or_insert(i);
-        }
-        Self {
+    /// The reference is checked first ([`trust::observe`]): a duplicated tensor or a run
+    /// flag its tensors contradict is an error.
+    pub fn new(
+        reference: &'r TraceFile,
+        layer: Option<i32>,
+        tolerance: Tolerance,
+    ) -> Result<Self, TrustError> {
+        let reference_seen = trust::observe(reference)?;
+        let index = reference
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((t.meta.role, t.meta.layer, t.meta.step), i))
+            .collect();
+        let ref_steps = reference
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.step, i))
+            .collect();
+        Ok(Self {
             reference,
+            reference_seen,
             index,
+            ref_steps,
+            cur_steps: HashMap::new(),
+            diverged: false,
+            position_notes: 0,
             used: vec![false; reference.tensors.len()],
             layer,
             tolerance,
@@ -448,13 +505,17 @@ impl<'r> Analyzer<'r> {
             current_steps: Vec::new(),
             comparisons: Vec::new(),
             current_unpaired: Vec::new(),
+            current_other_layer: 0,
+            current_no_role: 0,
             late_notes: Vec::new(),
-        }
+        })
     }
 
     /// Check the current run against the reference's; returns the fatal differences.
-    pub fn set_current_run(&mut self, run: RunMeta) -> &RunCheck {
-        self.check = check_runs(&self.reference.run, &run);
+    /// `seen`: what the current side's tensors show (a file: [`trust::observe`]; a live
+    /// run: [`Observed::claimed`] of the running context).
+    pub fn set_current_run(&mut self, run: RunMeta, seen: Observed) -> &RunCheck {
+        self.check = check_runs(&self.reference.run, &self.reference_seen, &run, &seen);
         self.current_run = run;
         &self.check
     }
@@ -473,28 +534,52 @@ impl<'r> Analyzer<'r> {
 
     /// A step of the current run: checks it decodes what the reference's step did.
     pub fn add_current_step(&mut self, step: StepMeta) {
-        if let Some(r) = self.reference.steps.iter().find(|s| s.step == step.step) {
-            let diverged = self
-                .late_notes
-                .iter()
-                .any(|n| n.starts_with("generation diverged"));
+        if let Some(r) = self
+            .ref_steps
+            .get(&step.step)
+            .map(|&i| &self.reference.steps[i])
+        {
             if r.positions != step.positions {
-                self.late_notes.push(format!(
-                    "step {} covers positions {:?} in the reference and {:?} here",
-                    step.step, r.positions, step.positions
-                ));
-            } else if r.tokens != step.tokens && !r.tokens.is_empty() && !diverged {
+                self.position_notes += 1;
+                if self.position_notes <= POSITION_NOTES {
+                    self.late_notes.push(format!(
+                        "step {} covers positions {:?} in the reference and {:?} here",
+                        step.step,
+                        Short(&r.positions),
+                        Short(&step.positions)
+                    ));
+                }
+            } else if r.tokens != step.tokens && !r.tokens.is_empty() && !self.diverged {
+                self.diverged = true;
                 self.late_notes.push(format!(
                     "generation diverged at step {}: the reference decoded token(s) {:?}, this run \
                      {:?}; from this step on the inputs differ, so later numbers compare different \
                      computations (with sampling: use --temp 0 or the same fixed --seed for both \
                      runs; with greedy decoding the difference itself changed the token: compare \
                      the steps before {}, i.e. a smaller -n)",
-                    step.step, r.tokens, step.tokens, step.step
+                    step.step,
+                    Short(&r.tokens),
+                    Short(&step.tokens),
+                    step.step
                 ));
             }
         }
+        self.cur_steps
+            .entry(step.step)
+            .or_insert(self.current_steps.len());
         self.current_steps.push(step);
+    }
+
+    /// Notes found while comparing, the position notes past the first few counted.
+    pub fn late_notes(&self) -> Vec<String> {
+        let mut n = self.late_notes.clone();
+        if self.position_notes > POSITION_NOTES {
+            n.push(format!(
+                "... and {} more steps cover other positions than in the reference",
+                self.position_notes - POSITION_NOTES
+            ));
+        }
+        n
     }
 
     pub fn wants_layer(&self, layer: i32) -> bool {
@@ -563,6 +648,7 @@ impl<'r> Analyzer<'r> {
     /// Compare one current tensor (its bytes in logical order, in its own type).
     pub fn compare(&mut self, meta: &TensorMeta, name: &str, data: &[u8]) {
         if !self.wants_layer(meta.layer) {
+            self.current_other_layer += 1;
             return;
         }
         let unpaired = |reason| Unpaired {
@@ -607,14 +693,18 @@ impl<'r> Analyzer<'r> {
                 meta.layout.ty,
                 data,
                 rt.meta.layout.ty,
-                self.reference.data(rt),
+                &le_data(self.reference, rt),
                 n,
                 self.tolerance,
                 self.threads,
             ) {
                 Ok(m) => {
+                    let step = self
+                        .cur_steps
+                        .get(&meta.step)
+                        .map(|&i| &self.current_steps[i]);
                     let at = |w: Option<tensor_stats::Worst>| {
-                        w.map(|w| locate(meta, &self.current_run, &self.current_steps, w.index))
+                        w.map(|w| locate(meta, &self.current_run, step, w.index))
                     };
                     c.worst_abs_at = at(m.worst_abs);
                     c.worst_rel_at = at(m.worst_rel);
@@ -624,6 +714,15 @@ impl<'r> Analyzer<'r> {
             }
         }
         self.comparisons.push(c);
+    }
+
+    /// Reference tensors of a layer `--layer` leaves out.
+    pub fn reference_other_layer(&self) -> usize {
+        self.reference
+            .tensors
+            .iter()
+            .filter(|t| !self.wants_layer(t.meta.layer))
+            .count()
     }
 
     /// Reference tensors (in the compared layers) that were not compared: (unmatched,

@@ -1,13 +1,16 @@
 //! `tensor-diff-analyzer`: compare a live llama.cpp run (the monitor's capture engine) or
 //! a saved trace with a reference trace, tensor by tensor, matched by (role, layer,
 //! step); print the seed's summary (or `--json`), optionally an SVG heatmap, and exit
-//! 0 (all within tolerance), 1 (not) or 2 (usage or input error). docs/diff.md.
+//! 0 (all within tolerance), 1 (not) or 2 (usage or input error). What is comparable is
+//! decided from the tensors themselves; run flags they contradict, duplicated tensors, a
+//! run whose `kqv_out` were all skipped are input errors (`trust`). docs/diff.md.
 
 pub mod args;
 pub mod compare;
 pub mod live;
 pub mod plot;
 pub mod report;
+pub mod trust;
 
 use std::ffi::OsString;
 use std::io::{self, Write};
@@ -15,13 +18,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use args::Options;
-use compare::{Analyzer, Comparison};
+use compare::{le_data, Analyzer, Comparison};
 use ggml_trace::capture::CaptureConfig;
 use ggml_trace::session::{self, RunOptions, SessionError};
 use kcm_cli::capture_args::SaveTarget;
 use kcm_cli::tool::{is_broken_pipe, utf8_args, Failure, Tool};
 use report::Outcome;
-use trace_format::{TraceError, TraceFile};
+use trace_format::{Role, TraceError, TraceFile};
+use trust::{shown, TrustError};
 
 /// Documented exit codes.
 pub mod exit {
@@ -37,11 +41,18 @@ pub mod exit {
 pub enum AnalyzerError {
     #[error("{0} (try --help)")]
     Usage(#[from] args::UsageError),
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {source}", shown(&path.display().to_string()))]
     Trace {
         what: &'static str,
         path: PathBuf,
         source: TraceError,
+    },
+    /// The file's metadata contradicts its tensors, or a tensor is there twice.
+    #[error("{what} {}: {source}", shown(&path.display().to_string()))]
+    Untrusted {
+        what: &'static str,
+        path: PathBuf,
+        source: TrustError,
     },
     /// The metadata says the runs cannot be compared.
     #[error("{0}")]
@@ -52,6 +63,9 @@ pub enum AnalyzerError {
     Session(SessionError),
     #[error("nothing was compared: {0}")]
     NothingCompared(String),
+    /// Pairs were compared, but none of the main tensor: no verdict on the output.
+    #[error("no kqv_out was compared: {0}")]
+    NoKqvOut(String),
     #[error("saving the current trace: {0}")]
     Save(String),
     #[error("--plot: {0}")]
@@ -96,12 +110,35 @@ fn open(what: &'static str, path: &Path) -> Result<TraceFile, AnalyzerError> {
     })
 }
 
-/// Compare a saved trace with the analyzer's reference.
-pub fn compare_files(a: &mut Analyzer, current: &TraceFile) -> Result<(), AnalyzerError> {
-    let check = a.set_current_run(current.run.clone());
+fn untrusted(what: &'static str, path: &Path) -> impl FnOnce(TrustError) -> AnalyzerError {
+    let path = path.to_owned();
+    move |source| AnalyzerError::Untrusted { what, path, source }
+}
+
+/// The analyzer for a reference trace (checked by [`trust::observe`]).
+pub fn analyzer<'r>(
+    reference: &'r TraceFile,
+    path: &Path,
+    layer: Option<i32>,
+    tolerance: tensor_stats::Tolerance,
+) -> Result<Analyzer<'r>, AnalyzerError> {
+    Analyzer::new(reference, layer, tolerance).map_err(untrusted("reference", path))
+}
+
+/// Compare a saved trace (`current`, read from `path`) with the analyzer's reference.
+/// The file is checked first ([`trust::observe`]); its bytes are read in its own byte
+/// order.
+pub fn compare_files(
+    a: &mut Analyzer,
+    current: &TraceFile,
+    path: &Path,
+) -> Result<(), AnalyzerError> {
+    let seen = trust::observe(current).map_err(untrusted("current", path))?;
+    let check = a.set_current_run(current.run.clone(), seen);
     if !check.fatal.is_empty() {
         return Err(AnalyzerError::Mismatch(check.fatal.join("; ")));
     }
+    a.current_no_role = current.unknown.len();
     for s in &current.steps {
         a.add_current_step(s.clone());
     }
@@ -110,17 +147,55 @@ pub fn compare_files(a: &mut Analyzer, current: &TraceFile) -> Result<(), Analyz
         ("current", &current.unknown),
     ] {
         if !unknown.is_empty() {
+            let names: Vec<String> = unknown.iter().take(8).map(|n| shown(n)).collect();
             a.late_notes.push(format!(
-                "{} tensors of the {side} file have no trace role and are ignored: {}",
+                "{} tensors of the {side} file have no trace role and are skipped: {}{}",
                 unknown.len(),
-                unknown.join(", ")
+                names.join(", "),
+                if unknown.len() > 8 { ", ..." } else { "" }
             ));
         }
     }
     for t in &current.tensors {
-        a.compare(&t.meta, &t.name, current.data(t));
+        a.compare(&t.meta, &t.name, &le_data(current, t));
     }
     Ok(())
+}
+
+/// The main tensor must have been compared: pairs of intermediates alone are no verdict
+/// on the attention output. Err(the reason) when no `kqv_out` was.
+fn kqv_out_compared(a: &Analyzer) -> Result<(), String> {
+    let main = |r: Role| r == Role::KqvOut;
+    if a.comparisons
+        .iter()
+        .any(|c| main(c.role) || main(c.reference_role))
+    {
+        return Ok(());
+    }
+    let reference = a.reference_unpaired();
+    let count = |v: &[compare::Unpaired]| v.iter().filter(|u| main(u.role)).count();
+    let (r, c) = (count(&reference), count(&a.current_unpaired));
+    let why = reference
+        .iter()
+        .chain(&a.current_unpaired)
+        .filter(|u| main(u.role))
+        .find_map(|u| {
+            u.reason
+                .as_ref()
+                .map(|why| format!("{} {}: {why}", u.side, shown(&u.name)))
+        });
+    Err(match (r + c, why) {
+        (0, _) => "neither file holds a kqv_out in the compared layers; only intermediates \
+                   were paired, which is no verdict on the attention output"
+            .into(),
+        (_, Some(why)) => format!(
+            "{r} reference and {c} current kqv_out were skipped as not comparable, e.g. {why}"
+        ),
+        (_, None) => format!(
+            "{r} reference and {c} current kqv_out have no counterpart (matched by role, \
+             layer and step)"
+        ),
+    })
 }
 
 /// Run llama.cpp once, comparing live; `save` also writes the run's trace there.
@@ -174,7 +249,7 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         .monitor
         .layer
         .or((reference.run.target_layer >= 0).then_some(reference.run.target_layer));
-    let mut a = Analyzer::new(&reference, layer, opts.tolerance);
+    let mut a = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
     // The first live run's trace, when --noise-floor runs the configuration again.
     let tmp = tempfile::tempdir()?;
     let first_run = match (&opts.monitor.save, opts.noise_floor) {
@@ -185,7 +260,7 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
     let current_label = match &opts.current {
         Some(path) => {
             let cur = open("current", path)?;
-            compare_files(&mut a, &cur)?;
+            compare_files(&mut a, &cur, path)?;
             path.display().to_string()
         }
         None => {
@@ -203,18 +278,19 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
             layer.map_or(String::new(), |l| format!(", layer {l} only")),
         )));
     }
+    kqv_out_compared(&a).map_err(AnalyzerError::NoKqvOut)?;
     let mut noise_source = None;
     if let Some(p) = &opts.noise_reference {
         let second = open("noise reference", p)?;
-        let mut n = Analyzer::new(&reference, layer, opts.tolerance);
-        compare_files(&mut n, &second)?;
+        let mut n = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
+        compare_files(&mut n, &second, p)?;
         let noise: Vec<Comparison> = n.comparisons;
         a.attach_noise(&noise, true);
         noise_source = Some(format!("{} against the reference", p.display()));
     } else if opts.noise_floor {
         let path = first_run.as_deref().unwrap_or(tmp.path());
         let first = open("first run", path)?;
-        let mut n = Analyzer::new(&first, layer, opts.tolerance);
+        let mut n = analyzer(&first, path, layer, opts.tolerance)?;
         compare_live(&mut n, opts, None)?;
         let noise: Vec<Comparison> = n.comparisons;
         a.attach_noise(&noise, false);

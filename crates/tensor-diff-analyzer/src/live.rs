@@ -79,7 +79,9 @@ impl CaptureSink for LiveSink<'_, '_> {
         self.counters.tokens_total = info.prompt_tokens.len() as u64 + generated;
         let with_sha = !self.analyzer.reference.run.model_sha256.is_empty();
         let run = current_run_meta(info, with_sha);
-        let check = self.analyzer.set_current_run(run);
+        // The running context's own facts, not a file's claims.
+        let seen = crate::trust::Observed::claimed(&run);
+        let check = self.analyzer.set_current_run(run, seen);
         if !check.fatal.is_empty() {
             let msg = check.fatal.join("; ");
             self.fatal = Some(msg.clone());

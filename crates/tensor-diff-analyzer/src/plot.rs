@@ -2,8 +2,12 @@
 //! tensors of each (step, layer): layers are rows, steps columns; cells with a tensor out
 //! of tolerance are outlined in red and marked with an x; cells with nothing compared are
 //! grey. Drawn with `plotters` (SVG backend).
+//!
+//! At most [`MAX_COLUMNS`] columns and [`MAX_ROWS`] rows are drawn: with more steps (or
+//! layers), consecutive ones are binned, each cell showing the worst of its bin, and the
+//! title says so; the file stays small whatever the trace holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use plotters::prelude::*;
@@ -12,6 +16,33 @@ use crate::report::Outcome;
 
 /// NMSE of exactly 0 is drawn at this log10 value.
 const FLOOR: f64 = -16.0;
+
+/// Most columns (steps, or bins of consecutive steps) drawn.
+pub const MAX_COLUMNS: usize = 120;
+/// Most rows (layers, or bins of consecutive layers) drawn.
+pub const MAX_ROWS: usize = 64;
+
+/// Bins of `size` consecutive values: each value's bin, and each bin's label.
+fn bins<T: Copy + Ord + std::hash::Hash + std::fmt::Display>(
+    values: &[T],
+    max: usize,
+) -> (usize, HashMap<T, usize>, Vec<String>) {
+    let size = values.len().div_ceil(max).max(1);
+    let of = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (*v, i / size))
+        .collect();
+    let labels = values
+        .chunks(size)
+        .map(|c| match (c.first(), c.last()) {
+            (Some(a), Some(b)) if size > 1 && a != b => format!("{a}-{b}"),
+            (Some(a), _) => a.to_string(),
+            _ => String::new(),
+        })
+        .collect();
+    (size, of, labels)
+}
 
 #[derive(Clone, Copy)]
 struct Cell {
@@ -28,9 +59,22 @@ fn color(t: f64) -> RGBColor {
 }
 
 pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
-    let mut cells: BTreeMap<(u32, i32), Cell> = BTreeMap::new();
+    let mut steps: Vec<u32> = o.comparisons.iter().map(|c| c.step).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    let mut layers: Vec<i32> = o.comparisons.iter().map(|c| c.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    if steps.is_empty() {
+        return Err("nothing was compared, nothing to plot".into());
+    }
+    let (step_bin, col_of, step_labels) = bins(&steps, MAX_COLUMNS);
+    let (layer_bin, row_of, layer_labels) = bins(&layers, MAX_ROWS);
+    // Cells keyed by (column, row): the worst NMSE of the bin's tensors.
+    let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
     for c in &o.comparisons {
-        let e = cells.entry((c.step, c.layer)).or_insert(Cell {
+        let key = (col_of[&c.step], row_of[&c.layer]);
+        let e = cells.entry(key).or_insert(Cell {
             nmse: f64::NAN,
             outside: false,
         });
@@ -40,19 +84,6 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
                 e.nmse = m.nmse;
             }
         }
-    }
-    let steps: Vec<u32> = {
-        let mut s: Vec<u32> = cells.keys().map(|k| k.0).collect();
-        s.dedup();
-        s.sort_unstable();
-        s.dedup();
-        s
-    };
-    let mut layers: Vec<i32> = cells.keys().map(|k| k.1).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    if steps.is_empty() {
-        return Err("nothing was compared, nothing to plot".into());
     }
     let lg = |x: f64| {
         if x <= 0.0 {
@@ -73,7 +104,23 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
     } else {
         (FLOOR, 0.0)
     };
-    let (nx, ny) = (steps.len() as i32, layers.len() as i32);
+    let (nx, ny) = (step_labels.len() as i32, layer_labels.len() as i32);
+    let binned = match (step_bin, layer_bin) {
+        (1, 1) => String::new(),
+        (s, 1) => format!(
+            "; {} steps binned by {s}, each cell the worst of its bin",
+            steps.len()
+        ),
+        (1, l) => format!(
+            "; {} layers binned by {l}, each cell the worst of its bin",
+            layers.len()
+        ),
+        (s, l) => format!(
+            "; {} steps binned by {s} and {} layers by {l}, each cell the worst of its bin",
+            steps.len(),
+            layers.len()
+        ),
+    };
     let cell_px = 28u32;
     let width = (120 + cell_px * nx as u32).max(480);
     let height = 130 + cell_px * ny as u32;
@@ -83,7 +130,7 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "worst NMSE per (step, layer), log10 from {lo:.1} (blue) to {hi:.1} (red); x = out of tolerance"
+                "worst NMSE per (step, layer), log10 from {lo:.1} (blue) to {hi:.1} (red); x = out of tolerance{binned}"
             ),
             ("sans-serif", 13),
         )
@@ -92,7 +139,7 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
         .y_label_area_size(45)
         .build_cartesian_2d(0..nx, 0..ny)
         .map_err(|e| err(&e))?;
-    let (st, ly) = (steps.clone(), layers.clone());
+    let (st, ly) = (step_labels, layer_labels);
     chart
         .configure_mesh()
         .disable_mesh()
@@ -100,22 +147,22 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
         .y_desc("layer")
         .x_labels(nx.min(40) as usize)
         .y_labels(ny.min(40) as usize)
-        .x_label_formatter(&move |x| st.get(*x as usize).map_or(String::new(), |s| s.to_string()))
-        .y_label_formatter(&move |y| ly.get(*y as usize).map_or(String::new(), |l| l.to_string()))
+        .x_label_formatter(&move |x| st.get(*x as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&move |y| ly.get(*y as usize).cloned().unwrap_or_default())
         .draw()
         .map_err(|e| err(&e))?;
     let mut rects = Vec::new();
     let mut marks = Vec::new();
-    for (xi, s) in steps.iter().enumerate() {
-        for (yi, l) in layers.iter().enumerate() {
+    for xi in 0..nx as usize {
+        for yi in 0..ny as usize {
             let (x, y) = (xi as i32, yi as i32);
-            let fill = match cells.get(&(*s, *l)) {
+            let fill = match cells.get(&(xi, yi)) {
                 Some(c) if c.nmse.is_finite() => color((lg(c.nmse) - lo) / (hi - lo)),
                 Some(c) if c.nmse.is_infinite() => RGBColor(128, 0, 0),
                 _ => RGBColor(200, 200, 200),
             };
             rects.push(Rectangle::new([(x, y), (x + 1, y + 1)], fill.filled()));
-            if cells.get(&(*s, *l)).is_some_and(|c| c.outside) {
+            if cells.get(&(xi, yi)).is_some_and(|c| c.outside) {
                 rects.push(Rectangle::new(
                     [(x, y), (x + 1, y + 1)],
                     ShapeStyle::from(&RED).stroke_width(2),

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tensor_stats::{DiffMetrics, Tolerance};
 
 use crate::compare::{Analyzer, Comparison, Location, RunCheck, Unpaired};
+use crate::trust::shown;
 
 pub const SCHEMA: &str = "tensor-diff-analyzer/1";
 
@@ -41,6 +42,42 @@ pub struct LayerRow {
     pub noise_nmse: Option<f64>,
 }
 
+/// Tensors of either file that were not compared and do not fail the verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Explained as not comparable (rotation basis, layout): listed with the reason.
+    pub not_comparable: usize,
+    /// Of a layer `--layer` (or the reference's own target layer) leaves out.
+    pub other_layer: usize,
+    /// Without a trace role (tensors of another tool).
+    pub no_role: usize,
+}
+
+impl Skipped {
+    pub fn total(&self) -> usize {
+        self.not_comparable + self.other_layer + self.no_role
+    }
+
+    /// `12 (8 not comparable, 4 outside --layer 1)`, or `0`.
+    pub fn text(&self, layer: Option<i32>) -> String {
+        let layer = layer.map_or("the compared layers".to_owned(), |l| format!("--layer {l}"));
+        let parts: Vec<String> = [
+            (self.not_comparable, "not comparable".to_owned()),
+            (self.other_layer, format!("outside {layer}")),
+            (self.no_role, "without a trace role".to_owned()),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        if parts.is_empty() {
+            "0".into()
+        } else {
+            format!("{} ({})", self.total(), parts.join(", "))
+        }
+    }
+}
+
 /// Everything the summary says.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -51,6 +88,9 @@ pub struct Outcome {
     pub comparisons: Vec<Comparison>,
     pub unmatched: Vec<Unpaired>,
     pub not_comparable: Vec<Unpaired>,
+    pub skipped: Skipped,
+    /// The layer compared (`--layer`, or the reference's target layer); None: all.
+    pub layer: Option<i32>,
     pub noise_source: Option<String>,
 }
 
@@ -62,7 +102,7 @@ impl Outcome {
         noise_source: Option<String>,
     ) -> Self {
         let mut notes = a.check.notes.clone();
-        notes.extend(a.late_notes.iter().cloned());
+        notes.extend(a.late_notes());
         let (mut unmatched, mut not_comparable) = (Vec::new(), Vec::new());
         for u in a
             .reference_unpaired()
@@ -75,6 +115,11 @@ impl Outcome {
                 unmatched.push(u);
             }
         }
+        let skipped = Skipped {
+            not_comparable: not_comparable.len(),
+            other_layer: a.reference_other_layer() + a.current_other_layer,
+            no_role: a.reference.unknown.len() + a.current_no_role,
+        };
         Self {
             reference,
             current,
@@ -83,6 +128,8 @@ impl Outcome {
             comparisons: a.comparisons.clone(),
             unmatched,
             not_comparable,
+            skipped,
+            layer: a.layer,
             noise_source,
         }
     }
@@ -197,7 +244,7 @@ fn location_text(l: &Location) -> String {
 }
 
 fn failure_line(c: &Comparison, t: &Tolerance) -> String {
-    let name = &c.reference_name;
+    let name = shown(&c.reference_name);
     if !c.shape_match() {
         return format!(
             "  {name}: shape mismatch: reference {:?}, current {:?}",
@@ -300,6 +347,7 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         o.unmatched.iter().filter(|u| u.side == "current").count(),
         o.not_comparable.len()
     )?;
+    writeln!(out, "Compared {n}, skipped {}", o.skipped.text(o.layer))?;
     match o.first_failure() {
         Some((step, layer, at)) => {
             let roles: Vec<&str> = at.iter().map(|c| c.role.name()).collect();
@@ -360,7 +408,11 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             writeln!(
                 out,
                 "  {} only: {} (step {}, layer {}, {})",
-                u.side, u.name, u.step, u.layer, u.role
+                u.side,
+                shown(&u.name),
+                u.step,
+                u.layer,
+                u.role
             )?;
         }
     }
@@ -377,7 +429,7 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             writeln!(
                 out,
                 "  {side} {role}: {n} tensor(s), e.g. {}: {reason}",
-                first.name
+                shown(&first.name)
             )?;
         }
     }
@@ -490,6 +542,12 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
         "layers": layers,
         "tensors": tensors,
         "unmatched": o.unmatched.iter().map(unpaired_json).collect::<Vec<_>>(),
+        "skipped": {
+            "total": o.skipped.total(),
+            "not_comparable": o.skipped.not_comparable,
+            "other_layer": o.skipped.other_layer,
+            "no_role": o.skipped.no_role,
+        },
         "not_comparable": o.not_comparable.iter().map(unpaired_json).collect::<Vec<_>>(),
         "noise_source": o.noise_source,
         "passed": o.passed(),

@@ -14,9 +14,9 @@ use trace_format::{Role, TraceFile};
 const BIN: &str = env!("CARGO_BIN_EXE_tensor-diff-analyzer");
 const PROMPT: &str = "Hello world";
 /// One llama.cpp run in this process at a time (the monitor's library).
-static LLAMA: Mutex<()> = Mutex::new(());
+pub(crate) static LLAMA: Mutex<()> = Mutex::new(());
 
-fn model(dir: &Path, head_dim: usize) -> PathBuf {
+pub(crate) fn model(dir: &Path, head_dim: usize) -> PathBuf {
     tiny_llama::write_with_head_dim(dir, head_dim).unwrap()
 }
 
@@ -35,7 +35,7 @@ fn llama_args(model: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 /// Trace a reference with the monitor's library.
-fn reference(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
+pub(crate) fn reference(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
     let mut args = llama_args(model, extra);
     args.extend(["--save-gguf".into(), out.display().to_string()]);
     let opts = match kcm_cli::capture_args::parse(args).unwrap() {
@@ -49,7 +49,7 @@ fn reference(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
     TraceFile::open(out).unwrap()
 }
 
-fn analyze(args: &[String], envs: &[(&str, &str)]) -> Output {
+pub(crate) fn analyze(args: &[String], envs: &[(&str, &str)]) -> Output {
     let mut c = Command::new(BIN);
     c.args(args).stdin(Stdio::null());
     for (k, v) in envs {
@@ -65,7 +65,7 @@ fn live(model: &Path, reference: &Path, extra: &[&str], own: &[&str]) -> Output 
     analyze(&a, &[])
 }
 
-fn offline(reference: &Path, current: &Path, own: &[&str]) -> Output {
+pub(crate) fn offline(reference: &Path, current: &Path, own: &[&str]) -> Output {
     let mut a = vec![
         "--reference".to_string(),
         reference.display().to_string(),
@@ -76,21 +76,21 @@ fn offline(reference: &Path, current: &Path, own: &[&str]) -> Output {
     analyze(&a, &[])
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn code(o: &Output) -> i32 {
+pub(crate) fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
-fn json(o: &Output) -> Value {
+pub(crate) fn json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\nstderr {}", text(&o.stdout), text(&o.stderr)))
 }
 
 /// One line on stderr, nothing on stdout, exit 2.
-fn input_error(o: &Output) -> String {
+pub(crate) fn input_error(o: &Output) -> String {
     assert_eq!(
         code(o),
         2,
@@ -104,7 +104,7 @@ fn input_error(o: &Output) -> String {
     e
 }
 
-fn f64_of(v: &Value) -> f64 {
+pub(crate) fn f64_of(v: &Value) -> f64 {
     match v {
         Value::String(s) if s == "inf" => f64::INFINITY,
         v => v.as_f64().unwrap_or_else(|| panic!("{v}")),

@@ -1,0 +1,391 @@
+//! What a trace's tensors show about its run, and the run flags checked against it.
+//!
+//! The analyzer decides what is comparable from the tensors themselves: the attention
+//! op each traced `attn` records (`FLASH_ATTN_EXT`, `MUL_MAT` without flash attention,
+//! `CUSTOM` for the mixed KV cache), the intermediates only one layout has (`kq`,
+//! `kq_soft_max` without flash attention; `k_quant`/`v_quant` with the mixed KV cache),
+//! the presence of `kqv_out_unrotated` (V rotated) and the K/V tensors' types. A run flag
+//! (`kqv_trace.run.*`, `kqv_trace.target_layer`) that contradicts them is an input error
+//! (exit 2), never a reason to skip a tensor. docs/diff.md, "What the tensors show".
+
+use std::collections::HashMap;
+
+use gguf_io::GgmlType;
+use trace_format::{keys, Role, RunMeta, TraceFile, TracedTensor, MIXED_ATTN_OP};
+
+/// A string from a file, fit for a terminal line: control characters (newlines, escape
+/// sequences) shown escaped.
+pub fn shown(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// What decides comparability for one side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Flash attention (or the mixed node, which has its layout) on; None: unknown.
+    pub flash: Option<bool>,
+    pub mixed: bool,
+    /// Q and K rotated: the one fact no tensor shows; from `kv_rotation` and the K cache
+    /// type, checked to be possible (a quantized K with a head size multiple of 64).
+    pub rot_k: bool,
+    /// V rotated: `kqv_out_unrotated` is present.
+    pub rot_v: bool,
+}
+
+impl Observed {
+    /// What a run's own metadata says: for a live run, whose metadata comes from the
+    /// running context and not from a file.
+    pub fn claimed(run: &RunMeta) -> Self {
+        Self {
+            flash: flash_of(run),
+            mixed: run.mixed_kv_cache,
+            rot_k: run.rotated_k(),
+            rot_v: run.rotated_v(),
+        }
+    }
+}
+
+/// The flag's reading of flash attention (the mixed KV cache counts as on).
+pub fn flash_of(run: &RunMeta) -> Option<bool> {
+    if run.mixed_kv_cache {
+        return Some(true);
+    }
+    match run.flash_attn.as_str() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Why a trace cannot be trusted as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    #[error(
+        "{role} of step {step}, layer {layer} is in the file twice ({first} and {second}): \
+         which one to compare cannot be told"
+    )]
+    Duplicate {
+        role: Role,
+        step: u32,
+        layer: i32,
+        first: String,
+        second: String,
+    },
+    #[error("{key} says {claim}, but {shown}: the metadata contradicts the tensors")]
+    Contradiction {
+        key: &'static str,
+        claim: String,
+        shown: String,
+    },
+    #[error("the tensors contradict each other: {0}, but {1}")]
+    Inconsistent(String, String),
+}
+
+fn at(t: &TracedTensor) -> String {
+    format!(
+        "{} (step {}, layer {})",
+        shown(&t.name),
+        t.meta.step,
+        t.meta.layer
+    )
+}
+
+fn contradiction(key: &'static str, claim: impl Into<String>, shown: String) -> TrustError {
+    TrustError::Contradiction {
+        key,
+        claim: claim.into(),
+        shown,
+    }
+}
+
+/// The first piece of evidence for each attention layout.
+#[derive(Default)]
+struct Layouts {
+    flash: Option<String>,
+    plain: Option<String>,
+    mixed: Option<String>,
+}
+
+impl Layouts {
+    fn op(&mut self, op: &str, what: impl FnOnce() -> String) {
+        let slot = match op {
+            "FLASH_ATTN_EXT" => &mut self.flash,
+            "MUL_MAT" | "SOFT_MAX" => &mut self.plain,
+            "CUSTOM" | MIXED_ATTN_OP => &mut self.mixed,
+            _ => return,
+        };
+        if slot.is_none() {
+            *slot = Some(what());
+        }
+    }
+
+    fn role(&mut self, t: &TracedTensor) {
+        let slot = match t.meta.role {
+            Role::Kq | Role::KqSoftMax => &mut self.plain,
+            Role::KQuant | Role::VQuant => &mut self.mixed,
+            Role::Attn => {
+                let op = t.meta.op.clone();
+                return self.op(&op, || format!("{} has op {}", at(t), shown(&op)));
+            }
+            _ => return,
+        };
+        if slot.is_none() {
+            *slot = Some(format!("{} is a {}", at(t), t.meta.role));
+        }
+    }
+}
+
+fn cache_type(key: &'static str, s: &str) -> Result<Option<GgmlType>, TrustError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    GgmlType::from_name(s).map(Some).ok_or_else(|| {
+        contradiction(
+            key,
+            format!("'{}'", shown(s)),
+            "no ggml type has that name".into(),
+        )
+    })
+}
+
+/// Check a trace's tensor table (no duplicated (role, layer, step)) and its run flags
+/// against its tensors; returns what the tensors show.
+pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
+    let run = &trace.run;
+    let mut seen: HashMap<(Role, i32, u32), usize> = HashMap::with_capacity(trace.tensors.len());
+    let mut layouts = Layouts::default();
+    let (mut kqv_out, mut unrotated) = (None, None);
+    let type_k = cache_type(keys::RUN_CACHE_TYPE_K, &run.cache_type_k)?;
+    let type_v = cache_type(keys::RUN_CACHE_TYPE_V, &run.cache_type_v)?;
+    if run.target_layer < -1
+        || (run.n_layer > 0 && i64::from(run.target_layer) >= i64::from(run.n_layer))
+    {
+        return Err(contradiction(
+            keys::TARGET_LAYER,
+            run.target_layer.to_string(),
+            format!("the run has {} layers (-1 means all)", run.n_layer),
+        ));
+    }
+    for (i, t) in trace.tensors.iter().enumerate() {
+        let m = &t.meta;
+        if let Some(&first) = seen.get(&(m.role, m.layer, m.step)) {
+            return Err(TrustError::Duplicate {
+                role: m.role,
+                step: m.step,
+                layer: m.layer,
+                first: shown(&trace.tensors[first].name),
+                second: shown(&t.name),
+            });
+        }
+        seen.insert((m.role, m.layer, m.step), i);
+        if run.target_layer >= 0 && m.layer != run.target_layer {
+            return Err(contradiction(
+                keys::TARGET_LAYER,
+                run.target_layer.to_string(),
+                format!("{} is of another layer", at(t)),
+            ));
+        }
+        if run.n_layer > 0 && (m.layer < 0 || i64::from(m.layer) >= i64::from(run.n_layer)) {
+            return Err(contradiction(
+                keys::RUN_N_LAYER,
+                run.n_layer.to_string(),
+                format!("{} is outside that range", at(t)),
+            ));
+        }
+        layouts.role(t);
+        let ne = m.layout.ne;
+        match m.role {
+            Role::KqvOut => {
+                kqv_out.get_or_insert_with(|| at(t));
+            }
+            Role::KqvOutUnrotated => {
+                unrotated.get_or_insert_with(|| at(t));
+            }
+            Role::Q if run.n_head > 0 && ne[2] != u64::from(run.n_head) => {
+                return Err(contradiction(
+                    keys::RUN_N_HEAD,
+                    run.n_head.to_string(),
+                    format!("{} holds {} heads (shape {:?})", at(t), ne[2], ne),
+                ));
+            }
+            Role::K | Role::V => {
+                let (key, claimed) = if m.role == Role::K {
+                    (keys::RUN_CACHE_TYPE_K, type_k)
+                } else {
+                    (keys::RUN_CACHE_TYPE_V, type_v)
+                };
+                if let Some(ty) = claimed.filter(|&ty| ty != m.layout.ty) {
+                    return Err(contradiction(
+                        key,
+                        ty.name(),
+                        format!("{} is {}", at(t), m.layout.ty.name()),
+                    ));
+                }
+                if m.role == Role::K && run.n_head_kv > 0 && ne[2] != u64::from(run.n_head_kv) {
+                    return Err(contradiction(
+                        keys::RUN_N_HEAD_KV,
+                        run.n_head_kv.to_string(),
+                        format!("{} holds {} KV heads (shape {:?})", at(t), ne[2], ne),
+                    ));
+                }
+                if m.role == Role::K && run.rotated_k() && ne[0] % 64 != 0 {
+                    return Err(contradiction(
+                        keys::RUN_KV_ROTATION,
+                        format!("true with a {} K cache", run.cache_type_k),
+                        format!(
+                            "{} has head size {}: llama.cpp rotates only head sizes that are \
+                             multiples of 64",
+                            at(t),
+                            ne[0]
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    for a in &trace.attn {
+        layouts.op(&a.op, || {
+            format!(
+                "the attention record of step {}, layer {} has op {}",
+                a.step,
+                a.layer,
+                shown(&a.op)
+            )
+        });
+    }
+
+    // The tensors themselves must tell one story.
+    let kinds = [
+        (&layouts.flash, "flash attention on"),
+        (&layouts.plain, "flash attention off"),
+        (&layouts.mixed, "the mixed KV cache"),
+    ];
+    let present: Vec<String> = kinds
+        .iter()
+        .filter_map(|(e, what)| e.as_ref().map(|e| format!("{e} ({what})")))
+        .collect();
+    if present.len() > 1 {
+        return Err(TrustError::Inconsistent(
+            present[0].clone(),
+            present[1].clone(),
+        ));
+    }
+
+    // Flash attention. A mixed run records the flag as asked; its node has its own layout.
+    if layouts.mixed.is_none() {
+        let contra = match run.flash_attn.as_str() {
+            "on" => layouts.plain.as_ref(),
+            "off" => layouts.flash.as_ref(),
+            "" | "auto" => None,
+            other => {
+                return Err(contradiction(
+                    keys::RUN_FLASH_ATTN,
+                    format!("'{}'", shown(other)),
+                    "it must be on, off or auto".into(),
+                ))
+            }
+        };
+        if let Some(e) = contra {
+            return Err(contradiction(
+                keys::RUN_FLASH_ATTN,
+                run.flash_attn.clone(),
+                e.clone(),
+            ));
+        }
+    }
+    // The mixed KV cache.
+    match (&layouts.mixed, run.mixed_kv_cache) {
+        (Some(e), false) => {
+            return Err(contradiction(
+                keys::RUN_MIXED_KV_CACHE,
+                "false",
+                format!("{e}, which only the mixed KV cache makes"),
+            ))
+        }
+        (None, true) => {
+            if let Some(e) = layouts.flash.as_ref().or(layouts.plain.as_ref()) {
+                return Err(contradiction(
+                    keys::RUN_MIXED_KV_CACHE,
+                    "true",
+                    format!("{e}, not the mixed KV cache's attention node"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    // Rotation.
+    let quantized = |t: Option<GgmlType>| t.is_some_and(|t| t.is_quantized());
+    if run.kv_rotation && !quantized(type_k) && !quantized(type_v) {
+        return Err(contradiction(
+            keys::RUN_KV_ROTATION,
+            "true",
+            format!(
+                "neither cache type is quantized (K '{}', V '{}'): llama.cpp rotates only \
+                 quantized caches",
+                shown(&run.cache_type_k),
+                shown(&run.cache_type_v)
+            ),
+        ));
+    }
+    if let Some(e) = &unrotated {
+        if !run.rotated_v() {
+            let (key, claim) = if run.kv_rotation {
+                (keys::RUN_CACHE_TYPE_V, run.cache_type_v.clone())
+            } else {
+                (keys::RUN_KV_ROTATION, "false".to_owned())
+            };
+            return Err(contradiction(
+                key,
+                shown(&claim),
+                format!("{e} is a kqv_out_unrotated: V was rotated"),
+            ));
+        }
+    } else if let (true, Some(e)) = (run.rotated_v(), &kqv_out) {
+        return Err(contradiction(
+            keys::RUN_KV_ROTATION,
+            format!("true with a {} V cache", shown(&run.cache_type_v)),
+            format!("the file has no kqv_out_unrotated beside {e}: V was not rotated"),
+        ));
+    }
+
+    Ok(Observed {
+        flash: if layouts.mixed.is_some() || layouts.flash.is_some() {
+            Some(true)
+        } else if layouts.plain.is_some() {
+            Some(false)
+        } else {
+            // No attention op traced (kqv_out only): the flag decides nothing but a note.
+            flash_of(run)
+        },
+        mixed: layouts.mixed.is_some()
+            || (run.mixed_kv_cache && layouts.flash.is_none() && layouts.plain.is_none()),
+        rot_k: run.rotated_k(),
+        rot_v: unrotated.is_some() || (kqv_out.is_none() && run.rotated_v()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(shown("plain name-0 (view)"), "plain name-0 (view)");
+        assert_eq!(shown("a\nb"), "a\\nb");
+        assert_eq!(shown("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(shown("tab\there\r"), "tab\\there\\r");
+        assert_eq!(shown("ünïcode ok"), "ünïcode ok");
+    }
+}
