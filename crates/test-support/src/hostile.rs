@@ -10,8 +10,8 @@
 //! layer can object.
 
 use gguf_io::{
-    Array, ByteOrder, GgmlType, GgufError, GgufFile, GgufWriter, HeaderSpec, Metadata,
-    TensorSpec, Value,
+    Array, ByteOrder, GgmlType, GgufError, GgufFile, GgufWriter, HeaderSpec, Metadata, TensorSpec,
+    Value,
 };
 use trace_format::keys;
 
@@ -136,7 +136,11 @@ impl Editable {
                     ty: t.ty,
                 })
                 .collect(),
-            data: f.tensors().iter().map(|t| f.tensor_data(t).to_vec()).collect(),
+            data: f
+                .tensors()
+                .iter()
+                .map(|t| f.tensor_data(t).to_vec())
+                .collect(),
             byte_order: h.byte_order,
         })
     }
@@ -376,7 +380,11 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
     let (q, out_i) = (idx1(&e, "q"), idx1(&e, "kqv_out"));
     let d = e.tensors[q].dims[0];
     let heads = 65_536u64;
-    e.reshape(q, [d, 1, heads, 1], random_f32(&mut rng, (d * heads) as usize));
+    e.reshape(
+        q,
+        [d, 1, heads, 1],
+        random_f32(&mut rng, (d * heads) as usize),
+    );
     e.set_nb(q, [4, 4 * d, 4 * d, 4 * d * heads]);
     e.reshape(
         out_i,
@@ -441,7 +449,11 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
         let i = idx(&e, role);
         let mut data = e.data[i].clone();
         // Other values: flip the sign bit of every f16/f32 element (f16 for k: two bytes).
-        let width = if e.tensors[i].ty == GgmlType::F16 { 2 } else { 4 };
+        let width = if e.tensors[i].ty == GgmlType::F16 {
+            2
+        } else {
+            4
+        };
         for c in data.chunks_exact_mut(width) {
             c[width - 1] ^= 0x80;
         }
@@ -470,11 +482,27 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
 
     // --- run flags the tensors contradict ---
     let flags: [(&'static str, &str, Value); 7] = [
-        ("flag_mixed_kv_cache", keys::RUN_MIXED_KV_CACHE, Value::Bool(true)),
-        ("flag_flash_attn_off", keys::RUN_FLASH_ATTN, Value::from("off")),
+        (
+            "flag_mixed_kv_cache",
+            keys::RUN_MIXED_KV_CACHE,
+            Value::Bool(true),
+        ),
+        (
+            "flag_flash_attn_off",
+            keys::RUN_FLASH_ATTN,
+            Value::from("off"),
+        ),
         ("flag_kv_rotation", keys::RUN_KV_ROTATION, Value::Bool(true)),
-        ("flag_cache_type_k_q8_0", keys::RUN_CACHE_TYPE_K, Value::from("q8_0")),
-        ("flag_cache_type_v_q4_0", keys::RUN_CACHE_TYPE_V, Value::from("q4_0")),
+        (
+            "flag_cache_type_k_q8_0",
+            keys::RUN_CACHE_TYPE_K,
+            Value::from("q8_0"),
+        ),
+        (
+            "flag_cache_type_v_q4_0",
+            keys::RUN_CACHE_TYPE_V,
+            Value::from("q4_0"),
+        ),
         ("flag_target_layer_1", keys::TARGET_LAYER, Value::I32(1)),
         ("n_head_disagrees", keys::RUN_N_HEAD, Value::U32(8)),
     ];
@@ -534,7 +562,12 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
     let mut e = base.clone();
     let k = idx(&e, "k");
     e.set_nb(k, [2, 1 << 63, 1 << 63, u64::MAX]);
-    add("nb_overflowing", "nb arrays overflowing", &e, Expect::Refuse)?;
+    add(
+        "nb_overflowing",
+        "nb arrays overflowing",
+        &e,
+        Expect::Refuse,
+    )?;
 
     // --- labels out of range ---
     let mut e = base.clone();
@@ -573,11 +606,17 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
 
     let mut e = base.clone();
     e.metadata.set(keys::FORMAT_VERSION, 999u32);
-    add("format_version_999", "format_version 999", &e, Expect::Refuse)?;
+    add(
+        "format_version_999",
+        "format_version 999",
+        &e,
+        Expect::Refuse,
+    )?;
 
     let mut e = base.clone();
     let h = e.metadata.get_u64(keys::RUN_N_HEAD).unwrap_or(4);
-    e.metadata.set(keys::RUN_N_HEAD, Value::U64((1u64 << 32) + h));
+    e.metadata
+        .set(keys::RUN_N_HEAD, Value::U64((1u64 << 32) + h));
     add(
         "n_head_u64_2p32_plus_h",
         "a 64-bit n_head of 2^32+4 (read as 4 when truncated)",
@@ -667,12 +706,12 @@ pub fn synthetic_trace(groups: usize, n_layer: u32) -> Result<Vec<u8>, trace_for
             }
             n += 1;
             // Values exact in f16, so V read back is the output bit for bit.
-            let v: Vec<f32> = (0..d).map(|_| (rng.below(64) as f32 - 32.0) / 8.0).collect();
+            let v: Vec<f32> = (0..d)
+                .map(|_| (rng.below(64) as f32 - 32.0) / 8.0)
+                .collect();
             let q: Vec<f32> = (0..d).map(|_| rng.signed()).collect();
             let f16 = |x: &[f32]| -> Vec<u8> {
-                x.iter()
-                    .flat_map(|&y| half_bits(y).to_le_bytes())
-                    .collect()
+                x.iter().flat_map(|&y| half_bits(y).to_le_bytes()).collect()
             };
             let layout = |ty: GgmlType, ne: [u64; 4]| TensorLayout::contiguous(ty, ne);
             let meta = |role: Role, name: String, op: &str, layout: TensorLayout| TensorMeta {
@@ -818,5 +857,306 @@ mod tests {
         let e = Editable::from_bytes(&bytes).unwrap();
         assert_eq!(e.tensors.len(), 60);
         assert_eq!(e.find("kqv_out", 2, 1), Some(54));
+    }
+}
+
+/// Interesting integers for mutated counts, dims, strides and labels.
+const INTERESTING: [i64; 16] = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    16,
+    255,
+    256,
+    65_536,
+    -1,
+    i32::MAX as i64,
+    1 << 32,
+    (1 << 32) + 4,
+    1 << 40,
+    1 << 60,
+];
+
+/// Reads a fuzzer's bytes as a sequence of small numbers (zero once exhausted).
+pub struct Program<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Program<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Self { data, at: 0 }
+    }
+    pub fn done(&self) -> bool {
+        self.at >= self.data.len()
+    }
+    pub fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+    /// An index below `n` (0 when n is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        let v = u16::from_le_bytes([self.byte(), self.byte()]) as usize;
+        v % n
+    }
+    /// An interesting integer, or (one time in 8) eight raw bytes.
+    pub fn int(&mut self) -> i64 {
+        let b = self.byte();
+        if b & 7 == 7 {
+            let mut x = [0u8; 8];
+            for v in &mut x {
+                *v = self.byte();
+            }
+            i64::from_le_bytes(x)
+        } else {
+            INTERESTING[(b >> 3) as usize % INTERESTING.len()]
+        }
+    }
+}
+
+const ROLES: [&str; 12] = [
+    "kqv_out",
+    "attn",
+    "q",
+    "k",
+    "v",
+    "mask",
+    "sinks",
+    "kq",
+    "kq_soft_max",
+    "kqv_out_unrotated",
+    "k_quant",
+    "v_quant",
+];
+
+/// Apply a fuzzer's program of mutations to a trace (structure-aware: the GGUF stays well
+/// formed; what changes is what the `kqv_trace.*` metadata and the tensor table claim).
+/// Each step reads an opcode byte and its operands; mutations that the GGUF writer could
+/// not write (a tensor of more than 1 MiB of data) are skipped.
+pub fn mutate(e: &mut Editable, program: &[u8]) {
+    let mut p = Program::new(program);
+    let mut steps = 0;
+    while !p.done() && steps < 64 {
+        steps += 1;
+        let n = e.tensors.len();
+        match p.byte() % 14 {
+            // A tensor's dims (data resized to fit, zeros past the old bytes).
+            0 => {
+                let i = p.below(n);
+                let d = p.below(4);
+                let v = p.int() as u64;
+                let Some(t) = e.tensors.get(i) else { continue };
+                let mut dims = t.dims.clone();
+                dims.resize(4, 1);
+                dims[d] = v;
+                let Some(bytes) = dims
+                    .iter()
+                    .try_fold(1u64, |a, &x| a.checked_mul(x))
+                    .and_then(|n| t.ty.bytes_for(n))
+                    .filter(|&b| b <= 1 << 20)
+                else {
+                    continue;
+                };
+                e.tensors[i].dims = dims;
+                e.data[i].resize(bytes as usize, 0);
+            }
+            // One nb entry.
+            1 => {
+                let i = p.below(n);
+                let d = p.below(4);
+                let v = p.int() as u64;
+                if let Some(Array::U64(mut x)) = e.array(keys::TENSOR_NB).cloned() {
+                    if let Some(slot) = x.get_mut(4 * i + d) {
+                        *slot = v;
+                        e.metadata.set(keys::TENSOR_NB, Array::U64(x));
+                    }
+                }
+            }
+            // A tensor's layer or step label.
+            2 => {
+                let i = p.below(n);
+                let key = if p.byte() & 1 == 0 {
+                    keys::TENSOR_LAYER
+                } else {
+                    keys::TENSOR_STEP
+                };
+                let v = p.int();
+                if e.array(key).is_some_and(|a| i < a.len()) {
+                    e.set_int(key, i, v);
+                }
+            }
+            // A tensor's role.
+            3 => {
+                let i = p.below(n);
+                let r = ROLES[p.below(ROLES.len())];
+                if e.array(keys::TENSOR_ROLE).is_some_and(|a| i < a.len()) {
+                    e.set_string(keys::TENSOR_ROLE, i, r);
+                }
+            }
+            // A per-tensor or per-record array one entry shorter or longer.
+            4 => {
+                let keys_all: Vec<&str> = PER_TENSOR
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .chain(PER_ATTN)
+                    .chain([keys::STEP_N_TOKENS, keys::STEP_POSITIONS])
+                    .collect();
+                let key = keys_all[p.below(keys_all.len())];
+                let grow = p.byte() & 1 == 0;
+                if let Some(a) = e.array(key).cloned() {
+                    let len = a.len();
+                    let b = if grow {
+                        concat(&a, &slice(&a, 0, 1))
+                    } else {
+                        slice(&a, 0, len.saturating_sub(1))
+                    };
+                    e.metadata.set(key, b);
+                }
+            }
+            // A run key.
+            5 => {
+                let v = p.int();
+                match p.below(12) {
+                    0 => e.metadata.set(keys::RUN_N_HEAD, Value::U32(v as u32)),
+                    1 => e.metadata.set(keys::RUN_N_HEAD, Value::U64(v as u64)),
+                    2 => e.metadata.set(keys::RUN_N_HEAD_KV, Value::U32(v as u32)),
+                    3 => e.metadata.set(keys::RUN_N_LAYER, Value::U32(v as u32)),
+                    4 => e.metadata.set(keys::FORMAT_VERSION, Value::U32(v as u32)),
+                    5 => e.metadata.set(keys::TARGET_LAYER, Value::I32(v as i32)),
+                    6 => e
+                        .metadata
+                        .set(keys::RUN_MIXED_KV_CACHE, Value::Bool(v & 1 == 1)),
+                    7 => e
+                        .metadata
+                        .set(keys::RUN_KV_ROTATION, Value::Bool(v & 1 == 1)),
+                    8 => e.metadata.set(
+                        keys::RUN_FLASH_ATTN,
+                        ["on", "off", "auto", ""][(v & 3) as usize],
+                    ),
+                    9 => e.metadata.set(
+                        keys::RUN_CACHE_TYPE_K,
+                        ["f16", "q8_0", "q4_0", "bf16"][(v & 3) as usize],
+                    ),
+                    10 => e.metadata.set(
+                        keys::RUN_CACHE_TYPE_V,
+                        ["f16", "q8_0", "q4_0", "f32"][(v & 3) as usize],
+                    ),
+                    _ => e.metadata.set(keys::TENSOR_COUNT, Value::I32(v as i32)),
+                }
+            }
+            // Duplicate a tensor, with its data perturbed.
+            6 => {
+                let i = p.below(n);
+                if i < n && n < 4096 {
+                    let flip = p.byte();
+                    let data = e.data[i].iter().map(|b| b ^ flip).collect();
+                    let name = format!("dup{}_{}", n, e.tensors[i].name);
+                    let name: String = name.chars().take(63).collect();
+                    e.push_copy(i, &name, data);
+                }
+            }
+            // Duplicate an attention record with another scale.
+            7 => {
+                let len = e.array(keys::ATTN_STEP).map_or(0, Array::len);
+                let i = p.below(len);
+                let scale =
+                    f32::from_bits(u32::from_le_bytes([p.byte(), p.byte(), p.byte(), p.byte()]));
+                if i < len {
+                    e.push_attn_copy(i, scale);
+                }
+            }
+            // An attention parameter.
+            8 => {
+                let key = [keys::ATTN_SCALE, keys::ATTN_MAX_BIAS, keys::ATTN_SOFTCAP][p.below(3)];
+                let i = p.below(64);
+                let v = [0.0, -1.0, 1e30, f32::NAN, f32::INFINITY, 0.125, 8.0, -0.0][p.below(8)];
+                if let Some(Array::F32(mut x)) = e.array(key).cloned() {
+                    if let Some(slot) = x.get_mut(i) {
+                        *slot = v;
+                        e.metadata.set(key, Array::F32(x));
+                    }
+                }
+            }
+            // A step's token count, or an attention record's step/layer.
+            9 => {
+                let key = [keys::STEP_N_TOKENS, keys::ATTN_STEP, keys::ATTN_LAYER][p.below(3)];
+                let i = p.below(64);
+                let v = p.int();
+                if e.array(key).is_some_and(|a| i < a.len()) {
+                    e.set_int(key, i, v);
+                }
+            }
+            // A tensor's type (data resized to the new type's size).
+            10 => {
+                let i = p.below(n);
+                let ty = [
+                    GgmlType::F32,
+                    GgmlType::F16,
+                    GgmlType::Q8_0,
+                    GgmlType::Q4_0,
+                    GgmlType::BF16,
+                    GgmlType::I32,
+                ][p.below(6)];
+                let Some(t) = e.tensors.get(i) else { continue };
+                let count = t.dims.iter().try_fold(1u64, |a, &x| a.checked_mul(x));
+                let Some(bytes) = count
+                    .and_then(|c| ty.bytes_for(c))
+                    .filter(|&b| b <= 1 << 20)
+                else {
+                    continue;
+                };
+                e.tensors[i].ty = ty;
+                e.data[i].resize(bytes as usize, 0);
+            }
+            // Tensor data: one byte, or a run of bytes set to a pattern (NaN, inf, ...).
+            11 => {
+                let i = p.below(n);
+                let at = p.below(1 << 16);
+                let v = p.byte();
+                let run = p.below(256);
+                if let Some(d) = e.data.get_mut(i) {
+                    let len = d.len();
+                    if len > 0 {
+                        for b in d.iter_mut().skip(at % len).take(run + 1) {
+                            *b = v;
+                        }
+                    }
+                }
+            }
+            // A string: ggml name, op, view_of or a run string, to hostile text.
+            12 => {
+                let i = p.below(n);
+                let s = [
+                    "",
+                    "\n",
+                    "\u{1b}[2J",
+                    "x\ny",
+                    "\u{0}",
+                    "FLASH_ATTN_EXT",
+                    "SOFT_MAX",
+                ][p.below(7)];
+                match p.below(4) {
+                    0 => e.set_string(keys::TENSOR_GGML_NAME, i, s),
+                    1 => e.set_string(keys::TENSOR_OP, i, s),
+                    2 => e.set_string(keys::TENSOR_VIEW_OF, i, s),
+                    _ => e.metadata.set(keys::RUN_MODEL_PATH, s),
+                }
+            }
+            // Remove a tensor (its table entry and data; the arrays keep their length).
+            _ => {
+                let i = p.below(n);
+                if i < n && n > 1 {
+                    e.tensors.remove(i);
+                    e.data.remove(i);
+                }
+            }
+        }
     }
 }
