@@ -246,6 +246,76 @@ impl Editable {
         n - 1
     }
 
+    /// Remove tensor `i`: its table entry, data and per-tensor array entries.
+    pub fn remove(&mut self, i: usize) {
+        for (key, per) in PER_TENSOR {
+            if let Some(a) = self.array(key).cloned() {
+                let rest = concat(&slice(&a, 0, per * i), &slice(&a, per * (i + 1), a.len()));
+                self.metadata.set(key, rest);
+            }
+        }
+        self.tensors.remove(i);
+        self.data.remove(i);
+        let n = self.tensors.len();
+        self.metadata.set(keys::TENSOR_COUNT, n as i32);
+    }
+
+    /// Give the group (step, layer) consistent attention shapes (flash-attention layouts):
+    /// q `[d, t, h]`, k `[d, n_kv, h_kv]`, v `[dv, n_kv, h_kv]`, attn `[dv, h, t]`,
+    /// kqv_out `[dv*h, t]`, contiguous strides, random f32 data (zeros for f16; zero bytes
+    /// whenever a dimension is 0), and no mask. An output over 64 MiB gets ne0 = 0; an
+    /// input over 64 MiB panics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_group(
+        &mut self,
+        step: u32,
+        layer: i32,
+        [d, dv, t, h, h_kv, n_kv]: [u64; 6],
+        rng: &mut Rng,
+    ) {
+        if let Some(m) = self.find("mask", step, layer) {
+            self.remove(m);
+        }
+        let shapes: [(&str, [u64; 4]); 5] = [
+            ("q", [d, t, h, 1]),
+            ("k", [d, n_kv, h_kv, 1]),
+            ("v", [dv, n_kv, h_kv, 1]),
+            ("attn", [dv, h, t, 1]),
+            ("kqv_out", [dv * h, t, 1, 1]),
+        ];
+        for (role, ne) in shapes {
+            let Some(i) = self.find(role, step, layer) else {
+                continue;
+            };
+            let ty = self.tensors[i].ty;
+            let bytes_of = |ne: [u64; 4]| {
+                ne.iter()
+                    .try_fold(1u64, |a, &x| a.checked_mul(x))
+                    .and_then(|n| ty.bytes_for(n))
+                    .filter(|&b| b <= 64 << 20)
+            };
+            // An output too large to hold claims no values (ne0 = 0): the reference is
+            // sized from the inputs' shapes before the output is compared.
+            let mut ne = ne;
+            if bytes_of(ne).is_none() && matches!(role, "attn" | "kqv_out") {
+                ne[0] = 0;
+            }
+            let bytes = bytes_of(ne).unwrap_or_else(|| panic!("{role} {ne:?}: over 64 MiB"));
+            let size = ty.info().map_or(4, |x| u64::from(x.type_size));
+            let mut nb = [size, 0, 0, 0];
+            for k in 1..4 {
+                nb[k] = nb[k - 1].saturating_mul(ne[k - 1]);
+            }
+            let data = if ty == GgmlType::F32 {
+                random_f32(rng, (bytes / 4) as usize)
+            } else {
+                vec![0; bytes as usize]
+            };
+            self.reshape(i, ne, data);
+            self.set_nb(i, nb);
+        }
+    }
+
     /// Append a copy of attention record `i` with another scale.
     pub fn push_attn_copy(&mut self, i: usize, scale: f32) {
         for key in PER_ATTN {
@@ -339,40 +409,39 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
         Expect::Success,
     )?;
 
-    // --- sizes taken on trust ---
-    let mut e = base.clone();
-    let k = idx(&e, "k");
-    e.reshape(k, [0, 1 << 60, 2, 1], Vec::new());
-    add(
-        "k_2p60_cells_zero_bytes",
-        "a K view claiming 2^60 cells in zero bytes",
-        &e,
-        Expect::Refuse,
-    )?;
-
-    let mut e = base.clone();
-    let (q, out_i) = (idx(&e, "q"), idx(&e, "kqv_out"));
-    e.reshape(q, [0, 1 << 57, 16, 1], Vec::new());
-    e.reshape(out_i, [0, 1 << 61, 1, 1], Vec::new());
-    add(
-        "out_2p61_elements",
-        "an output shape of 2^61 elements",
-        &e,
-        Expect::Refuse,
-    )?;
-
-    let mut e = base.clone();
-    let k = idx(&e, "k");
-    let v = idx(&e, "v");
-    e.reshape(k, [0, 1 << 40, 2, 1], Vec::new());
-    e.reshape(v, [0, 1 << 40, 2, 1], Vec::new());
-    add("k_2p40_cells", "2^40 cells", &e, Expect::Refuse)?;
-
-    let mut e = base.clone();
-    let (q, out_i) = (idx(&e, "q"), idx(&e, "kqv_out"));
-    e.reshape(q, [0, 4096, 4096, 1], Vec::new());
-    e.reshape(out_i, [0, 4096, 1, 1], Vec::new());
-    add("out_4096x4096", "a 4096x4096 output", &e, Expect::Refuse)?;
+    // --- sizes taken on trust: shapes consistent with each other, data absent ---
+    let zero: [(&'static str, &'static str, [u64; 6]); 5] = [
+        (
+            "k_2p60_cells_zero_bytes",
+            "a K view claiming 2^60 cells in zero bytes (all dims but one zero)",
+            [0, 0, 8, 4, 2, 1 << 60],
+        ),
+        (
+            "out_2p61_elements",
+            "an output shape of 2^61 elements (2^29 tokens x 2^30 heads x 4, zero bytes of input)",
+            [0, 4, 1 << 29, 1 << 30, 1, 0],
+        ),
+        (
+            "k_2p40_cells",
+            "2^40 cells in zero bytes",
+            [0, 0, 8, 4, 2, 1 << 40],
+        ),
+        (
+            "out_4096x4096",
+            "a 4096 x 4096 output (4096 tokens x 4096 heads x 64, 8 GiB of f64)",
+            [0, 64, 4096, 4096, 1, 0],
+        ),
+        (
+            "zero_element_dims",
+            "zero-element dimensions (64 heads x 2048 tokens x 65,536 cells of nothing)",
+            [0, 0, 2048, 64, 64, 1 << 16],
+        ),
+    ];
+    for (name, class, dims) in zero {
+        let mut e = base.clone();
+        e.set_group(0, 0, dims, &mut rng);
+        add(name, class, &e, Expect::Refuse)?;
+    }
 
     // A failing group of 65,536 query heads (one token): q and kqv_out hold real, random
     // data (4 MiB each), so the group fails and the Q-head diagnosis runs.
@@ -399,39 +468,10 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
         Expect::Refuse,
     )?;
 
-    let mut e = base.clone();
-    let (q, k, v, out_i) = (idx(&e, "q"), idx(&e, "k"), idx(&e, "v"), idx(&e, "kqv_out"));
-    e.reshape(q, [0, 2048, 64, 1], Vec::new());
-    e.reshape(k, [0, 1 << 16, 64, 1], Vec::new());
-    e.reshape(v, [0, 1 << 16, 64, 1], Vec::new());
-    e.reshape(out_i, [0, 2048, 1, 1], Vec::new());
-    add(
-        "zero_element_dims",
-        "zero-element dimensions (heads x tokens x cells loops over nothing)",
-        &e,
-        Expect::Refuse,
-    )?;
-
     // head_dim 1, 1,024 heads x 1,024 tokens x 2^20 cells = 2^40 score evaluations, all
-    // with real data (a few MiB); the mask is dropped from the group (it would be 2 GiB).
+    // with real data (a few MiB; no mask, which would be 2 GiB).
     let mut e = base.clone();
-    let (q, k, v, out_i, mask) = (
-        idx(&e, "q"),
-        idx(&e, "k"),
-        idx(&e, "v"),
-        idx(&e, "kqv_out"),
-        idx(&e, "mask"),
-    );
-    let (h, t, cells) = (1024u64, 1024u64, 1u64 << 20);
-    e.reshape(q, [1, t, h, 1], random_f32(&mut rng, (t * h) as usize));
-    e.set_nb(q, [4, 4 * h, 4, 4 * h * t]);
-    e.reshape(k, [1, cells, 1, 1], vec![0; 2 * cells as usize]);
-    e.set_nb(k, [2, 2, 2 * cells, 2 * cells]);
-    e.reshape(v, [1, cells, 1, 1], vec![0; 2 * cells as usize]);
-    e.set_nb(v, [2, 2, 2 * cells, 2 * cells]);
-    e.reshape(out_i, [h, t, 1, 1], random_f32(&mut rng, (t * h) as usize));
-    e.set_nb(out_i, [4, 4 * h, 4 * h * t, 4 * h * t]);
-    e.set_int(keys::TENSOR_LAYER, mask, 1_000_000);
+    e.set_group(0, 0, [1, 1, 1024, 1024, 1, 1 << 20], &mut rng);
     add(
         "head_dim1_2p40_scores",
         "a head_dim-1 trace with 2^40 score evaluations",

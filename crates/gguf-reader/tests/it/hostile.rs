@@ -13,6 +13,7 @@
 //! analyzer). An honest file, and its big-endian rewrite, exit 0 everywhere.
 //!
 //! Every failing (file, command) pair is collected and reported in one assertion.
+//! `KCM_HOSTILE_KEEP=DIR` keeps the generated files in DIR.
 //!
 //! The analyzer is a binary of another crate; this test binary links its library and
 //! runs `tensor_diff_analyzer::main` when re-executed with `KCM_HOSTILE_ANALYZER_ARGS`
@@ -321,10 +322,16 @@ fn every_reader_command_survives_every_hostile_trace() {
         assert_ne!(c.bytes, bytes, "{} is the honest file", c.name);
     }
 
+    // KCM_HOSTILE_KEEP=DIR keeps the files (to try a tool on one by hand).
+    let keep = std::env::var_os("KCM_HOSTILE_KEEP").map(PathBuf::from);
     let mut files: Vec<(String, PathBuf, Expect)> = Vec::new();
     for c in &cases {
         let p = dir.path().join(format!("{}.gguf", c.name));
         std::fs::write(&p, &c.bytes).unwrap();
+        if let Some(k) = &keep {
+            std::fs::create_dir_all(k).unwrap();
+            std::fs::write(k.join(format!("{}.gguf", c.name)), &c.bytes).unwrap();
+        }
         files.push((c.name.to_string(), p, c.expect));
     }
     for (name, p) in regression_files() {
