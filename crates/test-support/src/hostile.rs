@@ -870,36 +870,6 @@ fn half_bits(x: f32) -> u16 {
     sign | (((exp - 127 + 15) as u16) << 10) | man
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn half_bits_matches_known_values() {
-        assert_eq!(half_bits(0.0), 0);
-        assert_eq!(half_bits(1.0), 0x3c00);
-        assert_eq!(half_bits(-2.0), 0xc000);
-        assert_eq!(half_bits(0.125), 0x3000);
-        assert_eq!(half_bits(-3.875), 0xc3c0);
-    }
-
-    #[test]
-    fn raw_controls_finds_escapes_and_injected_lines() {
-        assert!(raw_controls(b"ok\n\tfine\n").is_empty());
-        assert_eq!(raw_controls(b"a \x1b[31m b").len(), 1);
-        assert_eq!(raw_controls(b"x\nINJECTED-LINE y\n").len(), 1);
-        assert!(raw_controls(b"x \\nINJECTED-LINE y\n").is_empty());
-    }
-
-    #[test]
-    fn synthetic_trace_has_six_tensors_per_group() {
-        let bytes = synthetic_trace(10, 4).unwrap();
-        let e = Editable::from_bytes(&bytes).unwrap();
-        assert_eq!(e.tensors.len(), 60);
-        assert_eq!(e.find("kqv_out", 2, 1), Some(54));
-    }
-}
-
 /// Interesting integers for mutated counts, dims, strides and labels.
 const INTERESTING: [i64; 16] = [
     0,
@@ -1198,5 +1168,59 @@ pub fn mutate(e: &mut Editable, program: &[u8]) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_bits_matches_known_values() {
+        assert_eq!(half_bits(0.0), 0);
+        assert_eq!(half_bits(1.0), 0x3c00);
+        assert_eq!(half_bits(-2.0), 0xc000);
+        assert_eq!(half_bits(0.125), 0x3000);
+        assert_eq!(half_bits(-3.875), 0xc3c0);
+    }
+
+    #[test]
+    fn raw_controls_finds_escapes_and_injected_lines() {
+        assert!(raw_controls(b"ok\n\tfine\n").is_empty());
+        assert_eq!(raw_controls(b"a \x1b[31m b").len(), 1);
+        assert_eq!(raw_controls(b"x\nINJECTED-LINE y\n").len(), 1);
+        assert!(raw_controls(b"x \\nINJECTED-LINE y\n").is_empty());
+    }
+
+    #[test]
+    fn synthetic_trace_has_six_tensors_per_group() {
+        let bytes = synthetic_trace(10, 4).unwrap();
+        let e = Editable::from_bytes(&bytes).unwrap();
+        assert_eq!(e.tensors.len(), 60);
+        assert_eq!(e.find("kqv_out", 2, 1), Some(54));
+    }
+
+    #[test]
+    fn mutations_keep_the_gguf_well_formed_and_change_the_trace() {
+        let base = Editable::from_bytes(&synthetic_trace(6, 2).unwrap()).unwrap();
+        let original = base.to_bytes().unwrap();
+        let mut rng = Rng::new(7);
+        let mut changed = 0;
+        for _ in 0..300 {
+            let len = 1 + rng.below(48) as usize;
+            let program = rng.bytes(len);
+            let mut e = base.clone();
+            mutate(&mut e, &program);
+            // Whatever the writer accepts, the reader reads back as written.
+            if let Ok(bytes) = e.to_bytes() {
+                let f = GgufFile::from_bytes(bytes.clone()).unwrap();
+                assert_eq!(f.tensors().len(), e.tensors.len());
+                changed += usize::from(bytes != original);
+            }
+        }
+        assert!(
+            changed > 250,
+            "only {changed} of 300 programs changed the trace"
+        );
     }
 }
