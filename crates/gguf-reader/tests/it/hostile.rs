@@ -174,8 +174,8 @@ fn analyzer_entry() {
     assert!(out.contains("tensor-diff-analyzer"), "{out}");
 }
 
-/// An honest trace of the tiny model: flash attention on, a 16-token prompt in two
-/// ubatches of 8, then two generated tokens (one token each): 4 steps x 2 layers.
+/// An honest trace of the tiny model: flash attention on, a 21-token prompt in ubatches of
+/// 8 (8, 8, 5), then two generated tokens (one token each): 5 steps x 2 layers.
 pub fn honest_trace(dir: &Path) -> PathBuf {
     let model = dir.join("tiny.gguf");
     tiny_llama::write_model(&model, &tiny_llama::TinyLlamaConfig::default()).expect("model");
