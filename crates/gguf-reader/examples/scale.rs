@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo run --release -p gguf-reader --example scale > /dev/null   # timings on stderr
 //! cargo run --release -p gguf-reader --example scale -- 1000 2000  # other sizes
+//! SCALE_KEEP=/tmp cargo run ... --example scale                       # keep the traces
 //! ```
 
 use std::ffi::OsString;
@@ -34,7 +35,12 @@ fn main() -> ExitCode {
         "groups  tensors  file MB  write s  verify s  diff s  verify us/group  diff us/group"
     );
     for n in sizes {
-        let path = dir.path().join(format!("scale-{n}.gguf"));
+        // SCALE_KEEP=DIR keeps the traces there.
+        let keep = std::env::var_os("SCALE_KEEP").map(std::path::PathBuf::from);
+        let path = keep
+            .as_deref()
+            .unwrap_or(dir.path())
+            .join(format!("scale-{n}.gguf"));
         let t = Instant::now();
         let bytes = match test_support::hostile::synthetic_trace(n, 20) {
             Ok(b) => b,

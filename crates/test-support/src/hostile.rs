@@ -745,11 +745,19 @@ pub fn synthetic_trace(groups: usize, n_layer: u32) -> Result<Vec<u8>, trace_for
                 break;
             }
             n += 1;
-            // Values exact in f16, so V read back is the output bit for bit.
-            let v: Vec<f32> = (0..d)
-                .map(|_| (rng.below(64) as f32 - 32.0) / 8.0)
-                .collect();
-            let q: Vec<f32> = (0..d).map(|_| rng.signed()).collect();
+            // Multiples of 1/8 below 4: exact in f16, so V read back is the output bit
+            // for bit (and K = Q is exact too). V is never constant (its variance is the
+            // NMSE's denominator).
+            let mut eighths = |n: u64| -> Vec<f32> {
+                (0..n)
+                    .map(|_| (rng.below(64) as f32 - 32.0) / 8.0)
+                    .collect()
+            };
+            let mut v = eighths(d);
+            if v[0] == v[1] {
+                v[1] = v[0] + 0.125;
+            }
+            let q = eighths(d);
             let f16 = |x: &[f32]| -> Vec<u8> {
                 x.iter().flat_map(|&y| half_bits(y).to_le_bytes()).collect()
             };
