@@ -12,6 +12,7 @@ pub mod keys;
 pub mod layout;
 pub mod meta;
 pub mod read;
+pub mod synth;
 pub mod validate;
 pub mod write;
 

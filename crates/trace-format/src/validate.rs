@@ -313,6 +313,8 @@ pub(crate) fn check_run_flags(
                     .find(|t| t.meta.op == FLASH_OP)
                     .map(|t| format!("{} made by {FLASH_OP}", describe(t)))
             }),
+            // Not recorded (a writer that left it empty).
+            "" => None,
             "auto" => flash.or(soft_max).map(|a| {
                 format!("{} (auto means no attention op was seen)", rec(a))
             }),
@@ -892,4 +894,420 @@ pub(crate) fn check_attn_ranges(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::{self, Shapes};
+    use crate::{TraceError, TraceFile};
+    use gguf_io::{Array, GgufFile, HeaderSpec, Value};
+
+    /// 2 steps x 2 layers, zeros (validation reads no values).
+    fn honest(s: Shapes) -> Vec<u8> {
+        let groups = (0..2u32).flat_map(|step| {
+            (0..2i32).map(move |layer| synth::Group {
+                step,
+                layer,
+                tensors: s
+                    .roles()
+                    .into_iter()
+                    .map(|(r, ne)| (r, ne, vec![0.0; ne.iter().product::<u64>() as usize]))
+                    .collect(),
+                op: s.op().into(),
+                params: crate::AttnParams {
+                    scale: 0.5,
+                    ..Default::default()
+                },
+            })
+        });
+        synth::write(
+            &synth::run_meta(&s, 2),
+            &synth::steps(2, s.n_tokens as u32),
+            groups,
+        )
+        .unwrap()
+    }
+
+    fn open(bytes: Vec<u8>) -> Result<TraceFile, TraceError> {
+        TraceFile::from_gguf(GgufFile::from_bytes(bytes).unwrap())
+    }
+
+    fn edit(s: Shapes, f: impl FnOnce(&mut HeaderSpec, &mut Vec<Vec<u8>>)) -> Vec<u8> {
+        synth::rewrite(&honest(s), f).unwrap()
+    }
+
+    /// The index of the tensor of (role, step, layer) in the honest trace.
+    fn at(s: Shapes, role: Role, step: u32, layer: i32) -> usize {
+        open(honest(s))
+            .unwrap()
+            .find(role, layer, step)
+            .unwrap()
+            .index
+    }
+
+    fn set_array<T: Clone>(
+        spec: &mut HeaderSpec,
+        key: &str,
+        get: impl Fn(&Array) -> Option<&Vec<T>>,
+        f: impl FnOnce(&mut Vec<T>),
+    ) where
+        Value: From<Vec<T>>,
+    {
+        let Some(Value::Array(a)) = spec.metadata.get(key) else {
+            panic!("{key}")
+        };
+        let mut v = get(a).unwrap().clone();
+        f(&mut v);
+        spec.metadata.set(key, v);
+    }
+
+    fn i32s(a: &Array) -> Option<&Vec<i32>> {
+        match a {
+            Array::I32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn u32s(a: &Array) -> Option<&Vec<u32>> {
+        match a {
+            Array::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn u64s(a: &Array) -> Option<&Vec<u64>> {
+        match a {
+            Array::U64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn f32s(a: &Array) -> Option<&Vec<f32>> {
+        match a {
+            Array::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn strs(a: &Array) -> Option<&Vec<String>> {
+        match a {
+            Array::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn invalid(bytes: Vec<u8>) -> Violation {
+        match open(bytes) {
+            Err(TraceError::Invalid(v)) => v,
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    /// The trace opens; its only problems are in `group`, and one matches `want`.
+    fn group_problem(bytes: Vec<u8>, group: (u32, i32), want: impl Fn(&Violation) -> bool) {
+        let t = open(bytes).unwrap();
+        let p = t.group_problems(group.0, group.1);
+        assert!(p.iter().any(want), "{p:#?}");
+        for v in p {
+            assert_eq!(v.group(), Some(group));
+            assert!(!v.to_string().contains('\n'), "{v}");
+        }
+    }
+
+    #[test]
+    fn honest_traces_have_no_problems() {
+        for flash in [true, false] {
+            let s = Shapes {
+                flash,
+                ..Shapes::default()
+            };
+            let t = open(honest(s)).unwrap();
+            assert!(t.problems().is_empty(), "{:#?}", t.problems());
+            assert_eq!(t.groups().len(), 4);
+            assert_eq!(t.find(Role::Q, 1, 1).unwrap().meta.step, 1);
+            assert_eq!(t.attn(1, 1).unwrap().op, s.op());
+        }
+    }
+
+    #[test]
+    fn per_tensor_arrays_must_have_one_entry_per_tensor() {
+        let b = edit(Shapes::default(), |spec, _| {
+            set_array(spec, keys::TENSOR_LAYER, i32s, |v| {
+                v.pop();
+            })
+        });
+        assert!(matches!(
+            invalid(b),
+            Violation::ArrayLength { key: keys::TENSOR_LAYER, len, count, .. } if len + 1 == count
+        ));
+        let b = edit(Shapes::default(), |spec, _| {
+            set_array(spec, keys::TENSOR_NB, u64s, |v| v.push(4))
+        });
+        assert!(matches!(
+            invalid(b),
+            Violation::ArrayLength {
+                key: keys::TENSOR_NB,
+                ..
+            }
+        ));
+        let b = edit(Shapes::default(), |spec, _| {
+            set_array(spec, keys::ATTN_SCALE, f32s, |v| {
+                v.pop();
+            })
+        });
+        assert!(matches!(
+            invalid(b),
+            Violation::ArrayLength {
+                key: keys::ATTN_SCALE,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn integers_that_do_not_fit_are_errors_never_truncated() {
+        let b = edit(Shapes::default(), |spec, _| {
+            spec.metadata.set(keys::RUN_N_HEAD, (1u64 << 32) + 4)
+        });
+        let v = invalid(b);
+        assert!(
+            matches!(&v, Violation::BadValue { key: keys::RUN_N_HEAD, what } if what.contains("4294967300 does not fit in u32")),
+            "{v}"
+        );
+        let b = edit(Shapes::default(), |spec, _| {
+            spec.metadata.set(keys::RUN_N_LAYER, "two")
+        });
+        assert!(matches!(
+            invalid(b),
+            Violation::BadValue {
+                key: keys::RUN_N_LAYER,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_unknown_format_version_is_refused() {
+        let b = edit(Shapes::default(), |spec, _| {
+            spec.metadata.set(keys::FORMAT_VERSION, 999u32)
+        });
+        assert_eq!(invalid(b), Violation::UnknownVersion { version: 999 });
+    }
+
+    #[test]
+    fn a_duplicate_role_is_a_finding_of_its_group() {
+        // Group (1, 0)'s kqv_out relabelled step 0: (0, 0) has two.
+        let s = Shapes::default();
+        let i = at(s, Role::KqvOut, 1, 0);
+        let b = edit(s, |spec, _| {
+            set_array(spec, keys::TENSOR_STEP, u32s, |v| v[i] = 0)
+        });
+        group_problem(b, (0, 0), |v| {
+            matches!(
+                v,
+                Violation::Duplicate {
+                    role: Role::KqvOut,
+                    ..
+                }
+            )
+        });
+        // Every tensor labelled (0, 0): one group, all duplicates reported.
+        let b = edit(s, |spec, _| {
+            set_array(spec, keys::TENSOR_STEP, u32s, |v| v.fill(0));
+            set_array(spec, keys::TENSOR_LAYER, i32s, |v| v.fill(0));
+        });
+        let t = open(b).unwrap();
+        assert_eq!(t.groups().len(), 1);
+        let dups = t
+            .group_problems(0, 0)
+            .iter()
+            .filter(|v| matches!(v, Violation::Duplicate { .. }))
+            .count();
+        assert_eq!(dups, 3 * s.roles().len());
+    }
+
+    #[test]
+    fn a_second_attention_record_is_a_finding() {
+        let b = edit(Shapes::default(), |spec, _| {
+            set_array(spec, keys::ATTN_STEP, u32s, |v| v[1] = v[0]);
+            set_array(spec, keys::ATTN_LAYER, i32s, |v| v[1] = v[0]);
+            set_array(spec, keys::ATTN_SCALE, f32s, |v| v[1] = 0.25);
+        });
+        group_problem(b, (0, 0), |v| {
+            matches!(v, Violation::DuplicateAttn { second, .. } if second.contains("scale 0.25"))
+        });
+    }
+
+    #[test]
+    fn layers_and_steps_out_of_range_are_findings() {
+        let s = Shapes::default();
+        let i = at(s, Role::Q, 1, 1);
+        let b = edit(s, |spec, _| {
+            set_array(spec, keys::TENSOR_LAYER, i32s, |v| v[i] = 7)
+        });
+        group_problem(b, (1, 7), |v| {
+            matches!(v, Violation::LayerRange { n_layer: 2, .. })
+        });
+        let b = edit(s, |spec, _| {
+            set_array(spec, keys::TENSOR_STEP, u32s, |v| v[i] = 9)
+        });
+        group_problem(b, (9, 1), |v| {
+            matches!(v, Violation::StepRange { n_steps: 2, .. })
+        });
+    }
+
+    #[test]
+    fn shapes_must_agree_with_the_layouts_and_each_other() {
+        let s = Shapes::default();
+        // kqv_out reshaped with the same bytes: [8, 2] -> [16, 1].
+        let i = at(s, Role::KqvOut, 0, 1);
+        let b = edit(s, |spec, _| spec.tensors[i].dims = vec![16, 1]);
+        group_problem(b, (0, 1), |v| {
+            matches!(
+                v,
+                Violation::Shape {
+                    role: Role::KqvOut,
+                    ..
+                }
+            )
+        });
+        // A mask that does not cover the cells.
+        let i = at(s, Role::Mask, 1, 0);
+        let b = edit(s, |spec, data| {
+            spec.tensors[i].dims = vec![5, 2];
+            data[i].truncate(5 * 2 * 4);
+        });
+        group_problem(b, (1, 0), |v| {
+            matches!(v, Violation::Shape { role: Role::Mask, what, .. } if what.contains("covers the cells"))
+        });
+        // n_head disagreeing with q.
+        let b = edit(s, |spec, _| spec.metadata.set(keys::RUN_N_HEAD, 3u32));
+        group_problem(b, (0, 0), |v| {
+            matches!(v, Violation::Shape { role: Role::Q, what, .. } if what.contains("n_head = 3"))
+        });
+        // Non-flash: kq of the wrong shape.
+        let nf = Shapes {
+            flash: false,
+            ..s
+        };
+        let i = at(nf, Role::Kq, 1, 1);
+        let b = edit(nf, |spec, _| spec.tensors[i].dims = vec![6, 4, 1, 1]);
+        group_problem(b, (1, 1), |v| {
+            matches!(
+                v,
+                Violation::Shape {
+                    role: Role::Kq,
+                    ..
+                }
+            )
+        });
+    }
+
+    #[test]
+    fn a_zero_byte_k_claiming_2_pow_60_cells_is_a_finding() {
+        let s = Shapes::default();
+        let i = at(s, Role::K, 0, 0);
+        let b = edit(s, |spec, data| {
+            spec.tensors[i].dims = vec![0, 1 << 60, 1, 1];
+            data[i].clear();
+        });
+        group_problem(b, (0, 0), |v| {
+            matches!(v, Violation::Shape { role: Role::K, what, .. } if what.contains("zero dimension"))
+        });
+    }
+
+    #[test]
+    fn strides_that_overflow_or_overlap_are_findings() {
+        let s = Shapes::default();
+        let i = at(s, Role::K, 1, 1);
+        for (nb, word) in [
+            ([4, u64::MAX, 96, 96], "64-bit"),
+            ([4, 2, 96, 96], "overlap"),
+        ] {
+            let b = edit(s, |spec, _| {
+                set_array(spec, keys::TENSOR_NB, u64s, |v| {
+                    v[4 * i..4 * i + 4].copy_from_slice(&nb)
+                })
+            });
+            group_problem(b, (1, 1), |v| {
+                matches!(v, Violation::Strides { role: Role::K, what, .. } if what.contains(word))
+            });
+        }
+    }
+
+    #[test]
+    fn an_unknown_attention_op_is_a_finding() {
+        let b = edit(Shapes::default(), |spec, _| {
+            set_array(spec, keys::ATTN_OP, strs, |v| v[3] = "MUL_MAT\n".into())
+        });
+        group_problem(b, (1, 1), |v| {
+            matches!(v, Violation::UnknownOp { .. }) && v.to_string().contains("MUL_MAT\\n")
+        });
+    }
+
+    #[test]
+    fn run_flags_the_tensors_contradict_are_errors() {
+        let s = Shapes::default();
+        let flag = |key: &'static str, b: Vec<u8>| {
+            let v = invalid(b);
+            assert!(
+                matches!(&v, Violation::RunFlag { key: k, .. } if *k == key),
+                "{key}: {v}"
+            );
+            assert!(!v.to_string().contains('\n'));
+        };
+        flag(
+            keys::RUN_FLASH_ATTN,
+            edit(s, |spec, _| spec.metadata.set(keys::RUN_FLASH_ATTN, "off")),
+        );
+        let nf = Shapes { flash: false, ..s };
+        flag(
+            keys::RUN_FLASH_ATTN,
+            edit(nf, |spec, _| spec.metadata.set(keys::RUN_FLASH_ATTN, "on")),
+        );
+        flag(
+            keys::RUN_CACHE_TYPE_K,
+            edit(s, |spec, _| {
+                spec.metadata.set(keys::RUN_CACHE_TYPE_K, "q8_0")
+            }),
+        );
+        flag(
+            keys::RUN_KV_ROTATION,
+            edit(s, |spec, _| spec.metadata.set(keys::RUN_KV_ROTATION, true)),
+        );
+        flag(
+            keys::RUN_MIXED_KV_CACHE,
+            edit(s, |spec, _| {
+                spec.metadata.set(keys::RUN_MIXED_KV_CACHE, true)
+            }),
+        );
+        flag(
+            keys::TARGET_LAYER,
+            edit(s, |spec, _| spec.metadata.set(keys::TARGET_LAYER, 1i32)),
+        );
+        flag(
+            keys::TRACE_SOURCES,
+            edit(s, |spec, _| spec.metadata.set(keys::TRACE_SOURCES, false)),
+        );
+        // A cold store in a run that says it had no mixed cache.
+        let i = at(s, Role::Mask, 0, 0);
+        flag(
+            keys::RUN_MIXED_KV_CACHE,
+            edit(s, |spec, _| {
+                set_array(spec, keys::TENSOR_ROLE, strs, |v| v[i] = "k_quant".into())
+            }),
+        );
+    }
+
+    #[test]
+    fn file_strings_in_violations_are_escaped() {
+        let s = Shapes::default();
+        let i = at(s, Role::KqvOut, 1, 0);
+        let b = edit(s, |spec, _| {
+            spec.tensors[i].name = "evil\n\u{1b}[2Jname".into();
+            set_array(spec, keys::TENSOR_STEP, u32s, |v| v[i] = 0);
+        });
+        let t = open(b).unwrap();
+        let line = t.group_problems(0, 0)[0].to_string();
+        assert!(line.contains("evil\\n\\u{1b}[2Jname"), "{line}");
+        assert!(!line.contains(['\n', '\u{1b}']));
+    }
 }
