@@ -16,9 +16,9 @@ pub mod synth;
 pub mod validate;
 pub mod write;
 
+pub use escape::escape;
 pub use layout::{LayoutError, TensorLayout};
 pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta, MIXED_ATTN_OP};
-pub use escape::escape;
 pub use read::{TraceFile, TracedTensor};
 pub use validate::Violation;
 pub use write::{tensor_name, AttnRecord, TraceWriter, FORMAT_VERSION};

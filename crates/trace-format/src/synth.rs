@@ -49,10 +49,7 @@ impl Shapes {
         } = *self;
         let mut v = vec![
             (Role::KqvOut, [d * h, t, 1, 1]),
-            (
-                Role::Attn,
-                if flash { [d, h, t, 1] } else { [d, t, h, 1] },
-            ),
+            (Role::Attn, if flash { [d, h, t, 1] } else { [d, t, h, 1] }),
             (Role::Q, [d, t, h, 1]),
             (Role::K, [d, n_kv, hk, 1]),
         ];
@@ -65,7 +62,11 @@ impl Shapes {
         }
         v.push((
             Role::V,
-            if flash { [d, n_kv, hk, 1] } else { [n_kv, d, hk, 1] },
+            if flash {
+                [d, n_kv, hk, 1]
+            } else {
+                [n_kv, d, hk, 1]
+            },
         ));
         v
     }

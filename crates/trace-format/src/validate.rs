@@ -49,7 +49,10 @@ pub enum Violation {
     /// A value of the wrong type, out of its range, or unknown (`what` is escaped).
     #[error("{key}: {what}")]
     BadValue { key: &'static str, what: String },
-    #[error("{} = {version}: unknown format version (this reader reads version {FORMAT_VERSION})", keys::FORMAT_VERSION)]
+    #[error(
+        "{} = {version}: unknown format version (this reader reads version {FORMAT_VERSION})",
+        keys::FORMAT_VERSION
+    )]
     UnknownVersion { version: u64 },
     #[error("tensor {}: {dims} dimensions, a traced tensor has at most 4", escape(.tensor))]
     TooManyDims { tensor: String, dims: usize },
@@ -71,7 +74,9 @@ pub enum Violation {
     },
     /// A second `kqv_trace.attn` record for the same (step, layer) (`first` and `second`
     /// are escaped).
-    #[error("step {step} layer {layer}: a second kqv_trace.attn record ({second}) besides ({first})")]
+    #[error(
+        "step {step} layer {layer}: a second kqv_trace.attn record ({second}) besides ({first})"
+    )]
     DuplicateAttn {
         step: u32,
         layer: i32,
@@ -304,9 +309,7 @@ pub(crate) fn check_run_flags(
         let flash = first_op(FLASH_OP);
         let non_flash_tensor = first_role(&[Role::Kq, Role::KqSoftMax]);
         let evidence = match fa {
-            "on" => soft_max
-                .map(rec)
-                .or_else(|| non_flash_tensor.map(describe)),
+            "on" => soft_max.map(rec).or_else(|| non_flash_tensor.map(describe)),
             "off" => flash.map(rec).or_else(|| {
                 tensors
                     .iter()
@@ -315,9 +318,9 @@ pub(crate) fn check_run_flags(
             }),
             // Not recorded (a writer that left it empty).
             "" => None,
-            "auto" => flash.or(soft_max).map(|a| {
-                format!("{} (auto means no attention op was seen)", rec(a))
-            }),
+            "auto" => flash
+                .or(soft_max)
+                .map(|a| format!("{} (auto means no attention op was seen)", rec(a))),
             other => {
                 return Err(Violation::BadValue {
                     key: keys::RUN_FLASH_ATTN,
@@ -605,7 +608,10 @@ impl<'a> GroupCheck<'a> {
             if !divides(nh, hk) {
                 self.bad(
                     Role::K,
-                    format!("has {hk} KV heads, which do not divide q's {}", nh.unwrap_or(0)),
+                    format!(
+                        "has {hk} KV heads, which do not divide q's {}",
+                        nh.unwrap_or(0)
+                    ),
                 );
             }
             if self.run.n_head_kv > 0 && hk != u64::from(self.run.n_head_kv) {
@@ -648,7 +654,10 @@ impl<'a> GroupCheck<'a> {
             if !divides(nh, hv) {
                 self.bad(
                     Role::V,
-                    format!("has {hv} KV heads, which do not divide q's {}", nh.unwrap_or(0)),
+                    format!(
+                        "has {hv} KV heads, which do not divide q's {}",
+                        nh.unwrap_or(0)
+                    ),
                 );
             }
         }
@@ -743,7 +752,11 @@ impl<'a> GroupCheck<'a> {
             None => {}
         }
         for r in [Role::Kq, Role::KqSoftMax] {
-            self.expect(r, [n_kv, nt, nh, ns], "kq and kq_soft_max are [n_kv, T, H, S]");
+            self.expect(
+                r,
+                [n_kv, nt, nh, ns],
+                "kq and kq_soft_max are [n_kv, T, H, S]",
+            );
         }
     }
 }
@@ -889,7 +902,10 @@ pub(crate) fn check_attn_ranges(
         if let Some(n) = steps.filter(|&n| a.step as usize >= n) {
             return Err(Violation::BadValue {
                 key: keys::ATTN_STEP,
-                what: format!("step {} (layer {}) outside the trace's {n} steps", a.step, a.layer),
+                what: format!(
+                    "step {} (layer {}) outside the trace's {n} steps",
+                    a.step, a.layer
+                ),
             });
         }
     }
@@ -1131,9 +1147,11 @@ mod tests {
             set_array(spec, keys::ATTN_LAYER, i32s, |v| v[1] = v[0]);
             set_array(spec, keys::ATTN_SCALE, f32s, |v| v[1] = 0.25);
         });
-        group_problem(b, (0, 0), |v| {
-            matches!(v, Violation::DuplicateAttn { second, .. } if second.contains("scale 0.25"))
-        });
+        group_problem(
+            b,
+            (0, 0),
+            |v| matches!(v, Violation::DuplicateAttn { second, .. } if second.contains("scale 0.25")),
+        );
     }
 
     #[test]
@@ -1175,29 +1193,24 @@ mod tests {
             spec.tensors[i].dims = vec![5, 2];
             data[i].truncate(5 * 2 * 4);
         });
-        group_problem(b, (1, 0), |v| {
-            matches!(v, Violation::Shape { role: Role::Mask, what, .. } if what.contains("covers the cells"))
-        });
+        group_problem(
+            b,
+            (1, 0),
+            |v| matches!(v, Violation::Shape { role: Role::Mask, what, .. } if what.contains("covers the cells")),
+        );
         // n_head disagreeing with q.
         let b = edit(s, |spec, _| spec.metadata.set(keys::RUN_N_HEAD, 3u32));
-        group_problem(b, (0, 0), |v| {
-            matches!(v, Violation::Shape { role: Role::Q, what, .. } if what.contains("n_head = 3"))
-        });
+        group_problem(
+            b,
+            (0, 0),
+            |v| matches!(v, Violation::Shape { role: Role::Q, what, .. } if what.contains("n_head = 3")),
+        );
         // Non-flash: kq of the wrong shape.
-        let nf = Shapes {
-            flash: false,
-            ..s
-        };
+        let nf = Shapes { flash: false, ..s };
         let i = at(nf, Role::Kq, 1, 1);
         let b = edit(nf, |spec, _| spec.tensors[i].dims = vec![6, 4, 1, 1]);
         group_problem(b, (1, 1), |v| {
-            matches!(
-                v,
-                Violation::Shape {
-                    role: Role::Kq,
-                    ..
-                }
-            )
+            matches!(v, Violation::Shape { role: Role::Kq, .. })
         });
     }
 
@@ -1209,9 +1222,11 @@ mod tests {
             spec.tensors[i].dims = vec![0, 1 << 60, 1, 1];
             data[i].clear();
         });
-        group_problem(b, (0, 0), |v| {
-            matches!(v, Violation::Shape { role: Role::K, what, .. } if what.contains("zero dimension"))
-        });
+        group_problem(
+            b,
+            (0, 0),
+            |v| matches!(v, Violation::Shape { role: Role::K, what, .. } if what.contains("zero dimension")),
+        );
     }
 
     #[test]
@@ -1227,9 +1242,11 @@ mod tests {
                     v[4 * i..4 * i + 4].copy_from_slice(&nb)
                 })
             });
-            group_problem(b, (1, 1), |v| {
-                matches!(v, Violation::Strides { role: Role::K, what, .. } if what.contains(word))
-            });
+            group_problem(
+                b,
+                (1, 1),
+                |v| matches!(v, Violation::Strides { role: Role::K, what, .. } if what.contains(word)),
+            );
         }
     }
 
