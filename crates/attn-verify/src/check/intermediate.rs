@@ -139,7 +139,7 @@ pub(crate) fn check(g: &Group, inp: &Inputs, out: &[f32]) -> Result<Vec<Finding>
                 }
             }
             let e = nmse(&reference, &kq.values);
-            if !(e <= KQ_NMSE_BOUND) {
+            if crate::bounds::exceeds(e, KQ_NMSE_BOUND) {
                 found.push(finding(
                     g,
                     Role::Kq,
@@ -162,7 +162,7 @@ pub(crate) fn check(g: &Group, inp: &Inputs, out: &[f32]) -> Result<Vec<Finding>
             let (reference, compared) = softmax(inp, &kq.values, shape)?;
             let actual: Vec<f32> = compared.iter().map(|&i| sm.values[i]).collect();
             let e = nmse(&reference, &actual);
-            if !(e <= KQ_NMSE_BOUND) {
+            if crate::bounds::exceeds(e, KQ_NMSE_BOUND) {
                 found.push(finding(
                     g,
                     Role::KqSoftMax,
