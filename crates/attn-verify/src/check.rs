@@ -2,6 +2,7 @@
 //! diagnose a failure. Groups of the mixed KV cache's node go to the child module
 //! [`mixed`].
 
+mod intermediate;
 pub mod mixed;
 
 use gguf_io::GgmlType;
@@ -12,8 +13,35 @@ use trace_format::TraceFile;
 use crate::bounds::{attended_cells, compare, exceeds, nmse_bound, slice_nmse};
 use crate::diagnose::{diagnose, Finding};
 use crate::group::{trace_fingerprints, Fingerprints, Group, Missing};
-use crate::recompute::build_inputs;
+use crate::recompute::{build_inputs, Budget};
 use crate::VerifyError;
+
+/// The default work budget of one group's recomputation, in multiply-adds (heads x
+/// tokens x cells x (D_k + D_v)): 2^32, about 4 s in f64. An honest gemma-3-270m
+/// ubatch of 512 tokens over 1792 cells takes 1.9e9.
+pub const DEFAULT_MAX_WORK: u64 = 1 << 32;
+/// The diagnosis of a failed group may spend this many times the group's budget (it
+/// recomputes the group once per try: about 80 plus one per query head).
+pub const DIAGNOSIS_WORK_FACTOR: u64 = 128;
+/// The q-head permutation search holds a heads x heads matrix: groups with more query
+/// heads skip it.
+pub const MAX_DIAGNOSIS_HEADS: usize = 1024;
+
+/// Resource limits of a verification (docs/verification.md, "Limits").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// A group whose recomputation exceeds this many multiply-adds is refused
+    /// ([`VerifyError::Budget`]).
+    pub max_work: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_work: DEFAULT_MAX_WORK,
+        }
+    }
+}
 
 /// The result of checking one (step, layer).
 #[derive(Clone, Debug, PartialEq)]
@@ -71,19 +99,35 @@ pub struct Checked {
     /// squared error over the group's reference variance) exceeds the bound.
     pub bad_heads: Vec<usize>,
     pub bad_tokens: Vec<usize>,
+    /// What the verification could not do (a diagnosis cut short by its work budget).
+    pub notes: Vec<String>,
 }
 
 /// Recompute the attention of a group and compare it with its `kqv_out`; diagnose a
 /// failure. `previous` is the previous step's fingerprints of the same layer (for the
 /// stale-buffer check), with that step's number.
 pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcome, VerifyError> {
+    check_with(g, previous, &Limits::default())
+}
+
+/// [`check`] within `limits`: a group whose recomputation exceeds the work budget is
+/// refused before any of it is done; the diagnosis of a failed group stops at
+/// [`DIAGNOSIS_WORK_FACTOR`] times the budget (a note says so).
+pub fn check_with(
+    g: &Group,
+    previous: Option<(u32, &Fingerprints)>,
+    limits: &Limits,
+) -> Result<Outcome, VerifyError> {
+    g.check_sizes()?;
+    let budget = Budget::new(g.step, g.layer, limits.max_work);
     // The mixed KV cache's node has six inputs (cold store included): see check/mixed.rs.
     if mixed::is_mixed(g) {
-        return mixed::check_mixed(g);
+        return mixed::check_mixed_within(g, &budget);
     }
-    let Some((inp, actual)) = build_inputs(g)? else {
+    let Some((inp, actual)) = build_inputs(g, budget.clone())? else {
         return Ok(Outcome::Missing(g.missing()));
     };
+    output_fits(g, inp.q.ne, inp.v.ne, actual.len())?;
     let reference = inp.reference()?;
     let v_type = g.get(Role::V).map_or(GgmlType::F32, |v| v.layout.ty);
     let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
@@ -91,9 +135,37 @@ pub fn check(g: &Group, previous: Option<(u32, &Fingerprints)>) -> Result<Outcom
     let op = g.op.clone().unwrap_or_default();
     let mut checked = judge(g, op, &reference, &actual, bound)?;
     if !checked.pass {
-        checked.findings = diagnose(g, &inp, &reference, &actual, bound, previous)?;
+        budget.refill(u128::from(limits.max_work) * u128::from(DIAGNOSIS_WORK_FACTOR));
+        let (findings, notes) = diagnose(g, &inp, &reference, &actual, bound, previous)?;
+        checked.findings = findings;
+        checked.notes = notes;
+    }
+    let wrong = intermediate::check(g, &inp, &actual)?;
+    if !wrong.is_empty() {
+        checked.pass = false;
+        checked.findings.extend(wrong);
     }
     Ok(Outcome::Checked(checked))
+}
+
+/// The reference's output ([D_v, H, T, S]) must have as many values as the traced
+/// `kqv_out`: checked before it is allocated, so its size is bounded by bytes the trace
+/// holds.
+pub(crate) fn output_fits(
+    g: &Group,
+    q: [usize; 4],
+    v: [usize; 4],
+    actual: usize,
+) -> Result<(), VerifyError> {
+    let [_, nt, nh, ns] = q.map(|x| x as u128);
+    let want = v[0] as u128 * nh * nt * ns;
+    if want != actual as u128 {
+        return Err(VerifyError::Malformed(format!(
+            "step {} layer {}: kqv_out has {actual} values, attention of the traced inputs {want}",
+            g.step, g.layer
+        )));
+    }
+    Ok(())
 }
 
 /// Compare a group's traced `kqv_out` (`actual`) with its recomputed `reference` over all
@@ -137,6 +209,7 @@ fn judge(
         findings: Vec::new(),
         bad_heads: Vec::new(),
         bad_tokens: Vec::new(),
+        notes: Vec::new(),
     };
     if !pass {
         let (heads, tokens) = slice_nmse(reference, actual);
@@ -161,9 +234,26 @@ pub fn verify_group(
 
 /// [`check`] for (step, layer) of a saved trace, with the previous step's fingerprints.
 pub fn check_in_trace(trace: &TraceFile, step: u32, layer: i32) -> Result<Outcome, VerifyError> {
+    check_in_trace_with(trace, step, layer, &Limits::default())
+}
+
+/// [`check_in_trace`] within `limits`. A group the trace's validation found problems in
+/// is not recomputed: [`VerifyError::Invalid`].
+pub fn check_in_trace_with(
+    trace: &TraceFile,
+    step: u32,
+    layer: i32,
+    limits: &Limits,
+) -> Result<Outcome, VerifyError> {
+    if let [first, rest @ ..] = trace.group_problems(step, layer) {
+        return Err(VerifyError::Invalid {
+            first: first.clone(),
+            more: rest.len(),
+        });
+    }
     let g = Group::from_trace(trace, step, layer)?;
     let prev = step
         .checked_sub(1)
         .map(|p| (p, trace_fingerprints(trace, p, layer)));
-    check(&g, prev.as_ref().map(|(p, f)| (*p, f)))
+    check_with(&g, prev.as_ref().map(|(p, f)| (*p, f)), limits)
 }

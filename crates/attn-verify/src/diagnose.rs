@@ -93,6 +93,8 @@ fn repaired(
     Ok((after <= bound).then_some(after))
 }
 
+/// The findings of a failed group, and notes on what the diagnosis could not do (it
+/// stops at its work budget, keeping what it found).
 pub(crate) fn diagnose(
     g: &Group,
     inp: &Inputs,
@@ -100,8 +102,31 @@ pub(crate) fn diagnose(
     actual: &[f32],
     bound: f64,
     previous: Option<(u32, &Fingerprints)>,
-) -> Result<Vec<Finding>, VerifyError> {
+) -> Result<(Vec<Finding>, Vec<String>), VerifyError> {
     let mut found = Vec::new();
+    let mut notes = Vec::new();
+    match tries(g, inp, original, actual, bound, previous, &mut found, &mut notes) {
+        Ok(()) => {}
+        Err(VerifyError::Budget { limit, .. }) => notes.push(format!(
+            "diagnosis stopped at its work budget ({} x {limit} multiply-adds); the tries not made may explain the failure",
+            crate::DIAGNOSIS_WORK_FACTOR
+        )),
+        Err(e) => return Err(e),
+    }
+    Ok((found, notes))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tries(
+    g: &Group,
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    bound: f64,
+    previous: Option<(u32, &Fingerprints)>,
+    found: &mut Vec<Finding>,
+    notes: &mut Vec<String>,
+) -> Result<(), VerifyError> {
     let n_tokens = original.ne[2];
     let all = 0..n_tokens;
     let name = |r: Role| g.get(r).map(|o| o.name.clone()).unwrap_or_default();
@@ -216,8 +241,14 @@ pub(crate) fn diagnose(
         }
     }
 
-    // Q heads permuted.
-    if let Some(f) = q_heads(g, inp, original, actual, bound)? {
+    // Q heads permuted (a heads x heads matrix: bounded).
+    if inp.q.ne[2] > crate::MAX_DIAGNOSIS_HEADS {
+        notes.push(format!(
+            "q-head permutation search skipped: {} query heads, more than {}",
+            inp.q.ne[2],
+            crate::MAX_DIAGNOSIS_HEADS
+        ));
+    } else if let Some(f) = q_heads(g, inp, original, actual, bound)? {
         found.push(f);
     }
 
@@ -227,7 +258,7 @@ pub(crate) fn diagnose(
             found.push(f);
         }
     }
-    Ok(found)
+    Ok(())
 }
 
 /// Each output head's best q head (giving every query head one q head's data at a time);

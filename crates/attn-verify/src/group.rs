@@ -30,6 +30,9 @@ const ROLES: [Role; 8] = [
     Role::VQuant,
 ];
 
+/// The intermediates a saved trace's group is also checked against (check/intermediate.rs).
+const INTERMEDIATES: [Role; 3] = [Role::Attn, Role::Kq, Role::KqSoftMax];
+
 /// Identity of a tensor's stored data: type, shape and a hash of its bytes. Two steps'
 /// inputs with equal fingerprints hold the same bytes (up to a 64-bit hash collision).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,7 +134,7 @@ impl Group {
     /// The group of (step, layer) in a saved trace.
     pub fn from_trace(trace: &TraceFile, step: u32, layer: i32) -> Result<Self, VerifyError> {
         let mut operands = Vec::new();
-        for role in ROLES {
+        for role in ROLES.into_iter().chain(INTERMEDIATES) {
             if let Some(t) = trace.find(role, layer, step) {
                 operands.push(Operand {
                     role,
@@ -149,9 +152,7 @@ impl Group {
             op: attn.map(|a| a.op.clone()),
             params: attn.map(|a| a.params),
             positions: trace
-                .steps
-                .iter()
-                .find(|s| s.step == step)
+                .step(step)
                 .map(|s| s.positions.clone())
                 .unwrap_or_default(),
             operands,
@@ -195,6 +196,32 @@ impl Group {
             positions: positions.to_vec(),
             operands,
         })
+    }
+
+    /// Every operand's values fill its shape, and no dimension is zero (but a cold
+    /// store's cell count): what the recomputation's allocations are sized from is backed
+    /// by data. Checked before anything is recomputed.
+    pub fn check_sizes(&self) -> Result<(), VerifyError> {
+        for o in &self.operands {
+            let ne = o.layout.ne;
+            let zero_ok = |i: usize| i == 1 && matches!(o.role, Role::KQuant | Role::VQuant);
+            if let Some(i) = (0..4).find(|&i| ne[i] == 0 && !zero_ok(i)) {
+                return Err(VerifyError::Malformed(format!(
+                    "{} ({}): ne {ne:?} has a zero dimension (ne{i})",
+                    o.name, o.role
+                )));
+            }
+            let n = ne.iter().try_fold(1u64, |a, &x| a.checked_mul(x));
+            if n != Some(o.values.len() as u64) {
+                return Err(VerifyError::Malformed(format!(
+                    "{} ({}): ne {ne:?} but {} values",
+                    o.name,
+                    o.role,
+                    o.values.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn get(&self, role: Role) -> Option<&Operand> {

@@ -48,14 +48,18 @@ pub mod diagnose;
 pub mod group;
 mod recompute;
 pub mod render;
+pub mod synth;
 
 pub use bounds::nmse_bound;
 pub use check::mixed;
-pub use check::{check, check_in_trace, verify_group, Checked, Outcome, Verification};
+pub use check::{
+    check, check_in_trace, check_in_trace_with, check_with, verify_group, Checked, Limits, Outcome,
+    Verification, DEFAULT_MAX_WORK, DIAGNOSIS_WORK_FACTOR, MAX_DIAGNOSIS_HEADS,
+};
 pub use diagnose::{Finding, Suspect};
 pub use group::{trace_fingerprints, Fingerprint, Fingerprints, Group, Missing, Operand, FLASH_OP};
 
-use trace_format::TraceError;
+use trace_format::{escape, TraceError, Violation};
 
 /// Why a group could not be verified at all. A group that lacks inputs is no error: it
 /// is [`Outcome::Missing`].
@@ -68,4 +72,24 @@ pub enum VerifyError {
     /// reference cannot be computed from them.
     #[error("malformed trace: {0}")]
     Malformed(String),
+    /// The trace's validation found problems in this group
+    /// ([`TraceFile::group_problems`](trace_format::TraceFile::group_problems)).
+    #[error("{first}{}", if *.more > 0 { format!(" (and {} more)", .more) } else { String::new() })]
+    Invalid { first: Violation, more: usize },
+    /// Recomputing the group would take more work than the budget allows
+    /// ([`Limits::max_work`]).
+    #[error("step {step} layer {layer}: recomputing it takes {work} multiply-adds (heads x tokens x cells x (D_k + D_v)), over the work budget of {limit}")]
+    Budget {
+        step: u32,
+        layer: i32,
+        work: u128,
+        limit: u64,
+    },
+}
+
+impl VerifyError {
+    /// The error as one line, strings from the file escaped.
+    pub fn line(&self) -> String {
+        escape(&self.to_string()).into_owned()
+    }
 }

@@ -2,7 +2,9 @@
 //! ([`Inputs`]: dense f64 tensors, Q rounded like ggml, V transposed back without flash
 //! attention) and the reference itself ([`tensor_stats::attention`] in f64).
 
+use std::cell::Cell;
 use std::fmt;
+use std::rc::Rc;
 
 use crate::VerifyError;
 use gguf_io::{quant, GgmlType};
@@ -64,6 +66,56 @@ fn round_q_like_ggml(q: &mut Dense, k_type: GgmlType) -> Result<(), VerifyError>
     Ok(())
 }
 
+/// Multiply-adds a group may still spend on recomputations, shared by an [`Inputs`] and
+/// its clones (the diagnosis' repaired copies).
+#[derive(Clone, Debug)]
+pub(crate) struct Budget {
+    left: Rc<Cell<u128>>,
+    pub(crate) step: u32,
+    pub(crate) layer: i32,
+    pub(crate) limit: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(step: u32, layer: i32, limit: u64) -> Self {
+        Self {
+            left: Rc::new(Cell::new(u128::from(limit))),
+            step,
+            layer,
+            limit,
+        }
+    }
+
+    /// Spend `work`, or refuse (spending nothing) when it exceeds what is left.
+    pub(crate) fn spend(&self, work: u128) -> Result<(), VerifyError> {
+        let left = self.left.get();
+        if work > left {
+            return Err(VerifyError::Budget {
+                step: self.step,
+                layer: self.layer,
+                work,
+                limit: self.limit,
+            });
+        }
+        self.left.set(left - work);
+        Ok(())
+    }
+
+    /// Start over with `limit` (the diagnosis' own budget).
+    pub(crate) fn refill(&self, limit: u128) {
+        self.left.set(limit);
+    }
+}
+
+/// Multiply-adds of one reference attention: heads x tokens x cells x (D_k + D_v), per
+/// sequence (u128: no size a file claims overflows it).
+pub(crate) fn attention_work(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> u128 {
+    let [d, nt, nh, ns] = q.map(|x| x as u128);
+    let n_kv = k[1] as u128;
+    let dv = v[0] as u128;
+    ns * nh * nt * n_kv * (d + dv)
+}
+
 /// The inputs of the reference, as the attention reads them.
 #[derive(Clone)]
 pub(crate) struct Inputs {
@@ -77,6 +129,7 @@ pub(crate) struct Inputs {
     pub(crate) p: AttentionParams,
     pub(crate) k_type: GgmlType,
     pub(crate) flash: bool,
+    pub(crate) budget: Budget,
 }
 
 impl Inputs {
@@ -94,7 +147,11 @@ impl Inputs {
     pub(crate) fn reference(&self) -> Result<Dense, VerifyError> {
         self.reference_with(&self.p)
     }
+    pub(crate) fn work(&self) -> u128 {
+        attention_work(self.q.ne, self.k.ne, self.v.ne)
+    }
     pub(crate) fn reference_with(&self, p: &AttentionParams) -> Result<Dense, VerifyError> {
+        self.budget.spend(self.work())?;
         attention(
             &self.q,
             &self.k,
@@ -109,7 +166,10 @@ impl Inputs {
 
 /// The group's inputs as the reference reads them, and its traced `kqv_out`; `None` when
 /// the group lacks some of them ([`Group::missing`] says which).
-pub(crate) fn build_inputs(g: &Group) -> Result<Option<(Inputs, Vec<f32>)>, VerifyError> {
+pub(crate) fn build_inputs(
+    g: &Group,
+    budget: Budget,
+) -> Result<Option<(Inputs, Vec<f32>)>, VerifyError> {
     let (Some(q), Some(k), Some(v), Some(out), Some(params)) = (
         g.get(Role::Q),
         g.get(Role::K),
@@ -134,6 +194,7 @@ pub(crate) fn build_inputs(g: &Group) -> Result<Option<(Inputs, Vec<f32>)>, Veri
         },
         k_type: k.layout.ty,
         flash: g.flash(),
+        budget,
     };
     // Both paths take Q·K with ggml's vec_dot (flash attention, or the `kq` MUL_MAT).
     inp.q = inp.q_from_stored(dense(q)?)?;

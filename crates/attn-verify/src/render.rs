@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 use tensor_stats::sci;
+use trace_format::escape;
 use trace_format::json::number as num;
 
 use crate::check::Checked;
@@ -29,7 +30,7 @@ pub fn table_row(c: &Checked) -> String {
         "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9.6}  {:>9.0e}  {}",
         v.step,
         v.layer,
-        c.op,
+        escape(&c.op),
         sci(v.nmse),
         sci(v.max_abs),
         at,
@@ -51,7 +52,7 @@ pub fn verdict_line(c: &Checked) -> String {
         "verify step {} layer {}  {}  nmse {}  max_abs {} at ({at}, head {}, dim {})  cosine {:.6}  bound {:.0e}  {}",
         v.step,
         v.layer,
-        c.op,
+        escape(&c.op),
         sci(v.nmse),
         sci(v.max_abs),
         v.worst.1,
@@ -67,16 +68,19 @@ pub fn diagnosis_lines(c: &Checked) -> Vec<String> {
     if c.pass {
         return Vec::new();
     }
-    if c.findings.is_empty() {
-        return vec![format!(
+    let mut lines: Vec<String> = if c.findings.is_empty() {
+        vec![format!(
             "      no single-input repair explains it: heads {:?} and tokens {:?} exceed the bound (a kernel bug, or more than one input wrong)",
             c.bad_heads, c.bad_tokens
-        )];
-    }
-    c.findings
-        .iter()
-        .map(|f| format!("      suspect {f}"))
-        .collect()
+        )]
+    } else {
+        c.findings
+            .iter()
+            .map(|f| format!("      suspect {}", escape(&f.to_string())))
+            .collect()
+    };
+    lines.extend(c.notes.iter().map(|n| format!("      note: {}", escape(n))));
+    lines
 }
 
 /// The row of a group that could not be checked.
@@ -84,11 +88,33 @@ pub fn missing_row(step: u32, layer: i32, m: &Missing) -> String {
     format!("{step:>5} {layer:>5}  missing: {m}")
 }
 
+/// The row of a group that is malformed (the trace's validation found problems in it,
+/// or its inputs do not fit together) or was refused (over the work budget): `reason`
+/// as one line, escaped.
+pub fn malformed_row(step: u32, layer: i32, reason: &str) -> String {
+    format!("{step:>5} {layer:>5}  malformed: {}", escape(reason))
+}
+
 /// The closing line.
 pub fn summary_line(verified: usize, failed: usize, missing: usize) -> String {
+    summary_line_with(verified, failed, missing, 0)
+}
+
+/// The closing line, with the malformed (or refused) groups when there are any.
+pub fn summary_line_with(
+    verified: usize,
+    failed: usize,
+    missing: usize,
+    malformed: usize,
+) -> String {
+    let total = verified + failed + missing + malformed;
+    let tail = if malformed > 0 {
+        format!(", {malformed} malformed")
+    } else {
+        String::new()
+    };
     format!(
-        "verified {verified} of {} (step, layer) groups: {failed} failed, {missing} missing inputs",
-        verified + failed + missing
+        "verified {verified} of {total} (step, layer) groups: {failed} failed, {missing} missing inputs{tail}"
     )
 }
 
@@ -130,8 +156,17 @@ pub fn checked_json(c: &Checked, key: VerdictKey) -> Value {
         "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
         "cosine": num(v.cosine), "bound": c.bound,
         "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
+        "notes": c.notes,
     });
     o[key.as_str()] = json!(if c.pass { "ok" } else { "FAIL" });
+    o
+}
+
+/// The JSON object of a malformed (or refused) group: its verdict `malformed` under `key`,
+/// and why.
+pub fn malformed_json(step: u32, layer: i32, reason: &str, key: VerdictKey) -> Value {
+    let mut o = json!({"step": step, "layer": layer, "malformed": reason});
+    o[key.as_str()] = json!("malformed");
     o
 }
 
@@ -177,6 +212,7 @@ mod tests {
             },
             bad_heads: if pass { Vec::new() } else { vec![1] },
             bad_tokens: if pass { Vec::new() } else { vec![0, 2] },
+            notes: Vec::new(),
         }
     }
 
@@ -211,6 +247,7 @@ mod tests {
                     "layer",
                     "max_abs",
                     "nmse",
+                    "notes",
                     "op",
                     "step",
                     "verdict",
@@ -222,6 +259,32 @@ mod tests {
         assert_eq!(fail["nmse"], "nan");
         assert_eq!(fail["diagnosis"][0]["input"], "k");
         assert_eq!(fail["worst"]["position"], 9);
+    }
+
+    #[test]
+    fn strings_from_the_file_reach_the_terminal_escaped_on_one_line() {
+        let mut c = checked(false);
+        c.op = "FLASH\n\u{1b}[31m".into();
+        c.findings[0].tensor = "k\nx".into();
+        c.notes.push("n\u{7}".into());
+        let mut lines = vec![table_row(&c), verdict_line(&c)];
+        lines.extend(diagnosis_lines(&c));
+        lines.push(malformed_row(1, 2, "tensor a\nb: bad"));
+        for l in &lines {
+            assert!(!l.contains(['\n', '\u{1b}', '\u{7}']), "{l:?}");
+        }
+        assert!(lines[0].contains("FLASH\\n\\u{1b}[31m"), "{}", lines[0]);
+        assert!(lines.iter().any(|l| l.contains("note: n\\u{7}")));
+        assert_eq!(
+            summary_line_with(1, 2, 0, 3),
+            "verified 1 of 6 (step, layer) groups: 2 failed, 0 missing inputs, 3 malformed"
+        );
+        assert_eq!(summary_line(1, 2, 3), summary_line_with(1, 2, 3, 0));
+        let j = malformed_json(1, 2, "why", VerdictKey::Verdict);
+        assert_eq!(
+            j,
+            json!({"step": 1, "layer": 2, "verdict": "malformed", "malformed": "why"})
+        );
     }
 
     #[test]

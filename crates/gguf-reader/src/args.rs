@@ -27,12 +27,17 @@ OPTIONS:
                      (docs/verification.md); for a group that fails, the input that
                      explains it (the tensor named, and the mistake: wrong read order,
                      permuted heads, transposed V, shifted mask rows, stale data, wrong
-                     scale); a summary line; exit 0 all verified, 1 some failed, 2
-                     inputs missing
+                     scale); attn, kq and kq_soft_max checked against what they
+                     are documented to equal; a group the trace contradicts itself
+                     about, or one over the work budget, is a \"malformed\" row and the
+                     others are still checked; a summary line; exit codes below
     --shapes         for a kv-cache-monitor trace: per (step, layer) each traced tensor's
                      role, type, ne, original nb (the strides it had in ggml), memory
                      order (dims by increasing stride) and layout; alone or with
                      --verify-attention (then under each group's verdict)
+    --max-work N     with --verify-attention: refuse a group whose recomputation takes
+                     more than N multiply-adds (heads x tokens x cells x (D_k + D_v))
+                     [default: 4294967296]; a failed group's diagnosis may spend 128x
     --step N         with --verify-attention / --shapes: only step N
     --layer N        with --verify-attention / --shapes: only layer N
     -h, --help       print this help
@@ -40,9 +45,12 @@ OPTIONS:
 
 EXIT CODES:
     0  success (with --verify-attention: every group verified)
-    1  bad input (unreadable or malformed GGUF); with --verify-attention: some group failed
-    2  usage error; with --verify-attention / --shapes: not a trace, no group matches
-       --step/--layer, or (verifying) inputs missing: stderr says which and how to re-trace
+    1  bad input (unreadable or malformed GGUF); with --verify-attention: some group
+       failed (and every group could be checked)
+    2  usage error; with --verify-attention / --shapes: the trace cannot be checked:
+       unreadable, not a trace, malformed (its metadata and tensors contradict each
+       other), a group malformed or over --max-work, inputs missing (stderr says which
+       and how to re-trace), or no group matches --step/--layer; stderr has one line
 
 EXAMPLES:
     gguf-reader traced_tensors.gguf --show-data
@@ -79,6 +87,8 @@ pub struct Options {
     pub shapes: bool,
     pub step: Option<u32>,
     pub layer: Option<i32>,
+    /// `--max-work`: the work budget of one group's recomputation.
+    pub max_work: u64,
 }
 
 /// What the command line asks for.
@@ -117,6 +127,12 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
         s.parse::<i32>()
             .map_err(|_| "--layer expects a layer number".to_owned())
     })?;
+    let max_work = p
+        .opt_value_from_fn("--max-work", |s| {
+            s.parse::<u64>()
+                .map_err(|_| "--max-work expects a whole number of multiply-adds".to_owned())
+        })?
+        .unwrap_or(attn_verify::DEFAULT_MAX_WORK);
     let count = p
         .opt_value_from_fn("--count", |s| {
             s.parse::<usize>()
@@ -163,5 +179,6 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
         shapes,
         step,
         layer,
+        max_work,
     }))
 }

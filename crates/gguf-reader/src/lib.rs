@@ -24,18 +24,32 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const BAD_INPUT: u8 = 1;
     pub const USAGE: u8 = 2;
+    /// `--verify-attention`: some group failed its check.
+    pub const FAILED: u8 = 1;
+    /// `--verify-attention` / `--shapes`: the trace is malformed (unreadable, invalid, or
+    /// a group that cannot be checked), inputs are missing, or nothing matches.
+    pub const CANNOT_CHECK: u8 = 2;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{input}: {source}")]
+    #[error("{}: {}", trace_format::escape(.input), trace_format::escape(&.source.to_string()))]
     Gguf {
         input: String,
         #[source]
         source: GgufError,
     },
-    #[error("{0}")]
+    #[error("{}", trace_format::escape(&.0.to_string()))]
     Io(#[from] io::Error),
+}
+
+/// One stderr line: `gguf-reader: <name>: <message>`, everything from the file escaped.
+fn error_line(name: &str, message: impl std::fmt::Display) -> String {
+    format!(
+        "gguf-reader: {}: {}",
+        trace_format::escape(name),
+        trace_format::escape(&message.to_string())
+    )
 }
 
 /// The tool's name, help text and version.
@@ -71,7 +85,9 @@ impl Failure for RunError {
 }
 
 /// `--verify-attention` and `--shapes`: exit 0 all verified (or shapes shown), 1 some
-/// failed (or the input is malformed), 2 not a trace / inputs missing.
+/// group failed, 2 the trace is malformed or some group cannot be checked (unreadable,
+/// invalid, a malformed group, over the work budget, inputs missing), not a trace, or no
+/// group matches. Every stderr message is one line.
 fn run_verify(opts: &Options, out: &mut impl Write) -> ExitCode {
     let name = opts.input.display();
     let file = match &opts.input {
@@ -89,58 +105,86 @@ fn run_verify(opts: &Options, out: &mut impl Write) -> ExitCode {
         .and_then(trace_format::TraceFile::from_gguf)
     {
         Ok(t) => t,
-        Err(e @ trace_format::TraceError::NotATrace) => {
-            eprintln!("gguf-reader: {name}: {e}");
-            return ExitCode::from(exit::USAGE);
-        }
         Err(e) => {
-            eprintln!("gguf-reader: {name}: {e}");
-            return ExitCode::from(exit::BAD_INPUT);
+            eprintln!("{}", error_line(&name, e));
+            return ExitCode::from(exit::CANNOT_CHECK);
         }
     };
-    let rows = match verify::run(&trace, opts.step, opts.layer, opts.verify) {
+    let limits = attn_verify::Limits {
+        max_work: opts.max_work,
+    };
+    let rows = match verify::run(&trace, opts.step, opts.layer, opts.verify, &limits) {
         Ok(r) => r,
-        Err(e @ verify::VerifyError::Empty(_)) => {
-            eprintln!("gguf-reader: {name}: {e}");
-            return ExitCode::from(exit::USAGE);
-        }
         Err(e) => {
-            eprintln!("gguf-reader: {name}: {e}");
-            return ExitCode::from(exit::BAD_INPUT);
+            eprintln!("{}", error_line(&name, e));
+            return ExitCode::from(exit::CANNOT_CHECK);
         }
     };
     match verify::render(&rows, opts.json, opts.shapes, out) {
         Ok(n) => {
-            if n.missing > 0 {
+            if n.malformed > 0 {
                 let first = rows.iter().find_map(|r| match &r.result {
-                    Some(attn_verify::Outcome::Missing(m)) => Some(m),
+                    Some(verify::GroupResult::Malformed(why)) => Some(why.as_str()),
+                    _ => None,
+                });
+                eprintln!(
+                    "{}",
+                    error_line(
+                        &name,
+                        format!(
+                            "{} group(s) malformed or not checkable, the first: {}",
+                            n.malformed,
+                            first.unwrap_or_default()
+                        )
+                    )
+                );
+                ExitCode::from(exit::CANNOT_CHECK)
+            } else if n.missing > 0 {
+                let first = rows.iter().find_map(|r| match &r.result {
+                    Some(verify::GroupResult::Outcome(attn_verify::Outcome::Missing(m))) => Some(m),
                     _ => None,
                 });
                 let missing: std::collections::BTreeSet<&str> = rows
                     .iter()
                     .filter_map(|r| match &r.result {
-                        Some(attn_verify::Outcome::Missing(m)) => Some(m.0.iter().copied()),
+                        Some(verify::GroupResult::Outcome(attn_verify::Outcome::Missing(m))) => {
+                            Some(m.0.iter().copied())
+                        }
                         _ => None,
                     })
                     .flatten()
                     .collect();
                 let missing: Vec<&str> = missing.into_iter().collect();
                 eprintln!(
-                    "gguf-reader: {name}: {} group(s) cannot be verified, missing {}: {}",
-                    n.missing,
-                    missing.join(", "),
-                    first.map(|m| m.hint(Some(&trace.run))).unwrap_or_default()
+                    "{}",
+                    error_line(
+                        &name,
+                        format!(
+                            "{} group(s) cannot be verified, missing {}: {}",
+                            n.missing,
+                            missing.join(", "),
+                            first.map(|m| m.hint(Some(&trace.run))).unwrap_or_default()
+                        )
+                    )
                 );
-                ExitCode::from(exit::USAGE)
+                ExitCode::from(exit::CANNOT_CHECK)
+            } else if !opts.verify && rows.iter().any(|r| !r.problems.is_empty()) {
+                // --shapes alone: the layouts are shown, and the trace is malformed.
+                let first = rows.iter().find_map(|r| r.problems.first());
+                eprintln!(
+                    "{}",
+                    error_line(&name, format!("malformed: {}", first.map_or("", |p| p)))
+                );
+                ExitCode::from(exit::CANNOT_CHECK)
             } else if n.failed > 0 {
-                ExitCode::from(exit::BAD_INPUT)
+                ExitCode::from(exit::FAILED)
             } else {
                 ExitCode::from(exit::OK)
             }
         }
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("gguf-reader: {e}");
+            eprintln!("gguf-reader: {}", trace_format::escape(&e.to_string()));
             ExitCode::from(exit::BAD_INPUT)
         }
     }

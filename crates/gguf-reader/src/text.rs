@@ -7,10 +7,11 @@ use gguf_io::{Array, Value};
 use crate::args::Options;
 use crate::report::{Kind, Report, ARRAY_PREVIEW};
 use tensor_stats::sci;
+use trace_format::escape;
 
 pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()> {
     let h = &r.header;
-    writeln!(out, "GGUF: {}", r.input)?;
+    writeln!(out, "GGUF: {}", escape(&r.input))?;
     if r.kind == Kind::KqvTrace {
         writeln!(out, "  kind:         kv-cache-monitor trace")?;
     }
@@ -25,8 +26,14 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
     writeln!(out, "  tensors:      {}", h.tensors.len())?;
 
     writeln!(out, "\nMetadata ({} keys):", h.metadata.len())?;
-    let key_w = h.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let key_w = h
+        .metadata
+        .iter()
+        .map(|(k, _)| escape(k).len())
+        .max()
+        .unwrap_or(0);
     for (k, v) in h.metadata.iter() {
+        let k = escape(k);
         let ty = match v {
             Value::Array(a) => format!("ARRAY[{}; {}]", a.elem_type().name(), a.len()),
             v => v.value_type().name().to_owned(),
@@ -56,7 +63,7 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
             let t = &h.tensors[i];
             [
                 i.to_string(),
-                t.name.clone(),
+                escape(&t.name).into_owned(),
                 t.ty.name().to_owned(),
                 shape_text(&t.dims),
                 t.n_elements.to_string(),
@@ -98,7 +105,7 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
             writeln!(
                 out,
                 "  {} [{} {}]",
-                t.name,
+                escape(&t.name),
                 t.ty.name(),
                 shape_text(&t.dims)
             )?;
@@ -118,7 +125,7 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
                         s.inf()
                     )?;
                 }
-                Some(Err(e)) => writeln!(out, "    no data: {e}")?,
+                Some(Err(e)) => writeln!(out, "    no data: {}", escape(e))?,
                 None => writeln!(out, "    no data")?,
             }
         }

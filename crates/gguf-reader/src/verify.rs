@@ -9,50 +9,72 @@
 use std::io::{self, Write};
 
 use attn_verify::render::{self, VerdictKey};
-use attn_verify::{check_in_trace, Outcome};
+use attn_verify::{check_in_trace_with, Limits, Outcome};
 use serde_json::{json, Value};
-use trace_format::{TraceFile, TracedTensor};
+use trace_format::{escape, TraceFile, TracedTensor};
+
+/// What checking a group gave.
+pub enum GroupResult {
+    /// Checked or missing inputs.
+    Outcome(Outcome),
+    /// The group cannot be checked: the trace's validation found problems in it, its
+    /// inputs do not fit together, or it is over the work budget (one line, why).
+    Malformed(String),
+}
 
 /// One (step, layer) of the report.
 pub struct Row<'a> {
     pub step: u32,
     pub layer: i32,
     /// `None` with `--shapes` alone.
-    pub result: Option<Outcome>,
+    pub result: Option<GroupResult>,
     /// The group's tensors, in file order (for `--shapes`).
     pub tensors: Vec<&'a TracedTensor>,
+    /// The trace's validation problems of this group (shown with `--shapes` too).
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("{0}")]
-    Check(#[from] attn_verify::VerifyError),
     #[error("nothing to show: the trace has no (step, layer) group{0}")]
     Empty(String),
 }
 
-/// The groups that pass the filters, checked when `verify`.
-pub fn run(
-    trace: &TraceFile,
+/// The groups that pass the filters, checked when `verify` (each group on its own: one
+/// that cannot be checked is a malformed row, the others are still checked).
+pub fn run<'a>(
+    trace: &'a TraceFile,
     step: Option<u32>,
     layer: Option<i32>,
     verify: bool,
-) -> Result<Vec<Row<'_>>, VerifyError> {
+    limits: &Limits,
+) -> Result<Vec<Row<'a>>, VerifyError> {
     let mut rows = Vec::new();
     for ((s, l), tensors) in trace.groups() {
         if step.is_some_and(|x| x != s) || layer.is_some_and(|x| x != l) {
             continue;
         }
-        let result = if verify {
-            Some(check_in_trace(trace, s, l)?)
-        } else {
-            None
-        };
+        let result = verify.then(|| match check_in_trace_with(trace, s, l, limits) {
+            Ok(o) => GroupResult::Outcome(o),
+            Err(e) => {
+                let mut why = e.line();
+                if matches!(e, attn_verify::VerifyError::Budget { .. }) {
+                    why.push_str(" (raise it with --max-work N)");
+                }
+                GroupResult::Malformed(why)
+            }
+        });
+        let problems = trace
+            .group_problems(s, l)
+            .iter()
+            .map(|p| escape(&p.to_string()).into_owned())
+            .collect();
         rows.push(Row {
             step: s,
             layer: l,
             result,
             tensors,
+            problems,
         });
     }
     if rows.is_empty() {
@@ -75,6 +97,8 @@ pub struct Counts {
     pub verified: usize,
     pub failed: usize,
     pub missing: usize,
+    /// Malformed or refused groups.
+    pub malformed: usize,
 }
 
 fn dims(x: &[u64; 4]) -> String {
@@ -122,7 +146,7 @@ fn shape_line(t: &TracedTensor, out: &mut impl Write) -> io::Result<()> {
         dims(&l.nb),
         format!("[{}]", order.join(",")),
         layout_word(t),
-        t.meta.ggml_name
+        escape(&t.meta.ggml_name)
     )
 }
 
@@ -146,7 +170,14 @@ pub fn render(
     }
     for r in rows {
         let mut item = match &r.result {
-            Some(Outcome::Checked(c)) => {
+            Some(GroupResult::Malformed(why)) => {
+                n.malformed += 1;
+                if !json_out {
+                    writeln!(out, "{}", render::malformed_row(r.step, r.layer, why))?;
+                }
+                render::malformed_json(r.step, r.layer, why, VerdictKey::Verdict)
+            }
+            Some(GroupResult::Outcome(Outcome::Checked(c))) => {
                 if c.pass {
                     n.verified += 1;
                 } else {
@@ -160,7 +191,7 @@ pub fn render(
                 }
                 render::checked_json(c, VerdictKey::Verdict)
             }
-            Some(Outcome::Missing(m)) => {
+            Some(GroupResult::Outcome(Outcome::Missing(m))) => {
                 n.missing += 1;
                 if !json_out {
                     writeln!(out, "{}", render::missing_row(r.step, r.layer, m))?;
@@ -170,8 +201,15 @@ pub fn render(
             None => {
                 if !json_out {
                     writeln!(out, "{:>5} {:>5}", r.step, r.layer)?;
+                    for p in &r.problems {
+                        writeln!(out, "      malformed: {p}")?;
+                    }
                 }
-                json!({"step": r.step, "layer": r.layer})
+                if r.problems.is_empty() {
+                    json!({"step": r.step, "layer": r.layer})
+                } else {
+                    json!({"step": r.step, "layer": r.layer, "problems": r.problems})
+                }
             }
         };
         if shapes {
@@ -188,7 +226,7 @@ pub fn render(
     if json_out {
         let doc = if verifying {
             json!({"schema": "gguf-reader-verify/1", "verified": n.verified, "failed": n.failed,
-                   "missing": n.missing, "groups": items})
+                   "missing": n.missing, "malformed": n.malformed, "groups": items})
         } else {
             json!({"schema": "gguf-reader-shapes/1", "groups": items})
         };
@@ -197,7 +235,7 @@ pub fn render(
         writeln!(
             out,
             "{}",
-            render::summary_line(n.verified, n.failed, n.missing)
+            render::summary_line_with(n.verified, n.failed, n.missing, n.malformed)
         )?;
     }
     Ok(n)

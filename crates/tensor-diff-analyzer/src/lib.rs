@@ -45,7 +45,7 @@ pub enum AnalyzerError {
     Trace {
         what: &'static str,
         path: PathBuf,
-        source: TraceError,
+        source: Box<TraceError>,
     },
     /// The file's metadata contradicts its tensors, or a tensor is there twice.
     #[error("{what} {}: {source}", shown(&path.display().to_string()))]
@@ -106,7 +106,7 @@ fn open(what: &'static str, path: &Path) -> Result<TraceFile, AnalyzerError> {
     TraceFile::open(path).map_err(|source| AnalyzerError::Trace {
         what,
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })
 }
 

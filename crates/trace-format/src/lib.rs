@@ -6,16 +6,21 @@
 //! **Step**: step 0 is the first ubatch of the prompt; every later `llama_decode` call
 //! (the next prompt ubatch, then each generated token) is one more.
 
+pub mod escape;
 pub mod json;
 pub mod keys;
 pub mod layout;
 pub mod meta;
 pub mod read;
+pub mod synth;
+pub mod validate;
 pub mod write;
 
+pub use escape::escape;
 pub use layout::{LayoutError, TensorLayout};
 pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta, MIXED_ATTN_OP};
 pub use read::{TraceFile, TracedTensor};
+pub use validate::Violation;
 pub use write::{tensor_name, AttnRecord, TraceWriter, FORMAT_VERSION};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,4 +35,7 @@ pub enum TraceError {
     NotATrace,
     #[error("malformed trace: {0}")]
     Format(String),
+    /// The validation pass found a file-level contradiction (crate::validate).
+    #[error("invalid trace: {0}")]
+    Invalid(#[from] Violation),
 }

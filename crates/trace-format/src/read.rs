@@ -1,6 +1,6 @@
 //! Reading a trace back: the GGUF plus the metadata that says what each tensor is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use gguf_io::{Array, GgufFile, Metadata, Value};
@@ -8,6 +8,7 @@ use gguf_io::{Array, GgufFile, Metadata, Value};
 use crate::keys;
 use crate::layout::TensorLayout;
 use crate::meta::{AttnParams, Role, RunMeta, StepMeta, TensorMeta};
+use crate::validate::{self, GroupProblems, Violation};
 use crate::write::AttnRecord;
 use crate::TraceError;
 
@@ -33,32 +34,46 @@ pub struct TraceFile {
     /// True when the file lacks this format's per-tensor metadata and roles were
     /// inferred from the seed tools' names.
     pub from_names_only: bool,
+    /// Group-level violations found when the file was opened.
+    problems: GroupProblems,
+    /// (step, layer, role) -> index in `tensors` (the first such tensor).
+    index: HashMap<(u32, i32, Role), usize>,
+    /// (step, layer) -> index in `attn` (the first such record).
+    attn_index: HashMap<(u32, i32), usize>,
 }
 
 fn arr<'a>(m: &'a Metadata, key: &str) -> Option<&'a Array> {
     m.get(key).and_then(Value::as_array)
 }
 
-fn strings(m: &Metadata, key: &str) -> Result<Vec<String>, TraceError> {
+fn missing(key: &'static str) -> Violation {
+    Violation::BadValue {
+        key,
+        what: "missing".into(),
+    }
+}
+
+fn strings(m: &Metadata, key: &'static str) -> Result<Vec<String>, Violation> {
     match arr(m, key) {
         Some(Array::String(v)) => Ok(v.clone()),
-        Some(_) => Err(TraceError::Format(format!(
-            "{key}: not an array of strings"
-        ))),
-        None => Err(TraceError::Format(format!("missing key {key}"))),
+        Some(_) => Err(Violation::BadValue {
+            key,
+            what: "not an array of strings".into(),
+        }),
+        None => Err(missing(key)),
     }
 }
 
 macro_rules! typed_array {
     ($fn:ident, $variant:ident, $t:ty) => {
-        fn $fn(m: &Metadata, key: &str) -> Result<Vec<$t>, TraceError> {
+        fn $fn(m: &Metadata, key: &'static str) -> Result<Vec<$t>, Violation> {
             match arr(m, key) {
                 Some(Array::$variant(v)) => Ok(v.clone()),
-                Some(_) => Err(TraceError::Format(format!(
-                    "{key}: not an array of {}",
-                    stringify!($t)
-                ))),
-                None => Err(TraceError::Format(format!("missing key {key}"))),
+                Some(_) => Err(Violation::BadValue {
+                    key,
+                    what: format!("not an array of {}", stringify!($t)),
+                }),
+                None => Err(missing(key)),
             }
         }
     };
@@ -68,35 +83,21 @@ typed_array!(u32s, U32, u32);
 typed_array!(u64s, U64, u64);
 typed_array!(f32s, F32, f32);
 
-fn get_str(m: &Metadata, key: &str) -> String {
-    m.get_str(key).unwrap_or_default().to_owned()
-}
-
-fn run_meta(m: &Metadata) -> RunMeta {
-    let u = |k| m.get_u64(k).unwrap_or(0) as u32;
-    RunMeta {
-        description: get_str(m, keys::DESCRIPTION),
-        model_path: get_str(m, keys::RUN_MODEL_PATH),
-        model_sha256: get_str(m, keys::RUN_MODEL_SHA256),
-        architecture: get_str(m, keys::RUN_ARCHITECTURE),
-        n_layer: u(keys::RUN_N_LAYER),
-        n_head: u(keys::RUN_N_HEAD),
-        n_head_kv: u(keys::RUN_N_HEAD_KV),
-        cache_type_k: get_str(m, keys::RUN_CACHE_TYPE_K),
-        cache_type_v: get_str(m, keys::RUN_CACHE_TYPE_V),
-        flash_attn: get_str(m, keys::RUN_FLASH_ATTN),
-        kv_rotation: m.get_bool(keys::RUN_KV_ROTATION).unwrap_or(false),
-        mixed_kv_cache: m.get_bool(keys::RUN_MIXED_KV_CACHE).unwrap_or(false),
-        n_ctx: u(keys::RUN_N_CTX),
-        n_batch: u(keys::RUN_N_BATCH),
-        n_ubatch: u(keys::RUN_N_UBATCH),
-        n_predict: m.get_i64(keys::RUN_N_PREDICT).unwrap_or(0) as i32,
-        seed: u(keys::RUN_SEED),
-        prompt_tokens: i32s(m, keys::RUN_PROMPT_TOKENS).unwrap_or_default(),
-        llama_version: get_str(m, keys::RUN_LLAMA_VERSION),
-        target_layer: m.get_i64(keys::TARGET_LAYER).unwrap_or(-1) as i32,
-        trace_sources: m.get_bool(keys::TRACE_SOURCES).unwrap_or(true),
-        complete: m.get_bool(keys::COMPLETE).unwrap_or(true),
+fn same_length(
+    key: &'static str,
+    len: usize,
+    count: usize,
+    what: &'static str,
+) -> Result<(), Violation> {
+    if len == count {
+        Ok(())
+    } else {
+        Err(Violation::ArrayLength {
+            key,
+            len,
+            count,
+            what,
+        })
     }
 }
 
@@ -131,6 +132,9 @@ fn infer_from_name(name: &str) -> Option<(Role, i32, u32)> {
 }
 
 impl TraceFile {
+    /// Open and validate a trace (see [`crate::validate`]): a file-level violation is an
+    /// error ([`TraceError::Invalid`]); group-level ones are kept per group
+    /// ([`group_problems`](Self::group_problems)).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
         Self::from_gguf(GgufFile::open(path)?)
     }
@@ -140,12 +144,13 @@ impl TraceFile {
         if !m.iter().any(|(k, _)| k.starts_with("kqv_trace.")) {
             return Err(TraceError::NotATrace);
         }
-        let run = run_meta(m);
+        let run = validate::run_meta(m)?;
         let mut unknown = Vec::new();
         let has_roles = m.contains(keys::TENSOR_ROLE);
         let mut tensors = Vec::new();
+        let n = file.tensors().len();
         if has_roles {
-            let n = file.tensors().len();
+            validate::check_version(m)?;
             let roles = strings(m, keys::TENSOR_ROLE)?;
             let layers = i32s(m, keys::TENSOR_LAYER)?;
             let steps = u32s(m, keys::TENSOR_STEP)?;
@@ -159,22 +164,23 @@ impl TraceFile {
                 (keys::TENSOR_STEP, steps.len()),
                 (keys::TENSOR_GGML_NAME, names.len()),
                 (keys::TENSOR_OP, ops.len()),
-                (keys::TENSOR_NB, nbs.len() / 4),
                 (keys::TENSOR_VIEW_OF, views.len()),
             ] {
-                if len != n {
-                    return Err(TraceError::Format(format!(
-                        "{key} describes {len} tensors, the file has {n}"
-                    )));
-                }
+                same_length(key, len, n, "tensors")?;
             }
+            // Four strides per tensor.
+            same_length(keys::TENSOR_NB, nbs.len(), 4 * n, "strides (4 per tensor)")?;
             for (i, t) in file.tensors().iter().enumerate() {
                 let Some(role) = Role::from_name(&roles[i]) else {
                     unknown.push(t.name.clone());
                     continue;
                 };
                 if t.dims.len() > 4 {
-                    return Err(TraceError::Format(format!("{}: more than 4 dims", t.name)));
+                    return Err(Violation::TooManyDims {
+                        tensor: t.name.clone(),
+                        dims: t.dims.len(),
+                    }
+                    .into());
                 }
                 let mut ne = [1u64; 4];
                 ne[..t.dims.len()].copy_from_slice(&t.dims);
@@ -199,8 +205,15 @@ impl TraceFile {
                     unknown.push(t.name.clone());
                     continue;
                 };
+                if t.dims.len() > 4 {
+                    return Err(Violation::TooManyDims {
+                        tensor: t.name.clone(),
+                        dims: t.dims.len(),
+                    }
+                    .into());
+                }
                 let mut ne = [1u64; 4];
-                ne[..t.dims.len().min(4)].copy_from_slice(&t.dims[..t.dims.len().min(4)]);
+                ne[..t.dims.len()].copy_from_slice(&t.dims);
                 let layout = TensorLayout::contiguous(t.ty, ne)?;
                 tensors.push(TracedTensor {
                     index: i,
@@ -218,65 +231,94 @@ impl TraceFile {
             }
         }
 
-        let steps = match u32s(m, keys::STEP_N_TOKENS) {
-            Ok(counts) => {
-                let pos = i32s(m, keys::STEP_POSITIONS).unwrap_or_default();
-                let tok = i32s(m, keys::STEP_TOKENS).unwrap_or_default();
-                let total: usize = counts.iter().map(|&c| c as usize).sum();
-                if pos.len() != total || (!tok.is_empty() && tok.len() != total) {
-                    return Err(TraceError::Format(format!(
-                        "{} lists {total} tokens, positions/tokens hold {}/{}",
-                        keys::STEP_N_TOKENS,
-                        pos.len(),
-                        tok.len()
-                    )));
-                }
-                let mut at = 0;
-                counts
-                    .iter()
-                    .enumerate()
-                    .map(|(s, &c)| {
-                        let r = at..at + c as usize;
-                        at += c as usize;
-                        StepMeta {
-                            step: s as u32,
-                            positions: pos[r.clone()].to_vec(),
-                            tokens: tok.get(r).map(<[i32]>::to_vec).unwrap_or_default(),
-                        }
-                    })
-                    .collect()
+        let has_steps = m.contains(keys::STEP_N_TOKENS);
+        let steps = if has_steps {
+            let counts = u32s(m, keys::STEP_N_TOKENS)?;
+            let pos = if m.contains(keys::STEP_POSITIONS) {
+                i32s(m, keys::STEP_POSITIONS)?
+            } else {
+                Vec::new()
+            };
+            let tok = if m.contains(keys::STEP_TOKENS) {
+                i32s(m, keys::STEP_TOKENS)?
+            } else {
+                Vec::new()
+            };
+            let total = counts
+                .iter()
+                .try_fold(0usize, |a, &c| a.checked_add(c as usize))
+                .unwrap_or(usize::MAX);
+            same_length(keys::STEP_POSITIONS, pos.len(), total, "tokens")?;
+            if !tok.is_empty() {
+                same_length(keys::STEP_TOKENS, tok.len(), total, "tokens")?;
             }
-            Err(_) => Vec::new(),
+            let mut at = 0;
+            counts
+                .iter()
+                .enumerate()
+                .map(|(s, &c)| {
+                    let r = at..at + c as usize;
+                    at += c as usize;
+                    StepMeta {
+                        step: s as u32,
+                        positions: pos[r.clone()].to_vec(),
+                        tokens: tok.get(r).map(<[i32]>::to_vec).unwrap_or_default(),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
 
-        let attn = match u32s(m, keys::ATTN_STEP) {
-            Ok(s) => {
-                let l = i32s(m, keys::ATTN_LAYER)?;
-                let op = strings(m, keys::ATTN_OP)?;
-                let sc = f32s(m, keys::ATTN_SCALE)?;
-                let mb = f32s(m, keys::ATTN_MAX_BIAS)?;
-                let cap = f32s(m, keys::ATTN_SOFTCAP)?;
-                if [l.len(), op.len(), sc.len(), mb.len(), cap.len()]
-                    .iter()
-                    .any(|&n| n != s.len())
-                {
-                    return Err(TraceError::Format("kqv_trace.attn.* lengths differ".into()));
-                }
-                (0..s.len())
-                    .map(|i| AttnRecord {
-                        step: s[i],
-                        layer: l[i],
-                        op: op[i].clone(),
-                        params: AttnParams {
-                            scale: sc[i],
-                            max_bias: mb[i],
-                            softcap: cap[i],
-                        },
-                    })
-                    .collect()
+        let attn = if m.contains(keys::ATTN_STEP) {
+            let s = u32s(m, keys::ATTN_STEP)?;
+            let l = i32s(m, keys::ATTN_LAYER)?;
+            let op = strings(m, keys::ATTN_OP)?;
+            let sc = f32s(m, keys::ATTN_SCALE)?;
+            let mb = f32s(m, keys::ATTN_MAX_BIAS)?;
+            let cap = f32s(m, keys::ATTN_SOFTCAP)?;
+            for (key, len) in [
+                (keys::ATTN_LAYER, l.len()),
+                (keys::ATTN_OP, op.len()),
+                (keys::ATTN_SCALE, sc.len()),
+                (keys::ATTN_MAX_BIAS, mb.len()),
+                (keys::ATTN_SOFTCAP, cap.len()),
+            ] {
+                same_length(key, len, s.len(), "attention records (kqv_trace.attn.step)")?;
             }
-            Err(_) => Vec::new(),
+            (0..s.len())
+                .map(|i| AttnRecord {
+                    step: s[i],
+                    layer: l[i],
+                    op: op[i].clone(),
+                    params: AttnParams {
+                        scale: sc[i],
+                        max_bias: mb[i],
+                        softcap: cap[i],
+                    },
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
+
+        let n_steps = has_steps.then_some(steps.len());
+        if has_roles {
+            validate::check_run_flags(m, &run, &steps, n, &tensors, &attn)?;
+        }
+        validate::check_attn_ranges(&run, n_steps, &attn)?;
+        let problems = validate::check_groups(&run, n_steps, &tensors, &attn);
+
+        let mut index = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            index
+                .entry((t.meta.step, t.meta.layer, t.meta.role))
+                .or_insert(i);
+        }
+        let mut attn_index = HashMap::with_capacity(attn.len());
+        for (i, a) in attn.iter().enumerate() {
+            attn_index.entry((a.step, a.layer)).or_insert(i);
+        }
 
         Ok(Self {
             file,
@@ -286,6 +328,9 @@ impl TraceFile {
             attn,
             unknown,
             from_names_only: !has_roles,
+            problems,
+            index,
+            attn_index,
         })
     }
 
@@ -293,7 +338,8 @@ impl TraceFile {
         &self.file
     }
 
-    /// The tensor's bytes in logical contiguous order, in its own type.
+    /// The tensor's bytes in logical contiguous order, in its own type (in the file's
+    /// byte order).
     pub fn data(&self, t: &TracedTensor) -> &[u8] {
         let info = &self.file.tensors()[t.index];
         self.file.tensor_data(info)
@@ -305,16 +351,41 @@ impl TraceFile {
         Ok(self.file.tensor_f32(info)?)
     }
 
+    /// The tensor of (role, layer, step); the first one when the file has several (a
+    /// group-level [`Violation::Duplicate`]). A hash lookup.
     pub fn find(&self, role: Role, layer: i32, step: u32) -> Option<&TracedTensor> {
-        self.tensors
-            .iter()
-            .find(|t| t.meta.role == role && t.meta.layer == layer && t.meta.step == step)
+        self.index
+            .get(&(step, layer, role))
+            .map(|&i| &self.tensors[i])
     }
 
+    /// The attention record of (step, layer); the first one when there are several (a
+    /// group-level [`Violation::DuplicateAttn`]).
     pub fn attn(&self, step: u32, layer: i32) -> Option<&AttnRecord> {
-        self.attn
-            .iter()
-            .find(|a| a.step == step && a.layer == layer)
+        self.attn_index.get(&(step, layer)).map(|&i| &self.attn[i])
+    }
+
+    /// The step's description (steps are numbered by their index).
+    pub fn step(&self, step: u32) -> Option<&StepMeta> {
+        self.steps.get(step as usize).filter(|s| s.step == step)
+    }
+
+    /// Group-level violations of (step, layer): empty for a group that can be trusted.
+    pub fn group_problems(&self, step: u32, layer: i32) -> &[Violation] {
+        self.problems
+            .get(&(step, layer))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Every group-level violation, by (step, layer).
+    pub fn problems(&self) -> &GroupProblems {
+        &self.problems
+    }
+
+    /// The first group-level violation, for consumers that refuse a trace with any
+    /// (the analyzer compares whole traces).
+    pub fn first_problem(&self) -> Option<&Violation> {
+        self.problems.values().flatten().next()
     }
 
     /// Tensors grouped by (step, layer), each group in file order.

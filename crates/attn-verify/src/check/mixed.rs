@@ -29,9 +29,9 @@ use trace_format::meta::Role;
 /// The `op` recorded for the mixed attention node (a format constant: the capture writes it).
 pub use trace_format::MIXED_ATTN_OP;
 
-use super::{judge, Outcome};
+use super::{judge, output_fits, Outcome};
 use crate::group::{Group, Missing};
-use crate::recompute::dense;
+use crate::recompute::{attention_work, dense, Budget};
 
 /// NMSE bound of a mixed group: the node works in F32 (F32 Q, F32 accumulators, no F16
 /// accumulator as in ggml's flash attention), measured worst 1.6e-13 (docs/verification.md).
@@ -68,6 +68,12 @@ pub fn concat_cells(cold: &Dense, hot: &Dense) -> Result<Dense, VerifyError> {
 /// `kqv_out` (see the module docs). A failed group lists the heads and tokens over the
 /// bound; there is no further diagnosis for this op.
 pub fn check_mixed(g: &Group) -> Result<Outcome, VerifyError> {
+    g.check_sizes()?;
+    check_mixed_within(g, &Budget::new(g.step, g.layer, super::DEFAULT_MAX_WORK))
+}
+
+/// [`check_mixed`] within a work budget.
+pub(crate) fn check_mixed_within(g: &Group, budget: &Budget) -> Result<Outcome, VerifyError> {
     let roles = [
         Role::Q,
         Role::K,
@@ -98,6 +104,8 @@ pub fn check_mixed(g: &Group) -> Result<Outcome, VerifyError> {
     let kd = concat_cells(&dense(kq)?, &dense(k)?)?;
     let vd = concat_cells(&dense(vq)?, &dense(v)?)?;
     let md = dense(mask)?;
+    output_fits(g, qd.ne, vd.ne, out.values.len())?;
+    budget.spend(attention_work(qd.ne, kd.ne, vd.ne))?;
     let p = AttentionParams {
         scale: f64::from(params.scale),
         max_bias: f64::from(params.max_bias),
@@ -105,12 +113,16 @@ pub fn check_mixed(g: &Group) -> Result<Outcome, VerifyError> {
     };
     let reference = attention(&qd, &kd, &vd, Some(&md), None, &p)
         .map_err(|e| VerifyError::Malformed(format!("step {step} layer {layer}: {e}")))?;
-    let checked = judge(
+    let mut checked = judge(
         g,
         MIXED_ATTN_OP.to_owned(),
         &reference,
         &out.values,
         MIXED_NMSE_BOUND,
     )?;
+    if let Some(f) = super::intermediate::attn_equals_kqv_out(g, true, &out.values) {
+        checked.pass = false;
+        checked.findings.push(f);
+    }
     Ok(Outcome::Checked(checked))
 }

@@ -1,6 +1,9 @@
 //! gguf-reader's integration tests in one binary, one module per file (as in the other
-//! crates): the command line on ordinary GGUF files, and hostile traces (issue 14).
+//! crates): the command line on ordinary GGUF files (cli.rs), `--verify-attention` /
+//! `--shapes` on synthetic traces, honest and lying (verify.rs), every reader command on
+//! hostile traces derived from an honest one (hostile.rs), and a 20k-group trace (scale.rs).
 
 mod cli;
 mod hostile;
 mod scale;
+mod verify;
