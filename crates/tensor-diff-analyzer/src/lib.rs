@@ -57,6 +57,14 @@ pub enum AnalyzerError {
     /// The metadata says the runs cannot be compared.
     #[error("{0}")]
     Mismatch(String),
+    /// Some (step, layer) group of a trace contradicts itself (trace_format's validation).
+    #[error("{what} {}: malformed trace ({groups} group(s)): {problem}", path.display())]
+    Malformed {
+        what: &'static str,
+        path: PathBuf,
+        problem: String,
+        groups: usize,
+    },
     #[error("{0} (try --help)")]
     LlamaUsage(String),
     #[error("{0}")]
@@ -102,12 +110,26 @@ impl Failure for AnalyzerError {
     }
 }
 
+/// Opens a trace for comparison. A (step, layer) group that the trace's own validation
+/// finds malformed (a second attention record, strides that overflow, a duplicate role,
+/// ...) refuses the whole comparison: the analyzer pairs whole traces, and a verdict over
+/// a group whose claims contradict its data would rest on those claims.
 fn open(what: &'static str, path: &Path) -> Result<TraceFile, AnalyzerError> {
-    TraceFile::open(path).map_err(|source| AnalyzerError::Trace {
+    let trace = TraceFile::open(path).map_err(|source| AnalyzerError::Trace {
         what,
         path: path.to_owned(),
         source: Box::new(source),
-    })
+    })?;
+    if let Some(problem) = trace.first_problem() {
+        let groups = trace.problems().len();
+        return Err(AnalyzerError::Malformed {
+            what,
+            path: path.to_owned(),
+            problem: problem.to_string(),
+            groups,
+        });
+    }
+    Ok(trace)
 }
 
 fn untrusted(what: &'static str, path: &Path) -> impl FnOnce(TrustError) -> AnalyzerError {

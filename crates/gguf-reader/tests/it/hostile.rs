@@ -38,7 +38,7 @@ const SEP: char = '\u{1f}';
 pub const TIME_LIMIT: Duration = Duration::from_secs(20);
 /// `ulimit -v`, in KiB: 2 GB of address space per command.
 pub const MEMORY_KIB: u64 = 2_000_000;
-/// Output kept per stream (the rest is read and dropped).
+/// Output kept per stream: its first and last halves (the middle is read and dropped).
 const KEEP: usize = 1 << 20;
 
 /// How one command ended.
@@ -66,16 +66,30 @@ impl Ran {
 
 fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
-        let mut kept = Vec::new();
+        // The first and the last KEEP / 2 bytes: the head for what a command printed
+        // first, the tail for its summary line.
+        let half = KEEP / 2;
+        let mut head = Vec::new();
+        let mut tail = std::collections::VecDeque::<u8>::new();
+        let mut dropped = false;
         let mut buf = [0u8; 65536];
         while let Ok(n) = r.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            let room = KEEP.saturating_sub(kept.len());
-            kept.extend_from_slice(&buf[..n.min(room)]);
+            let to_head = half.saturating_sub(head.len()).min(n);
+            head.extend_from_slice(&buf[..to_head]);
+            tail.extend(&buf[to_head..n]);
+            while tail.len() > half {
+                tail.pop_front();
+                dropped = true;
+            }
         }
-        kept
+        if dropped {
+            head.extend_from_slice(b"\n[...]\n");
+        }
+        head.extend(tail);
+        head
     })
 }
 

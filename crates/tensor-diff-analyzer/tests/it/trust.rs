@@ -192,52 +192,40 @@ fn run_flags_the_tensors_contradict_are_input_errors() {
     edited(&planted, &lying, |m, _| {
         m.set(keys::RUN_MIXED_KV_CACHE, true)
     });
-    let e = refused_both_ways(&r, &lying, &["kqv_trace.run.mixed_kv_cache says true"]);
+    let e = refused_both_ways(&r, &lying, &["kqv_trace.run.mixed_kv_cache"]);
     assert!(e.contains("FLASH_ATTN_EXT"), "{e}");
 
     // Flash attention claimed off on a FLASH_ATTN_EXT trace, and on for a kq_soft_max one.
     let p = flip("fa-claimed-off.gguf", keys::RUN_FLASH_ATTN, "off".into());
-    refused_both_ways(
-        &r,
-        &p,
-        &["kqv_trace.run.flash_attn says off", "FLASH_ATTN_EXT"],
-    );
+    refused_both_ways(&r, &p, &["kqv_trace.run.flash_attn", "FLASH_ATTN_EXT"]);
     let p = d.join("fa-off-claimed-on.gguf");
     edited(&off, &p, |m, _| m.set(keys::RUN_FLASH_ATTN, "on"));
-    let e = refused_both_ways(&r, &p, &["kqv_trace.run.flash_attn says on"]);
+    let e = refused_both_ways(&r, &p, &["kqv_trace.run.flash_attn"]);
     assert!(e.contains("MUL_MAT") || e.contains("kq"), "{e}");
     // Rotation claimed for F16 caches, or a quantized cache type the K/V tensors are not.
     let p = flip("rot.gguf", keys::RUN_KV_ROTATION, true.into());
-    refused_both_ways(
-        &r,
-        &p,
-        &["kqv_trace.run.kv_rotation says true", "neither cache type"],
-    );
+    refused_both_ways(&r, &p, &["kqv_trace.run.kv_rotation", "neither cache type"]);
     let p = flip("ctk.gguf", keys::RUN_CACHE_TYPE_K, "q8_0".into());
-    refused_both_ways(&r, &p, &["kqv_trace.run.cache_type_k says q8_0", "is f16"]);
+    refused_both_ways(&r, &p, &["kqv_trace.run.cache_type_k", "f16"]);
     let p = d.join("ctv-rot.gguf");
     edited(&r, &p, |m, _| {
         m.set(keys::RUN_CACHE_TYPE_V, "q4_0");
         m.set(keys::RUN_KV_ROTATION, true);
     });
-    refused_both_ways(&r, &p, &["kqv_trace.run.cache_type_v says q4_0", "is f16"]);
+    refused_both_ways(&r, &p, &["kqv_trace.run.cache_type_v", "f16"]);
     // A target layer the tensors are not all of: it would silently drop layer 1.
     let p = flip("target.gguf", keys::TARGET_LAYER, Value::I32(0));
-    refused_both_ways(&r, &p, &["kqv_trace.target_layer says 0", "another layer"]);
+    refused_both_ways(&r, &p, &["kqv_trace.target_layer", "layer 1"]);
     // Head counts the Q and K tensors do not have (the head of a worst element rests on it).
     let p = flip("heads.gguf", keys::RUN_N_HEAD, Value::U32(8));
-    refused_both_ways(&r, &p, &["kqv_trace.run.n_head says 8", "holds 4 heads"]);
+    refused_both_ways(&r, &p, &["kqv_trace.run.n_head", "4 heads"]);
     // A flag value no run writes, with a newline and an escape sequence: one line, escaped.
     let p = flip(
         "junk.gguf",
         keys::RUN_FLASH_ATTN,
         "yes\n\u{1b}[31mno".into(),
     );
-    let e = refused_both_ways(
-        &r,
-        &p,
-        &["kqv_trace.run.flash_attn says 'yes\\n\\u{1b}[31mno'"],
-    );
+    let e = refused_both_ways(&r, &p, &["kqv_trace.run.flash_attn"]);
     assert!(!e.contains('\u{1b}'), "{e}");
     // Honest flags pass: the file compared with itself is exact.
     let o = offline(&r, &r, &["--json"]);
@@ -280,7 +268,7 @@ fn rotation_is_read_from_kqv_out_unrotated() {
     refused_both_ways(
         &f16,
         &p,
-        &["kqv_trace.run.kv_rotation says false", "kqv_out_unrotated"],
+        &["kqv_trace.run.kv_rotation", "kqv_out_unrotated"],
     );
     // Rotation claimed, the unrotated outputs removed: V was not rotated after all.
     let p = d.join("q8-no-unrot.gguf");
@@ -290,10 +278,7 @@ fn rotation_is_read_from_kqv_out_unrotated() {
     refused_both_ways(
         &f16,
         &p,
-        &[
-            "kqv_trace.run.kv_rotation says true",
-            "no kqv_out_unrotated",
-        ],
+        &["kqv_trace.run.kv_rotation", "kqv_out_unrotated"],
     );
 }
 
@@ -317,7 +302,7 @@ fn duplicated_tensors_are_input_errors() {
         shift_f32(&mut twin, 1.0);
         es.push(twin);
     });
-    let e = refused_both_ways(&r, &p, &["kqv_out of step 0, layer 0 is in the file twice"]);
+    let e = refused_both_ways(&r, &p, &["kqv_out", "second", "step 0", "layer 0"]);
     assert!(e.contains("evil\\n\\u{1b}[2Jkqv_out"), "{e}");
     // Every tensor labelled (step 0, layer 0): duplicates, not "1 of 1 compared".
     let p = d.join("all-zero.gguf");
@@ -326,7 +311,7 @@ fn duplicated_tensors_are_input_errors() {
             (e.step, e.layer) = (0, 0);
         }
     });
-    refused_both_ways(&r, &p, &["is in the file twice"]);
+    refused_both_ways(&r, &p, &["kqv_out", "second"]);
 }
 
 #[test]
