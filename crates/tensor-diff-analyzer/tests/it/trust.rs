@@ -6,7 +6,6 @@
 //! stays small and step matching stays linear.
 
 use std::path::Path;
-use std::time::Instant;
 
 use gguf_io::{Array, ByteOrder, GgufFile, HeaderSpec, Metadata, TensorSpec, Value};
 use trace_format::{
@@ -524,42 +523,23 @@ fn the_plot_of_a_long_run_is_binned_and_small() {
     );
 }
 
-/// Offline comparison of two synthetic traces of `steps` steps (4 layers): the seconds
-/// the analyzer takes (the best of two runs).
-fn seconds(d: &Path, steps: u32) -> f64 {
-    let (r, c) = (
-        d.join(format!("r{steps}.gguf")),
-        d.join(format!("c{steps}.gguf")),
-    );
+/// Steps are matched by map (not a search per step): two synthetic traces of 10,000
+/// steps x 4 layers pair every tensor with its counterpart. Timings are not asserted here
+/// (no timed tests): `cargo run --release -p gguf-reader --example scale` measures the
+/// offline diff at 5k/10k/20k groups (docs/performance.md).
+#[test]
+fn ten_thousand_steps_pair_every_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 10_000u32;
+    let (r, c) = (dir.path().join("r.gguf"), dir.path().join("c.gguf"));
     synthetic(&r, steps, 4, None);
     synthetic(&c, steps, 4, None);
-    (0..2)
-        .map(|_| {
-            let t = Instant::now();
-            let o = offline(&r, &c, &[]);
-            let dt = t.elapsed().as_secs_f64();
-            assert_eq!(code(&o), 0, "{}", text(&o.stderr));
-            let n = 4 * steps;
-            assert!(
-                text(&o.stdout).contains(&format!("Tensors within tolerance: {n}/{n} (100.0%)")),
-                "{}",
-                text(&o.stdout)
-            );
-            dt
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
-/// Steps are matched by map: 4x the steps takes about 4x the time, not 16x.
-#[test]
-fn step_matching_scales_linearly() {
-    let dir = tempfile::tempdir().unwrap();
-    let small = seconds(dir.path(), 2500);
-    let large = seconds(dir.path(), 10_000);
-    eprintln!("offline diff: 2,500 steps {small:.3} s, 10,000 steps {large:.3} s");
+    let o = offline(&r, &c, &[]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let n = 4 * steps;
     assert!(
-        large < 8.0 * small.max(0.05),
-        "4x the steps took {:.1}x the time ({small:.3} s -> {large:.3} s)",
-        large / small
+        text(&o.stdout).contains(&format!("Tensors within tolerance: {n}/{n} (100.0%)")),
+        "{}",
+        text(&o.stdout)
     );
 }
