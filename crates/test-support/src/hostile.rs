@@ -124,24 +124,16 @@ fn random_f32(rng: &mut Rng, n: usize) -> Vec<u8> {
 impl Editable {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, GgufError> {
         let f = GgufFile::from_bytes(bytes.to_vec())?;
-        let h = f.header();
+        let spec = HeaderSpec::from_header(f.header());
         Ok(Self {
-            metadata: h.metadata.clone(),
-            tensors: h
-                .tensors
-                .iter()
-                .map(|t| TensorSpec {
-                    name: t.name.clone(),
-                    dims: t.dims.clone(),
-                    ty: t.ty,
-                })
-                .collect(),
+            metadata: spec.metadata,
+            tensors: spec.tensors,
             data: f
                 .tensors()
                 .iter()
                 .map(|t| f.tensor_data(t).to_vec())
                 .collect(),
-            byte_order: h.byte_order,
+            byte_order: spec.byte_order,
         })
     }
 
@@ -939,21 +931,6 @@ impl<'a> Program<'a> {
     }
 }
 
-const ROLES: [&str; 12] = [
-    "kqv_out",
-    "attn",
-    "q",
-    "k",
-    "v",
-    "mask",
-    "sinks",
-    "kq",
-    "kq_soft_max",
-    "kqv_out_unrotated",
-    "k_quant",
-    "v_quant",
-];
-
 /// Apply a fuzzer's program of mutations to a trace (structure-aware: the GGUF stays well
 /// formed; what changes is what the `kqv_trace.*` metadata and the tensor table claim).
 /// Each step reads an opcode byte and its operands; mutations that the GGUF writer could
@@ -1013,7 +990,7 @@ pub fn mutate(e: &mut Editable, program: &[u8]) {
             // A tensor's role.
             3 => {
                 let i = p.below(n);
-                let r = ROLES[p.below(ROLES.len())];
+                let r = trace_format::Role::ALL[p.below(trace_format::Role::ALL.len())].name();
                 if e.array(keys::TENSOR_ROLE).is_some_and(|a| i < a.len()) {
                     e.set_string(keys::TENSOR_ROLE, i, r);
                 }

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use test_support::LlamaArgs;
 
 use attn_verify::{check_in_trace, Checked, Suspect};
-use gguf_io::{Array, GgufFile, HeaderSpec, Value};
+use gguf_io::{Array, HeaderSpec, Value};
 use trace_format::{keys, Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
@@ -61,22 +61,11 @@ fn plant(
     edit: impl FnOnce(&TraceFile, &mut HeaderSpec, &mut Vec<Vec<u8>>),
 ) -> PathBuf {
     let trace = TraceFile::open(good).unwrap();
-    let file = GgufFile::open(good).unwrap();
-    let mut spec = HeaderSpec::from_header(file.header());
-    let mut data: Vec<Vec<u8>> = file
-        .tensors()
-        .iter()
-        .map(|t| file.tensor_data(t).to_vec())
-        .collect();
-    edit(&trace, &mut spec, &mut data);
+    let bytes = std::fs::read(good).unwrap();
+    let planted =
+        trace_format::synth::rewrite(&bytes, |spec, data| edit(&trace, spec, data)).unwrap();
     let out = good.with_file_name(format!("{name}.gguf"));
-    gguf_io::write_file(&out, &spec, |w| {
-        for d in &data {
-            w.write_tensor(d)?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    std::fs::write(&out, planted).unwrap();
     out
 }
 
