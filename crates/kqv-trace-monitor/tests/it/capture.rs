@@ -3,12 +3,11 @@
 //! the traced q/k/v/mask (with the recorded layouts) and match the traced `kqv_out`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use test_support::LlamaArgs;
 
 use attn_verify::check_in_trace;
 use trace_format::{Role, TraceFile};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
 /// BOS, a leading "▁" and 41 byte tokens: with -ub 16 the prompt spans three ubatches.
 const PROMPT: &str = "The quick brown fox jumps over a lazy dog";
 
@@ -25,32 +24,13 @@ fn model_with_head_dim(dir: &Path, head_dim: usize) -> PathBuf {
 }
 
 fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
-    let mut args: Vec<String> = vec![
-        "-m".into(),
-        model.display().to_string(),
-        "-p".into(),
-        PROMPT.into(),
-        "-n".into(),
-        "3".into(),
-        "-ub".into(),
-        "16".into(),
-        "-b".into(),
-        "16".into(),
-        "-t".into(),
-        "2".into(),
-        "--temp".into(),
-        "0".into(),
-        "--save-gguf".into(),
-        out.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let o = Command::new(BIN).args(&args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}\nstderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    TraceFile::open(out).unwrap()
+    let args = LlamaArgs::new(model, PROMPT)
+        .n(3)
+        .ubatch(16)
+        .threads(2)
+        .greedy()
+        .build();
+    crate::common::trace_with(args, out, extra)
 }
 
 /// Verify every (step, layer) of a trace against its documented bound

@@ -6,6 +6,7 @@
 
 mod capture;
 mod cli;
+mod common;
 mod gemma;
 mod interop;
 mod mixed;

@@ -46,16 +46,7 @@ fn base_args(model: &Path) -> Vec<String> {
 }
 
 fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
-    let mut args = base_args(model);
-    args.extend(["--save-gguf".to_string(), out.display().to_string()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let o = Command::new(BIN).args(&args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}\nstderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    TraceFile::open(out).unwrap()
+    crate::common::trace_with(base_args(model), out, extra)
 }
 
 fn mixed_args() -> [&'static str; 5] {
