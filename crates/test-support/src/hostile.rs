@@ -712,162 +712,27 @@ pub fn raw_controls(output: &[u8]) -> Vec<String> {
     found
 }
 
-/// A synthetic trace of `groups` (step, layer) groups in `n_layer` layers, each group one
-/// token attending one cell (flash attention on, f16 cache, head size 4, one head), so
-/// the attention output is V itself and every group verifies. Tensors are tiny: the file
-/// grows linearly with `groups` (about 1.3 KB per group, mostly metadata).
-pub fn synthetic_trace(groups: usize, n_layer: u32) -> Result<Vec<u8>, trace_format::TraceError> {
-    use trace_format::meta::{AttnParams, Role, RunMeta, StepMeta, TensorMeta};
-    use trace_format::{AttnRecord, TensorLayout, TraceWriter};
-
+/// An honest synthetic trace of `groups` (step, layer) groups, `n_layer` per step
+/// (`groups` is rounded up to whole steps), for the scale test and the fuzzer:
+/// `attn_verify::synth`'s honest groups (seeded inputs, outputs computed in f64, so every
+/// group verifies), kept tiny (one token, two cells, one head of 4) so that the work per
+/// group is the reader's, not the recomputation's.
+pub fn synthetic_trace(groups: usize, n_layer: u32) -> Result<Vec<u8>, attn_verify::VerifyError> {
     let n_layer = n_layer.max(1);
-    let steps = groups.div_ceil(n_layer as usize);
-    let d = 4u64;
-    let mut rng = Rng::new(20_000);
-    let mut w = TraceWriter::new()?;
-    let mut n = 0usize;
-    for s in 0..steps as u32 {
-        w.add_step(StepMeta {
-            step: s,
-            positions: vec![s as i32],
-            tokens: vec![(s % 200) as i32],
-        });
-        for l in 0..n_layer as i32 {
-            if n == groups {
-                break;
-            }
-            n += 1;
-            // Multiples of 1/8 below 4: exact in f16, so V read back is the output bit
-            // for bit (and K = Q is exact too). V is never constant (its variance is the
-            // NMSE's denominator).
-            let mut eighths = |n: u64| -> Vec<f32> {
-                (0..n)
-                    .map(|_| (rng.below(64) as f32 - 32.0) / 8.0)
-                    .collect()
-            };
-            let mut v = eighths(d);
-            if v[0] == v[1] {
-                v[1] = v[0] + 0.125;
-            }
-            let q = eighths(d);
-            let f16 = |x: &[f32]| -> Vec<u8> {
-                x.iter().flat_map(|&y| half_bits(y).to_le_bytes()).collect()
-            };
-            let layout = |ty: GgmlType, ne: [u64; 4]| TensorLayout::contiguous(ty, ne);
-            let meta = |role: Role, name: String, op: &str, layout: TensorLayout| TensorMeta {
-                role,
-                layer: l,
-                step: s,
-                ggml_name: name,
-                op: op.into(),
-                layout,
-                view_of: String::new(),
-            };
-            let tensors: [(TensorMeta, Vec<u8>); 6] = [
-                (
-                    meta(
-                        Role::KqvOut,
-                        format!("kqv_out-{l}"),
-                        "RESHAPE",
-                        layout(GgmlType::F32, [d, 1, 1, 1])?,
-                    ),
-                    f32_bytes(&v),
-                ),
-                (
-                    meta(
-                        Role::Attn,
-                        format!("__fattn__-{l}"),
-                        "FLASH_ATTN_EXT",
-                        layout(GgmlType::F32, [d, 1, 1, 1])?,
-                    ),
-                    f32_bytes(&v),
-                ),
-                (
-                    meta(
-                        Role::Q,
-                        format!("Qcur-{l}"),
-                        "PERMUTE",
-                        layout(GgmlType::F32, [d, 1, 1, 1])?,
-                    ),
-                    f32_bytes(&q),
-                ),
-                (
-                    meta(
-                        Role::K,
-                        format!("cache_k_l{l}"),
-                        "PERMUTE",
-                        layout(GgmlType::F16, [d, 1, 1, 1])?,
-                    ),
-                    f16(&q),
-                ),
-                (
-                    meta(
-                        Role::V,
-                        format!("cache_v_l{l}"),
-                        "PERMUTE",
-                        layout(GgmlType::F16, [d, 1, 1, 1])?,
-                    ),
-                    f16(&v),
-                ),
-                (
-                    meta(
-                        Role::Mask,
-                        "attn_inp_kq_mask".into(),
-                        "NONE",
-                        layout(GgmlType::F16, [1, 1, 1, 1])?,
-                    ),
-                    f16(&[0.0]),
-                ),
-            ];
-            for (m, data) in tensors {
-                w.add_tensor(m, &data, false)?;
-            }
-            w.add_attn(AttnRecord {
-                step: s,
-                layer: l,
-                op: "FLASH_ATTN_EXT".into(),
-                params: AttnParams {
-                    scale: 0.5,
-                    max_bias: 0.0,
-                    softcap: 0.0,
-                },
-            });
-        }
-    }
-    let run = RunMeta {
-        description: "synthetic trace for the scale test".into(),
-        model_path: "synthetic.gguf".into(),
-        architecture: "llama".into(),
+    let spec = attn_verify::synth::Spec {
+        shapes: trace_format::synth::Shapes {
+            head_dim: 4,
+            n_tokens: 1,
+            n_head: 1,
+            n_head_kv: 1,
+            n_kv: 2,
+            flash: true,
+        },
+        n_steps: groups.div_ceil(n_layer as usize) as u32,
         n_layer,
-        n_head: 1,
-        n_head_kv: 1,
-        cache_type_k: "f16".into(),
-        cache_type_v: "f16".into(),
-        flash_attn: "on".into(),
-        n_ctx: 256,
-        n_batch: 1,
-        n_ubatch: 1,
-        n_predict: steps as i32,
-        prompt_tokens: vec![0],
-        target_layer: -1,
-        trace_sources: true,
-        complete: true,
-        ..RunMeta::default()
+        seed: 20_000,
     };
-    w.finish(&run, Vec::new())
-}
-
-/// f32 to f16 bits for values exact in f16 (|x| in [2^-14, 65504] or 0; the synthetic
-/// trace uses multiples of 1/8 below 4), without a dependency on `half`.
-fn half_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    if exp == 0 {
-        return sign;
-    }
-    let man = ((b >> 13) & 0x3ff) as u16;
-    sign | (((exp - 127 + 15) as u16) << 10) | man
+    attn_verify::synth::honest_trace(&spec)
 }
 
 /// Interesting integers for mutated counts, dims, strides and labels.
@@ -1161,15 +1026,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn half_bits_matches_known_values() {
-        assert_eq!(half_bits(0.0), 0);
-        assert_eq!(half_bits(1.0), 0x3c00);
-        assert_eq!(half_bits(-2.0), 0xc000);
-        assert_eq!(half_bits(0.125), 0x3000);
-        assert_eq!(half_bits(-3.875), 0xc3c0);
-    }
-
-    #[test]
     fn raw_controls_finds_escapes_and_injected_lines() {
         assert!(raw_controls(b"ok\n\tfine\n").is_empty());
         assert_eq!(raw_controls(b"a \x1b[31m b").len(), 1);
@@ -1179,9 +1035,9 @@ mod tests {
 
     #[test]
     fn synthetic_trace_has_six_tensors_per_group() {
-        let bytes = synthetic_trace(10, 4).unwrap();
+        let bytes = synthetic_trace(12, 4).unwrap();
         let e = Editable::from_bytes(&bytes).unwrap();
-        assert_eq!(e.tensors.len(), 60);
+        assert_eq!(e.tensors.len(), 72);
         assert_eq!(e.find("kqv_out", 2, 1), Some(54));
     }
 
