@@ -10,8 +10,9 @@ use tensor_stats::Dense;
 use trace_format::meta::Role;
 use trace_format::TraceFile;
 
-use crate::bounds::{attended_cells, compare, exceeds, nmse_bound, slice_nmse};
+use crate::bounds::{attended_cells, compare, exceeds, faithful_bound, nmse_bound, slice_nmse};
 use crate::diagnose::{diagnose, Finding};
+use crate::kernel::KernelPath;
 use crate::group::{trace_fingerprints, Fingerprints, Group, Missing};
 use crate::recompute::{build_inputs, Budget};
 use crate::VerifyError;
@@ -101,6 +102,12 @@ pub struct Checked {
     pub bad_tokens: Vec<usize>,
     /// What the verification could not do (a diagnosis cut short by its work budget).
     pub notes: Vec<String>,
+    /// The ggml path whose precision the verdict's reference modelled, or why none could
+    /// be named (the reference is then the exact f64 one, with the older bound).
+    pub kernel: Result<KernelPath, String>,
+    /// NMSE of `kqv_out` against the exact f64 attention of the traced inputs: the
+    /// kernel's own numerical error (`None` when the verdict's reference is the exact one).
+    pub exact_nmse: Option<f64>,
 }
 
 /// Recompute the attention of a group and compare it with its `kqv_out`; diagnose a
@@ -130,10 +137,20 @@ pub fn check_with(
     output_fits(g, inp.q.ne, inp.v.ne, actual.len())?;
     let reference = inp.reference()?;
     let v_type = g.get(Role::V).map_or(GgmlType::F32, |v| v.layout.ty);
-    let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
-    let bound = nmse_bound(v_type, inp.flash, n_cells);
+    let bound = match &inp.kernel {
+        Ok(path) => faithful_bound(*path),
+        Err(_) => {
+            let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
+            nmse_bound(v_type, inp.flash, n_cells)
+        }
+    };
     let op = g.op.clone().unwrap_or_default();
     let mut checked = judge(g, op, &reference, &actual, bound)?;
+    checked.kernel = inp.kernel.clone();
+    if inp.kernel.is_ok() {
+        let exact = inp.exact()?;
+        checked.exact_nmse = Some(compare(&exact, &actual, 0..exact.ne[2]).nmse);
+    }
     if !checked.pass {
         budget.refill(u128::from(limits.max_work) * u128::from(DIAGNOSIS_WORK_FACTOR));
         let (findings, notes) = diagnose(g, &inp, &reference, &actual, bound, previous)?;
@@ -210,6 +227,8 @@ fn judge(
         bad_heads: Vec::new(),
         bad_tokens: Vec::new(),
         notes: Vec::new(),
+        kernel: Err(String::new()),
+        exact_nmse: None,
     };
     if !pass {
         let (heads, tokens) = slice_nmse(reference, actual);

@@ -192,7 +192,7 @@ fn tries(
         for (fixed, what) in tries {
             let mut alt = inp.clone();
             match role {
-                Role::Q => alt.q = inp.q_from_stored(fixed)?,
+                Role::Q => alt.set_q(fixed)?,
                 Role::K => alt.k = fixed,
                 _ => alt.v = inp.v_from_stored(fixed)?,
             }
@@ -284,7 +284,7 @@ fn q_heads(
     let mut err = vec![vec![0.0f64; nh]; nh];
     for s in 0..nh {
         let mut alt = inp.clone();
-        alt.q = head_of(&inp.q, &|_| s)?;
+        alt.set_q(head_of(&inp.q_raw, &|_| s)?)?;
         let (heads, _) = slice_nmse(&alt.reference()?, actual);
         for (row, e) in err.iter_mut().zip(heads) {
             row[s] = e;
@@ -303,7 +303,7 @@ fn q_heads(
         return Ok(None);
     }
     let mut alt = inp.clone();
-    alt.q = head_of(&inp.q, &|h| map[h])?;
+    alt.set_q(head_of(&inp.q_raw, &|h| map[h])?)?;
     let all = 0..original.ne[2];
     Ok(
         repaired(&alt, original, actual, all, bound)?.map(|n| Finding {

@@ -94,6 +94,18 @@ pub struct Group {
     /// Token positions of the step, in batch order (empty when unknown).
     pub positions: Vec<i32>,
     pub operands: Vec<Operand>,
+    /// Where and how the op ran, when recorded: picks the kernel model of the reference.
+    pub kernel: KernelFacts,
+}
+
+/// Where and how a traced attention op ran (`kqv_trace.attn.backend`,
+/// `kqv_trace.attn.n_threads`). The default is unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelFacts {
+    /// The backend buffer of the op's output (`CPU`, ...); empty when unknown.
+    pub backend: String,
+    /// The threads the step's graph was computed with; 0 when unknown.
+    pub n_threads: u32,
 }
 
 /// Inputs a group lacks for a recomputation.
@@ -156,6 +168,12 @@ impl Group {
                 .map(|s| s.positions.clone())
                 .unwrap_or_default(),
             operands,
+            kernel: attn
+                .map(|a| KernelFacts {
+                    backend: a.backend.clone(),
+                    n_threads: a.n_threads,
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -195,6 +213,7 @@ impl Group {
             params: (!op.is_empty()).then_some(params),
             positions: positions.to_vec(),
             operands,
+            kernel: KernelFacts::default(),
         })
     }
 

@@ -46,6 +46,7 @@ pub mod bounds;
 pub mod check;
 pub mod diagnose;
 pub mod group;
+pub mod kernel;
 mod recompute;
 pub mod render;
 pub mod synth;
@@ -57,7 +58,9 @@ pub use check::{
     Verification, DEFAULT_MAX_WORK, DIAGNOSIS_WORK_FACTOR, MAX_DIAGNOSIS_HEADS,
 };
 pub use diagnose::{Finding, Suspect};
-pub use group::{trace_fingerprints, Fingerprint, Fingerprints, Group, Missing, Operand, FLASH_OP};
+pub use group::{
+    trace_fingerprints, Fingerprint, Fingerprints, Group, KernelFacts, Missing, Operand, FLASH_OP,
+};
 
 use trace_format::{escape, TraceError, Violation};
 

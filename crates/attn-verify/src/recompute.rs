@@ -7,11 +7,12 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::VerifyError;
-use gguf_io::{quant, GgmlType};
+use gguf_io::GgmlType;
 use tensor_stats::{attention, AttentionParams, Dense};
 use trace_format::meta::Role;
 
 use crate::group::{Group, Operand};
+use crate::kernel::{self, KernelPath, PathFacts};
 
 pub(crate) fn dense(o: &Operand) -> Result<Dense, VerifyError> {
     let ne = o.layout.ne.map(|x| x as usize);
@@ -29,41 +30,6 @@ fn transpose01(d: &Dense) -> Result<Dense, VerifyError> {
         d.get(i1, i0, i2, i3).unwrap_or(f64::NAN)
     })
     .map_err(attn_err)
-}
-
-/// ggml's CPU flash attention (and MUL_MAT) converts each Q row to the type K's dot product takes
-/// (`vec_dot_type`: F16 for an F16 cache, Q8_0 for the Q4_0/Q5_0/Q8_0 family) before
-/// multiplying: do the same, so the comparison measures the kernel, not that rounding.
-fn round_q_like_ggml(q: &mut Dense, k_type: GgmlType) -> Result<(), VerifyError> {
-    let dot_type = match k_type {
-        GgmlType::F16 => GgmlType::F16,
-        GgmlType::BF16 => GgmlType::BF16,
-        GgmlType::Q4_0
-        | GgmlType::Q4_1
-        | GgmlType::Q5_0
-        | GgmlType::Q5_1
-        | GgmlType::Q8_0
-        | GgmlType::IQ4_NL => GgmlType::Q8_0,
-        _ => return Ok(()),
-    };
-    let d = q.ne[0];
-    if d == 0 || dot_type.bytes_for(d as u64).is_none() {
-        return Ok(());
-    }
-    let mut row = vec![0f32; d];
-    for chunk in q.data.chunks_exact_mut(d) {
-        for (r, &x) in row.iter_mut().zip(chunk.iter()) {
-            *r = x as f32;
-        }
-        let bytes =
-            quant::quantize(dot_type, &row).map_err(|e| VerifyError::Malformed(e.to_string()))?;
-        quant::dequantize(dot_type, &bytes, &mut row)
-            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
-        for (c, &r) in chunk.iter_mut().zip(row.iter()) {
-            *c = f64::from(r);
-        }
-    }
-    Ok(())
 }
 
 /// Multiply-adds a group may still spend on recomputations, shared by an [`Inputs`] and
@@ -119,8 +85,10 @@ pub(crate) fn attention_work(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> u12
 /// The inputs of the reference, as the attention reads them.
 #[derive(Clone)]
 pub(crate) struct Inputs {
-    /// Rounded like ggml.
+    /// Rounded like ggml (to K's `vec_dot_type`), as the `kq` product reads it.
     pub(crate) q: Dense,
+    /// As traced.
+    pub(crate) q_raw: Dense,
     pub(crate) k: Dense,
     /// Logical [Dv, n_kv, H] (transposed back without flash attention).
     pub(crate) v: Dense,
@@ -128,14 +96,22 @@ pub(crate) struct Inputs {
     pub(crate) sinks: Option<Vec<f64>>,
     pub(crate) p: AttentionParams,
     pub(crate) k_type: GgmlType,
+    pub(crate) v_type: GgmlType,
     pub(crate) flash: bool,
     pub(crate) budget: Budget,
+    /// The ggml path that computed the group, or why it cannot be named: picks the
+    /// reference ([`kernel::faithful`], or the exact one with the older bound).
+    pub(crate) kernel: Result<KernelPath, String>,
 }
 
 impl Inputs {
-    pub(crate) fn q_from_stored(&self, mut stored: Dense) -> Result<Dense, VerifyError> {
-        round_q_like_ggml(&mut stored, self.k_type)?;
-        Ok(stored)
+    /// Q as traced (or repaired): both the raw and the rounded copy.
+    pub(crate) fn set_q(&mut self, raw: Dense) -> Result<(), VerifyError> {
+        let mut rounded = raw.clone();
+        kernel::round_rows(&mut rounded, kernel::vec_dot_type(self.k_type))?;
+        self.q = rounded;
+        self.q_raw = raw;
+        Ok(())
     }
     pub(crate) fn v_from_stored(&self, stored: Dense) -> Result<Dense, VerifyError> {
         if self.flash {
@@ -150,17 +126,48 @@ impl Inputs {
     pub(crate) fn work(&self) -> u128 {
         attention_work(self.q.ne, self.k.ne, self.v.ne)
     }
+    /// The verdict's reference with the op parameters `p`: the kernel-faithful one when
+    /// the path is known, else the exact one on Q rounded like ggml (the older model).
     pub(crate) fn reference_with(&self, p: &AttentionParams) -> Result<Dense, VerifyError> {
         self.budget.spend(self.work())?;
+        match self.kernel {
+            Ok(path) => kernel::faithful(path, &self.operands(p)),
+            Err(_) => attention(
+                &self.q,
+                &self.k,
+                &self.v,
+                self.mask.as_ref(),
+                self.sinks.as_deref(),
+                p,
+            )
+            .map_err(attn_err),
+        }
+    }
+    /// The exact attention of the traced values in f64 (Q unrounded): what the kernel's
+    /// own numerical error is measured against.
+    pub(crate) fn exact(&self) -> Result<Dense, VerifyError> {
+        self.budget.spend(self.work())?;
         attention(
-            &self.q,
+            &self.q_raw,
             &self.k,
             &self.v,
             self.mask.as_ref(),
             self.sinks.as_deref(),
-            p,
+            &self.p,
         )
         .map_err(attn_err)
+    }
+    fn operands<'a>(&'a self, p: &'a AttentionParams) -> kernel::Operands<'a> {
+        kernel::Operands {
+            q: &self.q_raw,
+            k: &self.k,
+            v: &self.v,
+            mask: self.mask.as_ref(),
+            sinks: self.sinks.as_deref(),
+            p,
+            k_type: self.k_type,
+            v_type: self.v_type,
+        }
     }
 }
 
@@ -181,6 +188,7 @@ pub(crate) fn build_inputs(
     };
     let mut inp = Inputs {
         q: Dense::zeros([0; 4]).map_err(attn_err)?,
+        q_raw: Dense::zeros([0; 4]).map_err(attn_err)?,
         k: dense(k)?,
         v: Dense::zeros([0; 4]).map_err(attn_err)?,
         mask: g.get(Role::Mask).map(dense).transpose()?,
@@ -193,11 +201,21 @@ pub(crate) fn build_inputs(
             softcap: f64::from(params.softcap),
         },
         k_type: k.layout.ty,
+        v_type: v.layout.ty,
         flash: g.flash(),
         budget,
+        kernel: kernel::select(&PathFacts {
+            kernel: &g.kernel,
+            op: g.op.as_deref().unwrap_or_default(),
+            q_type: q.layout.ty,
+            k_type: k.layout.ty,
+            v_type: v.layout.ty,
+            q_ne: q.layout.ne.map(|x| x as usize),
+            n_kv: k.layout.ne[1] as usize,
+        }),
     };
     // Both paths take Q·K with ggml's vec_dot (flash attention, or the `kq` MUL_MAT).
-    inp.q = inp.q_from_stored(dense(q)?)?;
+    inp.set_q(dense(q)?)?;
     // Without flash attention V is read transposed: ne [n_kv, Dv, H_kv].
     inp.v = inp.v_from_stored(dense(v)?)?;
     Ok(Some((inp, out.values.clone())))

@@ -14,8 +14,17 @@ use crate::group::Missing;
 /// `kqv-trace-monitor --verify`).
 pub fn table_header() -> String {
     format!(
-        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9}  {:>9}  verdict",
-        "step", "layer", "op", "nmse", "max_abs", "at (pos,head,d)", "cosine", "bound"
+        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9}  {:>9}  {:>9}  {:<12} verdict",
+        "step",
+        "layer",
+        "op",
+        "nmse",
+        "max_abs",
+        "at (pos,head,d)",
+        "cosine",
+        "bound",
+        "exact",
+        "kernel"
     )
 }
 
@@ -27,7 +36,7 @@ pub fn table_row(c: &Checked) -> String {
         None => format!("(t{},{},{})", v.worst.0, v.worst.1, v.worst.2),
     };
     format!(
-        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9.6}  {:>9.0e}  {}",
+        "{:>5} {:>5}  {:<15} {:>13} {:>13}  {:<16} {:>9.6}  {:>9.0e}  {:>9}  {:<12} {}",
         v.step,
         v.layer,
         escape(&c.op),
@@ -36,8 +45,30 @@ pub fn table_row(c: &Checked) -> String {
         at,
         v.cosine,
         c.bound,
+        exact_cell(c),
+        kernel_cell(c),
         if c.pass { "ok" } else { "FAIL" }
     )
+}
+
+/// The `exact` column: NMSE against the exact f64 attention (the kernel's own error), `-`
+/// when the verdict's reference is the exact one.
+fn exact_cell(c: &Checked) -> String {
+    c.exact_nmse
+        .map_or_else(|| "-".to_owned(), |x| format!("{x:.1e}"))
+}
+
+/// The `kernel` column: the ggml path modelled, `exact` when none could be named.
+fn kernel_cell(c: &Checked) -> String {
+    c.kernel
+        .as_ref()
+        .map_or_else(|_| "exact".to_owned(), |p| p.short())
+}
+
+/// Why a group's reference is the exact one (no ggml path could be named), for a note
+/// under the table; `None` when its kernel was modelled.
+pub fn kernel_unknown(c: &Checked) -> Option<&str> {
+    c.kernel.as_ref().err().map(String::as_str)
 }
 
 /// A verdict as one self-describing line (`kqv-trace-monitor --verify`, among the
@@ -49,7 +80,7 @@ pub fn verdict_line(c: &Checked) -> String {
         None => format!("token {}", v.worst.0),
     };
     format!(
-        "verify step {} layer {}  {}  nmse {}  max_abs {} at ({at}, head {}, dim {})  cosine {:.6}  bound {:.0e}  {}",
+        "verify step {} layer {}  {}  nmse {}  max_abs {} at ({at}, head {}, dim {})  cosine {:.6}  bound {:.0e}  exact {}  kernel {}  {}",
         v.step,
         v.layer,
         escape(&c.op),
@@ -59,6 +90,8 @@ pub fn verdict_line(c: &Checked) -> String {
         v.worst.2,
         v.cosine,
         c.bound,
+        exact_cell(c),
+        kernel_cell(c),
         if c.pass { "ok" } else { "FAIL" }
     )
 }
@@ -155,6 +188,11 @@ pub fn checked_json(c: &Checked, key: VerdictKey) -> Value {
         "max_abs": num(v.max_abs),
         "worst": {"token": v.worst.0, "position": v.worst_position, "head": v.worst.1, "dim": v.worst.2},
         "cosine": num(v.cosine), "bound": c.bound,
+        "exact_nmse": c.exact_nmse.map(num),
+        "kernel": match &c.kernel {
+            Ok(p) => json!({"path": p.short(), "model": p.to_string()}),
+            Err(why) => json!({"path": null, "unknown": why}),
+        },
         "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
         "notes": c.notes,
     });
@@ -213,6 +251,8 @@ mod tests {
             bad_heads: if pass { Vec::new() } else { vec![1] },
             bad_tokens: if pass { Vec::new() } else { vec![0, 2] },
             notes: Vec::new(),
+            kernel: Err("not recorded".into()),
+            exact_nmse: None,
         }
     }
 

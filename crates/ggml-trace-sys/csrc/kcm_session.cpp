@@ -20,7 +20,7 @@
 // The layout that src/session.rs mirrors by hand (`kcm_run_info`), checked with the same
 // numbers as the `const` assertions there: a field added or moved on one side only fails
 // to compile on that side.
-static_assert(sizeof(kcm_run_info) == 4424, "kcm_run_info size");
+static_assert(sizeof(kcm_run_info) == 4432, "kcm_run_info size");
 static_assert(alignof(kcm_run_info) == 8, "kcm_run_info alignment");
 static_assert(offsetof(kcm_run_info, n_layer) == 0, "kcm_run_info.n_layer");
 static_assert(offsetof(kcm_run_info, n_head) == 4, "kcm_run_info.n_head");
@@ -40,6 +40,8 @@ static_assert(offsetof(kcm_run_info, mixed_kv_cache) == 4400, "kcm_run_info.mixe
 static_assert(offsetof(kcm_run_info, mixed_hot_window) == 4404, "kcm_run_info.mixed_hot_window");
 static_assert(offsetof(kcm_run_info, mixed_cold_type) == 4408, "kcm_run_info.mixed_cold_type");
 static_assert(offsetof(kcm_run_info, kv_buffer_bytes) == 4416, "kcm_run_info.kv_buffer_bytes");
+static_assert(offsetof(kcm_run_info, n_threads) == 4424, "kcm_run_info.n_threads");
+static_assert(offsetof(kcm_run_info, n_threads_batch) == 4428, "kcm_run_info.n_threads_batch");
 
 struct kcm_session {
     common_params params;
@@ -228,6 +230,8 @@ void kcm_session_info(const kcm_session * s, kcm_run_info * out) {
     out->mixed_hot_window = (uint32_t) s->params.mixed_hot_window;
     out->mixed_cold_type = (int32_t) s->params.mixed_cold_type;
     out->kv_buffer_bytes = (uint64_t) llama_memory_buffer_size(llama_get_memory(s->ctx));
+    out->n_threads = (int32_t) llama_n_threads(s->ctx);
+    out->n_threads_batch = (int32_t) llama_n_threads_batch(s->ctx);
     llama_model_meta_val_str(m, "general.architecture", out->arch, sizeof(out->arch));
     snprintf(out->model_path, sizeof(out->model_path), "%s", s->params.model.path.c_str());
 }

@@ -40,6 +40,8 @@ typedef struct kcm_run_info {
     uint32_t mixed_hot_window;  // --mixed-hot-window
     int32_t  mixed_cold_type;   // ggml_type of the cold store (--mixed-cold-type)
     uint64_t kv_buffer_bytes;   // bytes of the context's KV buffers (llama_memory_buffer_size)
+    int32_t  n_threads;         // threads of single-token graph computations (llama_n_threads)
+    int32_t  n_threads_batch;   // threads of batched ones (llama_n_threads_batch)
 } kcm_run_info;
 
 // Called before each llama_decode with the step number and the batch's tokens and

@@ -41,12 +41,16 @@ pub struct kcm_run_info {
     pub mixed_cold_type: i32,
     /// Bytes of the context's KV buffers (`llama_memory_buffer_size`).
     pub kv_buffer_bytes: u64,
+    /// Threads of single-token graph computations (`llama_n_threads`).
+    pub n_threads: i32,
+    /// Threads of batched ones (`llama_n_threads_batch`).
+    pub n_threads_batch: i32,
 }
 
 // The same numbers as the static_asserts in csrc/kcm_session.cpp.
 const _: () = {
     use std::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<kcm_run_info>() == 4424);
+    assert!(size_of::<kcm_run_info>() == 4432);
     assert!(align_of::<kcm_run_info>() == 8);
     assert!(offset_of!(kcm_run_info, n_layer) == 0);
     assert!(offset_of!(kcm_run_info, n_head) == 4);
@@ -66,6 +70,8 @@ const _: () = {
     assert!(offset_of!(kcm_run_info, mixed_hot_window) == 4404);
     assert!(offset_of!(kcm_run_info, mixed_cold_type) == 4408);
     assert!(offset_of!(kcm_run_info, kv_buffer_bytes) == 4416);
+    assert!(offset_of!(kcm_run_info, n_threads) == 4424);
+    assert!(offset_of!(kcm_run_info, n_threads_batch) == 4428);
 };
 
 /// An opaque `kcm_session`.

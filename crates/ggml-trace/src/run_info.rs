@@ -25,6 +25,23 @@ pub struct RunInfo {
     /// Bytes of the context's KV-cache backend buffers (hot and cold stores of a mixed
     /// cache included), from ggml's buffer sizes (`llama_memory_buffer_size`).
     pub kv_buffer_bytes: u64,
+    /// Threads llama.cpp computes single-token graphs with (`llama_n_threads`), and
+    /// batched ones (`llama_n_threads_batch`): `llama_context::graph_compute` picks the
+    /// first for a ubatch of one token, the second otherwise.
+    pub n_threads: u32,
+    pub n_threads_batch: u32,
+}
+
+impl RunInfo {
+    /// The threads llama.cpp computes a ubatch of `n_tokens` tokens with (the rule of
+    /// `llama_context::graph_compute`: batched when `n_tokens > 1`).
+    pub fn threads_for(&self, n_tokens: u64) -> u32 {
+        if n_tokens > 1 {
+            self.n_threads_batch
+        } else {
+            self.n_threads
+        }
+    }
 }
 
 /// `--mixed-kv-cache` settings of a run.

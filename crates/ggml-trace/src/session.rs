@@ -187,6 +187,8 @@ pub fn run(
             cold_type: gguf_io::GgmlType(raw.mixed_cold_type as u32),
         }),
         kv_buffer_bytes: raw.kv_buffer_bytes,
+        n_threads: raw.n_threads.max(0) as u32,
+        n_threads_batch: raw.n_threads_batch.max(0) as u32,
     };
     // SAFETY: state_ptr is live (boxed above).
     unsafe { (*state_ptr).capture.start(&info) }.map_err(SessionError::Capture)?;

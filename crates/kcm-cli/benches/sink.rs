@@ -162,6 +162,7 @@ impl Cache {
                 layer,
                 op: "FLASH_ATTN_EXT".into(),
                 params: AttnParams::default(),
+                backend: "CPU".into(),
                 tensors,
             })
             .expect("sink");

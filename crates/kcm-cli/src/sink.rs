@@ -7,7 +7,7 @@ use trace_format::json::number as num;
 
 use crate::progress::{Counters, Progress};
 use attn_verify::render::{self, VerdictKey};
-use attn_verify::{Fingerprints, Group, Outcome};
+use attn_verify::{Fingerprints, Group, KernelFacts, Outcome};
 use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention, CapturedTensor};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
@@ -35,6 +35,11 @@ pub struct MonitorSink {
     progress: Progress,
     counters: Counters,
     stats: Stats,
+    /// llama.cpp's (`n_threads`, `n_threads_batch`), from `on_start`.
+    threads: (u32, u32),
+    /// The threads the current step's graph is computed with (llama.cpp's rule:
+    /// `n_threads_batch` for a ubatch of more than one token).
+    step_threads: u32,
 }
 
 /// `--verify` state: the current step's positions, the previous step's input fingerprints
@@ -50,8 +55,13 @@ pub struct Verifier {
 
 impl Verifier {
     /// Check one captured attention; the lines to print.
-    fn check(&mut self, att: &CapturedAttention, json: bool) -> Result<Vec<String>, String> {
-        let group = Group::from_tensors(
+    fn check(
+        &mut self,
+        att: &CapturedAttention,
+        n_threads: u32,
+        json: bool,
+    ) -> Result<Vec<String>, String> {
+        let mut group = Group::from_tensors(
             att.step,
             att.layer,
             &att.op,
@@ -60,6 +70,10 @@ impl Verifier {
             att.tensors.iter().map(|t| (&t.meta, t.data.as_slice())),
         )
         .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
+        group.kernel = KernelFacts {
+            backend: att.backend.clone(),
+            n_threads,
+        };
         let prev = self.previous.get(&att.layer).map(|(s, f)| (*s, f));
         let result = attn_verify::check(&group, prev)
             .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
@@ -143,6 +157,8 @@ impl MonitorSink {
             progress: Progress::hidden(),
             counters: Counters::default(),
             stats: Stats::new(),
+            threads: (0, 0),
+            step_threads: 0,
         })
     }
 
@@ -353,6 +369,7 @@ impl CaptureSink for MonitorSink {
             0
         };
         self.counters.tokens_total = info.prompt_tokens.len() as u64 + generated;
+        self.threads = (info.n_threads, info.n_threads_batch);
         Ok(())
     }
 
@@ -364,6 +381,11 @@ impl CaptureSink for MonitorSink {
         self.counters.steps = step.step;
         self.progress.update(self.counters);
         self.counters.tokens += step.tokens.len() as u64;
+        self.step_threads = if step.tokens.len() > 1 {
+            self.threads.1
+        } else {
+            self.threads.0
+        };
         self.n_steps = step.step + 1;
         if let Some(v) = self.verifier.as_mut() {
             v.positions.clone_from(&step.positions);
@@ -421,7 +443,10 @@ impl CaptureSink for MonitorSink {
             )
         });
         if let Some(v) = self.verifier.as_mut().filter(|_| attention) {
-            for line in v.check(&att, self.json).map_err(CaptureError::sink)? {
+            for line in v
+                .check(&att, self.step_threads, self.json)
+                .map_err(CaptureError::sink)?
+            {
                 self.write_line(&line)?;
             }
         }
@@ -432,6 +457,8 @@ impl CaptureSink for MonitorSink {
                     layer: att.layer,
                     op: att.op.clone(),
                     params: att.params,
+                    backend: att.backend.clone(),
+                    n_threads: self.step_threads,
                 });
             }
             // The mixed KV cache's node numbers its sources differently (src3/src4 are the
@@ -528,6 +555,7 @@ mod tests {
             layer: 0,
             op: "FLASH_ATTN_EXT".into(),
             params: trace_format::AttnParams::default(),
+            backend: "CPU".into(),
             tensors,
         })
         .unwrap();

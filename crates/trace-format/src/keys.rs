@@ -51,3 +51,8 @@ pub const ATTN_OP: &str = "kqv_trace.attn.op";
 pub const ATTN_SCALE: &str = "kqv_trace.attn.scale";
 pub const ATTN_MAX_BIAS: &str = "kqv_trace.attn.max_bias";
 pub const ATTN_SOFTCAP: &str = "kqv_trace.attn.softcap";
+/// The backend buffer the attention op's output lived in (`CPU`, ...): which backend ran
+/// it. Optional (older traces lack it: the kernel is then unknown).
+pub const ATTN_BACKEND: &str = "kqv_trace.attn.backend";
+/// The threads the step's graph was computed with (0: unknown). Optional.
+pub const ATTN_N_THREADS: &str = "kqv_trace.attn.n_threads";

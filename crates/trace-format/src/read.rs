@@ -277,7 +277,20 @@ impl TraceFile {
             let sc = f32s(m, keys::ATTN_SCALE)?;
             let mb = f32s(m, keys::ATTN_MAX_BIAS)?;
             let cap = f32s(m, keys::ATTN_SOFTCAP)?;
+            // Optional (traces before they were recorded): unknown.
+            let backend = if m.contains(keys::ATTN_BACKEND) {
+                strings(m, keys::ATTN_BACKEND)?
+            } else {
+                vec![String::new(); s.len()]
+            };
+            let threads = if m.contains(keys::ATTN_N_THREADS) {
+                u32s(m, keys::ATTN_N_THREADS)?
+            } else {
+                vec![0; s.len()]
+            };
             for (key, len) in [
+                (keys::ATTN_BACKEND, backend.len()),
+                (keys::ATTN_N_THREADS, threads.len()),
                 (keys::ATTN_LAYER, l.len()),
                 (keys::ATTN_OP, op.len()),
                 (keys::ATTN_SCALE, sc.len()),
@@ -296,6 +309,8 @@ impl TraceFile {
                         max_bias: mb[i],
                         softcap: cap[i],
                     },
+                    backend: backend[i].clone(),
+                    n_threads: threads[i],
                 })
                 .collect()
         } else {

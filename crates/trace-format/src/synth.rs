@@ -139,6 +139,8 @@ pub fn write(
             layer: g.layer,
             op: g.op.clone(),
             params: g.params,
+            backend: String::new(),
+            n_threads: 0,
         });
         for (role, ne, values) in g.tensors {
             let meta = TensorMeta {

@@ -31,6 +31,11 @@ pub struct AttnRecord {
     /// `FLASH_ATTN_EXT`, `SOFT_MAX` (no flash attention) or the mixed cache's op.
     pub op: String,
     pub params: AttnParams,
+    /// The backend that ran the op (its output buffer's name, `CPU`, ...); empty when
+    /// unknown.
+    pub backend: String,
+    /// The threads the step's graph was computed with; 0 when unknown.
+    pub n_threads: u32,
 }
 
 /// How a tensor's bytes sit in the spool.
@@ -320,6 +325,14 @@ impl TraceWriter {
         m.set(
             keys::ATTN_SOFTCAP,
             a.iter().map(|r| r.params.softcap).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_BACKEND,
+            a.iter().map(|r| r.backend.clone()).collect::<Vec<_>>(),
+        );
+        m.set(
+            keys::ATTN_N_THREADS,
+            a.iter().map(|r| r.n_threads).collect::<Vec<_>>(),
         );
 
         HeaderSpec {

@@ -89,6 +89,8 @@ fn write_then_read() {
                     max_bias: 0.0,
                     softcap: 0.0,
                 },
+                backend: "CPU".into(),
+                n_threads: 2 + layer as u32,
             });
         }
     }
@@ -120,6 +122,8 @@ fn write_then_read() {
     }
     assert_eq!(t.attn.len(), 4);
     assert_eq!(t.attn(1, 1).unwrap().params.scale, 0.25);
+    assert_eq!(t.attn(1, 1).unwrap().backend, "CPU");
+    assert_eq!(t.attn(1, 1).unwrap().n_threads, 3);
     assert_eq!(t.groups().len(), 4);
     let k = t.find(Role::K, 1, 1).unwrap();
     assert_eq!(k.name, "src1_cache_k_l1(view)(permuted)_step_1");

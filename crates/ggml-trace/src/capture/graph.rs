@@ -20,6 +20,22 @@ pub(crate) fn op_name(op: sys::ggml_op) -> String {
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
+/// The name of the backend buffer a computed node's data lives in (`CPU`, `RPC[...]`, a
+/// GPU's): the backend that ran the node. Empty when the node has no buffer.
+pub(crate) fn backend_of(t: &sys::ggml_tensor) -> String {
+    if t.buffer.is_null() {
+        return String::new();
+    }
+    // SAFETY: a live tensor's non-null buffer is a live backend buffer; its name is a
+    // static NUL-terminated string of the buffer type (or null).
+    let p = unsafe { sys::ggml_backend_buffer_name(t.buffer) };
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-null, NUL-terminated, outlives this call.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
 /// The name's bytes up to the NUL (all of them if there is none), without allocating:
 /// the callback asks about every node of every decode.
 pub(crate) fn name_bytes(t: &sys::ggml_tensor) -> &[u8] {

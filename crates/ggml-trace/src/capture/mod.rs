@@ -37,7 +37,7 @@ pub use error::CaptureError;
 
 pub use graph::mixed_attn_params;
 use graph::{
-    attention_feeding, flash_attn_params, is_kv_mul_mat, kq_ancestor, kqv_out_layer, layout_of,
+    attention_feeding, backend_of, flash_attn_params, is_kv_mul_mat, kq_ancestor, kqv_out_layer, layout_of,
     op_name, softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of,
     view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
 };
@@ -65,6 +65,10 @@ pub struct CapturedAttention {
     /// or `MIXED_ATTN` (the mixed KV cache's node, a ggml `CUSTOM` op).
     pub op: String,
     pub params: AttnParams,
+    /// The backend buffer the attention op's output lives in (`CPU`, ...): which backend
+    /// ran it, so the verification knows which kernel's precision to model. Empty when
+    /// unknown.
+    pub backend: String,
     /// `kqv_out` first, then the attention op's output and its inputs.
     pub tensors: Vec<CapturedTensor>,
 }
@@ -101,6 +105,7 @@ pub trait CaptureSink {
 struct Pending {
     op: String,
     params: AttnParams,
+    backend: String,
     tensors: Vec<CapturedTensor>,
     layer_hint: Option<i32>,
 }
@@ -243,6 +248,7 @@ impl<'a> Capture<'a> {
                 let mut p = Pending {
                     op: op_name(tr.op),
                     params,
+                    backend: backend_of(tr),
                     layer_hint: source_layer_hint(tr.src[1]),
                     tensors: Vec::new(),
                 };
@@ -292,6 +298,7 @@ impl<'a> Capture<'a> {
                     let mut p = Pending {
                         op: trace_format::MIXED_ATTN_OP.to_string(),
                         params,
+                        backend: backend_of(tr),
                         layer_hint,
                         tensors: Vec::new(),
                     };
@@ -318,6 +325,7 @@ impl<'a> Capture<'a> {
                         let layer = p.layer_hint.unwrap_or(-1);
                         p.op = op_name(tr.op);
                         p.params = softmax_params(t);
+                        p.backend = backend_of(tr);
                         if !tr.src[1].is_null() {
                             p.tensors.push(self.read(tr.src[1], Role::Mask, layer)?);
                         }
@@ -360,6 +368,7 @@ impl<'a> Capture<'a> {
             layer,
             op: String::new(),
             params: AttnParams::default(),
+            backend: String::new(),
             tensors: vec![c],
         })
     }
@@ -450,6 +459,7 @@ impl<'a> Capture<'a> {
             layer,
             op: String::new(),
             params: AttnParams::default(),
+            backend: String::new(),
             tensors: vec![out],
         };
         if self.cfg.trace_sources {
@@ -463,6 +473,7 @@ impl<'a> Capture<'a> {
             };
             att.op = p.op;
             att.params = p.params;
+            att.backend = p.backend;
             for mut c in p.tensors {
                 c.meta.layer = layer;
                 att.tensors.push(c);
