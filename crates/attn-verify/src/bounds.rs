@@ -35,8 +35,8 @@ pub fn nmse_bound(v_type: GgmlType, flash: bool, n_cells: usize) -> f64 {
 /// models (docs/verification.md, "Kernel models"); it does not grow with the context.
 pub fn faithful_bound(path: KernelPath) -> f64 {
     match path {
-        KernelPath::OneChunk | KernelPath::SplitKv { .. } => 1e-6,
-        KernelPath::Tiled | KernelPath::Unfused => 1e-6,
+        KernelPath::OneChunk | KernelPath::SplitKv { .. } => 1e-9,
+        KernelPath::Tiled | KernelPath::Unfused => 1e-9,
     }
 }
 

@@ -241,6 +241,13 @@ fn tries(
         }
     }
 
+    // One KV cell wrong (a corrupted or misplaced row of the cache).
+    if found.is_empty() {
+        if let Some(f) = one_cell(g, inp, original, actual)? {
+            found.push(f);
+        }
+    }
+
     // Q heads permuted (a heads x heads matrix: bounded).
     if inp.q.ne[2] > crate::MAX_DIAGNOSIS_HEADS {
         notes.push(format!(
@@ -402,5 +409,132 @@ fn scale_fit(
             sci(s)
         ),
         nmse_after: Some(after),
+    }))
+}
+
+/// The share of the error a one-cell hypothesis must explain to be reported, and how many
+/// times more the runner-up cell must leave unexplained.
+const ONE_CELL_SHARE: f64 = 0.8;
+const ONE_CELL_MARGIN: f64 = 2.0;
+
+/// One K or V cell wrong: each hypothesis predicts the error's shape exactly (not only to
+/// first order), whatever the size of the corruption:
+///
+/// - K row of cell `j` wrong: only cell `j`'s score moves, so each query row's output moves
+///   along `v_j - o_r` (its reference output `o_r`): `e_r = c_r (v_j - o_r)`, one free
+///   scalar per row;
+/// - V row of cell `j` wrong: `e_r = w_rj * dv_j`, one vector per KV head shared by the
+///   query rows reading it (`w_rj` the reference's softmax weight).
+///
+/// Each cell's least-squares fit explains some share of the error energy; a finding when
+/// one (role, cell) explains at least [`ONE_CELL_SHARE`] and the runner-up cell leaves
+/// [`ONE_CELL_MARGIN`] times as much unexplained. Costs about one recomputation.
+fn one_cell(
+    g: &Group,
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+) -> Result<Option<Finding>, VerifyError> {
+    inp.budget.spend(inp.work())?;
+    let ops = inp.operands(&inp.p);
+    let (w, n_kv, rv) = crate::kernel::weights(&ops)?;
+    let [dv, nh, nt, ns] = original.ne;
+    if n_kv == 0 || dv == 0 || original.data.len() != actual.len() {
+        return Ok(None);
+    }
+    let v = &inp.v;
+    let n_vh = v.ne[2];
+    let err: Vec<f64> = actual
+        .iter()
+        .zip(&original.data)
+        .map(|(&a, &r)| f64::from(a) - r)
+        .collect();
+    let total: f64 = err.iter().map(|x| x * x).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return Ok(None);
+    }
+    let mut k_share = vec![0f64; n_kv];
+    // V: per (kv head, seq, cell) the weighted error sum and the weights' squares.
+    let mut v_num = vec![0f64; n_vh * ns * n_kv * dv];
+    let mut v_den = vec![0f64; n_vh * ns * n_kv];
+    for s in 0..ns {
+        for h in 0..nh {
+            let vh = h / rv.max(1);
+            for t in 0..nt {
+                let r = t + nt * (h + nh * s);
+                let o0 = dv * (h + nh * (t + nt * s));
+                let (e, o) = (&err[o0..o0 + dv], &original.data[o0..o0 + dv]);
+                let wr = &w[r * n_kv..(r + 1) * n_kv];
+                for (j, &wj) in wr.iter().enumerate() {
+                    if wj == 0.0 {
+                        continue;
+                    }
+                    let vb = dv * (j + n_kv * (vh + n_vh * s));
+                    let vj = &v.data[vb..vb + dv];
+                    let (mut eu, mut uu) = (0.0, 0.0);
+                    for d in 0..dv {
+                        let u = vj[d] - o[d];
+                        eu += e[d] * u;
+                        uu += u * u;
+                    }
+                    if uu > 0.0 {
+                        k_share[j] += eu * eu / uu;
+                    }
+                    let c = (vh + n_vh * s) * n_kv + j;
+                    v_den[c] += wj * wj;
+                    for (acc, &ed) in v_num[c * dv..(c + 1) * dv].iter_mut().zip(e) {
+                        *acc += wj * ed;
+                    }
+                }
+            }
+        }
+    }
+    let mut v_share = vec![0f64; n_kv];
+    for (c, &den) in v_den.iter().enumerate() {
+        if den > 0.0 {
+            let n2: f64 = v_num[c * dv..(c + 1) * dv].iter().map(|x| x * x).sum();
+            v_share[c % n_kv] += n2 / den;
+        }
+    }
+    let best_of = |share: &[f64]| {
+        let mut idx: Vec<usize> = (0..share.len()).collect();
+        idx.sort_by(|&a, &b| share[b].total_cmp(&share[a]));
+        (idx.first().copied(), idx.get(1).copied())
+    };
+    let (Some(kb), k2) = best_of(&k_share) else {
+        return Ok(None);
+    };
+    let (Some(vb), v2) = best_of(&v_share) else {
+        return Ok(None);
+    };
+    // Each role's best cell, against that role's runner-up cell: the V hypothesis fits
+    // any cell whose weights across the rows are alike (few rows: a decode), so it names
+    // a cell only when the rows single one out. An F16 accumulator adds its own rounding
+    // (an ulp per later cell) to the error's shape: the fit need not be perfect, only
+    // clearly better than any other cell's.
+    let k = (Role::K, kb, k_share[kb] / total, k2.map_or(0.0, |j| k_share[j]) / total);
+    let v = (Role::V, vb, v_share[vb] / total, v2.map_or(0.0, |j| v_share[j]) / total);
+    let clear = |c: &(Role, usize, f64, f64)| {
+        c.2 >= ONE_CELL_SHARE && (1.0 - c.3) >= ONE_CELL_MARGIN * (1.0 - c.2)
+    };
+    let (role, cell, share, runner) = match (clear(&k), clear(&v)) {
+        (true, true) if v.2 > k.2 => v,
+        (true, _) => k,
+        (false, true) => v,
+        (false, false) => return Ok(None),
+    };
+    let what = match role {
+        Role::K => "key",
+        _ => "value",
+    };
+    Ok(Some(Finding {
+        suspect: Suspect::Tensor(role),
+        tensor: g.get(role).map(|o| o.name.clone()).unwrap_or_default(),
+        what: format!(
+            "cell {cell} (of {n_kv} in the view): its {what} row is not what the kernel read; a wrong {what} at that one cell explains {:.1}% of the error (the next cell {:.1}%)",
+            100.0 * share,
+            100.0 * runner
+        ),
+        nmse_after: None,
     }))
 }

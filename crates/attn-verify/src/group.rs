@@ -106,6 +106,9 @@ pub struct KernelFacts {
     pub backend: String,
     /// The threads the step's graph was computed with; 0 when unknown.
     pub n_threads: u32,
+    /// The SIMD ggml-cpu was built with (`kqv_trace.run.cpu_simd`: `avx2 fma f16c`, ...);
+    /// empty when unknown.
+    pub simd: String,
 }
 
 /// Inputs a group lacks for a recomputation.
@@ -172,6 +175,7 @@ impl Group {
                 .map(|a| KernelFacts {
                     backend: a.backend.clone(),
                     n_threads: a.n_threads,
+                    simd: trace.run.cpu_simd.clone(),
                 })
                 .unwrap_or_default(),
         })

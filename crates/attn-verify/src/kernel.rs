@@ -168,6 +168,61 @@ pub(crate) struct Operands<'a> {
     pub(crate) p: &'a AttentionParams,
     pub(crate) k_type: GgmlType,
     pub(crate) v_type: GgmlType,
+    pub(crate) dot: DotOrder,
+}
+
+/// How ggml's `ggml_vec_dot_f16` sums, by the SIMD the library was built with
+/// (`kqv_trace.run.cpu_simd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DotOrder {
+    /// AVX2 with FMA and F16C, no AVX-512: four 8-lane f32 FMA accumulators over steps of
+    /// 32, reduced as `GGML_F32x8_REDUCE` does, leftovers added in double.
+    Avx2,
+    /// Any other build: the dot product in f64 (rounded to f32 once).
+    Exact,
+}
+
+impl DotOrder {
+    pub(crate) fn of(simd: &str) -> Self {
+        let has = |f: &str| simd.split_whitespace().any(|x| x == f);
+        if has("avx2") && has("fma") && has("f16c") && !has("avx512") {
+            DotOrder::Avx2
+        } else {
+            DotOrder::Exact
+        }
+    }
+}
+
+/// `ggml_vec_dot_f16` on AVX2 (`vec.cpp`): lanes `sum[j][l]` accumulate element
+/// `32 * i + 8 * j + l` by FMA in f32; then `sum[0] += sum[2]`, `sum[1] += sum[3]`,
+/// `sum[0] += sum[1]`, the two 128-bit halves added, two horizontal adds; leftovers
+/// (`n % 32`) added in double.
+fn dot_avx2(x: &[f64], y: &[f64]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n & !31;
+    let mut sum = [[0f32; 8]; 4];
+    for i in (0..np).step_by(32) {
+        for (j, acc) in sum.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let e = i + 8 * j + l;
+                *a = (x[e] as f32).mul_add(y[e] as f32, *a);
+            }
+        }
+    }
+    for l in 0..8 {
+        sum[0][l] += sum[2][l];
+        sum[1][l] += sum[3][l];
+    }
+    for l in 0..8 {
+        sum[0][l] += sum[1][l];
+    }
+    let t0: [f32; 4] = std::array::from_fn(|l| sum[0][l] + sum[0][l + 4]);
+    let res = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    let mut sumf = f64::from(res);
+    for e in np..n {
+        sumf += f64::from((x[e] as f32) * (y[e] as f32));
+    }
+    sumf as f32
 }
 
 /// `expf` as ggml calls it (libm, correctly rounded in practice): exp in f64, rounded.
@@ -285,8 +340,12 @@ fn scores_f32(
             continue;
         }
         let krow = &o.k.data[k_base + j * sh.d..k_base + (j + 1) * sh.d];
-        let dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
-        let mut x = (dot as f32) * scale;
+        let dot = if o.dot == DotOrder::Avx2 && o.k_type == GgmlType::F16 {
+            dot_avx2(qrow, krow)
+        } else {
+            qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>() as f32
+        };
+        let mut x = dot * scale;
         if softcap != 0.0 {
             x = softcap * (f64::from(x).tanh() as f32);
         }
@@ -508,6 +567,43 @@ fn scores_exact(
         }
         *slot = Some(x + mv);
     }
+}
+
+/// The softmax weights of every (token, head, seq) row over the cells, in f64, from the
+/// traced inputs (sinks in the denominator): `weights[r * n_kv + j]` with row
+/// `r = t + n_tokens * (h + n_head * s)`. Used by the one-cell diagnosis.
+pub(crate) fn weights(o: &Operands<'_>) -> Result<(Vec<f64>, usize, usize), VerifyError> {
+    let sh = shape(o)?;
+    let n_rows = sh.n_tokens * sh.n_head * sh.n_seq;
+    let mut w = vec![0f64; n_rows * sh.n_kv];
+    let mut scores = vec![None; sh.n_kv];
+    for s in 0..sh.n_seq {
+        for h in 0..sh.n_head {
+            for t in 0..sh.n_tokens {
+                let qs = at(o.q.ne, t, h, s);
+                scores_exact(o, &sh, &o.q.data[qs..qs + sh.d], t, h, s, &mut scores);
+                let sink = o.sinks.map(|x| x[h]);
+                let max = scores
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if max == f64::NEG_INFINITY {
+                    continue;
+                }
+                let r = t + sh.n_tokens * (h + sh.n_head * s);
+                let row = &mut w[r * sh.n_kv..(r + 1) * sh.n_kv];
+                let mut sum = sink.map_or(0.0, |x| (x - max).exp());
+                for (wj, sc) in row.iter_mut().zip(&scores) {
+                    *wj = sc.map_or(0.0, |x| (x - max).exp());
+                    sum += *wj;
+                }
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+        }
+    }
+    Ok((w, sh.n_kv, sh.rv))
 }
 
 /// The kernel-faithful reference of `path` ([Dv, n_head, n_tokens, n_seq]).

@@ -102,6 +102,8 @@ pub(crate) struct Inputs {
     /// The ggml path that computed the group, or why it cannot be named: picks the
     /// reference ([`kernel::faithful`], or the exact one with the older bound).
     pub(crate) kernel: Result<KernelPath, String>,
+    /// The SIMD the library was built with (`kqv_trace.run.cpu_simd`).
+    pub(crate) simd: String,
 }
 
 impl Inputs {
@@ -144,9 +146,9 @@ impl Inputs {
         }
     }
     /// The exact attention of the traced values in f64 (Q unrounded): what the kernel's
-    /// own numerical error is measured against.
+    /// own numerical error is measured against. Its work is spent by the caller, before
+    /// the verdict's reference (a group over the budget is refused before any work).
     pub(crate) fn exact(&self) -> Result<Dense, VerifyError> {
-        self.budget.spend(self.work())?;
         attention(
             &self.q_raw,
             &self.k,
@@ -157,7 +159,7 @@ impl Inputs {
         )
         .map_err(attn_err)
     }
-    fn operands<'a>(&'a self, p: &'a AttentionParams) -> kernel::Operands<'a> {
+    pub(crate) fn operands<'a>(&'a self, p: &'a AttentionParams) -> kernel::Operands<'a> {
         kernel::Operands {
             q: &self.q_raw,
             k: &self.k,
@@ -167,6 +169,7 @@ impl Inputs {
             p,
             k_type: self.k_type,
             v_type: self.v_type,
+            dot: kernel::DotOrder::of(&self.simd),
         }
     }
 }
@@ -213,6 +216,7 @@ pub(crate) fn build_inputs(
             q_ne: q.layout.ne.map(|x| x as usize),
             n_kv: k.layout.ne[1] as usize,
         }),
+        simd: g.kernel.simd.clone(),
     };
     // Both paths take Q·K with ggml's vec_dot (flash attention, or the `kq` MUL_MAT).
     inp.set_q(dense(q)?)?;

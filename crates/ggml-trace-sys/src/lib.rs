@@ -43,6 +43,30 @@ pub fn llama_version() -> String {
     )
 }
 
+/// The SIMD ggml-cpu was built with that decides how its kernels round (the order of a
+/// dot product's sums): the lower-case names of `avx2 fma f16c avx512 neon sve`
+/// that `ggml_cpu_has_*` report, space-separated (`kqv_trace.run.cpu_simd`).
+pub fn cpu_simd() -> String {
+    // SAFETY: the ggml_cpu_has_* functions take no arguments and only return constants
+    // of the build.
+    let flags = unsafe {
+        [
+            ("avx2", sys::ggml_cpu_has_avx2()),
+            ("fma", sys::ggml_cpu_has_fma()),
+            ("f16c", sys::ggml_cpu_has_f16c()),
+            ("avx512", sys::ggml_cpu_has_avx512()),
+            ("neon", sys::ggml_cpu_has_neon()),
+            ("sve", sys::ggml_cpu_has_sve()),
+        ]
+    };
+    flags
+        .iter()
+        .filter(|(_, on)| *on != 0)
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `llama_print_system_info()`: the CPU features ggml-cpu was compiled with,
 /// e.g. `CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | ...`.
 pub fn system_info() -> String {

@@ -13,4 +13,4 @@ mod pool_hash;
 pub mod run_info;
 pub mod session;
 
-pub use ggml_trace_sys::{dequant, llama_version, shim, sys, system_info, LLAMA_CPP_DIR};
+pub use ggml_trace_sys::{cpu_simd, dequant, llama_version, shim, sys, system_info, LLAMA_CPP_DIR};

@@ -36,8 +36,9 @@ OPTIONS:
                      order (dims by increasing stride) and layout; alone or with
                      --verify-attention (then under each group's verdict)
     --max-work N     with --verify-attention: refuse a group whose recomputation takes
-                     more than N multiply-adds (heads x tokens x cells x (D_k + D_v))
-                     [default: 4294967296]; a failed group's diagnosis may spend 128x
+                     more than N multiply-adds (heads x tokens x cells x (D_k + D_v),
+                     twice when the kernel is modelled: faithful and exact references)
+                     [default: 8589934592]; a failed group's diagnosis may spend 128x
     --step N         with --verify-attention / --shapes: only step N
     --layer N        with --verify-attention / --shapes: only layer N
     -h, --help       print this help

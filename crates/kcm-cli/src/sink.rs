@@ -47,6 +47,8 @@ pub struct MonitorSink {
 #[derive(Default)]
 pub struct Verifier {
     positions: Vec<i32>,
+    /// The SIMD ggml-cpu was built with ([`ggml_trace::cpu_simd`]).
+    simd: String,
     previous: std::collections::HashMap<i32, (u32, Fingerprints)>,
     pub verified: usize,
     pub failed: usize,
@@ -73,6 +75,7 @@ impl Verifier {
         group.kernel = KernelFacts {
             backend: att.backend.clone(),
             n_threads,
+            simd: self.simd.clone(),
         };
         let prev = self.previous.get(&att.layer).map(|(s, f)| (*s, f));
         let result = attn_verify::check(&group, prev)
@@ -153,7 +156,10 @@ impl MonitorSink {
             target_layer: opts.layer,
             trace_sources: opts.trace_sources,
             n_steps: 0,
-            verifier: opts.verify.then(Verifier::default),
+            verifier: opts.verify.then(|| Verifier {
+                simd: ggml_trace::cpu_simd(),
+                ..Verifier::default()
+            }),
             progress: Progress::hidden(),
             counters: Counters::default(),
             stats: Stats::new(),
@@ -354,6 +360,7 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
         seed: info.seed,
         prompt_tokens: info.prompt_tokens.clone(),
         llama_version: ggml_trace::llama_version(),
+        cpu_simd: ggml_trace::cpu_simd(),
         target_layer: -1,
         trace_sources: true,
         complete: true,

@@ -28,6 +28,8 @@ pub const RUN_N_PREDICT: &str = "kqv_trace.run.n_predict";
 pub const RUN_SEED: &str = "kqv_trace.run.seed";
 pub const RUN_PROMPT_TOKENS: &str = "kqv_trace.run.prompt_tokens";
 pub const RUN_LLAMA_VERSION: &str = "kqv_trace.run.llama_version";
+/// The SIMD ggml-cpu was built with (`avx2 fma f16c`, ...). Optional.
+pub const RUN_CPU_SIMD: &str = "kqv_trace.run.cpu_simd";
 
 /// Per step (index = step): token count; positions and tokens concatenated.
 pub const STEP_N_TOKENS: &str = "kqv_trace.step.n_tokens";

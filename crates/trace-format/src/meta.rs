@@ -168,6 +168,9 @@ pub struct RunMeta {
     pub trace_sources: bool,
     /// False when the run was interrupted (Ctrl-C) and the trace holds what was done.
     pub complete: bool,
+    /// The SIMD ggml-cpu was built with (`avx2 fma f16c`, ...): how its kernels round.
+    /// Empty when unknown.
+    pub cpu_simd: String,
 }
 
 /// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types

@@ -224,6 +224,7 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         target_layer: int::<i32>(m, keys::TARGET_LAYER)?.unwrap_or(-1),
         trace_sources: boolean(m, keys::TRACE_SOURCES, true)?,
         complete: boolean(m, keys::COMPLETE, true)?,
+        cpu_simd: string(m, keys::RUN_CPU_SIMD)?,
     })
 }
 

@@ -240,6 +240,7 @@ impl TraceWriter {
         m.set(keys::RUN_SEED, run.seed);
         m.set(keys::RUN_PROMPT_TOKENS, run.prompt_tokens.clone());
         m.set(keys::RUN_LLAMA_VERSION, run.llama_version.as_str());
+        m.set(keys::RUN_CPU_SIMD, run.cpu_simd.as_str());
 
         m.set(
             keys::STEP_N_TOKENS,
