@@ -16,17 +16,15 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<(), String> {
     let mut args = std::env::args_os().skip(1);
-    let dir: std::path::PathBuf = args
-        .next()
-        .ok_or("usage: write_zoo DIR [ARCH...]")?
-        .into();
+    let dir: std::path::PathBuf = args.next().ok_or("usage: write_zoo DIR [ARCH...]")?.into();
     let mut archs = Vec::new();
     for a in args {
         let a = a.to_string_lossy().into_owned();
         let names: Vec<&str> = Arch::ALL.iter().map(|a| a.name()).collect();
         archs.push(
-            Arch::from_name(&a)
-                .ok_or_else(|| format!("unknown architecture '{a}' (one of {})", names.join(", ")))?,
+            Arch::from_name(&a).ok_or_else(|| {
+                format!("unknown architecture '{a}' (one of {})", names.join(", "))
+            })?,
         );
     }
     if archs.is_empty() {

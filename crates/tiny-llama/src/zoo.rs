@@ -145,7 +145,9 @@ impl Arch {
             Arch::Bloom => "ALiBi (max bias 8), fused QKV with bias, layer norm",
             Arch::StableLm => "partial rotary (8 of 32 dimensions), layer norm",
             Arch::Olmo2 => "whole-width Q/K norms, post-norms",
-            Arch::Granite => "attention.scale 0.125 (not 1/sqrt(head)), residual/embedding/logit scales",
+            Arch::Granite => {
+                "attention.scale 0.125 (not 1/sqrt(head)), residual/embedding/logit scales"
+            }
             Arch::GptOss => "attention sinks, alternating sliding window, MoE with biases",
             Arch::Deepseek2Mla => {
                 "absorbed multi-head latent attention: one K-only latent cache row \
@@ -159,7 +161,9 @@ impl Arch {
             }
             Arch::Grok => "attention softcap and scale as explicit graph ops (tanh chain), MoE",
             Arch::Bert => "encoder: non-causal self-attention, no KV cache, absolute positions",
-            Arch::T5 => "encoder-decoder: relative position bias, decoder self- and cross-attention",
+            Arch::T5 => {
+                "encoder-decoder: relative position bias, decoder self- and cross-attention"
+            }
             Arch::Lfm2 => "hybrid: short-convolution recurrent layers between attention layers",
         }
     }
@@ -721,7 +725,11 @@ fn bert(b: &mut Builder) {
     b.m.set("tokenizer.ggml.token_type_count", 2u32);
     b.token_embd();
     b.push("token_types.weight", &[E, 2], Init::Uniform { std: 0.1 });
-    b.push("position_embd.weight", &[E, N_CTX_TRAIN], Init::Uniform { std: 0.1 });
+    b.push(
+        "position_embd.weight",
+        &[E, N_CTX_TRAIN],
+        Init::Uniform { std: 0.1 },
+    );
     b.layer_norm("token_embd_norm", E);
     for i in b.n_layer(2) {
         b.attn(i, E, E);

@@ -101,9 +101,7 @@ const NO_ATTENTION_OP: &str = "kqv-trace-monitor: capture failed: kqv_out-0 (ste
 /// What each (architecture, mode) does today. Flip an entry to `Verifies` when a fix
 /// makes it verify (the test says which).
 fn expected(arch: Arch, mode: Mode) -> Outcome {
-    let two_layers = Verifies {
-        groups: STEPS * 2,
-    };
+    let two_layers = Verifies { groups: STEPS * 2 };
     match (arch, mode) {
         (
             Arch::Llama
@@ -130,9 +128,11 @@ fn expected(arch: Arch, mode: Mode) -> Outcome {
         (Arch::Gemma4, Mode::Q8) => Known(Failure {
             stage: Stage::Verify,
             exit: Exit::Code(2),
-            lines: &["invalid trace: kqv_trace.run.kv_rotation = true, but with a quantized V \
+            lines: &[
+                "invalid trace: kqv_trace.run.kv_rotation = true, but with a quantized V \
                       cache (q8_0) a rotated run traces kqv_out_unrotated, and the trace has \
-                      none (kqv_out_kqv_out-0_step_0 has none beside it)"],
+                      none (kqv_out_kqv_out-0_step_0 has none beside it)",
+            ],
         }),
         // Absorbed MLA: kqv_out is reached from the attention op through the MUL_MAT by
         // attn_v_b (v_mla), which the capture's layout-only walk does not cross.
@@ -147,9 +147,11 @@ fn expected(arch: Arch, mode: Mode) -> Outcome {
         (Arch::Deepseek2, Mode::Q8) => Known(Failure {
             stage: Stage::Verify,
             exit: Exit::Code(2),
-            lines: &["invalid trace: kqv_trace.run.kv_rotation = true, but with a quantized V \
+            lines: &[
+                "invalid trace: kqv_trace.run.kv_rotation = true, but with a quantized V \
                       cache (q8_0) a rotated run traces kqv_out_unrotated, and the trace has \
-                      none (kqv_out_kqv_out-0_step_0 has none beside it)"],
+                      none (kqv_out_kqv_out-0_step_0 has none beside it)",
+            ],
         }),
         // llama.cpp forces flash attention off for Grok ("-fa on" runs the same graph as
         // "-fa off"); the scale (attention.output_scale) and softcap are SCALE → TANH →
@@ -185,8 +187,10 @@ fn expected(arch: Arch, mode: Mode) -> Outcome {
         (Arch::T5, _) => Known(Failure {
             stage: Stage::Monitor,
             exit: Exit::Signal(6),
-            lines: &["GGML_ASSERT(!cross->seq_ids_enc.empty() && \"llama_encode must be called \
-                      first\") failed"],
+            lines: &[
+                "GGML_ASSERT(!cross->seq_ids_enc.empty() && \"llama_encode must be called \
+                      first\") failed",
+            ],
         }),
     }
 }
@@ -214,7 +218,13 @@ fn text(o: &std::process::Output) -> String {
 fn run(model: &Path, dir: &Path, arch: Arch, mode: Mode) -> Run {
     let trace = dir.join(format!("{arch}-{}.gguf", mode.name()));
     let args = mode
-        .args(LlamaArgs::new(model, PROMPT).n(3).ubatch(16).threads(2).greedy())
+        .args(
+            LlamaArgs::new(model, PROMPT)
+                .n(3)
+                .ubatch(16)
+                .threads(2)
+                .greedy(),
+        )
         .arg("--save-gguf")
         .arg(trace.display().to_string())
         .build();
@@ -319,7 +329,9 @@ fn check_arch(arch: Arch) {
                     // The random weights make attention that is neither uniform nor
                     // one-hot (and finite: the group verified).
                     let (max, uniform) = softmax_spread(&t);
-                    eprintln!("{label}: mean largest softmax weight {max:.3} (uniform {uniform:.3})");
+                    eprintln!(
+                        "{label}: mean largest softmax weight {max:.3} (uniform {uniform:.3})"
+                    );
                     assert!(
                         max > 1.5 * uniform && max < 0.95,
                         "{label}: degenerate attention: mean largest weight {max}, uniform {uniform}"
