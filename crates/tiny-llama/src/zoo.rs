@@ -12,7 +12,8 @@
 //! The common shape: n_embd [`N_EMBD`] = 4 heads of [`HEAD_DIM`] = 32 (a whole q8_0 block,
 //! below the 64 at which llama.cpp rotates quantized caches), 2 KV heads where the
 //! architecture allows GQA, n_ff [`N_FF`], context [`N_CTX_TRAIN`], 2 layers (more where
-//! the architecture's pattern needs them: gemma4 3, llama4 and lfm2 4). What each model
+//! the architecture's pattern needs them: gemma4 3, llama4 and lfm2 4; mpt has 6 heads,
+//! n_embd 192). What each model
 //! exercises is in [`Arch::about`].
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ pub enum Arch {
     Gemma3,
     Gemma4,
     Bloom,
+    /// ALiBi over 6 heads: not a power of two, so two slope sequences.
+    Mpt,
     StableLm,
     Olmo2,
     Granite,
@@ -67,7 +70,7 @@ pub enum Arch {
 
 impl Arch {
     /// Every zoo architecture.
-    pub const ALL: [Arch; 20] = [
+    pub const ALL: [Arch; 21] = [
         Arch::Llama,
         Arch::Qwen2,
         Arch::Qwen3,
@@ -76,6 +79,7 @@ impl Arch {
         Arch::Gemma3,
         Arch::Gemma4,
         Arch::Bloom,
+        Arch::Mpt,
         Arch::StableLm,
         Arch::Olmo2,
         Arch::Granite,
@@ -101,6 +105,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::Gemma4 => "gemma4",
             Arch::Bloom => "bloom",
+            Arch::Mpt => "mpt",
             Arch::StableLm => "stablelm",
             Arch::Olmo2 => "olmo2",
             Arch::Granite => "granite",
@@ -143,6 +148,7 @@ impl Arch {
                  proportional RoPE factors, the last layer sharing an earlier layer's KV"
             }
             Arch::Bloom => "ALiBi (max bias 8), fused QKV with bias, layer norm",
+            Arch::Mpt => "ALiBi (max bias 4) over 6 heads (not a power of two), QKV clamp",
             Arch::StableLm => "partial rotary (8 of 32 dimensions), layer norm",
             Arch::Olmo2 => "whole-width Q/K norms, post-norms",
             Arch::Granite => {
@@ -195,6 +201,7 @@ impl ZooModel {
             Arch::Gemma3 => gemma3(&mut b),
             Arch::Gemma4 => gemma4(&mut b),
             Arch::Bloom => bloom(&mut b),
+            Arch::Mpt => mpt(&mut b),
             Arch::StableLm => stablelm(&mut b),
             Arch::Olmo2 => olmo2(&mut b),
             Arch::Granite => granite(&mut b),
@@ -276,6 +283,8 @@ fn bias(i: usize, s: &str) -> String {
 
 struct Builder {
     arch: &'static str,
+    /// Model width (`embedding_length`; [`N_EMBD`] unless [`Builder::width`] changes it).
+    e: u64,
     m: Metadata,
     t: Vec<Planned>,
 }
@@ -284,6 +293,7 @@ impl Builder {
     fn new(arch: Arch) -> Builder {
         let mut b = Builder {
             arch: arch.gguf_arch(),
+            e: E,
             m: Metadata::new(),
             t: Vec::new(),
         };
@@ -308,6 +318,12 @@ impl Builder {
     /// Set `<arch>.<key>`.
     fn kv(&mut self, key: &str, v: impl Into<Value>) {
         self.m.set(format!("{}.{key}", self.arch), v);
+    }
+
+    /// A model width other than [`N_EMBD`] (call before adding tensors).
+    fn width(&mut self, e: u64) {
+        self.e = e;
+        self.kv("embedding_length", e as u32);
     }
 
     fn n_layer(&mut self, n: usize) -> std::ops::Range<usize> {
@@ -344,34 +360,34 @@ impl Builder {
     }
 
     fn token_embd(&mut self) {
-        self.push("token_embd.weight", &[E, NV], Init::Embedding);
+        self.push("token_embd.weight", &[self.e, NV], Init::Embedding);
     }
 
     fn output(&mut self) {
-        self.mat("output.weight", &[E, NV]);
+        self.mat("output.weight", &[self.e, NV]);
     }
 
     /// Separate Q/K/V and the output projection, Q of `q` and K/V of `kv` wide.
     fn attn(&mut self, i: usize, q: u64, kv: u64) {
-        self.qk(&w(i, "attn_q"), &[E, q]);
-        self.qk(&w(i, "attn_k"), &[E, kv]);
-        self.mat(&w(i, "attn_v"), &[E, kv]);
-        self.mat(&w(i, "attn_output"), &[q, E]);
+        self.qk(&w(i, "attn_q"), &[self.e, q]);
+        self.qk(&w(i, "attn_k"), &[self.e, kv]);
+        self.mat(&w(i, "attn_v"), &[self.e, kv]);
+        self.mat(&w(i, "attn_output"), &[q, self.e]);
     }
 
     /// Gated FFN (gate, up, down) of width `ff`.
     fn ffn(&mut self, i: usize, ff: u64) {
-        self.mat(&w(i, "ffn_gate"), &[E, ff]);
-        self.mat(&w(i, "ffn_up"), &[E, ff]);
-        self.mat(&w(i, "ffn_down"), &[ff, E]);
+        self.mat(&w(i, "ffn_gate"), &[self.e, ff]);
+        self.mat(&w(i, "ffn_up"), &[self.e, ff]);
+        self.mat(&w(i, "ffn_down"), &[ff, self.e]);
     }
 
     /// Mixture of experts: router and `n` experts of width `ff`.
     fn experts(&mut self, i: usize, ff: u64, n: u64) {
-        self.mat(&w(i, "ffn_gate_inp"), &[E, n]);
-        self.mat(&w(i, "ffn_gate_exps"), &[E, ff, n]);
-        self.mat(&w(i, "ffn_up_exps"), &[E, ff, n]);
-        self.mat(&w(i, "ffn_down_exps"), &[ff, E, n]);
+        self.mat(&w(i, "ffn_gate_inp"), &[self.e, n]);
+        self.mat(&w(i, "ffn_gate_exps"), &[self.e, ff, n]);
+        self.mat(&w(i, "ffn_up_exps"), &[self.e, ff, n]);
+        self.mat(&w(i, "ffn_down_exps"), &[ff, self.e, n]);
     }
 }
 
@@ -539,6 +555,27 @@ fn bloom(b: &mut Builder) {
         b.bias(&bias(i, "ffn_up"), &[N_FF]);
         b.mat(&w(i, "ffn_down"), &[N_FF, E]);
         b.bias(&bias(i, "ffn_down"), &[E]);
+    }
+}
+
+fn mpt(b: &mut Builder) {
+    // 6 heads of 32: n_embd 192.
+    let (h, e) = (6u64, 6 * HD);
+    b.width(e);
+    b.kv("attention.head_count", h as u32);
+    b.kv("attention.head_count_kv", h as u32);
+    b.kv("attention.layer_norm_epsilon", 1e-5f32);
+    b.kv("attention.max_alibi_bias", 4.0f32);
+    b.kv("attention.clamp_kqv", 6.0f32);
+    b.token_embd();
+    b.norm("output_norm.weight", e);
+    for i in b.n_layer(2) {
+        b.norm(&w(i, "attn_norm"), e);
+        b.qk(&w(i, "attn_qkv"), &[e, 3 * e]);
+        b.mat(&w(i, "attn_output"), &[e, e]);
+        b.norm(&w(i, "ffn_norm"), e);
+        b.mat(&w(i, "ffn_up"), &[e, N_FF]);
+        b.mat(&w(i, "ffn_down"), &[N_FF, e]);
     }
 }
 

@@ -111,6 +111,7 @@ fn expected(arch: Arch, mode: Mode) -> Outcome {
             | Arch::Gemma2
             | Arch::Gemma3
             | Arch::Bloom
+            | Arch::Mpt
             | Arch::StableLm
             | Arch::Olmo2
             | Arch::Granite
@@ -393,6 +394,7 @@ zoo_tests! {
     zoo_gemma3 => Arch::Gemma3,
     zoo_gemma4 => Arch::Gemma4,
     zoo_bloom => Arch::Bloom,
+    zoo_mpt => Arch::Mpt,
     zoo_stablelm => Arch::StableLm,
     zoo_olmo2 => Arch::Olmo2,
     zoo_granite => Arch::Granite,
