@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use gguf_io::{quant, GgmlType, GgufError, GgufWriter, HeaderSpec, Metadata, TensorSpec, Value};
 
+pub mod zoo;
+
 /// `llama_token_type` values (llama.h) used in `tokenizer.ggml.token_type`.
 pub const TOKEN_TYPE_NORMAL: i32 = 1;
 pub const TOKEN_TYPE_UNKNOWN: i32 = 2;
@@ -78,6 +80,21 @@ pub fn vocab() -> Vocab {
         scores,
         token_types,
     }
+}
+
+/// The `tokenizer.ggml.*` keys of the byte-level SentencePiece vocabulary ([`vocab`]).
+pub(crate) fn set_tokenizer(m: &mut Metadata) {
+    let v = vocab();
+    m.set("tokenizer.ggml.model", "llama");
+    m.set("tokenizer.ggml.tokens", v.tokens);
+    m.set("tokenizer.ggml.scores", v.scores);
+    m.set("tokenizer.ggml.token_type", v.token_types);
+    m.set("tokenizer.ggml.bos_token_id", BOS_ID);
+    m.set("tokenizer.ggml.eos_token_id", EOS_ID);
+    m.set("tokenizer.ggml.unknown_token_id", UNK_ID);
+    m.set("tokenizer.ggml.add_bos_token", true);
+    m.set("tokenizer.ggml.add_eos_token", false);
+    m.set("tokenizer.ggml.add_space_prefix", true);
 }
 
 /// The model's shape and contents.
@@ -353,17 +370,7 @@ impl TinyLlamaConfig {
         m.set("llama.attention.layer_norm_rms_epsilon", self.rms_eps);
         m.set("llama.rope.dimension_count", u(self.head_dim));
         m.set("llama.rope.freq_base", self.rope_freq_base);
-        let v = vocab();
-        m.set("tokenizer.ggml.model", "llama");
-        m.set("tokenizer.ggml.tokens", v.tokens);
-        m.set("tokenizer.ggml.scores", v.scores);
-        m.set("tokenizer.ggml.token_type", v.token_types);
-        m.set("tokenizer.ggml.bos_token_id", BOS_ID);
-        m.set("tokenizer.ggml.eos_token_id", EOS_ID);
-        m.set("tokenizer.ggml.unknown_token_id", UNK_ID);
-        m.set("tokenizer.ggml.add_bos_token", true);
-        m.set("tokenizer.ggml.add_eos_token", false);
-        m.set("tokenizer.ggml.add_space_prefix", true);
+        set_tokenizer(&mut m);
         Ok(HeaderSpec {
             metadata: m,
             tensors,
@@ -384,32 +391,34 @@ impl TinyLlamaConfig {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Init {
+pub(crate) enum Init {
     /// Uniform, standard deviation 1.
     Embedding,
     /// `1 + NORM_NOISE * u`.
     Norm,
     /// Uniform with standard deviation `std`.
     Uniform { std: f32 },
+    /// Every value `c` (RoPE frequency factors of 1).
+    Const(f32),
 }
 
 impl Init {
-    fn fan_in(fan_in: u64, gain: f32) -> Self {
+    pub(crate) fn fan_in(fan_in: u64, gain: f32) -> Self {
         Init::Uniform {
             std: gain / (fan_in as f32).sqrt(),
         }
     }
 }
 
-struct Planned {
-    name: String,
-    dims: Vec<u64>,
-    ty: GgmlType,
-    init: Init,
+pub(crate) struct Planned {
+    pub(crate) name: String,
+    pub(crate) dims: Vec<u64>,
+    pub(crate) ty: GgmlType,
+    pub(crate) init: Init,
 }
 
 impl Planned {
-    fn new(name: &str, dims: &[u64], ty: GgmlType, init: Init) -> Self {
+    pub(crate) fn new(name: &str, dims: &[u64], ty: GgmlType, init: Init) -> Self {
         Self {
             name: name.to_owned(),
             dims: dims.to_vec(),
@@ -418,7 +427,7 @@ impl Planned {
         }
     }
 
-    fn n_elements(&self) -> Option<usize> {
+    pub(crate) fn n_elements(&self) -> Option<usize> {
         let n = self.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
         // f32 staging buffer must be addressable too.
         usize::try_from(n)
@@ -434,11 +443,12 @@ impl Planned {
             Init::Norm => (1.0, NORM_NOISE),
             // Uniform on [-a, a) has standard deviation a / sqrt(3).
             Init::Uniform { std } => (0.0, std * 3f32.sqrt()),
+            Init::Const(c) => (c, 0.0),
         };
         Some((0..n).map(|_| offset + amp * rng.unit()).collect())
     }
 
-    fn bytes(&self, seed: u64) -> Result<Vec<u8>, GgufError> {
+    pub(crate) fn bytes(&self, seed: u64) -> Result<Vec<u8>, GgufError> {
         let values = self.values(seed).ok_or_else(|| GgufError::SizeOverflow {
             name: self.name.clone(),
             dims: self.dims.clone(),

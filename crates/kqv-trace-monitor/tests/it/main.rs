@@ -1,6 +1,7 @@
 //! kqv-trace-monitor's integration tests in one binary (one link of llama.cpp): the
 //! command line, captures against llama.cpp, revisions, verification, planted bugs,
-//! the mixed KV cache, gemma-3-270m, gguf-py interop and the progress line.
+//! the mixed KV cache, gemma-3-270m, gguf-py interop, the progress line and the
+//! tiny-model zoo (every architecture in three modes).
 //! One binary per crate, as ripgrep does (`tests/integration/`): each file below is a
 //! module; shared helpers live in the `test-support` crate.
 
@@ -14,3 +15,4 @@ mod planted;
 mod progress;
 mod revisions;
 mod verify_cli;
+mod zoo;

@@ -276,3 +276,60 @@ fn llama_cpp_runs_the_larger_preset() {
     let ctx = Context::new(&model, true);
     check_logits(&ctx.decode(&toks));
 }
+
+/// Every zoo model loads with its architecture, layer count and head count, and (the
+/// decoder-only ones) decodes a prompt with flash attention on and off to finite,
+/// non-degenerate logits. BERT (an encoder: no logits) and T5 (llama_decode before
+/// llama_encode aborts) are loaded only; the monitor's zoo test runs them.
+#[test]
+fn llama_cpp_loads_and_runs_every_zoo_model() {
+    use tiny_llama::zoo::{write_zoo_model, Arch, ZooModel};
+    let dir = tempfile::tempdir().unwrap();
+    for arch in Arch::ALL {
+        let path = write_zoo_model(dir.path(), arch).unwrap();
+        let spec = ZooModel::new(arch).header_spec();
+        let key = |k: &str| {
+            spec.metadata
+                .get_u64(&format!("{}.{k}", arch.gguf_arch()))
+                .unwrap()
+        };
+        let model = Model::load(&path);
+        let mut buf = vec![0u8; 64];
+        let key_c = CString::new("general.architecture").unwrap();
+        // SAFETY: model is live; buf has room for buf.len() bytes.
+        let n = unsafe {
+            assert_eq!(
+                sys::llama_model_n_layer(model.0) as u64,
+                key("block_count"),
+                "{arch}"
+            );
+            assert_eq!(
+                sys::llama_model_n_head(model.0) as u64,
+                key("attention.head_count"),
+                "{arch}"
+            );
+            assert_eq!(
+                sys::llama_model_n_embd(model.0) as u64,
+                key("embedding_length"),
+                "{arch}"
+            );
+            sys::llama_model_meta_val_str(
+                model.0,
+                key_c.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        assert!(n > 0, "{arch}");
+        assert_eq!(&buf[..n as usize], arch.gguf_arch().as_bytes());
+        if matches!(arch, Arch::Bert | Arch::T5) {
+            continue;
+        }
+        let toks = model.tokenize("The quick brown fox");
+        for fa in [true, false] {
+            let ctx = Context::new(&model, fa);
+            println!("{arch} fa={fa}");
+            check_logits(&ctx.decode(&toks));
+        }
+    }
+}

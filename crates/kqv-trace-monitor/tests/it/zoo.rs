@@ -1,0 +1,410 @@
+//! The tiny-model zoo (`tiny_llama::zoo`): every architecture traced in three modes
+//! (flash attention on, off, and a q8_0 K/V cache with flash attention, which a
+//! quantized V needs), each trace then checked by `gguf-reader --verify-attention`.
+//!
+//! [`expected`] is the table of what happens today, one entry per (architecture, mode):
+//! `Verifies` (the monitor succeeds and every (step, layer) group verifies), or
+//! `Known(...)`: the stage that fails, its exit status and lines of its output, as seen.
+//! The test asserts exactly that, so a change in behaviour (a fix above all) fails it
+//! with a message naming the entry to update. The tools run as subprocesses: an abort
+//! in llama.cpp is an exit status here, never the end of the test runner.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+use test_support::LlamaArgs;
+use tiny_llama::zoo::{write_zoo_model, Arch};
+use trace_format::{Role, TraceFile};
+
+/// 43 prompt tokens in ubatches of 16 (3 steps), then 3 generated tokens: 6 steps.
+const PROMPT: &str = "The quick brown fox jumps over a lazy dog";
+const STEPS: usize = 6;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    FaOn,
+    FaOff,
+    /// `-fa on -ctk q8_0 -ctv q8_0`.
+    Q8,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::FaOn, Mode::FaOff, Mode::Q8];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::FaOn => "fa-on",
+            Mode::FaOff => "fa-off",
+            Mode::Q8 => "q8_0",
+        }
+    }
+
+    fn args(self, a: LlamaArgs) -> LlamaArgs {
+        match self {
+            Mode::FaOn => a.flash(true),
+            Mode::FaOff => a.flash(false),
+            Mode::Q8 => a.flash(true).cache("q8_0", "q8_0"),
+        }
+    }
+}
+
+/// The tool whose run decides the outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// `kqv-trace-monitor ... --save-gguf TRACE`.
+    Monitor,
+    /// `gguf-reader TRACE --verify-attention`.
+    Verify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Code(i32),
+    /// Killed by this signal (6: SIGABRT, a failed GGML_ASSERT).
+    Signal(i32),
+}
+
+impl Exit {
+    fn of(s: ExitStatus) -> Exit {
+        match (s.code(), s.signal()) {
+            (Some(c), _) => Exit::Code(c),
+            (None, Some(sig)) => Exit::Signal(sig),
+            (None, None) => Exit::Code(-1),
+        }
+    }
+}
+
+/// A failure as it happens today: the stage that fails, its exit status, and text that
+/// its output (stdout and stderr) has, each entry within one line.
+#[derive(Clone, Copy, Debug)]
+struct Failure {
+    stage: Stage,
+    exit: Exit,
+    lines: &'static [&'static str],
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    /// The monitor succeeds, the trace holds this many (step, layer) groups and
+    /// `gguf-reader --verify-attention` verifies every one (exit 0).
+    Verifies { groups: usize },
+    /// Fails today, exactly so.
+    Known(Failure),
+}
+
+use Outcome::{Known, Verifies};
+
+const NO_ATTENTION_OP: &str = "kqv-trace-monitor: capture failed: kqv_out-0 (step 0): no traced \
+                               attention op feeds it (is this architecture's attention supported?)";
+
+/// What each (architecture, mode) does today. Flip an entry to `Verifies` when a fix
+/// makes it verify (the test says which).
+fn expected(arch: Arch, mode: Mode) -> Outcome {
+    let two_layers = Verifies { groups: STEPS * 2 };
+    match (arch, mode) {
+        (
+            Arch::Llama
+            | Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Phi3
+            | Arch::Gemma2
+            | Arch::Gemma3
+            | Arch::Bloom
+            | Arch::Mpt
+            | Arch::StableLm
+            | Arch::Olmo2
+            | Arch::Granite
+            | Arch::GptOss
+            | Arch::Falcon,
+            _,
+        ) => two_layers,
+        // Two short-convolution layers and two attention layers: 2 traced.
+        (Arch::Lfm2, _) => two_layers,
+        (Arch::Llama4, _) => Verifies { groups: STEPS * 4 },
+        (Arch::Gemma4, Mode::FaOn | Mode::FaOff) => Verifies { groups: STEPS * 3 },
+        // The trace claims a rotated cache from `key_length` 64 (the full-attention
+        // layers' head size), but llama.cpp decides from layer 0's head size (32, a SWA
+        // layer) and rotates nothing: no kqv_out_unrotated.
+        (Arch::Gemma4, Mode::Q8) => Known(Failure {
+            stage: Stage::Verify,
+            exit: Exit::Code(2),
+            lines: &[
+                "invalid trace: kqv_trace.run.kv_rotation = true, but with a quantized V \
+                      cache (q8_0) a rotated run traces kqv_out_unrotated, and the trace has \
+                      none (kqv_out_kqv_out-0_step_0 has none beside it)",
+            ],
+        }),
+        // Absorbed MLA: kqv_out is reached from the attention op through the MUL_MAT by
+        // attn_v_b (v_mla), which the capture's layout-only walk does not cross.
+        (Arch::Deepseek2Mla, _) => Known(Failure {
+            stage: Stage::Monitor,
+            exit: Exit::Code(1),
+            lines: &[NO_ATTENTION_OP],
+        }),
+        (Arch::Deepseek2, Mode::FaOn | Mode::FaOff) => two_layers,
+        // K heads of 64 are rotated, V heads of 32 are not; the one kv_rotation flag
+        // says "rotated" and the validator then wants kqv_out_unrotated.
+        (Arch::Deepseek2, Mode::Q8) => Known(Failure {
+            stage: Stage::Verify,
+            exit: Exit::Code(2),
+            lines: &[
+                "invalid trace: kqv_trace.run.kv_rotation = true, but with a quantized V \
+                      cache (q8_0) a rotated run traces kqv_out_unrotated, and the trace has \
+                      none (kqv_out_kqv_out-0_step_0 has none beside it)",
+            ],
+        }),
+        // llama.cpp forces flash attention off for Grok ("-fa on" runs the same graph as
+        // "-fa off"); the scale (attention.output_scale) and softcap are SCALE → TANH →
+        // SCALE ops before the softmax, whose own scale (1) is what the trace records.
+        (Arch::Grok, Mode::FaOn | Mode::FaOff) => Known(Failure {
+            stage: Stage::Verify,
+            exit: Exit::Code(1),
+            lines: &[
+                "suspect scale (kqv_trace.attn.scale): the recorded op scale 1 does not \
+                 reproduce kqv_out; scale 8.838835e-02 does; repaired, the group verifies",
+                "verified 0 of 12 (step, layer) groups: 12 failed, 0 missing inputs",
+            ],
+        }),
+        // llama.cpp itself cannot run it (flash attention forced off, and a quantized V
+        // cache needs it).
+        (Arch::Grok, Mode::Q8) => Known(Failure {
+            stage: Stage::Monitor,
+            exit: Exit::Code(1),
+            lines: &[
+                "llama_init_from_model: quantized V cache requires flash_attn to be enabled",
+                "kqv-trace-monitor: llama.cpp could not create a context (see its log with -v)",
+            ],
+        }),
+        // Encoder: no KV cache, so without flash attention the kq MUL_MAT's K is no cache
+        // view (not traced); with it, bert.cpp names the node after attn_output (MUL_MAT
+        // and bias ADD) `kqv_out-<layer>` too, and no attention op feeds that one.
+        (Arch::Bert, _) => Known(Failure {
+            stage: Stage::Monitor,
+            exit: Exit::Code(1),
+            lines: &[NO_ATTENTION_OP],
+        }),
+        // Encoder-decoder: the monitor decodes without llama_encode first.
+        (Arch::T5, _) => Known(Failure {
+            stage: Stage::Monitor,
+            exit: Exit::Signal(6),
+            lines: &[
+                "GGML_ASSERT(!cross->seq_ids_enc.empty() && \"llama_encode must be called \
+                      first\") failed",
+            ],
+        }),
+    }
+}
+
+fn gguf_reader() -> PathBuf {
+    test_support::workspace_bin("gguf-reader", "gguf-reader")
+}
+
+/// What one (architecture, mode) did.
+struct Run {
+    stage: Stage,
+    exit: Exit,
+    output: String,
+    trace: Option<PathBuf>,
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run(model: &Path, dir: &Path, arch: Arch, mode: Mode) -> Run {
+    let trace = dir.join(format!("{arch}-{}.gguf", mode.name()));
+    let args = mode
+        .args(
+            LlamaArgs::new(model, PROMPT)
+                .n(3)
+                .ubatch(16)
+                .threads(2)
+                .greedy(),
+        )
+        .arg("--save-gguf")
+        .arg(trace.display().to_string())
+        .build();
+    let o = Command::new(env!("CARGO_BIN_EXE_kqv-trace-monitor"))
+        .args(&args)
+        // An abort prints the message only (no gdb backtrace: slow, and noise).
+        .env("GGML_NO_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return Run {
+            stage: Stage::Monitor,
+            exit: Exit::of(o.status),
+            output: text(&o),
+            trace: None,
+        };
+    }
+    let v = Command::new(gguf_reader())
+        .arg(&trace)
+        .arg("--verify-attention")
+        .output()
+        .unwrap();
+    Run {
+        stage: Stage::Verify,
+        exit: Exit::of(v.status),
+        output: text(&v),
+        trace: Some(trace),
+    }
+}
+
+/// Mean over the softmax rows of the last step's layer-0 scores (FA off): the largest
+/// weight, and 1 / the number of cells the row attends to. Attention that is neither
+/// uniform nor one-hot has `uniform < max < 1`.
+fn softmax_spread(t: &TraceFile) -> (f64, f64) {
+    let last = (STEPS - 1) as u32;
+    let sm = t
+        .find(Role::KqSoftMax, 0, last)
+        .or_else(|| {
+            // The first attention layer of a hybrid model need not be 0.
+            t.groups()
+                .keys()
+                .filter(|(s, _)| *s == last)
+                .find_map(|&(s, l)| t.find(Role::KqSoftMax, l, s))
+        })
+        .expect("a traced softmax");
+    let w = t.f32(sm).unwrap();
+    let n = sm.meta.layout.ne[0] as usize;
+    let (mut max_sum, mut uni_sum, mut rows) = (0.0f64, 0.0f64, 0usize);
+    for row in w.chunks(n) {
+        let live = row.iter().filter(|&&x| x > 0.0).count();
+        if live == 0 {
+            continue;
+        }
+        max_sum += row.iter().fold(0.0f32, |a, &b| a.max(b)) as f64;
+        uni_sum += 1.0 / live as f64;
+        rows += 1;
+    }
+    (max_sum / rows as f64, uni_sum / rows as f64)
+}
+
+/// Runs every mode of `arch` and checks each against [`expected`]; one report of every
+/// difference.
+fn check_arch(arch: Arch) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_zoo_model(dir.path(), arch).unwrap();
+    let mut problems = Vec::new();
+    for mode in Mode::ALL {
+        let want = expected(arch, mode);
+        let got = run(&model, dir.path(), arch, mode);
+        let label = format!("{arch} {}", mode.name());
+        eprintln!(
+            "{label}: {:?} {:?}\n{}",
+            got.stage,
+            got.exit,
+            got.output
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        match want {
+            Verifies { groups } => {
+                if got.stage != Stage::Verify || got.exit != Exit::Code(0) {
+                    problems.push(format!(
+                        "{label}: expected to verify, but {:?} exited {:?}:\n{}",
+                        got.stage, got.exit, got.output
+                    ));
+                    continue;
+                }
+                let summary =
+                    format!("verified {groups} of {groups} (step, layer) groups: 0 failed, 0 missing inputs");
+                if !got.output.lines().any(|l| l.trim() == summary) {
+                    problems.push(format!("{label}: no line '{summary}' in\n{}", got.output));
+                }
+                let t = TraceFile::open(got.trace.as_ref().unwrap()).unwrap();
+                assert_eq!(t.run.architecture, arch.gguf_arch(), "{label}");
+                assert_eq!(t.steps.len(), STEPS, "{label}");
+                let flash = if mode == Mode::FaOff { "off" } else { "on" };
+                assert_eq!(t.run.flash_attn, flash, "{label}");
+                if mode == Mode::FaOff {
+                    // The random weights make attention that is neither uniform nor
+                    // one-hot (and finite: the group verified).
+                    let (max, uniform) = softmax_spread(&t);
+                    eprintln!(
+                        "{label}: mean largest softmax weight {max:.3} (uniform {uniform:.3})"
+                    );
+                    assert!(
+                        max > 1.5 * uniform && max < 0.95,
+                        "{label}: degenerate attention: mean largest weight {max}, uniform {uniform}"
+                    );
+                }
+            }
+            Known(f) => {
+                let same = got.stage == f.stage && got.exit == f.exit;
+                let missing: Vec<&str> = f
+                    .lines
+                    .iter()
+                    .copied()
+                    .filter(|want| !got.output.lines().any(|l| l.contains(want)))
+                    .collect();
+                if got.stage == Stage::Verify && got.exit == Exit::Code(0) {
+                    problems.push(format!(
+                        "{label}: now verifies; flip its entry in zoo.rs `expected` to Verifies \
+                         (was Known: {:?} exit {:?})",
+                        f.stage, f.exit
+                    ));
+                } else if !same || !missing.is_empty() {
+                    problems.push(format!(
+                        "{label}: expected Known({:?}, {:?}, {:?}), got {:?} {:?}; missing {missing:?}:\n{}",
+                        f.stage, f.exit, f.lines, got.stage, got.exit, got.output
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+macro_rules! zoo_tests {
+    ($($test:ident => $arch:expr,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                check_arch($arch);
+            }
+        )*
+
+        /// Every zoo architecture has a test above.
+        #[test]
+        fn every_zoo_architecture_is_tested() {
+            let tested = [$($arch),*];
+            for a in Arch::ALL {
+                assert!(tested.contains(&a), "{a} has no zoo test");
+            }
+        }
+    };
+}
+
+zoo_tests! {
+    zoo_llama => Arch::Llama,
+    zoo_qwen2 => Arch::Qwen2,
+    zoo_qwen3 => Arch::Qwen3,
+    zoo_phi3 => Arch::Phi3,
+    zoo_gemma2 => Arch::Gemma2,
+    zoo_gemma3 => Arch::Gemma3,
+    zoo_gemma4 => Arch::Gemma4,
+    zoo_bloom => Arch::Bloom,
+    zoo_mpt => Arch::Mpt,
+    zoo_stablelm => Arch::StableLm,
+    zoo_olmo2 => Arch::Olmo2,
+    zoo_granite => Arch::Granite,
+    zoo_gpt_oss => Arch::GptOss,
+    zoo_deepseek2_mla => Arch::Deepseek2Mla,
+    zoo_deepseek2 => Arch::Deepseek2,
+    zoo_falcon => Arch::Falcon,
+    zoo_llama4 => Arch::Llama4,
+    zoo_grok => Arch::Grok,
+    zoo_bert => Arch::Bert,
+    zoo_t5 => Arch::T5,
+    zoo_lfm2 => Arch::Lfm2,
+}
