@@ -131,10 +131,25 @@ fn tries(
     let all = 0..n_tokens;
     let name = |r: Role| g.get(r).map(|o| o.name.clone()).unwrap_or_default();
 
-    // Stale buffers: an input byte for byte the previous step's.
+    // Stale buffers: an input byte for byte the previous step's, where it should have
+    // changed. Sinks are weights (they never change). A Q repeats legitimately only in the
+    // first layer, for the same token(s) as the previous step, in a model without rotary
+    // positions: then a note, not a suspect. K/V views gain the step's rows.
     if let Some((prev_step, prev)) = previous {
         for o in &g.operands {
-            if o.role != Role::KqvOut && prev.get(&o.role) == Some(&o.fingerprint) {
+            if matches!(o.role, Role::KqvOut | Role::Sinks)
+                || prev.get(&o.role) != Some(&o.fingerprint)
+            {
+                continue;
+            }
+            if o.role == Role::Q && g.layer == 0 && g.same_tokens_as_previous != Some(false) {
+                notes.push(format!(
+                    "q ({}) is byte for byte the q of step {prev_step}: legitimate for a repeated token in a model without rotary positions, a stale buffer otherwise",
+                    o.name
+                ));
+                continue;
+            }
+            {
                 found.push(Finding {
                     suspect: Suspect::Tensor(o.role),
                     tensor: o.name.clone(),

@@ -96,6 +96,9 @@ pub struct Group {
     pub operands: Vec<Operand>,
     /// Where and how the op ran, when recorded: picks the kernel model of the reference.
     pub kernel: KernelFacts,
+    /// Whether the step's tokens are the previous step's (`None`: unknown): a repeated Q is
+    /// stale only when they differ.
+    pub same_tokens_as_previous: Option<bool>,
 }
 
 /// Where and how a traced attention op ran (`kqv_trace.attn.backend`,
@@ -171,6 +174,10 @@ impl Group {
                 .map(|s| s.positions.clone())
                 .unwrap_or_default(),
             operands,
+            same_tokens_as_previous: step.checked_sub(1).and_then(|p| {
+                let (a, b) = (trace.step(step)?, trace.step(p)?);
+                Some(a.tokens == b.tokens)
+            }),
             kernel: attn
                 .map(|a| KernelFacts {
                     backend: a.backend.clone(),
@@ -218,6 +225,7 @@ impl Group {
             positions: positions.to_vec(),
             operands,
             kernel: KernelFacts::default(),
+            same_tokens_as_previous: None,
         })
     }
 

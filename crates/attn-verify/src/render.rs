@@ -102,8 +102,13 @@ pub fn diagnosis_lines(c: &Checked) -> Vec<String> {
         return Vec::new();
     }
     let mut lines: Vec<String> = if c.findings.is_empty() {
+        let why = if c.rounding_sized {
+            "the error is of the size ggml's rounding reaches: rounding beyond the kernel model, or a small kernel bug"
+        } else {
+            "a kernel bug, or more than one input wrong"
+        };
         vec![format!(
-            "      no single-input repair explains it: heads {:?} and tokens {:?} exceed the bound (a kernel bug, or more than one input wrong)",
+            "      no single-input repair explains it: heads {:?} and tokens {:?} exceed the bound ({why})",
             c.bad_heads, c.bad_tokens
         )]
     } else {
@@ -194,6 +199,7 @@ pub fn checked_json(c: &Checked, key: VerdictKey) -> Value {
             Err(why) => json!({"path": null, "unknown": why}),
         },
         "diagnosis": findings, "bad_heads": c.bad_heads, "bad_tokens": c.bad_tokens,
+        "rounding_sized": c.rounding_sized,
         "notes": c.notes,
     });
     o[key.as_str()] = json!(if c.pass { "ok" } else { "FAIL" });
@@ -253,6 +259,7 @@ mod tests {
             notes: Vec::new(),
             kernel: Err("not recorded".into()),
             exact_nmse: None,
+            rounding_sized: false,
         }
     }
 

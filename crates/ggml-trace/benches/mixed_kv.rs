@@ -93,6 +93,7 @@ fn main() {
             let mut timed = Timed::<Discard>::new(None);
             let opts = RunOptions {
                 capture: CaptureConfig {
+                    from_step: 0,
                     layer: None,
                     trace_sources: false,
                     keep: true,

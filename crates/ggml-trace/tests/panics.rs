@@ -37,6 +37,7 @@ fn llama_args(model: &Path, flash: &str) -> Vec<String> {
 fn options() -> RunOptions {
     RunOptions {
         capture: CaptureConfig {
+            from_step: 0,
             layer: None,
             trace_sources: true,
             keep: true,

@@ -13,6 +13,8 @@ pub enum SaveTarget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     pub layer: Option<i32>,
+    /// `--from-step N`: trace steps N and later only (the earlier ones run untraced).
+    pub from_step: u32,
     pub trace_sources: bool,
     pub save: Option<SaveTarget>,
     pub prefill_only: bool,
@@ -32,6 +34,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             layer: None,
+            from_step: 0,
             trace_sources: true,
             save: None,
             prefill_only: false,
@@ -50,6 +53,8 @@ pub enum UsageError {
     MissingValue(&'static str),
     #[error("--layer expects a layer number, got '{0}'")]
     BadLayer(String),
+    #[error("--from-step expects a step number (0 or more), got '{0}'")]
+    BadStep(String),
     #[error("--verify needs the attention inputs: drop --no-trace-sources")]
     VerifyWithoutSources,
     #[error("{0}")]
@@ -68,6 +73,10 @@ pub fn parse(args: Vec<String>) -> Result<Command<Options>, UsageError> {
                 let v = it.next().ok_or(UsageError::MissingValue("--layer"))?;
                 let n: i32 = v.parse().map_err(|_| UsageError::BadLayer(v.clone()))?;
                 o.layer = (n >= 0).then_some(n);
+            }
+            "--from-step" => {
+                let v = it.next().ok_or(UsageError::MissingValue("--from-step"))?;
+                o.from_step = v.parse().map_err(|_| UsageError::BadStep(v.clone()))?;
             }
             "--no-trace-sources" => o.trace_sources = false,
             "--save-gguf" => {

@@ -47,6 +47,9 @@ pub struct MonitorSink {
 #[derive(Default)]
 pub struct Verifier {
     positions: Vec<i32>,
+    /// The current and the previous step's tokens.
+    tokens: Vec<i32>,
+    previous_tokens: Option<Vec<i32>>,
     /// The SIMD ggml-cpu was built with ([`ggml_trace::cpu_simd`]).
     simd: String,
     previous: std::collections::HashMap<i32, (u32, Fingerprints)>,
@@ -77,6 +80,7 @@ impl Verifier {
             n_threads,
             simd: self.simd.clone(),
         };
+        group.same_tokens_as_previous = self.previous_tokens.as_ref().map(|p| *p == self.tokens);
         let prev = self.previous.get(&att.layer).map(|(s, f)| (*s, f));
         let result = attn_verify::check(&group, prev)
             .map_err(|e| format!("verifying step {} layer {}: {e}", att.step, att.layer))?;
@@ -396,6 +400,8 @@ impl CaptureSink for MonitorSink {
         self.n_steps = step.step + 1;
         if let Some(v) = self.verifier.as_mut() {
             v.positions.clone_from(&step.positions);
+            v.previous_tokens = Some(std::mem::replace(&mut v.tokens, step.tokens.clone()))
+                .filter(|_| step.step > 0);
         }
         if let Some(w) = self.writer.as_mut() {
             w.add_step(step.clone());

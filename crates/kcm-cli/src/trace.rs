@@ -57,6 +57,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     let run_opts = RunOptions {
         capture: CaptureConfig {
             layer: opts.layer,
+            from_step: opts.from_step,
             trace_sources: opts.trace_sources,
             keep: true,
         },

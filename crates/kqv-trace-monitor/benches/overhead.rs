@@ -73,6 +73,7 @@ fn main() {
             let mut timed = Timed::new(inner);
             let run_opts = RunOptions {
                 capture: CaptureConfig {
+                    from_step: 0,
                     layer: None,
                     trace_sources: true,
                     keep: true,

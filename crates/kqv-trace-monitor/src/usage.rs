@@ -8,6 +8,9 @@ USAGE:
 
 MONITOR OPTIONS:
     --layer N            trace only layer N (0-based); -1 or absent: all layers
+    --from-step N        trace steps N and later only (each ubatch of the prompt is a step,
+                         then each generated token); the earlier steps run untraced, e.g.
+                         to look at the decode of a long prompt without its prefill
     --no-trace-sources   trace kqv_out only, not the attention op's inputs and output
     --save-gguf FILE     save the trace to FILE (written atomically); `-` writes it to
                          stdout, and the statistics then go to stderr

@@ -236,6 +236,7 @@ pub fn compare_live(
     let run_opts = RunOptions {
         capture: CaptureConfig {
             layer: a.layer,
+            from_step: 0,
             trace_sources: opts.monitor.trace_sources,
             keep: true,
         },

@@ -78,6 +78,8 @@ pub struct CapturedAttention {
 pub struct CaptureConfig {
     /// Only this layer; `None` for all.
     pub layer: Option<i32>,
+    /// Only steps from this one on (0: all): the earlier ones run with nothing read.
+    pub from_step: u32,
     /// Capture the attention inputs too (the seed's default); off: `kqv_out` only.
     pub trace_sources: bool,
     /// Keep each KV-cache view and mask from one step to the next and gather again only
@@ -526,6 +528,9 @@ impl<'a> Capture<'a> {
     /// `t` must point to a live ggml tensor of the graph being computed, computed when
     /// `ask` is false.
     unsafe fn eval(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> Result<bool, CaptureError> {
+        if self.step < self.cfg.from_step {
+            return Ok(false);
+        }
         if ask {
             // SAFETY: caller guarantees liveness.
             let Some(layer) = kqv_out_layer(unsafe { &*t }) else {

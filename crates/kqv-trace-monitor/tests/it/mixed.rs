@@ -275,6 +275,7 @@ impl CaptureSink for Nothing {
 fn kv_bytes(args: &[String]) -> u64 {
     let opts = RunOptions {
         capture: CaptureConfig {
+            from_step: 0,
             layer: None,
             trace_sources: false,
             keep: true,

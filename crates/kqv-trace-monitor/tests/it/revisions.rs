@@ -100,6 +100,7 @@ fn run(
     };
     let run_opts = RunOptions {
         capture: CaptureConfig {
+            from_step: 0,
             layer: None,
             trace_sources: true,
             keep,
