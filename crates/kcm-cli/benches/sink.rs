@@ -163,6 +163,7 @@ impl Cache {
                 op: "FLASH_ATTN_EXT".into(),
                 params: AttnParams::default(),
                 tensors,
+                rotation: None,
             })
             .expect("sink");
         }
