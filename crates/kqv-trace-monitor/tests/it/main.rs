@@ -13,4 +13,5 @@ mod mixed;
 mod planted;
 mod progress;
 mod revisions;
+mod sampling;
 mod verify_cli;
