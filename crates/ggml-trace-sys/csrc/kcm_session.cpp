@@ -47,8 +47,8 @@ struct kcm_session {
     common_params params;
     common_init_result_ptr init;
     llama_model * model = nullptr;
-    llama_context * ctx = nullptr;
-    common_sampler * sampler = nullptr;
+    llama_context * ctx = nullptr;  // owned by init
+    common_sampler * sampler = nullptr;  // owned by init
     // The CPU threadpools llama.cpp's own tools attach (common_threadpools::init, which
     // common_init_from_params calls when it makes the context; we make the context
     // ourselves and keep the pointers, for kcm_session_threadpool). Without them ggml
@@ -136,41 +136,58 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
         llama_backend_init();
         llama_numa_init(p.numa);
 
-        s->init = common_init_from_params(p, /*model_only=*/true);
-        s->model = s->init ? s->init->model() : nullptr;
-        if (!s->model) {
-            set_err(err, err_len, "llama.cpp could not load the model '" + p.model.path + "'");
-            delete s;
-            return nullptr;
-        }
-        const llama_vocab * vocab = llama_model_get_vocab(s->model);
-        s->prompt = common_tokenize(vocab, p.prompt, /*add_special=*/true, /*parse_special=*/true);
-        if (s->prompt.empty()) {
-            // An empty prompt (-p '') still needs one token to decode: use BOS.
-            const llama_token bos = llama_vocab_bos(vocab);
-            if (bos == LLAMA_TOKEN_NULL) {
-                set_err(err, err_len, "the prompt is empty and the model has no BOS token");
+        // The prompt sizes the context (without -c), so tokenize it first, with the
+        // vocabulary alone (no weights are read).
+        {
+            llama_model_params vp = llama_model_default_params();
+            vp.vocab_only = true;
+            llama_model * vm = llama_model_load_from_file(p.model.path.c_str(), vp);
+            if (!vm) {
+                set_err(err, err_len, "llama.cpp could not load the model '" + p.model.path + "'");
                 delete s;
                 return nullptr;
             }
-            s->prompt.push_back(bos);
+            const llama_vocab * vocab = llama_model_get_vocab(vm);
+            s->prompt = common_tokenize(vocab, p.prompt, /*add_special=*/true, /*parse_special=*/true);
+            const llama_token bos = llama_vocab_bos(vocab);
+            llama_model_free(vm);
+            if (s->prompt.empty()) {
+                // An empty prompt (-p '') still needs one token to decode: use BOS.
+                if (bos == LLAMA_TOKEN_NULL) {
+                    set_err(err, err_len, "the prompt is empty and the model has no BOS token");
+                    delete s;
+                    return nullptr;
+                }
+                s->prompt.push_back(bos);
+            }
         }
         if (!ctx_given) {
             const int32_t n_gen = p.n_predict > 0 ? p.n_predict : 0;
             const int32_t need = (int32_t) s->prompt.size() + n_gen;
             p.n_ctx = std::max<int32_t>(256, (need + 255) / 256 * 256);
         }
-        llama_context_params cparams = common_context_params_to_llama(p);
-        s->ctx = llama_init_from_model(s->model, cparams);
+        // The model, the context and the samplers as llama.cpp's own tools get them:
+        // common_init_from_params also applies the model's sampling defaults, the EOS
+        // logit bias of --ignore-eos, LoRA adapters and control vectors (loading the
+        // model alone, model_only, skips all of them).
+        s->init = common_init_from_params(p);
+        s->model = s->init ? s->init->model() : nullptr;
+        if (!s->model) {
+            set_err(err, err_len, "llama.cpp could not load the model '" + p.model.path + "'");
+            delete s;
+            return nullptr;
+        }
+        s->ctx = s->init->context();
         if (!s->ctx) {
             set_err(err, err_len, "llama.cpp could not create a context (see its log with -v)");
             delete s;
             return nullptr;
         }
-        set_process_priority(p.cpuparams.priority);
         {
-            // As common_threadpools::init: one pool, or a batch pool and a paused one
-            // when the batch threads differ.
+            // Our own pools, as common_threadpools::init makes them (one pool, or a batch
+            // pool and a paused one when the batch threads differ), attached in place of
+            // the ones common_init_from_params attached: the capture needs the pool's
+            // pointer (kcm_session_threadpool), which common keeps private.
             ggml_threadpool_params tpp_batch = ggml_threadpool_params_from_cpu_params(p.cpuparams_batch);
             ggml_threadpool_params tpp = ggml_threadpool_params_from_cpu_params(p.cpuparams);
             if (!ggml_threadpool_params_match(&tpp, &tpp_batch)) {
@@ -193,7 +210,8 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             kcm_session_free(s);
             return nullptr;
         }
-        s->sampler = common_sampler_init(s->model, p.sampling);
+        // The sampler common_init_from_params made from the parameters it completed.
+        s->sampler = s->init->sampler(0);
         if (!s->sampler) {
             set_err(err, err_len, "llama.cpp could not create the sampler");
             kcm_session_free(s);
@@ -327,12 +345,7 @@ void kcm_session_free(kcm_session * s) {
     if (!s) {
         return;
     }
-    if (s->sampler) {
-        common_sampler_free(s->sampler);
-    }
-    if (s->ctx) {
-        llama_free(s->ctx);
-    }
+    // The context and the sampler belong to `init`.
     s->init.reset();
     if (s->threadpool) {
         ggml_threadpool_free(s->threadpool);

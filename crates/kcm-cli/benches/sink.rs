@@ -164,6 +164,7 @@ impl Cache {
                 params: AttnParams::default(),
                 backend: "CPU".into(),
                 tensors,
+                rotation: None,
             })
             .expect("sink");
         }

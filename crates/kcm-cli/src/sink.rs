@@ -40,6 +40,64 @@ pub struct MonitorSink {
     /// The threads the current step's graph is computed with (llama.cpp's rule:
     /// `n_threads_batch` for a ubatch of more than one token).
     step_threads: u32,
+    /// Rotation per layer as the graph showed it (see [`LayerRotation`]).
+    rotation: LayerRotation,
+}
+
+/// llama.cpp's Hadamard rotation per layer, as the capture saw it in the graph
+/// (`ggml_trace::capture::Rotation`): what the trace records as
+/// `kqv_trace.run.rotated_k` / `rotated_v`.
+#[derive(Default)]
+pub struct LayerRotation {
+    k: std::collections::BTreeMap<i32, bool>,
+    v: std::collections::BTreeMap<i32, Option<bool>>,
+    /// Layers a `kqv_out_unrotated` arrived for (V rotated, when the write of its V cache
+    /// was not seen).
+    unrotated: std::collections::BTreeSet<i32>,
+}
+
+impl LayerRotation {
+    /// Note what one capture shows.
+    pub fn observe(&mut self, att: &CapturedAttention) {
+        if let Some(r) = att.rotation {
+            self.k.insert(att.layer, r.k);
+            let v = self.v.entry(att.layer).or_insert(r.v);
+            if v.is_none() {
+                *v = r.v;
+            }
+        }
+        if att
+            .tensors
+            .iter()
+            .any(|t| t.meta.role == trace_format::Role::KqvOutUnrotated)
+        {
+            self.unrotated.insert(att.layer);
+        }
+    }
+
+    /// Record it in `run`: per layer (None for a layer not seen) and `kv_rotation` as any
+    /// layer rotated. Nothing seen (no attention captured): `run` keeps its guess.
+    pub fn record(&self, run: &mut RunMeta) {
+        if self.k.is_empty() {
+            return;
+        }
+        let n = run.n_layer as usize;
+        let (mut k, mut v) = (vec![None; n], vec![None; n]);
+        for (&layer, &rot) in &self.k {
+            let Ok(l) = usize::try_from(layer) else {
+                continue;
+            };
+            if l >= n {
+                continue;
+            }
+            k[l] = Some(rot);
+            let seen_v = self.v.get(&layer).copied().flatten();
+            v[l] = Some(seen_v.unwrap_or(self.unrotated.contains(&layer)));
+        }
+        run.kv_rotation = k.contains(&Some(true)) || v.contains(&Some(true));
+        run.rotated_k_layers = k;
+        run.rotated_v_layers = v;
+    }
 }
 
 /// `--verify` state: the current step's positions, the previous step's input fingerprints
@@ -169,6 +227,7 @@ impl MonitorSink {
             stats: Stats::new(),
             threads: (0, 0),
             step_threads: 0,
+            rotation: LayerRotation::default(),
         })
     }
 
@@ -241,7 +300,7 @@ impl MonitorSink {
             Some(_) => "off".into(),
             None => base.flash_attn.clone(),
         };
-        let run = RunMeta {
+        let mut run = RunMeta {
             description: "kqv-trace-monitor trace of kqv_out and its attention inputs".into(),
             flash_attn,
             target_layer: self.target_layer.unwrap_or(-1),
@@ -249,6 +308,8 @@ impl MonitorSink {
             complete: !outcome.interrupted,
             ..base
         };
+        // What the graph showed replaces the guess from the cache types.
+        self.rotation.record(&mut run);
         match &self.save {
             Some(SaveTarget::Path(p)) => save_to_path(writer, &run, p)?,
             Some(SaveTarget::Stdout) => {
@@ -329,8 +390,9 @@ fn save_to_path(
 /// What a trace says about the run, from what is known before the first decode:
 /// flash attention as asked (`auto` until an attention op shows it), a complete run of
 /// every layer with sources, the model's sha256 only when `with_sha` (it reads the whole
-/// file). Whether llama.cpp rotates K/V comes from the cache types and the model's head
-/// sizes (`trace_format::meta::kv_rotation`).
+/// file). Whether llama.cpp rotates K/V is guessed here from the cache types and the
+/// model's head sizes (`trace_format::meta::kv_rotation`); the saved trace records what
+/// the graph showed instead ([`LayerRotation`]).
 pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
     let (head_k, head_v) = gguf_io::GgufFile::open(&info.model_path)
         .map(|f| trace_format::meta::model_head_dims(f.metadata()))
@@ -413,6 +475,7 @@ impl CaptureSink for MonitorSink {
         if !att.op.is_empty() {
             self.seen_op.get_or_insert_with(|| att.op.clone());
         }
+        self.rotation.observe(&att);
         // With flash attention `kqv_out` shares the attention output's bytes: the same
         // bytes as the same type and element count give the same summary, computed once.
         let mut shared: Option<(&CapturedTensor, Summary)> = None;
@@ -570,6 +633,7 @@ mod tests {
             params: trace_format::AttnParams::default(),
             backend: "CPU".into(),
             tensors,
+            rotation: None,
         })
         .unwrap();
         sink.out.flush().unwrap();

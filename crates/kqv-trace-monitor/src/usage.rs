@@ -36,7 +36,9 @@ LLAMA.CPP OPTIONS:
     --seed --temp ... A bare `-fa` (as older scripts write it) means `-fa on`.
     Differences from llama.cpp's tools: -n defaults to 0 (the prompt only); without -c
     the context holds the prompt plus -n tokens (rounded up to 256); no warm-up decode;
-    the -fit dry run only with an explicit `-fit on`.
+    the -fit dry run only with an explicit `-fit on`. The model, context and sampler are
+    set up as llama.cpp's tools set them up, so --ignore-eos and the other sampling
+    options behave as there.
 
 STEPS:
     step 0 is the first ubatch of the prompt; each later llama_decode call (the next

@@ -9,7 +9,7 @@ use gguf_io::{quant, ByteOrder, GgmlType};
 use tensor_stats::{unravel, DiffAccumulator, DiffMetrics, Tolerance};
 use trace_format::{Role, RunMeta, StepMeta, TensorMeta, TraceFile, TracedTensor};
 
-use crate::trust::{self, shown, Observed, TrustError};
+use crate::trust::{self, shown, Observed, Rotation, TrustError};
 
 /// Where an element sits: its 4-d index, and for attention tensors the token (within the
 /// step, and its position in the sequence), head and dimension.
@@ -83,10 +83,15 @@ pub struct RunCheck {
     pub fatal: Vec<String>,
     /// Differences the user should know before reading numbers.
     pub notes: Vec<String>,
-    pub ref_rot_k: bool,
-    pub ref_rot_v: bool,
-    pub cur_rot_k: bool,
-    pub cur_rot_v: bool,
+    /// Rotation per layer of Q/K and of V, reference and current ([`Observed`]).
+    pub ref_rot_k: Rotation,
+    pub ref_rot_v: Rotation,
+    pub cur_rot_k: Rotation,
+    pub cur_rot_v: Rotation,
+    /// Each side's rotation was recorded from its graph (else inferred from its flags).
+    pub rotation_recorded: (bool, bool),
+    /// Layers of the runs (the larger `n_layer`), for the rotation notes.
+    pub n_layer: usize,
     /// Flash attention on in (reference, current); None until known. The mixed KV
     /// cache's attention node has flash attention's layout and counts as on.
     pub flash: (Option<bool>, Option<bool>),
@@ -95,11 +100,59 @@ pub struct RunCheck {
 }
 
 impl RunCheck {
-    fn rot_k_differs(&self) -> bool {
-        self.ref_rot_k != self.cur_rot_k
+    fn rot_k_differs(&self, layer: i32) -> bool {
+        self.ref_rot_k.at(layer) != self.cur_rot_k.at(layer)
     }
-    fn rot_v_differs(&self) -> bool {
-        self.ref_rot_v != self.cur_rot_v
+    fn rot_v_differs(&self, layer: i32) -> bool {
+        self.ref_rot_v.at(layer) != self.cur_rot_v.at(layer)
+    }
+
+    /// What the rotation facts mean for the comparison, as they stand (a live run's are
+    /// complete only at its end): where Q/K or V were rotated on one side only, and which
+    /// side's rotation was inferred from its run flags rather than recorded.
+    pub fn rotation_notes(&self, cache_types: [&str; 2]) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (side, recorded, types) in [
+            ("reference", self.rotation_recorded.0, cache_types[0]),
+            ("current run", self.rotation_recorded.1, cache_types[1]),
+        ] {
+            if !recorded && !types.is_empty() {
+                notes.push(format!(
+                    "rotation of the {side} is inferred from kqv_trace.run.kv_rotation and its \
+                     cache types ({types}), not recorded: its trace predates the per-layer \
+                     kqv_trace.run.rotated_k / rotated_v keys"
+                ));
+            }
+        }
+        let differ = |r: &Rotation, c: &Rotation| -> Vec<(bool, Vec<i32>)> {
+            // Grouped by the side that rotated (true: the current run).
+            let layers = r.differing(c, self.n_layer);
+            let (cur, refs): (Vec<i32>, Vec<i32>) = layers.into_iter().partition(|&l| c.at(l));
+            [(true, cur), (false, refs)]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .collect()
+        };
+        for (current, layers) in differ(&self.ref_rot_k, &self.cur_rot_k) {
+            notes.push(format!(
+                "rotation basis differs{}: the {} rotated Q and K by a Hadamard matrix (quantized \
+                 K cache, head size a multiple of 64): q and k are not compared there; set \
+                 LLAMA_ATTN_ROT_DISABLE=1 for the rotated run to compare them",
+                in_layers(&layers, self.n_layer),
+                side_name(current)
+            ));
+        }
+        for (current, layers) in differ(&self.ref_rot_v, &self.cur_rot_v) {
+            notes.push(format!(
+                "rotation basis differs{}: the {} stored V rotated (quantized V cache), so its v, \
+                 attn and kqv_out are in the rotated basis: its kqv_out_unrotated is compared \
+                 with the other side's kqv_out, v and attn are not compared there; set \
+                 LLAMA_ATTN_ROT_DISABLE=1 for the rotated run to compare them",
+                in_layers(&layers, self.n_layer),
+                side_name(current)
+            ));
+        }
+        notes
     }
     fn fa_differs(&self) -> bool {
         matches!(self.flash, (Some(a), Some(b)) if a != b)
@@ -127,6 +180,32 @@ fn short_tokens(t: &[i32]) -> String {
     format!("[{}{more}] ({} tokens)", shown.join(", "), t.len())
 }
 
+/// ` in layers 0, 2-5` (empty when every layer of `n` is listed).
+fn in_layers(layers: &[i32], n: usize) -> String {
+    if layers.len() >= n {
+        return String::new();
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            layers[i].to_string()
+        } else {
+            format!("{}-{}", layers[i], layers[j])
+        });
+        i = j + 1;
+    }
+    format!(
+        " in layer{} {}",
+        if layers.len() > 1 { "s" } else { "" },
+        parts.join(", ")
+    )
+}
+
 fn side_name(rotated_in_current: bool) -> &'static str {
     if rotated_in_current {
         "current run"
@@ -139,10 +218,12 @@ fn side_name(rotated_in_current: bool) -> &'static str {
 /// show ([`trust::observe`]): rotation, flash attention, the mixed KV cache.
 pub fn check_runs(r: &RunMeta, rs: &Observed, c: &RunMeta, cs: &Observed) -> RunCheck {
     let mut k = RunCheck {
-        ref_rot_k: rs.rot_k,
-        ref_rot_v: rs.rot_v,
-        cur_rot_k: cs.rot_k,
-        cur_rot_v: cs.rot_v,
+        ref_rot_k: rs.rot_k.clone(),
+        ref_rot_v: rs.rot_v.clone(),
+        cur_rot_k: cs.rot_k.clone(),
+        cur_rot_v: cs.rot_v.clone(),
+        rotation_recorded: (rs.rotation_recorded, cs.rotation_recorded),
+        n_layer: r.n_layer.max(c.n_layer) as usize,
         flash: (rs.flash, cs.flash),
         mixed: (rs.mixed, cs.mixed),
         ..Default::default()
@@ -214,23 +295,7 @@ pub fn check_runs(r: &RunMeta, rs: &Observed, c: &RunMeta, cs: &Observed) -> Run
             shown(&c.cache_type_v)
         ));
     }
-    if k.rot_k_differs() {
-        k.notes.push(format!(
-            "rotation basis differs: the {} rotated Q and K by a Hadamard matrix (quantized K \
-             cache, head size a multiple of 64): q and k are not compared; set \
-             LLAMA_ATTN_ROT_DISABLE=1 for the rotated run to compare them",
-            side_name(k.cur_rot_k)
-        ));
-    }
-    if k.rot_v_differs() {
-        k.notes.push(format!(
-            "rotation basis differs: the {} stored V rotated (quantized V cache), so its v, attn \
-             and kqv_out are in the rotated basis: its kqv_out_unrotated is compared with the \
-             other side's kqv_out, v and attn are not compared; set LLAMA_ATTN_ROT_DISABLE=1 \
-             for the rotated run to compare them",
-            side_name(k.cur_rot_v)
-        ));
-    }
+    // Rotation notes: RunCheck::rotation_notes, once a live run has shown every layer's.
     if k.fa_differs() {
         k.notes.push(flash_note(k.flash));
     }
@@ -520,6 +585,31 @@ impl<'r> Analyzer<'r> {
         &self.check
     }
 
+    /// Live mode learns each layer's rotation from its capture (what the graph showed),
+    /// before that layer's tensors are compared.
+    pub fn set_current_rotation(&mut self, layer: i32, k: bool, v: bool) {
+        self.check.cur_rot_k.set(layer, k);
+        self.check.cur_rot_v.set(layer, v);
+        self.check.rotation_recorded.1 = true;
+    }
+
+    /// Every note on the run differences, rotation included (as the facts stand now).
+    pub fn notes(&self) -> Vec<String> {
+        let mut n = self.check.notes.clone();
+        let types = |r: &RunMeta| {
+            let q = |t: &str| GgmlType::from_name(t).is_some_and(|t| t.is_quantized());
+            if q(&r.cache_type_k) || q(&r.cache_type_v) {
+                format!("K {}, V {}", shown(&r.cache_type_k), shown(&r.cache_type_v))
+            } else {
+                String::new()
+            }
+        };
+        let (rt, ct) = (types(&self.reference.run), types(&self.current_run));
+        n.extend(self.check.rotation_notes([&rt, &ct]));
+        n.extend(self.late_notes());
+        n
+    }
+
     /// Live mode learns whether flash attention is on from the first attention op.
     pub fn set_current_flash(&mut self, on: bool) {
         if self.check.flash.1.is_some() {
@@ -586,25 +676,26 @@ impl<'r> Analyzer<'r> {
         self.layer.is_none_or(|l| l == layer)
     }
 
-    /// Why a tensor of this role on this side cannot be compared (basis or layout).
-    fn not_comparable(&self, role: Role, current_side: bool) -> Option<String> {
+    /// Why a tensor of this role and layer on this side cannot be compared (basis or
+    /// layout).
+    fn not_comparable(&self, role: Role, layer: i32, current_side: bool) -> Option<String> {
         let k = &self.check;
         let rot_v_here = if current_side {
-            k.cur_rot_v
+            k.cur_rot_v.at(layer)
         } else {
-            k.ref_rot_v
+            k.ref_rot_v.at(layer)
         };
-        if k.rot_k_differs() && matches!(role, Role::Q | Role::K) {
+        if k.rot_k_differs(layer) && matches!(role, Role::Q | Role::K) {
             return Some(format!(
                 "rotated basis (Q/K rotated in the {} only)",
-                side_name(k.cur_rot_k)
+                side_name(k.cur_rot_k.at(layer))
             ));
         }
-        if k.rot_v_differs() {
+        if k.rot_v_differs(layer) {
             if matches!(role, Role::V | Role::Attn) {
                 return Some(format!(
                     "rotated basis (V rotated in the {} only)",
-                    side_name(k.cur_rot_v)
+                    side_name(k.cur_rot_v.at(layer))
                 ));
             }
             if role == Role::KqvOut && rot_v_here {
@@ -633,12 +724,12 @@ impl<'r> Analyzer<'r> {
         None
     }
 
-    /// The reference role a current tensor of `role` is compared with.
-    fn counterpart(&self, role: Role) -> Role {
-        if self.check.rot_v_differs() {
+    /// The reference role a current tensor of `role` (in `layer`) is compared with.
+    fn counterpart(&self, role: Role, layer: i32) -> Role {
+        if self.check.rot_v_differs(layer) {
             match role {
-                Role::KqvOut if self.check.ref_rot_v => return Role::KqvOutUnrotated,
-                Role::KqvOutUnrotated if self.check.cur_rot_v => return Role::KqvOut,
+                Role::KqvOut if self.check.ref_rot_v.at(layer) => return Role::KqvOutUnrotated,
+                Role::KqvOutUnrotated if self.check.cur_rot_v.at(layer) => return Role::KqvOut,
                 _ => {}
             }
         }
@@ -659,11 +750,11 @@ impl<'r> Analyzer<'r> {
             step: meta.step,
             reason,
         };
-        if let Some(why) = self.not_comparable(meta.role, true) {
+        if let Some(why) = self.not_comparable(meta.role, meta.layer, true) {
             self.current_unpaired.push(unpaired(Some(why)));
             return;
         }
-        let ref_role = self.counterpart(meta.role);
+        let ref_role = self.counterpart(meta.role, meta.layer);
         let Some(&ri) = self.index.get(&(ref_role, meta.layer, meta.step)) else {
             self.current_unpaired.push(unpaired(None));
             return;
@@ -739,7 +830,7 @@ impl<'r> Analyzer<'r> {
                 role: t.meta.role,
                 layer: t.meta.layer,
                 step: t.meta.step,
-                reason: self.not_comparable(t.meta.role, false),
+                reason: self.not_comparable(t.meta.role, t.meta.layer, false),
             })
             .collect()
     }

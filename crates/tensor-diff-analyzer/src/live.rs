@@ -102,6 +102,12 @@ impl CaptureSink for LiveSink<'_, '_> {
     }
 
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
+        if let Some(r) = att.rotation {
+            // What the graph showed; V from its cache write, else from whether the
+            // un-rotation follows (it would arrive next, so no: not rotated).
+            self.analyzer
+                .set_current_rotation(att.layer, r.k, r.v.unwrap_or(false));
+        }
         if !att.op.is_empty() {
             // The mixed KV cache's node has flash attention's layout.
             self.analyzer.set_current_flash(

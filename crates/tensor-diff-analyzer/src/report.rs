@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tensor_stats::{DiffMetrics, Tolerance};
 
 use crate::compare::{Analyzer, Comparison, Location, RunCheck, Unpaired};
-use crate::trust::shown;
+use crate::trust::{shown, Rotation};
 
 pub const SCHEMA: &str = "tensor-diff-analyzer/1";
 
@@ -101,8 +101,7 @@ impl Outcome {
         a: &Analyzer,
         noise_source: Option<String>,
     ) -> Self {
-        let mut notes = a.check.notes.clone();
-        notes.extend(a.late_notes());
+        let notes = a.notes();
         let (mut unmatched, mut not_comparable) = (Vec::new(), Vec::new());
         for u in a
             .reference_unpaired()
@@ -482,6 +481,15 @@ fn unpaired_json(u: &Unpaired) -> Value {
     })
 }
 
+/// One side's rotation: any layer (`k`, `v`), per layer, and where it came from.
+fn rotation_json(k: &Rotation, v: &Rotation, recorded: bool, n_layer: usize) -> Value {
+    let layers = |r: &Rotation| (0..n_layer as i32).map(|l| r.at(l)).collect::<Vec<_>>();
+    json!({
+        "k": k.any(), "v": v.any(), "k_layers": layers(k), "v_layers": layers(v),
+        "source": if recorded { "recorded" } else { "inferred" },
+    })
+}
+
 pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
     let t = &o.tolerance;
     let tensors: Vec<Value> = o
@@ -528,8 +536,8 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
         },
         "notes": o.notes,
         "rotation": {
-            "reference": {"k": check.ref_rot_k, "v": check.ref_rot_v},
-            "current": {"k": check.cur_rot_k, "v": check.cur_rot_v},
+            "reference": rotation_json(&check.ref_rot_k, &check.ref_rot_v, check.rotation_recorded.0, check.n_layer),
+            "current": rotation_json(&check.cur_rot_k, &check.cur_rot_v, check.rotation_recorded.1, check.n_layer),
         },
         "total_comparisons": o.comparisons.len(),
         "within_tolerance": o.within(),

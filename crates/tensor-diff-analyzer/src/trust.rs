@@ -4,7 +4,9 @@
 //! op each traced `attn` records (`FLASH_ATTN_EXT`, `MUL_MAT` without flash attention,
 //! `CUSTOM` for the mixed KV cache), the intermediates only one layout has (`kq`,
 //! `kq_soft_max` without flash attention; `k_quant`/`v_quant` with the mixed KV cache),
-//! the presence of `kqv_out_unrotated` (V rotated) and the K/V tensors' types. A run flag
+//! the presence of `kqv_out_unrotated` (V rotated) and the K/V tensors' types; rotation
+//! per layer as the trace records it from the graph (`kqv_trace.run.rotated_k` /
+//! `rotated_v`; older traces: inferred from `kv_rotation` and the cache types). A run flag
 //! (`kqv_trace.run.*`, `kqv_trace.target_layer`) that contradicts them is an input error
 //! (exit 2), never a reason to skip a tensor. docs/diff.md, "What the tensors show".
 
@@ -30,28 +32,91 @@ pub fn shown(s: &str) -> String {
         .collect()
 }
 
+/// One side's Hadamard rotation (of Q/K, or of V) per layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rotation {
+    /// Per layer (index = layer); None (or past the end): `fallback`.
+    pub layers: Vec<Option<bool>>,
+    /// For a layer with no entry.
+    pub fallback: bool,
+}
+
+impl Rotation {
+    /// The same for every layer.
+    pub fn uniform(rotated: bool) -> Self {
+        Self {
+            layers: Vec::new(),
+            fallback: rotated,
+        }
+    }
+
+    /// As recorded per layer; a layer not traced is not rotated (nothing of it is
+    /// compared anyway).
+    pub fn recorded(layers: &[Option<bool>]) -> Self {
+        Self {
+            layers: layers.to_vec(),
+            fallback: false,
+        }
+    }
+
+    pub fn at(&self, layer: i32) -> bool {
+        usize::try_from(layer)
+            .ok()
+            .and_then(|l| self.layers.get(l).copied().flatten())
+            .unwrap_or(self.fallback)
+    }
+
+    /// Some layer is rotated.
+    pub fn any(&self) -> bool {
+        self.fallback || self.layers.contains(&Some(true))
+    }
+
+    /// What the graph showed for `layer` (live runs).
+    pub fn set(&mut self, layer: i32, rotated: bool) {
+        let Ok(l) = usize::try_from(layer) else {
+            return;
+        };
+        if self.layers.len() <= l {
+            self.layers.resize(l + 1, None);
+        }
+        self.layers[l] = Some(rotated);
+    }
+
+    /// Layers (up to `n`, at least those with an entry) where `self` and `other` differ.
+    pub fn differing(&self, other: &Rotation, n: usize) -> Vec<i32> {
+        let n = n.max(self.layers.len()).max(other.layers.len());
+        (0..n as i32)
+            .filter(|&l| self.at(l) != other.at(l))
+            .collect()
+    }
+}
+
 /// What decides comparability for one side.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     /// Flash attention (or the mixed node, which has its layout) on; None: unknown.
     pub flash: Option<bool>,
     pub mixed: bool,
-    /// Q and K rotated: the one fact no tensor shows; from `kv_rotation` and the K cache
-    /// type, checked to be possible (a quantized K with a head size multiple of 64).
-    pub rot_k: bool,
-    /// V rotated: `kqv_out_unrotated` is present.
-    pub rot_v: bool,
+    /// Q and K rotated, per layer: the one fact no tensor shows; recorded from the graph
+    /// (`kqv_trace.run.rotated_k`), else inferred from `kv_rotation` and the K cache type.
+    pub rot_k: Rotation,
+    /// V rotated, per layer: recorded (`rotated_v`), else `kqv_out_unrotated` is present.
+    pub rot_v: Rotation,
+    /// Rotation was recorded from the graph, not inferred from the run flags.
+    pub rotation_recorded: bool,
 }
 
 impl Observed {
     /// What a run's own metadata says: for a live run, whose metadata comes from the
-    /// running context and not from a file.
+    /// running context and not from a file. Its rotation is the guess from the cache
+    /// types until each layer's capture shows it ([`crate::compare::Analyzer::set_current_rotation`]).
     pub fn claimed(run: &RunMeta) -> Self {
         Self {
             flash: flash_of(run),
             mixed: run.mixed_kv_cache,
-            rot_k: run.rotated_k(),
-            rot_v: run.rotated_v(),
+            rot_k: Rotation::uniform(run.rotated_k()),
+            rot_v: Rotation::uniform(run.rotated_v()),
+            rotation_recorded: false,
         }
     }
 }
@@ -239,7 +304,7 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
                         format!("{} holds {} KV heads (shape {:?})", at(t), ne[2], ne),
                     ));
                 }
-                if m.role == Role::K && run.rotated_k() && ne[0] % 64 != 0 {
+                if m.role == Role::K && run.rotated_k_at(m.layer) && ne[0] % 64 != 0 {
                     return Err(contradiction(
                         keys::RUN_KV_ROTATION,
                         format!("true with a {} K cache", run.cache_type_k),
@@ -325,7 +390,16 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
         }
         _ => {}
     }
-    // Rotation.
+    // Rotation. Recorded per layer: trace_format's validation checked it against the
+    // kqv_out_unrotated tensors when the file was opened.
+    if run.rotation_recorded() {
+        return Ok(Observed {
+            rot_k: Rotation::recorded(&run.rotated_k_layers),
+            rot_v: Rotation::recorded(&run.rotated_v_layers),
+            rotation_recorded: true,
+            ..observed_layouts(run, &layouts)
+        });
+    }
     let quantized = |t: Option<GgmlType>| t.is_some_and(|t| t.is_quantized());
     if run.kv_rotation && !quantized(type_k) && !quantized(type_v) {
         return Err(contradiction(
@@ -361,6 +435,16 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
     }
 
     Ok(Observed {
+        rot_k: Rotation::uniform(run.rotated_k()),
+        rot_v: Rotation::uniform(unrotated.is_some() || (kqv_out.is_none() && run.rotated_v())),
+        rotation_recorded: false,
+        ..observed_layouts(run, &layouts)
+    })
+}
+
+/// Flash attention and the mixed KV cache as the tensors show them (no rotation).
+fn observed_layouts(run: &RunMeta, layouts: &Layouts) -> Observed {
+    Observed {
         flash: if layouts.mixed.is_some() || layouts.flash.is_some() {
             Some(true)
         } else if layouts.plain.is_some() {
@@ -371,9 +455,8 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
         },
         mixed: layouts.mixed.is_some()
             || (run.mixed_kv_cache && layouts.flash.is_none() && layouts.plain.is_none()),
-        rot_k: run.rotated_k(),
-        rot_v: unrotated.is_some() || (kqv_out.is_none() && run.rotated_v()),
-    })
+        ..Observed::default()
+    }
 }
 
 #[cfg(test)]

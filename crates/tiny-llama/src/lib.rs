@@ -526,6 +526,54 @@ pub fn write_with_head_dim(dir: impl AsRef<Path>, head_dim: usize) -> Result<Pat
     Ok(path)
 }
 
+/// The default model made to end every generation at once: greedy decoding picks EOS
+/// at every position, by a margin no rounding can close. Embedding dimension 0 is 1 for
+/// every token and no layer writes to it (row 0 of `attn_output` and `ffn_down` is zero),
+/// so the final RMS norm gives it a positive value; `output.weight`'s EOS row is
+/// [`EOS_LOGIT_GAIN`] on that dimension and zero elsewhere, so EOS's logit is hundreds
+/// while the others stay O(1). For testing that `--ignore-eos` (llama.cpp's EOS logit
+/// bias of -inf) makes a run generate every `-n` token. Written as `dir/tiny-eos.gguf`.
+pub fn write_eos_first(dir: impl AsRef<Path>) -> Result<PathBuf, GgufError> {
+    let path = dir.as_ref().join("tiny-eos.gguf");
+    let cfg = TinyLlamaConfig {
+        name: "tiny-llama-eos".to_owned(),
+        ..Default::default()
+    };
+    let spec = cfg.header_spec()?;
+    let (e, q, ff) = (cfg.n_embd, cfg.n_embd_q(), cfg.n_ff);
+    gguf_io::write_file(&path, &spec, |w| {
+        for t in cfg.tensor_layout() {
+            let mut v = t.values(cfg.seed).ok_or_else(|| GgufError::SizeOverflow {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            })?;
+            let name = t.name.as_str();
+            if name == "token_embd.weight" {
+                v.iter_mut().step_by(e).for_each(|x| *x = 1.0);
+            } else if name == "output.weight" {
+                let row = &mut v[EOS_ID as usize * e..(EOS_ID as usize + 1) * e];
+                row.fill(0.0);
+                row[0] = EOS_LOGIT_GAIN;
+            } else if name.ends_with("attn_output.weight") {
+                v[..q].fill(0.0);
+            } else if name.ends_with("ffn_down.weight") {
+                v[..ff].fill(0.0);
+            }
+            let bytes = quant::quantize(t.ty, &v).map_err(|source| GgufError::Dequantize {
+                name: t.name.clone(),
+                source,
+            })?;
+            w.write_tensor(&bytes)?;
+        }
+        Ok(())
+    })?;
+    Ok(path)
+}
+
+/// The weight of EOS's output row on dimension 0 in [`write_eos_first`]'s model.
+pub const EOS_LOGIT_GAIN: f32 = 1000.0;
+
 /// The model file's bytes (identical to what [`write_model`] writes).
 pub fn model_bytes(cfg: &TinyLlamaConfig) -> Result<Vec<u8>, GgufError> {
     write_to(Vec::new(), cfg)

@@ -20,6 +20,11 @@ pub const RUN_CACHE_TYPE_K: &str = "kqv_trace.run.cache_type_k";
 pub const RUN_CACHE_TYPE_V: &str = "kqv_trace.run.cache_type_v";
 pub const RUN_FLASH_ATTN: &str = "kqv_trace.run.flash_attn";
 pub const RUN_KV_ROTATION: &str = "kqv_trace.run.kv_rotation";
+/// Per layer (index = layer), INT8: 1 if llama.cpp rotated Q and K (V) by a Hadamard
+/// matrix in that layer, as the graph showed it, 0 if not, -1 if the layer was not
+/// traced. Absent from traces written before rotation was recorded.
+pub const RUN_ROTATED_K: &str = "kqv_trace.run.rotated_k";
+pub const RUN_ROTATED_V: &str = "kqv_trace.run.rotated_v";
 pub const RUN_MIXED_KV_CACHE: &str = "kqv_trace.run.mixed_kv_cache";
 pub const RUN_N_CTX: &str = "kqv_trace.run.n_ctx";
 pub const RUN_N_BATCH: &str = "kqv_trace.run.n_batch";

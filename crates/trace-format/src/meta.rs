@@ -153,8 +153,15 @@ pub struct RunMeta {
     pub cache_type_v: String,
     /// `"on"` or `"off"`: what the context really used.
     pub flash_attn: String,
-    /// llama.cpp rotates Q/K/V by a Hadamard matrix for quantized caches: whether it did.
+    /// llama.cpp rotates Q/K/V by a Hadamard matrix for quantized caches: whether it did
+    /// (in any layer).
     pub kv_rotation: bool,
+    /// Per layer (index = layer), as the graph showed it: Q and K rotated; None for a
+    /// layer not traced. Empty when not recorded (traces written before these keys):
+    /// then [`RunMeta::rotated_k`] falls back to `kv_rotation` and the cache types.
+    pub rotated_k_layers: Vec<Option<bool>>,
+    /// Per layer: V rotated (so `kqv_out` is in the rotated basis); as above.
+    pub rotated_v_layers: Vec<Option<bool>>,
     pub mixed_kv_cache: bool,
     pub n_ctx: u32,
     pub n_batch: u32,
@@ -204,17 +211,68 @@ pub fn model_head_dims(m: &gguf_io::Metadata) -> (u64, u64) {
 }
 
 impl RunMeta {
-    /// Q and K were rotated (a rotated run with a quantized K cache).
-    pub fn rotated_k(&self) -> bool {
-        self.kv_rotation
-            && GgmlType::from_name(&self.cache_type_k).is_some_and(|t| t.is_quantized())
+    /// Whether the trace records rotation per layer (`kqv_trace.run.rotated_k` /
+    /// `rotated_v`, from the graph); false for older traces, whose rotation is inferred
+    /// from `kv_rotation` and the cache types.
+    pub fn rotation_recorded(&self) -> bool {
+        !self.rotated_k_layers.is_empty() || !self.rotated_v_layers.is_empty()
     }
 
-    /// V, the attention result and `kqv_out` are in the rotated V basis.
-    pub fn rotated_v(&self) -> bool {
-        self.kv_rotation
-            && GgmlType::from_name(&self.cache_type_v).is_some_and(|t| t.is_quantized())
+    /// The rule older traces are read with: `kv_rotation` and a quantized cache.
+    fn inferred(&self, cache_type: &str) -> bool {
+        self.kv_rotation && GgmlType::from_name(cache_type).is_some_and(|t| t.is_quantized())
     }
+
+    /// Q and K were rotated in some layer.
+    pub fn rotated_k(&self) -> bool {
+        if self.rotation_recorded() {
+            return self.rotated_k_layers.contains(&Some(true));
+        }
+        self.inferred(&self.cache_type_k)
+    }
+
+    /// V, the attention result and `kqv_out` are in the rotated V basis in some layer.
+    pub fn rotated_v(&self) -> bool {
+        if self.rotation_recorded() {
+            return self.rotated_v_layers.contains(&Some(true));
+        }
+        self.inferred(&self.cache_type_v)
+    }
+
+    /// Q and K were rotated in `layer` (recorded, else inferred).
+    pub fn rotated_k_at(&self, layer: i32) -> bool {
+        if self.rotation_recorded() {
+            return at_layer(&self.rotated_k_layers, layer).unwrap_or(false);
+        }
+        self.inferred(&self.cache_type_k)
+    }
+
+    /// V was rotated in `layer` (recorded, else inferred).
+    pub fn rotated_v_at(&self, layer: i32) -> bool {
+        if self.rotation_recorded() {
+            return at_layer(&self.rotated_v_layers, layer).unwrap_or(false);
+        }
+        self.inferred(&self.cache_type_v)
+    }
+}
+
+/// A per-layer entry; None outside the array or for a layer not traced.
+fn at_layer(v: &[Option<bool>], layer: i32) -> Option<bool> {
+    usize::try_from(layer)
+        .ok()
+        .and_then(|l| v.get(l).copied())
+        .flatten()
+}
+
+/// Per-layer facts as the file holds them (INT8: 1, 0, -1 for not traced).
+pub fn layer_flags_to_i8(v: &[Option<bool>]) -> Vec<i8> {
+    v.iter()
+        .map(|x| match x {
+            Some(true) => 1,
+            Some(false) => 0,
+            None => -1,
+        })
+        .collect()
 }
 
 /// A KV-cache view changes little from step to step (a decode step writes one cell and

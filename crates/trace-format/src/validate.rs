@@ -189,6 +189,31 @@ pub(crate) fn boolean(m: &Metadata, key: &'static str, default: bool) -> Result<
     }
 }
 
+/// A per-layer INT8 array of 1 / 0 / -1 (not traced); empty when absent.
+fn layer_flags(m: &Metadata, key: &'static str) -> Result<Vec<Option<bool>>, Violation> {
+    let v = match m.get(key) {
+        None => return Ok(Vec::new()),
+        Some(gguf_io::Value::Array(gguf_io::Array::I8(v))) => v,
+        Some(_) => {
+            return Err(Violation::BadValue {
+                key,
+                what: "not an array of int8".into(),
+            })
+        }
+    };
+    v.iter()
+        .map(|&x| match x {
+            1 => Ok(Some(true)),
+            0 => Ok(Some(false)),
+            -1 => Ok(None),
+            x => Err(Violation::BadValue {
+                key,
+                what: format!("{x} is none of 1, 0, -1"),
+            }),
+        })
+        .collect()
+}
+
 /// The run's facts, every integer checked to fit its field.
 pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
     let u = |k| int::<u32>(m, k).map(Option::unwrap_or_default);
@@ -204,6 +229,8 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         cache_type_v: string(m, keys::RUN_CACHE_TYPE_V)?,
         flash_attn: string(m, keys::RUN_FLASH_ATTN)?,
         kv_rotation: boolean(m, keys::RUN_KV_ROTATION, false)?,
+        rotated_k_layers: layer_flags(m, keys::RUN_ROTATED_K)?,
+        rotated_v_layers: layer_flags(m, keys::RUN_ROTATED_V)?,
         mixed_kv_cache: boolean(m, keys::RUN_MIXED_KV_CACHE, false)?,
         n_ctx: u(keys::RUN_N_CTX)?,
         n_batch: u(keys::RUN_N_BATCH)?,
@@ -262,6 +289,90 @@ fn flag(key: &'static str, claim: impl std::fmt::Display, evidence: String) -> V
 }
 
 /// Run flags against what the tensors and attention records show.
+/// Per-layer rotation as recorded (`kqv_trace.run.rotated_k` / `rotated_v`): one entry
+/// per layer, `kv_rotation` true exactly when some layer is rotated, a layer whose V is
+/// rotated has `kqv_out_unrotated` beside each `kqv_out` and only such a layer has it,
+/// and no layer of a traced tensor is recorded as not traced.
+fn check_recorded_rotation(run: &RunMeta, tensors: &[TracedTensor]) -> Result<(), Violation> {
+    for (key, v) in [
+        (keys::RUN_ROTATED_K, &run.rotated_k_layers),
+        (keys::RUN_ROTATED_V, &run.rotated_v_layers),
+    ] {
+        if run.n_layer > 0 && v.len() != run.n_layer as usize {
+            return Err(Violation::BadValue {
+                key,
+                what: format!(
+                    "{} entries for {} layers ({})",
+                    v.len(),
+                    run.n_layer,
+                    keys::RUN_N_LAYER
+                ),
+            });
+        }
+    }
+    let any = run.rotated_k() || run.rotated_v();
+    if run.kv_rotation != any {
+        return Err(flag(
+            keys::RUN_KV_ROTATION,
+            run.kv_rotation,
+            format!(
+                "{} / {} record {} layer as rotated",
+                keys::RUN_ROTATED_K,
+                keys::RUN_ROTATED_V,
+                if any { "a" } else { "no" }
+            ),
+        ));
+    }
+    let entry = |v: &[Option<bool>], layer: i32| {
+        usize::try_from(layer).ok().and_then(|l| v.get(l).copied())
+    };
+    let unrotated: std::collections::HashSet<(u32, i32)> = tensors
+        .iter()
+        .filter(|t| t.meta.role == Role::KqvOutUnrotated)
+        .map(|t| (t.meta.step, t.meta.layer))
+        .collect();
+    for t in tensors {
+        let layer = t.meta.layer;
+        let (k, v) = (
+            entry(&run.rotated_k_layers, layer),
+            entry(&run.rotated_v_layers, layer),
+        );
+        if k == Some(None) || v == Some(None) {
+            return Err(flag(
+                if k == Some(None) {
+                    keys::RUN_ROTATED_K
+                } else {
+                    keys::RUN_ROTATED_V
+                },
+                format!("-1 (not traced) for layer {layer}"),
+                describe(t),
+            ));
+        }
+        let rot_v = v.flatten() == Some(true);
+        match t.meta.role {
+            Role::KqvOutUnrotated if !rot_v => {
+                return Err(flag(
+                    keys::RUN_ROTATED_V,
+                    format!("V not rotated in layer {layer}"),
+                    format!("{} (only a rotated V has one)", describe(t)),
+                ));
+            }
+            Role::KqvOut if rot_v && !unrotated.contains(&(t.meta.step, layer)) => {
+                return Err(flag(
+                    keys::RUN_ROTATED_V,
+                    format!("V rotated in layer {layer}"),
+                    format!(
+                        "{} has no kqv_out_unrotated beside it (a rotated V traces one)",
+                        describe(t)
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_run_flags(
     m: &Metadata,
     run: &RunMeta,
@@ -389,40 +500,44 @@ pub(crate) fn check_run_flags(
     // Rotation.
     let quant = |s: &str| GgmlType::from_name(s).is_some_and(|t| t.is_quantized());
     let unrotated = first_role(&[Role::KqvOutUnrotated]);
-    if run.kv_rotation && !quant(&run.cache_type_k) && !quant(&run.cache_type_v) {
-        return Err(flag(
-            keys::RUN_KV_ROTATION,
-            true,
-            format!(
-                "neither cache type ({}, {}) is quantized, and only quantized caches are rotated",
-                escape(&run.cache_type_k),
-                escape(&run.cache_type_v)
-            ),
-        ));
-    }
-    if let Some(t) = unrotated {
-        if !run.rotated_v() {
-            return Err(flag(
-                keys::RUN_KV_ROTATION,
-                run.kv_rotation,
-                format!(
-                    "{} (only a rotated, quantized V cache has one; cache_type_v {})",
-                    describe(t),
-                    escape(&run.cache_type_v)
-                ),
-            ));
-        }
-    } else if run.rotated_v() {
-        if let Some(t) = first_role(&[Role::KqvOut]) {
+    if run.rotation_recorded() {
+        check_recorded_rotation(run, tensors)?;
+    } else {
+        if run.kv_rotation && !quant(&run.cache_type_k) && !quant(&run.cache_type_v) {
             return Err(flag(
                 keys::RUN_KV_ROTATION,
                 true,
                 format!(
-                    "with a quantized V cache ({}) a rotated run traces kqv_out_unrotated, and the trace has none ({} has none beside it)",
-                    escape(&run.cache_type_v),
-                    escape(&t.name)
+                    "neither cache type ({}, {}) is quantized, and only quantized caches are rotated",
+                    escape(&run.cache_type_k),
+                    escape(&run.cache_type_v)
                 ),
             ));
+        }
+        if let Some(t) = unrotated {
+            if !run.rotated_v() {
+                return Err(flag(
+                    keys::RUN_KV_ROTATION,
+                    run.kv_rotation,
+                    format!(
+                        "{} (only a rotated, quantized V cache has one; cache_type_v {})",
+                        describe(t),
+                        escape(&run.cache_type_v)
+                    ),
+                ));
+            }
+        } else if run.rotated_v() {
+            if let Some(t) = first_role(&[Role::KqvOut]) {
+                return Err(flag(
+                    keys::RUN_KV_ROTATION,
+                    true,
+                    format!(
+                        "with a quantized V cache ({}) a rotated run traces kqv_out_unrotated, and the trace has none ({} has none beside it)",
+                        escape(&run.cache_type_v),
+                        escape(&t.name)
+                    ),
+                ));
+            }
         }
     }
 

@@ -232,6 +232,16 @@ impl TraceWriter {
         m.set(keys::RUN_CACHE_TYPE_V, run.cache_type_v.as_str());
         m.set(keys::RUN_FLASH_ATTN, run.flash_attn.as_str());
         m.set(keys::RUN_KV_ROTATION, run.kv_rotation);
+        if run.rotation_recorded() {
+            m.set(
+                keys::RUN_ROTATED_K,
+                crate::meta::layer_flags_to_i8(&run.rotated_k_layers),
+            );
+            m.set(
+                keys::RUN_ROTATED_V,
+                crate::meta::layer_flags_to_i8(&run.rotated_v_layers),
+            );
+        }
         m.set(keys::RUN_MIXED_KV_CACHE, run.mixed_kv_cache);
         m.set(keys::RUN_N_CTX, run.n_ctx);
         m.set(keys::RUN_N_BATCH, run.n_batch);

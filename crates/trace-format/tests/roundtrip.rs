@@ -297,3 +297,94 @@ fn revisions_spool_changes_and_read_back_whole() {
         assert_eq!(t.data(tt), &bytes[..], "{}", tt.name);
     }
 }
+
+/// Per-layer rotation (`kqv_trace.run.rotated_k` / `rotated_v`): written, read back and
+/// answered per layer; a file without the keys falls back to `kv_rotation` and the cache
+/// types; a record its tensors contradict is refused.
+#[test]
+fn per_layer_rotation_reads_back_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    // Layer 0: K rotated, V not; layer 1: V rotated, so it has kqv_out_unrotated.
+    let write = |name: &str, run: &RunMeta, unrotated_layer: Option<i32>| {
+        let path = dir.path().join(name);
+        let mut w = TraceWriter::new().unwrap();
+        w.add_step(StepMeta {
+            step: 0,
+            positions: vec![0],
+            tokens: vec![1],
+        });
+        for layer in 0..2 {
+            let mut roles = vec![(Role::KqvOut, format!("kqv_out-{layer}"))];
+            if unrotated_layer == Some(layer) {
+                roles.push((Role::KqvOutUnrotated, format!("node_{layer}")));
+            }
+            for (role, name) in roles {
+                let m = meta(role, layer, 0, &name, GgmlType::F32, [64, 1, 1, 1]);
+                w.add_tensor(m, &[0u8; 256], false).unwrap();
+            }
+        }
+        w.finish_to_path(run, &path).unwrap();
+        path
+    };
+    let run = RunMeta {
+        n_layer: 2,
+        cache_type_k: "q8_0".into(),
+        cache_type_v: "q8_0".into(),
+        kv_rotation: true,
+        rotated_k_layers: vec![Some(true), Some(false)],
+        rotated_v_layers: vec![Some(false), Some(true)],
+        target_layer: -1,
+        trace_sources: false,
+        complete: true,
+        ..Default::default()
+    };
+    let t = TraceFile::open(write("rot.gguf", &run, Some(1))).unwrap();
+    assert_eq!(t.run, run);
+    assert!(t.run.rotation_recorded());
+    assert!(t.run.rotated_k() && t.run.rotated_v());
+    assert!(t.run.rotated_k_at(0) && !t.run.rotated_k_at(1));
+    assert!(!t.run.rotated_v_at(0) && t.run.rotated_v_at(1));
+    let m = t.gguf().metadata();
+    assert_eq!(
+        m.get(trace_format::keys::RUN_ROTATED_V),
+        Some(&gguf_io::Value::from(vec![0i8, 1]))
+    );
+
+    // An older trace: no per-layer keys, every layer as kv_rotation and the cache types.
+    let old = RunMeta {
+        rotated_k_layers: Vec::new(),
+        rotated_v_layers: Vec::new(),
+        ..run.clone()
+    };
+    let path = write("old.gguf", &old, Some(0));
+    let t = TraceFile::open(&path).unwrap();
+    assert!(!t.run.rotation_recorded());
+    assert!(t.run.rotated_k_at(1) && t.run.rotated_v_at(0));
+    assert!(t
+        .gguf()
+        .metadata()
+        .get(trace_format::keys::RUN_ROTATED_K)
+        .is_none());
+
+    // Contradictions: kqv_out_unrotated in a layer whose V was not rotated; a rotated V
+    // layer without one; kv_rotation false while a layer is rotated; a wrong length.
+    let refused = |name: &str, run: &RunMeta, unrotated: Option<i32>, needle: &str| {
+        let e = TraceFile::open(write(name, run, unrotated))
+            .err()
+            .unwrap_or_else(|| panic!("{name} opened"))
+            .to_string();
+        assert!(e.contains(needle), "{name}: {e}");
+    };
+    refused("u0.gguf", &run, Some(0), "kqv_trace.run.rotated_v");
+    refused("none.gguf", &run, None, "no kqv_out_unrotated beside it");
+    let flag_off = RunMeta {
+        kv_rotation: false,
+        ..run.clone()
+    };
+    refused("off.gguf", &flag_off, Some(1), "kqv_trace.run.kv_rotation");
+    let short = RunMeta {
+        rotated_k_layers: vec![Some(true)],
+        ..run.clone()
+    };
+    refused("short.gguf", &short, Some(1), "1 entries for 2 layers");
+}

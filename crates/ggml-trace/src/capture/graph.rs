@@ -275,9 +275,124 @@ pub(crate) unsafe fn softcap_before(softmax: *const sys::ggml_tensor) -> f32 {
     }
 }
 
+/// A Hadamard rotation: the `MUL_MAT` llama.cpp's `llama_mul_mat_hadamard` makes (the
+/// rotation matrix, an input tensor, times a reshape of the rotated tensor), which it
+/// marks with `GGML_HINT_SRC0_IS_HADAMARD` in op param 1 (`ggml_mul_mat_set_hint`).
+pub(crate) fn is_hadamard(t: &sys::ggml_tensor) -> bool {
+    t.op == sys::GGML_OP_MUL_MAT && t.op_params[1] == sys::GGML_HINT_SRC0_IS_HADAMARD as i32
+}
+
+/// Whether `t` is (a layout of) a Hadamard rotation's result: its source chain through
+/// layout ops and padding (up to 8 deep) reaches a [`is_hadamard`] node. llama.cpp rotates
+/// Q and K (`attn_rot_k`) and V (`attn_rot_v`) this way before attention and before
+/// writing them to the cache, only where it decided to rotate.
+///
+/// # Safety
+/// `t` must be null or point to a live ggml tensor.
+pub(crate) unsafe fn is_rotated(mut t: *const sys::ggml_tensor) -> bool {
+    // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
+    unsafe {
+        for _ in 0..8 {
+            if t.is_null() {
+                return false;
+            }
+            let tr = &*t;
+            if is_hadamard(tr) {
+                return true;
+            }
+            if !is_layout_op(tr.op) && tr.op != sys::GGML_OP_PAD {
+                return false;
+            }
+            t = tr.src[0];
+        }
+    }
+    false
+}
+
+/// A write into the KV cache (`SET_ROWS` into a view of a cache tensor): the cache tensor
+/// written and whether the rows written were rotated ([`is_rotated`]).
+///
+/// # Safety
+/// `t` must point to a live ggml tensor.
+pub(crate) unsafe fn cache_write(
+    t: *const sys::ggml_tensor,
+) -> Option<(*const sys::ggml_tensor, bool)> {
+    // SAFETY: caller guarantees liveness; sources and view chains of live nodes are live.
+    unsafe {
+        let tr = &*t;
+        if tr.op != sys::GGML_OP_SET_ROWS || tr.view_src.is_null() {
+            return None;
+        }
+        Some((view_base(t), is_rotated(tr.src[0])))
+    }
+}
+
+/// The tensor whose memory a (cast, permuted) view of the KV cache reads: follow layout
+/// ops to the first view, then views to their base.
+///
+/// # Safety
+/// `t` must be null or point to a live ggml tensor.
+pub(crate) unsafe fn cache_base(mut t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
+    // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
+    unsafe {
+        for _ in 0..8 {
+            if t.is_null() {
+                return None;
+            }
+            if !(*t).view_src.is_null() {
+                return Some(view_base(t));
+            }
+            if !is_layout_op((*t).op) {
+                return None;
+            }
+            t = (*t).src[0];
+        }
+    }
+    None
+}
+
+/// The Q and V an attention node reads: a `FLASH_ATTN_EXT` or mixed node's sources 0 and
+/// 2; for `kqv` (V·softmax, no flash attention) V is source 0 and Q the second source of
+/// the `kq` its softmax's input chain reaches.
+///
+/// # Safety
+/// `node` must point to a live ggml tensor.
+pub(crate) unsafe fn attention_q_v(
+    node: *const sys::ggml_tensor,
+) -> (*const sys::ggml_tensor, *const sys::ggml_tensor) {
+    // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
+    unsafe {
+        let n = &*node;
+        if n.op != sys::GGML_OP_MUL_MAT {
+            return (n.src[0], n.src[2]);
+        }
+        let mut q = std::ptr::null();
+        if !n.src[1].is_null() {
+            if let Some(kq) = kq_ancestor(n.src[1], |c| is_kv_mul_mat(&*c)) {
+                q = (*kq).src[1];
+            }
+        }
+        (q, n.src[0])
+    }
+}
+
+/// Any node that computes attention, by structure alone (the capture's own bookkeeping
+/// aside): `FLASH_ATTN_EXT`, the mixed KV cache's node, or a `MUL_MAT` over a KV view.
+///
+/// # Safety
+/// `t` must point to a live ggml tensor.
+pub(crate) unsafe fn is_attention_node(t: *const sys::ggml_tensor) -> bool {
+    // SAFETY: caller guarantees liveness.
+    unsafe {
+        let tr = &*t;
+        flash_attn_params(tr).is_some() || is_kv_mul_mat(tr) || mixed_attn_params(t).is_some()
+    }
+}
+
 /// A quantized cache makes llama.cpp rotate V by a Hadamard matrix, so `kqv_out` is in
 /// the rotated basis and the next MUL_MAT (the rotation, an input tensor, times a
-/// reshape of `kqv_out`) turns it back: recognise that node and return the layer.
+/// reshape of `kqv_out`, marked as a Hadamard rotation) turns it back: recognise that
+/// node and return the layer.
 ///
 /// # Safety
 /// `t` must point to a live ggml tensor.
@@ -285,7 +400,7 @@ pub(crate) unsafe fn unrotation_of(t: *const sys::ggml_tensor) -> Option<i32> {
     // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
     unsafe {
         let tr = &*t;
-        if tr.op != sys::GGML_OP_MUL_MAT || tr.src[0].is_null() || tr.src[1].is_null() {
+        if !is_hadamard(tr) || tr.src[0].is_null() || tr.src[1].is_null() {
             return None;
         }
         if (*tr.src[0]).flags & (sys::GGML_TENSOR_FLAG_INPUT as i32) == 0 {
@@ -737,18 +852,97 @@ mod tests {
         let nf = no_flash(&mut g, 3, 0.0);
         // SAFETY: live tensors in live contexts.
         unsafe {
-            // rot (an input) · reshape(kqv_out)
+            // rot (an input) · reshape(kqv_out), marked as a Hadamard rotation
             let rot = g.input("attn_rot", [D, D, 1]);
             sys::ggml_set_input(rot);
             let reshaped = sys::ggml_reshape_2d(g.ctx, nf.kqv_out, D, H * N);
             let unrot = sys::ggml_mul_mat(g.ctx, rot, reshaped);
+            // Without llama.cpp's hint it is some other product.
+            assert_eq!(unrotation_of(unrot), None);
+            sys::ggml_mul_mat_set_hint(unrot, sys::GGML_HINT_SRC0_IS_HADAMARD);
             assert_eq!(unrotation_of(unrot), Some(3));
             assert_eq!(unrotated_kqv_out(unrot), nf.kqv_out as *const _);
             // Not with a weight (non-input) first source, nor for kq itself.
             let w = g.input("wo", [D, D, 1]);
             let other = sys::ggml_mul_mat(g.ctx, w, reshaped);
+            sys::ggml_mul_mat_set_hint(other, sys::GGML_HINT_SRC0_IS_HADAMARD);
             assert_eq!(unrotation_of(other), None);
             assert_eq!(unrotation_of(nf.kq), None);
+        }
+    }
+
+    /// llama.cpp's `llama_mul_mat_hadamard`: reshape to rows of the rotation's size,
+    /// multiply by the rotation (an input), mark it, reshape back.
+    unsafe fn hadamard(g: &Graph, cur: *mut sys::ggml_tensor) -> *mut sys::ggml_tensor {
+        // SAFETY: live tensors in live contexts.
+        unsafe {
+            let rot = g.input("attn_inp_k_rot", [D, D, 1]);
+            sys::ggml_set_input(rot);
+            let n = sys::ggml_nelements(cur) / D;
+            let rows = sys::ggml_reshape_2d(g.ctx, cur, D, n);
+            let res = sys::ggml_mul_mat(g.ctx, rot, rows);
+            sys::ggml_mul_mat_set_hint(res, sys::GGML_HINT_SRC0_IS_HADAMARD);
+            sys::ggml_reshape_4d(g.ctx, res, (*cur).ne[0], (*cur).ne[1], (*cur).ne[2], 1)
+        }
+    }
+
+    /// Rotation as llama.cpp's graph shows it: Q reaches a Hadamard MUL_MAT through the
+    /// attention's permute, a V cache write (SET_ROWS) of rotated rows through a view
+    /// (and a pad), and neither without the rotation.
+    #[test]
+    fn rotation_is_read_from_the_graph() {
+        let mut g = Graph::new();
+        let kc = g.cache("cache_k_l1", sys::GGML_TYPE_Q8_0, false);
+        let vc = g.cache("cache_v_l1", sys::GGML_TYPE_Q8_0, false);
+        g.alloc_cache();
+        // SAFETY: live tensors in live contexts.
+        unsafe {
+            let q_cur = g.input("Qcur-1", [D, H, N]);
+            let v_cur = g.input("Vcur-1", [D, H, N]);
+            let (q_rot, v_rot) = (hadamard(&g, q_cur), hadamard(&g, v_cur));
+            let idx = sys::ggml_new_tensor_1d(g.ctx, sys::GGML_TYPE_I64, N);
+            let write = |cur: *mut sys::ggml_tensor, cache: *mut sys::ggml_tensor| {
+                let rows = sys::ggml_view_2d(g.ctx, cur, D * H, N, (*cur).nb[2], 0);
+                let padded = sys::ggml_pad(g.ctx, rows, 0, 0, 0, 0);
+                sys::ggml_set_rows(g.ctx, cache, padded, idx)
+            };
+            let wv = write(v_rot, vc);
+            assert_eq!(cache_write(wv), Some((vc as *const _, true)));
+            let wk = write(v_cur, kc);
+            assert_eq!(cache_write(wk), Some((kc as *const _, false)));
+            assert_eq!(cache_write(q_rot), None);
+
+            let q = sys::ggml_permute(g.ctx, q_rot, 0, 2, 1, 3);
+            assert!(is_rotated(q));
+            assert!(!is_rotated(g.q()));
+            assert!(!is_rotated(ptr::null()));
+            let (k, v) = (g.kv_view(kc), g.kv_view(vc));
+            let v16 = sys::ggml_cast(g.ctx, v, sys::GGML_TYPE_F16);
+            assert_eq!(cache_base(v16), Some(vc as *const _));
+            assert_ne!(cache_base(q), Some(vc as *const _));
+            let fa = sys::ggml_flash_attn_ext(
+                g.ctx,
+                q,
+                k,
+                v16,
+                g.mask(sys::GGML_TYPE_F16, CELLS),
+                0.25,
+                0.0,
+                0.0,
+            );
+            assert!(is_attention_node(fa));
+            assert_eq!(attention_q_v(fa), (q as *const _, v16 as *const _));
+        }
+        // Without flash attention: Q is kq's second source, V kqv's first.
+        let mut g = Graph::new();
+        let nf = no_flash(&mut g, 0, 30.0);
+        // SAFETY: live tensors.
+        unsafe {
+            assert!(is_attention_node(nf.kqv));
+            assert!(!is_attention_node(nf.softmax));
+            let (q, v) = attention_q_v(nf.kqv);
+            assert_eq!(q, (*nf.kq).src[1] as *const _);
+            assert_eq!(v, (*nf.kqv).src[0] as *const _);
         }
     }
 

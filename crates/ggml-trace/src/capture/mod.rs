@@ -14,6 +14,11 @@
 //!   k_quant (cold), v_quant (cold), mask, saved with those roles and their layouts.
 //! - `kqv_out-<layer>` is bound to the attention op that its source chain (views,
 //!   reshapes, permutes, copies) reaches, so the layer comes from structure too.
+//! - rotation (llama.cpp rotates Q/K and V by a Hadamard matrix where it decides to, see
+//!   `llama-kv-cache.cpp`): a `MUL_MAT` marked `GGML_HINT_SRC0_IS_HADAMARD`. Q and K are
+//!   rotated when the attention's Q reaches one through layout ops; V when the rows last
+//!   written (`SET_ROWS`) into the V cache tensor the attention reads did; both are
+//!   recorded per layer with `kqv_out` ([`Rotation`]).
 //!
 //! The callback asks (`ask == true`) only for those nodes and reads data only in the
 //! `ask == false` call that follows each one's computation, while its inputs are still
@@ -37,9 +42,10 @@ pub use error::CaptureError;
 
 pub use graph::mixed_attn_params;
 use graph::{
-    attention_feeding, backend_of, flash_attn_params, is_kv_mul_mat, kq_ancestor, kqv_out_layer, layout_of,
-    op_name, softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of,
-    view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
+    attention_feeding, attention_q_v, backend_of, cache_base, cache_write, flash_attn_params,
+    is_attention_node, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer, layout_of, op_name,
+    softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of, view_base,
+    FLASH_ATTN_ROLES, MIXED_ROLES,
 };
 use kept::{KeptCache, KEPT_BUDGET};
 
@@ -71,6 +77,21 @@ pub struct CapturedAttention {
     pub backend: String,
     /// `kqv_out` first, then the attention op's output and its inputs.
     pub tensors: Vec<CapturedTensor>,
+    /// What the graph showed about this layer's Hadamard rotation; None for the capture
+    /// of `kqv_out_unrotated` alone (it follows its layer's `kqv_out`).
+    pub rotation: Option<Rotation>,
+}
+
+/// llama.cpp's Hadamard rotation of one layer, as its graph showed it (see the module
+/// docs): what it applied, not what its rules would predict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rotation {
+    /// Q and K were rotated (`attn_rot_k`): the attention's Q is a rotation's result.
+    pub k: bool,
+    /// V was rotated (`attn_rot_v`): the rows written into the V cache this attention
+    /// reads were; then `kqv_out` is in the rotated basis and `kqv_out_unrotated`
+    /// follows. None when no write of that cache tensor was seen.
+    pub v: Option<bool>,
 }
 
 /// What to capture.
@@ -126,6 +147,8 @@ pub struct Capture<'a> {
     scratch: Vec<u8>,
     /// KV-cache views' and masks' last copies (see [`Revision`]).
     kept: KeptCache,
+    /// Per KV-cache tensor: whether the rows last written into it were rotated.
+    cache_rotated: HashMap<*const sys::ggml_tensor, bool>,
 }
 
 impl<'a> Capture<'a> {
@@ -139,6 +162,7 @@ impl<'a> Capture<'a> {
             error: None,
             scratch: Vec::new(),
             kept: KeptCache::new(KEPT_BUDGET),
+            cache_rotated: HashMap::new(),
         }
     }
 
@@ -206,10 +230,14 @@ impl<'a> Capture<'a> {
     ///
     /// # Safety
     /// `t` must point to a live ggml tensor of the graph being computed.
-    unsafe fn wants(&self, t: *const sys::ggml_tensor) -> bool {
+    unsafe fn wants(&mut self, t: *const sys::ggml_tensor) -> bool {
         // SAFETY: caller guarantees liveness; src pointers of live nodes are live or null.
         unsafe {
             let tr = &*t;
+            if let Some((cache, rotated)) = cache_write(t) {
+                self.cache_rotated.insert(cache, rotated);
+                return false;
+            }
             if let Some(layer) = unrotation_of(t) {
                 return self.cfg.layer.is_none_or(|l| l == layer);
             }
@@ -372,6 +400,7 @@ impl<'a> Capture<'a> {
             params: AttnParams::default(),
             backend: String::new(),
             tensors: vec![c],
+            rotation: None,
         })
     }
 
@@ -456,6 +485,8 @@ impl<'a> Capture<'a> {
         mut out: CapturedTensor,
     ) -> Result<(), CaptureError> {
         out.meta.layer = layer;
+        // SAFETY: caller guarantees liveness.
+        let rotation = unsafe { self.rotation_of(t) };
         let mut att = CapturedAttention {
             step: self.step,
             layer,
@@ -463,6 +494,7 @@ impl<'a> Capture<'a> {
             params: AttnParams::default(),
             backend: String::new(),
             tensors: vec![out],
+            rotation,
         };
         if self.cfg.trace_sources {
             // SAFETY: caller guarantees liveness.
@@ -482,6 +514,23 @@ impl<'a> Capture<'a> {
             }
         }
         self.sink.on_attention(att)
+    }
+
+    /// The rotation of the attention `kqv_out`'s source chain reaches (found by structure,
+    /// whether or not its inputs are traced); None when no attention node is reached.
+    ///
+    /// # Safety
+    /// `kqv_out` must point to a live ggml tensor.
+    unsafe fn rotation_of(&self, kqv_out: *const sys::ggml_tensor) -> Option<Rotation> {
+        // SAFETY: caller guarantees liveness; the graph's nodes stay live during it.
+        unsafe {
+            let node = attention_feeding(kqv_out, |c| is_attention_node(c))?;
+            let (q, v) = attention_q_v(node);
+            Some(Rotation {
+                k: is_rotated(q),
+                v: cache_base(v).and_then(|c| self.cache_rotated.get(&c).copied()),
+            })
+        }
     }
 
     /// The eval callback to give llama.cpp (`ggml_backend_sched_eval_callback`), with a

@@ -14,5 +14,6 @@ mod mixed;
 mod planted;
 mod progress;
 mod revisions;
+mod sampling;
 mod verify_cli;
 mod zoo;

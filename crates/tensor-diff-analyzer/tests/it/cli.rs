@@ -570,3 +570,85 @@ fn the_monitors_verify_flag_is_a_usage_error() {
         );
     }
 }
+
+/// Issue 15: a model whose cache llama.cpp does not rotate, compared f16 against q8_0:
+/// head size 32 (llama.cpp rotates multiples of 64 only), and head size 64 with
+/// `LLAMA_ATTN_ROT_DISABLE=1.0` (llama.cpp's `atoi` reads 1, so it does not rotate,
+/// where a rule that parses the variable as an integer guessed "rotated"). The trace
+/// records no rotation in any layer, and every `kqv_out` is compared, live and offline,
+/// and reported outside the tolerance with its q8_0 error (NMSE recomputed here from the
+/// files); nothing is skipped.
+#[test]
+fn an_unrotated_q8_0_cache_compares_kqv_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let q8 = ["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"];
+    for (head_dim, env) in [(32, None), (64, Some("1.0"))] {
+        let m = model(d, head_dim);
+        let r = d.join(format!("f16-{head_dim}.gguf"));
+        let rt = reference(&m, &r, &["-fa", "on"]);
+        let saved = d.join(format!("q8-{head_dim}.gguf"));
+        let mut a = llama_args(&m, &q8);
+        a.extend([
+            "--reference".into(),
+            r.display().to_string(),
+            "--save-gguf".into(),
+            saved.display().to_string(),
+            "--json".into(),
+        ]);
+        let envs: Vec<(&str, &str)> = env
+            .map(|v| ("LLAMA_ATTN_ROT_DISABLE", v))
+            .into_iter()
+            .collect();
+        let live_run = analyze(&a, &envs);
+        let ct = TraceFile::open(&saved).unwrap();
+        assert!(!ct.run.kv_rotation, "head {head_dim}");
+        assert_eq!(ct.run.rotated_k_layers, [Some(false), Some(false)]);
+        assert_eq!(ct.run.rotated_v_layers, [Some(false), Some(false)]);
+        let n_kqv = rt
+            .tensors
+            .iter()
+            .filter(|t| t.meta.role == Role::KqvOut)
+            .count();
+        for o in [live_run, offline(&r, &saved, &["--json"])] {
+            assert_eq!(code(&o), 1, "head {head_dim}: {}", text(&o.stderr));
+            let j = json(&o);
+            assert!(j["not_comparable"].as_array().unwrap().is_empty(), "{j}");
+            assert_eq!(j["skipped"]["total"], 0);
+            assert_eq!(
+                j["total_comparisons"].as_u64(),
+                Some(rt.tensors.len() as u64)
+            );
+            let outs: Vec<&Value> = j["tensors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["role"] == "kqv_out" && c["reference_role"] == "kqv_out")
+                .collect();
+            assert_eq!(outs.len(), n_kqv);
+            for c in outs {
+                let (layer, step) = (
+                    c["layer"].as_i64().unwrap() as i32,
+                    c["step"].as_u64().unwrap() as u32,
+                );
+                let expect = nmse(
+                    &ct,
+                    ct.find(Role::KqvOut, layer, step).unwrap(),
+                    &rt,
+                    rt.find(Role::KqvOut, layer, step).unwrap(),
+                );
+                let got = f64_of(&c["metrics"]["nmse"]);
+                assert!((got - expect).abs() <= 1e-9 * expect, "{got} vs {expect}");
+                assert!(got > 1e-8 && got < 1e-2, "{got}");
+                assert_eq!(c["within"], false);
+            }
+        }
+        let o = offline(&r, &saved, &[]);
+        let out = text(&o.stdout);
+        assert!(
+            out.contains(&format!("Compared {}, skipped 0\n", rt.tensors.len())),
+            "{out}"
+        );
+        assert!(!out.contains("rotation"), "{out}");
+    }
+}

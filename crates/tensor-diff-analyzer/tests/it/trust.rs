@@ -201,9 +201,21 @@ fn run_flags_the_tensors_contradict_are_input_errors() {
     edited(&off, &p, |m, _| m.set(keys::RUN_FLASH_ATTN, "on"));
     let e = refused_both_ways(&r, &p, &["kqv_trace.run.flash_attn"]);
     assert!(e.contains("MUL_MAT") || e.contains("kq"), "{e}");
-    // Rotation claimed for F16 caches, or a quantized cache type the K/V tensors are not.
-    let p = flip("rot.gguf", keys::RUN_KV_ROTATION, true.into());
+    // Rotation claimed for F16 caches, or a quantized cache type the K/V tensors are not:
+    // in an older trace (no per-layer record) against the cache types, in a new one
+    // against the per-layer record.
+    let p = d.join("rot-old.gguf");
+    edited(&r, &p, |m, _| {
+        without_rotation_record(m);
+        m.set(keys::RUN_KV_ROTATION, true)
+    });
     refused_both_ways(&r, &p, &["kqv_trace.run.kv_rotation", "neither cache type"]);
+    let p = flip("rot.gguf", keys::RUN_KV_ROTATION, true.into());
+    refused_both_ways(
+        &r,
+        &p,
+        &["kqv_trace.run.kv_rotation", "record no layer as rotated"],
+    );
     let p = flip("ctk.gguf", keys::RUN_CACHE_TYPE_K, "q8_0".into());
     refused_both_ways(&r, &p, &["kqv_trace.run.cache_type_k", "f16"]);
     let p = d.join("ctv-rot.gguf");
@@ -261,17 +273,49 @@ fn rotation_is_read_from_kqv_out_unrotated() {
         .any(|t| t.meta.role == Role::KqvOutUnrotated));
     let o = offline(&f16, &q8, &["--json"]);
     assert_eq!(code(&o), 1, "{}", text(&o.stderr));
-    // Rotation denied: the unrotated outputs say otherwise.
-    let p = d.join("q8-no-rot.gguf");
-    edited(&q8, &p, |m, _| m.set(keys::RUN_KV_ROTATION, false));
+    // Recorded per layer from the graph: Q/K and V rotated in both layers.
+    assert!(qt.run.rotation_recorded());
+    assert_eq!(qt.run.rotated_k_layers, [Some(true), Some(true)]);
+    assert_eq!(qt.run.rotated_v_layers, [Some(true), Some(true)]);
+    let j = json(&o);
+    assert_eq!(j["rotation"]["current"]["source"], "recorded");
+    assert_eq!(
+        j["rotation"]["current"]["v_layers"],
+        serde_json::json!([true, true])
+    );
+    assert_eq!(j["rotation"]["reference"]["k"], false);
+    assert!(!text(&o.stdout).contains("inferred"));
+
+    // An older trace (no per-layer record): the same comparison, rotation inferred from
+    // kv_rotation and the cache types, and the output says so.
+    let old = d.join("q8-old.gguf");
+    edited(&q8, &old, |m, _| without_rotation_record(m));
+    let oo = offline(&f16, &old, &["--json"]);
+    assert_eq!(code(&oo), 1, "{}", text(&oo.stderr));
+    let jo = json(&oo);
+    assert_eq!(jo["rotation"]["current"]["source"], "inferred");
+    assert_eq!(jo["tensors"], j["tensors"]);
+    let notes = jo["notes"].to_string();
+    assert!(
+        notes.contains("rotation of the current run is inferred"),
+        "{notes}"
+    );
+
+    // Rotation denied: the unrotated outputs say otherwise (older trace: kv_rotation; new:
+    // the per-layer record).
+    let p = d.join("q8-no-rot-old.gguf");
+    edited(&old, &p, |m, _| m.set(keys::RUN_KV_ROTATION, false));
     refused_both_ways(
         &f16,
         &p,
         &["kqv_trace.run.kv_rotation", "kqv_out_unrotated"],
     );
+    let p = d.join("q8-no-rot.gguf");
+    edited(&q8, &p, |m, _| m.set(keys::RUN_ROTATED_V, vec![0i8, 0]));
+    refused_both_ways(&f16, &p, &["kqv_trace.run.rotated_v", "kqv_out_unrotated"]);
     // Rotation claimed, the unrotated outputs removed: V was not rotated after all.
-    let p = d.join("q8-no-unrot.gguf");
-    edited(&q8, &p, |_, es| {
+    let p = d.join("q8-no-unrot-old.gguf");
+    edited(&old, &p, |_, es| {
         es.retain(|e| e.role != "kqv_out_unrotated")
     });
     refused_both_ways(
@@ -279,6 +323,26 @@ fn rotation_is_read_from_kqv_out_unrotated() {
         &p,
         &["kqv_trace.run.kv_rotation", "kqv_out_unrotated"],
     );
+    let p = d.join("q8-no-unrot.gguf");
+    edited(&q8, &p, |_, es| {
+        es.retain(|e| e.role != "kqv_out_unrotated")
+    });
+    refused_both_ways(
+        &f16,
+        &p,
+        &["kqv_trace.run.rotated_v", "no kqv_out_unrotated beside it"],
+    );
+}
+
+/// The trace as written before rotation was recorded per layer.
+fn without_rotation_record(m: &mut Metadata) {
+    let mut kept = Metadata::new();
+    for (k, v) in m.iter() {
+        if k != keys::RUN_ROTATED_K && k != keys::RUN_ROTATED_V {
+            kept.set(k, v.clone());
+        }
+    }
+    *m = kept;
 }
 
 #[test]
