@@ -4,6 +4,7 @@
 
 mod intermediate;
 pub mod mixed;
+pub mod mla;
 
 use gguf_io::GgmlType;
 use tensor_stats::Dense;
@@ -131,6 +132,10 @@ pub fn check_with(
     // The mixed KV cache's node has six inputs (cold store included): see check/mixed.rs.
     if mixed::is_mixed(g) {
         return mixed::check_mixed_within(g, &budget);
+    }
+    // Absorbed MLA: the latent attention, then its projection by v_mla (check/mla.rs).
+    if mla::is_mla(g) {
+        return mla::check_mla(g, previous, limits);
     }
     let Some((inp, actual)) = build_inputs(g, budget.clone())? else {
         return Ok(Outcome::Missing(g.missing()));

@@ -20,7 +20,7 @@
 //! live: q and k are consumed by `kq` long before `kqv_out` runs when flash attention is
 //! off, so they are read at `kq`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 pub use trace_format::Revision;
@@ -37,7 +37,8 @@ pub use error::CaptureError;
 
 pub use graph::mixed_attn_params;
 use graph::{
-    attention_feeding, backend_of, flash_attn_params, is_kv_mul_mat, kq_ancestor, kqv_out_layer, layout_of,
+    attention_feeding_mla, backend_of, flash_attn_params, is_activation_kq, is_kv_mul_mat,
+    projects_kqv_out, kq_ancestor, kqv_out_layer, layout_of,
     op_name, softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of,
     view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
 };
@@ -120,6 +121,9 @@ pub struct Capture<'a> {
     done: HashMap<*const sys::ggml_tensor, Pending>,
     /// Without flash attention: keyed by the `kq` node, then by the softmax node.
     open: HashMap<*const sys::ggml_tensor, Pending>,
+    /// The `kqv_out-<layer>` nodes traced in this step (to tell a projection of one,
+    /// which some models name `kqv_out-<layer>` too).
+    emitted: HashSet<*const sys::ggml_tensor>,
     error: Option<CaptureError>,
     scratch: Vec<u8>,
     /// KV-cache views' and masks' last copies (see [`Revision`]).
@@ -134,6 +138,7 @@ impl<'a> Capture<'a> {
             step: 0,
             done: HashMap::new(),
             open: HashMap::new(),
+            emitted: HashSet::new(),
             error: None,
             scratch: Vec::new(),
             kept: KeptCache::new(KEPT_BUDGET),
@@ -166,6 +171,7 @@ impl<'a> Capture<'a> {
         self.step = step.step;
         self.done.clear();
         self.open.clear();
+        self.emitted.clear();
         self.sink.on_step(step)
     }
 
@@ -190,6 +196,11 @@ impl<'a> Capture<'a> {
     unsafe fn kq_ancestor(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
         // SAFETY: caller guarantees liveness.
         unsafe { kq_ancestor(t, |c| self.open.contains_key(&c)) }
+    }
+
+    /// Is `t` a softmax whose `kq` was traced (its layer waiting for `kqv`)?
+    fn is_traced_softmax(&self, t: *const sys::ggml_tensor) -> bool {
+        self.open.get(&t).is_some_and(|p| !p.op.is_empty())
     }
 
     fn wanted_layer(&self, hint: Option<i32>) -> bool {
@@ -219,6 +230,11 @@ impl<'a> Capture<'a> {
                 sys::GGML_OP_MUL_MAT if is_kv_mul_mat(tr) => {
                     self.wanted_layer(source_layer_hint(tr.src[0]))
                 }
+                // `kq` over K and Q activations (no KV cache: encoders).
+                sys::GGML_OP_MUL_MAT if is_activation_kq(tr) => true,
+                // `kqv` whose V is no cache view (absorbed MLA: a contiguous transpose of
+                // the latent K cache's view): its softmax was traced.
+                sys::GGML_OP_MUL_MAT => self.is_traced_softmax(tr.src[1]),
                 sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
                 sys::GGML_OP_CUSTOM if mixed_attn_params(t).is_some() => {
                     self.wanted_layer(source_layer_hint(tr.src[1]))
@@ -267,7 +283,11 @@ impl<'a> Capture<'a> {
                 return Ok(());
             }
             match tr.op {
-                sys::GGML_OP_MUL_MAT if is_kv_mul_mat(tr) => {
+                sys::GGML_OP_MUL_MAT
+                    if is_kv_mul_mat(tr)
+                        || is_activation_kq(tr)
+                        || self.is_traced_softmax(tr.src[1]) =>
+                {
                     let src1 = tr.src[1] as *const sys::ggml_tensor;
                     let is_kqv = !src1.is_null() && self.open.contains_key(&src1);
                     if is_kqv {
@@ -454,6 +474,7 @@ impl<'a> Capture<'a> {
         mut out: CapturedTensor,
     ) -> Result<(), CaptureError> {
         out.meta.layer = layer;
+        self.emitted.insert(t);
         let mut att = CapturedAttention {
             step: self.step,
             layer,
@@ -464,8 +485,10 @@ impl<'a> Capture<'a> {
         };
         if self.cfg.trace_sources {
             // SAFETY: caller guarantees liveness.
-            let node = unsafe { attention_feeding(t, |c| self.done.contains_key(&c)) };
-            let Some(p) = node.and_then(|n| self.done.remove(&n)) else {
+            let feeding = unsafe { attention_feeding_mla(t, |c| self.done.contains_key(&c)) };
+            let Some((p, v_mla)) =
+                feeding.and_then(|f| Some((self.done.remove(&f.node)?, f.v_mla)))
+            else {
                 return Err(CaptureError::Unbound {
                     layer,
                     step: self.step,
@@ -477,6 +500,11 @@ impl<'a> Capture<'a> {
             for mut c in p.tensors {
                 c.meta.layer = layer;
                 att.tensors.push(c);
+            }
+            if let Some(w) = v_mla {
+                // Absorbed MLA: kqv_out = W · attn per head (a weight: always live).
+                // SAFETY: a source of a live node.
+                att.tensors.push(unsafe { self.read(w, Role::VMla, layer) }?);
             }
         }
         self.sink.on_attention(att)
@@ -533,6 +561,12 @@ impl<'a> Capture<'a> {
                 return Ok(unsafe { self.wants(t) });
             };
             if self.cfg.layer.is_some_and(|l| l != layer) {
+                return Ok(false);
+            }
+            // Not attention's output but its projection by wo (bert.cpp, t5.cpp name it
+            // `kqv_out-<layer>` as well): ignored, the layer's output was traced.
+            // SAFETY: as above.
+            if unsafe { projects_kqv_out(t, |c| self.emitted.contains(&c)) } {
                 return Ok(false);
             }
             // SAFETY: as above.
