@@ -13,8 +13,8 @@ use trace_format::TraceFile;
 
 use crate::bounds::{attended_cells, compare, exceeds, faithful_bound, nmse_bound, slice_nmse};
 use crate::diagnose::{diagnose, Finding};
-use crate::kernel::KernelPath;
 use crate::group::{trace_fingerprints, Fingerprints, Group, Missing};
+use crate::kernel::KernelPath;
 use crate::recompute::{build_inputs, Budget};
 use crate::VerifyError;
 
@@ -318,7 +318,8 @@ fn rewritten_cells(trace: &TraceFile, g: &Group) -> Result<Vec<Finding>, VerifyE
         let n = cn[axis].min(pn[axis]) as usize;
         let ne_c = cn.map(|x| x as usize);
         let ne_p = pn.map(|x| x as usize);
-        let idx = |ne: [usize; 4], i: [usize; 4]| i[0] + ne[0] * (i[1] + ne[1] * (i[2] + ne[2] * i[3]));
+        let idx =
+            |ne: [usize; 4], i: [usize; 4]| i[0] + ne[0] * (i[1] + ne[1] * (i[2] + ne[2] * i[3]));
         let mut changed = Vec::new();
         for cell in 0..n {
             let mut differs = false;

@@ -373,9 +373,10 @@ pub(crate) fn check_run_flags(
         for t in tensors {
             let in_mixed = mixed_groups.contains(&(t.meta.step, t.meta.layer));
             // K and V activations (no cache: encoders, cross-attention), which llama.cpp
-            // names `Kcur-<layer>` / `Vcur-<layer>` (then views, casts of them), are in
-            // the compute type, not the cache's.
-            let activation = ["Kcur", "Vcur"]
+            // names `Kcur-<layer>` / `Vcur-<layer>` (then views, casts of them) or, V made
+            // contiguous without flash attention, `v_cont-<layer>`, are in the compute
+            // type, not the cache's.
+            let activation = ["Kcur", "Vcur", "v_cont"]
                 .iter()
                 .any(|p| t.meta.ggml_name.starts_with(p));
             let wrong = if t.meta.role == plain && !in_mixed && !activation {

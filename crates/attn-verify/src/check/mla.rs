@@ -86,7 +86,8 @@ pub fn check_mla(
     previous: Option<(u32, &Fingerprints)>,
     limits: &Limits,
 ) -> Result<Outcome, VerifyError> {
-    let (Some(attn), Some(w), Some(out)) = (g.get(Role::Attn), g.get(Role::VMla), g.get(Role::KqvOut))
+    let (Some(attn), Some(w), Some(out)) =
+        (g.get(Role::Attn), g.get(Role::VMla), g.get(Role::KqvOut))
     else {
         let mut m = g.missing();
         if g.get(Role::Attn).is_none() {
@@ -103,8 +104,9 @@ pub fn check_mla(
     inner
         .operands
         .retain(|o| !matches!(o.role, Role::VMla | Role::Attn | Role::KqvOut));
-    let layout = TensorLayout::contiguous(GgmlType::F32, [(dl * nh) as u64, nt as u64, ns as u64, 1])
-        .map_err(attn_err)?;
+    let layout =
+        TensorLayout::contiguous(GgmlType::F32, [(dl * nh) as u64, nt as u64, ns as u64, 1])
+            .map_err(attn_err)?;
     inner.operands.push(Operand {
         role: Role::KqvOut,
         name: attn.name.clone(),

@@ -519,7 +519,8 @@ pub(crate) unsafe fn attention_feeding_mla(
         if is_layout_op(c.op) {
             cur = c.src[0];
         // SAFETY: as above.
-        } else if c.op == sys::GGML_OP_MUL_MAT && v_mla.is_none() && unsafe { is_weight(c.src[0]) } {
+        } else if c.op == sys::GGML_OP_MUL_MAT && v_mla.is_none() && unsafe { is_weight(c.src[0]) }
+        {
             v_mla = Some(c.src[0] as *const sys::ggml_tensor);
             cur = c.src[1];
         } else {
@@ -866,9 +867,14 @@ mod tests {
             let cur = sys::ggml_scale(g.ctx, kq, out_scale / 30.0);
             let cur = sys::ggml_tanh(g.ctx, cur);
             let cur = sys::ggml_scale(g.ctx, cur, 30.0);
-            let sm = sys::ggml_soft_max_ext(g.ctx, cur, g.mask(sys::GGML_TYPE_F32, CELLS), 1.0, 0.0);
+            let sm =
+                sys::ggml_soft_max_ext(g.ctx, cur, g.mask(sys::GGML_TYPE_F32, CELLS), 1.0, 0.0);
             let p = softmax_params(sm);
-            assert!((p.scale / out_scale - 1.0).abs() < 1e-6, "scale {}", p.scale);
+            assert!(
+                (p.scale / out_scale - 1.0).abs() < 1e-6,
+                "scale {}",
+                p.scale
+            );
             assert_eq!((p.max_bias, p.softcap), (0.0, 30.0));
             // A plain SCALE chain (no TANH) folds into the scale.
             let cur = sys::ggml_scale(g.ctx, kq, 0.5);

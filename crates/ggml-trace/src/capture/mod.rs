@@ -38,9 +38,9 @@ pub use error::CaptureError;
 pub use graph::mixed_attn_params;
 use graph::{
     attention_feeding_mla, backend_of, flash_attn_params, is_activation_kq, is_kv_mul_mat,
-    projects_kqv_out, kq_ancestor, kqv_out_layer, layout_of,
-    op_name, softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of,
-    view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
+    kq_ancestor, kqv_out_layer, layout_of, op_name, projects_kqv_out, softmax_params,
+    source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES,
+    MIXED_ROLES,
 };
 use kept::{KeptCache, KEPT_BUDGET};
 
@@ -504,7 +504,8 @@ impl<'a> Capture<'a> {
             if let Some(w) = v_mla {
                 // Absorbed MLA: kqv_out = W · attn per head (a weight: always live).
                 // SAFETY: a source of a live node.
-                att.tensors.push(unsafe { self.read(w, Role::VMla, layer) }?);
+                att.tensors
+                    .push(unsafe { self.read(w, Role::VMla, layer) }?);
             }
         }
         self.sink.on_attention(att)
