@@ -7,13 +7,19 @@
 //! - without it: a `MUL_MAT` whose first source is a view of a KV-cache tensor (a leaf in
 //!   a buffer that holds neither weights nor compute results) is `kq` when its second
 //!   source is not a softmax, and `kqv` when it is; the `SOFT_MAX` between them is the
-//!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`.
+//!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`; its
+//!   scale and softcap are those of the whole SCALE/TANH chain (Grok). With no cache
+//!   (encoders) `kq` is a `MUL_MAT` of two permuted activations; `kqv` is any `MUL_MAT`
+//!   whose second source is a traced softmax (absorbed MLA's V is a contiguous copy).
 //! - mixed KV cache (`--mixed-kv-cache`): a `CUSTOM` node that llama.cpp's
 //!   `llama_mixed_attn_get_params` recognises (it compares the node's function pointer
 //!   with the mixed-attention kernel's); its six sources are q, k (hot), v (hot),
 //!   k_quant (cold), v_quant (cold), mask, saved with those roles and their layouts.
 //! - `kqv_out-<layer>` is bound to the attention op that its source chain (views,
-//!   reshapes, permutes, copies) reaches, so the layer comes from structure too.
+//!   reshapes, permutes, copies, and at most one `MUL_MAT` by a weight: absorbed MLA's
+//!   `attn_v_b`, traced as `v_mla`) reaches, so the layer comes from structure too. A
+//!   `kqv_out-<layer>` whose chain reaches an already traced `kqv_out` (bert.cpp and
+//!   t5.cpp name the output projection so too) is not traced.
 //!
 //! The callback asks (`ask == true`) only for those nodes and reads data only in the
 //! `ask == false` call that follows each one's computation, while its inputs are still
