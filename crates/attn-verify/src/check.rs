@@ -4,6 +4,7 @@
 
 mod intermediate;
 pub mod mixed;
+pub mod mla;
 
 use gguf_io::GgmlType;
 use tensor_stats::Dense;
@@ -12,8 +13,8 @@ use trace_format::TraceFile;
 
 use crate::bounds::{attended_cells, compare, exceeds, faithful_bound, nmse_bound, slice_nmse};
 use crate::diagnose::{diagnose, Finding};
-use crate::kernel::KernelPath;
 use crate::group::{trace_fingerprints, Fingerprints, Group, Missing};
+use crate::kernel::KernelPath;
 use crate::recompute::{build_inputs, Budget};
 use crate::VerifyError;
 
@@ -135,6 +136,10 @@ pub fn check_with(
     // The mixed KV cache's node has six inputs (cold store included): see check/mixed.rs.
     if mixed::is_mixed(g) {
         return mixed::check_mixed_within(g, &budget);
+    }
+    // Absorbed MLA: the latent attention, then its projection by v_mla (check/mla.rs).
+    if mla::is_mla(g) {
+        return mla::check_mla(g, previous, limits);
     }
     let Some((inp, actual)) = build_inputs(g, budget.clone())? else {
         return Ok(Outcome::Missing(g.missing()));
@@ -318,7 +323,8 @@ fn rewritten_cells(trace: &TraceFile, g: &Group) -> Result<Vec<Finding>, VerifyE
         let n = cn[axis].min(pn[axis]) as usize;
         let ne_c = cn.map(|x| x as usize);
         let ne_p = pn.map(|x| x as usize);
-        let idx = |ne: [usize; 4], i: [usize; 4]| i[0] + ne[0] * (i[1] + ne[1] * (i[2] + ne[2] * i[3]));
+        let idx =
+            |ne: [usize; 4], i: [usize; 4]| i[0] + ne[0] * (i[1] + ne[1] * (i[2] + ne[2] * i[3]));
         let mut changed = Vec::new();
         for cell in 0..n {
             let mut differs = false;

@@ -527,8 +527,18 @@ fn one_cell(
     // a cell only when the rows single one out. An F16 accumulator adds its own rounding
     // (an ulp per later cell) to the error's shape: the fit need not be perfect, only
     // clearly better than any other cell's.
-    let k = (Role::K, kb, k_share[kb] / total, k2.map_or(0.0, |j| k_share[j]) / total);
-    let v = (Role::V, vb, v_share[vb] / total, v2.map_or(0.0, |j| v_share[j]) / total);
+    let k = (
+        Role::K,
+        kb,
+        k_share[kb] / total,
+        k2.map_or(0.0, |j| k_share[j]) / total,
+    );
+    let v = (
+        Role::V,
+        vb,
+        v_share[vb] / total,
+        v2.map_or(0.0, |j| v_share[j]) / total,
+    );
     let clear = |c: &(Role, usize, f64, f64)| {
         c.2 >= ONE_CELL_SHARE && (1.0 - c.3) >= ONE_CELL_MARGIN * (1.0 - c.2)
     };

@@ -30,8 +30,9 @@ const ROLES: [Role; 8] = [
     Role::VQuant,
 ];
 
-/// The intermediates a saved trace's group is also checked against (check/intermediate.rs).
-const INTERMEDIATES: [Role; 3] = [Role::Attn, Role::Kq, Role::KqSoftMax];
+/// The intermediates a saved trace's group is also checked against (check/intermediate.rs;
+/// absorbed MLA's weight v_mla: check/mla.rs).
+const INTERMEDIATES: [Role; 4] = [Role::Attn, Role::Kq, Role::KqSoftMax, Role::VMla];
 
 /// Identity of a tensor's stored data: type, shape and a hash of its bytes. Two steps'
 /// inputs with equal fingerprints hold the same bytes (up to a 64-bit hash collision).
@@ -199,10 +200,13 @@ impl Group {
         positions: &[i32],
         tensors: impl IntoIterator<Item = (&'a TensorMeta, &'a [u8])>,
     ) -> Result<Self, VerifyError> {
+        let tensors: Vec<(&TensorMeta, &[u8])> = tensors.into_iter().collect();
+        // Absorbed MLA is verified on the attention op's output and v_mla (check/mla.rs).
+        let mla = tensors.iter().any(|(m, _)| m.role == Role::VMla);
+        let wanted = |r: Role| ROLES.contains(&r) || (mla && matches!(r, Role::Attn | Role::VMla));
         let mut operands = Vec::new();
         for (meta, bytes) in tensors {
-            if !ROLES.contains(&meta.role) || operands.iter().any(|o: &Operand| o.role == meta.role)
-            {
+            if !wanted(meta.role) || operands.iter().any(|o: &Operand| o.role == meta.role) {
                 continue;
             }
             let n = usize::try_from(meta.layout.n_elements())

@@ -293,7 +293,10 @@ fn shape(o: &Operands<'_>) -> Result<Shape, VerifyError> {
     for (what, t) in [("q", o.q), ("k", o.k), ("v", o.v)] {
         let n = t.ne.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
         if n != Some(t.data.len()) {
-            return Err(bad(format!("kernel model: {what} data does not fill {:?}", t.ne)));
+            return Err(bad(format!(
+                "kernel model: {what} data does not fill {:?}",
+                t.ne
+            )));
         }
     }
     Ok(Shape {

@@ -150,7 +150,23 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             const llama_vocab * vocab = llama_model_get_vocab(vm);
             s->prompt = common_tokenize(vocab, p.prompt, /*add_special=*/true, /*parse_special=*/true);
             const llama_token bos = llama_vocab_bos(vocab);
+            // llama_init_from_model forces flash attention off for Grok (its softcap is
+            // explicit graph ops) and then refuses a quantized V cache, which needs flash
+            // attention, with a log line of its own: say so here, as an option error.
+            char arch[64] = {0};
+            llama_model_meta_val_str(vm, "general.architecture", arch, sizeof(arch));
             llama_model_free(vm);
+            if (strcmp(arch, "grok") == 0 && ggml_is_quantized(p.cache_type_v)) {
+                set_err(err, err_len,
+                        std::string("a quantized V cache (-ctv ") + ggml_type_name(p.cache_type_v) +
+                            ") needs flash attention, which llama.cpp turns off for grok models: "
+                            "use -ctv f16, bf16 or f32");
+                if (usage_error) {
+                    *usage_error = 1;
+                }
+                delete s;
+                return nullptr;
+            }
             if (s->prompt.empty()) {
                 // An empty prompt (-p '') still needs one token to decode: use BOS.
                 if (bos == LLAMA_TOKEN_NULL) {
@@ -207,6 +223,21 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             set_err(err, err_len, "the prompt has " + std::to_string(s->prompt.size()) +
                                       " tokens, more than the context of " +
                                       std::to_string(llama_n_ctx(s->ctx)));
+            kcm_session_free(s);
+            return nullptr;
+        }
+        if (llama_model_has_encoder(s->model) &&
+            (int32_t) s->prompt.size() > (int32_t) llama_n_ubatch(s->ctx)) {
+            // llama_encode takes the whole prompt in one ubatch (it asserts so).
+            set_err(err, err_len,
+                    "this model has an encoder, which takes the whole prompt in one ubatch: the prompt has " +
+                        std::to_string(s->prompt.size()) + " tokens, the ubatch " +
+                        std::to_string(llama_n_ubatch(s->ctx)) + ": pass -ub " +
+                        std::to_string(s->prompt.size()) + " -b " + std::to_string(s->prompt.size()) +
+                        " (or more)");
+            if (usage_error) {
+                *usage_error = 1;
+            }
             kcm_session_free(s);
             return nullptr;
         }
@@ -291,12 +322,44 @@ int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_st
             return 1;
         };
 
-        for (size_t i = 0; i < s->prompt.size(); i += (size_t) n_ubatch) {
-            const int32_t n = (int32_t) std::min<size_t>((size_t) n_ubatch, s->prompt.size() - i);
-            for (int32_t j = 0; j < n; ++j) {
-                common_sampler_accept(s->sampler, s->prompt[i + j], false);
+        // An encoder-decoder model (T5): the encoder reads the whole prompt, one step
+        // (llama_encode), and the decoder starts from the model's decoder start token,
+        // as llama.cpp's common warm-up does.
+        std::vector<llama_token> decoder_prompt;
+        if (llama_model_has_encoder(s->model)) {
+            const int32_t n = (int32_t) s->prompt.size();
+            positions.resize(n);
+            for (int32_t i = 0; i < n; ++i) {
+                positions[i] = i;
+                common_sampler_accept(s->sampler, s->prompt[i], false);
             }
-            const int32_t r = decode(s->prompt.data() + i, n);
+            if (on_step && !on_step(user, step, s->prompt.data(), positions.data(), n)) {
+                return 0;
+            }
+            const int32_t rc = llama_encode(s->ctx, llama_batch_get_one(s->prompt.data(), n));
+            if (rc != 0) {
+                set_err(err, err_len, "llama_encode failed at step " + std::to_string(step) +
+                                          " (code " + std::to_string(rc) + ")");
+                return -1;
+            }
+            ++step;
+            if (!llama_model_has_decoder(s->model)) {
+                return (int32_t) step;
+            }
+            llama_token start = llama_model_decoder_start_token(s->model);
+            if (start == LLAMA_TOKEN_NULL) {
+                start = llama_vocab_bos(vocab);
+            }
+            decoder_prompt.push_back(start);
+        }
+        const std::vector<llama_token> & prompt = decoder_prompt.empty() ? s->prompt : decoder_prompt;
+        for (size_t i = 0; i < prompt.size(); i += (size_t) n_ubatch) {
+            const int32_t n = (int32_t) std::min<size_t>((size_t) n_ubatch, prompt.size() - i);
+            std::vector<llama_token> chunk(prompt.begin() + i, prompt.begin() + i + n);
+            for (int32_t j = 0; j < n; ++j) {
+                common_sampler_accept(s->sampler, chunk[j], false);
+            }
+            const int32_t r = decode(chunk.data(), n);
             if (r <= 0) {
                 return r < 0 ? -1 : (int32_t) step;
             }

@@ -28,10 +28,14 @@ pub enum Role {
     /// llama.cpp's next result, rotated back, in `kqv_out`'s shape: the tensor to compare
     /// with an unrotated (F16-cache) run's `kqv_out`.
     KqvOutUnrotated,
+    /// Absorbed multi-head latent attention (DeepSeek-V2/V3 and kin): the weight
+    /// `attn_v_b` (`[D_latent, D_v, H]`) of the MUL_MAT between the attention op and
+    /// `kqv_out`, which "decompresses" the latent result per head: kqv_out = W · attn.
+    VMla,
 }
 
 impl Role {
-    pub const ALL: [Role; 12] = [
+    pub const ALL: [Role; 13] = [
         Role::KqvOut,
         Role::Attn,
         Role::Q,
@@ -44,6 +48,7 @@ impl Role {
         Role::KQuant,
         Role::VQuant,
         Role::KqvOutUnrotated,
+        Role::VMla,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +65,7 @@ impl Role {
             Role::KQuant => "k_quant",
             Role::VQuant => "v_quant",
             Role::KqvOutUnrotated => "kqv_out_unrotated",
+            Role::VMla => "v_mla",
         }
     }
 

@@ -483,7 +483,14 @@ pub(crate) fn check_run_flags(
         let fits = |t: GgmlType| t == ty || (ty == GgmlType::F32 && t == GgmlType::F16);
         for t in tensors {
             let in_mixed = mixed_groups.contains(&(t.meta.step, t.meta.layer));
-            let wrong = if t.meta.role == plain && !in_mixed {
+            // K and V activations (no cache: encoders, cross-attention), which llama.cpp
+            // names `Kcur-<layer>` / `Vcur-<layer>` (then views, casts of them) or, V made
+            // contiguous without flash attention, `v_cont-<layer>`, are in the compute
+            // type, not the cache's.
+            let activation = ["Kcur", "Vcur", "v_cont"]
+                .iter()
+                .any(|p| t.meta.ggml_name.starts_with(p));
+            let wrong = if t.meta.role == plain && !in_mixed && !activation {
                 !fits(t.meta.ty())
             } else if t.meta.role == cold {
                 // The mixed cache: the cold store has the cache type (the hot one is F16).
@@ -827,7 +834,16 @@ impl<'a> GroupCheck<'a> {
         }
 
         // Outputs and intermediates.
-        let hd = dv.zip(nh).and_then(|(a, b)| a.checked_mul(b));
+        let mut hd = dv.zip(nh).and_then(|(a, b)| a.checked_mul(b));
+        // Absorbed MLA: kqv_out is W · attn, W (v_mla) [D_v (latent), D_v_out, H].
+        if let Some(w) = self.get(Role::VMla) {
+            self.expect(
+                Role::VMla,
+                [dv, None, nh, Some(1)],
+                "v_mla is [D_v, D_v_out, H, 1]",
+            );
+            hd = nh.and_then(|h| w[1].checked_mul(h));
+        }
         self.expect(
             Role::KqvOut,
             [hd, nt, None, None],

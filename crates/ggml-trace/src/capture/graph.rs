@@ -184,6 +184,59 @@ pub(crate) unsafe fn is_kv_mul_mat(t: &sys::ggml_tensor) -> bool {
     t.op == sys::GGML_OP_MUL_MAT && unsafe { is_kv_view(t.src[0]) }
 }
 
+/// Without flash attention and without a KV cache (encoders, cross-attention): `kq`, a
+/// `MUL_MAT` of two permuted activations (`permute(K)`, `permute(Q)` in llama.cpp's
+/// `build_attn_mha`), neither a weight nor a cache view.
+///
+/// # Safety
+/// `t` must point to a live ggml tensor.
+pub(crate) unsafe fn is_activation_kq(t: &sys::ggml_tensor) -> bool {
+    if t.op != sys::GGML_OP_MUL_MAT || t.src[0].is_null() || t.src[1].is_null() {
+        return false;
+    }
+    // SAFETY: caller guarantees liveness; sources of live nodes are live.
+    unsafe {
+        let (a, b) = (&*t.src[0], &*t.src[1]);
+        a.op == sys::GGML_OP_PERMUTE
+            && b.op == sys::GGML_OP_PERMUTE
+            && !is_weight(t.src[0])
+            && !is_weight(t.src[1])
+            && !is_kv_view(t.src[0])
+    }
+}
+
+/// Some models (bert.cpp, t5.cpp) also name the attention's output projection
+/// `kqv_out-<layer>`: wo · kqv_out (plus a bias, a scale). True when `t`'s source chain
+/// (ADD, MUL, MUL_MAT by a weight, layout ops) reaches a node for which `is_kqv_out`
+/// holds (an attention output already traced in this graph).
+///
+/// # Safety
+/// `t` must point to a live ggml tensor.
+pub(crate) unsafe fn projects_kqv_out(
+    t: *const sys::ggml_tensor,
+    is_kqv_out: impl Fn(*const sys::ggml_tensor) -> bool,
+) -> bool {
+    let mut cur = t;
+    for _ in 0..8 {
+        if cur.is_null() {
+            return false;
+        }
+        if cur != t && is_kqv_out(cur) {
+            return true;
+        }
+        // SAFETY: the chain of a live node is live.
+        let c = unsafe { &*cur };
+        cur = match c.op {
+            sys::GGML_OP_ADD | sys::GGML_OP_MUL => c.src[0],
+            // SAFETY: as above.
+            sys::GGML_OP_MUL_MAT if unsafe { is_weight(c.src[0]) } => c.src[1],
+            op if is_layout_op(op) => c.src[0],
+            _ => return false,
+        };
+    }
+    false
+}
+
 /// The parameters of a mixed-KV-cache attention node, or `None` for any other node.
 ///
 /// # Safety
@@ -239,39 +292,111 @@ pub(crate) unsafe fn kq_ancestor(
     None
 }
 
-/// The attention parameters of a `SOFT_MAX` node: its scale and ALiBi bias, and the
-/// softcap recovered from the nodes before it ([`softcap_before`]).
+/// The attention parameters of a `SOFT_MAX` node, made effective: its ALiBi bias, and
+/// the scale and softcap of the whole chain of SCALE and TANH ops between `kq` and it
+/// ([`scale_chain`]) folded with the softmax's own scale.
 ///
 /// # Safety
 /// `t` must point to a live ggml tensor.
 pub(crate) unsafe fn softmax_params(t: *const sys::ggml_tensor) -> AttnParams {
     // SAFETY: caller guarantees liveness.
     let tr = unsafe { &*t };
+    // SAFETY: as above.
+    let chain = unsafe { scale_chain(t) };
+    let (scale, softcap) = chain.effective(f32_param(tr, 0));
     AttnParams {
-        scale: f32_param(tr, 0),
+        scale,
         max_bias: f32_param(tr, 1),
-        // SAFETY: as above.
-        softcap: unsafe { softcap_before(t) },
+        softcap,
     }
 }
 
-/// Softcapping without flash attention is SCALE(1/c) → TANH → SCALE(c) between kq and
-/// the softmax: recover c.
+/// The SCALE and TANH ops right before a softmax, as llama.cpp builds them without flash
+/// attention: `SCALE(1/c) → TANH → SCALE(c)` for a softcap (gemma2), and Grok's
+/// `SCALE(out_scale/30) → TANH → SCALE(30)` (the attention scale folded into the
+/// softcap's first SCALE, the softmax's own scale 1). `before` is the product of the
+/// scales between `kq` and the TANH, `after` of those between the TANH and the softmax
+/// (the only scales when there is no TANH).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ScaleChain {
+    pub before: f64,
+    pub tanh: bool,
+    pub after: f64,
+}
+
+impl ScaleChain {
+    /// The (scale, softcap) of the reference's form `softcap * tanh(kq * scale /
+    /// softcap)` (scale alone, softcap 0, without TANH) that equals
+    /// `softmax_scale * after * tanh(before * kq)`: softcap = softmax_scale * after,
+    /// scale = before * softcap.
+    pub(crate) fn effective(&self, softmax_scale: f32) -> (f32, f32) {
+        let s = f64::from(softmax_scale);
+        if self.tanh {
+            let softcap = s * self.after;
+            ((self.before * softcap) as f32, softcap as f32)
+        } else {
+            ((s * self.after) as f32, 0.0)
+        }
+    }
+}
+
+/// Walk back from a softmax through plain SCALE ops (no bias) and at most one TANH.
 ///
 /// # Safety
 /// `softmax` must point to a live ggml tensor.
+pub(crate) unsafe fn scale_chain(softmax: *const sys::ggml_tensor) -> ScaleChain {
+    let mut chain = ScaleChain {
+        before: 1.0,
+        tanh: false,
+        after: 1.0,
+    };
+    // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
+    unsafe {
+        let mut cur = (*softmax).src[0] as *const sys::ggml_tensor;
+        for _ in 0..8 {
+            if cur.is_null() {
+                break;
+            }
+            let c = &*cur;
+            if c.op == sys::GGML_OP_SCALE && f32_param(c, 1) == 0.0 {
+                let s = f64::from(f32_param(c, 0));
+                if chain.tanh {
+                    chain.before *= s;
+                } else {
+                    chain.after *= s;
+                }
+            } else if c.op == sys::GGML_OP_UNARY
+                && !chain.tanh
+                && sys::ggml_get_unary_op(cur) == sys::GGML_UNARY_OP_TANH
+            {
+                chain.tanh = true;
+            } else {
+                break;
+            }
+            cur = c.src[0];
+        }
+    }
+    if !chain.tanh {
+        // Scales alone, all "after".
+        chain.after *= chain.before;
+        chain.before = 1.0;
+    }
+    chain
+}
+
+/// Softcapping without flash attention is SCALE(1/c) → TANH → SCALE(c) between kq and
+/// the softmax: recover c (as the chain stands, before the softmax's own scale).
+///
+/// # Safety
+/// `softmax` must point to a live ggml tensor.
+#[cfg(test)]
 pub(crate) unsafe fn softcap_before(softmax: *const sys::ggml_tensor) -> f32 {
     // SAFETY: caller guarantees liveness.
-    unsafe {
-        let outer = (*softmax).src[0];
-        if outer.is_null() || (*outer).op != sys::GGML_OP_SCALE {
-            return 0.0;
-        }
-        let tanh = (*outer).src[0];
-        if tanh.is_null() || (*tanh).op != sys::GGML_OP_UNARY {
-            return 0.0;
-        }
-        f32_param(&*outer, 0)
+    let chain = unsafe { scale_chain(softmax) };
+    if chain.tanh {
+        chain.after as f32
+    } else {
+        0.0
     }
 }
 
@@ -439,30 +564,83 @@ pub(crate) unsafe fn unrotated_kqv_out(t: *const sys::ggml_tensor) -> *const sys
     }
 }
 
+/// What `kqv_out`'s source chain reaches: the attention node and, for absorbed
+/// multi-head latent attention, the weight of the MUL_MAT crossed on the way (`v_mla`,
+/// llama.cpp's `attn_v_b`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Feeding {
+    pub node: *const sys::ggml_tensor,
+    pub v_mla: Option<*const sys::ggml_tensor>,
+}
+
+/// A model weight (a leaf, or a view of one, in a buffer used for weights).
+///
+/// # Safety
+/// `t` must be null or point to a live ggml tensor.
+pub(crate) unsafe fn is_weight(t: *const sys::ggml_tensor) -> bool {
+    if t.is_null() {
+        return false;
+    }
+    // SAFETY: as above; view chains of live tensors are live.
+    unsafe {
+        let base = view_base(t);
+        (*base).op == sys::GGML_OP_NONE
+            && !(*base).buffer.is_null()
+            && sys::ggml_backend_buffer_get_usage((*base).buffer)
+                == sys::GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+    }
+}
+
 /// The attention node that `kqv_out`'s source chain (layout ops only, up to 8 deep)
 /// reaches, among those for which `is_attention` holds.
 ///
 /// # Safety
 /// `kqv_out` must point to a live ggml tensor.
+#[cfg(test)]
 pub(crate) unsafe fn attention_feeding(
     kqv_out: *const sys::ggml_tensor,
     is_attention: impl Fn(*const sys::ggml_tensor) -> bool,
 ) -> Option<*const sys::ggml_tensor> {
+    // SAFETY: the caller's contract.
+    unsafe { attention_feeding_mla(kqv_out, is_attention) }
+        .filter(|f| f.v_mla.is_none())
+        .map(|f| f.node)
+}
+
+/// The attention node that `kqv_out`'s source chain reaches (up to 12 nodes deep),
+/// among those for which `is_attention` holds: through layout ops, and through at most
+/// one MUL_MAT by a weight (absorbed MLA: with flash attention PERMUTE → MUL_MAT(v_mla)
+/// → PERMUTE → CONT, without it `kqv` → MUL_MAT(v_mla) → PERMUTE → CONT), whose weight
+/// is returned beside the node.
+///
+/// # Safety
+/// `kqv_out` must point to a live ggml tensor.
+pub(crate) unsafe fn attention_feeding_mla(
+    kqv_out: *const sys::ggml_tensor,
+    is_attention: impl Fn(*const sys::ggml_tensor) -> bool,
+) -> Option<Feeding> {
     // SAFETY: the chain of a live node is live.
     let mut cur = unsafe { (*kqv_out).src[0] } as *const sys::ggml_tensor;
-    for _ in 0..8 {
+    let mut v_mla = None;
+    for _ in 0..12 {
         if cur.is_null() {
             return None;
         }
         if is_attention(cur) {
-            return Some(cur);
+            return Some(Feeding { node: cur, v_mla });
         }
         // SAFETY: as above.
         let c = unsafe { &*cur };
-        if !is_layout_op(c.op) {
+        if is_layout_op(c.op) {
+            cur = c.src[0];
+        // SAFETY: as above.
+        } else if c.op == sys::GGML_OP_MUL_MAT && v_mla.is_none() && unsafe { is_weight(c.src[0]) }
+        {
+            v_mla = Some(c.src[0] as *const sys::ggml_tensor);
+            cur = c.src[1];
+        } else {
             return None;
         }
-        cur = c.src[0];
     }
     None
 }
@@ -764,8 +942,11 @@ mod tests {
             let kq = nf.kq as *const sys::ggml_tensor;
             assert_eq!(kq_ancestor(nf.softmax, |t| t == kq), Some(kq));
             assert_eq!(kq_ancestor(nf.softmax, |_| false), None);
+            // 0.125 * 50 tanh(kq / 50) = 6.25 tanh(kq * 0.125 / 6.25): the softmax's
+            // own scale multiplies the capped scores, so it scales the softcap.
             let p = softmax_params(nf.softmax);
-            assert_eq!((p.scale, p.max_bias, p.softcap), (0.125, 0.5, 50.0));
+            assert_eq!((p.scale, p.max_bias, p.softcap), (0.125, 0.5, 6.25));
+            assert_eq!(softcap_before(nf.softmax), 50.0);
             // kqv_out (cont of a permute of kqv) reaches kqv through layout ops.
             assert_eq!(kqv_out_layer(&*nf.kqv_out), Some(2));
             let kqv = nf.kqv as *const sys::ggml_tensor;
@@ -784,6 +965,42 @@ mod tests {
             assert_eq!(softcap_before(nf.softmax), 0.0);
             let kq = nf.kq as *const sys::ggml_tensor;
             assert_eq!(kq_ancestor(nf.softmax, |t| t == kq), Some(kq));
+        }
+    }
+
+    /// Grok (no flash attention): kq → SCALE(out_scale / 30) → TANH → SCALE(30) →
+    /// softmax with scale 1. The effective scale is out_scale, the softcap 30.
+    #[test]
+    fn grok_scale_chain() {
+        let mut g = Graph::new();
+        let kc = g.cache("cache_k_l1", sys::GGML_TYPE_F16, false);
+        g.alloc_cache();
+        let out_scale = 0.088_388_35_f32;
+        // SAFETY: live tensors in live contexts.
+        unsafe {
+            let kq = sys::ggml_mul_mat(g.ctx, g.kv_view(kc), g.q());
+            let cur = sys::ggml_scale(g.ctx, kq, out_scale / 30.0);
+            let cur = sys::ggml_tanh(g.ctx, cur);
+            let cur = sys::ggml_scale(g.ctx, cur, 30.0);
+            let sm =
+                sys::ggml_soft_max_ext(g.ctx, cur, g.mask(sys::GGML_TYPE_F32, CELLS), 1.0, 0.0);
+            let p = softmax_params(sm);
+            assert!(
+                (p.scale / out_scale - 1.0).abs() < 1e-6,
+                "scale {}",
+                p.scale
+            );
+            assert_eq!((p.max_bias, p.softcap), (0.0, 30.0));
+            // A plain SCALE chain (no TANH) folds into the scale.
+            let cur = sys::ggml_scale(g.ctx, kq, 0.5);
+            let cur = sys::ggml_scale(g.ctx, cur, 0.25);
+            let sm = sys::ggml_soft_max_ext(g.ctx, cur, ptr::null_mut(), 2.0, 0.0);
+            let p = softmax_params(sm);
+            assert_eq!((p.scale, p.softcap), (0.25, 0.0));
+            // A SCALE with a bias is no scale: the chain stops there.
+            let cur = sys::ggml_scale_bias(g.ctx, kq, 0.5, 1.0);
+            let sm = sys::ggml_soft_max_ext(g.ctx, cur, ptr::null_mut(), 2.0, 0.0);
+            assert_eq!(softmax_params(sm).scale, 2.0);
         }
     }
 

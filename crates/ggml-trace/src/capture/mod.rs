@@ -7,13 +7,19 @@
 //! - without it: a `MUL_MAT` whose first source is a view of a KV-cache tensor (a leaf in
 //!   a buffer that holds neither weights nor compute results) is `kq` when its second
 //!   source is not a softmax, and `kqv` when it is; the `SOFT_MAX` between them is the
-//!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`.
+//!   one whose input chain (through SCALE/TANH/ADD for softcapping) reaches a `kq`; its
+//!   scale and softcap are those of the whole SCALE/TANH chain (Grok). With no cache
+//!   (encoders) `kq` is a `MUL_MAT` of two permuted activations; `kqv` is any `MUL_MAT`
+//!   whose second source is a traced softmax (absorbed MLA's V is a contiguous copy).
 //! - mixed KV cache (`--mixed-kv-cache`): a `CUSTOM` node that llama.cpp's
 //!   `llama_mixed_attn_get_params` recognises (it compares the node's function pointer
 //!   with the mixed-attention kernel's); its six sources are q, k (hot), v (hot),
 //!   k_quant (cold), v_quant (cold), mask, saved with those roles and their layouts.
 //! - `kqv_out-<layer>` is bound to the attention op that its source chain (views,
-//!   reshapes, permutes, copies) reaches, so the layer comes from structure too.
+//!   reshapes, permutes, copies, and at most one `MUL_MAT` by a weight: absorbed MLA's
+//!   `attn_v_b`, traced as `v_mla`) reaches, so the layer comes from structure too. A
+//!   `kqv_out-<layer>` whose chain reaches an already traced `kqv_out` (bert.cpp and
+//!   t5.cpp name the output projection so too) is not traced.
 //! - rotation (llama.cpp rotates Q/K and V by a Hadamard matrix where it decides to, see
 //!   `llama-kv-cache.cpp`): a `MUL_MAT` marked `GGML_HINT_SRC0_IS_HADAMARD`. Q and K are
 //!   rotated when the attention's Q reaches one through layout ops; V when the rows last
@@ -25,7 +31,7 @@
 //! live: q and k are consumed by `kq` long before `kqv_out` runs when flash attention is
 //! off, so they are read at `kq`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 pub use trace_format::Revision;
@@ -42,10 +48,10 @@ pub use error::CaptureError;
 
 pub use graph::mixed_attn_params;
 use graph::{
-    attention_feeding, attention_q_v, backend_of, cache_base, cache_write, flash_attn_params,
-    is_attention_node, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer, layout_of, op_name,
-    softmax_params, source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of, view_base,
-    FLASH_ATTN_ROLES, MIXED_ROLES,
+    attention_feeding_mla, attention_q_v, backend_of, cache_base, cache_write, flash_attn_params,
+    is_activation_kq, is_attention_node, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer,
+    layout_of, op_name, projects_kqv_out, softmax_params, source_layer_hint, tensor_name,
+    unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
 };
 use kept::{KeptCache, KEPT_BUDGET};
 
@@ -143,6 +149,9 @@ pub struct Capture<'a> {
     done: HashMap<*const sys::ggml_tensor, Pending>,
     /// Without flash attention: keyed by the `kq` node, then by the softmax node.
     open: HashMap<*const sys::ggml_tensor, Pending>,
+    /// The `kqv_out-<layer>` nodes traced in this step (to tell a projection of one,
+    /// which some models name `kqv_out-<layer>` too).
+    emitted: HashSet<*const sys::ggml_tensor>,
     error: Option<CaptureError>,
     scratch: Vec<u8>,
     /// KV-cache views' and masks' last copies (see [`Revision`]).
@@ -159,6 +168,7 @@ impl<'a> Capture<'a> {
             step: 0,
             done: HashMap::new(),
             open: HashMap::new(),
+            emitted: HashSet::new(),
             error: None,
             scratch: Vec::new(),
             kept: KeptCache::new(KEPT_BUDGET),
@@ -192,6 +202,7 @@ impl<'a> Capture<'a> {
         self.step = step.step;
         self.done.clear();
         self.open.clear();
+        self.emitted.clear();
         self.sink.on_step(step)
     }
 
@@ -216,6 +227,11 @@ impl<'a> Capture<'a> {
     unsafe fn kq_ancestor(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
         // SAFETY: caller guarantees liveness.
         unsafe { kq_ancestor(t, |c| self.open.contains_key(&c)) }
+    }
+
+    /// Is `t` a softmax whose `kq` was traced (its layer waiting for `kqv`)?
+    fn is_traced_softmax(&self, t: *const sys::ggml_tensor) -> bool {
+        self.open.get(&t).is_some_and(|p| !p.op.is_empty())
     }
 
     fn wanted_layer(&self, hint: Option<i32>) -> bool {
@@ -249,6 +265,11 @@ impl<'a> Capture<'a> {
                 sys::GGML_OP_MUL_MAT if is_kv_mul_mat(tr) => {
                     self.wanted_layer(source_layer_hint(tr.src[0]))
                 }
+                // `kq` over K and Q activations (no KV cache: encoders).
+                sys::GGML_OP_MUL_MAT if is_activation_kq(tr) => true,
+                // `kqv` whose V is no cache view (absorbed MLA: a contiguous transpose of
+                // the latent K cache's view): its softmax was traced.
+                sys::GGML_OP_MUL_MAT => self.is_traced_softmax(tr.src[1]),
                 sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
                 sys::GGML_OP_CUSTOM if mixed_attn_params(t).is_some() => {
                     self.wanted_layer(source_layer_hint(tr.src[1]))
@@ -297,7 +318,11 @@ impl<'a> Capture<'a> {
                 return Ok(());
             }
             match tr.op {
-                sys::GGML_OP_MUL_MAT if is_kv_mul_mat(tr) => {
+                sys::GGML_OP_MUL_MAT
+                    if is_kv_mul_mat(tr)
+                        || is_activation_kq(tr)
+                        || self.is_traced_softmax(tr.src[1]) =>
+                {
                     let src1 = tr.src[1] as *const sys::ggml_tensor;
                     let is_kqv = !src1.is_null() && self.open.contains_key(&src1);
                     if is_kqv {
@@ -487,6 +512,7 @@ impl<'a> Capture<'a> {
         out.meta.layer = layer;
         // SAFETY: caller guarantees liveness.
         let rotation = unsafe { self.rotation_of(t) };
+        self.emitted.insert(t);
         let mut att = CapturedAttention {
             step: self.step,
             layer,
@@ -498,8 +524,10 @@ impl<'a> Capture<'a> {
         };
         if self.cfg.trace_sources {
             // SAFETY: caller guarantees liveness.
-            let node = unsafe { attention_feeding(t, |c| self.done.contains_key(&c)) };
-            let Some(p) = node.and_then(|n| self.done.remove(&n)) else {
+            let feeding = unsafe { attention_feeding_mla(t, |c| self.done.contains_key(&c)) };
+            let Some((p, v_mla)) =
+                feeding.and_then(|f| Some((self.done.remove(&f.node)?, f.v_mla)))
+            else {
                 return Err(CaptureError::Unbound {
                     layer,
                     step: self.step,
@@ -511,6 +539,12 @@ impl<'a> Capture<'a> {
             for mut c in p.tensors {
                 c.meta.layer = layer;
                 att.tensors.push(c);
+            }
+            if let Some(w) = v_mla {
+                // Absorbed MLA: kqv_out = W · attn per head (a weight: always live).
+                // SAFETY: a source of a live node.
+                att.tensors
+                    .push(unsafe { self.read(w, Role::VMla, layer) }?);
             }
         }
         self.sink.on_attention(att)
@@ -524,7 +558,7 @@ impl<'a> Capture<'a> {
     unsafe fn rotation_of(&self, kqv_out: *const sys::ggml_tensor) -> Option<Rotation> {
         // SAFETY: caller guarantees liveness; the graph's nodes stay live during it.
         unsafe {
-            let node = attention_feeding(kqv_out, |c| is_attention_node(c))?;
+            let node = attention_feeding_mla(kqv_out, |c| is_attention_node(c))?.node;
             let (q, v) = attention_q_v(node);
             Some(Rotation {
                 k: is_rotated(q),
@@ -587,6 +621,12 @@ impl<'a> Capture<'a> {
                 return Ok(unsafe { self.wants(t) });
             };
             if self.cfg.layer.is_some_and(|l| l != layer) {
+                return Ok(false);
+            }
+            // Not attention's output but its projection by wo (bert.cpp, t5.cpp name it
+            // `kqv_out-<layer>` as well): ignored, the layer's output was traced.
+            // SAFETY: as above.
+            if unsafe { projects_kqv_out(t, |c| self.emitted.contains(&c)) } {
                 return Ok(false);
             }
             // SAFETY: as above.
