@@ -35,8 +35,11 @@ pub fn nmse_bound(v_type: GgmlType, flash: bool, n_cells: usize) -> f64 {
 /// models (docs/verification.md, "Kernel models"); it does not grow with the context.
 pub fn faithful_bound(path: KernelPath) -> f64 {
     match path {
-        KernelPath::OneChunk | KernelPath::SplitKv { .. } => 1e-9,
-        KernelPath::Tiled | KernelPath::Unfused => 1e-9,
+        KernelPath::OneChunk | KernelPath::SplitKv { .. } | KernelPath::Tiled => 1e-9,
+        // The softmax is rounded to F16 for the product with V; ggml's f32 softmax (its
+        // SIMD expf) and this model's f64 one tip a few of those roundings differently
+        // (measured up to 3.4e-9 on the zoo's tiny models).
+        KernelPath::Unfused => 3e-8,
     }
 }
 
