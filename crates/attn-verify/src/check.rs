@@ -160,7 +160,8 @@ pub fn check_with(
     let op = g.op.clone().unwrap_or_default();
     let mut checked = judge(g, op, &reference, &actual, bound)?;
     checked.kernel = inp.kernel.clone();
-    checked.rounding_sized = inp.kernel.is_ok() && !checked.pass && checked.verification.nmse <= rounding_range;
+    checked.rounding_sized =
+        inp.kernel.is_ok() && !checked.pass && checked.verification.nmse <= rounding_range;
     if inp.kernel.is_ok() {
         let exact = inp.exact()?;
         checked.exact_nmse = Some(compare(&exact, &actual, 0..exact.ne[2]).nmse);

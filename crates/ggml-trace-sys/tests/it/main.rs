@@ -6,5 +6,6 @@
 
 mod ggml_ffi;
 mod ggml_oracle;
+mod kernel_model;
 mod llama_ffi;
 mod mixed_attn;

@@ -1,0 +1,378 @@
+//! The verification's kernel model (`attn_verify::kernel`) against its oracle, ggml
+//! itself: `FLASH_ATTN_EXT` computed by ggml-cpu through the FFI on random inputs, for
+//! each path ggml takes (one-chunk, split-KV at 512+ cells with 1-4 threads, tiled from 64
+//! query tokens), each cache type the paths read (F16, F32, Q8_0, Q4_0), with a mask,
+//! ALiBi, softcap and sinks; then checked by `attn_verify::check` as a live group would be.
+//! The faithful reference must reproduce ggml's output to the documented bound (on an
+//! AVX2 build: bit for bit where the path is modelled exactly), while the exact f64
+//! reference is measurably farther away.
+
+use std::ptr;
+
+use attn_verify::{check, kernel::KernelPath, Group, KernelFacts, Outcome};
+use ggml_trace_sys::sys;
+use gguf_io::{quant, GgmlType};
+use test_support::Rng;
+use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    d: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    n_tokens: usize,
+    n_kv: usize,
+    ty: GgmlType,
+    threads: i32,
+    max_bias: f32,
+    softcap: f32,
+    sinks: bool,
+}
+
+impl Case {
+    fn new(n_tokens: usize, n_kv: usize, ty: GgmlType, threads: i32) -> Self {
+        Self {
+            d: 64,
+            n_head: 4,
+            n_head_kv: 2,
+            n_tokens,
+            n_kv,
+            ty,
+            threads,
+            max_bias: 0.0,
+            softcap: 0.0,
+            sinks: false,
+        }
+    }
+}
+
+fn meta(role: Role, ty: GgmlType, ne: [u64; 4]) -> TensorMeta {
+    TensorMeta {
+        role,
+        layer: 0,
+        step: 1,
+        ggml_name: format!("{}-0", role.name()),
+        op: "NONE".into(),
+        layout: TensorLayout::contiguous(ty, ne).unwrap(),
+        view_of: String::new(),
+    }
+}
+
+/// ggml's flash attention of random inputs; the group a capture would hand over.
+fn run(c: &Case, seed: u64) -> Group {
+    let mut rng = Rng::new(seed);
+    let (d, h, hkv, t, n) = (c.d, c.n_head, c.n_head_kv, c.n_tokens, c.n_kv);
+    let q: Vec<f32> = (0..d * t * h).map(|_| rng.normal()).collect();
+    let k: Vec<f32> = (0..d * n * hkv).map(|_| rng.normal()).collect();
+    let v: Vec<f32> = (0..d * n * hkv).map(|_| rng.normal()).collect();
+    // Causal over the last `t` cells, and every 7th older cell masked out.
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|ti| {
+            (0..n).map(move |j| {
+                let visible = j + t <= n + ti && j % 7 != 3;
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let sinks: Vec<f32> = (0..h).map(|_| rng.normal()).collect();
+    let k_bytes = quant::quantize(c.ty, &k).unwrap();
+    let v_bytes = quant::quantize(c.ty, &v).unwrap();
+    let m_bytes = quant::quantize(GgmlType::F16, &mask).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    let params = AttnParams {
+        scale,
+        max_bias: c.max_bias,
+        softcap: c.softcap,
+    };
+    // SAFETY: one context owns every tensor; each copy fills exactly its tensor's bytes
+    // (sizes asserted), and everything is read before ggml_free.
+    let out = unsafe {
+        let ctx = sys::ggml_init(sys::ggml_init_params {
+            mem_size: 256 << 20,
+            mem_buffer: ptr::null_mut(),
+            no_alloc: false,
+        });
+        assert!(!ctx.is_null());
+        let fill = |ty: sys::ggml_type, ne: [i64; 4], bytes: &[u8]| {
+            let x = sys::ggml_new_tensor_4d(ctx, ty, ne[0], ne[1], ne[2], ne[3]);
+            assert_eq!(sys::ggml_nbytes(x), bytes.len());
+            ptr::copy_nonoverlapping(bytes.as_ptr(), (*x).data as *mut u8, bytes.len());
+            x
+        };
+        let gt = |ty: GgmlType| ty.0 as sys::ggml_type;
+        let qt = fill(
+            sys::GGML_TYPE_F32,
+            [d as i64, t as i64, h as i64, 1],
+            bytemuck::cast_slice(&q),
+        );
+        let kt = fill(gt(c.ty), [d as i64, n as i64, hkv as i64, 1], &k_bytes);
+        let vt = fill(gt(c.ty), [d as i64, n as i64, hkv as i64, 1], &v_bytes);
+        let mt = fill(sys::GGML_TYPE_F16, [n as i64, t as i64, 1, 1], &m_bytes);
+        let fa = sys::ggml_flash_attn_ext(ctx, qt, kt, vt, mt, scale, c.max_bias, c.softcap);
+        sys::ggml_flash_attn_ext_set_prec(fa, sys::GGML_PREC_F32);
+        if c.sinks {
+            let st = fill(
+                sys::GGML_TYPE_F32,
+                [h as i64, 1, 1, 1],
+                bytemuck::cast_slice(&sinks),
+            );
+            sys::ggml_flash_attn_ext_add_sinks(fa, st);
+        }
+        let graph = sys::ggml_new_graph(ctx);
+        sys::ggml_build_forward_expand(graph, fa);
+        assert_eq!(
+            sys::ggml_graph_compute_with_ctx(ctx, graph, c.threads),
+            sys::GGML_STATUS_SUCCESS
+        );
+        let len = sys::ggml_nelements(fa) as usize;
+        let out = std::slice::from_raw_parts((*fa).data as *const f32, len).to_vec();
+        sys::ggml_free(ctx);
+        out
+    };
+    let mut tensors = vec![
+        (
+            meta(Role::Q, GgmlType::F32, [d as u64, t as u64, h as u64, 1]),
+            bytemuck::cast_slice(&q).to_vec(),
+        ),
+        (
+            meta(Role::K, c.ty, [d as u64, n as u64, hkv as u64, 1]),
+            k_bytes,
+        ),
+        (
+            meta(Role::V, c.ty, [d as u64, n as u64, hkv as u64, 1]),
+            v_bytes,
+        ),
+        (
+            meta(Role::Mask, GgmlType::F16, [n as u64, t as u64, 1, 1]),
+            m_bytes,
+        ),
+        (
+            meta(
+                Role::KqvOut,
+                GgmlType::F32,
+                [(d * h) as u64, t as u64, 1, 1],
+            ),
+            bytemuck::cast_slice(&out).to_vec(),
+        ),
+    ];
+    if c.sinks {
+        tensors.push((
+            meta(Role::Sinks, GgmlType::F32, [h as u64, 1, 1, 1]),
+            bytemuck::cast_slice(&sinks).to_vec(),
+        ));
+    }
+    let positions: Vec<i32> = (0..t as i32).map(|i| n as i32 - t as i32 + i).collect();
+    let mut g = Group::from_tensors(
+        1,
+        0,
+        "FLASH_ATTN_EXT",
+        params,
+        &positions,
+        tensors.iter().map(|(m, b)| (m, b.as_slice())),
+    )
+    .unwrap();
+    g.kernel = KernelFacts {
+        backend: "CPU".into(),
+        n_threads: c.threads as u32,
+        simd: ggml_trace_sys::cpu_simd(),
+    };
+    g
+}
+
+/// Checks one case: the path ggml took is the one named, the group verifies against the
+/// faithful reference, and the faithful NMSE is returned with the exact one.
+fn verify(label: &str, c: Case, path: KernelPath) -> (f64, f64) {
+    let g = run(&c, 17 + c.n_kv as u64 * 31 + c.n_tokens as u64);
+    let Outcome::Checked(r) = check(&g, None).unwrap() else {
+        panic!("{label}: missing inputs")
+    };
+    assert_eq!(r.kernel, Ok(path), "{label}");
+    assert!(
+        r.pass,
+        "{label}: NMSE {} against the faithful reference, bound {} (exact {:?}): {:?}",
+        r.verification.nmse, r.bound, r.exact_nmse, r.findings
+    );
+    let exact = r
+        .exact_nmse
+        .expect("modelled paths report the exact distance");
+    (r.verification.nmse, exact)
+}
+
+fn avx2() -> bool {
+    ggml_trace_sys::cpu_simd()
+        .split_whitespace()
+        .any(|f| f == "avx2")
+        && !ggml_trace_sys::cpu_simd().contains("avx512")
+}
+
+#[test]
+fn one_chunk_with_an_f16_accumulator_is_reproduced() {
+    for (t, n) in [(1, 100), (3, 400), (9, 700)] {
+        let (f, e) = verify(
+            &format!("f16 {t}x{n}"),
+            Case::new(t, n, GgmlType::F16, 2),
+            KernelPath::OneChunk,
+        );
+        if avx2() {
+            assert_eq!(f, 0.0, "one-chunk {t}x{n}: bit for bit on AVX2");
+        }
+        // The F16 accumulator is the kernel's own error: far above the faithful distance.
+        assert!(
+            e > 1e-8 && e > 1e3 * f.max(1e-15),
+            "{t}x{n}: exact {e}, faithful {f}"
+        );
+    }
+}
+
+#[test]
+fn split_kv_is_reproduced_for_each_thread_count() {
+    for threads in 1..=4 {
+        for n in [512, 1500, 4096] {
+            let (f, e) = verify(
+                &format!("split {threads} threads {n} cells"),
+                Case::new(1, n, GgmlType::F16, threads),
+                KernelPath::SplitKv {
+                    n_chunks: threads as usize,
+                },
+            );
+            if avx2() {
+                assert_eq!(f, 0.0, "split-KV {threads}x{n}: bit for bit on AVX2");
+            }
+            assert!(
+                e > 1e3 * f.max(1e-15),
+                "{threads}x{n}: exact {e}, faithful {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tiled_and_f32_paths_are_within_f32_rounding() {
+    verify(
+        "tiled f16",
+        Case::new(70, 300, GgmlType::F16, 2),
+        KernelPath::Tiled,
+    );
+    verify(
+        "tiled f32",
+        Case::new(64, 200, GgmlType::F32, 3),
+        KernelPath::Tiled,
+    );
+    verify(
+        "split f32",
+        Case::new(1, 600, GgmlType::F32, 2),
+        KernelPath::SplitKv { n_chunks: 2 },
+    );
+    verify(
+        "one-chunk f32",
+        Case::new(1, 100, GgmlType::F32, 2),
+        KernelPath::OneChunk,
+    );
+}
+
+#[test]
+fn quantized_caches_take_the_one_chunk_path_with_an_f32_accumulator() {
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
+        // Quantized caches never split nor tile.
+        verify(
+            &format!("{ty:?} decode"),
+            Case::new(1, 900, ty, 2),
+            KernelPath::OneChunk,
+        );
+        verify(
+            &format!("{ty:?} batch"),
+            Case::new(80, 300, ty, 2),
+            KernelPath::OneChunk,
+        );
+    }
+}
+
+#[test]
+fn softcap_alibi_and_sinks_are_reproduced() {
+    let base = Case::new(1, 800, GgmlType::F16, 2);
+    let split = KernelPath::SplitKv { n_chunks: 2 };
+    verify(
+        "softcap",
+        Case {
+            softcap: 30.0,
+            ..base
+        },
+        split,
+    );
+    verify(
+        "alibi",
+        Case {
+            max_bias: 8.0,
+            ..base
+        },
+        split,
+    );
+    verify(
+        "sinks",
+        Case {
+            sinks: true,
+            ..base
+        },
+        split,
+    );
+    verify(
+        "sinks one-chunk",
+        Case {
+            sinks: true,
+            ..Case::new(2, 100, GgmlType::F16, 2)
+        },
+        KernelPath::OneChunk,
+    );
+}
+
+/// The verdict separates a one-cell defect from rounding at a context length where the
+/// exact reference cannot: one recent K cell of 4096 scaled by 1.1 fails, while the honest
+/// group passes. Scaled by 3, its effect stands well above the F16 accumulator's rounding
+/// and the one-cell diagnosis names the key and the cell (smaller effects are named in
+/// saved traces by the previous-step check instead: the monitor's long-context tests).
+#[test]
+fn a_one_cell_defect_fails_where_the_exact_reference_could_not_tell() {
+    let c = Case::new(1, 4096, GgmlType::F16, 2);
+    let honest = run(&c, 99);
+    let Outcome::Checked(ok) = check(&honest, None).unwrap() else {
+        panic!()
+    };
+    assert!(ok.pass, "{ok:?}");
+    let cell = 4090;
+    for factor in [1.1f32, 3.0] {
+        let mut planted = honest.clone();
+        let k = planted
+            .operands
+            .iter_mut()
+            .find(|o| o.role == Role::K)
+            .unwrap();
+        for x in &mut k.values[cell * c.d..(cell + 1) * c.d] {
+            *x = half::f16::from_f32(*x * factor).to_f32();
+        }
+        let Outcome::Checked(bad) = check(&planted, None).unwrap() else {
+            panic!()
+        };
+        assert!(!bad.pass, "x{factor}: {bad:?}");
+        // An exact-reference bound could not have told: the honest group's own kernel
+        // error is larger than this defect's effect.
+        if factor == 1.1 {
+            assert!(
+                ok.exact_nmse.unwrap() > bad.verification.nmse,
+                "{ok:?}\n{bad:?}"
+            );
+        } else {
+            assert!(
+                bad.findings
+                    .iter()
+                    .any(|f| f.suspect == attn_verify::Suspect::Tensor(Role::K)
+                        && f.what.starts_with(&format!("cell {cell} "))),
+                "{:#?}",
+                bad.findings
+            );
+        }
+    }
+}
