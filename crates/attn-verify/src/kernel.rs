@@ -212,8 +212,8 @@ fn dot_avx2(x: &[f64], y: &[f64]) -> f32 {
     let [s0, s1, s2, s3] = sum;
     let a: [f32; 8] = std::array::from_fn(|l| s0[l] + s2[l]);
     let b: [f32; 8] = std::array::from_fn(|l| s1[l] + s3[l]);
-    let x: [f32; 8] = std::array::from_fn(|l| a[l] + b[l]);
-    let t0: [f32; 4] = std::array::from_fn(|l| x[l] + x[l + 4]);
+    let r: [f32; 8] = std::array::from_fn(|l| a[l] + b[l]);
+    let t0: [f32; 4] = std::array::from_fn(|l| r[l] + r[l + 4]);
     let res = (t0[0] + t0[1]) + (t0[2] + t0[3]);
     let mut sumf = f64::from(res);
     for e in np..n {

@@ -581,6 +581,11 @@ impl GgufFile {
         self.header.tensor(name)
     }
 
+    /// Where a tensor's bytes start in the file (bounds were checked when it was opened).
+    pub fn tensor_data_offset(&self, t: &TensorInfo) -> u64 {
+        self.header.data_offset + t.offset
+    }
+
     /// Raw bytes of a tensor of this file (bounds were checked when the file was opened).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.header.data_offset + t.offset) as usize;

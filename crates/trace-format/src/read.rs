@@ -355,6 +355,11 @@ impl TraceFile {
 
     /// The tensor's bytes in logical contiguous order, in its own type (in the file's
     /// byte order).
+    /// Where the tensor's bytes start in the file.
+    pub fn data_offset(&self, t: &TracedTensor) -> u64 {
+        self.file.tensor_data_offset(&self.file.tensors()[t.index])
+    }
+
     pub fn data(&self, t: &TracedTensor) -> &[u8] {
         let info = &self.file.tensors()[t.index];
         self.file.tensor_data(info)

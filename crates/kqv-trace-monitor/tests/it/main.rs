@@ -10,6 +10,7 @@ mod cli;
 mod common;
 mod gemma;
 mod interop;
+mod long_context;
 mod mixed;
 mod planted;
 mod progress;
