@@ -154,7 +154,13 @@ pub fn check_with(
     let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
     let rounding_range = nmse_bound(v_type, inp.flash, n_cells);
     let bound = match &inp.kernel {
-        Ok(path) => faithful_bound(*path),
+        Ok(path) => faithful_bound(
+            *path,
+            v_type,
+            // The F16 dot product's order is modelled on AVX2 builds (K F16).
+            inp.k_type == GgmlType::F16
+                && crate::kernel::DotOrder::of(&inp.simd) == crate::kernel::DotOrder::Avx2,
+        ),
         Err(_) => rounding_range,
     };
     let op = g.op.clone().unwrap_or_default();

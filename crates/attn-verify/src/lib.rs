@@ -51,7 +51,7 @@ mod recompute;
 pub mod render;
 pub mod synth;
 
-pub use bounds::nmse_bound;
+pub use bounds::{faithful_bound, nmse_bound};
 pub use check::mixed;
 pub use check::{
     check, check_in_trace, check_in_trace_with, check_with, verify_group, Checked, Limits, Outcome,
