@@ -20,6 +20,10 @@ pub enum Suspect {
     Tensor(Role),
     /// The op's recorded scale (`kqv_trace.attn.scale`).
     Scale,
+    /// The op's recorded softcap (`kqv_trace.attn.softcap`).
+    Softcap,
+    /// The op's recorded ALiBi bias (`kqv_trace.attn.max_bias`).
+    MaxBias,
 }
 
 impl fmt::Display for Suspect {
@@ -27,6 +31,8 @@ impl fmt::Display for Suspect {
         match self {
             Suspect::Tensor(r) => f.write_str(r.name()),
             Suspect::Scale => f.write_str("scale"),
+            Suspect::Softcap => f.write_str("softcap"),
+            Suspect::MaxBias => f.write_str("max_bias"),
         }
     }
 }
@@ -274,13 +280,194 @@ fn tries(
         found.push(f);
     }
 
-    // The scale, fitted, when nothing else explained it (it is the costliest try).
-    if found.is_empty() {
-        if let Some(f) = scale_fit(inp, original, actual, bound)? {
+    // The op's parameters, fitted one at a time, when nothing else explained it (they are
+    // the costliest tries): the scale, the softcap, ALiBi's max_bias.
+    for param in [Param::Scale, Param::Softcap, Param::MaxBias] {
+        if !found.is_empty() {
+            break;
+        }
+        if let Some(f) = param_fit(param, inp, original, actual, bound)? {
+            found.push(f);
+        }
+    }
+
+    // Sinks: a wrong sink changes only the softmax's denominator, so each output row is
+    // the reference's times a factor of its own.
+    if found.is_empty() && inp.sinks.is_some() {
+        if let Some(f) = row_scaling(g, original, actual, bound) {
             found.push(f);
         }
     }
     Ok(())
+}
+
+/// `actual` is `original` with each (token, head) row scaled by a factor of its own, to
+/// the bound: the signature of a wrong softmax denominator (a sink).
+fn row_scaling(g: &Group, original: &Dense, actual: &[f32], bound: f64) -> Option<Finding> {
+    let dv = original.ne[0];
+    if dv == 0 || original.data.len() != actual.len() {
+        return None;
+    }
+    let mut fitted = original.clone();
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (row, a) in fitted
+        .data
+        .chunks_exact_mut(dv)
+        .zip(actual.chunks_exact(dv))
+    {
+        let (ra, rr) = row.iter().zip(a).fold((0.0, 0.0), |(ra, rr), (&r, &x)| {
+            (ra + r * f64::from(x), rr + r * r)
+        });
+        if rr > 0.0 {
+            let alpha = ra / rr;
+            lo = lo.min(alpha);
+            hi = hi.max(alpha);
+            row.iter_mut().for_each(|r| *r *= alpha);
+        }
+    }
+    let all = 0..original.ne[2];
+    let before = compare(original, actual, all.clone()).nmse;
+    let after = compare(&fitted, actual, all).nmse;
+    if before <= bound || exceeds(after, bound) || !lo.is_finite() {
+        return None;
+    }
+    Some(Finding {
+        suspect: Suspect::Tensor(Role::Sinks),
+        tensor: g.get(Role::Sinks).map(|o| o.name.clone()).unwrap_or_default(),
+        what: format!(
+            "kqv_out is the reference with each (token, head) row scaled by its own factor (from {} to {}): what a wrong sink (the softmax's extra denominator term) does",
+            sci(lo),
+            sci(hi)
+        ),
+        nmse_after: Some(after),
+    })
+}
+
+/// An op parameter the diagnosis fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Param {
+    Scale,
+    Softcap,
+    MaxBias,
+}
+
+fn param_fit(
+    param: Param,
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    bound: f64,
+) -> Result<Option<Finding>, VerifyError> {
+    match param {
+        Param::Scale => scale_fit(inp, original, actual, bound),
+        Param::Softcap | Param::MaxBias => other_fit(param, inp, original, actual, bound),
+    }
+}
+
+/// Fit the softcap (0 = none, the usual 30 and 50, and a grid around the recorded value)
+/// or ALiBi's max_bias (0, 8, and a grid; only with a mask, as ggml requires).
+fn other_fit(
+    param: Param,
+    inp: &Inputs,
+    original: &Dense,
+    actual: &[f32],
+    bound: f64,
+) -> Result<Option<Finding>, VerifyError> {
+    if param == Param::MaxBias && inp.mask.is_none() {
+        return Ok(None);
+    }
+    let all = 0..original.ne[2];
+    let rec = match param {
+        Param::Softcap => inp.p.softcap,
+        _ => inp.p.max_bias,
+    };
+    let with = |x: f64| match param {
+        Param::Softcap => AttentionParams {
+            softcap: x,
+            ..inp.p
+        },
+        _ => AttentionParams {
+            max_bias: x,
+            ..inp.p
+        },
+    };
+    let eval = |x: f64| -> Result<f64, VerifyError> {
+        Ok(compare(&inp.reference_with(&with(x))?, actual, all.clone()).nmse)
+    };
+    let center = if rec > 0.0 && rec.is_finite() {
+        rec
+    } else {
+        8.0
+    };
+    let mut candidates = vec![0.0, 8.0, 30.0, 50.0];
+    let step = 2f64.sqrt();
+    candidates.extend((-8..=8).map(|k| center * step.powi(k)));
+    let mut best = (f64::INFINITY, rec);
+    for x in candidates {
+        if x.is_finite() && x >= 0.0 && (x - rec).abs() > 1e-6 * rec.abs().max(1e-30) {
+            let e = eval(x)?;
+            if e < best.0 {
+                best = (e, x);
+            }
+        }
+    }
+    if best.0 > bound && best.1 > 0.0 {
+        // Golden-section search on log(x) within one grid step either side.
+        let (mut a, mut b) = ((best.1 / step).ln(), (best.1 * step).ln());
+        let phi = (5f64.sqrt() - 1.0) / 2.0;
+        let (mut c, mut e) = (b - phi * (b - a), a + phi * (b - a));
+        let (mut fc, mut fe) = (eval(c.exp())?, eval(e.exp())?);
+        for _ in 0..40 {
+            if fc < fe {
+                b = e;
+                e = c;
+                fe = fc;
+                c = b - phi * (b - a);
+                fc = eval(c.exp())?;
+            } else {
+                a = c;
+                c = e;
+                fc = fe;
+                e = a + phi * (b - a);
+                fe = eval(e.exp())?;
+            }
+        }
+        let (f, x) = if fc < fe {
+            (fc, c.exp())
+        } else {
+            (fe, e.exp())
+        };
+        if f < best.0 {
+            best = (f, x);
+        }
+    }
+    let (after, x) = best;
+    let before = compare(original, actual, all).nmse;
+    if exceeds(after, bound) || before <= bound {
+        return Ok(None);
+    }
+    let (suspect, key, name) = match param {
+        Param::Softcap => (
+            Suspect::Softcap,
+            trace_format::keys::ATTN_SOFTCAP,
+            "softcap",
+        ),
+        _ => (
+            Suspect::MaxBias,
+            trace_format::keys::ATTN_MAX_BIAS,
+            "ALiBi max_bias",
+        ),
+    };
+    Ok(Some(Finding {
+        suspect,
+        tensor: key.to_owned(),
+        what: format!(
+            "the recorded {name} {} does not reproduce kqv_out; {name} {} does",
+            rec as f32,
+            sci(x)
+        ),
+        nmse_after: Some(after),
+    }))
 }
 
 /// Each output head's best q head (giving every query head one q head's data at a time);

@@ -13,6 +13,7 @@ mod interop;
 mod long_context;
 mod mixed;
 mod planted;
+mod planted_zoo;
 mod progress;
 mod revisions;
 mod sampling;

@@ -103,6 +103,8 @@ fn assert_named(t: &TraceFile, c: &Checked, suspect: Suspect, step: u32, layer: 
     match suspect {
         Suspect::Tensor(role) => assert_eq!(f.tensor, t.find(role, layer, step).unwrap().name),
         Suspect::Scale => assert_eq!(f.tensor, keys::ATTN_SCALE),
+        Suspect::Softcap => assert_eq!(f.tensor, keys::ATTN_SOFTCAP),
+        Suspect::MaxBias => assert_eq!(f.tensor, keys::ATTN_MAX_BIAS),
     }
     f.to_string()
 }
