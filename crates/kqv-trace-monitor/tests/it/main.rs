@@ -1,6 +1,6 @@
 //! kqv-trace-monitor's integration tests in one binary (one link of llama.cpp): the
 //! command line, captures against llama.cpp, revisions, verification, planted bugs,
-//! the mixed KV cache, gemma-3-270m, gguf-py interop, the progress line and the
+//! the mixed KV cache (and its refusals over the zoo), gemma-3-270m, gguf-py interop, the progress line and the
 //! tiny-model zoo (every architecture in three modes).
 //! One binary per crate, as ripgrep does (`tests/integration/`): each file below is a
 //! module; shared helpers live in the `test-support` crate.
@@ -11,6 +11,7 @@ mod common;
 mod gemma;
 mod interop;
 mod mixed;
+mod mixed_zoo;
 mod planted;
 mod progress;
 mod revisions;
