@@ -212,3 +212,41 @@ fn every_zoo_architecture_is_refused_or_equals_the_plain_cache() {
     }
     eprintln!("{}", table.join("\n"));
 }
+
+/// `model` rewritten with one metadata key set to `value`.
+fn with_key(model: &Path, out: &Path, key: &str, value: impl Into<gguf_io::Value>) {
+    let f = gguf_io::GgufFile::from_bytes(std::fs::read(model).unwrap()).unwrap();
+    let mut spec = gguf_io::HeaderSpec::from_header(f.header());
+    spec.metadata.set(key, value);
+    let mut w = gguf_io::GgufWriter::new(Vec::new(), &spec).unwrap();
+    for t in f.tensors() {
+        w.write_tensor(f.tensor_data(t)).unwrap();
+    }
+    std::fs::write(out, w.finish().unwrap()).unwrap();
+}
+
+/// The refusals the zoo does not reach as such, on zoo models with one key changed: the
+/// gpt-oss model without its window (`n_swa` 0: the attention sinks are then the reason)
+/// and a llama declared non-causal (`llama.attention.causal = false`).
+#[test]
+fn attention_sinks_and_non_causal_models_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let oss = write_zoo_model(dir.path(), Arch::GptOss).unwrap();
+    let no_window = dir.path().join("gpt-oss-no-window.gguf");
+    with_key(&oss, &no_window, "gpt-oss.attention.sliding_window", 0u32);
+    refused(
+        dir.path(),
+        Arch::GptOss,
+        &no_window,
+        "attention sinks (attn_sinks)",
+    );
+    let llama = write_zoo_model(dir.path(), Arch::Llama).unwrap();
+    let non_causal = dir.path().join("llama-non-causal.gguf");
+    with_key(&llama, &non_causal, "llama.attention.causal", false);
+    refused(
+        dir.path(),
+        Arch::Llama,
+        &non_causal,
+        "non-causal attention (an encoder, embedding or diffusion model",
+    );
+}
