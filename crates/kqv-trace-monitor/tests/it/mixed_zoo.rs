@@ -6,7 +6,8 @@
 //!   and a hot window larger than the context (so no row ever reaches the cold store and
 //!   the mixed node computes exactly the normal attention). The `kqv_out` of every
 //!   (step, layer) of the two traces agree, NMSE <= [`MAX_NMSE`] computed here in f64
-//!   from the two traces' tensors;
+//!   from the two traces' tensors, and `gguf-reader --verify-attention` verifies the
+//!   mixed trace;
 //! - refused: exit 2 (the usage-error status), before any step, with exactly one line on
 //!   stderr that names the model's architecture and the reason, and no trace written.
 
@@ -102,10 +103,20 @@ fn accepted(dir: &Path, arch: Arch, model: &Path) -> f64 {
         &dir.join(format!("plain-{name}.gguf")),
         &[],
     );
-    let mixed = crate::common::trace_with(
-        mixed_args(model),
-        &dir.join(format!("mixed-{name}.gguf")),
-        &[],
+    let mixed_path = dir.join(format!("mixed-{name}.gguf"));
+    let mixed = crate::common::trace_with(mixed_args(model), &mixed_path, &[]);
+    // the trace is self-consistent too (docs/workflows.md, 6)
+    let v = Command::new(test_support::workspace_bin("gguf-reader", "gguf-reader"))
+        .arg(&mixed_path)
+        .arg("--verify-attention")
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{name}: gguf-reader --verify-attention: {:?}\n{}{}",
+        v.status,
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
     );
     assert!(mixed.run.mixed_kv_cache, "{name}");
     assert!(!plain.run.mixed_kv_cache, "{name}");
