@@ -8,6 +8,7 @@
 #include "sampling.h"
 #include "llama.h"
 #include "ggml-cpu.h"
+#include "gguf.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -85,6 +86,83 @@ static bool flag_given(int argc, const char * const * argv, const char * a, cons
     return false;
 }
 
+// --mixed-kv-cache: the attention the mixed KV cache cannot express (vendor/patches/0001-0002).
+// The patch replaces only llm_graph_context::build_attn over llama.cpp's plain unified KV cache
+// with one node computing softmax(scale * q.k [softcap] + mask [ALiBi]) . v over a hot F16 and a
+// cold quantized store. Anything else would run wrong (an explicit tanh chain dropped), crash
+// (MLA's K-only cache) or abort (T5), so it is refused here, from the model's hparams and GGUF
+// keys, before a context exists. Returns the reason (one line), or "" when the model is accepted.
+// The patch's own checks at context creation stay as the backstop for caches not listed here.
+static std::string mixed_kv_refusal(const llama_model * m, const std::string & path) {
+    char buf[256] = {0};
+    llama_model_meta_val_str(m, "general.architecture", buf, sizeof(buf));
+    const std::string arch = buf;
+    auto meta = [&](const std::string & key) -> std::string {
+        char v[256] = {0};
+        return llama_model_meta_val_str(m, key.c_str(), v, sizeof(v)) >= 0 ? std::string(v) : std::string();
+    };
+    auto refuse = [&](const std::string & why) {
+        return "--mixed-kv-cache cannot express the attention of architecture '" + arch + "': " + why;
+    };
+    if (llama_model_has_encoder(m)) {
+        return refuse("an encoder-decoder model (the encoder, the decoder's cross-attention and a "
+                      "relative position bias are not attention over one decoder KV cache)");
+    }
+    // llama.cpp builds these without any KV cache (llama_model::create_memory returns none)
+    static const char * const no_cache[] = {
+        "bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2",
+        "jina-bert-v3", "eurobert", "clef", "gemma-embedding", "wavtokenizer-dec", "dream",
+        "llada", "llada-moe", "rnd1",
+    };
+    const bool listed = std::find_if(std::begin(no_cache), std::end(no_cache),
+                                     [&](const char * a) { return arch == a; }) != std::end(no_cache);
+    if (listed || !llama_model_has_decoder(m) || llama_model_is_diffusion(m) ||
+        meta(arch + ".attention.causal") == "false") {
+        return refuse("non-causal attention (an encoder, embedding or diffusion model, which "
+                      "llama.cpp runs without a KV cache to split into hot and cold stores)");
+    }
+    if (llama_model_is_recurrent(m) || llama_model_is_hybrid(m)) {
+        return refuse("it does not use llama.cpp's plain unified KV cache (recurrent or hybrid "
+                      "recurrent layers)");
+    }
+    if (llama_model_n_swa(m) > 0) {
+        return refuse("it does not use llama.cpp's plain unified KV cache (sliding-window or chunked "
+                      "attention over " + std::to_string(llama_model_n_swa(m)) + " tokens: an iSWA cache)");
+    }
+    for (const char * k : {".attention.key_length_mla", ".attention.key_length_mla_swa"}) {
+        const std::string v = meta(arch + k);
+        if (!v.empty() && v != "0") {
+            return refuse("multi-head latent attention (MLA: a K-only latent cache with V a view of K, "
+                          "and attn_v_b applied after the attention, which the mixed node does not do)");
+        }
+    }
+    if (arch == "grok") {
+        return refuse("its softcap and output scale are explicit graph ops between kq and the softmax "
+                      "(scale, tanh, scale), which the mixed node does not apply");
+    }
+    if (arch == "deepseek4" || arch == "minimax-m3" || arch == "dflash") {
+        return refuse("it does not use llama.cpp's plain unified KV cache (compressed or sparse "
+                      "attention caches)");
+    }
+    const llama_rope_type rope = llama_model_rope_type(m);
+    if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
+        return refuse("several positions per token (M-RoPE)");
+    }
+    // attention sinks are tensors, not keys: read the GGUF's tensor names (metadata only)
+    gguf_init_params gp = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    if (gguf_context * g = gguf_init_from_file(path.c_str(), gp)) {
+        bool sinks = false;
+        for (int64_t i = 0; i < gguf_get_n_tensors(g) && !sinks; ++i) {
+            sinks = strstr(gguf_get_tensor_name(g, i), ".attn_sinks.") != nullptr;
+        }
+        gguf_free(g);
+        if (sinks) {
+            return refuse("attention sinks (attn_sinks), which the mixed node has no term for");
+        }
+    }
+    return "";
+}
+
 kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                                  ggml_backend_sched_eval_callback cb, void * cb_user,
                                  int32_t verbose, char * err, size_t err_len,
@@ -155,7 +233,18 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             // attention, with a log line of its own: say so here, as an option error.
             char arch[64] = {0};
             llama_model_meta_val_str(vm, "general.architecture", arch, sizeof(arch));
+            // The mixed KV cache refuses what it cannot express before any work (the
+            // vocabulary-only load has the hyperparameters).
+            const std::string mixed_why = p.mixed_kv_cache ? mixed_kv_refusal(vm, p.model.path) : "";
             llama_model_free(vm);
+            if (!mixed_why.empty()) {
+                set_err(err, err_len, mixed_why);
+                if (usage_error) {
+                    *usage_error = 1;
+                }
+                delete s;
+                return nullptr;
+            }
             if (strcmp(arch, "grok") == 0 && ggml_is_quantized(p.cache_type_v)) {
                 set_err(err, err_len,
                         std::string("a quantized V cache (-ctv ") + ggml_type_name(p.cache_type_v) +

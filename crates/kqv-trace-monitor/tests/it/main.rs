@@ -1,7 +1,8 @@
 //! kqv-trace-monitor's integration tests in one binary (one link of llama.cpp): the
 //! command line, captures against llama.cpp, revisions, verification, planted bugs,
-//! the mixed KV cache, gemma-3-270m, gguf-py interop, the progress line and the
-//! tiny-model zoo (every architecture in three modes).
+//! the mixed KV cache (and, over the zoo, what it refuses and what it equals), gemma-3-270m,
+//! gguf-py interop, the progress line and the tiny-model zoo (every architecture in three
+//! modes).
 //! One binary per crate, as ripgrep does (`tests/integration/`): each file below is a
 //! module; shared helpers live in the `test-support` crate.
 
@@ -12,6 +13,7 @@ mod gemma;
 mod interop;
 mod long_context;
 mod mixed;
+mod mixed_zoo;
 mod planted;
 mod planted_zoo;
 mod progress;
