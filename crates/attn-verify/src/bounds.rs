@@ -31,7 +31,8 @@ pub fn nmse_bound(v_type: GgmlType, flash: bool, n_cells: usize) -> f64 {
 
 /// The NMSE bound of a group judged against the kernel-faithful reference of `path`
 /// ([`crate::kernel`]), by the traced V type and whether ggml's F16 dot product order is
-/// modelled (`exact_dot`: an AVX2 build). Measured on the project's models and ggml itself
+/// modelled (`exact_dot`: an AVX2 build, K F16, no softcap: libm's `tanhf` is not
+/// reproduced bit for bit). Measured on the project's models and ggml itself
 /// (docs/verification.md, "Bounds"); none grows with the context:
 ///
 /// - an F16 accumulator (one-chunk or split-KV over an F16 V) with the dot order modelled:
