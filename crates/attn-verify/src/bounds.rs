@@ -31,12 +31,12 @@ pub fn nmse_bound(v_type: GgmlType, flash: bool, n_cells: usize) -> f64 {
 
 /// The NMSE bound of a group judged against the kernel-faithful reference of `path`
 /// ([`crate::kernel`]), by the traced V type and whether ggml's F16 dot product order is
-/// modelled (`exact_dot`: an AVX2 build, K F16, no softcap: libm's `tanhf` is not
-/// reproduced bit for bit). Measured on the project's models and ggml itself
+/// modelled (`exact_dot`: an AVX2 build, K F16). Measured on the project's models and ggml itself
 /// (docs/verification.md, "Bounds"); none grows with the context:
 ///
 /// - an F16 accumulator (one-chunk or split-KV over an F16 V) with the dot order modelled:
-///   bit for bit on every test, 4.7e-15 at worst on gemma-3-270m at 1.8k cells: 1e-12;
+///   bit for bit on every test (with libm's own `expf` and `tanhf`), gemma-3-270m at 2k
+///   cells included: 1e-12;
 /// - the same without the dot order: one score in a few thousand rounds the other way and
 ///   tips an F16 rounding (measured up to 4e-8): 1e-7;
 /// - f32 accumulation (tiled, or a V that is not F16), modelled in f64 (3.0e-12 on

@@ -222,9 +222,11 @@ fn dot_avx2(x: &[f64], y: &[f64]) -> f32 {
     sumf as f32
 }
 
-/// `expf` as ggml calls it (libm, correctly rounded in practice): exp in f64, rounded.
+/// `expf` as ggml calls it: Rust's `f32::exp` is the platform libm's `expf`, the same
+/// function ggml's scalar code calls (not always correctly rounded: an exp in f64 rounded
+/// to f32 differs from it in the last bit now and then, which can tip an F16 rounding).
 fn expf(x: f32) -> f32 {
-    f64::from(x).exp() as f32
+    x.exp()
 }
 
 fn f16_round(x: f32) -> f32 {
@@ -347,7 +349,8 @@ fn scores_f32(
         };
         let mut x = dot * scale;
         if softcap != 0.0 {
-            x = softcap * (f64::from(x).tanh() as f32);
+            // libm's tanhf, as ggml calls it.
+            x = softcap * x.tanh();
         }
         *slot = Some(x + mv);
     }
