@@ -262,13 +262,6 @@ fn tries(
         }
     }
 
-    // One KV cell wrong (a corrupted or misplaced row of the cache).
-    if found.is_empty() {
-        if let Some(f) = one_cell(g, inp, original, actual)? {
-            found.push(f);
-        }
-    }
-
     // Q heads permuted (a heads x heads matrix: bounded).
     if inp.q.ne[2] > crate::MAX_DIAGNOSIS_HEADS {
         notes.push(format!(
@@ -295,6 +288,14 @@ fn tries(
     // the reference's times a factor of its own.
     if found.is_empty() && inp.sinks.is_some() {
         if let Some(f) = row_scaling(g, original, actual, bound) {
+            found.push(f);
+        }
+    }
+
+    // One KV cell wrong (a corrupted or misplaced row of the cache): evidence, not a
+    // repair, so only when no repair explained the failure.
+    if found.is_empty() {
+        if let Some(f) = one_cell(g, inp, original, actual)? {
             found.push(f);
         }
     }
@@ -618,6 +619,9 @@ fn scale_fit(
 /// times more the runner-up cell must leave unexplained.
 const ONE_CELL_SHARE: f64 = 0.8;
 const ONE_CELL_MARGIN: f64 = 2.0;
+/// The most another cell may explain: when every cell fits (few rows leave the
+/// hypothesis underdetermined), none is named.
+const ONE_CELL_RUNNER_UP: f64 = 0.95;
 
 /// One K or V cell wrong: each hypothesis predicts the error's shape exactly (not only to
 /// first order), whatever the size of the corruption:
@@ -727,7 +731,9 @@ fn one_cell(
         v2.map_or(0.0, |j| v_share[j]) / total,
     );
     let clear = |c: &(Role, usize, f64, f64)| {
-        c.2 >= ONE_CELL_SHARE && (1.0 - c.3) >= ONE_CELL_MARGIN * (1.0 - c.2)
+        c.2 >= ONE_CELL_SHARE
+            && c.3 <= ONE_CELL_RUNNER_UP
+            && (1.0 - c.3) >= ONE_CELL_MARGIN * (1.0 - c.2)
     };
     let (role, cell, share, runner) = match (clear(&k), clear(&v)) {
         (true, true) if v.2 > k.2 => v,

@@ -233,10 +233,21 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             // attention, with a log line of its own: say so here, as an option error.
             char arch[64] = {0};
             llama_model_meta_val_str(vm, "general.architecture", arch, sizeof(arch));
-            // The mixed KV cache refuses what it cannot express before any work (the
-            // vocabulary-only load has the hyperparameters).
-            const std::string mixed_why = p.mixed_kv_cache ? mixed_kv_refusal(vm, p.model.path) : "";
             llama_model_free(vm);
+            // The mixed KV cache refuses what it cannot express before any work. The
+            // vocabulary-only load has no hyperparameters: load the model's metadata
+            // (no_alloc: no weights read, nothing allocated) just for the check.
+            std::string mixed_why;
+            if (p.mixed_kv_cache) {
+                llama_model_params mp = llama_model_default_params();
+                mp.n_gpu_layers = 0;
+                mp.no_alloc = true;
+                mp.load_mode = LLAMA_LOAD_MODE_NONE;
+                if (llama_model * fm = llama_model_load_from_file(p.model.path.c_str(), mp)) {
+                    mixed_why = mixed_kv_refusal(fm, p.model.path);
+                    llama_model_free(fm);
+                }
+            }
             if (!mixed_why.empty()) {
                 set_err(err, err_len, mixed_why);
                 if (usage_error) {
