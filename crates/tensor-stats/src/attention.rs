@@ -280,6 +280,30 @@ pub fn attention(
     sinks: Option<&[f64]>,
     p: &AttentionParams,
 ) -> Result<Dense> {
+    attention_biased(q, k, v, mask, None, sinks, p)
+}
+
+/// The bias element added to the score of cell `j` for (token `t`, head `h`, sequence
+/// `s`): `bias` is `[n_kv, T, H, S]` or broadcast to it as ggml's ADD repeats its second
+/// operand (each dimension divides the scores').
+pub fn bias_at(bias: &Dense, j: usize, t: usize, h: usize, s: usize) -> f64 {
+    let [b0, b1, b2, b3] = bias.ne;
+    bias.data[(((s % b3) * b2 + h % b2) * b1 + t % b1) * b0 + j % b0]
+}
+
+/// [`attention`] with an additive score bias (`bias`, see [`bias_at`]) added to the raw
+/// score `K·Q` before the scale and softcap, as llama.cpp's `kq + kq_b` before
+/// `soft_max_ext(kq, mask, scale)` (T5's relative-position bias):
+/// `softmax((K·Q + bias) * scale + slope * mask)`.
+pub fn attention_biased(
+    q: &Dense,
+    k: &Dense,
+    v: &Dense,
+    mask: Option<&Dense>,
+    bias: Option<&Dense>,
+    sinks: Option<&[f64]>,
+    p: &AttentionParams,
+) -> Result<Dense> {
     q.check("q")?;
     k.check("k")?;
     v.check("v")?;
@@ -331,6 +355,19 @@ pub fn attention(
             max_bias: p.max_bias,
         });
     }
+    if let Some(b) = bias {
+        b.check("bias")?;
+        let fits = [n_kv, n_tokens, n_head, n_seq]
+            .iter()
+            .zip(b.ne)
+            .all(|(&n, bn)| bn > 0 && n % bn == 0);
+        if !fits {
+            return Err(shape_err(format!(
+                "bias ne {:?} does not broadcast onto the scores [{n_kv}, {n_tokens}, {n_head}, {n_seq}]",
+                b.ne
+            )));
+        }
+    }
     if let Some(s) = sinks {
         if s.len() != n_head {
             return Err(AttentionError::SinksLength {
@@ -377,7 +414,10 @@ pub fn attention(
                         continue;
                     }
                     let krow = &k.data[k_base + j * d..k_base + (j + 1) * d];
-                    let dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    let mut dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    if let Some(b) = bias {
+                        dot += bias_at(b, j, t, h, s);
+                    }
                     let mut x = dot * scale;
                     if p.softcap != 0.0 {
                         x = p.softcap * x.tanh();

@@ -419,7 +419,7 @@ pub(crate) fn check_run_flags(
     if m.contains(keys::RUN_FLASH_ATTN) {
         let soft_max = first_op(SOFT_MAX_OP);
         let flash = first_op(FLASH_OP);
-        let non_flash_tensor = first_role(&[Role::Kq, Role::KqSoftMax]);
+        let non_flash_tensor = first_role(&[Role::Kq, Role::KqSoftMax, Role::KqBias]);
         let evidence = match fa {
             "on" => soft_max.map(rec).or_else(|| non_flash_tensor.map(describe)),
             "off" => flash.map(rec).or_else(|| {
@@ -700,7 +700,12 @@ impl<'a> GroupCheck<'a> {
             match op {
                 Some(FLASH_OP) => Some(true),
                 Some(SOFT_MAX_OP) => Some(false),
-                _ if has(self, Role::Kq) || has(self, Role::KqSoftMax) => Some(false),
+                _ if has(self, Role::Kq)
+                    || has(self, Role::KqSoftMax)
+                    || has(self, Role::KqBias) =>
+                {
+                    Some(false)
+                }
                 _ => None,
             }
         };
@@ -889,6 +894,18 @@ impl<'a> GroupCheck<'a> {
                 [n_kv, nt, nh, ns],
                 "kq and kq_soft_max are [n_kv, T, H, S]",
             );
+        }
+        // An additive score bias broadcasts onto kq as ggml's ADD does: each of its
+        // dimensions divides kq's.
+        if let Some(b) = self.get(Role::KqBias) {
+            let kq = [n_kv, nt, nh, ns];
+            let fits = (0..4).all(|i| divides(kq[i], b[i]));
+            if !fits {
+                self.bad(
+                    Role::KqBias,
+                    "kq_bias does not broadcast onto kq [n_kv, T, H, S]".into(),
+                );
+            }
         }
     }
 }

@@ -229,6 +229,23 @@ impl<'a> Capture<'a> {
         unsafe { kq_ancestor(t, |c| self.open.contains_key(&c)) }
     }
 
+    /// Without flash attention: the traced `kq` that an `ADD` of a score bias onto the
+    /// scores reaches (T5's relative-position bias, `kq_plus_kq_b`): the ADD's first
+    /// source chain reaches a `kq` whose softmax has not run yet.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn biased_kq(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
+        // SAFETY: caller guarantees liveness.
+        let tr = unsafe { &*t };
+        if tr.op != sys::GGML_OP_ADD || tr.src[1].is_null() {
+            return None;
+        }
+        // SAFETY: as above.
+        let kq = unsafe { self.kq_ancestor(t) }?;
+        self.open.get(&kq).is_some_and(|p| p.op.is_empty()).then_some(kq)
+    }
+
     /// Is `t` a softmax whose `kq` was traced (its layer waiting for `kqv`)?
     fn is_traced_softmax(&self, t: *const sys::ggml_tensor) -> bool {
         self.open.get(&t).is_some_and(|p| !p.op.is_empty())
@@ -271,6 +288,8 @@ impl<'a> Capture<'a> {
                 // the latent K cache's view): its softmax was traced.
                 sys::GGML_OP_MUL_MAT => self.is_traced_softmax(tr.src[1]),
                 sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
+                // A score bias added to a traced `kq` before its softmax.
+                sys::GGML_OP_ADD => self.biased_kq(t).is_some(),
                 sys::GGML_OP_CUSTOM if mixed_attn_params(t).is_some() => {
                     self.wanted_layer(source_layer_hint(tr.src[1]))
                 }
@@ -373,6 +392,21 @@ impl<'a> Capture<'a> {
                         p.tensors.push(self.read(tr.src[i], role, layer)?);
                     }
                     self.done.insert(t, p);
+                }
+                // The bias is read here, while it is live (its memory may be reused once
+                // the ADD has run).
+                sys::GGML_OP_ADD => {
+                    if let Some(kq) = self.biased_kq(t) {
+                        let layer = self
+                            .open
+                            .get(&kq)
+                            .and_then(|p| p.layer_hint)
+                            .unwrap_or(-1);
+                        let bias = self.read(tr.src[1], Role::KqBias, layer)?;
+                        if let Some(p) = self.open.get_mut(&kq) {
+                            p.tensors.push(bias);
+                        }
+                    }
                 }
                 sys::GGML_OP_SOFT_MAX => {
                     if let Some(kq) = self.kq_ancestor(t) {
