@@ -190,6 +190,11 @@ pub struct RunMeta {
     /// The SIMD ggml-cpu was built with (`avx2 fma f16c`, ...): how its kernels round.
     /// Empty when unknown.
     pub cpu_simd: String,
+    /// Encoder-decoder models: the number of decoder layers whose cross-attention is
+    /// recorded, decoder layer `il`'s as layer `n_layer + il` (0: none).
+    pub n_cross_layer: u32,
+    /// `on`/`off`: what the cross-attention records ran (empty without cross-attention).
+    pub cross_flash_attn: String,
 }
 
 /// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types

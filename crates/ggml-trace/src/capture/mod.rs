@@ -49,7 +49,7 @@ pub use error::CaptureError;
 pub use graph::mixed_attn_params;
 use graph::{
     attention_feeding_mla, attention_q_v, backend_of, cache_base, cache_write, flash_attn_params,
-    is_activation_kq, is_attention_node, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer,
+    is_activation_kq, is_attention_node, is_input_projection, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer,
     layout_of, op_name, projects_kqv_out, softmax_params, source_layer_hint, tensor_name,
     unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
 };
@@ -86,6 +86,11 @@ pub struct CapturedAttention {
     /// What the graph showed about this layer's Hadamard rotation; None for the capture
     /// of `kqv_out_unrotated` alone (it follows its layer's `kqv_out`).
     pub rotation: Option<Rotation>,
+    /// Cross-attention of an encoder-decoder model's decoder (V is a projection of a
+    /// graph input, the encoder output): recorded as layer `n_layer + il` so that it does
+    /// not collide with decoder layer `il`'s self-attention. Known only when the sources
+    /// are traced.
+    pub cross: bool,
 }
 
 /// llama.cpp's Hadamard rotation of one layer, as its graph showed it (see the module
@@ -158,6 +163,9 @@ pub struct Capture<'a> {
     kept: KeptCache,
     /// Per KV-cache tensor: whether the rows last written into it were rotated.
     cache_rotated: HashMap<*const sys::ggml_tensor, bool>,
+    /// The model's layer count (from the run's start): cross-attention is recorded after
+    /// the self-attention layers.
+    n_layer: i32,
 }
 
 impl<'a> Capture<'a> {
@@ -173,6 +181,7 @@ impl<'a> Capture<'a> {
             scratch: Vec::new(),
             kept: KeptCache::new(KEPT_BUDGET),
             cache_rotated: HashMap::new(),
+            n_layer: 0,
         }
     }
 
@@ -207,6 +216,7 @@ impl<'a> Capture<'a> {
     }
 
     pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {
+        self.n_layer = i32::try_from(info.n_layer).unwrap_or(i32::MAX);
         self.sink.on_start(info)
     }
 
@@ -460,6 +470,7 @@ impl<'a> Capture<'a> {
             backend: String::new(),
             tensors: vec![c],
             rotation: None,
+            cross: false,
         })
     }
 
@@ -555,18 +566,32 @@ impl<'a> Capture<'a> {
             backend: String::new(),
             tensors: vec![out],
             rotation,
+            cross: false,
         };
         if self.cfg.trace_sources {
             // SAFETY: caller guarantees liveness.
             let feeding = unsafe { attention_feeding_mla(t, |c| self.done.contains_key(&c)) };
-            let Some((p, v_mla)) =
-                feeding.and_then(|f| Some((self.done.remove(&f.node)?, f.v_mla)))
+            let Some((p, v_mla, feeding_node)) =
+                feeding.and_then(|f| Some((self.done.remove(&f.node)?, f.v_mla, f.node)))
             else {
                 return Err(CaptureError::Unbound {
                     layer,
                     step: self.step,
                 });
             };
+            // SAFETY: a node of the live graph.
+            let (_, v) = unsafe { attention_q_v(feeding_node) };
+            // SAFETY: as above.
+            att.cross = unsafe { is_input_projection(v) };
+            let layer = if att.cross {
+                self.n_layer + layer
+            } else {
+                layer
+            };
+            att.layer = layer;
+            for c in &mut att.tensors {
+                c.meta.layer = layer;
+            }
             att.op = p.op;
             att.params = p.params;
             att.backend = p.backend;
