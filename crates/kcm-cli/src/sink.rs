@@ -64,6 +64,11 @@ pub struct LayerRotation {
 impl LayerRotation {
     /// Note what one capture shows.
     pub fn observe(&mut self, att: &CapturedAttention) {
+        // Cross-attention reads no cache (K and V are the encoder output's projections):
+        // nothing rotated, and its layer (n_layer + il) has no slot.
+        if att.cross {
+            return;
+        }
         if let Some(r) = att.rotation {
             self.k.insert(att.layer, r.k);
             let v = self.v.entry(att.layer).or_insert(r.v);
@@ -493,7 +498,9 @@ impl CaptureSink for MonitorSink {
             if !att.op.is_empty() {
                 self.cross_op.get_or_insert_with(|| att.op.clone());
             }
-            let il = u32::try_from(att.layer).unwrap_or(0).saturating_sub(self.n_layer);
+            let il = u32::try_from(att.layer)
+                .unwrap_or(0)
+                .saturating_sub(self.n_layer);
             self.n_cross_layer = self.n_cross_layer.max(il + 1);
         } else if !att.op.is_empty() {
             self.seen_op.get_or_insert_with(|| att.op.clone());

@@ -49,9 +49,10 @@ pub use error::CaptureError;
 pub use graph::mixed_attn_params;
 use graph::{
     attention_feeding_mla, attention_q_v, backend_of, cache_base, cache_write, flash_attn_params,
-    is_activation_kq, is_attention_node, is_input_projection, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer,
-    layout_of, op_name, projects_kqv_out, softmax_params, source_layer_hint, tensor_name,
-    unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
+    is_activation_kq, is_attention_node, is_input_projection, is_kv_mul_mat, is_rotated,
+    kq_ancestor, kqv_out_layer, layout_of, op_name, projects_kqv_out, softmax_params,
+    source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES,
+    MIXED_ROLES,
 };
 use kept::{KeptCache, KEPT_BUDGET};
 
@@ -253,7 +254,10 @@ impl<'a> Capture<'a> {
         }
         // SAFETY: as above.
         let kq = unsafe { self.kq_ancestor(t) }?;
-        self.open.get(&kq).is_some_and(|p| p.op.is_empty()).then_some(kq)
+        self.open
+            .get(&kq)
+            .is_some_and(|p| p.op.is_empty())
+            .then_some(kq)
     }
 
     /// Is `t` a softmax whose `kq` was traced (its layer waiting for `kqv`)?
@@ -407,11 +411,7 @@ impl<'a> Capture<'a> {
                 // the ADD has run).
                 sys::GGML_OP_ADD => {
                     if let Some(kq) = self.biased_kq(t) {
-                        let layer = self
-                            .open
-                            .get(&kq)
-                            .and_then(|p| p.layer_hint)
-                            .unwrap_or(-1);
+                        let layer = self.open.get(&kq).and_then(|p| p.layer_hint).unwrap_or(-1);
                         let bias = self.read(tr.src[1], Role::KqBias, layer)?;
                         if let Some(p) = self.open.get_mut(&kq) {
                             p.tensors.push(bias);
