@@ -1448,6 +1448,51 @@ mod tests {
         });
     }
 
+    /// Encoder-decoder traces: cross-attention (layers from `n_layer` on, with
+    /// `n_cross_layer`) is checked against `cross_flash_attn`, the others against
+    /// `flash_attn`; without `n_cross_layer` the same records contradict `flash_attn`.
+    #[test]
+    fn cross_attention_has_its_own_flash_flag() {
+        let s = Shapes::default();
+        assert!(s.flash);
+        // Layer 0 ran the softmax path (T5's self-attention, refused fa for its bias),
+        // layer 1 is cross-attention and ran FLASH_ATTN_EXT.
+        let cross = |n_cross: u32, cfa: &'static str| {
+            edit(s, move |spec, _| {
+                set_array(spec, keys::ATTN_OP, strs, |v| {
+                    v[0] = SOFT_MAX_OP.into();
+                    v[2] = SOFT_MAX_OP.into();
+                });
+                spec.metadata.set(keys::RUN_FLASH_ATTN, "off");
+                if n_cross > 0 {
+                    spec.metadata.set(keys::RUN_N_LAYER, 1u32);
+                    spec.metadata.set(keys::RUN_N_CROSS_LAYER, n_cross);
+                    spec.metadata.set(keys::RUN_CROSS_FLASH_ATTN, cfa);
+                }
+            })
+        };
+        let t = open(cross(1, "on")).unwrap();
+        assert_eq!(t.run.n_cross_layer, 1);
+        assert_eq!(t.run.cross_flash_attn, "on");
+        // The ordinary check is untouched: the FA records of layer 1 contradict "off".
+        let v = invalid(cross(0, ""));
+        assert!(
+            matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_FLASH_ATTN),
+            "{v}"
+        );
+        let v = invalid(cross(1, "off"));
+        assert!(
+            matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_CROSS_FLASH_ATTN),
+            "{v}"
+        );
+        assert!(v.to_string().contains("step 0 layer 1"), "{v}");
+        let v = invalid(cross(1, "auto"));
+        assert!(
+            matches!(&v, Violation::BadValue { key, .. } if *key == keys::RUN_CROSS_FLASH_ATTN),
+            "{v}"
+        );
+    }
+
     #[test]
     fn run_flags_the_tensors_contradict_are_errors() {
         let s = Shapes::default();
