@@ -483,6 +483,45 @@ mod tests {
         }
     }
 
+    /// A score bias is added to K·Q before the scale: with scale 1 it is a mask (added
+    /// after the scale, slope 1), with scale 2 a mask of twice its values; broadcast
+    /// over tokens as ggml's ADD repeats it; checked by hand on one row too.
+    #[test]
+    fn a_score_bias_is_added_before_the_scale() {
+        // q = [1, 0] for 2 tokens x 2 heads; k0 = [1, 0], k1 = [0, 1] -> dots 1, 0.
+        let q = d([2, 2, 2, 1], &[1.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 2.0]);
+        let k = d([2, 2, 1, 1], &[1.0, 0.0, 0.0, 1.0]);
+        let v = d([3, 2, 1, 1], &[1.0, 2.0, 3.0, -1.0, 0.0, 5.0]);
+        // Per head, one row broadcast over both tokens: [n_kv, 1, H, 1].
+        let b = d([2, 1, 2, 1], &[0.25, -1.5, 3.0, 0.0]);
+        let as_mask = |f: f64| {
+            let mut data = Vec::new();
+            for h in 0..2 {
+                for _t in 0..2 {
+                    data.extend([b.data[2 * h] * f, b.data[2 * h + 1] * f]);
+                }
+            }
+            d([2, 2, 2, 1], &data)
+        };
+        for scale in [1.0, 2.0] {
+            let got =
+                attention_biased(&q, &k, &v, None, Some(&b), None, &p(scale, 0.0, 0.0)).unwrap();
+            let mask = as_mask(scale);
+            let want = attention(&q, &k, &v, Some(&mask), None, &p(scale, 0.0, 0.0)).unwrap();
+            for (a, w) in got.data.iter().zip(&want.data) {
+                assert_relative_eq!(a, w, epsilon = 1e-14);
+            }
+        }
+        // Token 0, head 0, scale 2: scores (1 + 0.25) * 2 and (0 - 1.5) * 2.
+        let got = attention_biased(&q, &k, &v, None, Some(&b), None, &p(2.0, 0.0, 0.0)).unwrap();
+        let (e0, e1) = (2.5f64.exp(), (-3f64).exp());
+        let w0 = e0 / (e0 + e1);
+        assert_relative_eq!(got.data[0], w0 * 1.0 + (1.0 - w0) * -1.0, epsilon = 1e-15);
+        // A bias that does not broadcast onto the scores is refused.
+        let bad = d([3, 1, 1, 1], &[0.0; 3]);
+        assert!(attention_biased(&q, &k, &v, None, Some(&bad), None, &p(1.0, 0.0, 0.0)).is_err());
+    }
+
     fn p(scale: f64, max_bias: f64, softcap: f64) -> AttentionParams {
         AttentionParams {
             scale,
