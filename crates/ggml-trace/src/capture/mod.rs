@@ -11,6 +11,12 @@
 //!   scale and softcap are those of the whole SCALE/TANH chain (Grok). With no cache
 //!   (encoders) `kq` is a `MUL_MAT` of two permuted activations; `kqv` is any `MUL_MAT`
 //!   whose second source is a traced softmax (absorbed MLA's V is a contiguous copy).
+//! - a score bias (T5's relative-position bias `kq_b`): an `ADD` whose first source chain
+//!   reaches a traced `kq` before its softmax ran; its second source is read there, while
+//!   it is live, as `kq_bias`.
+//! - cross-attention (encoder-decoder decoders): the attention whose V is a projection of
+//!   a graph input leaf (the encoder output) is recorded as layer `n_layer + il`, so that
+//!   it does not collide with the decoder's self-attention of layer `il`.
 //! - mixed KV cache (`--mixed-kv-cache`): a `CUSTOM` node that llama.cpp's
 //!   `llama_mixed_attn_get_params` recognises (it compares the node's function pointer
 //!   with the mixed-attention kernel's); its six sources are q, k (hot), v (hot),
