@@ -18,7 +18,7 @@ use crate::VerifyError;
 pub const FLASH_OP: &str = "FLASH_ATTN_EXT";
 
 /// The roles a verification reads.
-const ROLES: [Role; 8] = [
+const ROLES: [Role; 9] = [
     Role::Q,
     Role::K,
     Role::V,
@@ -28,6 +28,8 @@ const ROLES: [Role; 8] = [
     // the mixed KV cache's cold stores (crate::mixed)
     Role::KQuant,
     Role::VQuant,
+    // an additive score bias before the softmax (T5's relative-position bias)
+    Role::KqBias,
 ];
 
 /// The intermediates a saved trace's group is also checked against (check/intermediate.rs;

@@ -164,6 +164,8 @@ pub(crate) struct Operands<'a> {
     /// Logical [Dv, n_kv, H_v, S].
     pub(crate) v: &'a Dense,
     pub(crate) mask: Option<&'a Dense>,
+    /// An additive score bias, added to `K·Q` before the scale (`kq_bias`).
+    pub(crate) bias: Option<&'a Dense>,
     pub(crate) sinks: Option<&'a [f64]>,
     pub(crate) p: &'a AttentionParams,
     pub(crate) k_type: GgmlType,
@@ -281,6 +283,16 @@ fn shape(o: &Operands<'_>) -> Result<Shape, VerifyError> {
             return Err(bad(format!("kernel model: mask {:?} does not fit", m.ne)));
         }
     }
+    if let Some(b) = o.bias {
+        let fits = [n_kv, n_tokens, n_head, n_seq]
+            .iter()
+            .zip(b.ne)
+            .all(|(&n, bn)| bn > 0 && n % bn == 0);
+        let n = b.ne.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+        if !fits || n != Some(b.data.len()) {
+            return Err(bad(format!("kernel model: bias {:?} does not fit", b.ne)));
+        }
+    }
     if let Some(s) = o.sinks {
         if s.len() != n_head {
             return Err(bad(format!(
@@ -342,11 +354,15 @@ fn scores_f32(
             continue;
         }
         let krow = &o.k.data[k_base + j * sh.d..k_base + (j + 1) * sh.d];
-        let dot = if o.dot == DotOrder::Avx2 && o.k_type == GgmlType::F16 {
+        let mut dot = if o.dot == DotOrder::Avx2 && o.k_type == GgmlType::F16 {
             dot_avx2(qrow, krow)
         } else {
             qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>() as f32
         };
+        if let Some(b) = o.bias {
+            // ggml's ADD of the bias onto the f32 scores.
+            dot += tensor_stats::bias_at(b, j, t, h, s) as f32;
+        }
         let mut x = dot * scale;
         if softcap != 0.0 {
             // libm's tanhf, as ggml calls it.
@@ -563,7 +579,10 @@ fn scores_exact(
             continue;
         }
         let krow = &o.k.data[k_base + j * sh.d..k_base + (j + 1) * sh.d];
-        let dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+        let mut dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+        if let Some(b) = o.bias {
+            dot += tensor_stats::bias_at(b, j, t, h, s);
+        }
         let mut x = dot * scale;
         if p.softcap != 0.0 {
             x = p.softcap * x.tanh();
@@ -616,7 +635,8 @@ pub(crate) fn faithful(path: KernelPath, o: &Operands<'_>) -> Result<Dense, Veri
         KernelPath::SplitKv { n_chunks } => flash_rows(o, Some(n_chunks)),
         // f32 GEMMs on unrounded Q: the exact reference is the model.
         KernelPath::Tiled => {
-            tensor_stats::attention(o.q, o.k, o.v, o.mask, o.sinks, o.p).map_err(attn_err)
+            tensor_stats::attention_biased(o.q, o.k, o.v, o.mask, o.bias, o.sinks, o.p)
+                .map_err(attn_err)
         }
         KernelPath::Unfused => unfused(o),
     }

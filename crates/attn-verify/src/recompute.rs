@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use crate::VerifyError;
 use gguf_io::GgmlType;
-use tensor_stats::{attention, AttentionParams, Dense};
+use tensor_stats::{attention_biased, AttentionParams, Dense};
 use trace_format::meta::Role;
 
 use crate::group::{Group, Operand};
@@ -93,6 +93,8 @@ pub(crate) struct Inputs {
     /// Logical [Dv, n_kv, H] (transposed back without flash attention).
     pub(crate) v: Dense,
     pub(crate) mask: Option<Dense>,
+    /// An additive score bias before the softmax (`kq_bias`), as traced.
+    pub(crate) bias: Option<Dense>,
     pub(crate) sinks: Option<Vec<f64>>,
     pub(crate) p: AttentionParams,
     pub(crate) k_type: GgmlType,
@@ -134,11 +136,12 @@ impl Inputs {
         self.budget.spend(self.work())?;
         match self.kernel {
             Ok(path) => kernel::faithful(path, &self.operands(p)),
-            Err(_) => attention(
+            Err(_) => attention_biased(
                 &self.q,
                 &self.k,
                 &self.v,
                 self.mask.as_ref(),
+                self.bias.as_ref(),
                 self.sinks.as_deref(),
                 p,
             )
@@ -149,11 +152,12 @@ impl Inputs {
     /// own numerical error is measured against. Its work is spent by the caller, before
     /// the verdict's reference (a group over the budget is refused before any work).
     pub(crate) fn exact(&self) -> Result<Dense, VerifyError> {
-        attention(
+        attention_biased(
             &self.q_raw,
             &self.k,
             &self.v,
             self.mask.as_ref(),
+            self.bias.as_ref(),
             self.sinks.as_deref(),
             &self.p,
         )
@@ -165,6 +169,7 @@ impl Inputs {
             k: &self.k,
             v: &self.v,
             mask: self.mask.as_ref(),
+            bias: self.bias.as_ref(),
             sinks: self.sinks.as_deref(),
             p,
             k_type: self.k_type,
@@ -195,6 +200,7 @@ pub(crate) fn build_inputs(
         k: dense(k)?,
         v: Dense::zeros([0; 4]).map_err(attn_err)?,
         mask: g.get(Role::Mask).map(dense).transpose()?,
+        bias: g.get(Role::KqBias).map(dense).transpose()?,
         sinks: g
             .get(Role::Sinks)
             .map(|s| s.values.iter().map(|&x| f64::from(x)).collect()),

@@ -165,6 +165,7 @@ impl Cache {
                 backend: "CPU".into(),
                 tensors,
                 rotation: None,
+                cross: false,
             })
             .expect("sink");
         }

@@ -25,8 +25,13 @@ pub struct MonitorSink {
     save: Option<SaveTarget>,
     stop: Arc<AtomicBool>,
     header_printed: bool,
-    /// The attention op the graph really used (resolves `-fa auto`).
+    /// The attention op the graph really used (resolves `-fa auto`), self-attention.
     seen_op: Option<String>,
+    /// Encoder-decoder models: the op cross-attention used and the number of decoder
+    /// layers whose cross-attention was captured (recorded as layers `n_layer + il`).
+    cross_op: Option<String>,
+    n_cross_layer: u32,
+    n_layer: u32,
     target_layer: Option<i32>,
     trace_sources: bool,
     n_steps: u32,
@@ -59,6 +64,11 @@ pub struct LayerRotation {
 impl LayerRotation {
     /// Note what one capture shows.
     pub fn observe(&mut self, att: &CapturedAttention) {
+        // Cross-attention reads no cache (K and V are the encoder output's projections):
+        // nothing rotated, and its layer (n_layer + il) has no slot.
+        if att.cross {
+            return;
+        }
         if let Some(r) = att.rotation {
             self.k.insert(att.layer, r.k);
             let v = self.v.entry(att.layer).or_insert(r.v);
@@ -215,6 +225,9 @@ impl MonitorSink {
             stop,
             header_printed: false,
             seen_op: None,
+            cross_op: None,
+            n_cross_layer: 0,
+            n_layer: 0,
             target_layer: opts.layer,
             trace_sources: opts.trace_sources,
             n_steps: 0,
@@ -308,6 +321,14 @@ impl MonitorSink {
             complete: !outcome.interrupted,
             ..base
         };
+        if self.n_cross_layer > 0 {
+            run.n_cross_layer = self.n_cross_layer;
+            run.cross_flash_attn = match self.cross_op.as_deref() {
+                Some("FLASH_ATTN_EXT") => "on",
+                _ => "off",
+            }
+            .into();
+        }
         // What the graph showed replaces the guess from the cache types.
         self.rotation.record(&mut run);
         match &self.save {
@@ -443,6 +464,7 @@ impl CaptureSink for MonitorSink {
         };
         self.counters.tokens_total = info.prompt_tokens.len() as u64 + generated;
         self.threads = (info.n_threads, info.n_threads_batch);
+        self.n_layer = info.n_layer;
         Ok(())
     }
 
@@ -472,7 +494,15 @@ impl CaptureSink for MonitorSink {
     }
 
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
-        if !att.op.is_empty() {
+        if att.cross {
+            if !att.op.is_empty() {
+                self.cross_op.get_or_insert_with(|| att.op.clone());
+            }
+            let il = u32::try_from(att.layer)
+                .unwrap_or(0)
+                .saturating_sub(self.n_layer);
+            self.n_cross_layer = self.n_cross_layer.max(il + 1);
+        } else if !att.op.is_empty() {
             self.seen_op.get_or_insert_with(|| att.op.clone());
         }
         self.rotation.observe(&att);
@@ -634,6 +664,7 @@ mod tests {
             backend: "CPU".into(),
             tensors,
             rotation: None,
+            cross: false,
         })
         .unwrap();
         sink.out.flush().unwrap();

@@ -280,6 +280,30 @@ pub fn attention(
     sinks: Option<&[f64]>,
     p: &AttentionParams,
 ) -> Result<Dense> {
+    attention_biased(q, k, v, mask, None, sinks, p)
+}
+
+/// The bias element added to the score of cell `j` for (token `t`, head `h`, sequence
+/// `s`): `bias` is `[n_kv, T, H, S]` or broadcast to it as ggml's ADD repeats its second
+/// operand (each dimension divides the scores').
+pub fn bias_at(bias: &Dense, j: usize, t: usize, h: usize, s: usize) -> f64 {
+    let [b0, b1, b2, b3] = bias.ne;
+    bias.data[(((s % b3) * b2 + h % b2) * b1 + t % b1) * b0 + j % b0]
+}
+
+/// [`attention`] with an additive score bias (`bias`, see [`bias_at`]) added to the raw
+/// score `K·Q` before the scale and softcap, as llama.cpp's `kq + kq_b` before
+/// `soft_max_ext(kq, mask, scale)` (T5's relative-position bias):
+/// `softmax((K·Q + bias) * scale + slope * mask)`.
+pub fn attention_biased(
+    q: &Dense,
+    k: &Dense,
+    v: &Dense,
+    mask: Option<&Dense>,
+    bias: Option<&Dense>,
+    sinks: Option<&[f64]>,
+    p: &AttentionParams,
+) -> Result<Dense> {
     q.check("q")?;
     k.check("k")?;
     v.check("v")?;
@@ -331,6 +355,19 @@ pub fn attention(
             max_bias: p.max_bias,
         });
     }
+    if let Some(b) = bias {
+        b.check("bias")?;
+        let fits = [n_kv, n_tokens, n_head, n_seq]
+            .iter()
+            .zip(b.ne)
+            .all(|(&n, bn)| bn > 0 && n % bn == 0);
+        if !fits {
+            return Err(shape_err(format!(
+                "bias ne {:?} does not broadcast onto the scores [{n_kv}, {n_tokens}, {n_head}, {n_seq}]",
+                b.ne
+            )));
+        }
+    }
     if let Some(s) = sinks {
         if s.len() != n_head {
             return Err(AttentionError::SinksLength {
@@ -377,7 +414,10 @@ pub fn attention(
                         continue;
                     }
                     let krow = &k.data[k_base + j * d..k_base + (j + 1) * d];
-                    let dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    let mut dot: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    if let Some(b) = bias {
+                        dot += bias_at(b, j, t, h, s);
+                    }
                     let mut x = dot * scale;
                     if p.softcap != 0.0 {
                         x = p.softcap * x.tanh();
@@ -441,6 +481,46 @@ mod tests {
         for (i, (a, b)) in [(1.0, -1.0), (2.0, 0.0), (3.0, 5.0)].iter().enumerate() {
             assert_relative_eq!(out.data[i], w0 * a + w1 * b, epsilon = 1e-15);
         }
+    }
+
+    /// A score bias is added to K·Q before the scale: with scale 1 it is a mask (added
+    /// after the scale, slope 1), with scale 2 a mask of twice its values; broadcast
+    /// over tokens as ggml's ADD repeats it; checked by hand on one row too.
+    #[test]
+    fn a_score_bias_is_added_before_the_scale() {
+        // q = [1, 0] for 2 tokens x 2 heads; k0 = [1, 0], k1 = [0, 1] -> dots 1, 0.
+        let q = d([2, 2, 2, 1], &[1.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 2.0]);
+        let k = d([2, 2, 1, 1], &[1.0, 0.0, 0.0, 1.0]);
+        let v = d([3, 2, 1, 1], &[1.0, 2.0, 3.0, -1.0, 0.0, 5.0]);
+        // Per head, one row broadcast over both tokens: [n_kv, 1, H, 1].
+        let b = d([2, 1, 2, 1], &[0.25, -1.5, 3.0, 0.0]);
+        let as_mask = |f: f64| {
+            let mut data = Vec::new();
+            for h in 0..2 {
+                for _t in 0..2 {
+                    data.extend([b.data[2 * h] * f, b.data[2 * h + 1] * f]);
+                }
+            }
+            d([2, 2, 2, 1], &data)
+        };
+        for scale in [1.0, 2.0] {
+            let got =
+                attention_biased(&q, &k, &v, None, Some(&b), None, &p(scale, 0.0, 0.0)).unwrap();
+            let mask = as_mask(scale);
+            let want = attention(&q, &k, &v, Some(&mask), None, &p(scale, 0.0, 0.0)).unwrap();
+            for (a, w) in got.data.iter().zip(&want.data) {
+                assert_relative_eq!(a, w, epsilon = 1e-14);
+            }
+        }
+        // Token 0, head 0, scale 2: scores (1 + 0.25) * 2 and (0 - 1.5) * 2.
+        let got = attention_biased(&q, &k, &v, None, Some(&b), None, &p(2.0, 0.0, 0.0)).unwrap();
+        let (e0, e1) = (2.5f64.exp(), (-3f64).exp());
+        let w0 = e0 / (e0 + e1);
+        // V rows 0 and 1 start with 1 and -1.
+        assert_relative_eq!(got.data[0], w0 - (1.0 - w0), epsilon = 1e-15);
+        // A bias that does not broadcast onto the scores is refused.
+        let bad = d([3, 1, 1, 1], &[0.0; 3]);
+        assert!(attention_biased(&q, &k, &v, None, Some(&bad), None, &p(1.0, 0.0, 0.0)).is_err());
     }
 
     fn p(scale: f64, max_bias: f64, softcap: f64) -> AttentionParams {

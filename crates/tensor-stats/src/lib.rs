@@ -6,7 +6,9 @@ pub mod fmt;
 pub mod split;
 pub mod summary;
 
-pub use attention::{alibi_slope, attention, AttentionError, AttentionParams, Dense};
+pub use attention::{
+    alibi_slope, attention, attention_biased, bias_at, AttentionError, AttentionParams, Dense,
+};
 pub use diff::{
     diff, diff_parallel, unravel, DiffAccumulator, DiffError, DiffMetrics, Tolerance,
     ToleranceMode, Worst, REL_FLOOR,

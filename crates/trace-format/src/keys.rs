@@ -35,6 +35,15 @@ pub const RUN_PROMPT_TOKENS: &str = "kqv_trace.run.prompt_tokens";
 pub const RUN_LLAMA_VERSION: &str = "kqv_trace.run.llama_version";
 /// The SIMD ggml-cpu was built with (`avx2 fma f16c`, ...). Optional.
 pub const RUN_CPU_SIMD: &str = "kqv_trace.run.cpu_simd";
+/// Encoder-decoder models: how many decoder layers' cross-attention is recorded, each as
+/// layer `n_layer + il` (decoder layer `il`), after the self-attention layers. Optional
+/// (absent: 0, no cross-attention).
+pub const RUN_N_CROSS_LAYER: &str = "kqv_trace.run.n_cross_layer";
+/// What the cross-attention records ran (`on`: FLASH_ATTN_EXT, `off`: the softmax path),
+/// which can differ from `run.flash_attn` (T5: llama.cpp refuses flash attention for
+/// the self-attention, which adds a position bias, and not for cross-attention).
+/// Present only with `n_cross_layer`.
+pub const RUN_CROSS_FLASH_ATTN: &str = "kqv_trace.run.cross_flash_attn";
 
 /// Per step (index = step): token count; positions and tokens concatenated.
 pub const STEP_N_TOKENS: &str = "kqv_trace.step.n_tokens";

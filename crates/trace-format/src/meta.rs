@@ -32,10 +32,14 @@ pub enum Role {
     /// `attn_v_b` (`[D_latent, D_v, H]`) of the MUL_MAT between the attention op and
     /// `kqv_out`, which "decompresses" the latent result per head: kqv_out = W · attn.
     VMla,
+    /// Without flash attention: an additive score bias, the second operand of an `ADD`
+    /// onto `kq` between the `kq` MUL_MAT and the softmax (T5's relative-position bias
+    /// `kq_b`), `[n_kv, T, H, S]` or broadcast to it like ggml's ADD.
+    KqBias,
 }
 
 impl Role {
-    pub const ALL: [Role; 13] = [
+    pub const ALL: [Role; 14] = [
         Role::KqvOut,
         Role::Attn,
         Role::Q,
@@ -49,6 +53,7 @@ impl Role {
         Role::VQuant,
         Role::KqvOutUnrotated,
         Role::VMla,
+        Role::KqBias,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +71,7 @@ impl Role {
             Role::VQuant => "v_quant",
             Role::KqvOutUnrotated => "kqv_out_unrotated",
             Role::VMla => "v_mla",
+            Role::KqBias => "kq_bias",
         }
     }
 
@@ -184,6 +190,11 @@ pub struct RunMeta {
     /// The SIMD ggml-cpu was built with (`avx2 fma f16c`, ...): how its kernels round.
     /// Empty when unknown.
     pub cpu_simd: String,
+    /// Encoder-decoder models: the number of decoder layers whose cross-attention is
+    /// recorded, decoder layer `il`'s as layer `n_layer + il` (0: none).
+    pub n_cross_layer: u32,
+    /// `on`/`off`: what the cross-attention records ran (empty without cross-attention).
+    pub cross_flash_attn: String,
 }
 
 /// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types

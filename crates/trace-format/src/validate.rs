@@ -214,6 +214,18 @@ fn layer_flags(m: &Metadata, key: &'static str) -> Result<Vec<Option<bool>>, Vio
         .collect()
 }
 
+/// The layers a record may have: the self-attention layers, then the cross-attention
+/// ones (`n_cross_layer`, encoder-decoder models).
+fn n_layers(run: &RunMeta) -> u64 {
+    u64::from(run.n_layer) + u64::from(run.n_cross_layer)
+}
+
+/// Whether a record of `layer` is cross-attention (layers from `n_layer` on, when the
+/// trace records cross-attention).
+fn is_cross(run: &RunMeta, layer: i32) -> bool {
+    run.n_cross_layer > 0 && layer >= 0 && layer as u64 >= u64::from(run.n_layer)
+}
+
 /// The run's facts, every integer checked to fit its field.
 pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
     let u = |k| int::<u32>(m, k).map(Option::unwrap_or_default);
@@ -252,6 +264,8 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         trace_sources: boolean(m, keys::TRACE_SOURCES, true)?,
         complete: boolean(m, keys::COMPLETE, true)?,
         cpu_simd: string(m, keys::RUN_CPU_SIMD)?,
+        n_cross_layer: u(keys::RUN_N_CROSS_LAYER)?,
+        cross_flash_attn: string(m, keys::RUN_CROSS_FLASH_ATTN)?,
     })
 }
 
@@ -381,8 +395,14 @@ pub(crate) fn check_run_flags(
     tensors: &[TracedTensor],
     attn: &[AttnRecord],
 ) -> Result<(), Violation> {
-    let first_role = |roles: &[Role]| tensors.iter().find(|t| roles.contains(&t.meta.role));
-    let first_op = |op: &str| attn.iter().find(|a| a.op == op);
+    // Cross-attention records (encoder-decoder models) are checked against their own
+    // flag, `cross_flash_attn`, below; `flash_attn` describes the others.
+    let first_role = |roles: &[Role]| {
+        tensors
+            .iter()
+            .find(|t| roles.contains(&t.meta.role) && !is_cross(run, t.meta.layer))
+    };
+    let first_op = |op: &str| attn.iter().find(|a| a.op == op && !is_cross(run, a.layer));
     let rec = |a: &AttnRecord| {
         format!(
             "the attention record of step {} layer {} is {}",
@@ -419,13 +439,13 @@ pub(crate) fn check_run_flags(
     if m.contains(keys::RUN_FLASH_ATTN) {
         let soft_max = first_op(SOFT_MAX_OP);
         let flash = first_op(FLASH_OP);
-        let non_flash_tensor = first_role(&[Role::Kq, Role::KqSoftMax]);
+        let non_flash_tensor = first_role(&[Role::Kq, Role::KqSoftMax, Role::KqBias]);
         let evidence = match fa {
             "on" => soft_max.map(rec).or_else(|| non_flash_tensor.map(describe)),
             "off" => flash.map(rec).or_else(|| {
                 tensors
                     .iter()
-                    .find(|t| t.meta.op == FLASH_OP)
+                    .find(|t| t.meta.op == FLASH_OP && !is_cross(run, t.meta.layer))
                     .map(|t| format!("{} made by {FLASH_OP}", describe(t)))
             }),
             // Not recorded (a writer that left it empty).
@@ -442,6 +462,25 @@ pub(crate) fn check_run_flags(
         };
         if let Some(e) = evidence {
             return Err(flag(keys::RUN_FLASH_ATTN, fa, e));
+        }
+    }
+    if run.n_cross_layer > 0 {
+        let cfa = run.cross_flash_attn.as_str();
+        let want = match cfa {
+            "on" => FLASH_OP,
+            "off" => SOFT_MAX_OP,
+            other => {
+                return Err(Violation::BadValue {
+                    key: keys::RUN_CROSS_FLASH_ATTN,
+                    what: format!("{:?} is neither on nor off", escape(other)),
+                })
+            }
+        };
+        let wrong = attn
+            .iter()
+            .find(|a| is_cross(run, a.layer) && !a.op.is_empty() && a.op != want);
+        if let Some(a) = wrong {
+            return Err(flag(keys::RUN_CROSS_FLASH_ATTN, cfa, rec(a)));
         }
     }
 
@@ -700,7 +739,12 @@ impl<'a> GroupCheck<'a> {
             match op {
                 Some(FLASH_OP) => Some(true),
                 Some(SOFT_MAX_OP) => Some(false),
-                _ if has(self, Role::Kq) || has(self, Role::KqSoftMax) => Some(false),
+                _ if has(self, Role::Kq)
+                    || has(self, Role::KqSoftMax)
+                    || has(self, Role::KqBias) =>
+                {
+                    Some(false)
+                }
                 _ => None,
             }
         };
@@ -890,6 +934,18 @@ impl<'a> GroupCheck<'a> {
                 "kq and kq_soft_max are [n_kv, T, H, S]",
             );
         }
+        // An additive score bias broadcasts onto kq as ggml's ADD does: each of its
+        // dimensions divides kq's.
+        if let Some(b) = self.get(Role::KqBias) {
+            let kq = [n_kv, nt, nh, ns];
+            let fits = (0..4).all(|i| divides(kq[i], b[i]));
+            if !fits {
+                self.bad(
+                    Role::KqBias,
+                    "kq_bias does not broadcast onto kq [n_kv, T, H, S]".into(),
+                );
+            }
+        }
     }
 }
 
@@ -932,12 +988,12 @@ pub(crate) fn check_groups(
         let mut zero = false;
         for &t in members {
             let m = &t.meta;
-            if layer < 0 || (run.n_layer > 0 && layer as u64 >= u64::from(run.n_layer)) {
+            if layer < 0 || (run.n_layer > 0 && layer as u64 >= n_layers(run)) {
                 c.out.push(Violation::LayerRange {
                     tensor: t.name.clone(),
                     step,
                     layer,
-                    n_layer: run.n_layer,
+                    n_layer: n_layers(run) as u32,
                 });
             }
             if let Some(n) = steps.filter(|&n| step as usize >= n) {
@@ -1019,14 +1075,14 @@ pub(crate) fn check_attn_ranges(
     attn: &[AttnRecord],
 ) -> Result<(), Violation> {
     for a in attn {
-        if a.layer < 0 || (run.n_layer > 0 && a.layer as u64 >= u64::from(run.n_layer)) {
+        if a.layer < 0 || (run.n_layer > 0 && a.layer as u64 >= n_layers(run)) {
             return Err(Violation::BadValue {
                 key: keys::ATTN_LAYER,
                 what: format!(
                     "layer {} (step {}) outside 0..{} ({})",
                     a.layer,
                     a.step,
-                    run.n_layer,
+                    n_layers(run),
                     keys::RUN_N_LAYER
                 ),
             });
@@ -1390,6 +1446,51 @@ mod tests {
         group_problem(b, (1, 1), |v| {
             matches!(v, Violation::UnknownOp { .. }) && v.to_string().contains("MUL_MAT\\n")
         });
+    }
+
+    /// Encoder-decoder traces: cross-attention (layers from `n_layer` on, with
+    /// `n_cross_layer`) is checked against `cross_flash_attn`, the others against
+    /// `flash_attn`; without `n_cross_layer` the same records contradict `flash_attn`.
+    #[test]
+    fn cross_attention_has_its_own_flash_flag() {
+        let s = Shapes::default();
+        assert!(s.flash);
+        // Layer 0 ran the softmax path (T5's self-attention, refused fa for its bias),
+        // layer 1 is cross-attention and ran FLASH_ATTN_EXT.
+        let cross = |n_cross: u32, cfa: &'static str| {
+            edit(s, move |spec, _| {
+                set_array(spec, keys::ATTN_OP, strs, |v| {
+                    v[0] = SOFT_MAX_OP.into();
+                    v[2] = SOFT_MAX_OP.into();
+                });
+                spec.metadata.set(keys::RUN_FLASH_ATTN, "off");
+                if n_cross > 0 {
+                    spec.metadata.set(keys::RUN_N_LAYER, 1u32);
+                    spec.metadata.set(keys::RUN_N_CROSS_LAYER, n_cross);
+                    spec.metadata.set(keys::RUN_CROSS_FLASH_ATTN, cfa);
+                }
+            })
+        };
+        let t = open(cross(1, "on")).unwrap();
+        assert_eq!(t.run.n_cross_layer, 1);
+        assert_eq!(t.run.cross_flash_attn, "on");
+        // The ordinary check is untouched: the FA records of layer 1 contradict "off".
+        let v = invalid(cross(0, ""));
+        assert!(
+            matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_FLASH_ATTN),
+            "{v}"
+        );
+        let v = invalid(cross(1, "off"));
+        assert!(
+            matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_CROSS_FLASH_ATTN),
+            "{v}"
+        );
+        assert!(v.to_string().contains("step 0 layer 1"), "{v}");
+        let v = invalid(cross(1, "auto"));
+        assert!(
+            matches!(&v, Violation::BadValue { key, .. } if *key == keys::RUN_CROSS_FLASH_ATTN),
+            "{v}"
+        );
     }
 
     #[test]

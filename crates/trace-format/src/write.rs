@@ -251,6 +251,10 @@ impl TraceWriter {
         m.set(keys::RUN_PROMPT_TOKENS, run.prompt_tokens.clone());
         m.set(keys::RUN_LLAMA_VERSION, run.llama_version.as_str());
         m.set(keys::RUN_CPU_SIMD, run.cpu_simd.as_str());
+        if run.n_cross_layer > 0 {
+            m.set(keys::RUN_N_CROSS_LAYER, run.n_cross_layer);
+            m.set(keys::RUN_CROSS_FLASH_ATTN, run.cross_flash_attn.as_str());
+        }
 
         m.set(
             keys::STEP_N_TOKENS,

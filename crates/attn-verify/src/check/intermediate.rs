@@ -178,7 +178,7 @@ pub(crate) fn check(g: &Group, inp: &Inputs, out: &[f32]) -> Result<Vec<Finding>
     Ok(found)
 }
 
-/// softmax(kq * scale + slope * mask) per row, with the reference's softcap and sinks;
+/// softmax((kq + kq_bias) * scale + slope * mask) per row, with the reference's softcap and sinks;
 /// the values of the rows that have an unmasked cell, and their indices.
 fn softmax(
     inp: &Inputs,
@@ -219,7 +219,11 @@ fn softmax(
                         *x = None;
                         continue;
                     }
-                    let mut v = f64::from(kq[base + j]) * scale;
+                    let mut v = f64::from(kq[base + j]);
+                    if let Some(b) = &inp.bias {
+                        v += tensor_stats::bias_at(b, j, t, h, s);
+                    }
+                    v *= scale;
                     if p.softcap != 0.0 {
                         v = p.softcap * v.tanh();
                     }

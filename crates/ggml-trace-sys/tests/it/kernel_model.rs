@@ -376,3 +376,141 @@ fn a_one_cell_defect_fails_where_the_exact_reference_could_not_tell() {
         }
     }
 }
+
+/// Without flash attention, a score bias added to `kq` before the softmax (T5's
+/// relative-position bias): ggml's own `MUL_MAT` → `ADD` → `SOFT_MAX` → `MUL_MAT` on random
+/// inputs is reproduced by the unfused model when the group carries the bias as
+/// `kq_bias`, and fails without it.
+#[test]
+fn a_score_bias_before_the_softmax_is_reproduced() {
+    let (d, h, hkv, t, n) = (64usize, 4usize, 2usize, 3usize, 40usize);
+    let mut rng = Rng::new(5);
+    let q: Vec<f32> = (0..d * t * h).map(|_| rng.normal()).collect();
+    let k: Vec<f32> = (0..d * n * hkv).map(|_| rng.normal()).collect();
+    let v: Vec<f32> = (0..d * n * hkv).map(|_| rng.normal()).collect();
+    // [n_kv, T, H]: a per-head bias of a few units, as T5's buckets give.
+    let bias: Vec<f32> = (0..n * t * h).map(|_| 2.0 * rng.normal()).collect();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|ti| {
+            (0..n).map(move |j| {
+                if j <= n - t + ti {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let k_bytes = quant::quantize(GgmlType::F16, &k).unwrap();
+    // V transposed, as the non-flash path reads it: [n_kv, D, H_kv].
+    let vt: Vec<f32> = (0..hkv)
+        .flat_map(|hh| {
+            let v = &v;
+            (0..d).flat_map(move |dd| (0..n).map(move |j| v[(hh * n + j) * d + dd]))
+        })
+        .collect();
+    let v_bytes = quant::quantize(GgmlType::F16, &vt).unwrap();
+    let scale = 0.5f32;
+    // SAFETY: one context owns every tensor; each copy fills exactly its tensor's bytes
+    // (sizes asserted), and everything is read before ggml_free.
+    let out = unsafe {
+        let ctx = sys::ggml_init(sys::ggml_init_params {
+            mem_size: 64 << 20,
+            mem_buffer: ptr::null_mut(),
+            no_alloc: false,
+        });
+        assert!(!ctx.is_null());
+        let fill = |ty: sys::ggml_type, ne: [i64; 4], bytes: &[u8]| {
+            let x = sys::ggml_new_tensor_4d(ctx, ty, ne[0], ne[1], ne[2], ne[3]);
+            assert_eq!(sys::ggml_nbytes(x), bytes.len());
+            ptr::copy_nonoverlapping(bytes.as_ptr(), (*x).data as *mut u8, bytes.len());
+            x
+        };
+        let (d, h, hkv, t, n) = (d as i64, h as i64, hkv as i64, t as i64, n as i64);
+        let qt = fill(sys::GGML_TYPE_F32, [d, t, h, 1], bytemuck::cast_slice(&q));
+        let kt = fill(sys::GGML_TYPE_F16, [d, n, hkv, 1], &k_bytes);
+        let vtt = fill(sys::GGML_TYPE_F16, [n, d, hkv, 1], &v_bytes);
+        let bt = fill(
+            sys::GGML_TYPE_F32,
+            [n, t, h, 1],
+            bytemuck::cast_slice(&bias),
+        );
+        let mt = fill(
+            sys::GGML_TYPE_F32,
+            [n, t, 1, 1],
+            bytemuck::cast_slice(&mask),
+        );
+        let kq = sys::ggml_mul_mat(ctx, kt, qt);
+        sys::ggml_mul_mat_set_prec(kq, sys::GGML_PREC_F32);
+        let kq = sys::ggml_add(ctx, kq, bt);
+        let sm = sys::ggml_soft_max_ext(ctx, kq, mt, scale, 0.0);
+        let kqv = sys::ggml_mul_mat(ctx, vtt, sm);
+        let out = sys::ggml_cont(ctx, sys::ggml_permute(ctx, kqv, 0, 2, 1, 3));
+        let graph = sys::ggml_new_graph(ctx);
+        sys::ggml_build_forward_expand(graph, out);
+        assert_eq!(
+            sys::ggml_graph_compute_with_ctx(ctx, graph, 2),
+            sys::GGML_STATUS_SUCCESS
+        );
+        let len = sys::ggml_nelements(out) as usize;
+        let o = std::slice::from_raw_parts((*out).data as *const f32, len).to_vec();
+        sys::ggml_free(ctx);
+        o
+    };
+    let (du, tu, hu, hkvu, nu) = (d as u64, t as u64, h as u64, hkv as u64, n as u64);
+    let mut tensors = vec![
+        (
+            meta(Role::Q, GgmlType::F32, [du, tu, hu, 1]),
+            bytemuck::cast_slice(&q).to_vec(),
+        ),
+        (meta(Role::K, GgmlType::F16, [du, nu, hkvu, 1]), k_bytes),
+        (meta(Role::V, GgmlType::F16, [nu, du, hkvu, 1]), v_bytes),
+        (
+            meta(Role::Mask, GgmlType::F32, [nu, tu, 1, 1]),
+            bytemuck::cast_slice(&mask).to_vec(),
+        ),
+        (
+            meta(Role::KqvOut, GgmlType::F32, [du * hu, tu, 1, 1]),
+            bytemuck::cast_slice(&out).to_vec(),
+        ),
+    ];
+    let group = |tensors: &[(TensorMeta, Vec<u8>)]| {
+        let positions: Vec<i32> = (0..t as i32).map(|i| (n - t) as i32 + i).collect();
+        let mut g = Group::from_tensors(
+            1,
+            0,
+            "SOFT_MAX",
+            AttnParams {
+                scale,
+                max_bias: 0.0,
+                softcap: 0.0,
+            },
+            &positions,
+            tensors.iter().map(|(m, b)| (m, b.as_slice())),
+        )
+        .unwrap();
+        g.kernel = KernelFacts {
+            backend: "CPU".into(),
+            n_threads: 2,
+            simd: ggml_trace_sys::cpu_simd(),
+        };
+        let Outcome::Checked(r) = check(&g, None).unwrap() else {
+            panic!("missing inputs")
+        };
+        r
+    };
+    let without = group(&tensors);
+    assert!(!without.pass, "the bias matters: {without:?}");
+    tensors.push((
+        meta(Role::KqBias, GgmlType::F32, [nu, tu, hu, 1]),
+        bytemuck::cast_slice(&bias).to_vec(),
+    ));
+    let with = group(&tensors);
+    assert_eq!(with.kernel, Ok(KernelPath::Unfused));
+    assert!(
+        with.pass,
+        "NMSE {} bound {} (exact {:?}): {:?}",
+        with.verification.nmse, with.bound, with.exact_nmse, with.findings
+    );
+    assert!(with.verification.nmse < 1e-12, "{}", with.verification.nmse);
+}

@@ -205,6 +205,39 @@ pub(crate) unsafe fn is_activation_kq(t: &sys::ggml_tensor) -> bool {
     }
 }
 
+/// Cross-attention's K or V: a projection of a graph input (the encoder output,
+/// `cross_embd` in llama.cpp's encoder-decoder graphs): the source chain (layout ops and
+/// casts, a `MUL_MAT` by a weight, up to 8 deep) reaches a leaf marked as an input.
+///
+/// # Safety
+/// `t` must be null or point to a live ggml tensor.
+pub(crate) unsafe fn is_input_projection(mut t: *const sys::ggml_tensor) -> bool {
+    let mut projected = false;
+    // SAFETY: caller guarantees liveness; sources of live nodes are live or null.
+    unsafe {
+        for _ in 0..8 {
+            if t.is_null() {
+                return false;
+            }
+            let c = &*t;
+            if c.op == sys::GGML_OP_NONE {
+                return projected
+                    && c.view_src.is_null()
+                    && c.flags & (sys::GGML_TENSOR_FLAG_INPUT as i32) != 0;
+            }
+            if is_layout_op(c.op) {
+                t = c.src[0];
+            } else if c.op == sys::GGML_OP_MUL_MAT && !projected && is_weight(c.src[0]) {
+                projected = true;
+                t = c.src[1];
+            } else {
+                return false;
+            }
+        }
+    }
+    false
+}
+
 /// Some models (bert.cpp, t5.cpp) also name the attention's output projection
 /// `kqv_out-<layer>`: wo · kqv_out (plus a bias, a scale). True when `t`'s source chain
 /// (ADD, MUL, MUL_MAT by a weight, layout ops) reaches a node for which `is_kqv_out`

@@ -11,6 +11,12 @@
 //!   scale and softcap are those of the whole SCALE/TANH chain (Grok). With no cache
 //!   (encoders) `kq` is a `MUL_MAT` of two permuted activations; `kqv` is any `MUL_MAT`
 //!   whose second source is a traced softmax (absorbed MLA's V is a contiguous copy).
+//! - a score bias (T5's relative-position bias `kq_b`): an `ADD` whose first source chain
+//!   reaches a traced `kq` before its softmax ran; its second source is read there, while
+//!   it is live, as `kq_bias`.
+//! - cross-attention (encoder-decoder decoders): the attention whose V is a projection of
+//!   a graph input leaf (the encoder output) is recorded as layer `n_layer + il`, so that
+//!   it does not collide with the decoder's self-attention of layer `il`.
 //! - mixed KV cache (`--mixed-kv-cache`): a `CUSTOM` node that llama.cpp's
 //!   `llama_mixed_attn_get_params` recognises (it compares the node's function pointer
 //!   with the mixed-attention kernel's); its six sources are q, k (hot), v (hot),
@@ -49,9 +55,10 @@ pub use error::CaptureError;
 pub use graph::mixed_attn_params;
 use graph::{
     attention_feeding_mla, attention_q_v, backend_of, cache_base, cache_write, flash_attn_params,
-    is_activation_kq, is_attention_node, is_kv_mul_mat, is_rotated, kq_ancestor, kqv_out_layer,
-    layout_of, op_name, projects_kqv_out, softmax_params, source_layer_hint, tensor_name,
-    unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES, MIXED_ROLES,
+    is_activation_kq, is_attention_node, is_input_projection, is_kv_mul_mat, is_rotated,
+    kq_ancestor, kqv_out_layer, layout_of, op_name, projects_kqv_out, softmax_params,
+    source_layer_hint, tensor_name, unrotated_kqv_out, unrotation_of, view_base, FLASH_ATTN_ROLES,
+    MIXED_ROLES,
 };
 use kept::{KeptCache, KEPT_BUDGET};
 
@@ -86,6 +93,11 @@ pub struct CapturedAttention {
     /// What the graph showed about this layer's Hadamard rotation; None for the capture
     /// of `kqv_out_unrotated` alone (it follows its layer's `kqv_out`).
     pub rotation: Option<Rotation>,
+    /// Cross-attention of an encoder-decoder model's decoder (V is a projection of a
+    /// graph input, the encoder output): recorded as layer `n_layer + il` so that it does
+    /// not collide with decoder layer `il`'s self-attention. Known only when the sources
+    /// are traced.
+    pub cross: bool,
 }
 
 /// llama.cpp's Hadamard rotation of one layer, as its graph showed it (see the module
@@ -158,6 +170,9 @@ pub struct Capture<'a> {
     kept: KeptCache,
     /// Per KV-cache tensor: whether the rows last written into it were rotated.
     cache_rotated: HashMap<*const sys::ggml_tensor, bool>,
+    /// The model's layer count (from the run's start): cross-attention is recorded after
+    /// the self-attention layers.
+    n_layer: i32,
 }
 
 impl<'a> Capture<'a> {
@@ -173,6 +188,7 @@ impl<'a> Capture<'a> {
             scratch: Vec::new(),
             kept: KeptCache::new(KEPT_BUDGET),
             cache_rotated: HashMap::new(),
+            n_layer: 0,
         }
     }
 
@@ -207,6 +223,7 @@ impl<'a> Capture<'a> {
     }
 
     pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {
+        self.n_layer = i32::try_from(info.n_layer).unwrap_or(i32::MAX);
         self.sink.on_start(info)
     }
 
@@ -227,6 +244,26 @@ impl<'a> Capture<'a> {
     unsafe fn kq_ancestor(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
         // SAFETY: caller guarantees liveness.
         unsafe { kq_ancestor(t, |c| self.open.contains_key(&c)) }
+    }
+
+    /// Without flash attention: the traced `kq` that an `ADD` of a score bias onto the
+    /// scores reaches (T5's relative-position bias, `kq_plus_kq_b`): the ADD's first
+    /// source chain reaches a `kq` whose softmax has not run yet.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn biased_kq(&self, t: *const sys::ggml_tensor) -> Option<*const sys::ggml_tensor> {
+        // SAFETY: caller guarantees liveness.
+        let tr = unsafe { &*t };
+        if tr.op != sys::GGML_OP_ADD || tr.src[1].is_null() {
+            return None;
+        }
+        // SAFETY: as above.
+        let kq = unsafe { self.kq_ancestor(t) }?;
+        self.open
+            .get(&kq)
+            .is_some_and(|p| p.op.is_empty())
+            .then_some(kq)
     }
 
     /// Is `t` a softmax whose `kq` was traced (its layer waiting for `kqv`)?
@@ -271,6 +308,8 @@ impl<'a> Capture<'a> {
                 // the latent K cache's view): its softmax was traced.
                 sys::GGML_OP_MUL_MAT => self.is_traced_softmax(tr.src[1]),
                 sys::GGML_OP_SOFT_MAX => self.kq_ancestor(t).is_some(),
+                // A score bias added to a traced `kq` before its softmax.
+                sys::GGML_OP_ADD => self.biased_kq(t).is_some(),
                 sys::GGML_OP_CUSTOM if mixed_attn_params(t).is_some() => {
                     self.wanted_layer(source_layer_hint(tr.src[1]))
                 }
@@ -374,6 +413,17 @@ impl<'a> Capture<'a> {
                     }
                     self.done.insert(t, p);
                 }
+                // The bias is read here, while it is live (its memory may be reused once
+                // the ADD has run).
+                sys::GGML_OP_ADD => {
+                    if let Some(kq) = self.biased_kq(t) {
+                        let layer = self.open.get(&kq).and_then(|p| p.layer_hint).unwrap_or(-1);
+                        let bias = self.read(tr.src[1], Role::KqBias, layer)?;
+                        if let Some(p) = self.open.get_mut(&kq) {
+                            p.tensors.push(bias);
+                        }
+                    }
+                }
                 sys::GGML_OP_SOFT_MAX => {
                     if let Some(kq) = self.kq_ancestor(t) {
                         let mut p = self.open.remove(&kq).unwrap_or_default();
@@ -426,6 +476,7 @@ impl<'a> Capture<'a> {
             backend: String::new(),
             tensors: vec![c],
             rotation: None,
+            cross: false,
         })
     }
 
@@ -521,18 +572,32 @@ impl<'a> Capture<'a> {
             backend: String::new(),
             tensors: vec![out],
             rotation,
+            cross: false,
         };
         if self.cfg.trace_sources {
             // SAFETY: caller guarantees liveness.
             let feeding = unsafe { attention_feeding_mla(t, |c| self.done.contains_key(&c)) };
-            let Some((p, v_mla)) =
-                feeding.and_then(|f| Some((self.done.remove(&f.node)?, f.v_mla)))
+            let Some((p, v_mla, feeding_node)) =
+                feeding.and_then(|f| Some((self.done.remove(&f.node)?, f.v_mla, f.node)))
             else {
                 return Err(CaptureError::Unbound {
                     layer,
                     step: self.step,
                 });
             };
+            // SAFETY: a node of the live graph.
+            let (_, v) = unsafe { attention_q_v(feeding_node) };
+            // SAFETY: as above.
+            att.cross = unsafe { is_input_projection(v) };
+            let layer = if att.cross {
+                self.n_layer + layer
+            } else {
+                layer
+            };
+            att.layer = layer;
+            for c in &mut att.tensors {
+                c.meta.layer = layer;
+            }
             att.op = p.op;
             att.params = p.params;
             att.backend = p.backend;
