@@ -413,33 +413,10 @@ fn other_fit(
         }
     }
     if best.0 > bound && best.1 > 0.0 {
-        // Golden-section search on log(x) within one grid step either side.
-        let (mut a, mut b) = ((best.1 / step).ln(), (best.1 * step).ln());
-        let phi = (5f64.sqrt() - 1.0) / 2.0;
-        let (mut c, mut e) = (b - phi * (b - a), a + phi * (b - a));
-        let (mut fc, mut fe) = (eval(c.exp())?, eval(e.exp())?);
-        for _ in 0..40 {
-            if fc < fe {
-                b = e;
-                e = c;
-                fe = fc;
-                c = b - phi * (b - a);
-                fc = eval(c.exp())?;
-            } else {
-                a = c;
-                c = e;
-                fc = fe;
-                e = a + phi * (b - a);
-                fe = eval(e.exp())?;
-            }
-        }
-        let (f, x) = if fc < fe {
-            (fc, c.exp())
-        } else {
-            (fe, e.exp())
-        };
-        if f < best.0 {
-            best = (f, x);
+        // Golden-section search on the log within one grid step either side.
+        let found = golden_log_search(&eval, best.1, step)?;
+        if found.0 < best.0 {
+            best = found;
         }
     }
     let (after, x) = best;
@@ -564,33 +541,10 @@ fn scale_fit(
         consider(center * step.powi(k), &mut best)?;
     }
     if best.0 > bound {
-        // Golden-section search on log(scale) within one grid step either side.
-        let (mut a, mut b) = ((best.1 / step).ln(), (best.1 * step).ln());
-        let phi = (5f64.sqrt() - 1.0) / 2.0;
-        let (mut c, mut e) = (b - phi * (b - a), a + phi * (b - a));
-        let (mut fc, mut fe) = (eval(c.exp())?, eval(e.exp())?);
-        for _ in 0..40 {
-            if fc < fe {
-                b = e;
-                e = c;
-                fe = fc;
-                c = b - phi * (b - a);
-                fc = eval(c.exp())?;
-            } else {
-                a = c;
-                c = e;
-                fc = fe;
-                e = a + phi * (b - a);
-                fe = eval(e.exp())?;
-            }
-        }
-        let (f, s) = if fc < fe {
-            (fc, c.exp())
-        } else {
-            (fe, e.exp())
-        };
-        if f < best.0 {
-            best = (f, s);
+        // Golden-section search on the log within one grid step either side.
+        let found = golden_log_search(&eval, best.1, step)?;
+        if found.0 < best.0 {
+            best = found;
         }
     }
     let (after, s) = best;
@@ -755,4 +709,37 @@ fn one_cell(
         ),
         nmse_after: None,
     }))
+}
+
+/// Golden-section search of `eval`'s minimum on log(x) over [center / step, center *
+/// step] (40 rounds): the (value, x) found.
+fn golden_log_search(
+    eval: &dyn Fn(f64) -> Result<f64, VerifyError>,
+    center: f64,
+    step: f64,
+) -> Result<(f64, f64), VerifyError> {
+    let (mut a, mut b) = ((center / step).ln(), (center * step).ln());
+    let phi = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut c, mut e) = (b - phi * (b - a), a + phi * (b - a));
+    let (mut fc, mut fe) = (eval(c.exp())?, eval(e.exp())?);
+    for _ in 0..40 {
+        if fc < fe {
+            b = e;
+            e = c;
+            fe = fc;
+            c = b - phi * (b - a);
+            fc = eval(c.exp())?;
+        } else {
+            a = c;
+            c = e;
+            fc = fe;
+            e = a + phi * (b - a);
+            fe = eval(e.exp())?;
+        }
+    }
+    Ok(if fc < fe {
+        (fc, c.exp())
+    } else {
+        (fe, e.exp())
+    })
 }
