@@ -61,6 +61,12 @@ struct kcm_session {
     int32_t threadpool_threads = 0;
     std::vector<llama_token> prompt;
     std::string generated;
+    // Replay (kcm_replay): every step's tokens, how many of the first steps hold the prompt
+    // (set once the model is loaded), and how many generated steps to decode.
+    bool replay = false;
+    std::vector<std::vector<llama_token>> replay_steps;
+    size_t replay_prompt_steps = 0;
+    size_t replay_generated = 0;
     int32_t verbose = 0;
 };
 
@@ -84,6 +90,39 @@ static bool flag_given(int argc, const char * const * argv, const char * a, cons
         }
     }
     return false;
+}
+
+// Where the replayed steps' prompt ends: the number of leading steps that hold exactly
+// n_prompt tokens (an encoder model: the encoded prompt and the decoder's first token);
+// every later step must be one token. Returns "" or the reason the steps cannot be replayed.
+static std::string replay_split(kcm_session * s, size_t n_prompt, bool encoder) {
+    const auto & st = s->replay_steps;
+    size_t k = 0;
+    if (encoder) {
+        if (st[0].size() != n_prompt) {
+            return "its step 0 has " + std::to_string(st[0].size()) + " tokens, not the " +
+                   std::to_string(n_prompt) + " of its prompt (an encoder model encodes the whole prompt in step 0)";
+        }
+        k = std::min<size_t>(2, st.size());
+    } else {
+        size_t sum = 0;
+        while (k < st.size() && sum < n_prompt) {
+            sum += st[k].size();
+            ++k;
+        }
+        if (sum != n_prompt) {
+            return "its steps do not split its prompt of " + std::to_string(n_prompt) +
+                   " tokens into whole steps";
+        }
+    }
+    for (size_t i = k; i < st.size(); ++i) {
+        if (st[i].size() != 1) {
+            return "its generated step " + std::to_string(i) + " has " + std::to_string(st[i].size()) +
+                   " tokens (a generated step decodes one)";
+        }
+    }
+    s->replay_prompt_steps = k;
+    return "";
 }
 
 // --mixed-kv-cache: the attention the mixed KV cache cannot express (vendor/patches/0001-0002).
@@ -165,14 +204,38 @@ static std::string mixed_kv_refusal(const llama_model * m, const std::string & p
 
 kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                                  ggml_backend_sched_eval_callback cb, void * cb_user,
-                                 int32_t verbose, char * err, size_t err_len,
-                                 int32_t * usage_error) {
+                                 int32_t verbose, const kcm_replay * replay, char * err,
+                                 size_t err_len, int32_t * usage_error) {
     if (usage_error) {
         *usage_error = 0;
     }
     auto * s = new kcm_session();
     s->verbose = verbose;
+    // A usage error: the options or the replayed trace do not fit (exit 2 in the tools).
+    auto refuse = [&](const std::string & why) -> kcm_session * {
+        set_err(err, err_len, why);
+        if (usage_error) {
+            *usage_error = 1;
+        }
+        kcm_session_free(s);
+        return nullptr;
+    };
     try {
+        if (replay) {
+            if (replay->n_steps <= 0 || replay->n_prompt_tokens <= 0 || !replay->tokens || !replay->n_tokens) {
+                return refuse("the replayed trace has no steps or no prompt");
+            }
+            s->replay = true;
+            size_t off = 0;
+            for (int32_t i = 0; i < replay->n_steps; ++i) {
+                const int32_t n = replay->n_tokens[i];
+                if (n <= 0) {
+                    return refuse("the replayed trace's step " + std::to_string(i) + " has no tokens");
+                }
+                s->replay_steps.emplace_back(replay->tokens + off, replay->tokens + off + n);
+                off += (size_t) n;
+            }
+        }
         common_params & p = s->params;
         // Tracing defaults that differ from llama.cpp's tools: no warm-up decode (it would
         // be traced as a step), no -fit dry run (it loads the model twice).
@@ -189,6 +252,9 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             return nullptr;
         }
         const bool ctx_given = flag_given(argc, argv, "-c", "--ctx-size");
+        const bool prompt_given = flag_given(argc, argv, "-p", "--prompt") || flag_given(argc, argv, "-f", "--file") ||
+                                  flag_given(argc, argv, "-bf", "--binary-file");
+        const bool n_given = flag_given(argc, argv, "-n", "--predict") || flag_given(argc, argv, "--n-predict", nullptr);
         if (!verbose) {
             common_log_pause(common_log_main());
             llama_log_set(quiet_log, nullptr);
@@ -227,6 +293,39 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             }
             const llama_vocab * vocab = llama_model_get_vocab(vm);
             s->prompt = common_tokenize(vocab, p.prompt, /*add_special=*/true, /*parse_special=*/true);
+            if (s->replay) {
+                const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+                for (size_t i = 0; i < s->replay_steps.size(); ++i) {
+                    for (llama_token t : s->replay_steps[i]) {
+                        if (t < 0 || t >= n_vocab) {
+                            llama_model_free(vm);
+                            return refuse("the replayed trace's step " + std::to_string(i) + " decodes token " +
+                                          std::to_string(t) + ", outside this model's vocabulary of " +
+                                          std::to_string(n_vocab) + " tokens (was it traced with another model?)");
+                        }
+                    }
+                }
+                std::vector<llama_token> replayed;
+                for (const auto & st : s->replay_steps) {
+                    if (replayed.size() >= (size_t) replay->n_prompt_tokens) {
+                        break;
+                    }
+                    replayed.insert(replayed.end(), st.begin(), st.end());
+                }
+                replayed.resize(std::min(replayed.size(), (size_t) replay->n_prompt_tokens));
+                if (prompt_given && s->prompt != replayed) {
+                    size_t i = 0;
+                    while (i < s->prompt.size() && i < replayed.size() && s->prompt[i] == replayed[i]) {
+                        ++i;
+                    }
+                    llama_model_free(vm);
+                    return refuse("the prompt given tokenizes to " + std::to_string(s->prompt.size()) +
+                                  " tokens, the replayed trace's prompt has " + std::to_string(replayed.size()) +
+                                  " (they first differ at token " + std::to_string(i) +
+                                  "): leave out -p to replay the trace's prompt, or do not replay");
+                }
+                s->prompt = replayed;
+            }
             const llama_token bos = llama_vocab_bos(vocab);
             // llama_init_from_model forces flash attention off for Grok (its softcap is
             // explicit graph ops) and then refuses a quantized V cache, which needs flash
@@ -277,9 +376,21 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                 s->prompt.push_back(bos);
             }
         }
+        if (s->replay) {
+            // -n limits the generated steps replayed (their count is known once the prompt's
+            // steps are, after the model is loaded); the context holds every replayed token.
+            s->replay_generated = n_given && p.n_predict >= 0 ? (size_t) p.n_predict : SIZE_MAX;
+        }
         if (!ctx_given) {
             const int32_t n_gen = p.n_predict > 0 ? p.n_predict : 0;
-            const int32_t need = (int32_t) s->prompt.size() + n_gen;
+            int32_t need = (int32_t) s->prompt.size() + n_gen;
+            if (s->replay) {
+                size_t total = 0;
+                for (const auto & st : s->replay_steps) {
+                    total += st.size();
+                }
+                need = (int32_t) std::min<size_t>(total, INT32_MAX - 256);
+            }
             p.n_ctx = std::max<int32_t>(256, (need + 255) / 256 * 256);
         }
         // The model, the context and the samplers as llama.cpp's own tools get them:
@@ -341,6 +452,33 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             kcm_session_free(s);
             return nullptr;
         }
+        if (s->replay) {
+            const std::string why = replay_split(s, (size_t) replay->n_prompt_tokens, llama_model_has_encoder(s->model));
+            if (!why.empty()) {
+                return refuse("the replayed trace cannot be replayed: " + why);
+            }
+            const size_t available = s->replay_steps.size() - s->replay_prompt_steps;
+            s->replay_generated = std::min(s->replay_generated, available);
+            s->params.n_predict = (int32_t) s->replay_generated;
+            const size_t first = llama_model_has_encoder(s->model) ? 1 : 0;
+            size_t total = 0;
+            for (size_t i = 0; i < s->replay_prompt_steps + s->replay_generated; ++i) {
+                const size_t n = s->replay_steps[i].size();
+                if (i >= first) {
+                    total += n;
+                }
+                if (n > llama_n_ubatch(s->ctx) || n > llama_n_batch(s->ctx)) {
+                    return refuse("the replayed trace's step " + std::to_string(i) + " decodes " + std::to_string(n) +
+                                  " tokens at once, more than this run's ubatch (" +
+                                  std::to_string(llama_n_ubatch(s->ctx)) + "): pass -ub " + std::to_string(n) +
+                                  " -b " + std::to_string(n) + " (or more) so each step stays one ubatch");
+                }
+            }
+            if (total > llama_n_ctx(s->ctx)) {
+                return refuse("the replayed steps hold " + std::to_string(total) + " tokens, more than the context of " +
+                              std::to_string(llama_n_ctx(s->ctx)) + ": pass -c " + std::to_string(total) + " (or more)");
+            }
+        }
         // The sampler common_init_from_params made from the parameters it completed.
         s->sampler = s->init->sampler(0);
         if (!s->sampler) {
@@ -393,16 +531,28 @@ int32_t kcm_session_prompt_tokens(const kcm_session * s, int32_t * out, int32_t 
     return n;
 }
 
-int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_step,
-                        void * user, char * err, size_t err_len) {
+int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, int32_t want_logits, kcm_step_cb on_step,
+                        kcm_output_cb on_output, void * user, char * err, size_t err_len) {
     try {
         const int32_t n_ubatch = (int32_t) llama_n_ubatch(s->ctx);
         const int32_t n_ctx = (int32_t) llama_n_ctx(s->ctx);
         const llama_vocab * vocab = llama_model_get_vocab(s->model);
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+        const bool encoder = llama_model_has_encoder(s->model);
         uint32_t step = 0;
         int32_t pos = 0;
         std::vector<int32_t> positions;
 
+        // The step just computed (step - 1): the sampler's choice and, for a decoded step,
+        // the logits of its last token. False: stop.
+        auto output = [&](int32_t sampled, bool has_logits) -> bool {
+            if (!on_output) {
+                return true;
+            }
+            const float * logits = has_logits && want_logits ? llama_get_logits_ith(s->ctx, -1) : nullptr;
+            return on_output(user, step - 1, sampled, logits, logits ? n_vocab : 0) != 0;
+        };
+        // 1: decoded, 0: stopped by the caller, -1: failed.
         auto decode = [&](llama_token * toks, int32_t n) -> int32_t {
             positions.resize(n);
             for (int32_t i = 0; i < n; ++i) {
@@ -422,11 +572,15 @@ int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_st
             return 1;
         };
 
+        // Generated steps to decode, and whether the sampler chooses after the prompt.
+        const int32_t n_predict = s->replay ? (int32_t) s->replay_generated : s->params.n_predict;
+        const bool generating = !prefill_only && n_predict != 0;
+
         // An encoder-decoder model (T5): the encoder reads the whole prompt, one step
         // (llama_encode), and the decoder starts from the model's decoder start token,
-        // as llama.cpp's common warm-up does.
+        // as llama.cpp's common warm-up does (or from the replayed trace's step 1).
         std::vector<llama_token> decoder_prompt;
-        if (llama_model_has_encoder(s->model)) {
+        if (encoder) {
             const int32_t n = (int32_t) s->prompt.size();
             positions.resize(n);
             for (int32_t i = 0; i < n; ++i) {
@@ -443,44 +597,74 @@ int32_t kcm_session_run(kcm_session * s, int32_t prefill_only, kcm_step_cb on_st
                 return -1;
             }
             ++step;
+            if (!output(-1, false)) {
+                return (int32_t) step;
+            }
             if (!llama_model_has_decoder(s->model)) {
                 return (int32_t) step;
             }
-            llama_token start = llama_model_decoder_start_token(s->model);
-            if (start == LLAMA_TOKEN_NULL) {
-                start = llama_vocab_bos(vocab);
+            if (s->replay) {
+                if (s->replay_prompt_steps < 2) {
+                    return (int32_t) step;  // the trace ended after its encoder step
+                }
+                decoder_prompt = s->replay_steps[1];
+            } else {
+                llama_token start = llama_model_decoder_start_token(s->model);
+                if (start == LLAMA_TOKEN_NULL) {
+                    start = llama_vocab_bos(vocab);
+                }
+                decoder_prompt.push_back(start);
             }
-            decoder_prompt.push_back(start);
         }
-        const std::vector<llama_token> & prompt = decoder_prompt.empty() ? s->prompt : decoder_prompt;
-        for (size_t i = 0; i < prompt.size(); i += (size_t) n_ubatch) {
-            const int32_t n = (int32_t) std::min<size_t>((size_t) n_ubatch, prompt.size() - i);
-            std::vector<llama_token> chunk(prompt.begin() + i, prompt.begin() + i + n);
-            for (int32_t j = 0; j < n; ++j) {
-                common_sampler_accept(s->sampler, chunk[j], false);
+        // The prompt's steps: the replayed trace's split, else ubatches of n_ubatch tokens.
+        std::vector<std::vector<llama_token>> chunks;
+        if (s->replay && !encoder) {
+            chunks.assign(s->replay_steps.begin(), s->replay_steps.begin() + (std::ptrdiff_t) s->replay_prompt_steps);
+        } else {
+            const std::vector<llama_token> & prompt = encoder ? decoder_prompt : s->prompt;
+            for (size_t i = 0; i < prompt.size(); i += (size_t) n_ubatch) {
+                const size_t n = std::min<size_t>((size_t) n_ubatch, prompt.size() - i);
+                chunks.emplace_back(prompt.begin() + (std::ptrdiff_t) i, prompt.begin() + (std::ptrdiff_t) (i + n));
             }
-            const int32_t r = decode(chunk.data(), n);
+        }
+        llama_token next = -1;
+        for (size_t c = 0; c < chunks.size(); ++c) {
+            std::vector<llama_token> & chunk = chunks[c];
+            for (llama_token t : chunk) {
+                common_sampler_accept(s->sampler, t, false);
+            }
+            const int32_t r = decode(chunk.data(), (int32_t) chunk.size());
             if (r <= 0) {
                 return r < 0 ? -1 : (int32_t) step;
             }
+            const bool last = c + 1 == chunks.size();
+            next = last && generating ? common_sampler_sample(s->sampler, s->ctx, -1) : -1;
+            if (!output(next, true)) {
+                return (int32_t) step;
+            }
         }
-        if (prefill_only) {
+        if (!generating) {
             return (int32_t) step;
         }
-        const int32_t n_predict = s->params.n_predict;
+        // Each generated step decodes the sampler's choice (or the replayed token), and
+        // the sampler then chooses again from its output: the last choice is recorded too.
         for (int32_t i = 0; n_predict < 0 || i < n_predict; ++i) {
             if (pos >= n_ctx) {
                 break;  // the context is full
             }
-            llama_token tok = common_sampler_sample(s->sampler, s->ctx, -1);
-            common_sampler_accept(s->sampler, tok, true);
-            if (llama_vocab_is_eog(vocab, tok)) {
+            llama_token tok = s->replay ? s->replay_steps[s->replay_prompt_steps + (size_t) i][0] : next;
+            if (!s->replay && llama_vocab_is_eog(vocab, tok)) {
                 break;
             }
+            common_sampler_accept(s->sampler, tok, true);
             s->generated += common_token_to_piece(s->ctx, tok);
             const int32_t r = decode(&tok, 1);
             if (r <= 0) {
                 return r < 0 ? -1 : (int32_t) step;
+            }
+            next = common_sampler_sample(s->sampler, s->ctx, -1);
+            if (!output(next, true)) {
+                return (int32_t) step;
             }
         }
         return (int32_t) step;

@@ -86,6 +86,22 @@ pub struct kcm_session {
 #[allow(non_camel_case_types)]
 pub type kcm_step_cb = unsafe extern "C" fn(*mut c_void, u32, *const i32, *const i32, i32) -> i32;
 
+/// `kcm_output_cb`: called after each step with the step, the sampler's choice (-1: none)
+/// and the logits of the step's last token (null, 0 when none); return 0 to stop.
+#[allow(non_camel_case_types)]
+pub type kcm_output_cb = unsafe extern "C" fn(*mut c_void, u32, i32, *const f32, i32) -> i32;
+
+/// `kcm_replay`: the steps of an earlier trace to decode instead of the prompt and
+/// sampled tokens (see csrc/kcm_session.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kcm_replay {
+    pub tokens: *const i32,
+    pub n_tokens: *const i32,
+    pub n_steps: i32,
+    pub n_prompt_tokens: i32,
+}
+
 extern "C" {
     /// See csrc/kcm_session.h.
     #[allow(clippy::too_many_arguments)]
@@ -95,6 +111,7 @@ extern "C" {
         cb: sys::ggml_backend_sched_eval_callback,
         cb_user: *mut c_void,
         verbose: i32,
+        replay: *const kcm_replay,
         err: *mut c_char,
         err_len: usize,
         usage_error: *mut i32,
@@ -104,10 +121,13 @@ extern "C" {
     /// See csrc/kcm_session.h.
     pub fn kcm_session_prompt_tokens(s: *const kcm_session, out: *mut i32, cap: i32) -> i32;
     /// See csrc/kcm_session.h.
+    #[allow(clippy::too_many_arguments)]
     pub fn kcm_session_run(
         s: *mut kcm_session,
         prefill_only: i32,
+        want_logits: i32,
         on_step: Option<kcm_step_cb>,
+        on_output: Option<kcm_output_cb>,
         user: *mut c_void,
         err: *mut c_char,
         err_len: usize,

@@ -97,6 +97,7 @@ fn main() {
                     layer: None,
                     trace_sources: false,
                     keep: true,
+                    logits: false,
                 },
                 eval_callback: false,
                 prefill_only: false,

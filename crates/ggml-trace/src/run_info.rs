@@ -30,6 +30,9 @@ pub struct RunInfo {
     /// first for a ubatch of one token, the second otherwise.
     pub n_threads: u32,
     pub n_threads_batch: u32,
+    /// The trace whose steps this run replays (`--replay`, the analyzer's default), as
+    /// the user named it; `None` when the run decoded its own prompt and samples.
+    pub replayed_from: Option<String>,
 }
 
 impl RunInfo {

@@ -8,11 +8,12 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use trace_format::StepMeta;
 
 use ggml_trace_sys::session::{
-    kcm_run_info, kcm_session, kcm_session_create, kcm_session_free, kcm_session_generated_text,
-    kcm_session_info, kcm_session_prompt_tokens, kcm_session_run, kcm_session_threadpool,
+    kcm_replay, kcm_run_info, kcm_session, kcm_session_create, kcm_session_free,
+    kcm_session_generated_text, kcm_session_info, kcm_session_prompt_tokens, kcm_session_run,
+    kcm_session_threadpool,
 };
 
-use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureSink};
+use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureSink, StepOutput};
 // Defined in `run_info` (shared with `capture`); re-exported here, where they are made.
 pub use crate::run_info::{MixedKvInfo, RunInfo, RunOutcome};
 
@@ -38,6 +39,112 @@ fn c_string(buf: &[c_char]) -> String {
         .map(|&c| c as u8)
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Why a trace's steps cannot be replayed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReplayError {
+    #[error("the trace records no steps")]
+    NoSteps,
+    #[error("the trace records no prompt tokens (kqv_trace.run.prompt_tokens)")]
+    NoPrompt,
+    #[error("its steps are not numbered 0, 1, 2, ... (step {found} where {expected} was due)")]
+    Numbering { expected: u32, found: u32 },
+    #[error("its step {step} decodes no tokens")]
+    EmptyStep { step: u32 },
+    #[error("its step {step} has {tokens} tokens and {positions} positions")]
+    Lengths {
+        step: u32,
+        tokens: usize,
+        positions: usize,
+    },
+    #[error(
+        "its step {step} covers positions from {found}, where one sequence decoded from \
+         position 0 would be at {expected} (a trace of another program?)"
+    )]
+    Positions {
+        step: u32,
+        expected: i32,
+        found: i32,
+    },
+    #[error("it has more tokens than a replay can index")]
+    TooLarge,
+}
+
+/// The steps of an earlier trace, to decode again instead of the prompt and sampled
+/// tokens: every step the same tokens in the same ubatch, so that two runs compute the
+/// same thing step by step (`--replay`; the analyzer's default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replay {
+    /// Each step's tokens.
+    pub steps: Vec<Vec<i32>>,
+    /// How many of the first steps' tokens are the prompt.
+    pub n_prompt_tokens: usize,
+    /// What to record as its source (the trace's path as the user gave it).
+    pub source: String,
+}
+
+impl Replay {
+    /// The steps of a trace (its `kqv_trace.step.*` and prompt): numbered 0.., none
+    /// empty, each covering consecutive positions that continue the step before (a model
+    /// with an encoder restarts at 0 after its encoder step).
+    pub fn from_steps(
+        steps: &[trace_format::StepMeta],
+        prompt_tokens: &[i32],
+        source: impl Into<String>,
+    ) -> Result<Self, ReplayError> {
+        if steps.is_empty() {
+            return Err(ReplayError::NoSteps);
+        }
+        if prompt_tokens.is_empty() {
+            return Err(ReplayError::NoPrompt);
+        }
+        let mut next_pos = 0i64;
+        for (i, st) in steps.iter().enumerate() {
+            let expected = u32::try_from(i).map_err(|_| ReplayError::TooLarge)?;
+            if st.step != expected {
+                return Err(ReplayError::Numbering {
+                    expected,
+                    found: st.step,
+                });
+            }
+            if st.tokens.is_empty() {
+                return Err(ReplayError::EmptyStep { step: st.step });
+            }
+            if st.tokens.len() != st.positions.len() {
+                return Err(ReplayError::Lengths {
+                    step: st.step,
+                    tokens: st.tokens.len(),
+                    positions: st.positions.len(),
+                });
+            }
+            let first = i64::from(st.positions[0]);
+            // An encoder model's decoder starts again at 0 after step 0.
+            let restart = i == 1 && first == 0;
+            let mut want = if restart { 0 } else { next_pos };
+            for &p in &st.positions {
+                if i64::from(p) != want {
+                    return Err(ReplayError::Positions {
+                        step: st.step,
+                        expected: i32::try_from(want).unwrap_or(i32::MAX),
+                        found: p,
+                    });
+                }
+                want += 1;
+            }
+            next_pos = want;
+        }
+        if steps.len() > i32::MAX as usize
+            || steps.iter().map(|s| s.tokens.len()).sum::<usize>() > i32::MAX as usize
+        {
+            return Err(ReplayError::TooLarge);
+        }
+        Ok(Self {
+            steps: steps.iter().map(|s| s.tokens.clone()).collect(),
+            n_prompt_tokens: prompt_tokens.len(),
+            source: source.into(),
+        })
+    }
 }
 
 /// What `run` needs besides llama.cpp's own options.
@@ -96,11 +203,53 @@ unsafe extern "C" fn on_step(
     }
 }
 
+unsafe extern "C" fn on_output(
+    user: *mut c_void,
+    step: u32,
+    sampled: i32,
+    logits: *const f32,
+    n_vocab: i32,
+) -> i32 {
+    // SAFETY: `user` is the `*mut State` passed to kcm_session_run, alive for the run.
+    let state = unsafe { &mut *(user as *mut State) };
+    let go_on = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let logits =
+            (state.capture.wants_logits() && !logits.is_null() && n_vocab > 0).then(|| {
+                // SAFETY: the C side passes n_vocab valid floats, alive during this call.
+                unsafe { std::slice::from_raw_parts(logits, n_vocab as usize) }.to_vec()
+            });
+        state.capture.end_step(StepOutput {
+            step,
+            sampled: (sampled >= 0).then_some(sampled),
+            logits,
+        })
+    }));
+    match go_on {
+        Ok(true) => 1,
+        Ok(false) => 0,
+        Err(panic) => {
+            state.capture.fail(CaptureError::from_panic(panic));
+            0
+        }
+    }
+}
+
 /// Run llama.cpp with `llama_args` (llama.cpp's own options, without a program name),
 /// capturing attention into `sink`.
 pub fn run(
     llama_args: &[String],
     opts: RunOptions,
+    sink: &mut dyn CaptureSink,
+) -> Result<(RunInfo, RunOutcome), SessionError> {
+    run_replay(llama_args, opts, None, sink)
+}
+
+/// [`run`], decoding the steps of `replay` (when given) instead of the prompt and sampled
+/// tokens.
+pub fn run_replay(
+    llama_args: &[String],
+    opts: RunOptions,
+    replay: Option<&Replay>,
     sink: &mut dyn CaptureSink,
 ) -> Result<(RunInfo, RunOutcome), SessionError> {
     let mut argv_owned = vec![CString::new("kqv-trace-monitor").unwrap_or_default()];
@@ -119,6 +268,19 @@ pub fn run(
     let cap_ptr: *mut Capture = unsafe { &mut (*state_ptr).capture };
     let mut err = vec![0 as c_char; 1024];
     let mut usage_error = 0i32;
+    // The replayed steps as the C side reads them (copied there).
+    let replay_tokens: Vec<i32> = replay
+        .map(|r| r.steps.iter().flatten().copied().collect())
+        .unwrap_or_default();
+    let replay_lens: Vec<i32> = replay
+        .map(|r| r.steps.iter().map(|s| s.len() as i32).collect())
+        .unwrap_or_default();
+    let replay_c = replay.map(|r| kcm_replay {
+        tokens: replay_tokens.as_ptr(),
+        n_tokens: replay_lens.as_ptr(),
+        n_steps: replay_lens.len() as i32,
+        n_prompt_tokens: i32::try_from(r.n_prompt_tokens).unwrap_or(i32::MAX),
+    });
     // SAFETY: argv holds argc valid C strings; the callback and its user data stay valid
     // until kcm_session_free below.
     let session = unsafe {
@@ -132,6 +294,9 @@ pub fn run(
             },
             cap_ptr.cast(),
             i32::from(opts.verbose),
+            replay_c
+                .as_ref()
+                .map_or(std::ptr::null(), |r| r as *const kcm_replay),
             err.as_mut_ptr(),
             err.len(),
             &mut usage_error,
@@ -189,6 +354,7 @@ pub fn run(
         kv_buffer_bytes: raw.kv_buffer_bytes,
         n_threads: raw.n_threads.max(0) as u32,
         n_threads_batch: raw.n_threads_batch.max(0) as u32,
+        replayed_from: replay.map(|r| r.source.clone()),
     };
     // SAFETY: state_ptr is live (boxed above).
     unsafe { (*state_ptr).capture.start(&info) }.map_err(SessionError::Capture)?;
@@ -197,7 +363,9 @@ pub fn run(
         kcm_session_run(
             guard.0,
             i32::from(opts.prefill_only),
+            i32::from(opts.capture.logits),
             Some(on_step),
+            Some(on_output),
             state_ptr.cast(),
             err.as_mut_ptr(),
             err.len(),

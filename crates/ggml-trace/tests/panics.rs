@@ -41,6 +41,7 @@ fn options() -> RunOptions {
             layer: None,
             trace_sources: true,
             keep: true,
+            logits: false,
         },
         eval_callback: true,
         prefill_only: false,

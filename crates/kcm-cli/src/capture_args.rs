@@ -24,6 +24,10 @@ pub struct Options {
     pub verify: bool,
     /// No progress display.
     pub quiet: bool,
+    /// `--logits`: capture each step's output logits (saved with the trace).
+    pub logits: bool,
+    /// `--replay TRACE`: decode exactly that trace's steps and tokens.
+    pub replay: Option<std::path::PathBuf>,
     /// Arguments for llama.cpp, in order.
     pub llama_args: Vec<String>,
 }
@@ -42,6 +46,8 @@ impl Default for Options {
             verbose: false,
             verify: false,
             quiet: false,
+            logits: false,
+            replay: None,
             llama_args: Vec::new(),
         }
     }
@@ -91,6 +97,11 @@ pub fn parse(args: Vec<String>) -> Result<Command<Options>, UsageError> {
             "--json" => o.json = true,
             "--verify" => o.verify = true,
             "--quiet" => o.quiet = true,
+            "--logits" => o.logits = true,
+            "--replay" => {
+                let v = it.next().ok_or(UsageError::MissingValue("--replay"))?;
+                o.replay = Some(v.into());
+            }
             "-v" | "--verbose" | "--log-verbose" => {
                 o.verbose = true;
                 o.llama_args.push(a);

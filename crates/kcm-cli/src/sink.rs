@@ -8,7 +8,9 @@ use trace_format::json::number as num;
 use crate::progress::{Counters, Progress};
 use attn_verify::render::{self, VerdictKey};
 use attn_verify::{Fingerprints, Group, KernelFacts, Outcome};
-use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention, CapturedTensor};
+use ggml_trace::capture::{
+    CaptureError, CaptureSink, CapturedAttention, CapturedTensor, StepOutput,
+};
 use ggml_trace::session::{RunInfo, RunOutcome};
 use serde_json::json;
 use tensor_stats::{Sci, Summary};
@@ -446,6 +448,7 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
         n_predict: info.n_predict,
         seed: info.seed,
         prompt_tokens: info.prompt_tokens.clone(),
+        replayed_from: info.replayed_from.clone().unwrap_or_default(),
         llama_version: ggml_trace::llama_version(),
         cpu_simd: ggml_trace::cpu_simd(),
         target_layer: -1,
@@ -577,6 +580,41 @@ impl CaptureSink for MonitorSink {
             self.counters.bytes_written = w.trace_bytes();
         }
         self.progress.update(self.counters);
+        Ok(())
+    }
+
+    /// The sampler's choice is recorded with the step; logits (`--logits`) are summarised
+    /// like a tensor (role `logits`, layer -1) and saved.
+    fn on_output(&mut self, out: StepOutput) -> Result<(), CaptureError> {
+        if let (Some(w), Some(tok)) = (self.writer.as_mut(), out.sampled) {
+            w.set_sampled(out.step, tok);
+        }
+        let Some(logits) = out.logits else {
+            return Ok(());
+        };
+        let meta = trace_format::write::logits_meta(out.step, logits.len() as u64)
+            .map_err(CaptureError::sink)?;
+        let t = CapturedTensor {
+            meta,
+            data: Arc::new(logits.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            revision: None,
+        };
+        let s = self.stats.summarize(&t).map_err(CaptureError::sink)?;
+        if let Err(e) = self.line(&t, &s) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                self.out = Box::new(std::io::sink());
+            } else {
+                return Err(CaptureError::Write {
+                    what: "writing statistics",
+                    source: e,
+                });
+            }
+        }
+        if let Some(w) = self.writer.as_mut() {
+            w.add_tensor(t.meta, &t.data, false)
+                .map_err(CaptureError::sink)?;
+            self.counters.bytes_written = w.trace_bytes();
+        }
         Ok(())
     }
 }

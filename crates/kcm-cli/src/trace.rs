@@ -26,6 +26,9 @@ pub enum MonitorError {
     Save(#[from] trace_format::TraceError),
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// `--replay FILE` names no trace, or one whose steps cannot be decoded again.
+    #[error("--replay {path}: {why}")]
+    Replay { path: String, why: String },
     #[error("--verify: {failed} of {total} (step, layer) groups failed verification, {missing} could not be checked")]
     Verify {
         failed: usize,
@@ -60,6 +63,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
             from_step: opts.from_step,
             trace_sources: opts.trace_sources,
             keep: true,
+            logits: opts.logits,
         },
         prefill_only: opts.prefill_only,
         verbose: opts.verbose,
@@ -70,7 +74,11 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
         info: None,
         steps: 0,
     };
-    let result = session::run(&opts.llama_args, run_opts, &mut started);
+    let replay = match &opts.replay {
+        Some(p) => Some(load_replay(p)?),
+        None => None,
+    };
+    let result = session::run_replay(&opts.llama_args, run_opts, replay.as_ref(), &mut started);
     let (started_info, started_steps) = (started.info.take(), started.steps);
     let (info, outcome) = match result {
         Ok(r) => r,
@@ -102,6 +110,18 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     sink.finish(&info, &outcome)
 }
 
+/// The steps of the trace at `path`, to decode again (`--replay`).
+pub fn load_replay(path: &std::path::Path) -> Result<session::Replay, MonitorError> {
+    let shown = path.display().to_string();
+    let err = |why: String| MonitorError::Replay {
+        path: shown.clone(),
+        why,
+    };
+    let trace = trace_format::TraceFile::open(path).map_err(|e| err(e.to_string()))?;
+    session::Replay::from_steps(&trace.steps, &trace.run.prompt_tokens, shown.clone())
+        .map_err(|e| err(format!("cannot be replayed: {e}")))
+}
+
 /// The monitor's sink, remembering the run's facts and its step count, so that a run
 /// that ends with a capture error can still save what was traced.
 struct Started<'a> {
@@ -127,6 +147,10 @@ impl CaptureSink for Started<'_> {
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
         self.sink.on_attention(att)
     }
+
+    fn on_output(&mut self, out: ggml_trace::capture::StepOutput) -> Result<(), CaptureError> {
+        self.sink.on_output(out)
+    }
 }
 
 impl crate::Failure for MonitorError {
@@ -138,6 +162,9 @@ impl crate::Failure for MonitorError {
         }
     }
     fn is_usage(&self) -> bool {
-        matches!(self, MonitorError::Session(session::SessionError::Usage(_)))
+        matches!(
+            self,
+            MonitorError::Session(session::SessionError::Usage(_)) | MonitorError::Replay { .. }
+        )
     }
 }

@@ -77,6 +77,7 @@ fn main() {
                     layer: None,
                     trace_sources: true,
                     keep: true,
+                    logits: false,
                 },
                 prefill_only: false,
                 verbose: false,

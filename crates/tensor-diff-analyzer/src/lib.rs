@@ -239,6 +239,7 @@ pub fn compare_live(
             from_step: 0,
             trace_sources: opts.monitor.trace_sources,
             keep: true,
+            logits: false,
         },
         prefill_only: opts.monitor.prefill_only,
         verbose: opts.monitor.verbose,

@@ -49,6 +49,13 @@ pub const RUN_CROSS_FLASH_ATTN: &str = "kqv_trace.run.cross_flash_attn";
 pub const STEP_N_TOKENS: &str = "kqv_trace.step.n_tokens";
 pub const STEP_POSITIONS: &str = "kqv_trace.step.positions";
 pub const STEP_TOKENS: &str = "kqv_trace.step.tokens";
+/// Per step (index = step), INT32: the token the run's sampler chose from the step's
+/// output (in a replay its own choice, not the token decoded next); -1 where it did not
+/// choose. Optional (absent from traces written before it was recorded).
+pub const STEP_SAMPLED: &str = "kqv_trace.step.sampled";
+/// The trace whose steps the run decoded again (`--replay`, the analyzer's default), as
+/// the user named it. Optional (absent: the run decoded its own prompt and samples).
+pub const RUN_REPLAYED_FROM: &str = "kqv_trace.run.replayed_from";
 
 /// Per tensor, parallel to the tensor table.
 pub const TENSOR_ROLE: &str = "kqv_trace.tensor.role";

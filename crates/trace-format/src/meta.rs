@@ -36,10 +36,15 @@ pub enum Role {
     /// onto `kq` between the `kq` MUL_MAT and the softmax (T5's relative-position bias
     /// `kq_b`), `[n_kv, T, H, S]` or broadcast to it like ggml's ADD.
     KqBias,
+    /// Not attention: a step's output logits (llama.cpp's `result_output` row for the
+    /// step's last token, F32 `[n_vocab]`), layer -1, when the run captured them
+    /// (`--logits`). Readers keep them apart from the attention tensors
+    /// ([`TraceFile::logits`](crate::TraceFile::logits)).
+    Logits,
 }
 
 impl Role {
-    pub const ALL: [Role; 14] = [
+    pub const ALL: [Role; 15] = [
         Role::KqvOut,
         Role::Attn,
         Role::Q,
@@ -54,6 +59,7 @@ impl Role {
         Role::KqvOutUnrotated,
         Role::VMla,
         Role::KqBias,
+        Role::Logits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +78,7 @@ impl Role {
             Role::KqvOutUnrotated => "kqv_out_unrotated",
             Role::VMla => "v_mla",
             Role::KqBias => "kq_bias",
+            Role::Logits => "logits",
         }
     }
 
@@ -174,6 +181,9 @@ pub struct RunMeta {
     pub rotated_k_layers: Vec<Option<bool>>,
     /// Per layer: V rotated (so `kqv_out` is in the rotated basis); as above.
     pub rotated_v_layers: Vec<Option<bool>>,
+    /// The trace whose steps this run decoded again (`--replay`, the analyzer's default);
+    /// empty when the run decoded its own prompt and sampled tokens.
+    pub replayed_from: String,
     pub mixed_kv_cache: bool,
     pub n_ctx: u32,
     pub n_batch: u32,

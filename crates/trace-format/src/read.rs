@@ -31,6 +31,13 @@ pub struct TraceFile {
     pub attn: Vec<AttnRecord>,
     /// Names of GGUF tensors that could not be given a role (files of other tools).
     pub unknown: Vec<String>,
+    /// Each step's output logits (role `logits`, `--logits`), by step; kept apart from
+    /// the attention tensors in `tensors`. Checked on open: F32 `[n_vocab]`, layer -1,
+    /// one per step, within the trace's steps, one n_vocab for all.
+    pub logits: Vec<TracedTensor>,
+    /// Per step (index = step): the token the run's sampler chose from that step's
+    /// output (`kqv_trace.step.sampled`); empty when the trace does not record it.
+    pub sampled: Vec<Option<i32>>,
     /// True when the file lacks this format's per-tensor metadata and roles were
     /// inferred from the seed tools' names.
     pub from_names_only: bool,
@@ -317,6 +324,20 @@ impl TraceFile {
             Vec::new()
         };
 
+        let sampled = if m.contains(keys::STEP_SAMPLED) {
+            let v = i32s(m, keys::STEP_SAMPLED)?;
+            same_length(keys::STEP_SAMPLED, v.len(), steps.len(), "steps")?;
+            v.into_iter().map(|t| (t >= 0).then_some(t)).collect()
+        } else {
+            Vec::new()
+        };
+        // The logits rows leave the attention tensors here, checked.
+        let (mut logits, tensors): (Vec<TracedTensor>, Vec<TracedTensor>) = tensors
+            .into_iter()
+            .partition(|t| t.meta.role == Role::Logits);
+        check_logits(&logits, steps.len())?;
+        logits.sort_by_key(|t| t.meta.step);
+
         let n_steps = has_steps.then_some(steps.len());
         if has_roles {
             validate::check_run_flags(m, &run, &steps, n, &tensors, &attn)?;
@@ -342,6 +363,8 @@ impl TraceFile {
             tensors,
             attn,
             unknown,
+            logits,
+            sampled,
             from_names_only: !has_roles,
             problems,
             index,
@@ -377,6 +400,20 @@ impl TraceFile {
         self.index
             .get(&(step, layer, role))
             .map(|&i| &self.tensors[i])
+    }
+
+    /// The logits row of `step` (`--logits`), if the trace has it.
+    pub fn logits_at(&self, step: u32) -> Option<&TracedTensor> {
+        // Sorted by step when checked on open.
+        self.logits
+            .binary_search_by_key(&step, |t| t.meta.step)
+            .ok()
+            .map(|i| &self.logits[i])
+    }
+
+    /// The token the run's sampler chose from `step`'s output, when recorded.
+    pub fn sampled_at(&self, step: u32) -> Option<i32> {
+        self.sampled.get(step as usize).copied().flatten()
     }
 
     /// The attention record of (step, layer); the first one when there are several (a
@@ -416,6 +453,58 @@ impl TraceFile {
         }
         g
     }
+}
+
+/// The logits rows: F32 `[n_vocab, 1, 1, 1]` contiguous, layer -1, one per step, within
+/// the trace's `n_steps`, the same n_vocab everywhere; sorted by step afterwards.
+fn check_logits(logits: &[TracedTensor], n_steps: usize) -> Result<(), Violation> {
+    let bad = |t: &TracedTensor, what: String| Violation::BadValue {
+        key: keys::TENSOR_ROLE,
+        what: format!("logits tensor {}: {what}", crate::escape::escape(&t.name)),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let n_vocab = logits.first().map(|t| t.meta.layout.ne[0]);
+    for t in logits {
+        let l = &t.meta.layout;
+        if l.ty != gguf_io::GgmlType::F32 {
+            return Err(bad(t, format!("type {}, not f32", l.ty.name())));
+        }
+        if l.ne[1..] != [1, 1, 1] || l.ne[0] == 0 || Some(l.ne[0]) != n_vocab {
+            return Err(bad(
+                t,
+                format!(
+                    "shape {:?}: one row of the same n_vocab for every step",
+                    l.ne
+                ),
+            ));
+        }
+        let row = l.ne[0].saturating_mul(4);
+        if l.nb != [4, row, row, row] {
+            return Err(bad(
+                t,
+                format!("strides {:?} of no contiguous f32 row", l.nb),
+            ));
+        }
+        if t.meta.layer != -1 {
+            return Err(bad(
+                t,
+                format!("layer {} (logits belong to no layer: -1)", t.meta.layer),
+            ));
+        }
+        if t.meta.step as usize >= n_steps {
+            return Err(bad(
+                t,
+                format!("step {} outside the trace's {n_steps} steps", t.meta.step),
+            ));
+        }
+        if !seen.insert(t.meta.step) {
+            return Err(bad(
+                t,
+                format!("a second logits row for step {}", t.meta.step),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -266,6 +266,7 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         cpu_simd: string(m, keys::RUN_CPU_SIMD)?,
         n_cross_layer: u(keys::RUN_N_CROSS_LAYER)?,
         cross_flash_attn: string(m, keys::RUN_CROSS_FLASH_ATTN)?,
+        replayed_from: string(m, keys::RUN_REPLAYED_FROM)?,
     })
 }
 

@@ -53,6 +53,8 @@ pub struct TraceWriter {
     tensors: Vec<(TensorMeta, String, Spooled)>,
     names: HashSet<String>,
     steps: Vec<StepMeta>,
+    /// Step -> the token the sampler chose from its output.
+    sampled: HashMap<u32, i32>,
     attn: Vec<AttnRecord>,
     trace_bytes: u64,
     spooled_bytes: u64,
@@ -69,6 +71,9 @@ pub struct TraceWriter {
 /// intermediates), with the layer added when the ggml name does not carry it (two masks
 /// are both `attn_inp_kq_mask` on Gemma 3), spaces dropped, and cut to ggml's 63 bytes.
 pub fn tensor_name(meta: &TensorMeta, mixed: bool) -> String {
+    if meta.role == Role::Logits {
+        return format!("logits_result_output_step_{}", meta.step);
+    }
     let prefix = match meta.role.src_index(mixed) {
         Some(i) => format!("src{i}"),
         None => meta.role.name().to_owned(),
@@ -89,6 +94,22 @@ pub fn tensor_name(meta: &TensorMeta, mixed: bool) -> String {
     format!("{prefix}_{base}{suffix}")
 }
 
+/// The description of step `step`'s logits row of `n_vocab` values.
+pub fn logits_meta(step: u32, n_vocab: u64) -> Result<TensorMeta, TraceError> {
+    Ok(TensorMeta {
+        role: Role::Logits,
+        layer: -1,
+        step,
+        ggml_name: "result_output".into(),
+        op: String::new(),
+        layout: crate::layout::TensorLayout::contiguous(
+            gguf_io::GgmlType::F32,
+            [n_vocab, 1, 1, 1],
+        )?,
+        view_of: String::new(),
+    })
+}
+
 /// Whether a ggml name already says its layer: `kqv_out-3`, `Qcur-3(view)`, `cache_k_l3(view)`.
 fn carries_layer(name: &str, layer: i32) -> bool {
     let l = layer.to_string();
@@ -106,6 +127,7 @@ impl TraceWriter {
             tensors: Vec::new(),
             names: HashSet::new(),
             steps: Vec::new(),
+            sampled: HashMap::new(),
             attn: Vec::new(),
             trace_bytes: 0,
             spooled_bytes: 0,
@@ -116,6 +138,18 @@ impl TraceWriter {
 
     pub fn add_step(&mut self, step: StepMeta) {
         self.steps.push(step);
+    }
+
+    /// The token the run's sampler chose from `step`'s output (`kqv_trace.step.sampled`).
+    pub fn set_sampled(&mut self, step: u32, token: i32) {
+        self.sampled.insert(step, token);
+    }
+
+    /// A step's output logits (role `logits`, layer -1, F32 `[n_vocab]`).
+    pub fn add_logits(&mut self, step: u32, logits: &[f32]) -> Result<(), TraceError> {
+        let meta = logits_meta(step, logits.len() as u64)?;
+        let bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.add_tensor(meta, &bytes, false)
     }
 
     pub fn add_attn(&mut self, rec: AttnRecord) {
@@ -277,6 +311,18 @@ impl TraceWriter {
                 .flat_map(|s| s.tokens.iter().copied())
                 .collect::<Vec<_>>(),
         );
+        if !self.sampled.is_empty() {
+            m.set(
+                keys::STEP_SAMPLED,
+                self.steps
+                    .iter()
+                    .map(|s| self.sampled.get(&s.step).copied().unwrap_or(-1))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if !run.replayed_from.is_empty() {
+            m.set(keys::RUN_REPLAYED_FROM, run.replayed_from.as_str());
+        }
 
         let t = &self.tensors;
         m.set(

@@ -125,6 +125,22 @@ pub struct CaptureConfig {
     /// the rows that changed (see [`Revision`]); off: copy everything every step, with
     /// no revisions (the tools keep; tests compare the two).
     pub keep: bool,
+    /// Hand each step's output logits to the sink ([`StepOutput::logits`]).
+    pub logits: bool,
+}
+
+/// What a step produced besides its tensors, right after it ran.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    pub step: u32,
+    /// The token the run's sampler chose from this step's output (in a replay: its own
+    /// choice, not the token decoded next). `None` when it did not choose: a prompt
+    /// ubatch before the last, an encoder step, a run without generation.
+    pub sampled: Option<i32>,
+    /// The output logits of the step's last token (llama.cpp's `result_output` row,
+    /// n_vocab values), when [`CaptureConfig::logits`] asks for them and the step has
+    /// them.
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Receives the run as it happens (on the thread that runs `llama_decode`).
@@ -139,6 +155,11 @@ pub trait CaptureSink {
     }
     /// A layer's attention for the current step is complete. An error stops the run.
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError>;
+    /// The step has run: what the sampler chose and, when asked for, the logits. An error
+    /// stops the run.
+    fn on_output(&mut self, _out: StepOutput) -> Result<(), CaptureError> {
+        Ok(())
+    }
 }
 
 /// Attention being assembled between its op and `kqv_out`.
@@ -220,6 +241,26 @@ impl<'a> Capture<'a> {
         self.open.clear();
         self.emitted.clear();
         self.sink.on_step(step)
+    }
+
+    /// The step has run (after its `llama_decode`); false when the run must stop (an
+    /// error, kept for [`Capture::take_error`]).
+    pub fn end_step(&mut self, out: StepOutput) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        match self.sink.on_output(out) {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
+    /// Whether the sink wants each step's logits.
+    pub fn wants_logits(&self) -> bool {
+        self.cfg.logits
     }
 
     pub(crate) fn start(&mut self, info: &crate::run_info::RunInfo) -> Result<(), CaptureError> {

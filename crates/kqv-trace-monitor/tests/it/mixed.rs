@@ -279,6 +279,7 @@ fn kv_bytes(args: &[String]) -> u64 {
             layer: None,
             trace_sources: false,
             keep: true,
+            logits: false,
         },
         eval_callback: false,
         prefill_only: true,

@@ -104,6 +104,7 @@ fn run(
             layer: None,
             trace_sources: true,
             keep,
+            logits: false,
         },
         prefill_only: false,
         verbose: false,
