@@ -408,3 +408,81 @@ impl Drop for SessionGuard {
         unsafe { kcm_session_free(self.0) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trace_format::StepMeta;
+
+    fn step(step: u32, positions: std::ops::Range<i32>) -> StepMeta {
+        StepMeta {
+            step,
+            tokens: positions.clone().map(|p| 100 + p).collect(),
+            positions: positions.collect(),
+        }
+    }
+
+    #[test]
+    fn a_trace_of_one_sequence_replays_step_by_step() {
+        let steps = [step(0, 0..3), step(1, 3..5), step(2, 5..6), step(3, 6..7)];
+        let r = Replay::from_steps(&steps, &[100, 101, 102, 103, 104], "t.gguf").unwrap();
+        assert_eq!(
+            r.steps,
+            vec![vec![100, 101, 102], vec![103, 104], vec![105], vec![106]]
+        );
+        assert_eq!(r.n_prompt_tokens, 5);
+        assert_eq!(r.source, "t.gguf");
+        // An encoder model's decoder restarts at position 0 after the encoder step.
+        let t5 = [step(0, 0..4), step(1, 0..1), step(2, 1..2)];
+        assert!(Replay::from_steps(&t5, &[1, 2, 3, 4], "t5").is_ok());
+    }
+
+    #[test]
+    fn steps_that_are_not_one_sequence_are_refused_with_the_step() {
+        let p = [1];
+        assert_eq!(Replay::from_steps(&[], &p, "x"), Err(ReplayError::NoSteps));
+        assert_eq!(
+            Replay::from_steps(&[step(0, 0..1)], &[], "x"),
+            Err(ReplayError::NoPrompt)
+        );
+        assert_eq!(
+            Replay::from_steps(&[step(0, 0..1), step(2, 1..2)], &p, "x"),
+            Err(ReplayError::Numbering {
+                expected: 1,
+                found: 2
+            })
+        );
+        assert_eq!(
+            Replay::from_steps(&[step(0, 0..1), step(1, 5..6)], &p, "x"),
+            Err(ReplayError::Positions {
+                step: 1,
+                expected: 1,
+                found: 5
+            })
+        );
+        assert_eq!(
+            Replay::from_steps(&[step(0, 0..1), step(1, 1..2), step(2, 0..1)], &p, "x"),
+            Err(ReplayError::Positions {
+                step: 2,
+                expected: 2,
+                found: 0
+            })
+        );
+        let mut empty = step(1, 1..1);
+        empty.tokens.clear();
+        assert_eq!(
+            Replay::from_steps(&[step(0, 0..1), empty], &p, "x"),
+            Err(ReplayError::EmptyStep { step: 1 })
+        );
+        let mut short = step(0, 0..2);
+        short.tokens.pop();
+        assert_eq!(
+            Replay::from_steps(&[short], &p, "x"),
+            Err(ReplayError::Lengths {
+                step: 0,
+                tokens: 1,
+                positions: 2
+            })
+        );
+    }
+}

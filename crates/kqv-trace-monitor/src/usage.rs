@@ -21,6 +21,17 @@ MONITOR OPTIONS:
                          abs error at (position, head, dim), cosine, bound, ok/FAIL, and for
                          a failure the input that explains it), a summary line at the end;
                          exit 1 if any group failed (bounds: docs/verification.md)
+    --replay TRACE       decode exactly the steps of an earlier trace (its prompt in the
+                         same ubatches, then its tokens one per step) instead of the
+                         prompt and sampled tokens, so that two traces compare the same
+                         computation step by step; the sampler still chooses after each
+                         step and its own choice is recorded (kqv_trace.step.sampled).
+                         No -p needed (when given it must be the trace's prompt); -n
+                         limits the generated steps replayed
+    --logits             also capture each step's output logits (llama.cpp's
+                         result_output row of the step's last token; role logits,
+                         layer -1): summarised and saved, for tensor-diff-analyzer's KL
+                         divergence (n_vocab floats per step: 1 MiB for a 262k vocabulary)
     --json               statistics as JSON Lines (schema: docs/json.md)
     --quiet              no progress line on stderr (it is shown only when stderr is a
                          terminal and the statistics are not: stdout redirected); NO_COLOR
@@ -54,4 +65,6 @@ EXAMPLES:
     kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" -ctk q4_0 -ctv q4_0 -fa --layer 0
     kqv-trace-monitor -m model.gguf -p \"Hi\" --save-gguf - | gguf-reader -
     kqv-trace-monitor -m model.gguf -p \"Hello world\" -n 4 -fa on --verify
+    kqv-trace-monitor -m model.gguf -p \"Hi\" -n 64 --logits --save-gguf f16.gguf
+    kqv-trace-monitor -m model.gguf --replay f16.gguf -ctk q4_0 -ctv q4_0 --logits --save-gguf q4.gguf
 ";

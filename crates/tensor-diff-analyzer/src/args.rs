@@ -34,6 +34,14 @@ ANALYSIS OPTIONS:
                             run-to-run difference beside the measured one
     --noise-reference FILE  a second reference (the reference configuration run again):
                             the noise floor is its difference from --reference
+    --no-replay             live: decode the prompt given (-p) and this run's own samples
+                            instead of the reference's tokens (the default replays them:
+                            every step then compares the same computation)
+    --logits                live: capture each step's output logits; with a reference that
+                            has them (kqv-trace-monitor --logits), report per step the KL
+                            divergence of the next-token distributions, top-1 agreement
+                            and the reference token's probability change (always on when
+                            the reference has logits)
     --no-trace-sources      live: compare kqv_out only
     --prefill-only          live: decode the prompt only
     --save-gguf FILE        live: also save the current run's trace to FILE
@@ -46,7 +54,10 @@ ANALYSIS OPTIONS:
 LLAMA.CPP OPTIONS (live mode):
     Every other argument is parsed by llama.cpp's own `common_params_parse`, as in
     kqv-trace-monitor: -m -p -f -n -c -b -ub -t -ngl -ctk -ctv -fa on|off|auto --seed ...
-    Use the reference's prompt and -n: tensors are matched by (role, layer, step).
+    The reference's prompt and tokens are replayed (no -p or -n needed; -p, when given,
+    must be the reference's prompt; -n limits the generated steps replayed). With
+    --no-replay, use the reference's prompt and -n: tensors are matched by (role, layer,
+    step).
 
 EXIT CODES:
     0  every tensor compared and within tolerance
@@ -71,6 +82,9 @@ pub struct Options {
     pub plot: Option<PathBuf>,
     pub noise_floor: bool,
     pub noise_reference: Option<PathBuf>,
+    /// `--no-replay`: a live run decodes the prompt given and its own samples instead of
+    /// the reference's tokens.
+    pub no_replay: bool,
     /// `--layer`, `--json`, `-v`, the capture switches and llama.cpp's arguments.
     pub monitor: monitor_args::Options,
 }
@@ -117,6 +131,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     let mut plot = None;
     let mut noise_floor = false;
     let mut noise_reference = None;
+    let mut no_replay = false;
     let mut rest = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -148,6 +163,13 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                 ))
             }
             "--plot" => plot = Some(PathBuf::from(value("--plot")?)),
+            "--no-replay" => no_replay = true,
+            "--replay" => {
+                return Err(UsageError::MonitorOnly(
+                    "--replay",
+                    "a live analyzer replays the reference's tokens by default",
+                ))
+            }
             "--noise-floor" => noise_floor = true,
             "--noise-reference" => {
                 noise_reference = Some(PathBuf::from(value("--noise-reference")?))
@@ -171,6 +193,11 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             (monitor.save.is_some(), "--save-gguf"),
             (monitor.prefill_only, "--prefill-only"),
             (!monitor.trace_sources, "--no-trace-sources"),
+            (no_replay, "--no-replay"),
+            (
+                monitor.logits,
+                "--logits (offline, the logits the traces hold are compared)",
+            ),
         ];
         if let Some((_, what)) = live_only.iter().find(|(used, _)| *used) {
             let what = if *what == "llama.cpp options" {
@@ -188,6 +215,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         plot,
         noise_floor,
         noise_reference,
+        no_replay,
         monitor,
     })))
 }

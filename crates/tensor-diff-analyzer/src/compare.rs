@@ -530,6 +530,8 @@ pub struct Analyzer<'r> {
     pub current_no_role: usize,
     /// Notes found while comparing (generation divergence, step positions).
     pub late_notes: Vec<String>,
+    /// The current run's outputs (own token choices, logits) against the reference's.
+    pub outputs: crate::output::Outputs,
 }
 
 impl<'r> Analyzer<'r> {
@@ -573,6 +575,7 @@ impl<'r> Analyzer<'r> {
             current_other_layer: 0,
             current_no_role: 0,
             late_notes: Vec::new(),
+            outputs: crate::output::Outputs::default(),
         })
     }
 

@@ -8,6 +8,7 @@
 pub mod args;
 pub mod compare;
 pub mod live;
+pub mod output;
 pub mod plot;
 pub mod report;
 pub mod trust;
@@ -181,6 +182,8 @@ pub fn compare_files(
     for t in &current.tensors {
         a.compare(&t.meta, &t.name, &le_data(current, t));
     }
+    let reference = a.reference;
+    a.outputs.add_trace(reference, current);
     Ok(())
 }
 
@@ -220,12 +223,46 @@ fn kqv_out_compared(a: &Analyzer) -> Result<(), String> {
     })
 }
 
+/// The reference's steps, to decode again in a live run (the default; `--no-replay`
+/// decodes the prompt and samples instead). A reference that records no tokens per step
+/// (a seed tool's trace) cannot be replayed: `Ok(None)` with a note.
+pub fn reference_replay(
+    a: &mut Analyzer,
+    opts: &Options,
+) -> Result<Option<session::Replay>, AnalyzerError> {
+    if opts.no_replay {
+        return Ok(None);
+    }
+    let r = a.reference;
+    if r.steps.is_empty() || r.steps.iter().all(|s| s.tokens.is_empty()) {
+        a.late_notes.push(
+            "the reference records no tokens per step (kqv_trace.step.tokens), so its tokens \
+             could not be replayed: this run decoded its own prompt and samples"
+                .into(),
+        );
+        return Ok(None);
+    }
+    session::Replay::from_steps(
+        &r.steps,
+        &r.run.prompt_tokens,
+        opts.reference.display().to_string(),
+    )
+    .map(Some)
+    .map_err(|e| {
+        AnalyzerError::Mismatch(format!(
+            "the reference's tokens cannot be replayed: {e} (--no-replay decodes the prompt \
+             given instead)"
+        ))
+    })
+}
+
 /// Run llama.cpp once, comparing live; `save` also writes the run's trace there.
 pub fn compare_live(
     a: &mut Analyzer,
     opts: &Options,
     save: Option<&Path>,
 ) -> Result<(), AnalyzerError> {
+    let replay = reference_replay(a, opts)?;
     let save_opts = save.map(|p| {
         let mut o = opts.monitor.clone();
         o.save = Some(SaveTarget::Path(p.to_owned()));
@@ -239,7 +276,8 @@ pub fn compare_live(
             from_step: 0,
             trace_sources: opts.monitor.trace_sources,
             keep: true,
-            logits: false,
+            // The reference's logits are compared whenever it has them.
+            logits: opts.monitor.logits || !a.reference.logits.is_empty(),
         },
         prefill_only: opts.monitor.prefill_only,
         verbose: opts.monitor.verbose,
@@ -247,7 +285,12 @@ pub fn compare_live(
     };
     let mut sink = live::LiveSink::new(a, save_opts.as_ref(), opts.monitor.quiet)
         .map_err(AnalyzerError::Save)?;
-    let result = session::run(&opts.monitor.llama_args, run_opts, &mut sink);
+    let result = session::run_replay(
+        &opts.monitor.llama_args,
+        run_opts,
+        replay.as_ref(),
+        &mut sink,
+    );
     sink.clear_progress();
     let saver = sink.save.take();
     match result {
@@ -333,11 +376,14 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
+    let output = a.outputs.summary(&reference, |_| true);
     if opts.monitor.json {
-        let doc = report::to_json(&outcome, &a.check, code);
+        let mut doc = report::to_json(&outcome, &a.check, code);
+        doc["output"] = output.json();
         writeln!(out, "{doc}")?;
     } else {
         report::write_text(&outcome, &mut out)?;
+        write!(out, "{}", output.text())?;
     }
     out.flush()?;
     if let Some(p) = &opts.plot {

@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention};
+use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention, StepOutput};
 use ggml_trace::session::RunInfo;
 use kcm_cli::progress::{Counters, Progress};
 use kcm_cli::sink::MonitorSink;
@@ -121,6 +121,17 @@ impl CaptureSink for LiveSink<'_, '_> {
         self.progress.update(self.counters);
         match self.save.as_mut() {
             Some(s) => s.on_attention(att),
+            None => Ok(()),
+        }
+    }
+
+    fn on_output(&mut self, out: StepOutput) -> Result<(), CaptureError> {
+        let reference = self.analyzer.reference;
+        self.analyzer
+            .outputs
+            .add(reference, out.step, out.sampled, out.logits.as_deref());
+        match self.save.as_mut() {
+            Some(s) => s.on_output(out),
             None => Ok(()),
         }
     }

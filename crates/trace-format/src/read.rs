@@ -527,4 +527,97 @@ mod tests {
         );
         assert_eq!(infer_from_name("token_embd.weight"), None);
     }
+
+    /// A two-step trace with a kqv_out per step, logits rows for `logit_steps` and the
+    /// sampler's choice after step 1 only.
+    fn with_logits(logit_steps: &[u32]) -> Vec<u8> {
+        use crate::layout::TensorLayout;
+        use crate::write::TraceWriter;
+        let mut w = TraceWriter::new().unwrap();
+        for s in crate::synth::steps(2, 1) {
+            w.add_step(s);
+        }
+        for step in 0..2u32 {
+            let meta = TensorMeta {
+                role: Role::KqvOut,
+                layer: 0,
+                step,
+                ggml_name: "kqv_out-0".into(),
+                op: "NONE".into(),
+                layout: TensorLayout::contiguous(gguf_io::GgmlType::F32, [4, 1, 1, 1]).unwrap(),
+                view_of: String::new(),
+            };
+            w.add_tensor(meta, &[0u8; 16], false).unwrap();
+        }
+        for &step in logit_steps {
+            let row: Vec<f32> = (0..5).map(|i| (i as f32) * 0.5 - step as f32).collect();
+            w.add_logits(step, &row).unwrap();
+        }
+        w.set_sampled(1, 3);
+        let run = RunMeta {
+            n_layer: 1,
+            target_layer: -1,
+            trace_sources: true,
+            complete: true,
+            replayed_from: "golden.gguf".into(),
+            ..RunMeta::default()
+        };
+        w.finish(&run, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn logits_and_sampled_tokens_round_trip_apart_from_the_attention_tensors() {
+        let t = TraceFile::from_gguf(GgufFile::from_bytes(with_logits(&[1, 0])).unwrap()).unwrap();
+        assert_eq!(t.tensors.len(), 2);
+        assert!(t.tensors.iter().all(|x| x.meta.role == Role::KqvOut));
+        assert_eq!(t.logits.len(), 2);
+        let row = t.f32(t.logits_at(1).unwrap()).unwrap();
+        assert_eq!(row, vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(t.logits_at(0).unwrap().meta.layer, -1);
+        assert_eq!(t.sampled, vec![None, Some(3)]);
+        assert_eq!(t.sampled_at(1), Some(3));
+        assert_eq!(t.sampled_at(7), None);
+        assert_eq!(t.run.replayed_from, "golden.gguf");
+        assert!(t.first_problem().is_none());
+    }
+
+    #[test]
+    fn hostile_logits_rows_are_refused_with_the_reason() {
+        let open = |b: Vec<u8>| {
+            TraceFile::from_gguf(GgufFile::from_bytes(b).unwrap())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // A row claimed for a step the trace does not have.
+        let bytes = crate::synth::rewrite(&with_logits(&[0]), |h, _| {
+            let n = h.tensors.len();
+            let mut steps: Vec<u32> = match h.metadata.get(keys::TENSOR_STEP) {
+                Some(gguf_io::Value::Array(gguf_io::Array::U32(v))) => v.clone(),
+                _ => panic!(),
+            };
+            steps[n - 1] = 9;
+            h.metadata.set(keys::TENSOR_STEP, steps);
+        })
+        .unwrap();
+        assert!(open(bytes).contains("step 9 outside the trace's 2 steps"));
+        // Two rows for one step.
+        let bytes = crate::synth::rewrite(&with_logits(&[0, 1]), |h, _| {
+            h.metadata.set(keys::TENSOR_STEP, vec![0u32, 1, 0, 0]);
+        })
+        .unwrap();
+        assert!(open(bytes).contains("a second logits row for step 0"));
+        // A logits row in a layer.
+        let bytes = crate::synth::rewrite(&with_logits(&[0]), |h, _| {
+            h.metadata.set(keys::TENSOR_LAYER, vec![0i32, 0, 0]);
+        })
+        .unwrap();
+        assert!(open(bytes).contains("layer 0 (logits belong to no layer"));
+        // A sampled-token array of another length than the steps.
+        let bytes = crate::synth::rewrite(&with_logits(&[0]), |h, _| {
+            h.metadata.set(keys::STEP_SAMPLED, vec![1i32]);
+        })
+        .unwrap();
+        assert!(open(bytes).contains(keys::STEP_SAMPLED));
+    }
 }

@@ -17,6 +17,7 @@ mod mixed_zoo;
 mod planted;
 mod planted_zoo;
 mod progress;
+mod replay;
 mod revisions;
 mod sampling;
 mod verify_cli;
