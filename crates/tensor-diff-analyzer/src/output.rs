@@ -203,20 +203,24 @@ impl OutputSummary {
                         String::new()
                     }
                 ));
+                // llama-perplexity's own formats: KLD %10.6f, percentages %6.3f.
                 for r in k.rows() {
+                    let v = |x: f64| {
+                        if r.percent {
+                            format!("{x:10.3}")
+                        } else {
+                            format!("{x:10.6}")
+                        }
+                    };
                     let unit = if r.percent { " %" } else { "" };
                     match r.uncertainty {
                         Some(u) => s.push_str(&format!(
-                            "    {:<12} {:>12} ± {}{unit}\n",
+                            "    {:<12} {} ± {}{unit}\n",
                             r.name,
-                            Sci(r.value).to_string(),
-                            Sci(u)
+                            v(r.value),
+                            v(u).trim_start()
                         )),
-                        None => s.push_str(&format!(
-                            "    {:<12} {:>12}{unit}\n",
-                            r.name,
-                            Sci(r.value).to_string()
-                        )),
+                        None => s.push_str(&format!("    {:<12} {}{unit}\n", r.name, v(r.value))),
                     }
                 }
                 let mut worst = self.per_step.clone();

@@ -8,4 +8,5 @@ mod cli;
 mod gemma;
 mod mixed;
 mod progress;
+mod replay;
 mod trust;
