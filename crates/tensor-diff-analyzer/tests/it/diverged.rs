@@ -164,3 +164,58 @@ fn inputs_that_differ_from_the_first_step_compare_nothing() {
     let o = offline(&r, &c, &["--include-diverged"]);
     assert_eq!(code(&o), 1, "{}", text(&o.stderr));
 }
+
+/// Two real traces of the tiny model, the same configuration sampled with two seeds: they
+/// decode other tokens from some step on (found here from the traces' own step tables).
+/// The steps before it are the same computation (identical on the CPU), so only the
+/// later ones can differ: without the flag they are left out (exit 0), with it compared.
+#[test]
+fn sampled_runs_are_compared_up_to_their_divergence() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = crate::cli::model(d, 16);
+    let r = d.join("seed1.gguf");
+    let rt = crate::cli::reference(&m, &r, &["-n", "4", "--temp", "1", "--seed", "1"]);
+    let mut found = None;
+    for seed in 2..12 {
+        let c = d.join(format!("seed{seed}.gguf"));
+        let seed = seed.to_string();
+        let ct = crate::cli::reference(&m, &c, &["-n", "4", "--temp", "1", "--seed", &seed]);
+        let first = rt
+            .steps
+            .iter()
+            .zip(&ct.steps)
+            .find(|(a, b)| a.tokens != b.tokens || a.positions != b.positions)
+            .map(|(a, _)| a.step);
+        if let Some(step) = first {
+            found = Some((c, ct, step));
+            break;
+        }
+    }
+    let (c, ct, at) = found.expect("ten seeds sampled the same tokens");
+    assert!(at >= 1, "the prompt step is the same");
+    let o = offline(&r, &c, &["--json"]);
+    assert_eq!(code(&o), 0, "{}\n{}", text(&o.stdout), text(&o.stderr));
+    let j = json(&o);
+    assert_eq!(j["diverged_at"], at);
+    let before =
+        |t: &trace_format::TraceFile| t.tensors.iter().filter(|x| x.meta.step < at).count();
+    assert_eq!(j["total_comparisons"], before(&rt));
+    assert!(steps(&j).iter().all(|&s| s < u64::from(at)));
+    assert_eq!(f64_of(&j["max_abs"]), 0.0);
+    let x = &j["not_compared_inputs_differ"];
+    assert_eq!(x["from_step"], at);
+    let after = |t: &trace_format::TraceFile| t.tensors.len() - before(t);
+    let (ra, ca) = (after(&rt), after(&ct));
+    let pairs = x["pairs"].as_u64().unwrap() as usize;
+    assert_eq!(
+        2 * pairs + x["one_sided"].as_u64().unwrap() as usize,
+        ra + ca
+    );
+    assert_eq!(j["unmatched"], json!([]));
+    // Compared anyway: the later steps compute other things.
+    let o = offline(&r, &c, &["--json", "--include-diverged"]);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    let j = json(&o);
+    assert!(j["first_failure"]["step"].as_u64().unwrap() >= u64::from(at));
+}
