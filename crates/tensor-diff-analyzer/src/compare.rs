@@ -747,15 +747,21 @@ impl<'r> Analyzer<'r> {
                 .partition(|u| u.step >= d);
         self.current_unpaired = kept;
         for u in late {
-            self.skipped_steps.insert(u.step);
-            let ref_role = self.counterpart(u.role, u.layer);
-            match self.index.get(&(ref_role, u.layer, u.step)) {
-                Some(&ri) => {
-                    self.used[ri] = true;
-                    self.skipped_pairs += 1;
-                }
-                None => self.skipped_current_only += 1,
+            self.leave_out(u.role, u.layer, u.step);
+        }
+    }
+
+    /// A current tensor of a step whose inputs differ: counted with its counterpart as a
+    /// pair (the counterpart is then not unpaired), or as one-sided.
+    fn leave_out(&mut self, role: Role, layer: i32, step: u32) {
+        self.skipped_steps.insert(step);
+        let ref_role = self.counterpart(role, layer);
+        match self.index.get(&(ref_role, layer, step)) {
+            Some(&ri) => {
+                self.used[ri] = true;
+                self.skipped_pairs += 1;
             }
+            None => self.skipped_current_only += 1,
         }
     }
 
@@ -883,15 +889,7 @@ impl<'r> Analyzer<'r> {
             return;
         }
         if self.inputs_differ_at(meta.step) {
-            self.skipped_steps.insert(meta.step);
-            let ref_role = self.counterpart(meta.role, meta.layer);
-            match self.index.get(&(ref_role, meta.layer, meta.step)) {
-                Some(&ri) => {
-                    self.used[ri] = true;
-                    self.skipped_pairs += 1;
-                }
-                None => self.skipped_current_only += 1,
-            }
+            self.leave_out(meta.role, meta.layer, meta.step);
             return;
         }
         let unpaired = |reason| Unpaired {

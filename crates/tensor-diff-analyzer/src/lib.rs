@@ -296,8 +296,8 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
     if a.comparisons.is_empty() {
         if let (Some(d), Some(x)) = (a.divergence(), a.inputs_differ()) {
             return Err(AnalyzerError::NothingCompared(format!(
-                "the inputs differ from step {} on ({}), so none of its {} tensor pair(s) \
-                 were compared; --include-diverged compares them anyway",
+                "the inputs differ from step {0} on ({1}), and steps from {0} on are not \
+                 compared ({2} tensor pair(s)); --include-diverged compares them anyway",
                 x.from_step,
                 d.what(),
                 x.pairs
