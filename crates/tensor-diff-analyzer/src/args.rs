@@ -30,6 +30,10 @@ ANALYSIS OPTIONS:
     --plot FILE.svg         heatmap of the worst NMSE per layer (rows) and step (columns),
                             out-of-tolerance cells marked; more than 120 steps or 64
                             layers are binned (each cell the worst of its bin)
+    --include-diverged      also compare the steps from the first one whose inputs differ
+                            from the reference's (other tokens: generation diverged; other
+                            positions: another ubatch split) on; by default they are listed
+                            as \"not compared: inputs differ\" and left out of the verdict
     --noise-floor           live: run the current configuration twice and report the
                             run-to-run difference beside the measured one
     --noise-reference FILE  a second reference (the reference configuration run again):
@@ -64,7 +68,9 @@ EXIT CODES:
     1  some tensor outside tolerance, a shape mismatch, or a tensor without counterpart
     2  usage or input error: bad option, unreadable trace, run metadata its tensors
        contradict, a duplicated tensor, different prompt or model shape, nothing or no
-       kqv_out compared
+       kqv_out compared (also when the inputs differ from the first step on)
+    Steps whose inputs differ (and every later step) are left out of the verdict unless
+    --include-diverged is given.
 
 EXAMPLES:
     kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" --layer 0 --save-gguf base.gguf
@@ -85,6 +91,8 @@ pub struct Options {
     /// `--no-replay`: a live run decodes the prompt given and its own samples instead of
     /// the reference's tokens.
     pub no_replay: bool,
+    /// `--include-diverged`: compare the steps from the divergence on as well.
+    pub include_diverged: bool,
     /// `--layer`, `--json`, `-v`, the capture switches and llama.cpp's arguments.
     pub monitor: monitor_args::Options,
 }
@@ -132,6 +140,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     let mut noise_floor = false;
     let mut noise_reference = None;
     let mut no_replay = false;
+    let mut include_diverged = false;
     let mut rest = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -171,6 +180,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                 ))
             }
             "--noise-floor" => noise_floor = true,
+            "--include-diverged" => include_diverged = true,
             "--noise-reference" => {
                 noise_reference = Some(PathBuf::from(value("--noise-reference")?))
             }
@@ -216,6 +226,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         noise_floor,
         noise_reference,
         no_replay,
+        include_diverged,
         monitor,
     })))
 }
@@ -269,6 +280,13 @@ mod tests {
         let o = run(&["--reference", "a", "--current", "b", "--json"]);
         assert_eq!(o.current, Some(PathBuf::from("b")));
         assert!(o.monitor.json);
+        assert!(!o.include_diverged);
+        // Offline and live alike; not passed on to llama.cpp.
+        let o = run(&["--reference", "a", "--current", "b", "--include-diverged"]);
+        assert!(o.include_diverged);
+        let o = run(&["-m", "m.gguf", "--include-diverged", "--reference", "a"]);
+        assert!(o.include_diverged);
+        assert_eq!(o.monitor.llama_args, ["-m", "m.gguf"]);
     }
 
     #[test]

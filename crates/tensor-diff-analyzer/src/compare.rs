@@ -3,7 +3,7 @@
 //! as it arrives, a chunk at a time, so the current side is never held whole.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use gguf_io::{quant, ByteOrder, GgmlType};
 use tensor_stats::{unravel, DiffAccumulator, DiffMetrics, Tolerance};
@@ -74,6 +74,57 @@ pub struct Unpaired {
     pub step: u32,
     /// Why it is not comparable; None: it simply has no counterpart (unmatched).
     pub reason: Option<String>,
+}
+
+/// The first step whose inputs differ from the reference's step of the same number: other
+/// tokens (generation diverged) or other positions (another ubatch split). From it on the
+/// two runs compute different things; a step present on one side only does not differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Divergence {
+    pub step: u32,
+    /// The step's tokens, reference and current.
+    pub tokens: (Vec<i32>, Vec<i32>),
+    /// The step's positions, reference and current, when they differ.
+    pub positions: Option<(Vec<i32>, Vec<i32>)>,
+}
+
+impl Divergence {
+    /// What differs at the step, in words: `the reference decoded token(s) [..], this run
+    /// [..]`.
+    pub fn what(&self) -> String {
+        match &self.positions {
+            Some((r, c)) => format!(
+                "the reference's step covers positions {:?}, this run's {:?}",
+                Short(r),
+                Short(c)
+            ),
+            None => format!(
+                "the reference decoded token(s) {:?}, this run {:?}",
+                Short(&self.tokens.0),
+                Short(&self.tokens.1)
+            ),
+        }
+    }
+}
+
+/// The tensors of the steps from the divergence on, left out of the comparison (the
+/// default; `--include-diverged` compares them): "not compared: inputs differ".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InputsDiffer {
+    pub from_step: u32,
+    /// The steps from `from_step` on that hold a tensor (either side, compared layers).
+    pub steps: Vec<u32>,
+    /// Tensor pairs (matched by role, layer and step) not compared.
+    pub pairs: usize,
+    /// Tensors of those steps with no counterpart on the other side.
+    pub one_sided: usize,
+}
+
+impl InputsDiffer {
+    /// Tensors of either file left out: both of each pair, and the one-sided ones.
+    pub fn tensors(&self) -> usize {
+        2 * self.pairs + self.one_sided
+    }
 }
 
 /// What the run metadata says about comparability.
@@ -498,9 +549,6 @@ fn byte_order(file: &TraceFile) -> ByteOrder {
     file.gguf().header().byte_order
 }
 
-/// Position notes kept in full; more are counted in one line.
-const POSITION_NOTES: usize = 5;
-
 /// The analysis state: the reference and what has been compared so far.
 pub struct Analyzer<'r> {
     pub reference: &'r TraceFile,
@@ -512,8 +560,15 @@ pub struct Analyzer<'r> {
     /// Step number -> index in `reference.steps` / `current_steps`.
     ref_steps: HashMap<u32, usize>,
     cur_steps: HashMap<u32, usize>,
-    diverged: bool,
-    position_notes: usize,
+    /// The first step whose inputs differ ([`Divergence`]).
+    divergence: Option<Divergence>,
+    /// Compare the steps from the divergence on anyway (`--include-diverged`).
+    pub include_diverged: bool,
+    /// Left out because their inputs differ: pairs, current tensors without counterpart,
+    /// and the current side's steps (the reference's are read at the end).
+    skipped_pairs: usize,
+    skipped_current_only: usize,
+    skipped_steps: BTreeSet<u32>,
     used: Vec<bool>,
     pub layer: Option<i32>,
     pub tolerance: Tolerance,
@@ -528,7 +583,8 @@ pub struct Analyzer<'r> {
     pub current_other_layer: usize,
     /// Current tensors without a trace role (a file of another tool).
     pub current_no_role: usize,
-    /// Notes found while comparing (generation divergence, step positions).
+    /// Notes found while comparing (tensors without a trace role); the divergence note is
+    /// added by [`Analyzer::late_notes`].
     pub late_notes: Vec<String>,
     /// The current run's outputs (own token choices, logits) against the reference's.
     pub outputs: crate::output::Outputs,
@@ -561,8 +617,11 @@ impl<'r> Analyzer<'r> {
             index,
             ref_steps,
             cur_steps: HashMap::new(),
-            diverged: false,
-            position_notes: 0,
+            divergence: None,
+            include_diverged: false,
+            skipped_pairs: 0,
+            skipped_current_only: 0,
+            skipped_steps: BTreeSet::new(),
             used: vec![false; reference.tensors.len()],
             layer,
             tolerance,
@@ -625,36 +684,26 @@ impl<'r> Analyzer<'r> {
         }
     }
 
-    /// A step of the current run: checks it decodes what the reference's step did.
+    /// A step of the current run, before its tensors: checks it has the inputs of the
+    /// reference's step of the same number (tokens and positions). The first that does
+    /// not is the divergence: by default no tensor of it or of a later step is compared.
     pub fn add_current_step(&mut self, step: StepMeta) {
         if let Some(r) = self
             .ref_steps
             .get(&step.step)
             .map(|&i| &self.reference.steps[i])
         {
-            if r.positions != step.positions {
-                self.position_notes += 1;
-                if self.position_notes <= POSITION_NOTES {
-                    self.late_notes.push(format!(
-                        "step {} covers positions {:?} in the reference and {:?} here",
-                        step.step,
-                        Short(&r.positions),
-                        Short(&step.positions)
-                    ));
-                }
-            } else if r.tokens != step.tokens && !r.tokens.is_empty() && !self.diverged {
-                self.diverged = true;
-                self.late_notes.push(format!(
-                    "generation diverged at step {}: the reference decoded token(s) {:?}, this run \
-                     {:?}; from this step on the inputs differ, so later numbers compare different \
-                     computations (with sampling: use --temp 0 or the same fixed --seed for both \
-                     runs; with greedy decoding the difference itself changed the token: compare \
-                     the steps before {}, i.e. a smaller -n)",
-                    step.step,
-                    Short(&r.tokens),
-                    Short(&step.tokens),
-                    step.step
-                ));
+            // A side that did not record tokens (or positions) says nothing about them.
+            let both = |a: &[i32], b: &[i32]| !a.is_empty() && !b.is_empty() && a != b;
+            let positions = both(&r.positions, &step.positions);
+            let tokens = both(&r.tokens, &step.tokens);
+            if (positions || tokens) && self.diverged_at().is_none_or(|d| step.step < d) {
+                self.divergence = Some(Divergence {
+                    step: step.step,
+                    tokens: (r.tokens.clone(), step.tokens.clone()),
+                    positions: positions.then(|| (r.positions.clone(), step.positions.clone())),
+                });
+                self.leave_out_compared();
             }
         }
         self.cur_steps
@@ -663,16 +712,113 @@ impl<'r> Analyzer<'r> {
         self.current_steps.push(step);
     }
 
-    /// Notes found while comparing, the position notes past the first few counted.
+    /// The first step whose inputs differ from the reference's, if any.
+    pub fn diverged_at(&self) -> Option<u32> {
+        self.divergence.as_ref().map(|d| d.step)
+    }
+
+    pub fn divergence(&self) -> Option<&Divergence> {
+        self.divergence.as_ref()
+    }
+
+    /// The step from which tensors are left out (not with `--include-diverged`).
+    fn excluded_from(&self) -> Option<u32> {
+        self.diverged_at().filter(|_| !self.include_diverged)
+    }
+
+    fn inputs_differ_at(&self, step: u32) -> bool {
+        self.excluded_from().is_some_and(|d| step >= d)
+    }
+
+    /// Steps arrive before their tensors (live and offline), so nothing of a later step
+    /// has been compared when a divergence is found; should a step arrive late, what was
+    /// already compared from the divergence on is taken back here.
+    fn leave_out_compared(&mut self) {
+        let Some(d) = self.excluded_from() else {
+            return;
+        };
+        let (late, kept): (Vec<Comparison>, Vec<Comparison>) =
+            std::mem::take(&mut self.comparisons)
+                .into_iter()
+                .partition(|c| c.step >= d);
+        self.comparisons = kept;
+        self.skipped_pairs += late.len();
+        self.skipped_steps.extend(late.iter().map(|c| c.step));
+        let (late, kept): (Vec<Unpaired>, Vec<Unpaired>) =
+            std::mem::take(&mut self.current_unpaired)
+                .into_iter()
+                .partition(|u| u.step >= d);
+        self.current_unpaired = kept;
+        for u in late {
+            self.leave_out(u.role, u.layer, u.step);
+        }
+    }
+
+    /// A current tensor of a step whose inputs differ: counted with its counterpart as a
+    /// pair (the counterpart is then not unpaired), or as one-sided.
+    fn leave_out(&mut self, role: Role, layer: i32, step: u32) {
+        self.skipped_steps.insert(step);
+        let ref_role = self.counterpart(role, layer);
+        match self.index.get(&(ref_role, layer, step)) {
+            Some(&ri) => {
+                self.used[ri] = true;
+                self.skipped_pairs += 1;
+            }
+            None => self.skipped_current_only += 1,
+        }
+    }
+
+    /// Notes found while comparing, and the divergence: where the inputs first differ,
+    /// and what is (not) compared from there on.
     pub fn late_notes(&self) -> Vec<String> {
         let mut n = self.late_notes.clone();
-        if self.position_notes > POSITION_NOTES {
-            n.push(format!(
-                "... and {} more steps cover other positions than in the reference",
-                self.position_notes - POSITION_NOTES
-            ));
+        if let Some(d) = &self.divergence {
+            let head = if d.positions.is_some() {
+                format!("the inputs differ from step {}: {}", d.step, d.what())
+            } else {
+                format!("generation diverged at step {}: {}", d.step, d.what())
+            };
+            let tail = if self.include_diverged {
+                format!(
+                    "steps from {} on are compared anyway (--include-diverged), but they compare \
+                     different inputs: their differences include the divergence itself",
+                    d.step
+                )
+            } else {
+                format!(
+                    "steps from {} on are not compared (--include-diverged compares them anyway)",
+                    d.step
+                )
+            };
+            let how = if d.positions.is_some() {
+                "to compare them, use the reference's -ub, -b and prompt"
+            } else {
+                "to compare them, replay the reference's tokens (the live analyzer's default), \
+                 or with sampling use --temp 0 or the same fixed --seed for both runs"
+            };
+            n.push(format!("{head}; {tail}; {how}"));
         }
         n
+    }
+
+    /// The tensors left out because their inputs differ; None when nothing was (no
+    /// divergence, or `--include-diverged`).
+    pub fn inputs_differ(&self) -> Option<InputsDiffer> {
+        let from_step = self.excluded_from()?;
+        let mut steps = self.skipped_steps.clone();
+        let mut one_sided = self.skipped_current_only;
+        for (i, t) in self.reference.tensors.iter().enumerate() {
+            if t.meta.step >= from_step && self.wants_layer(t.meta.layer) {
+                steps.insert(t.meta.step);
+                one_sided += usize::from(!self.used[i]);
+            }
+        }
+        Some(InputsDiffer {
+            from_step,
+            steps: steps.into_iter().collect(),
+            pairs: self.skipped_pairs,
+            one_sided,
+        })
     }
 
     pub fn wants_layer(&self, layer: i32) -> bool {
@@ -743,6 +889,10 @@ impl<'r> Analyzer<'r> {
     pub fn compare(&mut self, meta: &TensorMeta, name: &str, data: &[u8]) {
         if !self.wants_layer(meta.layer) {
             self.current_other_layer += 1;
+            return;
+        }
+        if self.inputs_differ_at(meta.step) {
+            self.leave_out(meta.role, meta.layer, meta.step);
             return;
         }
         let unpaired = |reason| Unpaired {
@@ -826,7 +976,11 @@ impl<'r> Analyzer<'r> {
             .tensors
             .iter()
             .enumerate()
-            .filter(|(i, t)| !self.used[*i] && self.wants_layer(t.meta.layer))
+            .filter(|(i, t)| {
+                !self.used[*i]
+                    && self.wants_layer(t.meta.layer)
+                    && !self.inputs_differ_at(t.meta.step)
+            })
             .map(|(_, t)| Unpaired {
                 side: "reference",
                 name: t.name.clone(),
@@ -862,6 +1016,218 @@ impl<'r> Analyzer<'r> {
 mod tests {
     use super::*;
     use tensor_stats::ToleranceMode;
+    use trace_format::{TensorLayout, TraceWriter};
+
+    /// One step of a synthetic trace: its number, tokens, positions and the offset added to
+    /// its two 8-element kqv_out (layers 0 and 1).
+    struct S(u32, Vec<i32>, Vec<i32>, f32);
+
+    /// A trace of kqv_out only, written with the project's writer and read back.
+    fn trace(steps: &[S]) -> TraceFile {
+        let mut w = TraceWriter::new().unwrap();
+        for S(step, tokens, positions, _) in steps {
+            w.add_step(StepMeta {
+                step: *step,
+                positions: positions.clone(),
+                tokens: tokens.clone(),
+            });
+        }
+        for S(step, _, _, by) in steps {
+            for layer in 0..2 {
+                let data: Vec<u8> = (0..8)
+                    .flat_map(|i| (*step as f32 * 0.5 + layer as f32 + i as f32 + by).to_le_bytes())
+                    .collect();
+                let meta = TensorMeta {
+                    role: Role::KqvOut,
+                    layer,
+                    step: *step,
+                    ggml_name: format!("kqv_out-{layer}"),
+                    op: "RESHAPE".into(),
+                    layout: TensorLayout::contiguous(GgmlType::F32, [8, 1, 1, 1]).unwrap(),
+                    view_of: String::new(),
+                };
+                w.add_tensor(meta, &data, false).unwrap();
+            }
+        }
+        let run = RunMeta {
+            architecture: "llama".into(),
+            n_layer: 2,
+            n_head: 2,
+            n_head_kv: 2,
+            target_layer: -1,
+            complete: true,
+            ..Default::default()
+        };
+        let bytes = w.finish(&run, Vec::new()).unwrap();
+        TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(bytes).unwrap()).unwrap()
+    }
+
+    /// Steps 0..n of one token each (token 10 + step at position step), `by` added from
+    /// step `from` on.
+    fn run(n: u32, other_tokens_from: u32, by: f32) -> Vec<S> {
+        (0..n)
+            .map(|s| {
+                let other = s >= other_tokens_from;
+                let token = if other { 99 } else { 10 + s as i32 };
+                S(s, vec![token], vec![s as i32], if other { by } else { 0.0 })
+            })
+            .collect()
+    }
+
+    /// What `compare_files` does: every step, then every tensor.
+    fn offline<'r>(r: &'r TraceFile, c: &TraceFile, include: bool) -> Analyzer<'r> {
+        let mut a = Analyzer::new(r, None, Tolerance::default()).unwrap();
+        a.include_diverged = include;
+        a.set_current_run(c.run.clone(), trust::observe(c).unwrap());
+        for s in &c.steps {
+            a.add_current_step(s.clone());
+        }
+        for t in &c.tensors {
+            a.compare(&t.meta, &t.name, &le_data(c, t));
+        }
+        a
+    }
+
+    fn steps_of(a: &Analyzer) -> Vec<u32> {
+        let mut v: Vec<u32> = a.comparisons.iter().map(|c| c.step).collect();
+        v.dedup();
+        v
+    }
+
+    /// Tokens differ from step 3 on, and so do the values (by 100): steps 3-5 are left out,
+    /// listed as not compared, and not reported as unpaired; 0-2 are compared and pass.
+    #[test]
+    fn steps_from_a_divergence_on_are_not_compared() {
+        let r = trace(&run(6, 6, 0.0));
+        let c = trace(&run(6, 3, 100.0));
+        let a = offline(&r, &c, false);
+        assert_eq!(a.diverged_at(), Some(3));
+        assert_eq!(steps_of(&a), [0, 1, 2]);
+        assert!(a.comparisons.iter().all(Comparison::within));
+        assert!(a.reference_unpaired().is_empty());
+        assert!(a.current_unpaired.is_empty());
+        assert_eq!(
+            a.inputs_differ(),
+            Some(InputsDiffer {
+                from_step: 3,
+                steps: vec![3, 4, 5],
+                pairs: 6,
+                one_sided: 0
+            })
+        );
+        let notes = a.late_notes().join("\n");
+        assert!(
+            notes.contains(
+                "generation diverged at step 3: the reference decoded token(s) [13], this run [99]"
+            ),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("steps from 3 on are not compared"),
+            "{notes}"
+        );
+        assert!(notes.contains("--include-diverged"), "{notes}");
+        assert!(
+            notes.contains("replay the reference's tokens (the live analyzer's default)"),
+            "{notes}"
+        );
+        assert!(!notes.contains("smaller -n"), "{notes}");
+
+        // --include-diverged: today's behaviour, every step compared, the later ones fail.
+        let a = offline(&r, &c, true);
+        assert_eq!(a.diverged_at(), Some(3));
+        assert_eq!(steps_of(&a), [0, 1, 2, 3, 4, 5]);
+        let failing: Vec<u32> = a
+            .comparisons
+            .iter()
+            .filter(|c| !c.within())
+            .map(|c| c.step)
+            .collect();
+        assert_eq!(failing, [3, 3, 4, 4, 5, 5]);
+        assert_eq!(a.inputs_differ(), None);
+        let notes = a.late_notes().join("\n");
+        assert!(
+            notes.contains("compared anyway (--include-diverged)"),
+            "{notes}"
+        );
+        assert!(notes.contains("compare different inputs"), "{notes}");
+    }
+
+    /// The live sink's order: each step, then its tensors, as they are captured. A step
+    /// that arrives after tensors of its own or a later step were compared takes them back.
+    #[test]
+    fn live_order_and_a_late_step_leave_out_the_same() {
+        let r = trace(&run(6, 6, 0.0));
+        let c = trace(&run(6, 3, 100.0));
+        let mut a = Analyzer::new(&r, None, Tolerance::default()).unwrap();
+        a.set_current_run(c.run.clone(), trust::observe(&c).unwrap());
+        for s in &c.steps {
+            a.add_current_step(s.clone());
+            for t in c.tensors.iter().filter(|t| t.meta.step == s.step) {
+                a.compare(&t.meta, &t.name, &le_data(&c, t));
+            }
+        }
+        let live = (steps_of(&a), a.inputs_differ(), a.reference_unpaired());
+        let off = offline(&r, &c, false);
+        assert_eq!(live, (steps_of(&off), off.inputs_differ(), vec![]));
+
+        // Step 4's tensors compared before step 3 (the divergence) arrives: taken back.
+        let mut a = Analyzer::new(&r, None, Tolerance::default()).unwrap();
+        a.set_current_run(c.run.clone(), trust::observe(&c).unwrap());
+        for t in &c.tensors {
+            a.compare(&t.meta, &t.name, &le_data(&c, t));
+        }
+        assert_eq!(steps_of(&a), [0, 1, 2, 3, 4, 5]);
+        for s in &c.steps {
+            a.add_current_step(s.clone());
+        }
+        assert_eq!(steps_of(&a), [0, 1, 2]);
+        assert_eq!(a.inputs_differ(), off.inputs_differ());
+        assert!(a.reference_unpaired().is_empty());
+    }
+
+    /// Other positions (another ubatch split) are other inputs too; a step on one side
+    /// only, or tokens one side did not record, are not a divergence.
+    #[test]
+    fn what_counts_as_a_divergence() {
+        let r = trace(&run(4, 4, 0.0));
+        // Step 2 at position 5: the same token, other inputs.
+        let mut moved = run(4, 4, 0.0);
+        moved[2].2 = vec![5];
+        let a = offline(&r, &trace(&moved), false);
+        assert_eq!(a.diverged_at(), Some(2));
+        assert_eq!(steps_of(&a), [0, 1]);
+        let notes = a.late_notes().join("\n");
+        assert!(
+            notes.contains("the inputs differ from step 2: the reference's step covers positions [2], this run's [5]"),
+            "{notes}"
+        );
+        // Two more steps than the reference: unmatched, not diverged.
+        let a = offline(&r, &trace(&run(6, 6, 0.0)), false);
+        assert_eq!(a.diverged_at(), None);
+        assert_eq!(a.inputs_differ(), None);
+        assert_eq!(a.current_unpaired.len(), 4);
+        // No tokens recorded on the current side: nothing to tell.
+        let mut bare = run(4, 2, 0.0);
+        for s in &mut bare {
+            s.1.clear();
+        }
+        let a = offline(&r, &trace(&bare), false);
+        assert_eq!(a.diverged_at(), None);
+        // The first step differs: nothing compared, every pair listed.
+        let a = offline(&r, &trace(&run(4, 0, 100.0)), false);
+        assert!(a.comparisons.is_empty());
+        assert_eq!(
+            a.inputs_differ().map(|x| (x.from_step, x.pairs)),
+            Some((0, 8))
+        );
+        // The reference has a step the current run lacks: one-sided, not unmatched.
+        let longer = trace(&run(5, 5, 0.0));
+        let a = offline(&longer, &trace(&run(4, 2, 1.0)), false);
+        let x = a.inputs_differ().unwrap();
+        assert_eq!((x.steps, x.pairs, x.one_sided), (vec![2, 3, 4], 4, 2));
+        assert!(a.reference_unpaired().is_empty());
+    }
 
     /// `n` values per side as little-endian bytes starting at `skew` bytes past a 4-byte
     /// boundary, with zeros, tiny references, NaN and infinities among them.

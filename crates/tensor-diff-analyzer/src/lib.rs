@@ -1,8 +1,9 @@
 //! `tensor-diff-analyzer`: compare a live llama.cpp run (the monitor's capture engine) or
 //! a saved trace with a reference trace, tensor by tensor, matched by (role, layer,
 //! step); print the seed's summary (or `--json`), optionally an SVG heatmap, and exit
-//! 0 (all within tolerance), 1 (not) or 2 (usage or input error). What is comparable is
-//! decided from the tensors themselves; run flags they contradict, duplicated tensors, a
+//! 0 (all within tolerance), 1 (not) or 2 (usage or input error); steps from the first
+//! one whose inputs (tokens, positions) differ from the reference's are left out unless
+//! `--include-diverged`. What is comparable is decided from the tensors themselves; run flags they contradict, duplicated tensors, a
 //! run whose `kqv_out` were all skipped are input errors (`trust`). docs/diff.md.
 
 pub mod args;
@@ -317,6 +318,7 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         .layer
         .or((reference.run.target_layer >= 0).then_some(reference.run.target_layer));
     let mut a = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
+    a.include_diverged = opts.include_diverged;
     // The first live run's trace, when --noise-floor runs the configuration again.
     let tmp = tempfile::tempdir()?;
     let first_run = match (&opts.monitor.save, opts.noise_floor) {
@@ -336,6 +338,15 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         }
     };
     if a.comparisons.is_empty() {
+        if let (Some(d), Some(x)) = (a.divergence(), a.inputs_differ()) {
+            return Err(AnalyzerError::NothingCompared(format!(
+                "the inputs differ from step {0} on ({1}), and steps from {0} on are not \
+                 compared ({2} tensor pair(s)); --include-diverged compares them anyway",
+                x.from_step,
+                d.what(),
+                x.pairs
+            )));
+        }
         let r = a.reference_unpaired();
         return Err(AnalyzerError::NothingCompared(format!(
             "{} reference and {} current tensors have no counterpart (matched by role, layer \
@@ -350,6 +361,7 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
     if let Some(p) = &opts.noise_reference {
         let second = open("noise reference", p)?;
         let mut n = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
+        n.include_diverged = opts.include_diverged;
         compare_files(&mut n, &second, p)?;
         let noise: Vec<Comparison> = n.comparisons;
         a.attach_noise(&noise, true);
@@ -358,6 +370,7 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         let path = first_run.as_deref().unwrap_or(tmp.path());
         let first = open("first run", path)?;
         let mut n = analyzer(&first, path, layer, opts.tolerance)?;
+        n.include_diverged = opts.include_diverged;
         compare_live(&mut n, opts, None)?;
         let noise: Vec<Comparison> = n.comparisons;
         a.attach_noise(&noise, false);

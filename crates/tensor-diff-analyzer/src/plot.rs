@@ -121,6 +121,13 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
             layers.len()
         ),
     };
+    let binned = match &o.inputs_differ {
+        Some(x) => format!(
+            "{binned}; steps from {} on not compared: inputs differ",
+            x.from_step
+        ),
+        None => binned,
+    };
     let cell_px = 28u32;
     let width = (120 + cell_px * nx as u32).max(480);
     let height = 130 + cell_px * ny as u32;

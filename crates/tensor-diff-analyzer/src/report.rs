@@ -8,7 +8,7 @@ use trace_format::json::number as num;
 use serde_json::{json, Value};
 use tensor_stats::{DiffMetrics, Tolerance};
 
-use crate::compare::{Analyzer, Comparison, Location, RunCheck, Unpaired};
+use crate::compare::{Analyzer, Comparison, InputsDiffer, Location, RunCheck, Unpaired};
 use crate::trust::{shown, Rotation};
 
 pub const SCHEMA: &str = "tensor-diff-analyzer/1";
@@ -51,11 +51,13 @@ pub struct Skipped {
     pub other_layer: usize,
     /// Without a trace role (tensors of another tool).
     pub no_role: usize,
+    /// Of a step from the first one whose inputs differ on ([`InputsDiffer::tensors`]).
+    pub inputs_differ: usize,
 }
 
 impl Skipped {
     pub fn total(&self) -> usize {
-        self.not_comparable + self.other_layer + self.no_role
+        self.not_comparable + self.other_layer + self.no_role + self.inputs_differ
     }
 
     /// `12 (8 not comparable, 4 outside --layer 1)`, or `0`.
@@ -65,6 +67,7 @@ impl Skipped {
             (self.not_comparable, "not comparable".to_owned()),
             (self.other_layer, format!("outside {layer}")),
             (self.no_role, "without a trace role".to_owned()),
+            (self.inputs_differ, "inputs differ".to_owned()),
         ]
         .into_iter()
         .filter(|(n, _)| *n > 0)
@@ -92,6 +95,10 @@ pub struct Outcome {
     /// The layer compared (`--layer`, or the reference's target layer); None: all.
     pub layer: Option<i32>,
     pub noise_source: Option<String>,
+    /// The first step whose inputs differ from the reference's.
+    pub diverged_at: Option<u32>,
+    /// What was left out from there on (None: nothing, or `--include-diverged`).
+    pub inputs_differ: Option<InputsDiffer>,
 }
 
 impl Outcome {
@@ -114,10 +121,12 @@ impl Outcome {
                 unmatched.push(u);
             }
         }
+        let inputs_differ = a.inputs_differ();
         let skipped = Skipped {
             not_comparable: not_comparable.len(),
             other_layer: a.reference_other_layer() + a.current_other_layer,
             no_role: a.reference.unknown.len() + a.current_no_role,
+            inputs_differ: inputs_differ.as_ref().map_or(0, InputsDiffer::tensors),
         };
         Self {
             reference,
@@ -130,6 +139,8 @@ impl Outcome {
             skipped,
             layer: a.layer,
             noise_source,
+            diverged_at: a.diverged_at(),
+            inputs_differ,
         }
     }
 
@@ -295,6 +306,40 @@ fn failure_line(c: &Comparison, t: &Tolerance) -> String {
     s
 }
 
+/// `3-5, 7` (runs of consecutive steps as ranges).
+fn step_ranges(steps: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < steps.len() {
+        let mut j = i;
+        while j + 1 < steps.len() && steps[j + 1] == steps[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            steps[i].to_string()
+        } else {
+            format!("{}-{}", steps[i], steps[j])
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
+}
+
+/// The one line on what the divergence left out.
+pub fn inputs_differ_line(x: &InputsDiffer) -> String {
+    let mut s = format!(
+        "Not compared: inputs differ from step {} on (step{} {}: {} tensor pair(s)",
+        x.from_step,
+        if x.steps.len() == 1 { "" } else { "s" },
+        step_ranges(&x.steps),
+        x.pairs
+    );
+    if x.one_sided > 0 {
+        s += &format!(", {} tensor(s) without counterpart", x.one_sided);
+    }
+    s + "); --include-diverged compares them"
+}
+
 fn pct(a: usize, b: usize) -> f64 {
     if b == 0 {
         0.0
@@ -347,6 +392,9 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         o.not_comparable.len()
     )?;
     writeln!(out, "Compared {n}, skipped {}", o.skipped.text(o.layer))?;
+    if let Some(x) = &o.inputs_differ {
+        writeln!(out, "{}", inputs_differ_line(x))?;
+    }
     match o.first_failure() {
         Some((step, layer, at)) => {
             let roles: Vec<&str> = at.iter().map(|c| c.role.name()).collect();
@@ -433,7 +481,7 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         }
     }
     writeln!(out)?;
-    writeln!(
+    write!(
         out,
         "Verdict: {}",
         if o.passed() {
@@ -444,6 +492,14 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             "unmatched tensors"
         }
     )?;
+    match &o.inputs_differ {
+        Some(x) => writeln!(
+            out,
+            " (steps before {}; the rest not compared)",
+            x.from_step
+        )?,
+        None => writeln!(out)?,
+    }
     Ok(())
 }
 
@@ -555,7 +611,13 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
             "not_comparable": o.skipped.not_comparable,
             "other_layer": o.skipped.other_layer,
             "no_role": o.skipped.no_role,
+            "inputs_differ": o.skipped.inputs_differ,
         },
+        "diverged_at": o.diverged_at,
+        "not_compared_inputs_differ": o.inputs_differ.as_ref().map(|x| json!({
+            "from_step": x.from_step, "steps": x.steps, "pairs": x.pairs,
+            "one_sided": x.one_sided,
+        })),
         "not_comparable": o.not_comparable.iter().map(unpaired_json).collect::<Vec<_>>(),
         "noise_source": o.noise_source,
         "passed": o.passed(),
@@ -565,7 +627,35 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::e2;
+    use super::{e2, inputs_differ_line, step_ranges};
+    use crate::compare::InputsDiffer;
+
+    #[test]
+    fn steps_not_compared_in_one_line() {
+        assert_eq!(step_ranges(&[3, 4, 5, 7, 9, 10]), "3-5, 7, 9-10");
+        assert_eq!(step_ranges(&[]), "");
+        let x = InputsDiffer {
+            from_step: 3,
+            steps: vec![3, 4, 5],
+            pairs: 6,
+            one_sided: 0,
+        };
+        assert_eq!(
+            inputs_differ_line(&x),
+            "Not compared: inputs differ from step 3 on (steps 3-5: 6 tensor pair(s)); \
+             --include-diverged compares them"
+        );
+        let x = InputsDiffer {
+            steps: vec![3],
+            one_sided: 2,
+            ..x
+        };
+        assert_eq!(
+            inputs_differ_line(&x),
+            "Not compared: inputs differ from step 3 on (step 3: 6 tensor pair(s), 2 tensor(s) \
+             without counterpart); --include-diverged compares them"
+        );
+    }
 
     #[test]
     fn like_printf_2e() {
