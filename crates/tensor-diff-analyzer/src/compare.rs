@@ -730,6 +730,11 @@ impl<'r> Analyzer<'r> {
         self.excluded_from().is_some_and(|d| step >= d)
     }
 
+    /// Whether `step` is compared (not left out because its inputs differ).
+    pub fn compares_step(&self, step: u32) -> bool {
+        !self.inputs_differ_at(step)
+    }
+
     /// Steps arrive before their tensors (live and offline), so nothing of a later step
     /// has been compared when a divergence is found; should a step arrive late, what was
     /// already compared from the divergence on is taken back here.

@@ -389,14 +389,11 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    let output = a.outputs.summary(&reference, |_| true);
     if opts.monitor.json {
-        let mut doc = report::to_json(&outcome, &a.check, code);
-        doc["output"] = output.json();
+        let doc = report::to_json(&outcome, &a.check, code);
         writeln!(out, "{doc}")?;
     } else {
         report::write_text(&outcome, &mut out)?;
-        write!(out, "{}", output.text())?;
     }
     out.flush()?;
     if let Some(p) = &opts.plot {

@@ -1,7 +1,9 @@
 //! `--plot FILE.svg`: where the error lives. A heatmap of the worst NMSE (log10) over the
 //! tensors of each (step, layer): layers are rows, steps columns; cells with a tensor out
 //! of tolerance are outlined in red and marked with an x; cells with nothing compared are
-//! grey. Drawn with `plotters` (SVG backend).
+//! grey. With both runs' logits, a row under layer 0 shows the KL divergence of the
+//! next-token distributions per step (log10, its own colour scale). Drawn with `plotters`
+//! (SVG backend).
 //!
 //! At most [`MAX_COLUMNS`] columns and [`MAX_ROWS`] rows are drawn: with more steps (or
 //! layers), consecutive ones are binned, each cell showing the worst of its bin, and the
@@ -105,6 +107,29 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
         (FLOOR, 0.0)
     };
     let (nx, ny) = (step_labels.len() as i32, layer_labels.len() as i32);
+    // The output row: the worst KLD of each column's steps, on its own log scale.
+    let mut kld: BTreeMap<usize, f64> = BTreeMap::new();
+    for (step, k) in &o.output.per_step {
+        if let Some(&col) = col_of.get(step) {
+            let e = kld.entry(col).or_insert(f64::NAN);
+            if e.is_nan() || k.kld > *e {
+                *e = k.kld;
+            }
+        }
+    }
+    let kld_logs: Vec<f64> = kld
+        .values()
+        .filter(|k| k.is_finite())
+        .map(|&k| lg(k))
+        .collect();
+    let k_lo = kld_logs.iter().copied().fold(f64::INFINITY, f64::min);
+    let k_hi = kld_logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (k_lo, k_hi) = if k_lo.is_finite() {
+        (k_lo, if k_hi > k_lo { k_hi } else { k_lo + 1.0 })
+    } else {
+        (FLOOR, 0.0)
+    };
+    let y0 = if kld.is_empty() { 0 } else { -1 };
     let binned = match (step_bin, layer_bin) {
         (1, 1) => String::new(),
         (s, 1) => format!(
@@ -130,7 +155,12 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
     };
     let cell_px = 28u32;
     let width = (120 + cell_px * nx as u32).max(480);
-    let height = 130 + cell_px * ny as u32;
+    let height = 130 + cell_px * (ny - y0) as u32;
+    let binned = if kld.is_empty() {
+        binned
+    } else {
+        format!("{binned}; bottom row: KLD of the next-token distributions, log10 from {k_lo:.1} to {k_hi:.1}")
+    };
     let root = SVGBackend::new(path, (width, height)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -144,7 +174,7 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(45)
-        .build_cartesian_2d(0..nx, 0..ny)
+        .build_cartesian_2d(0..nx, y0..ny)
         .map_err(|e| err(&e))?;
     let (st, ly) = (step_labels, layer_labels);
     chart
@@ -153,9 +183,12 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
         .x_desc("step")
         .y_desc("layer")
         .x_labels(nx.min(40) as usize)
-        .y_labels(ny.min(40) as usize)
+        .y_labels((ny - y0).min(40) as usize)
         .x_label_formatter(&move |x| st.get(*x as usize).cloned().unwrap_or_default())
-        .y_label_formatter(&move |y| ly.get(*y as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&move |y| match usize::try_from(*y) {
+            Ok(i) => ly.get(i).cloned().unwrap_or_default(),
+            Err(_) => "KLD".into(),
+        })
         .draw()
         .map_err(|e| err(&e))?;
     let mut rects = Vec::new();
@@ -177,6 +210,15 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
                 marks.push(Text::new("x", (x, y + 1), ("sans-serif", 14)));
             }
         }
+    }
+    for (&xi, &k) in &kld {
+        let fill = if k.is_finite() {
+            color((lg(k) - k_lo) / (k_hi - k_lo))
+        } else {
+            RGBColor(128, 0, 0)
+        };
+        let x = xi as i32;
+        rects.push(Rectangle::new([(x, -1), (x + 1, 0)], fill.filled()));
     }
     chart.draw_series(rects).map_err(|e| err(&e))?;
     chart.draw_series(marks).map_err(|e| err(&e))?;

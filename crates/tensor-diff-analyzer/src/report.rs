@@ -99,6 +99,8 @@ pub struct Outcome {
     pub diverged_at: Option<u32>,
     /// What was left out from there on (None: nothing, or `--include-diverged`).
     pub inputs_differ: Option<InputsDiffer>,
+    /// What the difference did to the output, over the compared steps.
+    pub output: crate::output::OutputSummary,
 }
 
 impl Outcome {
@@ -141,6 +143,7 @@ impl Outcome {
             noise_source,
             diverged_at: a.diverged_at(),
             inputs_differ,
+            output: a.outputs.summary(a.reference, |s| a.compares_step(s)),
         }
     }
 
@@ -480,6 +483,7 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             )?;
         }
     }
+    write!(out, "{}", o.output.text())?;
     writeln!(out)?;
     write!(
         out,
@@ -584,6 +588,7 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
         .collect();
     json!({
         "schema": SCHEMA,
+        "output": o.output.json(),
         "reference": o.reference,
         "current": o.current,
         "tolerance": {

@@ -144,6 +144,50 @@ fn replayed_q4_0_run_compares_every_step_and_measures_the_output() {
         );
     }
 
+    // Offline, the same pair: the same verdict, and the plot has the KLD row.
+    let plot = p("q4_0.svg");
+    let (code_off, j_off, err) = analyzer(&[
+        "--reference".into(),
+        golden.clone(),
+        "--current".into(),
+        q4.clone(),
+        "--tolerance-abs".into(),
+        "1e-3".into(),
+        "--json".into(),
+        "--plot".into(),
+        plot.clone(),
+    ]);
+    assert_eq!(code_off, 1, "{err}");
+    assert_eq!(j_off["output"]["kld"], out["kld"]);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("bottom row: KLD"), "{svg:.400}");
+
+    // Without replay the q4_0 run decodes its own choice from step 1 on: those steps are
+    // left out (they compare other inputs), and with --include-diverged they show why.
+    let no_replay = base
+        .clone()
+        .cache("q4_0", "q4_0")
+        .args(["--reference", &golden, "--tolerance-abs", "1e-3"])
+        .args(["--no-trace-sources", "--json", "--no-replay"]);
+    let (_, j, err) = analyzer(&no_replay.clone().build());
+    let first = out["first_other_choice"]["step"].as_u64().unwrap();
+    assert_eq!(j["diverged_at"].as_u64(), Some(first + 1), "{err}");
+    let compared = j["tensors"].as_array().unwrap();
+    assert_eq!(compared.len(), (first as usize + 1) * 18);
+    assert!(compared
+        .iter()
+        .all(|c| c["step"].as_u64().unwrap() <= first));
+    assert_eq!(j["output"]["kld"]["steps"].as_u64(), Some(first + 1));
+    let (_, j, _) = analyzer(&no_replay.args(["--include-diverged"]).build());
+    let worst = j["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["metrics"]["nmse"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    eprintln!("without replay, diverged steps included: worst NMSE {worst:.3}");
+    assert!(worst > 1.0, "{worst}");
+
     // The reference configuration against itself: nothing changes the output.
     let (code, j, err) = analyzer(
         &base
