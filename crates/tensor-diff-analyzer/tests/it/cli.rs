@@ -466,6 +466,14 @@ fn mismatched_inputs_and_usage_errors_exit_2() {
     .map(|s| s.to_string())
     .collect();
     a.extend(["--reference".into(), r.display().to_string()]);
+    // Replaying (the default), the prompt given must be the reference's.
+    let e = input_error(&analyze(&a, &[]));
+    assert!(
+        e.contains("the prompt given tokenizes to") && e.contains("leave out -p"),
+        "{e}"
+    );
+    // Without replay the run metadata says so.
+    a.push("--no-replay".into());
     let e = input_error(&analyze(&a, &[]));
     assert!(e.contains("different prompt") && e.contains("-p/-f"), "{e}");
     // A model of another shape (3 layers): refused.
@@ -525,8 +533,9 @@ fn unmatched_tensors_are_listed_and_fail() {
     let m = model(dir.path(), 16);
     let r = dir.path().join("ref.gguf");
     let rt = reference(&m, &r, &[]);
-    // Three generated tokens against a reference of two: step 3 has no counterpart.
-    let o = live(&m, &r, &["-n", "3"], &["--json"]);
+    // Three generated tokens against a reference of two: step 3 has no counterpart (not
+    // replayed: a replay decodes at most the reference's steps).
+    let o = live(&m, &r, &["-n", "3"], &["--json", "--no-replay"]);
     assert_eq!(code(&o), 1, "{}", text(&o.stderr));
     let j = json(&o);
     let un = j["unmatched"].as_array().unwrap();
