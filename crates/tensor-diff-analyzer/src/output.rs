@@ -213,7 +213,15 @@ impl OutputSummary {
                         }
                     };
                     let unit = if r.percent { " %" } else { "" };
+                    // llama-perplexity's uncertainty of a mean is 0 by definition below
+                    // 11 values: say so rather than print a measured-looking 0.
+                    let few = k.count <= 10 && r.name != "Same top p";
                     match r.uncertainty {
+                        Some(_) if few => s.push_str(&format!(
+                            "    {:<12} {}{unit} ± n/a (needs 11 or more steps)\n",
+                            r.name,
+                            v(r.value)
+                        )),
                         Some(u) => s.push_str(&format!(
                             "    {:<12} {} ± {}{unit}\n",
                             r.name,
