@@ -156,6 +156,56 @@ pub(crate) fn round_rows(d: &mut Dense, ty: Option<GgmlType>) -> Result<(), Veri
     Ok(())
 }
 
+/// [`round_rows`] as the build that ran converts: on x86 with AVX2 ggml-cpu's own
+/// `quantize_row_q8_0` ([`q8_0_row_x86`]) makes Q8_0 operands, which rounds differently
+/// from the reference quantizer (`quant::quantize`) now and then; everything else as
+/// [`round_rows`].
+pub(crate) fn round_rows_as(
+    d: &mut Dense,
+    ty: Option<GgmlType>,
+    dot: DotOrder,
+) -> Result<(), VerifyError> {
+    if ty != Some(GgmlType::Q8_0) || dot != DotOrder::Avx2 {
+        return round_rows(d, ty);
+    }
+    let n = d.ne[0];
+    if n == 0 || n % 32 != 0 {
+        return round_rows(d, ty);
+    }
+    let mut row = vec![0f32; n];
+    for chunk in d.data.chunks_exact_mut(n) {
+        for (r, &x) in row.iter_mut().zip(chunk.iter()) {
+            *r = x as f32;
+        }
+        let rounded = q8_0_row_x86(&row);
+        for (c, &r) in chunk.iter_mut().zip(rounded.iter()) {
+            *c = f64::from(r);
+        }
+    }
+    Ok(())
+}
+
+/// A row (a whole number of 32-value blocks) quantized to Q8_0 and back as ggml-cpu's x86
+/// `quantize_row_q8_0` (AVX/AVX2 builds, `arch/x86/quants.c`) does it: per block
+/// `amax = max |x|`, the scale `d = amax / 127` stored as F16, the multiplier
+/// `id = 127 / amax` (not `1 / d`, as the reference quantizer computes it), and
+/// `q = round_half_even(x * id)` (`_mm256_round_ps(.., _MM_ROUND_NEAREST)`, where the
+/// reference rounds half away from zero), saturated to i8; the value is then
+/// `q * f16(d)`. Returns the dequantized row.
+pub fn q8_0_row_x86(row: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(row.len());
+    for block in row.chunks(32) {
+        let amax = block.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+        let d = f16::from_f32(amax / 127.0).to_f32();
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for &v in block {
+            let q = (v * id).round_ties_even().clamp(-128.0, 127.0);
+            out.push(q * d);
+        }
+    }
+    out
+}
+
 /// The operands of one recomputation, in the reference's layouts (see
 /// [`tensor_stats::attention`]); `q` unrounded.
 pub(crate) struct Operands<'a> {
@@ -459,7 +509,7 @@ fn merge(parts: Vec<Partial>, dv: usize) -> Vec<f32> {
 fn flash_rows(o: &Operands<'_>, n_chunks: Option<usize>) -> Result<Dense, VerifyError> {
     let sh = shape(o)?;
     let mut q = o.q.clone();
-    round_rows(&mut q, vec_dot_type(o.k_type))?;
+    round_rows_as(&mut q, vec_dot_type(o.k_type), o.dot)?;
     let mut out = Dense::zeros([sh.dv, sh.n_head, sh.n_tokens, sh.n_seq]).map_err(attn_err)?;
     let mut scores = vec![None; sh.n_kv];
     for s in 0..sh.n_seq {
@@ -502,7 +552,7 @@ fn flash_rows(o: &Operands<'_>, n_chunks: Option<usize>) -> Result<Dense, Verify
 fn unfused(o: &Operands<'_>) -> Result<Dense, VerifyError> {
     let sh = shape(o)?;
     let mut q = o.q.clone();
-    round_rows(&mut q, vec_dot_type(o.k_type))?;
+    round_rows_as(&mut q, vec_dot_type(o.k_type), o.dot)?;
     let p_type = vec_dot_type(o.v_type);
     let mut out = Dense::zeros([sh.dv, sh.n_head, sh.n_tokens, sh.n_seq]).map_err(attn_err)?;
     let mut scores = vec![None; sh.n_kv];
@@ -531,7 +581,7 @@ fn unfused(o: &Operands<'_>) -> Result<Dense, VerifyError> {
                     continue;
                 }
                 probs.data.iter_mut().for_each(|x| *x /= sum);
-                round_rows(&mut probs, p_type)?;
+                round_rows_as(&mut probs, p_type, o.dot)?;
                 let os = sh.dv * (h + sh.n_head * (t + sh.n_tokens * s));
                 for (j, &pj) in probs.data.iter().enumerate() {
                     if pj == 0.0 {

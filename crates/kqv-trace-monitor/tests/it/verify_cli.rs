@@ -277,3 +277,39 @@ fn gguf_reader_shapes_show_the_recorded_layouts() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("no (step, layer) group matching --step 99"));
 }
+
+/// A q8_0 cache on heads of 32 with a 6-ubatch prompt: every group verifies. Before the
+/// model rounded Q as ggml-cpu's x86 `quantize_row_q8_0` does (`127 / amax`, ties to
+/// even), one value of Q came out one step off and step 5, layer 1 failed (max abs 3e-3
+/// against a bound of 1e-10) although the run was honest.
+#[test]
+fn a_q8_0_cache_on_heads_of_32_verifies_every_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama::write_with_head_dim(dir.path(), 32).unwrap();
+    let args = LlamaArgs::new(
+        &model,
+        "The quick brown fox jumps over a lazy dog. The quick brown fox jumps over a lazy dog again.",
+    )
+    .n(4)
+    .ubatch(16)
+    .threads(2)
+    .greedy()
+    .flash(true)
+    .cache("q8_0", "q8_0")
+    .arg("--verify")
+    .build();
+    let o = Command::new(env!("CARGO_BIN_EXE_kqv-trace-monitor"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
+    assert!(
+        out.contains("verify: verified 20 of 20 (step, layer) groups"),
+        "{}",
+        out.lines()
+            .filter(|l| l.starts_with("verify"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
