@@ -219,7 +219,7 @@ fn ggml_c_reader_reads_a_saved_trace() {
             let ne: Vec<u64> = (*g).ne.iter().map(|&x| x as u64).collect();
             assert_eq!(ne, tt.meta.layout.ne, "{}", tt.name);
             let bytes = std::slice::from_raw_parts((*g).data as *const u8, sys::ggml_nbytes(g));
-            assert!(bytes == t.data(tt), "{}: ggml reads other bytes", tt.name);
+            assert!(*bytes == *t.data(tt), "{}: ggml reads other bytes", tt.name);
         }
         sys::ggml_free(gctx);
         sys::gguf_free(ctx);
