@@ -10,6 +10,7 @@ pub mod escape;
 pub mod json;
 pub mod keys;
 pub mod layout;
+pub mod materialize;
 pub mod meta;
 pub mod read;
 pub mod stored;

@@ -432,6 +432,16 @@ impl TraceFile {
         }
     }
 
+    /// The changed byte ranges (offset, length) of the tensor at `index` of the GGUF
+    /// tensor table, whose bytes its GGUF tensor holds in this order; empty for a tensor
+    /// stored whole.
+    pub fn stored_ranges(&self, index: usize) -> Vec<(u64, u64)> {
+        match &self.storage {
+            Some(s) => s.ranges(index),
+            None => Vec::new(),
+        }
+    }
+
     /// The tensor's values as f32 (dequantized if quantized).
     pub fn f32(&self, t: &TracedTensor) -> Result<Vec<f32>, TraceError> {
         let info = &self.file.tensors()[t.index];

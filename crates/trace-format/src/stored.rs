@@ -327,6 +327,14 @@ impl Storage {
         }
     }
 
+    /// Tensor `i`'s changed ranges, (offset, length) in its logical bytes, in the order
+    /// its GGUF tensor holds their bytes (empty for a whole tensor).
+    pub fn ranges(&self, i: usize) -> Vec<(u64, u64)> {
+        let own =
+            &self.ranges[2 * self.first_range[i]..2 * (self.first_range[i] + self.n_ranges[i])];
+        own.chunks_exact(2).map(|r| (r[0], r[1])).collect()
+    }
+
     /// Apply tensor `i`'s ranges onto `buf` (its base's bytes).
     fn apply(&self, file: &GgufFile, i: usize, buf: &mut [u8]) {
         let data = file.tensor_data(&file.tensors()[i]);
