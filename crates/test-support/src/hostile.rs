@@ -821,7 +821,11 @@ pub fn delta_cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
 
     let mut e = base.clone();
     let whole = (0..bases.len()).find(|&j| bases[j] == -1).unwrap_or(0);
-    e.set_int(keys::TENSOR_NE, 4 * whole + 1, 2 * e.i64s(keys::TENSOR_NE)[4 * whole + 1]);
+    e.set_int(
+        keys::TENSOR_NE,
+        4 * whole + 1,
+        2 * e.i64s(keys::TENSOR_NE)[4 * whole + 1],
+    );
     add(
         "v2_whole_shape_contradicted",
         "a tensor stored whole whose recorded ne is not its GGUF shape",

@@ -102,7 +102,10 @@ fn gguf_py_reads_a_saved_trace() {
     assert_eq!(f[keys::TOTAL_STEPS]["type"], serde_json::json!(["INT32"]));
     assert_eq!(field(keys::TOTAL_STEPS), t.steps.len());
     assert_eq!(field(keys::TENSOR_COUNT), n);
-    assert_eq!(field(keys::FORMAT_VERSION), trace_format::FORMAT_VERSION_FULL);
+    assert_eq!(
+        field(keys::FORMAT_VERSION),
+        trace_format::FORMAT_VERSION_FULL
+    );
     assert_eq!(field(keys::COMPLETE), true);
     assert_eq!(field(keys::RUN_FLASH_ATTN), "on");
     assert_eq!(field(keys::RUN_CACHE_TYPE_K), "f16");

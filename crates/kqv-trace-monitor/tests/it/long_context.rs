@@ -50,8 +50,13 @@ fn plant_k_cell(path: &Path, step: u32, layer: i32, cell: usize, factor: f32) ->
     trace_format::materialize::materialize_to_path(&t, &out).unwrap();
     drop(t);
     let v1 = TraceFile::open(&out).unwrap();
-    let at = v1.data_offset(&v1.tensors.iter().find(|x| x.index == index).unwrap().clone())
-        + offset;
+    let at = v1.data_offset(
+        &v1.tensors
+            .iter()
+            .find(|x| x.index == index)
+            .unwrap()
+            .clone(),
+    ) + offset;
     drop(v1);
     let mut f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
     f.seek(SeekFrom::Start(at)).unwrap();
