@@ -394,3 +394,255 @@ impl Storage {
         Cow::Owned(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gguf_io::{Array, GgmlType, GgufFile, HeaderSpec, Value};
+
+    use crate::keys;
+    use crate::meta::{Revision, Role, RunMeta, TensorMeta};
+    use crate::{Stored, TensorLayout, TraceError, TraceFile, TraceWriter};
+
+    fn meta(role: Role, step: u32, ty: GgmlType, ne: [u64; 4]) -> TensorMeta {
+        TensorMeta {
+            role,
+            layer: 0,
+            step,
+            ggml_name: format!("{}-0", role.name()),
+            op: "NONE".into(),
+            layout: TensorLayout::contiguous(ty, ne).unwrap(),
+            view_of: String::new(),
+        }
+    }
+
+    /// #0 kqv_out step 0 (16 bytes, whole), #1 k step 0 (64 bytes, whole), #2 kqv_out
+    /// step 1 (whole), #3 k step 1 (a delta of #1: bytes 8..12 and 40..44), #4 v step 1
+    /// (the bytes of #1: the same as #1).
+    fn honest() -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut w = TraceWriter::new().unwrap();
+        for s in crate::synth::steps(2, 1) {
+            w.add_step(s);
+        }
+        let k0: Vec<u8> = (0..64u8).collect();
+        let mut k1 = k0.clone();
+        for i in (8..12).chain(40..44) {
+            k1[i] = 200 + i as u8;
+        }
+        let out0 = vec![1u8; 16];
+        let out1 = vec![2u8; 16];
+        let f32_4 = [4, 1, 1, 1];
+        let f16_k = [8, 4, 1, 1];
+        w.add_tensor(meta(Role::KqvOut, 0, GgmlType::F32, f32_4), &out0, false)
+            .unwrap();
+        let r0 = Revision { id: 1, since: None };
+        w.add_tensor_revision(
+            meta(Role::K, 0, GgmlType::F16, f16_k),
+            &k0,
+            false,
+            Some(&r0),
+        )
+        .unwrap();
+        w.add_tensor(meta(Role::KqvOut, 1, GgmlType::F32, f32_4), &out1, false)
+            .unwrap();
+        let r1 = Revision {
+            id: 2,
+            since: Some((1, vec![8..12, 40..44])),
+        };
+        w.add_tensor_revision(
+            meta(Role::K, 1, GgmlType::F16, f16_k),
+            &k1,
+            false,
+            Some(&r1),
+        )
+        .unwrap();
+        w.add_tensor(meta(Role::V, 1, GgmlType::F16, f16_k), &k0, false)
+            .unwrap();
+        let run = RunMeta {
+            n_layer: 1,
+            target_layer: -1,
+            trace_sources: true,
+            complete: true,
+            ..RunMeta::default()
+        };
+        (
+            w.finish(&run, Vec::new()).unwrap(),
+            vec![out0, k0.clone(), out1, k1, k0],
+        )
+    }
+
+    fn open(bytes: Vec<u8>) -> Result<TraceFile, TraceError> {
+        TraceFile::from_gguf(GgufFile::from_bytes(bytes).unwrap())
+    }
+
+    #[test]
+    fn deltas_and_repeats_read_back_whole() {
+        let (bytes, want) = honest();
+        let t = open(bytes).unwrap();
+        assert_eq!(t.format_version, 2);
+        assert_eq!(t.stored(0), Stored::Whole);
+        assert_eq!(t.stored(1), Stored::Whole);
+        assert_eq!(
+            t.stored(3),
+            Stored::Delta {
+                base: 1,
+                n_ranges: 2,
+                bytes: 8
+            }
+        );
+        assert_eq!(t.stored_ranges(3), vec![(8, 4), (40, 4)]);
+        assert_eq!(
+            t.stored(4),
+            Stored::Delta {
+                base: 1,
+                n_ranges: 0,
+                bytes: 0
+            }
+        );
+        assert_eq!(t.gguf().tensors()[3].ty, GgmlType::I8);
+        assert_eq!(t.gguf().tensors()[4].n_bytes, 1);
+        for _ in 0..2 {
+            for (tt, w) in t.tensors.iter().zip(&want) {
+                assert_eq!(t.data(tt), &w[..], "{}", tt.name);
+                assert_eq!(tt.meta.layout.n_bytes().unwrap() as usize, w.len());
+            }
+        }
+        assert!(matches!(
+            t.data(&t.tensors[4]),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    /// Rewrite the honest file's metadata array `key` (an array of `T`) with `f`.
+    fn with<T: Clone>(
+        key: &'static str,
+        get: fn(&Array) -> Option<&Vec<T>>,
+        f: impl FnOnce(&mut Vec<T>),
+    ) -> Vec<u8>
+    where
+        Value: From<Vec<T>>,
+    {
+        edit(|h, _| {
+            let mut v = h
+                .metadata
+                .get(key)
+                .and_then(Value::as_array)
+                .and_then(get)
+                .unwrap()
+                .clone();
+            f(&mut v);
+            h.metadata.set(key, v);
+        })
+    }
+
+    fn edit(f: impl FnOnce(&mut HeaderSpec, &mut Vec<Vec<u8>>)) -> Vec<u8> {
+        crate::synth::rewrite(&honest().0, f).unwrap()
+    }
+
+    fn i32s(a: &Array) -> Option<&Vec<i32>> {
+        match a {
+            Array::I32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn u32s(a: &Array) -> Option<&Vec<u32>> {
+        match a {
+            Array::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn u64s(a: &Array) -> Option<&Vec<u64>> {
+        match a {
+            Array::U64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The file is refused, file level, with one line that says `what`.
+    fn refused(bytes: Vec<u8>, what: &str) {
+        match open(bytes) {
+            Err(TraceError::Invalid(v)) => {
+                let m = v.to_string();
+                assert!(m.contains(what), "{m}");
+                assert!(!m.contains('\n'), "{m}");
+                assert_eq!(v.group(), None, "{m}");
+            }
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("accepted, wanted: {what}"),
+        }
+    }
+
+    #[test]
+    fn each_storage_lie_is_refused_with_its_reason() {
+        refused(
+            with(keys::TENSOR_BASE, i32s, |v| v[3] = 4),
+            "base 4 is not an earlier tensor",
+        );
+        refused(with(keys::TENSOR_BASE, i32s, |v| v[1] = 3), "(a cycle)");
+        refused(with(keys::TENSOR_BASE, i32s, |v| v[3] = 3), "(a cycle)");
+        refused(
+            with(keys::TENSOR_BASE, i32s, |v| v[3] = 99),
+            "base 99 is no tensor of the table",
+        );
+        refused(
+            with(keys::TENSOR_RANGES, u64s, |v| v[2] = 62),
+            "range 1 (62, 4) outside the tensor's 64 bytes",
+        );
+        refused(
+            with(keys::TENSOR_RANGES, u64s, |v| v[2] = u64::MAX),
+            "outside the tensor's 64 bytes",
+        );
+        refused(
+            with(keys::TENSOR_RANGES, u64s, |v| v[2] = 10),
+            "overlapping or out of order",
+        );
+        refused(
+            with(keys::TENSOR_RANGES, u64s, |v| v.swap(0, 2)),
+            "overlapping or out of order",
+        );
+        refused(
+            edit(|h, d| {
+                d[3].push(0);
+                h.tensors[3].dims = vec![9];
+            }),
+            "9 bytes of delta data for ranges of 8 bytes",
+        );
+        refused(
+            edit(|h, d| {
+                d[4] = vec![0, 0];
+                h.tensors[4].dims = vec![2];
+            }),
+            "2 bytes of delta data for ranges of 0 bytes (stored as 1 byte)",
+        );
+        refused(
+            with(keys::TENSOR_BASE, i32s, |v| v[3] = 0),
+            "stored against tensor #0",
+        );
+        refused(
+            with(keys::TENSOR_NE, u64s, |v| v[4] = 16),
+            "stored whole as f16 [8, 4, 1, 1], but recorded as f16 [16, 4, 1, 1]",
+        );
+        refused(
+            with(keys::TENSOR_N_RANGES, u32s, |v| v[3] = 3),
+            "4 entries for 3 ranges",
+        );
+        refused(
+            with(keys::TENSOR_N_RANGES, u32s, |v| {
+                v[1] = 2;
+                v[3] = 0
+            }),
+            "stored whole, with 2 changed ranges",
+        );
+        refused(
+            edit(|h, _| h.metadata.set(keys::TENSOR_BASE, vec![0u32; 5])),
+            "not an array of int32",
+        );
+        refused(
+            edit(|h, _| h.metadata.set(keys::TENSOR_TYPE, vec![0u32; 4])),
+            "kqv_trace.tensor.type has 4 entries for 5 tensors",
+        );
+        refused(
+            edit(|h, _| h.byte_order = gguf_io::ByteOrder::Big),
+            "version 2 is little-endian only",
+        );
+    }
+}
