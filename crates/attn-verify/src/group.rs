@@ -68,7 +68,7 @@ pub fn trace_fingerprints(trace: &TraceFile, step: u32, layer: i32) -> Fingerpri
         .iter()
         .filter_map(|&r| {
             let t = trace.find(r, layer, step)?;
-            Some((r, Fingerprint::of(&t.meta.layout, trace.data(t))))
+            Some((r, Fingerprint::of(&t.meta.layout, &trace.data(t))))
         })
         .collect()
 }
@@ -162,7 +162,7 @@ impl Group {
                     name: t.name.clone(),
                     layout: t.meta.layout,
                     values: trace.f32(t)?,
-                    fingerprint: Fingerprint::of(&t.meta.layout, trace.data(t)),
+                    fingerprint: Fingerprint::of(&t.meta.layout, &trace.data(t)),
                 });
             }
         }

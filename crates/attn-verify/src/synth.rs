@@ -156,7 +156,9 @@ pub fn group(s: &Shapes, step: u32, layer: i32, seed: &mut u64) -> Result<Group,
     })
 }
 
-/// An honest trace of `n_steps` x `n_layer` groups, as GGUF bytes.
+/// An honest trace of `n_steps` x `n_layer` groups, as GGUF bytes, stored full (format
+/// version 1: every GGUF tensor is its tensor), as the tests that use it rewrite tensors
+/// in the GGUF in place.
 pub fn honest_trace(spec: &Spec) -> Result<Vec<u8>, VerifyError> {
     let mut seed = spec.seed.max(1);
     let mut groups = Vec::with_capacity((spec.n_steps * spec.n_layer) as usize);
@@ -165,7 +167,8 @@ pub fn honest_trace(spec: &Spec) -> Result<Vec<u8>, VerifyError> {
             groups.push(group(&spec.shapes, step, layer, &mut seed)?);
         }
     }
-    Ok(synth::write(
+    Ok(synth::write_with(
+        trace_format::KvStorage::Full,
         &synth::run_meta(&spec.shapes, spec.n_layer),
         &synth::steps(spec.n_steps, spec.shapes.n_tokens as u32),
         groups,

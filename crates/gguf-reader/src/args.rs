@@ -39,6 +39,11 @@ OPTIONS:
                      more than N multiply-adds (heads x tokens x cells x (D_k + D_v),
                      twice when the kernel is modelled: faithful and exact references)
                      [default: 8589934592]; a failed group's diagnosis may spend 128x
+    --materialize OUT
+                     for a kv-cache-monitor trace: write OUT as a format-version-1 trace
+                     (every tensor whole, each rebuilt from the deltas of a version-2
+                     trace; a version-1 trace is copied as is), for tools that read the
+                     GGUF tensors directly
     --step N         with --verify-attention / --shapes: only step N
     --layer N        with --verify-attention / --shapes: only layer N
     -h, --help       print this help
@@ -58,6 +63,7 @@ EXAMPLES:
     gguf-reader model.gguf --tensor 'blk\\.0\\.' --show-data --count 4
     kqv-trace-monitor -m model.gguf -p \"Hello\" --save-gguf - | gguf-reader -
     gguf-reader trace.gguf --verify-attention --shapes --step 1 --layer 0
+    gguf-reader trace.gguf --materialize trace-v1.gguf
 ";
 
 /// Where the GGUF comes from.
@@ -90,6 +96,8 @@ pub struct Options {
     pub layer: Option<i32>,
     /// `--max-work`: the work budget of one group's recomputation.
     pub max_work: u64,
+    /// `--materialize OUT`: write a version-1 copy of the trace.
+    pub materialize: Option<std::path::PathBuf>,
 }
 
 /// What the command line asks for.
@@ -134,6 +142,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
                 .map_err(|_| "--max-work expects a whole number of multiply-adds".to_owned())
         })?
         .unwrap_or(attn_verify::DEFAULT_MAX_WORK);
+    let materialize = p.opt_value_from_os_str("--materialize", |s| {
+        Ok::<_, String>(std::path::PathBuf::from(s))
+    })?;
     let count = p
         .opt_value_from_fn("--count", |s| {
             s.parse::<usize>()
@@ -181,5 +192,6 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
         step,
         layer,
         max_work,
+        materialize,
     }))
 }

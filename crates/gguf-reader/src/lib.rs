@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod data;
+pub mod materialize;
 pub mod report;
 pub mod text;
 pub mod verify;
@@ -41,6 +42,12 @@ pub enum RunError {
     },
     #[error("{}", trace_format::escape(&.0.to_string()))]
     Io(#[from] io::Error),
+    #[error("{}: {}", trace_format::escape(.input), trace_format::escape(&.source.to_string()))]
+    Trace {
+        input: String,
+        #[source]
+        source: trace_format::TraceError,
+    },
 }
 
 /// One stderr line: `gguf-reader: <name>: <message>`, everything from the file escaped.
@@ -64,6 +71,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     TOOL.main(args, args::parse, |opts| {
         let stdout = io::stdout();
         let mut out = io::BufWriter::new(stdout.lock());
+        if let Some(dest) = &opts.materialize {
+            let result = materialize::run(&opts.input, dest, &mut out)
+                .and_then(|()| out.flush().map_err(RunError::from));
+            return TOOL.exit(result.map(|()| exit::OK));
+        }
         if opts.verify || opts.shapes {
             let code = run_verify(&opts, &mut out);
             let _ = out.flush();

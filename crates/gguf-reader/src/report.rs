@@ -41,6 +41,36 @@ pub struct Report {
     /// With `--show-data`: per selected tensor index, its data or why it has none.
     pub data: BTreeMap<usize, std::result::Result<TensorData, String>>,
     pub trace: Option<TraceGroups>,
+    /// A format-version-2 trace: per tensor, how it is stored (`whole`, `delta of #i, k
+    /// bytes`, `same as #i`), from its `kqv_trace.tensor.base` / `n_ranges`; `None` for
+    /// any other file (or one whose arrays do not have an entry per tensor).
+    pub stored: Option<Vec<String>>,
+}
+
+/// How each tensor of a version-2 trace is stored, as the listing says it.
+fn stored_of(h: &Header) -> Option<Vec<String>> {
+    use trace_format::keys;
+    let n = h.tensors.len();
+    let (Some(Array::I32(base)), Some(Array::U32(ranges))) = (
+        h.metadata.get(keys::TENSOR_BASE).and_then(Value::as_array),
+        h.metadata
+            .get(keys::TENSOR_N_RANGES)
+            .and_then(Value::as_array),
+    ) else {
+        return None;
+    };
+    if base.len() != n || ranges.len() != n {
+        return None;
+    }
+    Some(
+        (0..n)
+            .map(|i| match (base[i], ranges[i]) {
+                (b, _) if b < 0 => "whole".to_owned(),
+                (b, 0) => format!("same as #{b}"),
+                (b, _) => format!("delta of #{b}, {} bytes", h.tensors[i].n_bytes),
+            })
+            .collect(),
+    )
 }
 
 fn kind_of(h: &Header) -> Kind {
@@ -79,7 +109,11 @@ impl Report {
             .collect();
         let kind = kind_of(&header);
         let trace = (kind == Kind::KqvTrace).then(|| group(&header, &selected));
+        let stored = (kind == Kind::KqvTrace)
+            .then(|| stored_of(&header))
+            .flatten();
         Self {
+            stored,
             input: input.to_owned(),
             file_size,
             header,
@@ -164,6 +198,9 @@ impl Report {
                 m.insert("offset".into(), json!(t.offset));
                 if let Some(step) = self.trace.as_ref().and(step_of(&t.name)) {
                     m.insert("step".into(), json!(step));
+                }
+                if let Some(s) = self.stored.as_ref().and_then(|s| s.get(i)) {
+                    m.insert("stored".into(), json!(s));
                 }
                 match self.data.get(&i) {
                     Some(Ok(d)) => {

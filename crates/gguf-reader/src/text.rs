@@ -57,11 +57,11 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
     } else {
         writeln!(out, "\nTensors ({}):", h.tensors.len())?;
     }
-    let rows: Vec<[String; 7]> = sel
+    let rows: Vec<Vec<String>> = sel
         .iter()
         .map(|&i| {
             let t = &h.tensors[i];
-            [
+            let mut row = vec![
                 i.to_string(),
                 escape(&t.name).into_owned(),
                 t.ty.name().to_owned(),
@@ -69,17 +69,28 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
                 t.n_elements.to_string(),
                 t.n_bytes.to_string(),
                 t.offset.to_string(),
-            ]
+            ];
+            // A version-2 trace: how the tensor is stored (its type and shape above are
+            // the GGUF tensor's: a delta's changed bytes).
+            if let Some(s) = r.stored.as_ref().and_then(|s| s.get(i)) {
+                row.push(s.clone());
+            }
+            row
         })
         .collect();
-    let head = ["#", "name", "type", "shape", "elements", "bytes", "offset"];
-    let mut w = head.map(str::len);
+    let mut head: Vec<String> = ["#", "name", "type", "shape", "elements", "bytes", "offset"]
+        .map(str::to_owned)
+        .to_vec();
+    if r.stored.is_some() {
+        head.push("stored".to_owned());
+    }
+    let mut w: Vec<usize> = head.iter().map(String::len).collect();
     for row in &rows {
         for (c, cell) in row.iter().enumerate() {
             w[c] = w[c].max(cell.len());
         }
     }
-    write_row(out, &head.map(str::to_owned), &w)?;
+    write_row(out, &head, &w)?;
     for row in &rows {
         write_row(out, row, &w)?;
     }
@@ -134,10 +145,13 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
 }
 
 /// One table row: `#` and the numbers right-aligned, names left-aligned.
-fn write_row(out: &mut impl Write, cells: &[String; 7], w: &[usize; 7]) -> io::Result<()> {
+fn write_row(out: &mut impl Write, cells: &[String], w: &[usize]) -> io::Result<()> {
     for (c, cell) in cells.iter().enumerate() {
         let width = w[c];
-        if matches!(c, 1..=3) {
+        if c == 7 {
+            // The last column, left-aligned: no trailing blanks.
+            write!(out, "  {cell}")?;
+        } else if matches!(c, 1..=3) {
             write!(out, "  {cell:<width$}")?;
         } else {
             write!(out, "  {cell:>width$}")?;

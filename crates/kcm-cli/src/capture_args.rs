@@ -28,6 +28,8 @@ pub struct Options {
     pub logits: bool,
     /// `--replay TRACE`: decode exactly that trace's steps and tokens.
     pub replay: Option<std::path::PathBuf>,
+    /// `--kv-storage full|delta`: how a saved trace stores its tensors (version 1 or 2).
+    pub kv_storage: trace_format::KvStorage,
     /// Arguments for llama.cpp, in order.
     pub llama_args: Vec<String>,
 }
@@ -48,6 +50,7 @@ impl Default for Options {
             quiet: false,
             logits: false,
             replay: None,
+            kv_storage: trace_format::KvStorage::default(),
             llama_args: Vec::new(),
         }
     }
@@ -61,6 +64,8 @@ pub enum UsageError {
     BadLayer(String),
     #[error("--from-step expects a step number (0 or more), got '{0}'")]
     BadStep(String),
+    #[error("--kv-storage expects full or delta, got '{0}'")]
+    BadStorage(String),
     #[error("--verify needs the attention inputs: drop --no-trace-sources")]
     VerifyWithoutSources,
     #[error("{0}")]
@@ -101,6 +106,11 @@ pub fn parse(args: Vec<String>) -> Result<Command<Options>, UsageError> {
             "--replay" => {
                 let v = it.next().ok_or(UsageError::MissingValue("--replay"))?;
                 o.replay = Some(v.into());
+            }
+            "--kv-storage" => {
+                let v = it.next().ok_or(UsageError::MissingValue("--kv-storage"))?;
+                o.kv_storage =
+                    trace_format::KvStorage::from_name(&v).ok_or(UsageError::BadStorage(v))?;
             }
             "-v" | "--verbose" | "--log-verbose" => {
                 o.verbose = true;
@@ -195,6 +205,13 @@ mod tests {
         assert!(o.verify);
         assert_eq!(o.llama_args, ["-m", "m.gguf"]);
         assert!(!run(&["-m", "m.gguf"]).verify);
+        assert_eq!(
+            run(&["-m", "m.gguf"]).kv_storage,
+            trace_format::KvStorage::Delta
+        );
+        let o = run(&["--kv-storage", "full", "-m", "m.gguf"]);
+        assert_eq!(o.kv_storage, trace_format::KvStorage::Full);
+        assert_eq!(o.llama_args, ["-m", "m.gguf"]);
     }
 
     #[test]
@@ -206,6 +223,10 @@ mod tests {
         assert_eq!(
             parse(vec!["--layer".into(), "x".into()]).unwrap_err(),
             UsageError::BadLayer("x".into())
+        );
+        assert_eq!(
+            parse(vec!["--kv-storage".into(), "v1".into()]).unwrap_err(),
+            UsageError::BadStorage("v1".into())
         );
         assert_eq!(
             parse(vec!["--verify".into(), "--no-trace-sources".into()]).unwrap_err(),

@@ -219,7 +219,7 @@ impl MonitorSink {
             out,
             json: opts.json,
             writer: if opts.save.is_some() {
-                Some(TraceWriter::new()?)
+                Some(TraceWriter::with_storage(opts.kv_storage)?)
             } else {
                 None
             },

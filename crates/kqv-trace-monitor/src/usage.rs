@@ -14,6 +14,12 @@ MONITOR OPTIONS:
     --no-trace-sources   trace kqv_out only, not the attention op's inputs and output
     --save-gguf FILE     save the trace to FILE (written atomically); `-` writes it to
                          stdout, and the statistics then go to stderr
+    --kv-storage full|delta
+                         how --save-gguf stores the trace: delta (default, format version
+                         2) stores a KV-cache view as the bytes that changed since the
+                         previous step's and identical tensors once; full (version 1)
+                         stores every tensor whole, each step's views again, the seed
+                         tools' layout for scripts that read the GGUF directly
     --prefill-only       decode the prompt only, no generation
     --verify             recompute each traced attention in f64 from its captured q/k/v/mask
                          as it is traced (no --save-gguf needed) and compare with kqv_out:

@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
                 .chain(current.tensors.iter().map(|t| (&current, t)))
             {
                 let src = f.data(t);
-                dst[at..at + src.len()].copy_from_slice(src);
+                dst[at..at + src.len()].copy_from_slice(&src);
                 at += src.len();
             }
             std::hint::black_box(&dst);

@@ -49,6 +49,8 @@ ANALYSIS OPTIONS:
     --no-trace-sources      live: compare kqv_out only
     --prefill-only          live: decode the prompt only
     --save-gguf FILE        live: also save the current run's trace to FILE
+    --kv-storage full|delta live, with --save-gguf: how the trace is stored (as
+                            kqv-trace-monitor's option; default delta)
     --quiet                 live: no progress line on stderr (shown only when stderr is a
                             terminal; NO_COLOR turns its colour off)
     -v, --verbose           show llama.cpp's log on stderr

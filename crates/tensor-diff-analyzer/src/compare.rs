@@ -542,7 +542,14 @@ pub fn locate(meta: &TensorMeta, run: &RunMeta, step: Option<&StepMeta>, i: u64)
 /// A tensor's bytes in little-endian order, whatever its file's byte order: the one path
 /// both the reader and the comparison take (`gguf_io::to_little_endian`).
 pub fn le_data<'a>(file: &'a TraceFile, t: &TracedTensor) -> Cow<'a, [u8]> {
-    gguf_io::to_little_endian(t.meta.layout.ty, byte_order(file), file.data(t))
+    match file.data(t) {
+        Cow::Borrowed(d) => gguf_io::to_little_endian(t.meta.layout.ty, byte_order(file), d),
+        // Rebuilt (a version-2 delta): swapped only if the file is big-endian.
+        Cow::Owned(d) if matches!(byte_order(file), ByteOrder::Big) => {
+            Cow::Owned(gguf_io::to_little_endian(t.meta.layout.ty, ByteOrder::Big, &d).into_owned())
+        }
+        Cow::Owned(d) => Cow::Owned(d),
+    }
 }
 
 fn byte_order(file: &TraceFile) -> ByteOrder {

@@ -691,6 +691,157 @@ pub fn cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
     Ok(out)
 }
 
+/// Format version 2's storage lies (`--kv-storage delta`, docs/trace-format.md,
+/// "Storage"), one file per check of the storage keys, derived from an honest version-2
+/// trace with at least one delta of two or more changed bytes and a tensor stored whole
+/// of another byte length before it. The first case is the honest file itself. Every lie
+/// is a file-level contradiction: every command that interprets the trace refuses it.
+pub fn delta_cases(honest: &[u8]) -> Result<Vec<Case>, GgufError> {
+    let base = Editable::from_bytes(honest)?;
+    let mut out = Vec::new();
+    let mut add = |name: &'static str, class: &'static str, e: &Editable, expect: Expect| {
+        e.to_bytes().map(|bytes| {
+            out.push(Case {
+                name,
+                class,
+                bytes,
+                expect,
+            })
+        })
+    };
+    add(
+        "honest_v2",
+        "the honest version-2 trace itself",
+        &base,
+        Expect::Success,
+    )?;
+    let bases = base.i64s(keys::TENSOR_BASE);
+    let counts = base.i64s(keys::TENSOR_N_RANGES);
+    let first_range = |i: usize| counts[..i].iter().sum::<i64>() as usize;
+    let n_bytes = |e: &Editable, i: usize| -> u64 {
+        let ne = e.i64s(keys::TENSOR_NE);
+        let ty = GgmlType(e.i64s(keys::TENSOR_TYPE)[i] as u32);
+        let n: u64 = ne[4 * i..4 * i + 4].iter().map(|&x| x as u64).product();
+        ty.bytes_for(n).unwrap_or(0)
+    };
+    // A delta whose first range is two bytes or more.
+    let d = (0..bases.len())
+        .find(|&i| {
+            bases[i] >= 0
+                && counts[i] > 0
+                && base.i64s(keys::TENSOR_RANGES)[2 * first_range(i) + 1] >= 2
+        })
+        .expect("the honest version-2 trace has a delta of two bytes or more");
+    let b = bases[d] as usize;
+    let r = 2 * first_range(d);
+
+    let mut e = base.clone();
+    let later_whole = (d + 1..bases.len())
+        .find(|&j| bases[j] == -1)
+        .expect("a tensor stored whole after the delta");
+    e.set_int(keys::TENSOR_BASE, d, later_whole as i64);
+    add(
+        "v2_base_not_earlier",
+        "a delta stored against a later tensor",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    let mut e = base.clone();
+    e.set_int(keys::TENSOR_BASE, b, d as i64);
+    add(
+        "v2_base_cycle",
+        "two tensors stored against each other (a cycle of bases)",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    let mut e = base.clone();
+    e.set_int(keys::TENSOR_BASE, d, bases.len() as i64 + 7);
+    add(
+        "v2_base_outside_the_table",
+        "a base that is no tensor of the table",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    let mut e = base.clone();
+    let len = n_bytes(&e, d);
+    e.set_int(keys::TENSOR_RANGES, r, len as i64 - 1);
+    add(
+        "v2_range_outside_the_tensor",
+        "a changed range that ends past the tensor's bytes",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    // The first range split in two that overlap by a byte, the data one byte longer.
+    let mut e = base.clone();
+    if let Some(Array::U64(mut v)) = e.array(keys::TENSOR_RANGES).cloned() {
+        let (off, len) = (v[r], v[r + 1]);
+        v.splice(r..r + 2, [off, 2, off + 1, len - 1]);
+        e.metadata.set(keys::TENSOR_RANGES, Array::U64(v));
+    }
+    e.set_int(keys::TENSOR_N_RANGES, d, counts[d] + 1);
+    let mut data = e.data[d].clone();
+    data.insert(1, data[1]);
+    let k = data.len() as u64;
+    e.reshape(d, [k, 1, 1, 1], data);
+    e.tensors[d].dims = vec![k];
+    add(
+        "v2_ranges_overlap",
+        "a delta whose changed ranges overlap",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    let mut e = base.clone();
+    let mut data = e.data[d].clone();
+    data.push(0);
+    e.tensors[d].dims = vec![data.len() as u64];
+    e.data[d] = data;
+    add(
+        "v2_delta_data_length",
+        "a delta whose data is not the sum of its ranges",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    let mut e = base.clone();
+    let other = (0..d)
+        .find(|&j| bases[j] == -1 && n_bytes(&e, j) != n_bytes(&e, d))
+        .expect("a tensor stored whole of another byte length before the delta");
+    e.set_int(keys::TENSOR_BASE, d, other as i64);
+    add(
+        "v2_base_other_length",
+        "a delta stored against a tensor of another byte length",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    let mut e = base.clone();
+    let whole = (0..bases.len()).find(|&j| bases[j] == -1).unwrap_or(0);
+    e.set_int(
+        keys::TENSOR_NE,
+        4 * whole + 1,
+        2 * e.i64s(keys::TENSOR_NE)[4 * whole + 1],
+    );
+    add(
+        "v2_whole_shape_contradicted",
+        "a tensor stored whole whose recorded ne is not its GGUF shape",
+        &e,
+        Expect::Refuse,
+    )?;
+
+    add(
+        "v2_big_endian",
+        "a version-2 trace rewritten big-endian (version 2 is little-endian only)",
+        &base.to_big_endian(),
+        Expect::Refuse,
+    )?;
+    Ok(out)
+}
+
 /// The marker every injected line starts with: a line of output that begins with it
 /// means a newline from the file reached the terminal raw.
 pub const INJECTED: &str = "INJECTED-LINE";

@@ -79,3 +79,19 @@ pub const ATTN_SOFTCAP: &str = "kqv_trace.attn.softcap";
 pub const ATTN_BACKEND: &str = "kqv_trace.attn.backend";
 /// The threads the step's graph was computed with (0: unknown). Optional.
 pub const ATTN_N_THREADS: &str = "kqv_trace.attn.n_threads";
+
+/// Format version 2 (`--kv-storage delta`, the default): how each tensor is stored.
+/// Per tensor, parallel to the tensor table (docs/trace-format.md, "Storage"): the
+/// tensor's own ggml type id (UINT32) and four `ne` (UINT64, concatenated), which the
+/// GGUF tensor of a delta does not say.
+pub const TENSOR_TYPE: &str = "kqv_trace.tensor.type";
+pub const TENSOR_NE: &str = "kqv_trace.tensor.ne";
+/// Per tensor, INT32: index in the tensor table of the earlier tensor this one is
+/// stored against (a delta), or -1 when it is stored whole.
+pub const TENSOR_BASE: &str = "kqv_trace.tensor.base";
+/// Per tensor, UINT32: how many changed byte ranges it has in `kqv_trace.tensor.ranges`
+/// (0 for a whole tensor, and for a delta equal to its base).
+pub const TENSOR_N_RANGES: &str = "kqv_trace.tensor.n_ranges";
+/// UINT64 (offset, length) pairs, every tensor's ranges concatenated in table order;
+/// offsets in the tensor's logical contiguous bytes.
+pub const TENSOR_RANGES: &str = "kqv_trace.tensor.ranges";

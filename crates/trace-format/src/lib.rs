@@ -10,8 +10,10 @@ pub mod escape;
 pub mod json;
 pub mod keys;
 pub mod layout;
+pub mod materialize;
 pub mod meta;
 pub mod read;
+pub mod stored;
 pub mod synth;
 pub mod validate;
 pub mod write;
@@ -20,8 +22,11 @@ pub use escape::escape;
 pub use layout::{LayoutError, TensorLayout};
 pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta, MIXED_ATTN_OP};
 pub use read::{TraceFile, TracedTensor};
+pub use stored::Stored;
 pub use validate::Violation;
-pub use write::{tensor_name, AttnRecord, TraceWriter, FORMAT_VERSION};
+pub use write::{
+    tensor_name, AttnRecord, KvStorage, TraceWriter, FORMAT_VERSION, FORMAT_VERSION_FULL,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {

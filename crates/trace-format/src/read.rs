@@ -1,5 +1,6 @@
 //! Reading a trace back: the GGUF plus the metadata that says what each tensor is.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -8,6 +9,7 @@ use gguf_io::{Array, GgufFile, Metadata, Value};
 use crate::keys;
 use crate::layout::TensorLayout;
 use crate::meta::{AttnParams, Role, RunMeta, StepMeta, TensorMeta};
+use crate::stored::{Storage, Stored};
 use crate::validate::{self, GroupProblems, Violation};
 use crate::write::AttnRecord;
 use crate::TraceError;
@@ -47,6 +49,10 @@ pub struct TraceFile {
     index: HashMap<(u32, i32, Role), usize>,
     /// (step, layer) -> index in `attn` (the first such record).
     attn_index: HashMap<(u32, i32), usize>,
+    /// `kqv_trace.format_version` (1 when absent: a seed tool's file).
+    pub format_version: u32,
+    /// Version 2: how each tensor is stored (`None` for version 1: all whole).
+    storage: Option<Storage>,
 }
 
 fn arr<'a>(m: &'a Metadata, key: &str) -> Option<&'a Array> {
@@ -156,8 +162,20 @@ impl TraceFile {
         let has_roles = m.contains(keys::TENSOR_ROLE);
         let mut tensors = Vec::new();
         let n = file.tensors().len();
+        let mut format_version = crate::write::FORMAT_VERSION_FULL;
+        let mut storage = None;
         if has_roles {
-            validate::check_version(m)?;
+            format_version = validate::check_version(m)?;
+            if format_version == crate::write::FORMAT_VERSION {
+                if file.header().byte_order != gguf_io::ByteOrder::Little {
+                    return Err(Violation::BadValue {
+                        key: keys::FORMAT_VERSION,
+                        what: "2 in a big-endian file (version 2 is little-endian only)".into(),
+                    }
+                    .into());
+                }
+                storage = Some(Storage::parse(m, &file)?);
+            }
             let roles = strings(m, keys::TENSOR_ROLE)?;
             let layers = i32s(m, keys::TENSOR_LAYER)?;
             let steps = u32s(m, keys::TENSOR_STEP)?;
@@ -191,6 +209,10 @@ impl TraceFile {
                 }
                 let mut ne = [1u64; 4];
                 ne[..t.dims.len()].copy_from_slice(&t.dims);
+                let mut ty = t.ty;
+                if let Some(s) = &storage {
+                    (ty, ne) = s.logical(i);
+                }
                 let nb = [nbs[4 * i], nbs[4 * i + 1], nbs[4 * i + 2], nbs[4 * i + 3]];
                 tensors.push(TracedTensor {
                     index: i,
@@ -201,7 +223,7 @@ impl TraceFile {
                         step: steps[i],
                         ggml_name: names[i].clone(),
                         op: ops[i].clone(),
-                        layout: TensorLayout { ty: t.ty, ne, nb },
+                        layout: TensorLayout { ty, ne, nb },
                         view_of: views[i].clone(),
                     },
                 });
@@ -369,6 +391,8 @@ impl TraceFile {
             problems,
             index,
             attn_index,
+            format_version,
+            storage,
         })
     }
 
@@ -376,22 +400,62 @@ impl TraceFile {
         &self.file
     }
 
-    /// The tensor's bytes in logical contiguous order, in its own type (in the file's
-    /// byte order).
-    /// Where the tensor's bytes start in the file.
+    /// Where the tensor's stored bytes start in the file (a version-2 delta stores its
+    /// changed bytes only: see [`stored`](Self::stored)).
     pub fn data_offset(&self, t: &TracedTensor) -> u64 {
         self.file.tensor_data_offset(&self.file.tensors()[t.index])
     }
 
-    pub fn data(&self, t: &TracedTensor) -> &[u8] {
-        let info = &self.file.tensors()[t.index];
-        self.file.tensor_data(info)
+    /// The tensor's bytes in logical contiguous order, in its own type (in the file's
+    /// byte order): borrowed from the file when it holds them whole, rebuilt when the
+    /// tensor is stored as a delta (version 2). Rebuilding keeps the last tensor rebuilt
+    /// of each (layer, role), so reading a stream step after step applies one step's
+    /// changes each time.
+    pub fn data(&self, t: &TracedTensor) -> Cow<'_, [u8]> {
+        self.data_at(t.index)
+    }
+
+    /// [`data`](Self::data) by index in the GGUF tensor table.
+    pub fn data_at(&self, index: usize) -> Cow<'_, [u8]> {
+        match &self.storage {
+            Some(s) => s.data(&self.file, index),
+            None => Cow::Borrowed(self.file.tensor_data(&self.file.tensors()[index])),
+        }
+    }
+
+    /// How the tensor at `index` of the GGUF tensor table is stored (always whole in
+    /// version 1).
+    pub fn stored(&self, index: usize) -> Stored {
+        match &self.storage {
+            Some(s) => s.stored(&self.file, index),
+            None => Stored::Whole,
+        }
+    }
+
+    /// The changed byte ranges (offset, length) of the tensor at `index` of the GGUF
+    /// tensor table, whose bytes its GGUF tensor holds in this order; empty for a tensor
+    /// stored whole.
+    pub fn stored_ranges(&self, index: usize) -> Vec<(u64, u64)> {
+        match &self.storage {
+            Some(s) => s.ranges(index),
+            None => Vec::new(),
+        }
     }
 
     /// The tensor's values as f32 (dequantized if quantized).
     pub fn f32(&self, t: &TracedTensor) -> Result<Vec<f32>, TraceError> {
         let info = &self.file.tensors()[t.index];
-        Ok(self.file.tensor_f32(info)?)
+        if self.storage.is_none() {
+            return Ok(self.file.tensor_f32(info)?);
+        }
+        let l = &t.meta.layout;
+        let data = self.data(t);
+        gguf_io::quant::dequantize_to_vec(l.ty, &data, l.n_elements() as usize).map_err(|source| {
+            TraceError::Gguf(gguf_io::GgufError::Dequantize {
+                name: info.name.clone(),
+                source,
+            })
+        })
     }
 
     /// The tensor of (role, layer, step); the first one when the file has several (a

@@ -7,7 +7,7 @@ use gguf_io::{GgmlType, GgufFile, GgufWriter, HeaderSpec};
 
 use crate::layout::TensorLayout;
 use crate::meta::{AttnParams, Role, RunMeta, StepMeta, TensorMeta};
-use crate::write::{AttnRecord, TraceWriter};
+use crate::write::{AttnRecord, KvStorage, TraceWriter};
 use crate::TraceError;
 
 /// The sizes of a synthetic group (all F32, one sequence).
@@ -123,13 +123,24 @@ pub fn steps(n_steps: u32, n_tokens: u32) -> Vec<StepMeta> {
 }
 
 /// The trace of these groups as GGUF bytes (through [`TraceWriter`], as the monitor
-/// writes it).
+/// writes it, in the default storage).
 pub fn write(
     run: &RunMeta,
     steps: &[StepMeta],
     groups: impl IntoIterator<Item = Group>,
 ) -> Result<Vec<u8>, TraceError> {
-    let mut w = TraceWriter::new()?;
+    write_with(KvStorage::default(), run, steps, groups)
+}
+
+/// [`write`] in the storage given ([`KvStorage::Full`]: every GGUF tensor is its
+/// tensor, for tests that rewrite shapes in the tensor table).
+pub fn write_with(
+    storage: KvStorage,
+    run: &RunMeta,
+    steps: &[StepMeta],
+    groups: impl IntoIterator<Item = Group>,
+) -> Result<Vec<u8>, TraceError> {
+    let mut w = TraceWriter::with_storage(storage)?;
     for s in steps {
         w.add_step(s.clone());
     }

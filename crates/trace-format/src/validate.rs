@@ -28,7 +28,7 @@ use crate::escape::escape;
 use crate::keys;
 use crate::meta::{Role, RunMeta, StepMeta, MIXED_ATTN_OP};
 use crate::read::TracedTensor;
-use crate::write::{AttnRecord, FORMAT_VERSION};
+use crate::write::{AttnRecord, FORMAT_VERSION, FORMAT_VERSION_FULL};
 
 /// The op of flash attention in `kqv_trace.attn.op`.
 pub const FLASH_OP: &str = "FLASH_ATTN_EXT";
@@ -50,10 +50,13 @@ pub enum Violation {
     #[error("{key}: {what}")]
     BadValue { key: &'static str, what: String },
     #[error(
-        "{} = {version}: unknown format version (this reader reads version {FORMAT_VERSION})",
+        "{} = {version}: unknown format version (this reader reads versions {FORMAT_VERSION_FULL} and {FORMAT_VERSION})",
         keys::FORMAT_VERSION
     )]
     UnknownVersion { version: u64 },
+    /// Format version 2's storage keys contradict the tensor table (`tensor` is escaped).
+    #[error("tensor {tensor}: {what}")]
+    Stored { tensor: String, what: String },
     #[error("tensor {}: {dims} dimensions, a traced tensor has at most 4", escape(.tensor))]
     TooManyDims { tensor: String, dims: usize },
     /// A run flag the tensors contradict (`claim` and `evidence` are escaped).
@@ -272,10 +275,13 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
 
 // ---- file level ----------------------------------------------------------------------
 
-/// The keys that only say something about a file written in this format.
-pub(crate) fn check_version(m: &Metadata) -> Result<(), Violation> {
+/// The keys that only say something about a file written in this format; the version
+/// (1: every tensor whole, 2: the storage keys say how each is stored).
+pub(crate) fn check_version(m: &Metadata) -> Result<u32, Violation> {
     match int::<u64>(m, keys::FORMAT_VERSION)? {
-        Some(v) if v == u64::from(FORMAT_VERSION) => Ok(()),
+        Some(v) if v == u64::from(FORMAT_VERSION) || v == u64::from(FORMAT_VERSION_FULL) => {
+            Ok(v as u32)
+        }
         Some(v) => Err(Violation::UnknownVersion { version: v }),
         None => Err(Violation::BadValue {
             key: keys::FORMAT_VERSION,
@@ -1108,7 +1114,8 @@ mod tests {
     use crate::{TraceError, TraceFile};
     use gguf_io::{Array, GgufFile, HeaderSpec, Value};
 
-    /// 2 steps x 2 layers, zeros (validation reads no values).
+    /// 2 steps x 2 layers, zeros (validation reads no values); stored full (version 1),
+    /// as the tests rewrite shapes in the GGUF tensor table.
     fn honest(s: Shapes) -> Vec<u8> {
         let groups = (0..2u32).flat_map(|step| {
             (0..2i32).map(move |layer| synth::Group {
@@ -1126,7 +1133,8 @@ mod tests {
                 },
             })
         });
-        synth::write(
+        synth::write_with(
+            crate::KvStorage::Full,
             &synth::run_meta(&s, 2),
             &synth::steps(2, s.n_tokens as u32),
             groups,

@@ -7,6 +7,12 @@
 //! that changed only; `finish` rebuilds each full tensor from the previous one and its
 //! changes. The trace is the same; the spool holds a cell per step instead of the whole
 //! cache view.
+//!
+//! With [`KvStorage::Delta`] (format version 2, the default) the file keeps that: a
+//! tensor spooled as changes is written as its changed bytes against the previous one,
+//! and a tensor whose bytes equal an earlier whole tensor's (found by hash, confirmed
+//! byte for byte) as a delta with no changes against it (docs/trace-format.md,
+//! "Storage"). [`KvStorage::Full`] writes version 1: every tensor whole.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -20,8 +26,46 @@ use crate::keys;
 use crate::meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta};
 use crate::TraceError;
 
-/// Version of the trace layout written by this crate.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the trace layout written by this crate by default ([`KvStorage::Delta`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The version [`KvStorage::Full`] writes: every tensor whole (the seed tools' layout).
+pub const FORMAT_VERSION_FULL: u32 = 1;
+
+/// How a trace stores its tensors (`--kv-storage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvStorage {
+    /// Version 1: every tensor whole, each step's K/V views again.
+    Full,
+    /// Version 2: a KV-cache view as the bytes that changed since the previous step's,
+    /// identical bytes once.
+    #[default]
+    Delta,
+}
+
+impl KvStorage {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvStorage::Full => "full",
+            KvStorage::Delta => "delta",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "full" => Some(KvStorage::Full),
+            "delta" => Some(KvStorage::Delta),
+            _ => None,
+        }
+    }
+
+    /// The `kqv_trace.format_version` it writes.
+    pub fn format_version(self) -> u32 {
+        match self {
+            KvStorage::Full => FORMAT_VERSION_FULL,
+            KvStorage::Delta => FORMAT_VERSION,
+        }
+    }
+}
 
 /// One traced attention's op and parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,11 +84,30 @@ pub struct AttnRecord {
 
 /// How a tensor's bytes sit in the spool.
 enum Spooled {
-    /// All of them.
-    Full,
-    /// The same (layer, role)'s previous tensor with these byte ranges replaced by the
-    /// spooled bytes, in order.
-    Changes(Vec<Range<usize>>),
+    /// All of them, from this spool offset.
+    Full(u64),
+    /// The same (layer, role)'s previous tensor (index `base` in the table) with these
+    /// byte ranges (sorted, disjoint, none empty) replaced by the spooled bytes, in order.
+    Changes {
+        base: usize,
+        ranges: Vec<Range<usize>>,
+    },
+    /// Nothing: the bytes equal tensor `base`'s (a whole one). Delta storage only.
+    Same(usize),
+}
+
+impl Spooled {
+    /// Bytes the version-2 file stores for it (a GGUF tensor has at least one element:
+    /// a delta with no changed bytes stores one ignored zero byte).
+    fn stored_len(&self, n_bytes: u64) -> u64 {
+        match self {
+            Spooled::Full(_) => n_bytes,
+            Spooled::Changes { ranges, .. } => {
+                (ranges.iter().map(|r| r.len() as u64).sum::<u64>()).max(1)
+            }
+            Spooled::Same(_) => 1,
+        }
+    }
 }
 
 /// Accumulates a trace; see the module docs.
@@ -58,12 +121,16 @@ pub struct TraceWriter {
     attn: Vec<AttnRecord>,
     trace_bytes: u64,
     spooled_bytes: u64,
-    /// Per (layer, role): the revision id and byte count of the last tensor added with a
-    /// revision, which the next revision's changes may refer to.
-    last_revision: HashMap<(i32, Role), (u64, usize)>,
+    /// Per (layer, role): the revision id, byte count and table index of the last tensor
+    /// added with a revision, which the next revision's changes may refer to.
+    last_revision: HashMap<(i32, Role), (u64, usize, usize)>,
     /// The (layer, role)s of which some tensor was spooled as changes: `finish` keeps
     /// their latest full bytes in memory to rebuild the next ones.
     streams_with_changes: HashSet<(i32, Role)>,
+    storage: KvStorage,
+    /// Delta storage: (xxh3 of the bytes, byte length) -> the tensors spooled whole with
+    /// them, the candidates a later tensor of the same bytes is stored against.
+    whole_by_hash: HashMap<(u64, usize), Vec<usize>>,
 }
 
 /// The GGUF tensor name: the seed's `kqv_out_<name>_step_<N>` for outputs and
@@ -110,6 +177,16 @@ pub fn logits_meta(step: u32, n_vocab: u64) -> Result<TensorMeta, TraceError> {
     })
 }
 
+/// Whether byte ranges are sorted, disjoint and within `len` bytes (what a delta may hold).
+fn sorted_within(ranges: &[Range<usize>], len: usize) -> bool {
+    let mut end = 0;
+    ranges.iter().all(|r| {
+        let ok = r.start >= end && r.start <= r.end && r.end <= len;
+        end = r.end;
+        ok
+    })
+}
+
 /// Whether a ggml name already says its layer: `kqv_out-3`, `Qcur-3(view)`, `cache_k_l3(view)`.
 fn carries_layer(name: &str, layer: i32) -> bool {
     let l = layer.to_string();
@@ -121,7 +198,12 @@ fn carries_layer(name: &str, layer: i32) -> bool {
 }
 
 impl TraceWriter {
+    /// A writer of the default storage ([`KvStorage::Delta`], format version 2).
     pub fn new() -> Result<Self, TraceError> {
+        Self::with_storage(KvStorage::default())
+    }
+
+    pub fn with_storage(storage: KvStorage) -> Result<Self, TraceError> {
         Ok(Self {
             spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
             tensors: Vec::new(),
@@ -133,7 +215,13 @@ impl TraceWriter {
             spooled_bytes: 0,
             last_revision: HashMap::new(),
             streams_with_changes: HashSet::new(),
+            storage,
+            whole_by_hash: HashMap::new(),
         })
+    }
+
+    pub fn storage(&self) -> KvStorage {
+        self.storage
     }
 
     pub fn add_step(&mut self, step: StepMeta) {
@@ -201,7 +289,36 @@ impl TraceWriter {
                 data.len()
             )));
         }
-        let mut name = tensor_name(&meta, mixed);
+        let name = tensor_name(&meta, mixed);
+        self.push(meta, name, data, revision)
+    }
+
+    /// [`add_tensor`](Self::add_tensor) under a name given rather than derived from the
+    /// description (`gguf-reader --materialize` keeps a trace's names as they are).
+    pub fn add_tensor_named(
+        &mut self,
+        meta: TensorMeta,
+        name: &str,
+        data: &[u8],
+    ) -> Result<(), TraceError> {
+        let need = meta.layout.n_bytes()?;
+        if need != data.len() as u64 {
+            return Err(TraceError::Format(format!(
+                "{}: {} bytes of data for a layout of {need}",
+                meta.ggml_name,
+                data.len()
+            )));
+        }
+        self.push(meta, name.to_owned(), data, None)
+    }
+
+    fn push(
+        &mut self,
+        meta: TensorMeta,
+        mut name: String,
+        data: &[u8],
+        revision: Option<&Revision>,
+    ) -> Result<(), TraceError> {
         let mut k = 1;
         while self.names.contains(&name) {
             // Unreachable with one record per (role, layer, step); kept as a guarantee.
@@ -215,36 +332,96 @@ impl TraceWriter {
             k += 1;
         }
         let key = (meta.layer, meta.role);
-        let spooled = match revision {
+        let index = self.tensors.len();
+        let changes = match revision {
             Some(Revision {
                 since: Some((since, changes)),
                 ..
-            }) if self.last_revision.get(&key) == Some(&(*since, data.len()))
-                && changes
-                    .iter()
-                    .all(|r| r.start <= r.end && r.end <= data.len()) =>
-            {
-                for r in changes {
-                    self.spool.write_all(&data[r.clone()])?;
-                    self.spooled_bytes += r.len() as u64;
+            }) => match self.last_revision.get(&key) {
+                Some(&(id, len, base))
+                    if id == *since && len == data.len() && sorted_within(changes, len) =>
+                {
+                    Some((base, changes))
                 }
-                self.streams_with_changes.insert(key);
-                Spooled::Changes(changes.clone())
+                _ => None,
+            },
+            _ => None,
+        };
+        // Delta storage: changes that cost more than the tensor (16 bytes of metadata a
+        // range) are stored whole instead.
+        let changes = changes.filter(|(_, c)| {
+            self.storage == KvStorage::Full
+                || c.iter().map(|r| r.len() + 16).sum::<usize>() < data.len()
+        });
+        let spooled = if let Some((base, changes)) = changes {
+            let ranges: Vec<Range<usize>> =
+                changes.iter().filter(|r| !r.is_empty()).cloned().collect();
+            for r in &ranges {
+                self.spool.write_all(&data[r.clone()])?;
+                self.spooled_bytes += r.len() as u64;
             }
-            _ => {
-                self.spool.write_all(data)?;
-                self.spooled_bytes += data.len() as u64;
-                Spooled::Full
+            self.streams_with_changes.insert(key);
+            Spooled::Changes { base, ranges }
+        } else if let Some(same) = self.same_as_earlier(data)? {
+            Spooled::Same(same)
+        } else {
+            let at = self.spooled_bytes;
+            self.spool.write_all(data)?;
+            self.spooled_bytes += data.len() as u64;
+            if self.storage == KvStorage::Delta {
+                let h = xxh3::hash64_with_seed(data, 0);
+                self.whole_by_hash
+                    .entry((h, data.len()))
+                    .or_default()
+                    .push(index);
             }
+            Spooled::Full(at)
         };
         match revision {
-            Some(r) => self.last_revision.insert(key, (r.id, data.len())),
+            Some(r) => self.last_revision.insert(key, (r.id, data.len(), index)),
             None => self.last_revision.remove(&key),
         };
         self.trace_bytes += data.len() as u64;
         self.names.insert(name.clone());
         self.tensors.push((meta, name, spooled));
         Ok(())
+    }
+
+    /// Delta storage: an earlier tensor spooled whole with exactly these bytes (same hash,
+    /// then compared byte for byte in the spool).
+    fn same_as_earlier(&mut self, data: &[u8]) -> Result<Option<usize>, TraceError> {
+        if self.storage != KvStorage::Delta || data.is_empty() {
+            return Ok(None);
+        }
+        let h = xxh3::hash64_with_seed(data, 0);
+        let Some(candidates) = self.whole_by_hash.get(&(h, data.len())) else {
+            return Ok(None);
+        };
+        let candidates: Vec<(usize, u64)> = candidates
+            .iter()
+            .filter_map(|&i| match self.tensors[i].2 {
+                Spooled::Full(at) => Some((i, at)),
+                _ => None,
+            })
+            .collect();
+        self.spool.flush()?;
+        let file = self.spool.get_mut();
+        let mut found = None;
+        let mut buf = vec![0u8; data.len().min(1 << 20)];
+        'candidates: for (i, at) in candidates {
+            file.seek(SeekFrom::Start(at))?;
+            for chunk in data.chunks(buf.len()) {
+                let b = &mut buf[..chunk.len()];
+                file.read_exact(b)?;
+                if b != chunk {
+                    continue 'candidates;
+                }
+            }
+            found = Some(i);
+            break;
+        }
+        file.seek(SeekFrom::End(0))?;
+        Ok(found)
     }
 
     fn header(&self, run: &RunMeta) -> HeaderSpec {
@@ -254,7 +431,7 @@ impl TraceWriter {
         m.set(keys::TARGET_LAYER, run.target_layer);
         m.set(keys::TRACE_SOURCES, run.trace_sources);
         m.set(keys::TENSOR_COUNT, self.tensors.len() as i32);
-        m.set(keys::FORMAT_VERSION, FORMAT_VERSION);
+        m.set(keys::FORMAT_VERSION, self.storage.format_version());
         m.set(keys::COMPLETE, run.complete);
         m.set(keys::RUN_MODEL_PATH, run.model_path.as_str());
         m.set(keys::RUN_MODEL_SHA256, run.model_sha256.as_str());
@@ -396,18 +573,82 @@ impl TraceWriter {
             a.iter().map(|r| r.n_threads).collect::<Vec<_>>(),
         );
 
+        if self.storage == KvStorage::Delta {
+            self.storage_keys(&mut m);
+        }
+
         HeaderSpec {
             metadata: m,
             tensors: t
                 .iter()
-                .map(|(x, name, _)| TensorSpec {
-                    name: name.clone(),
-                    dims: x.layout.ne.to_vec(),
-                    ty: x.layout.ty,
+                .map(|(x, name, spooled)| match spooled {
+                    _ if self.storage == KvStorage::Full => TensorSpec {
+                        name: name.clone(),
+                        dims: x.layout.ne.to_vec(),
+                        ty: x.layout.ty,
+                    },
+                    Spooled::Full(_) => TensorSpec {
+                        name: name.clone(),
+                        dims: x.layout.ne.to_vec(),
+                        ty: x.layout.ty,
+                    },
+                    // A delta: its changed bytes, one byte (ignored) when there are none.
+                    _ => TensorSpec {
+                        name: name.clone(),
+                        dims: vec![spooled.stored_len(x.layout.n_bytes().unwrap_or(0))],
+                        ty: gguf_io::GgmlType::I8,
+                    },
                 })
                 .collect(),
             byte_order: gguf_io::ByteOrder::Little,
         }
+    }
+
+    /// Version 2's per-tensor storage keys (docs/trace-format.md, "Storage").
+    fn storage_keys(&self, m: &mut Metadata) {
+        let t = &self.tensors;
+        m.set(
+            keys::TENSOR_TYPE,
+            t.iter()
+                .map(|(x, _, _)| x.layout.ty.0)
+                .collect::<Vec<u32>>(),
+        );
+        m.set(
+            keys::TENSOR_NE,
+            t.iter()
+                .flat_map(|(x, _, _)| x.layout.ne)
+                .collect::<Vec<u64>>(),
+        );
+        m.set(
+            keys::TENSOR_BASE,
+            t.iter()
+                .map(|(_, _, s)| match s {
+                    Spooled::Full(_) => -1,
+                    Spooled::Changes { base, .. } | Spooled::Same(base) => *base as i32,
+                })
+                .collect::<Vec<i32>>(),
+        );
+        m.set(
+            keys::TENSOR_N_RANGES,
+            t.iter()
+                .map(|(_, _, s)| match s {
+                    Spooled::Changes { ranges, .. } => ranges.len() as u32,
+                    _ => 0,
+                })
+                .collect::<Vec<u32>>(),
+        );
+        m.set(
+            keys::TENSOR_RANGES,
+            t.iter()
+                .flat_map(|(_, _, s)| match s {
+                    Spooled::Changes { ranges, .. } => ranges
+                        .iter()
+                        .flat_map(|r| [r.start as u64, r.len() as u64])
+                        .collect(),
+                    _ => Vec::new(),
+                })
+                .collect::<Vec<u64>>(),
+        );
     }
 
     /// Write the GGUF to any sink (stdout for `--save-gguf -`).
@@ -420,25 +661,46 @@ impl TraceWriter {
             .map_err(|e| TraceError::Io(e.into_error()))?;
         spool.seek(SeekFrom::Start(0))?;
         let mut spool = BufReader::with_capacity(1 << 20, spool);
-        let with_changes = &self.streams_with_changes;
         let mut w = GgufWriter::new(out, &spec)?;
+        if self.storage == KvStorage::Delta {
+            // The spool holds exactly what the file stores, in order.
+            for (_, _, spooled) in &self.tensors {
+                match spooled {
+                    Spooled::Changes { ranges, .. } if !ranges.is_empty() => {
+                        w.write_tensor_from(&mut spool)?
+                    }
+                    Spooled::Full(_) => w.write_tensor_from(&mut spool)?,
+                    _ => w.write_tensor(&[0])?,
+                }
+            }
+            return Ok(w.finish()?);
+        }
+        let with_changes = &self.streams_with_changes;
         // The latest full bytes of each (layer, role) whose next tensor may be changes.
         let mut current: HashMap<(i32, Role), Vec<u8>> = HashMap::new();
         for (meta, _, spooled) in &self.tensors {
             let key = (meta.layer, meta.role);
             match spooled {
-                Spooled::Full if !with_changes.contains(&key) => {
+                Spooled::Full(_) if !with_changes.contains(&key) => {
                     current.remove(&key);
                     w.write_tensor_from(&mut spool)?;
                 }
-                Spooled::Full => {
+                Spooled::Full(_) => {
                     let n = meta.layout.n_bytes()? as usize;
                     let buf = current.entry(key).or_default();
                     buf.resize(n, 0);
                     spool.read_exact(buf)?;
                     w.write_tensor(buf)?;
                 }
-                Spooled::Changes(changes) => {
+                Spooled::Same(_) => {
+                    return Err(TraceError::Format(format!(
+                        "{}: stored as another tensor in full storage",
+                        meta.ggml_name
+                    )))
+                }
+                Spooled::Changes {
+                    ranges: changes, ..
+                } => {
                     let buf = current.get_mut(&key).ok_or_else(|| {
                         TraceError::Format(format!(
                             "{}: spooled as changes with no earlier tensor",

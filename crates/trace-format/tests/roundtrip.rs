@@ -3,8 +3,8 @@
 use gguf_io::{quant, GgmlType};
 use trace_format::layout::differing_ranges;
 use trace_format::{
-    tensor_name, AttnParams, AttnRecord, Role, RunMeta, StepMeta, TensorLayout, TensorMeta,
-    TraceFile, TraceWriter,
+    tensor_name, AttnParams, AttnRecord, KvStorage, Role, RunMeta, StepMeta, TensorLayout,
+    TensorMeta, TraceFile, TraceWriter,
 };
 
 fn meta(role: Role, layer: i32, step: u32, name: &str, ty: GgmlType, ne: [u64; 4]) -> TensorMeta {
@@ -202,10 +202,18 @@ fn interrupted_trace_is_marked_and_a_model_is_not_a_trace() {
 /// than the trace.
 #[test]
 fn revisions_spool_changes_and_read_back_whole() {
+    for storage in [KvStorage::Full, KvStorage::Delta] {
+        revisions_round_trip(storage);
+    }
+}
+
+/// Version 2 stores a tensor whose changes cost more than it (20 one-byte ranges of a
+/// 320-byte view: 16 bytes of metadata each) whole, so its spool holds more than half.
+fn revisions_round_trip(storage: KvStorage) {
     use trace_format::Revision;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.gguf");
-    let mut w = TraceWriter::new().unwrap();
+    let mut w = TraceWriter::with_storage(storage).unwrap();
     let mut expected = Vec::new();
     let mut seed = 0x0123_4567_89ab_cdefu64;
     let mut next = move || {
@@ -272,9 +280,13 @@ fn revisions_spool_changes_and_read_back_whole() {
             expected.push((m, cur.clone()));
         }
     }
+    let share = match storage {
+        KvStorage::Full => 2,
+        KvStorage::Delta => 1,
+    };
     assert!(
-        w.spooled_bytes() < w.trace_bytes() / 2,
-        "{} of {}",
+        w.spooled_bytes() < w.trace_bytes() / share,
+        "{storage:?}: {} of {}",
         w.spooled_bytes(),
         w.trace_bytes()
     );
@@ -291,10 +303,21 @@ fn revisions_spool_changes_and_read_back_whole() {
     };
     w.finish_to_path(&run, &path).unwrap();
     let t = TraceFile::open(&path).unwrap();
+    assert_eq!(t.format_version, storage.format_version());
     assert_eq!(t.tensors.len(), expected.len());
     for (tt, (m, bytes)) in t.tensors.iter().zip(&expected) {
         assert_eq!(&tt.meta, m);
         assert_eq!(t.data(tt), &bytes[..], "{}", tt.name);
+    }
+    // Read again in reverse (no cache to help): the same bytes.
+    for (tt, (_, bytes)) in t.tensors.iter().zip(&expected).rev() {
+        assert_eq!(t.data(tt), &bytes[..], "{} (reverse)", tt.name);
+    }
+    if storage == KvStorage::Delta {
+        let deltas = (0..t.tensors.len())
+            .filter(|&i| t.stored(i) != trace_format::Stored::Whole)
+            .count();
+        assert!(deltas >= 6, "{deltas} deltas");
     }
 }
 

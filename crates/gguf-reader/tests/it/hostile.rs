@@ -189,17 +189,25 @@ fn analyzer_entry() {
 }
 
 /// An honest trace of the tiny model: flash attention on, a 21-token prompt in ubatches of
-/// 8 (8, 8, 5), then two generated tokens (one token each): 5 steps x 2 layers.
+/// 8 (8, 8, 5), then two generated tokens (one token each): 5 steps x 2 layers. Stored
+/// full (format version 1): the hostile cases rewrite its GGUF tensor table.
 pub fn honest_trace(dir: &Path) -> PathBuf {
+    honest_trace_as(dir, "full")
+}
+
+/// [`honest_trace`] in the storage given (`full`, `delta`).
+pub fn honest_trace_as(dir: &Path, storage: &str) -> PathBuf {
     let model = dir.join("tiny.gguf");
     tiny_llama::write_model(&model, &tiny_llama::TinyLlamaConfig::default()).expect("model");
-    let path = dir.join("honest.gguf");
+    let path = dir.join(format!("honest-{storage}.gguf"));
     let args = LlamaArgs::new(&model, "The quick brown fox")
         .n(2)
         .ubatch(8)
         .threads(2)
         .greedy()
         .flash(true)
+        .arg("--kv-storage")
+        .arg(storage)
         .arg("--save-gguf")
         .arg(path.to_string_lossy())
         .build();
@@ -327,7 +335,11 @@ fn every_reader_command_survives_every_hostile_trace() {
     let dir = tempfile::tempdir().unwrap();
     let honest = honest_trace(dir.path());
     let bytes = std::fs::read(&honest).unwrap();
-    let cases = hostile::cases(&bytes).expect("the generator rewrites the honest trace");
+    let mut cases = hostile::cases(&bytes).expect("the generator rewrites the honest trace");
+    // Format version 2's storage lies, from the same run stored as deltas.
+    let v2 = std::fs::read(honest_trace_as(dir.path(), "delta")).unwrap();
+    let delta_cases = hostile::delta_cases(&v2).expect("the generator rewrites the v2 trace");
+    assert_eq!(delta_cases.len(), 10);
     // Each class of the issue is there, and each file really differs from the original
     // (except the honest control).
     assert!(cases.len() >= 30, "{} cases", cases.len());
@@ -335,6 +347,10 @@ fn every_reader_command_survives_every_hostile_trace() {
     for c in &cases[1..] {
         assert_ne!(c.bytes, bytes, "{} is the honest file", c.name);
     }
+    for c in &delta_cases[1..] {
+        assert_ne!(c.bytes, v2, "{} is the honest file", c.name);
+    }
+    cases.extend(delta_cases);
 
     // KCM_HOSTILE_KEEP=DIR keeps the files (to try a tool on one by hand).
     let keep = std::env::var_os("KCM_HOSTILE_KEEP").map(PathBuf::from);

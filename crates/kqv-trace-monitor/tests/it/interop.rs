@@ -13,14 +13,17 @@ use trace_format::{keys, Role, TraceFile};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kqv-trace-monitor");
 
-/// Trace the tiny model (flash attention on: kqv_out, attn, q, k, v, mask per layer).
-fn saved_trace(dir: &Path) -> PathBuf {
+/// Trace the tiny model (flash attention on: kqv_out, attn, q, k, v, mask per layer),
+/// stored `full` (format version 1: every GGUF tensor is the traced tensor, what gguf-py
+/// and ggml read directly) or `delta` (the default, version 2).
+fn saved_trace(dir: &Path, storage: &str) -> PathBuf {
     let model = dir.join("tiny.gguf");
     tiny_llama::write_model(&model, &tiny_llama::TinyLlamaConfig::default()).unwrap();
     let out = dir.join("trace.gguf");
     let o = Command::new(BIN)
         .args(["-m", model.to_str().unwrap(), "-p", "Hello world"])
         .args(["-n", "2", "-t", "2", "--temp", "0", "-fa", "on"])
+        .args(["--kv-storage", storage])
         .args(["--save-gguf", out.to_str().unwrap()])
         .output()
         .unwrap();
@@ -61,7 +64,7 @@ print(json.dumps(out))
 #[test]
 fn gguf_py_reads_a_saved_trace() {
     let dir = tempfile::tempdir().unwrap();
-    let path = saved_trace(dir.path());
+    let path = saved_trace(dir.path(), "full");
     let t = TraceFile::open(&path).unwrap();
     let k = t.find(Role::K, 1, 2).unwrap();
     let out = t.find(Role::KqvOut, 0, 0).unwrap();
@@ -99,7 +102,10 @@ fn gguf_py_reads_a_saved_trace() {
     assert_eq!(f[keys::TOTAL_STEPS]["type"], serde_json::json!(["INT32"]));
     assert_eq!(field(keys::TOTAL_STEPS), t.steps.len());
     assert_eq!(field(keys::TENSOR_COUNT), n);
-    assert_eq!(field(keys::FORMAT_VERSION), trace_format::FORMAT_VERSION);
+    assert_eq!(
+        field(keys::FORMAT_VERSION),
+        trace_format::FORMAT_VERSION_FULL
+    );
     assert_eq!(field(keys::COMPLETE), true);
     assert_eq!(field(keys::RUN_FLASH_ATTN), "on");
     assert_eq!(field(keys::RUN_CACHE_TYPE_K), "f16");
@@ -152,7 +158,7 @@ fn c_str<'a>(p: *const std::os::raw::c_char) -> &'a str {
 #[test]
 fn ggml_c_reader_reads_a_saved_trace() {
     let dir = tempfile::tempdir().unwrap();
-    let path = saved_trace(dir.path());
+    let path = saved_trace(dir.path(), "full");
     let t = TraceFile::open(&path).unwrap();
     let n = t.gguf().tensors().len();
     let cpath = CString::new(path.to_str().unwrap()).unwrap();
@@ -219,7 +225,7 @@ fn ggml_c_reader_reads_a_saved_trace() {
             let ne: Vec<u64> = (*g).ne.iter().map(|&x| x as u64).collect();
             assert_eq!(ne, tt.meta.layout.ne, "{}", tt.name);
             let bytes = std::slice::from_raw_parts((*g).data as *const u8, sys::ggml_nbytes(g));
-            assert!(bytes == t.data(tt), "{}: ggml reads other bytes", tt.name);
+            assert!(*bytes == *t.data(tt), "{}: ggml reads other bytes", tt.name);
         }
         sys::ggml_free(gctx);
         sys::gguf_free(ctx);
@@ -232,7 +238,7 @@ fn the_format_doc_covers_every_key_and_role() {
     let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/trace-format.md");
     let doc = std::fs::read_to_string(&doc_path).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let t = TraceFile::open(saved_trace(dir.path())).unwrap();
+    let t = TraceFile::open(saved_trace(dir.path(), "delta")).unwrap();
     let mut n = 0;
     for (key, _) in t.gguf().metadata().iter() {
         // Tables list `kqv_trace.run.n_ctx` as `n_ctx` under their section.

@@ -30,7 +30,8 @@ fn trace(args: Vec<String>) {
 }
 
 /// A copy of the trace with the K row of `cell` (step, layer) scaled by `factor` (an F16
-/// view of one KV head), patched in place in the copy.
+/// view of one KV head), patched in place in the copy (a version-1 copy: every tensor
+/// whole, materialized from a version-2 trace).
 fn plant_k_cell(path: &Path, step: u32, layer: i32, cell: usize, factor: f32) -> PathBuf {
     let t = TraceFile::open(path).unwrap();
     let k = t.find(Role::K, layer, step).unwrap();
@@ -44,10 +45,19 @@ fn plant_k_cell(path: &Path, step: u32, layer: i32, cell: usize, factor: f32) ->
             half::f16::from_f32(x).to_le_bytes()
         })
         .collect();
-    let at = t.data_offset(k) + (cell * d * 2) as u64;
-    drop(t);
+    let (index, offset) = (k.index, (cell * d * 2) as u64);
     let out = path.with_extension("planted.gguf");
-    std::fs::copy(path, &out).unwrap();
+    trace_format::materialize::materialize_to_path(&t, &out).unwrap();
+    drop(t);
+    let v1 = TraceFile::open(&out).unwrap();
+    let at = v1.data_offset(
+        &v1.tensors
+            .iter()
+            .find(|x| x.index == index)
+            .unwrap()
+            .clone(),
+    ) + offset;
+    drop(v1);
     let mut f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
     f.seek(SeekFrom::Start(at)).unwrap();
     f.write_all(&scaled).unwrap();

@@ -399,7 +399,8 @@ fn a_planted_cold_store_layout_bug_fails_the_check() {
         }
     }
     assert_ne!(memory, logical);
-    let bytes = std::fs::read(&path).unwrap();
+    // Every tensor whole (the version-2 trace materialized), patched in place.
+    let bytes = trace_format::materialize::full_bytes(&path).unwrap();
     let file = gguf_io::GgufFile::from_bytes(bytes.clone()).unwrap();
     let info = &file.tensors()[kq.index];
     let start = (file.header().data_offset + info.offset) as usize;

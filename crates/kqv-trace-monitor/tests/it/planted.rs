@@ -61,7 +61,8 @@ fn plant(
     edit: impl FnOnce(&TraceFile, &mut HeaderSpec, &mut Vec<Vec<u8>>),
 ) -> PathBuf {
     let trace = TraceFile::open(good).unwrap();
-    let bytes = std::fs::read(good).unwrap();
+    // Every tensor whole (a version-2 trace materialized), so that edits see its bytes.
+    let bytes = trace_format::materialize::full_bytes(good).unwrap();
     let planted =
         trace_format::synth::rewrite(&bytes, |spec, data| edit(&trace, spec, data)).unwrap();
     let out = good.with_file_name(format!("{name}.gguf"));

@@ -354,7 +354,9 @@ fn a_planted_difference_is_the_first_failure() {
     // Copy the trace with one element of kqv_out (layer 1, step 1) moved by 1e-3.
     let target = t.find(Role::KqvOut, 1, 1).unwrap().index;
     let planted = dir.path().join("planted.gguf");
-    let f = GgufFile::open(&r).unwrap();
+    // Every tensor whole (the version-2 trace materialized: there `attn` is stored as
+    // the same bytes as `kqv_out`, and would move with it).
+    let f = GgufFile::from_bytes(trace_format::materialize::full_bytes(&r).unwrap()).unwrap();
     let spec = HeaderSpec::from_header(f.header());
     let elem = 5usize;
     gguf_io::write_file(&planted, &spec, |w| {

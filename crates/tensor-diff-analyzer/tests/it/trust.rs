@@ -44,7 +44,9 @@ fn rewrite(
     order: ByteOrder,
     edit: impl FnOnce(&mut Metadata, &mut Vec<Entry>),
 ) {
-    let f = GgufFile::open(src).unwrap();
+    // Every tensor whole (a version-2 trace materialized): the per-tensor arrays are
+    // rebuilt from the entries.
+    let f = GgufFile::from_bytes(trace_format::materialize::full_bytes(src).unwrap()).unwrap();
     let mut spec = HeaderSpec::from_header(f.header());
     let m = &spec.metadata;
     let (roles, names, ops, views) = (
