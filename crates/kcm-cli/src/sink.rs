@@ -367,17 +367,24 @@ impl MonitorSink {
 
     /// One line of output; a closed pipe silences the output instead of failing.
     fn write_line(&mut self, line: &str) -> Result<(), CaptureError> {
-        if let Err(e) = writeln!(self.out, "{line}") {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
+        let r = writeln!(self.out, "{line}");
+        self.written(r)
+    }
+
+    /// The outcome of writing statistics: a closed pipe (nobody reads them any more)
+    /// silences the output and tracing goes on quietly; any other error stops the run.
+    fn written(&mut self, r: std::io::Result<()>) -> Result<(), CaptureError> {
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 self.out = Box::new(std::io::sink());
-            } else {
-                return Err(CaptureError::Write {
-                    what: "writing statistics",
-                    source: e,
-                });
+                Ok(())
             }
+            Err(e) => Err(CaptureError::Write {
+                what: "writing statistics",
+                source: e,
+            }),
+            Ok(()) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -528,17 +535,8 @@ impl CaptureSink for MonitorSink {
                     s
                 }
             };
-            if let Err(e) = self.line(t, &s) {
-                if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    // Nobody reads the statistics any more: keep tracing quietly.
-                    self.out = Box::new(std::io::sink());
-                } else {
-                    return Err(CaptureError::Write {
-                        what: "writing statistics",
-                        source: e,
-                    });
-                }
-            }
+            let r = self.line(t, &s);
+            self.written(r)?;
         }
         // A capture without the attention (the rotated-back kqv_out of a rotated cache
         // arrives on its own) has nothing to verify.
@@ -600,16 +598,8 @@ impl CaptureSink for MonitorSink {
             revision: None,
         };
         let s = self.stats.summarize(&t).map_err(CaptureError::sink)?;
-        if let Err(e) = self.line(&t, &s) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                self.out = Box::new(std::io::sink());
-            } else {
-                return Err(CaptureError::Write {
-                    what: "writing statistics",
-                    source: e,
-                });
-            }
-        }
+        let r = self.line(&t, &s);
+        self.written(r)?;
         if let Some(w) = self.writer.as_mut() {
             w.add_tensor(t.meta, &t.data, false)
                 .map_err(CaptureError::sink)?;
