@@ -655,13 +655,16 @@ mod tests {
         };
         // A row claimed for a step the trace does not have.
         let bytes = crate::synth::rewrite(&with_logits(&[0]), |h, _| {
-            let n = h.tensors.len();
-            let mut steps: Vec<u32> = match h.metadata.get(keys::TENSOR_STEP) {
-                Some(gguf_io::Value::Array(gguf_io::Array::U32(v))) => v.clone(),
-                _ => panic!(),
-            };
-            steps[n - 1] = 9;
-            h.metadata.set(keys::TENSOR_STEP, steps);
+            crate::synth::arrays::set_array(
+                h,
+                keys::TENSOR_STEP,
+                crate::synth::arrays::u32s,
+                |v| {
+                    if let Some(last) = v.last_mut() {
+                        *last = 9;
+                    }
+                },
+            );
         })
         .unwrap();
         assert!(open(bytes).contains("step 9 outside the trace's 2 steps"));

@@ -401,6 +401,7 @@ mod tests {
 
     use crate::keys;
     use crate::meta::{Revision, Role, RunMeta, TensorMeta};
+    use crate::synth::arrays::{i32s, set_array, u32s, u64s};
     use crate::{Stored, TensorLayout, TraceError, TraceFile, TraceWriter};
 
     fn meta(role: Role, step: u32, ty: GgmlType, ne: [u64; 4]) -> TensorMeta {
@@ -521,40 +522,11 @@ mod tests {
     where
         Value: From<Vec<T>>,
     {
-        edit(|h, _| {
-            let mut v = h
-                .metadata
-                .get(key)
-                .and_then(Value::as_array)
-                .and_then(get)
-                .unwrap()
-                .clone();
-            f(&mut v);
-            h.metadata.set(key, v);
-        })
+        edit(|h, _| set_array(h, key, get, f))
     }
 
     fn edit(f: impl FnOnce(&mut HeaderSpec, &mut Vec<Vec<u8>>)) -> Vec<u8> {
         crate::synth::rewrite(&honest().0, f).unwrap()
-    }
-
-    fn i32s(a: &Array) -> Option<&Vec<i32>> {
-        match a {
-            Array::I32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn u32s(a: &Array) -> Option<&Vec<u32>> {
-        match a {
-            Array::U32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn u64s(a: &Array) -> Option<&Vec<u64>> {
-        match a {
-            Array::U64(v) => Some(v),
-            _ => None,
-        }
     }
 
     /// The file is refused, file level, with one line that says `what`.

@@ -189,3 +189,47 @@ pub fn rewrite(
     }
     Ok(w.finish()?)
 }
+
+/// Test helpers shared by the crate's tests that rewrite a trace's metadata arrays.
+#[cfg(test)]
+pub(crate) mod arrays {
+    use gguf_io::{Array, HeaderSpec, Value};
+
+    /// Replace the metadata array `key` (of `T`, read with `get`) by `f` of it.
+    pub(crate) fn set_array<T: Clone>(
+        spec: &mut HeaderSpec,
+        key: &str,
+        get: impl Fn(&Array) -> Option<&Vec<T>>,
+        f: impl FnOnce(&mut Vec<T>),
+    ) where
+        Value: From<Vec<T>>,
+    {
+        let Some(Value::Array(a)) = spec.metadata.get(key) else {
+            panic!("{key}")
+        };
+        let mut v = get(a).unwrap().clone();
+        f(&mut v);
+        spec.metadata.set(key, v);
+    }
+
+    pub(crate) fn i32s(a: &Array) -> Option<&Vec<i32>> {
+        match a {
+            Array::I32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn u32s(a: &Array) -> Option<&Vec<u32>> {
+        match a {
+            Array::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn u64s(a: &Array) -> Option<&Vec<u64>> {
+        match a {
+            Array::U64(v) => Some(v),
+            _ => None,
+        }
+    }
+}

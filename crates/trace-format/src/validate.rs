@@ -1110,9 +1110,10 @@ pub(crate) fn check_attn_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::synth::arrays::{i32s, set_array, u32s, u64s};
     use crate::synth::{self, Shapes};
     use crate::{TraceError, TraceFile};
-    use gguf_io::{Array, GgufFile, HeaderSpec, Value};
+    use gguf_io::{Array, GgufFile, HeaderSpec};
 
     /// 2 steps x 2 layers, zeros (validation reads no values); stored full (version 1),
     /// as the tests rewrite shapes in the GGUF tensor table.
@@ -1159,40 +1160,6 @@ mod tests {
             .index
     }
 
-    fn set_array<T: Clone>(
-        spec: &mut HeaderSpec,
-        key: &str,
-        get: impl Fn(&Array) -> Option<&Vec<T>>,
-        f: impl FnOnce(&mut Vec<T>),
-    ) where
-        Value: From<Vec<T>>,
-    {
-        let Some(Value::Array(a)) = spec.metadata.get(key) else {
-            panic!("{key}")
-        };
-        let mut v = get(a).unwrap().clone();
-        f(&mut v);
-        spec.metadata.set(key, v);
-    }
-
-    fn i32s(a: &Array) -> Option<&Vec<i32>> {
-        match a {
-            Array::I32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn u32s(a: &Array) -> Option<&Vec<u32>> {
-        match a {
-            Array::U32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn u64s(a: &Array) -> Option<&Vec<u64>> {
-        match a {
-            Array::U64(v) => Some(v),
-            _ => None,
-        }
-    }
     fn f32s(a: &Array) -> Option<&Vec<f32>> {
         match a {
             Array::F32(v) => Some(v),
