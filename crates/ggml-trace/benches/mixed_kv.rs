@@ -98,6 +98,7 @@ fn main() {
                     trace_sources: false,
                     keep: true,
                     logits: false,
+                    kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
                 },
                 eval_callback: false,
                 prefill_only: false,

@@ -57,10 +57,12 @@ pub struct MixedKvInfo {
 }
 
 /// How the run went.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunOutcome {
     pub steps: u32,
     /// Stopped early by the sink (Ctrl-C), not by the end of the prompt/generation.
     pub interrupted: bool,
     pub generated_text: String,
+    /// What keeping KV-cache views cost (zero without a capture).
+    pub capture: crate::capture::CaptureStats,
 }

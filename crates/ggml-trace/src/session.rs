@@ -389,6 +389,7 @@ pub fn run_replay(
     };
     drop(guard);
     let interrupted = state.stopped;
+    let capture = state.capture.stats();
     drop(state);
     Ok((
         info,
@@ -396,6 +397,7 @@ pub fn run_replay(
             steps: steps as u32,
             interrupted,
             generated_text,
+            capture,
         },
     ))
 }

@@ -42,6 +42,7 @@ fn options() -> RunOptions {
             trace_sources: true,
             keep: true,
             logits: false,
+            kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
         },
         eval_callback: true,
         prefill_only: false,

@@ -30,6 +30,9 @@ pub struct Options {
     pub replay: Option<std::path::PathBuf>,
     /// `--kv-storage full|delta`: how a saved trace stores its tensors (version 1 or 2).
     pub kv_storage: trace_format::KvStorage,
+    /// `--kv-audit N`: hash every kept K/V view whole every N steps (1: every step, no
+    /// write tracking); between audits the capture reads only what the graph wrote.
+    pub kv_audit: u32,
     /// Arguments for llama.cpp, in order.
     pub llama_args: Vec<String>,
 }
@@ -51,6 +54,7 @@ impl Default for Options {
             logits: false,
             replay: None,
             kv_storage: trace_format::KvStorage::default(),
+            kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
             llama_args: Vec::new(),
         }
     }
@@ -66,6 +70,8 @@ pub enum UsageError {
     BadStep(String),
     #[error("--kv-storage expects full or delta, got '{0}'")]
     BadStorage(String),
+    #[error("--kv-audit expects a step count of 1 or more, got '{0}'")]
+    BadAudit(String),
     #[error("--verify needs the attention inputs: drop --no-trace-sources")]
     VerifyWithoutSources,
     #[error("{0}")]
@@ -111,6 +117,14 @@ pub fn parse(args: Vec<String>) -> Result<Command<Options>, UsageError> {
                 let v = it.next().ok_or(UsageError::MissingValue("--kv-storage"))?;
                 o.kv_storage =
                     trace_format::KvStorage::from_name(&v).ok_or(UsageError::BadStorage(v))?;
+            }
+            "--kv-audit" => {
+                let v = it.next().ok_or(UsageError::MissingValue("--kv-audit"))?;
+                o.kv_audit = v
+                    .parse()
+                    .ok()
+                    .filter(|&n: &u32| n >= 1)
+                    .ok_or(UsageError::BadAudit(v))?;
             }
             "-v" | "--verbose" | "--log-verbose" => {
                 o.verbose = true;
@@ -212,6 +226,8 @@ mod tests {
         let o = run(&["--kv-storage", "full", "-m", "m.gguf"]);
         assert_eq!(o.kv_storage, trace_format::KvStorage::Full);
         assert_eq!(o.llama_args, ["-m", "m.gguf"]);
+        assert_eq!(run(&["-m", "m.gguf"]).kv_audit, 16);
+        assert_eq!(run(&["--kv-audit", "1", "-m", "m.gguf"]).kv_audit, 1);
     }
 
     #[test]
@@ -228,6 +244,12 @@ mod tests {
             parse(vec!["--kv-storage".into(), "v1".into()]).unwrap_err(),
             UsageError::BadStorage("v1".into())
         );
+        for bad in ["0", "-3", "x"] {
+            assert_eq!(
+                parse(vec!["--kv-audit".into(), bad.into()]).unwrap_err(),
+                UsageError::BadAudit(bad.into())
+            );
+        }
         assert_eq!(
             parse(vec!["--verify".into(), "--no-trace-sources".into()]).unwrap_err(),
             UsageError::VerifyWithoutSources

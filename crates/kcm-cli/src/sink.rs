@@ -465,7 +465,25 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
     }
 }
 
+/// The warning for an audit's finding (see `CaptureConfig::kv_audit`).
+pub fn unexplained_line(c: &ggml_trace::capture::UnexplainedChange) -> String {
+    format!(
+        "warning: step {} layer {} {}: {} bytes of the KV-cache view changed where no graph \
+         node wrote (found by an audit; recorded at this step; --kv-audit 1 records such \
+         a change at the step it happens)",
+        c.step,
+        c.layer,
+        c.role.name(),
+        c.bytes
+    )
+}
+
 impl CaptureSink for MonitorSink {
+    fn on_unexplained(&mut self, change: &ggml_trace::capture::UnexplainedChange) {
+        self.progress.clear();
+        eprintln!("{}", unexplained_line(change));
+    }
+
     fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         let generated = if info.n_predict > 0 {
             info.n_predict as u64

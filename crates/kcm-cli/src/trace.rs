@@ -64,6 +64,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
             trace_sources: opts.trace_sources,
             keep: true,
             logits: opts.logits,
+            kv_audit: opts.kv_audit,
         },
         prefill_only: opts.prefill_only,
         verbose: opts.verbose,
@@ -89,6 +90,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
                     steps: started_steps,
                     interrupted: true,
                     generated_text: String::new(),
+                    ..RunOutcome::default()
                 };
                 if let Err(save) = sink.finish(&info, &outcome) {
                     eprintln!("kqv-trace-monitor: {save}");
@@ -150,6 +152,10 @@ impl CaptureSink for Started<'_> {
 
     fn on_output(&mut self, out: ggml_trace::capture::StepOutput) -> Result<(), CaptureError> {
         self.sink.on_output(out)
+    }
+
+    fn on_unexplained(&mut self, change: &ggml_trace::capture::UnexplainedChange) {
+        self.sink.on_unexplained(change)
     }
 }
 

@@ -31,7 +31,12 @@ fn main() {
         .unwrap_or(3);
     let model = model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("gemma-3-270m");
     let dir = tempfile::tempdir().expect("tempdir");
-    let llama_args = LlamaArgs::new(&model, "The capital of France is")
+    // KCM_BENCH_PROMPT_FILE: a long prompt (the per-step cost at long context).
+    let prompt = match std::env::var_os("KCM_BENCH_PROMPT_FILE") {
+        Some(p) => std::fs::read_to_string(&p).expect("KCM_BENCH_PROMPT_FILE"),
+        None => "The capital of France is".to_string(),
+    };
+    let llama_args = LlamaArgs::new(&model, &prompt)
         .n(tokens)
         .threads(2)
         .greedy()
@@ -78,6 +83,7 @@ fn main() {
                     trace_sources: true,
                     keep: true,
                     logits: false,
+                    kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
                 },
                 prefill_only: false,
                 verbose: false,

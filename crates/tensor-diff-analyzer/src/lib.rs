@@ -279,6 +279,7 @@ pub fn compare_live(
             keep: true,
             // The reference's logits are compared whenever it has them.
             logits: opts.monitor.logits || !a.reference.logits.is_empty(),
+            kv_audit: opts.monitor.kv_audit,
         },
         prefill_only: opts.monitor.prefill_only,
         verbose: opts.monitor.verbose,

@@ -70,6 +70,16 @@ pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
 }
 
 impl CaptureSink for LiveSink<'_, '_> {
+    fn on_unexplained(&mut self, change: &ggml_trace::capture::UnexplainedChange) {
+        match self.save.as_mut() {
+            Some(s) => s.on_unexplained(change),
+            None => {
+                self.progress.clear();
+                eprintln!("{}", kcm_cli::sink::unexplained_line(change));
+            }
+        }
+    }
+
     fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         let generated = if info.n_predict > 0 {
             info.n_predict as u64

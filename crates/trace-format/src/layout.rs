@@ -181,7 +181,6 @@ impl TensorLayout {
         let rows = self.rows(src)?;
         let span = &src[..rows.span];
         let n_blocks = span.len().div_ceil(HASH_BLOCK);
-        let mut row = Vec::new();
         if out.len() != rows.total || block_hashes.len() != n_blocks {
             self.gather_into(src, out)?;
             block_hashes.clear();
@@ -200,35 +199,103 @@ impl TensorLayout {
                 any = true;
             }
         }
-        let mut changed: Vec<std::ops::Range<usize>> = Vec::new();
         if !any {
-            return Ok(Some(changed));
+            return Ok(Some(Vec::new()));
         }
-        let mut at = 0usize;
-        rows.for_each_where(
+        let (changed, _) = rows.update(
             src,
-            &mut row,
+            out,
             |extent| {
                 let (first, last) = (extent.start / HASH_BLOCK, (extent.end - 1) / HASH_BLOCK);
                 dirty[first..=last].contains(&true)
             },
-            |row| {
-                let (len, bytes) = match row {
-                    RowBytes::Read(b) => (b.len(), Some(b)),
-                    RowBytes::Skipped(n) => (n, None),
-                };
-                let end = at + len;
-                if let Some(bytes) = bytes {
-                    let dst = &mut out[at..end];
-                    if dst != bytes {
-                        dst.copy_from_slice(bytes);
-                        push_range(&mut changed, at..end);
-                    }
-                }
-                at = end;
-            },
+            None,
         );
         Ok(Some(changed))
+    }
+
+    /// [`gather_update`](Self::gather_update) when the caller knows which bytes of the
+    /// source memory were written since the previous call (`written`: byte ranges of the
+    /// span, sorted by start, disjoint): only the rows whose source bytes meet a written
+    /// range are read and compared, and only the hash blocks those ranges touch are
+    /// hashed again (so `block_hashes` stays what [`hash_blocks`] gives for the whole
+    /// span, and a later [`gather_update_audit`](Self::gather_update_audit) can tell a
+    /// write that was not reported). The cost follows what was written, not the size of
+    /// the view. Returns `None`, having gathered and hashed afresh, when `out` or
+    /// `block_hashes` does not fit the layout.
+    ///
+    /// A write outside `written` goes unnoticed here: the caller must know every write.
+    pub fn gather_update_known(
+        &self,
+        src: &[u8],
+        out: &mut Vec<u8>,
+        block_hashes: &mut Vec<u64>,
+        written: &[std::ops::Range<usize>],
+        hash_span: &mut dyn FnMut(&[u8], &mut [u64]),
+    ) -> Result<Option<Vec<std::ops::Range<usize>>>, LayoutError> {
+        let rows = self.rows(src)?;
+        let span = &src[..rows.span];
+        let n_blocks = span.len().div_ceil(HASH_BLOCK);
+        if out.len() != rows.total || block_hashes.len() != n_blocks {
+            return self.gather_update(src, out, block_hashes, hash_span);
+        }
+        let written = clip_ranges(written, span.len());
+        if written.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let mut next_block = 0usize;
+        for r in &written {
+            let first = (r.start / HASH_BLOCK).max(next_block);
+            let last = (r.end - 1) / HASH_BLOCK;
+            for b in first..=last {
+                let end = ((b + 1) * HASH_BLOCK).min(span.len());
+                hash_blocks(&span[b * HASH_BLOCK..end], &mut block_hashes[b..=b]);
+            }
+            next_block = next_block.max(last + 1);
+        }
+        let (changed, _) = rows.update(src, out, |extent| meets(&written, &extent), None);
+        Ok(Some(changed))
+    }
+
+    /// [`gather_update`](Self::gather_update) (every block hashed) that also checks a
+    /// report of what was written: `expected` are the byte ranges of the span the caller
+    /// believes were written since the previous call (sorted by start, disjoint). Returns
+    /// the changed ranges of `out` and how many of their bytes come from rows that no
+    /// expected range meets: changes nobody reported (0 when the report was complete).
+    /// `None` when `out` or `block_hashes` did not fit (gathered and hashed afresh).
+    pub fn gather_update_audit(
+        &self,
+        src: &[u8],
+        out: &mut Vec<u8>,
+        block_hashes: &mut Vec<u64>,
+        expected: &[std::ops::Range<usize>],
+        hash_span: &mut dyn FnMut(&[u8], &mut [u64]),
+    ) -> Result<Option<Audited>, LayoutError> {
+        let rows = self.rows(src)?;
+        let span = &src[..rows.span];
+        let n_blocks = span.len().div_ceil(HASH_BLOCK);
+        if out.len() != rows.total || block_hashes.len() != n_blocks {
+            return Ok(self
+                .gather_update(src, out, block_hashes, hash_span)?
+                .map(|c| (c, 0)));
+        }
+        let mut now = vec![0u64; n_blocks];
+        hash_span(span, &mut now);
+        let dirty: Vec<bool> = block_hashes.iter().zip(&now).map(|(a, b)| a != b).collect();
+        *block_hashes = now;
+        if !dirty.contains(&true) {
+            return Ok(Some((Vec::new(), 0)));
+        }
+        let expected = clip_ranges(expected, span.len());
+        Ok(Some(rows.update(
+            src,
+            out,
+            |extent| {
+                let (first, last) = (extent.start / HASH_BLOCK, (extent.end - 1) / HASH_BLOCK);
+                dirty[first..=last].contains(&true)
+            },
+            Some(&expected),
+        )))
     }
 
     /// Check that `src` can be gathered and describe its rows.
@@ -268,6 +335,10 @@ impl TensorLayout {
     }
 }
 
+/// What [`TensorLayout::gather_update_audit`] found: the changed byte ranges of the
+/// gathered tensor, and how many of those bytes no expected write explains.
+pub type Audited = (Vec<std::ops::Range<usize>>, usize);
+
 /// Bytes of the source memory per hash in [`TensorLayout::gather_update`]: large
 /// enough that hashing runs at memory speed, small enough that a changed cell costs
 /// little to gather again.
@@ -305,6 +376,29 @@ pub fn differing_ranges(before: &[u8], after: &[u8], unit: usize) -> Vec<std::op
     out
 }
 
+/// `ranges` (sorted by start) cut to `0..len`, empty ones dropped, overlapping or
+/// touching ones merged.
+fn clip_ranges(ranges: &[std::ops::Range<usize>], len: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (start, end) = (r.start.min(len), r.end.min(len));
+        if start >= end {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if start <= last.end => last.end = last.end.max(end),
+            _ => out.push(start..end),
+        }
+    }
+    out
+}
+
+/// Does any of `ranges` (sorted, disjoint) share a byte with `extent`?
+fn meets(ranges: &[std::ops::Range<usize>], extent: &std::ops::Range<usize>) -> bool {
+    let i = ranges.partition_point(|r| r.end <= extent.start);
+    ranges.get(i).is_some_and(|r| r.start < extent.end)
+}
+
 /// A row handed over by `Rows::for_each_where`.
 enum RowBytes<'a> {
     Read(&'a [u8]),
@@ -323,6 +417,52 @@ struct Rows {
 }
 
 impl Rows {
+    /// Gather again the rows `wanted` picks (by their source extent) over `out`, which
+    /// holds the previous gather: returns the byte ranges of `out` that changed (rows,
+    /// neighbours merged) and, with `expected`, the changed bytes of rows whose source
+    /// extent meets none of `expected`.
+    fn update(
+        &self,
+        src: &[u8],
+        out: &mut [u8],
+        mut wanted: impl FnMut(std::ops::Range<usize>) -> bool,
+        expected: Option<&[std::ops::Range<usize>]>,
+    ) -> (Vec<std::ops::Range<usize>>, usize) {
+        let mut changed: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut unexplained = 0usize;
+        let mut at = 0usize;
+        let mut row = Vec::new();
+        let extent = std::cell::Cell::new(0..0);
+        self.for_each_where(
+            src,
+            &mut row,
+            |e| {
+                extent.set(e.clone());
+                wanted(e)
+            },
+            |row| {
+                let (len, bytes) = match row {
+                    RowBytes::Read(b) => (b.len(), Some(b)),
+                    RowBytes::Skipped(n) => (n, None),
+                };
+                let end = at + len;
+                if let Some(bytes) = bytes {
+                    let dst = &mut out[at..end];
+                    if dst != bytes {
+                        dst.copy_from_slice(bytes);
+                        push_range(&mut changed, at..end);
+                        let e = extent.take();
+                        if expected.is_some_and(|x| !meets(x, &e)) {
+                            unexplained += len;
+                        }
+                    }
+                }
+                at = end;
+            },
+        );
+        (changed, unexplained)
+    }
+
     /// Call `f` for each logical row, in order: with its bytes when `wanted` says yes
     /// for the row's extent in `src` (first byte to one past the last; a strided row is
     /// assembled in `row` first), with its length only otherwise. Every offset is
@@ -568,5 +708,135 @@ mod tests {
             l.gather_update(&mem[..10], &mut other, &mut hashes, &mut hash_blocks),
             Err(LayoutError::ShortBuffer { .. })
         ));
+    }
+
+    /// `gather_update_known` with a complete report of the writes gives what a fresh
+    /// gather and `differing_ranges` give, and leaves the block hashes of the whole span;
+    /// `gather_update_audit` counts exactly the changed bytes of rows no reported range
+    /// meets. K view (rows of one head of one cell), V view without flash attention
+    /// (each cell one element of every row) and a Q8_0 view; writes of whole cells (what
+    /// a cache's SET_ROWS does), plus one byte written where nobody said.
+    #[test]
+    fn known_writes_and_audits_match_a_fresh_gather() {
+        let f16 = GgmlType(1);
+        let q8_0 = GgmlType(8);
+        let (d, n_kv, h) = (64u64, 300u64, 4u64);
+        let cell = |ts: u64, per_head: u64| ts * per_head * h; // bytes per cell
+        let layouts = [
+            (
+                TensorLayout {
+                    ty: f16,
+                    ne: [d, n_kv, h, 1],
+                    nb: [2, 2 * d * h, 2 * d, 2 * d * h * n_kv],
+                },
+                cell(2, d),
+            ),
+            (
+                TensorLayout {
+                    ty: f16,
+                    ne: [n_kv, d, h, 1],
+                    nb: [2, 2 * n_kv, 2 * n_kv * d, 2 * n_kv * d * h],
+                },
+                0, // transposed: a cell is one element per row (written below)
+            ),
+            (
+                TensorLayout {
+                    ty: q8_0,
+                    ne: [64, n_kv, h, 1],
+                    nb: [34, 68 * h, 68, 68 * h * n_kv],
+                },
+                cell(68, 1),
+            ),
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (layout, cell_bytes) in layouts {
+            let span = layout.span_bytes().unwrap() as usize;
+            let row =
+                layout.n_bytes().unwrap() as usize / (layout.n_elements() / layout.ne[0]) as usize;
+            let mut mem: Vec<u8> = (0..span).map(|_| next() as u8).collect();
+            let (mut kept, mut hashes) = (Vec::new(), Vec::new());
+            layout
+                .gather_update(&mem, &mut kept, &mut hashes, &mut hash_blocks)
+                .unwrap();
+            for cells in [0usize, 1, 3, 17] {
+                // Write `cells` random cells, as SET_ROWS would, and report them.
+                let mut written: Vec<std::ops::Range<usize>> = Vec::new();
+                for _ in 0..cells {
+                    let c = next() as usize % n_kv as usize;
+                    if cell_bytes > 0 {
+                        let r = c * cell_bytes as usize..(c + 1) * cell_bytes as usize;
+                        for b in r.clone() {
+                            mem[b] = mem[b].wrapping_add(1);
+                        }
+                        written.push(r);
+                    } else {
+                        for r in 0..(d * h) as usize {
+                            let at = r * 2 * n_kv as usize + 2 * c;
+                            mem[at] = mem[at].wrapping_add(1);
+                            written.push(at..at + 2);
+                        }
+                    }
+                }
+                written.sort_by_key(|r| r.start);
+                let before = kept.clone();
+                let changed = layout
+                    .gather_update_known(&mem, &mut kept, &mut hashes, &written, &mut hash_blocks)
+                    .unwrap()
+                    .unwrap();
+                let fresh = layout.gather(&mem).unwrap();
+                assert_eq!(kept, fresh, "{layout:?}, {cells} cells");
+                assert_eq!(
+                    changed,
+                    differing_ranges(&before, &fresh, row),
+                    "{layout:?}"
+                );
+                let mut all = vec![0u64; span.div_ceil(HASH_BLOCK)];
+                hash_blocks(&mem, &mut all);
+                assert_eq!(hashes, all, "{layout:?}: block hashes of the whole span");
+            }
+            // One byte written that nobody reports: known misses it, the audit finds it
+            // and counts its row as unexplained; a reported write is not counted.
+            let at = span / 2;
+            mem[at] = mem[at].wrapping_add(1);
+            let before = kept.clone();
+            let missed = layout
+                .gather_update_known(&mem, &mut kept, &mut hashes, &[], &mut hash_blocks)
+                .unwrap()
+                .unwrap();
+            assert!(missed.is_empty());
+            assert_eq!(kept, before);
+            let (changed, unexplained) = layout
+                .gather_update_audit(&mem, &mut kept, &mut hashes, &[], &mut hash_blocks)
+                .unwrap()
+                .unwrap();
+            let fresh = layout.gather(&mem).unwrap();
+            assert_eq!(kept, fresh);
+            assert_eq!(changed, differing_ranges(&before, &fresh, row));
+            assert_eq!(unexplained, changed.iter().map(|r| r.len()).sum::<usize>());
+            assert!(unexplained > 0, "{layout:?}");
+            mem[at] = mem[at].wrapping_add(1);
+            let before = kept.clone();
+            let (changed, unexplained) = layout
+                .gather_update_audit(
+                    &mem,
+                    &mut kept,
+                    &mut hashes,
+                    std::slice::from_ref(&(at..at + 1)),
+                    &mut hash_blocks,
+                )
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                changed,
+                differing_ranges(&before, &layout.gather(&mem).unwrap(), row)
+            );
+            assert_eq!(unexplained, 0);
+        }
     }
 }

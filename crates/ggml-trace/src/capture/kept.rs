@@ -8,6 +8,7 @@ use std::sync::Arc;
 use trace_format::layout::{hash_blocks, HASH_BLOCK};
 use trace_format::{LayoutError, Revision, Role, TensorLayout};
 
+use super::writes::WriteLog;
 use crate::pool_hash::PoolHasher;
 
 /// A KV-cache view's (or mask's) last copy, per (layer, role).
@@ -16,6 +17,21 @@ struct Kept {
     data: Arc<Vec<u8>>,
     block_hashes: Vec<u64>,
     id: u64,
+    /// Absolute addresses of the source span it was gathered from.
+    src: std::ops::Range<usize>,
+    /// Gathered with write tracking: `pos` is the write log's position at that time.
+    tracked: bool,
+    pos: u64,
+    /// Gathers with write tracking since the last full hash.
+    since_audit: u32,
+}
+
+/// One gather's result.
+pub(crate) struct Gathered {
+    pub data: Arc<Vec<u8>>,
+    pub revision: Option<Revision>,
+    /// Bytes that an audit found changed where no graph node wrote (0 otherwise).
+    pub unexplained: usize,
 }
 
 /// Keep KV-cache copies only while all of them together stay under this many bytes
@@ -46,10 +62,16 @@ pub(crate) struct KeptCache {
     /// pool computation before they are read (see [`KeptCache::prehash`]); valid only
     /// until [`KeptCache::clear_prehashed`].
     prehashed: Vec<Prehashed>,
+    /// What the graph wrote into the kept views' memory (see [`WriteLog`]).
+    log: WriteLog,
+    /// A tracked view is hashed whole (an audit) every this many gathers; 1: always,
+    /// i.e. no write tracking.
+    audit_every: u32,
+    pub(crate) stats: super::CaptureStats,
 }
 
 impl KeptCache {
-    pub(crate) fn new(budget: usize) -> KeptCache {
+    pub(crate) fn new(budget: usize, audit_every: u32) -> KeptCache {
         KeptCache {
             kept: HashMap::new(),
             kept_bytes: 0,
@@ -57,7 +79,84 @@ impl KeptCache {
             revisions: 0,
             pool_hasher: None,
             prehashed: Vec::new(),
+            log: WriteLog::default(),
+            audit_every: audit_every.max(1),
+            stats: super::CaptureStats::default(),
         }
+    }
+
+    /// Record what node `t`, about to run, writes into the kept views' memory.
+    ///
+    /// # Safety
+    /// As [`WriteLog::note`].
+    pub(crate) unsafe fn note_writes(&mut self, t: *const crate::sys::ggml_tensor) {
+        if self.audit_every > 1 {
+            // SAFETY: the caller's contract.
+            unsafe { self.log.note(t) };
+        }
+    }
+
+    /// `fault::Fault::HostWrite`: change one byte of cell `cell` of `key`'s view in the
+    /// memory it was last gathered from (a write no graph node makes).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn plant_byte(&mut self, key: Key, cell: usize) {
+        let Some(k) = self.kept.get(&key) else {
+            return;
+        };
+        let at = cell
+            .saturating_mul(k.layout.nb[1] as usize)
+            .saturating_add(1);
+        if at < k.src.len() {
+            // SAFETY: inside the span of a persistent KV-cache tensor in host memory (the
+            // memory the view was gathered from); no graph computes between steps.
+            unsafe { *((k.src.start + at) as *mut u8) ^= 0x40 };
+        }
+    }
+
+    fn count_hashed(&mut self, (n, bytes): (u64, u64)) {
+        self.stats.full_hashes += n;
+        self.stats.hashed_bytes += bytes;
+    }
+
+    /// Drop log entries no tracked view needs any more (between steps).
+    pub(crate) fn trim_log(&mut self) {
+        let oldest = self
+            .kept
+            .values()
+            .filter(|k| k.tracked)
+            .map(|k| k.pos)
+            .min()
+            .unwrap_or(self.log.position());
+        self.log.trim(oldest);
+    }
+
+    fn rewatch(&mut self) {
+        let spans: Vec<_> = self
+            .kept
+            .values()
+            .filter(|k| k.tracked)
+            .map(|k| k.src.clone())
+            .collect();
+        self.log.watch(spans);
+    }
+
+    /// The writes into `src` since `key`'s last gather, when they are known: the key is
+    /// tracked, was gathered from the same memory in the same layout, and no audit is due.
+    fn known_writes(
+        &self,
+        key: Key,
+        layout: &TensorLayout,
+        src: &std::ops::Range<usize>,
+        track: bool,
+    ) -> Option<Vec<std::ops::Range<usize>>> {
+        let k = self.kept.get(&key)?;
+        if !track || !k.tracked || k.layout != *layout || k.src != *src {
+            return None;
+        }
+        if k.since_audit + 1 >= self.audit_every {
+            return None;
+        }
+        self.log.since(k.pos, src)
     }
 
     /// Hash on this pool from now on.
@@ -81,11 +180,19 @@ impl KeptCache {
         self.kept_bytes - old + n_bytes <= self.budget
     }
 
-    /// Will [`KeptCache::gather`] hash a view of `layout` (of `n_bytes` gathered) for
-    /// `key`: there is a copy of this layout, or a new one fits the budget.
-    pub(crate) fn will_hash(&self, key: Key, layout: &TensorLayout, n_bytes: usize) -> bool {
+    /// Will [`KeptCache::gather`] hash the whole span `src` of a view of `layout` (of
+    /// `n_bytes` gathered) for `key`: there is a copy of this layout whose writes are not
+    /// known (or whose audit is due), or a new one fits the budget.
+    pub(crate) fn will_hash(
+        &self,
+        key: Key,
+        layout: &TensorLayout,
+        n_bytes: usize,
+        src: &std::ops::Range<usize>,
+        track: bool,
+    ) -> bool {
         match self.kept.get(&key) {
-            Some(k) if k.layout == *layout => true,
+            Some(k) if k.layout == *layout => self.known_writes(key, layout, src, track).is_none(),
             _ => self.fits_budget(key, n_bytes),
         }
     }
@@ -129,19 +236,40 @@ impl KeptCache {
     /// Gather a KV-cache view (the bytes of its span, `src`) over its previous copy for
     /// `key` (see [`Revision`]); a new copy when the layout changed, a plain gather with
     /// no revision when the budget is spent.
+    ///
+    /// With `track` (a K/V cache view, written only by graph nodes), the previous copy
+    /// is updated where the write log says the graph wrote since, and every
+    /// `audit_every`-th gather hashes the whole span instead, counting changed bytes the
+    /// log did not explain ([`Gathered::unexplained`]). Without, the whole span is hashed.
     pub(crate) fn gather(
         &mut self,
         src: &[u8],
         layout: TensorLayout,
         key: Key,
-    ) -> Result<(Arc<Vec<u8>>, Option<Revision>), LayoutError> {
+        track: bool,
+    ) -> Result<Gathered, LayoutError> {
         self.revisions += 1;
         let id = self.revisions;
         let n_bytes = layout.n_bytes()? as usize;
+        let span = src.as_ptr() as usize..src.as_ptr() as usize + layout.span_bytes()? as usize;
+        let track = track && self.audit_every > 1;
         let fits = self.fits_budget(key, n_bytes);
+        let known = self.known_writes(key, &layout, &span, track);
+        // The writes since the last gather, to check an audit against.
+        let expected = match (self.kept.get(&key), known.is_none() && track) {
+            (Some(k), true) if k.tracked && k.layout == layout && k.src == span => {
+                self.log.since(k.pos, &span)
+            }
+            _ => None,
+        };
+        let position = self.log.position();
         let pool = &mut self.pool_hasher;
         let prehashed = &self.prehashed;
+        // (full hashes, bytes), added to the stats when done.
+        let hashed = std::cell::Cell::new((0u64, 0u64));
         let mut hash = |span: &[u8], out: &mut [u64]| {
+            let (n, b) = hashed.get();
+            hashed.set((n + 1, b + span.len() as u64));
             let ahead = prehashed.iter().find(|p| {
                 p.ptr == span.as_ptr() && p.len == span.len() && p.hashes.len() == out.len()
             });
@@ -155,10 +283,55 @@ impl KeptCache {
             if k.layout == layout {
                 // Unique unless a sink kept the previous capture: then it is copied once.
                 let data = Arc::make_mut(&mut k.data);
-                let changed = layout.gather_update(src, data, &mut k.block_hashes, &mut hash)?;
+                let (changed, unexplained) = match (&known, &expected) {
+                    (Some(w), _) => {
+                        self.stats.tracked_gathers += 1;
+                        k.since_audit += 1;
+                        let c = layout.gather_update_known(
+                            src,
+                            data,
+                            &mut k.block_hashes,
+                            w,
+                            &mut hash,
+                        )?;
+                        (c, 0)
+                    }
+                    (None, Some(w)) => {
+                        k.since_audit = 0;
+                        match layout.gather_update_audit(
+                            src,
+                            data,
+                            &mut k.block_hashes,
+                            w,
+                            &mut hash,
+                        )? {
+                            Some((c, u)) => (Some(c), u),
+                            None => (None, 0),
+                        }
+                    }
+                    (None, None) => {
+                        k.since_audit = 0;
+                        let c = layout.gather_update(src, data, &mut k.block_hashes, &mut hash)?;
+                        (c, 0)
+                    }
+                };
+                self.stats.unexplained += u64::from(unexplained > 0);
                 let since = changed.map(|c| (k.id, c));
                 k.id = id;
-                return Ok((Arc::clone(&k.data), Some(Revision { id, since })));
+                k.pos = position;
+                let rewatch = k.tracked != track || k.src != span;
+                k.tracked = track;
+                k.src = span;
+                let data = Arc::clone(&k.data);
+                if rewatch {
+                    self.rewatch();
+                }
+                self.count_hashed(hashed.get());
+                return Ok(Gathered {
+                    data,
+                    revision: Some(Revision { id, since }),
+                    unexplained,
+                });
             }
             if let Some(old) = self.kept.remove(&key) {
                 self.kept_bytes -= old.data.len();
@@ -167,7 +340,13 @@ impl KeptCache {
         let mut out = Vec::new();
         if !fits {
             layout.gather_into(src, &mut out)?;
-            return Ok((Arc::new(out), None));
+            self.rewatch();
+            self.count_hashed(hashed.get());
+            return Ok(Gathered {
+                data: Arc::new(out),
+                revision: None,
+                unexplained: 0,
+            });
         }
         let mut block_hashes = Vec::new();
         layout.gather_update(src, &mut out, &mut block_hashes, &mut hash)?;
@@ -180,9 +359,19 @@ impl KeptCache {
                 data: Arc::clone(&data),
                 block_hashes,
                 id,
+                src: span,
+                tracked: track,
+                pos: position,
+                since_audit: 0,
             },
         );
-        Ok((data, Some(Revision { id, since: None })))
+        self.rewatch();
+        self.count_hashed(hashed.get());
+        Ok(Gathered {
+            data,
+            revision: Some(Revision { id, since: None }),
+            unexplained: 0,
+        })
     }
 }
 
@@ -191,6 +380,23 @@ mod tests {
     use gguf_io::GgmlType;
 
     use super::*;
+
+    /// A gather without write tracking, as a tuple.
+    fn gather(
+        cache: &mut KeptCache,
+        src: &[u8],
+        l: TensorLayout,
+        key: Key,
+    ) -> Result<(Arc<Vec<u8>>, Option<Revision>), LayoutError> {
+        cache
+            .gather(src, l, key, false)
+            .map(|g| (g.data, g.revision))
+    }
+
+    fn span_of(src: &[u8], l: &TensorLayout) -> std::ops::Range<usize> {
+        let start = src.as_ptr() as usize;
+        start..start + l.span_bytes().expect("span") as usize
+    }
 
     /// `rows` rows of `cols` F32 values, contiguous.
     fn layout(cols: u64, rows: u64) -> TensorLayout {
@@ -205,24 +411,24 @@ mod tests {
 
     #[test]
     fn revisions_name_what_changed_since_the_previous_capture() {
-        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let mut cache = KeptCache::new(KEPT_BUDGET, 1);
         let l = layout(4096, 8); // 16 KiB per row: rows in their own blocks
         let key = (0, Role::K);
         let mut src = bytes(4096 * 8 * 4, 1);
-        let (first, r1) = cache.gather(&src, l, key).expect("gather");
+        let (first, r1) = gather(&mut cache, &src, l, key).expect("gather");
         assert_eq!(*first, src);
         let r1 = r1.expect("kept");
         assert_eq!(r1.since, None);
 
         // Nothing changed: an empty change list against r1.
-        let (_, r2) = cache.gather(&src, l, key).expect("gather");
+        let (_, r2) = gather(&mut cache, &src, l, key).expect("gather");
         let r2 = r2.expect("kept");
         assert_eq!(r2.since, Some((r1.id, vec![])));
 
         // One row changes: its byte range, against r2.
         let row = 16384;
         src[5 * row + 7] ^= 0xff;
-        let (data, r3) = cache.gather(&src, l, key).expect("gather");
+        let (data, r3) = gather(&mut cache, &src, l, key).expect("gather");
         assert_eq!(*data, src);
         let (since, changed) = r3.expect("kept").since.expect("compared");
         assert_eq!(since, r2.id);
@@ -235,20 +441,14 @@ mod tests {
 
     #[test]
     fn keys_are_separate_and_layout_changes_start_over() {
-        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let mut cache = KeptCache::new(KEPT_BUDGET, 1);
         let src = bytes(64 * 4 * 4, 2);
-        let (_, a) = cache
-            .gather(&src, layout(64, 4), (0, Role::K))
-            .expect("gather");
-        let (_, b) = cache
-            .gather(&src, layout(64, 4), (0, Role::V))
-            .expect("gather");
+        let (_, a) = gather(&mut cache, &src, layout(64, 4), (0, Role::K)).expect("gather");
+        let (_, b) = gather(&mut cache, &src, layout(64, 4), (0, Role::V)).expect("gather");
         let (a, b) = (a.expect("kept"), b.expect("kept"));
         assert_ne!(a.id, b.id);
         assert_eq!(b.since, None, "another role has its own copy");
-        let (data, c) = cache
-            .gather(&src, layout(128, 2), (0, Role::K))
-            .expect("gather");
+        let (data, c) = gather(&mut cache, &src, layout(128, 2), (0, Role::K)).expect("gather");
         assert_eq!(*data, src);
         assert_eq!(c.expect("kept").since, None, "a new layout is not compared");
     }
@@ -257,35 +457,35 @@ mod tests {
     fn budget_bounds_the_kept_bytes() {
         let l = layout(64, 4); // 1 KiB
         let src = bytes(1024, 3);
-        let mut cache = KeptCache::new(1024);
-        assert!(cache.will_hash((0, Role::K), &l, 1024));
-        let (_, r) = cache.gather(&src, l, (0, Role::K)).expect("gather");
+        let mut cache = KeptCache::new(1024, 1);
+        assert!(cache.will_hash((0, Role::K), &l, 1024, &span_of(&src, &l), false));
+        let (_, r) = gather(&mut cache, &src, l, (0, Role::K)).expect("gather");
         assert!(r.is_some());
-        assert!(!cache.will_hash((1, Role::K), &l, 1024));
-        let (data, r) = cache.gather(&src, l, (1, Role::K)).expect("gather");
+        assert!(!cache.will_hash((1, Role::K), &l, 1024, &span_of(&src, &l), false));
+        let (data, r) = gather(&mut cache, &src, l, (1, Role::K)).expect("gather");
         assert_eq!(*data, src);
         assert_eq!(r, None, "over budget: copied afresh, no revision");
         // The kept key still compares.
-        assert!(cache.will_hash((0, Role::K), &l, 1024));
-        let (_, r) = cache.gather(&src, l, (0, Role::K)).expect("gather");
+        assert!(cache.will_hash((0, Role::K), &l, 1024, &span_of(&src, &l), false));
+        let (_, r) = gather(&mut cache, &src, l, (0, Role::K)).expect("gather");
         assert!(r.expect("kept").since.is_some());
     }
 
     #[test]
     fn a_shared_previous_capture_is_not_changed() {
-        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let mut cache = KeptCache::new(KEPT_BUDGET, 1);
         let l = layout(64, 4);
         let mut src = bytes(1024, 4);
-        let (old, _) = cache.gather(&src, l, (2, Role::Mask)).expect("gather");
+        let (old, _) = gather(&mut cache, &src, l, (2, Role::Mask)).expect("gather");
         src[0] ^= 1;
-        let (new, _) = cache.gather(&src, l, (2, Role::Mask)).expect("gather");
+        let (new, _) = gather(&mut cache, &src, l, (2, Role::Mask)).expect("gather");
         assert_ne!(old[0], new[0], "the sink's Arc keeps the old bytes");
         assert_eq!(*new, src);
     }
 
     #[test]
     fn prehash_without_a_pool_does_nothing() {
-        let mut cache = KeptCache::new(KEPT_BUDGET);
+        let mut cache = KeptCache::new(KEPT_BUDGET, 1);
         assert!(!cache.has_pool());
         let src = bytes(1024, 5);
         // SAFETY: the spans are live slices, unchanged until cleared.

@@ -46,9 +46,12 @@ use trace_format::{AttnParams, Role, TensorLayout, TensorMeta};
 use crate::sys;
 
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod graph;
 mod kept;
 mod read;
+mod writes;
 
 pub use error::CaptureError;
 
@@ -127,6 +130,42 @@ pub struct CaptureConfig {
     pub keep: bool,
     /// Hand each step's output logits to the sink ([`StepOutput::logits`]).
     pub logits: bool,
+    /// With `keep`: how a kept K/V view learns what changed. 1: hash its whole memory
+    /// every step. N > 1: from the graph's writes into the cache (what the ubatch's
+    /// `SET_ROWS` stored, any other node writing there), so a step costs what was
+    /// written, with a full hash of each view every N-th step (an audit) that finds
+    /// and reports changes no graph node made ([`CaptureSink::on_unexplained`]).
+    pub kv_audit: u32,
+}
+
+/// The default [`CaptureConfig::kv_audit`]: a full hash of each kept view every 16th
+/// step.
+pub const DEFAULT_KV_AUDIT: u32 = 16;
+
+/// What keeping KV-cache views cost a run: how their changes were found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Gathers of kept views updated from the graph's writes (no full hash).
+    pub tracked_gathers: u64,
+    /// Gathers that hashed a kept view's whole memory (first captures, audits, views
+    /// not tracked, masks).
+    pub full_hashes: u64,
+    /// Bytes hashed by those.
+    pub hashed_bytes: u64,
+    /// Audits that found bytes no graph node wrote.
+    pub unexplained: u64,
+}
+
+/// A change to a kept KV-cache view that no graph node wrote, found by an audit
+/// ([`CaptureConfig::kv_audit`]): it happened after the view's previous audit and is
+/// recorded in the capture of `step` (a revision naming those rows).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnexplainedChange {
+    pub step: u32,
+    pub layer: i32,
+    pub role: Role,
+    /// Bytes of the gathered view in the rows that changed.
+    pub bytes: usize,
 }
 
 /// What a step produced besides its tensors, right after it ran.
@@ -160,6 +199,9 @@ pub trait CaptureSink {
     fn on_output(&mut self, _out: StepOutput) -> Result<(), CaptureError> {
         Ok(())
     }
+    /// An audit found a KV-cache view changed where no graph node wrote (a kernel
+    /// writing past its destination, host code): after the step's attention tensors.
+    fn on_unexplained(&mut self, _change: &UnexplainedChange) {}
 }
 
 /// Attention being assembled between its op and `kqv_out`.
@@ -194,6 +236,10 @@ pub struct Capture<'a> {
     /// The model's layer count (from the run's start): cross-attention is recorded after
     /// the self-attention layers.
     n_layer: i32,
+    /// Audits' findings in the current step, handed to the sink at its end.
+    unexplained: Vec<UnexplainedChange>,
+    /// Reading the sources of a mixed attention node (its stores are not tracked).
+    in_mixed: bool,
 }
 
 impl<'a> Capture<'a> {
@@ -207,9 +253,11 @@ impl<'a> Capture<'a> {
             emitted: HashSet::new(),
             error: None,
             scratch: Vec::new(),
-            kept: KeptCache::new(KEPT_BUDGET),
+            kept: KeptCache::new(KEPT_BUDGET, cfg.kv_audit),
             cache_rotated: HashMap::new(),
             n_layer: 0,
+            unexplained: Vec::new(),
+            in_mixed: false,
         }
     }
 
@@ -237,6 +285,13 @@ impl<'a> Capture<'a> {
             return false;
         }
         self.step = step.step;
+        self.kept.trim_log();
+        #[cfg(feature = "fault-injection")]
+        if let Some(fault::Fault::HostWrite { step, layer, cell }) = fault::planned() {
+            if step == self.step {
+                self.kept.plant_byte((layer, Role::K), cell);
+            }
+        }
         self.done.clear();
         self.open.clear();
         self.emitted.clear();
@@ -248,6 +303,9 @@ impl<'a> Capture<'a> {
     pub fn end_step(&mut self, out: StepOutput) -> bool {
         if self.error.is_some() {
             return false;
+        }
+        for c in std::mem::take(&mut self.unexplained) {
+            self.sink.on_unexplained(&c);
         }
         match self.sink.on_output(out) {
             Ok(()) => true,
@@ -271,6 +329,11 @@ impl<'a> Capture<'a> {
     /// Stop the run with `e` (kept unless an error came first).
     pub(crate) fn fail(&mut self, e: CaptureError) {
         self.error.get_or_insert(e);
+    }
+
+    /// What keeping views has cost so far.
+    pub fn stats(&self) -> CaptureStats {
+        self.kept.stats
     }
 
     /// The first error met inside the callbacks (the run stops there).
@@ -441,17 +504,10 @@ impl<'a> Capture<'a> {
                     let srcs: [_; 6] = std::array::from_fn(|i| {
                         (tr.src[i] as *const sys::ggml_tensor, MIXED_ROLES[i])
                     });
-                    self.prehash(&srcs, layer);
-                    for (i, role) in MIXED_ROLES.into_iter().enumerate() {
-                        if tr.src[i].is_null() {
-                            return Err(CaptureError::MissingSource {
-                                layer,
-                                index: i,
-                                role,
-                            });
-                        }
-                        p.tensors.push(self.read(tr.src[i], role, layer)?);
-                    }
+                    self.in_mixed = true;
+                    let read = self.read_mixed_sources(tr, &srcs, layer, &mut p);
+                    self.in_mixed = false;
+                    read?;
                     self.done.insert(t, p);
                 }
                 // The bias is read here, while it is live (its memory may be reused once
@@ -486,6 +542,73 @@ impl<'a> Capture<'a> {
             }
         }
         Ok(())
+    }
+
+    /// `fault::Fault::GraphWrite`: point the planned `SET_ROWS`'s first index at the
+    /// planned cell, before it runs.
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor of the graph being computed.
+    #[cfg(feature = "fault-injection")]
+    unsafe fn plant_graph_fault(&self, t: *const sys::ggml_tensor) {
+        let Some(fault::Fault::GraphWrite { step, layer, cell }) = fault::planned() else {
+            return;
+        };
+        // SAFETY: caller guarantees liveness; sources and view chains of live nodes are
+        // live.
+        unsafe {
+            let tr = &*t;
+            if step != self.step || tr.op != sys::GGML_OP_SET_ROWS || tr.view_src.is_null() {
+                return;
+            }
+            let base = &*graph::view_base(t);
+            if !tensor_name(base).starts_with("cache_k") || graph::layer_hint(base) != Some(layer) {
+                return;
+            }
+            let c = tr.src[1];
+            if c.is_null() || (*c).data.is_null() || !sys::ggml_backend_buffer_is_host((*c).buffer)
+            {
+                return;
+            }
+            match (*c).type_ {
+                sys::GGML_TYPE_I64 => *((*c).data as *mut i64) = cell as i64,
+                sys::GGML_TYPE_I32 => *((*c).data as *mut i32) = cell as i32,
+                _ => {}
+            }
+        }
+    }
+
+    /// Read a mixed attention node's six sources into `p`.
+    ///
+    /// # Safety
+    /// `tr` must be a live, computed mixed attention node; `srcs` its sources.
+    unsafe fn read_mixed_sources(
+        &mut self,
+        tr: &sys::ggml_tensor,
+        srcs: &[(*const sys::ggml_tensor, Role); 6],
+        layer: i32,
+        p: &mut Pending,
+    ) -> Result<(), CaptureError> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.prehash(srcs, layer);
+            for (i, role) in MIXED_ROLES.into_iter().enumerate() {
+                if tr.src[i].is_null() {
+                    return Err(CaptureError::MissingSource {
+                        layer,
+                        index: i,
+                        role,
+                    });
+                }
+                p.tensors.push(self.read(tr.src[i], role, layer)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Is a mixed attention node's source being read (see `read::tracks`)?
+    pub(super) fn mixed_layer_source(&self, _t: *const sys::ggml_tensor) -> bool {
+        self.in_mixed
     }
 
     /// Emit the un-rotated attention output, recorded in `kqv_out`'s shape.
@@ -719,6 +842,16 @@ impl<'a> Capture<'a> {
     unsafe fn eval(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> Result<bool, CaptureError> {
         if self.step < self.cfg.from_step {
             return Ok(false);
+        }
+        #[cfg(feature = "fault-injection")]
+        if ask {
+            // SAFETY: caller guarantees liveness.
+            unsafe { self.plant_graph_fault(t) };
+        }
+        if ask && self.cfg.keep {
+            // Before it runs: what it will write into the kept views' memory.
+            // SAFETY: caller guarantees liveness; the graph's inputs are set.
+            unsafe { self.kept.note_writes(t) };
         }
         if ask {
             // SAFETY: caller guarantees liveness.

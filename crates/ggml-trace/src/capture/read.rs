@@ -7,7 +7,7 @@ use std::sync::Arc;
 use trace_format::{Role, TensorMeta};
 
 use super::graph::{is_kv_view, layout_of, op_name, tensor_name};
-use super::{Capture, CaptureError, CapturedTensor};
+use super::{Capture, CaptureError, CapturedTensor, UnexplainedChange};
 use crate::sys;
 
 /// The bytes of `t`'s span (`span` = its span in bytes): borrowed in place from a host
@@ -64,16 +64,28 @@ impl Capture<'_> {
         let src = unsafe { span_bytes(t, span, &mut scratch) };
         // SAFETY: caller guarantees `t` is live.
         let keep = unsafe { self.keeps(t, role, layer) };
+        // SAFETY: as above.
+        let track = keep && unsafe { self.tracks(t, role) };
         let gathered = if keep {
-            self.kept.gather(src, layout, (layer, role))
+            self.kept
+                .gather(src, layout, (layer, role), track)
+                .map(|g| (g.data, g.revision, g.unexplained))
         } else {
             let mut out = Vec::new();
             layout
                 .gather_into(src, &mut out)
-                .map(|()| (Arc::new(out), None))
+                .map(|()| (Arc::new(out), None, 0))
         };
         self.scratch = scratch;
-        let (data, revision) = gathered?;
+        let (data, revision, unexplained) = gathered?;
+        if unexplained > 0 {
+            self.unexplained.push(UnexplainedChange {
+                step: self.step,
+                layer,
+                role,
+                bytes: unexplained,
+            });
+        }
         let view_of = if tr.view_src.is_null() {
             String::new()
         } else {
@@ -106,6 +118,25 @@ impl Capture<'_> {
                 || matches!(role, Role::K | Role::V | Role::KQuant | Role::VQuant)
                 // SAFETY: caller guarantees `t` is live.
                     && unsafe { is_kv_view(t) })
+    }
+
+    /// Is `t` (kept) written only by graph nodes, so that the write log tells what
+    /// changed? K and V views of a plain cache (host memory: the log's addresses are the
+    /// bytes read); not masks (set by host code before each graph) nor the mixed cache's
+    /// stores (its migrations copy on the host).
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn tracks(&self, t: *const sys::ggml_tensor, role: Role) -> bool {
+        if self.cfg.kv_audit <= 1 || !matches!(role, Role::K | Role::V) {
+            return false;
+        }
+        // SAFETY: caller guarantees liveness.
+        let tr = unsafe { &*t };
+        // SAFETY: as above; checked non-null first.
+        !tr.buffer.is_null()
+            && unsafe { sys::ggml_backend_buffer_is_host(tr.buffer) }
+            && !self.mixed_layer_source(t)
     }
 
     /// Before an attention node's sources are read: hash the spans of those that `read`
@@ -142,9 +173,13 @@ impl Capture<'_> {
             };
             // Only what gather will hash: an existing copy of this layout, or a new one
             // within the budget.
+            let start = tr.data as usize;
+            let range = start..start + span as usize;
+            // SAFETY: as above.
+            let track = unsafe { self.tracks(t, role) };
             if self
                 .kept
-                .will_hash((layer, role), &layout, n_bytes as usize)
+                .will_hash((layer, role), &layout, n_bytes as usize, &range, track)
             {
                 spans.push((tr.data as *const u8, span as usize));
             }

@@ -11,6 +11,7 @@ mod cli;
 mod common;
 mod gemma;
 mod interop;
+mod kv_writes;
 mod long_context;
 mod mixed;
 mod mixed_zoo;

@@ -280,6 +280,7 @@ fn kv_bytes(args: &[String]) -> u64 {
             trace_sources: false,
             keep: true,
             logits: false,
+            kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
         },
         eval_callback: false,
         prefill_only: true,

@@ -105,6 +105,7 @@ fn run(
             trace_sources: true,
             keep,
             logits: false,
+            kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
         },
         prefill_only: false,
         verbose: false,
