@@ -20,6 +20,10 @@ MONITOR OPTIONS:
                          previous step's and identical tensors once; full (version 1)
                          stores every tensor whole, each step's views again, the seed
                          tools' layout for scripts that read the GGUF directly
+    --kv-audit N         the capture follows the graph's writes into the KV cache and
+                         reads only the cells written; every N steps (default 16) it hashes
+                         each K/V view whole and reports (a warning line) a change no
+                         graph node made, recorded at that step; 1: hash every step
     --prefill-only       decode the prompt only, no generation
     --verify             recompute each traced attention in f64 from its captured q/k/v/mask
                          as it is traced (no --save-gguf needed) and compare with kqv_out:

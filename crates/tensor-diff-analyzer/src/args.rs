@@ -51,6 +51,8 @@ ANALYSIS OPTIONS:
     --save-gguf FILE        live: also save the current run's trace to FILE
     --kv-storage full|delta live, with --save-gguf: how the trace is stored (as
                             kqv-trace-monitor's option; default delta)
+    --kv-audit N            live: hash every K/V view whole every N steps (default 16;
+                            1: every step), as kqv-trace-monitor's option
     --quiet                 live: no progress line on stderr (shown only when stderr is a
                             terminal; NO_COLOR turns its colour off)
     -v, --verbose           show llama.cpp's log on stderr
