@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick] [--skip-cold-build] [--no-write]`: every benchmark of
-//! the project in one run, then docs/performance.md rewritten from the results.
+//! `cargo xtask bench [--quick] [--skip-cold-build] [--no-write] [--only long-runs]`:
+//! every benchmark of the project in one run, then docs/performance.md (and
+//! docs/performance-long-runs.md, see `bench_long`) rewritten from the results.
 //!
 //! Ratios are only ever computed between figures measured in this same run. Each
 //! section of the generated file names the command that reproduces it.
@@ -30,7 +31,20 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     let quick = args.contains("--quick");
     let skip_cold = args.contains("--skip-cold-build");
     let no_write = args.contains("--no-write");
+    let only: Option<String> = args
+        .opt_value_from_str("--only")
+        .map_err(|e| format!("bench: {e}"))?;
     util::no_more_args(args)?;
+    match only.as_deref() {
+        None => {}
+        Some("long-runs") => {
+            build_llama::build(true, false)?;
+            let machine = Machine::probe();
+            let long = crate::bench_long::run(quick)?;
+            return write_long(&long, &machine, quick, no_write);
+        }
+        Some(other) => return Err(format!("bench: --only expects long-runs, got '{other}'")),
+    }
 
     let root = util::workspace_root();
     let target = util::target_dir();
@@ -109,6 +123,10 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         report.cold_build = Some(cold_build(&target.join("bench-cold-build"))?);
     }
 
+    // 5. Long runs (trace bytes, memory and speed at ~2,000 tokens of context).
+    let long = crate::bench_long::run(quick)?;
+    write_long(&long, &machine, quick, no_write)?;
+
     let load_after = Machine::load();
     let text = report.render(&machine, load_after, quick);
     if no_write {
@@ -118,6 +136,32 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("xtask: wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// Write docs/performance-long-runs.md (or print it with --no-write).
+fn write_long(
+    long: &crate::bench_long::LongRuns,
+    m: &Machine,
+    quick: bool,
+    no_write: bool,
+) -> Result {
+    let line = format!(
+        "Machine: {}, {} cores, {:.0} GiB; load average {} at the start of the run, {} at the end of this section.",
+        m.cpu,
+        m.cores,
+        m.mem_gib,
+        m.load,
+        Machine::load()
+    );
+    let text = long.render(&line, quick);
+    if no_write {
+        print!("{text}");
+        return Ok(());
+    }
+    let path = util::workspace_root().join("docs/performance-long-runs.md");
+    fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
     Ok(())
 }
 
@@ -352,6 +396,14 @@ impl Report {
         self.render_diff(&mut s);
         self.render_cold(&mut s);
         self.render_other_groups(&mut s);
+        let _ = writeln!(
+            s,
+            "## Long runs
+
+Trace bytes, memory and decode speed at ~2,000 tokens of context (64/128/256 generated
+             tokens): [performance-long-runs.md](performance-long-runs.md), written by the same run.
+"
+        );
         if !self.skipped.is_empty() {
             let _ = writeln!(s, "## Not measured in this run\n");
             for k in &self.skipped {
