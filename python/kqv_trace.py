@@ -502,6 +502,8 @@ class Trace:
         blocks = raw.reshape(shape[:-1] + (shape[-1] // blck * tsize,))
         if not dequantize:
             return blocks
+        if blocks.size == 0:  # an empty cold store of the mixed cache (gguf-py cannot)
+            return np.zeros(shape, dtype=np.float32)
         return gguf.quants.dequantize(blocks, ty)
 
     def tensor(self, role: str, layer: int, step: int, dequantize: bool = True) -> np.ndarray:
