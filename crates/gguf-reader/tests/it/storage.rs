@@ -15,10 +15,10 @@ use tiny_llama::zoo::Arch;
 use trace_format::{Role, Stored, TraceFile};
 
 const READER: &str = env!("CARGO_BIN_EXE_gguf-reader");
-const PROMPT: &str =
+pub(crate) const PROMPT: &str =
     "The quick brown fox jumps over a lazy dog. The quick brown fox jumps over a lazy dog again.";
 
-fn capture(args: Vec<String>) {
+pub(crate) fn capture(args: Vec<String>) {
     match kcm_cli::capture_args::parse(args).expect("arguments") {
         kcm_cli::capture_args::Command::Run(o) => kcm_cli::trace::run(&o).expect("trace"),
         c => panic!("{c:?}"),
@@ -26,7 +26,7 @@ fn capture(args: Vec<String>) {
 }
 
 /// The run `args` traced twice, full and delta: (version 1, version 2).
-fn both(dir: &Path, label: &str, args: &[String]) -> (PathBuf, PathBuf) {
+pub(crate) fn both(dir: &Path, label: &str, args: &[String]) -> (PathBuf, PathBuf) {
     let out = |s: &str| dir.join(format!("{label}-{s}.gguf"));
     for storage in ["full", "delta"] {
         let mut a = args.to_vec();
@@ -158,14 +158,14 @@ fn check(dir: &Path, label: &str, args: Vec<String>) {
     assert!(!out.contains("delta of #"));
 }
 
-fn tiny(dir: &Path) -> PathBuf {
+pub(crate) fn tiny(dir: &Path) -> PathBuf {
     let model = dir.join("tiny.gguf");
     tiny_llama::write_model(&model, &tiny_llama::TinyLlamaConfig::default()).unwrap();
     model
 }
 
 /// Heads of 32 (a q8_0 cache holds whole blocks of 32; the mixed cache needs them too).
-fn tiny_hd32(dir: &Path) -> PathBuf {
+pub(crate) fn tiny_hd32(dir: &Path) -> PathBuf {
     let model = dir.join("tiny-hd32.gguf");
     let cfg = tiny_llama::TinyLlamaConfig {
         head_dim: 32,
@@ -176,7 +176,7 @@ fn tiny_hd32(dir: &Path) -> PathBuf {
     model
 }
 
-fn args(model: &Path) -> LlamaArgs {
+pub(crate) fn args(model: &Path) -> LlamaArgs {
     LlamaArgs::new(model, PROMPT)
         .n(4)
         .ubatch(16)
