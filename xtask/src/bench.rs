@@ -505,11 +505,11 @@ impl Report {
         self.render_other_groups(&mut s);
         let _ = writeln!(
             s,
-            "## Long runs
-
-Trace bytes, memory and decode speed at ~2,000 tokens of context (64/128/256 generated
-             tokens): [performance-long-runs.md](performance-long-runs.md), written by the same run.
-"
+            "## Long runs and KV caches\n\n\
+             Trace bytes, memory and decode speed at ~2,000 tokens of context (64/128/256 generated\n\
+             tokens): [performance-long-runs.md](performance-long-runs.md); F16, q8_0, q4_0 and mixed caches on\n\
+             gemma-3-270m (bytes, speed, KL divergence): [performance-kv-caches.md](performance-kv-caches.md).\n\
+             Each is written by `cargo xtask bench` or alone by `cargo xtask bench --only long-runs|kv-caches`.\n"
         );
         if !self.skipped.is_empty() {
             let _ = writeln!(s, "## Not measured in this run\n");
