@@ -517,7 +517,11 @@ impl CaptureSink for MonitorSink {
             // (iSWA) model the window layers' op decides the flag (a run of mixed nodes only
             // keeps the first).
             let mixed = |op: &str| op == trace_format::MIXED_ATTN_OP;
-            if self.seen_op.as_deref().is_none_or(|op| mixed(op) && !mixed(&att.op)) {
+            if self
+                .seen_op
+                .as_deref()
+                .is_none_or(|op| mixed(op) && !mixed(&att.op))
+            {
                 self.seen_op = Some(att.op.clone());
             }
         }

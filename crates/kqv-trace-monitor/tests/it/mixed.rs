@@ -390,7 +390,10 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
     assert_eq!(n_layer, 18);
     let last = t.steps.last().unwrap().clone();
     let last_pos = *last.positions.last().unwrap() as u64;
-    assert!(last_pos >= 1500, "about 2,000 tokens: last position {last_pos}");
+    assert!(
+        last_pos >= 1500,
+        "about 2,000 tokens: last position {last_pos}"
+    );
     let n = t.groups().len();
     assert_eq!(n, t.steps.len() * n_layer as usize);
     assert!(
@@ -410,14 +413,30 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
             );
             assert_eq!(kq.meta.layout.ty, GgmlType::Q4_0);
             let (n_cold, n_hot) = (kq.meta.layout.ne[1], k.meta.layout.ne[1]);
-            assert!(n_cold > 1000 && n_cold % u64::from(CHUNK) == 0, "layer {layer}: {n_cold} cold rows");
-            assert!(n_hot <= 256 + 2 * u64::from(CHUNK), "layer {layer}: {n_hot} hot cells");
+            assert!(
+                n_cold > 1000 && n_cold % u64::from(CHUNK) == 0,
+                "layer {layer}: {n_cold} cold rows"
+            );
+            assert!(
+                n_hot <= 256 + 2 * u64::from(CHUNK),
+                "layer {layer}: {n_hot} hot cells"
+            );
             let m = t.f32(mask).unwrap();
-            let visible = m[..(n_cold + n_hot) as usize].iter().filter(|x| x.is_finite()).count();
-            assert_eq!(visible as u64, last_pos + 1, "layer {layer}: every position once");
+            let visible = m[..(n_cold + n_hot) as usize]
+                .iter()
+                .filter(|x| x.is_finite())
+                .count();
+            assert_eq!(
+                visible as u64,
+                last_pos + 1,
+                "layer {layer}: every position once"
+            );
         } else {
             assert_eq!(a.op, "FLASH_ATTN_EXT", "layer {layer}");
-            assert!(t.find(Role::KQuant, layer, last.step).is_none(), "layer {layer}");
+            assert!(
+                t.find(Role::KQuant, layer, last.step).is_none(),
+                "layer {layer}"
+            );
         }
     }
     let mut worst = (0f64, 0f64);
@@ -433,7 +452,11 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
             c.bound,
             c.findings
         );
-        let w = if FULL.contains(&layer) { &mut worst.0 } else { &mut worst.1 };
+        let w = if FULL.contains(&layer) {
+            &mut worst.0
+        } else {
+            &mut worst.1
+        };
         *w = w.max(c.verification.nmse);
     }
     drop(t);

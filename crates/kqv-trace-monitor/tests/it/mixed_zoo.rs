@@ -172,7 +172,11 @@ fn accepted(dir: &Path, arch: Arch, model: &Path) -> f64 {
             let attn = mixed.attn(sm.step, layer).unwrap();
             if swa_layers(arch).contains(&layer) {
                 // llama.cpp's own window cache and attention
-                assert_ne!(attn.op, MIXED_ATTN_OP, "{name} step {} layer {layer}", sm.step);
+                assert_ne!(
+                    attn.op, MIXED_ATTN_OP,
+                    "{name} step {} layer {layer}",
+                    sm.step
+                );
                 assert!(mixed.find(Role::KQuant, layer, sm.step).is_none());
             } else {
                 assert_eq!(
@@ -357,7 +361,11 @@ fn iswa_chunks_migrate_through_ring_buffer_reuse() {
             cold_rows.push(n_cold);
             max_hot = max_hot.max(n_hot);
             // layer 0: llama.cpp's sliding-window cache, flash attention
-            assert_eq!(t.attn(s, 0).unwrap().op, "FLASH_ATTN_EXT", "{name} step {s}");
+            assert_eq!(
+                t.attn(s, 0).unwrap().op,
+                "FLASH_ATTN_EXT",
+                "{name} step {s}"
+            );
             assert!(t.find(Role::KQuant, 0, s).is_none(), "{name} step {s}");
             max_swa = max_swa.max(t.find(Role::K, 0, s).unwrap().meta.layout.ne[1]);
             assert_eq!(
@@ -368,8 +376,14 @@ fn iswa_chunks_migrate_through_ring_buffer_reuse() {
         }
         // both caches hold fewer cells than the run has positions: cells were reused
         assert!(max_hot <= 16 + 2 * CHUNK, "{name}: hot cells {max_hot}");
-        assert!(max_swa <= 256 && max_swa <= last_pos, "{name}: SWA cells {max_swa}");
-        assert!(cold_rows[0] == 0 && cold_rows[n_prompt_steps - 1] > 0, "{name}: {cold_rows:?}");
+        assert!(
+            max_swa <= 256 && max_swa <= last_pos,
+            "{name}: SWA cells {max_swa}"
+        );
+        assert!(
+            cold_rows[0] == 0 && cold_rows[n_prompt_steps - 1] > 0,
+            "{name}: {cold_rows:?}"
+        );
         assert!(
             cold_rows.last().unwrap() > &cold_rows[n_prompt_steps - 1],
             "{name}: no chunk moved during generation: {cold_rows:?}"
@@ -387,7 +401,11 @@ fn iswa_chunks_migrate_through_ring_buffer_reuse() {
                 c.bound,
                 c.findings
             );
-            let w = if layer == 1 { &mut worst.0 } else { &mut worst.1 };
+            let w = if layer == 1 {
+                &mut worst.0
+            } else {
+                &mut worst.1
+            };
             *w = w.max(c.verification.nmse);
         }
         eprintln!(
