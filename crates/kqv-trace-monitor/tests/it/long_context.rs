@@ -118,7 +118,7 @@ fn assert_cell_named(planted: &Path, step: u32, layer: i32, cell: usize) {
 }
 
 /// About 1,900 gemma tokens of the project's own prose.
-fn docs_prompt() -> String {
+pub(crate) fn docs_prompt() -> String {
     let text = [
         include_str!("../../../../docs/verification.md"),
         include_str!("../../../../docs/design.md"),

@@ -1,9 +1,10 @@
-//! The mixed KV cache end to end (`--mixed-kv-cache`, vendor/patches/0001-0003) on the
+//! The mixed KV cache end to end (`--mixed-kv-cache`, vendor/patches/0001-0004) on the
 //! generated tiny LLaMA: a hot window smaller than the prompt, so chunks of tokens move
 //! to the quantized cold store during the prompt and during generation; every traced
 //! (step, layer) holds the six inputs of the mixed node and verifies against the f64
 //! recomputation; the KV buffers' size comes from ggml's buffer sizes; unsupported setups
-//! fail at start with a clear message.
+//! fail at start with a clear message. On gemma-3-270m (sliding-window layers) at about
+//! 2,000 tokens, the full-attention layers are mixed and every group verifies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -365,16 +366,125 @@ fn unsupported_setups_fail_at_start_with_a_clear_message() {
     expect_failure(&a, "is not a multiple of the q4_0 block size");
 }
 
-/// Gemma 3 uses llama.cpp's sliding-window (iSWA) cache: rejected, not silently replaced.
+/// gemma-3-270m (iSWA: layers 5, 11 and 17 attend to everything, the other 15 to a
+/// 512-token window) with `--mixed-kv-cache` (window 256, cold q4_0) at about 2,000
+/// tokens: the three full-attention layers run the mixed node over their cold and hot
+/// stores, the window layers keep llama.cpp's cache and flash attention; every token is in
+/// exactly one store; every group verifies live (`--verify`), from the file (each within
+/// its documented bound) and with `gguf-reader --verify-attention`.
 #[test]
-fn sliding_window_models_are_rejected() {
+fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies() {
+    const FULL: [i32; 3] = [5, 11, 17];
     let model =
         model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
-    let args = LlamaArgs::new(&model, "Hi")
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = dir.path().join("gemma-mixed-2k.gguf");
+    let args = LlamaArgs::new(&model, &crate::long_context::docs_prompt())
+        .n(16)
         .threads(2)
-        .args(["--mixed-kv-cache", "-v"])
+        .greedy()
+        .args(["--mixed-kv-cache", "--verify", "--quiet", "--save-gguf"])
+        .arg(out.to_str().unwrap())
         .build();
-    expect_failure(&args, "does not use llama.cpp's plain unified KV cache");
+    let o = Command::new(BIN).args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let t = TraceFile::open(&out).unwrap();
+    assert!(t.run.mixed_kv_cache);
+    let n_layer = t.run.n_layer as i32;
+    assert_eq!(n_layer, 18);
+    let last = t.steps.last().unwrap().clone();
+    let last_pos = *last.positions.last().unwrap() as u64;
+    assert!(
+        last_pos >= 1500,
+        "about 2,000 tokens: last position {last_pos}"
+    );
+    let n = t.groups().len();
+    assert_eq!(n, t.steps.len() * n_layer as usize);
+    assert!(
+        stdout.contains(&format!(
+            "verify: verified {n} of {n} (step, layer) groups: 0 failed, 0 missing inputs"
+        )),
+        "{stdout}"
+    );
+    for layer in 0..n_layer {
+        let a = t.attn(last.step, layer).unwrap();
+        if FULL.contains(&layer) {
+            assert_eq!(a.op, MIXED_ATTN_OP, "layer {layer}");
+            let (kq, k, mask) = (
+                t.find(Role::KQuant, layer, last.step).unwrap(),
+                t.find(Role::K, layer, last.step).unwrap(),
+                t.find(Role::Mask, layer, last.step).unwrap(),
+            );
+            assert_eq!(kq.meta.layout.ty, GgmlType::Q4_0);
+            let (n_cold, n_hot) = (kq.meta.layout.ne[1], k.meta.layout.ne[1]);
+            assert!(
+                n_cold > 1000 && n_cold % u64::from(CHUNK) == 0,
+                "layer {layer}: {n_cold} cold rows"
+            );
+            assert!(
+                n_hot <= 256 + 2 * u64::from(CHUNK),
+                "layer {layer}: {n_hot} hot cells"
+            );
+            let m = t.f32(mask).unwrap();
+            let visible = m[..(n_cold + n_hot) as usize]
+                .iter()
+                .filter(|x| x.is_finite())
+                .count();
+            assert_eq!(
+                visible as u64,
+                last_pos + 1,
+                "layer {layer}: every position once"
+            );
+        } else {
+            assert_eq!(a.op, "FLASH_ATTN_EXT", "layer {layer}");
+            assert!(
+                t.find(Role::KQuant, layer, last.step).is_none(),
+                "layer {layer}"
+            );
+        }
+    }
+    let mut worst = (0f64, 0f64);
+    for &(step, layer) in t.groups().keys() {
+        let c = attn_verify::check_in_trace(&t, step, layer)
+            .unwrap()
+            .into_result()
+            .unwrap_or_else(|m| panic!("step {step} layer {layer} misses {:?}", m.0));
+        assert!(
+            c.pass && c.findings.is_empty(),
+            "step {step} layer {layer}: NMSE {:e} (bound {:e}): {:#?}",
+            c.verification.nmse,
+            c.bound,
+            c.findings
+        );
+        let w = if FULL.contains(&layer) {
+            &mut worst.0
+        } else {
+            &mut worst.1
+        };
+        *w = w.max(c.verification.nmse);
+    }
+    drop(t);
+    let v = Command::new(test_support::workspace_bin("gguf-reader", "gguf-reader"))
+        .arg(&out)
+        .arg("--verify-attention")
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "gguf-reader --verify-attention: {:?}\n{}{}",
+        v.status,
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    eprintln!(
+        "gemma-3-270m mixed q4_0 window 256: {n} groups to position {last_pos} verify; worst NMSE mixed layers {:.3e}, window layers {:.3e}",
+        worst.0, worst.1
+    );
 }
 
 /// The seed's bug, on the cold store: its permuted view `[D, n_cold, H_kv]` lies in memory

@@ -156,3 +156,37 @@ fn mixed_run_against_an_f16_reference() {
         }
     }
 }
+
+/// A sliding-window (iSWA) model: the mixed run's full-attention layer (1) runs the mixed
+/// node, its window layer (0) flash attention like the reference's. The analyzer takes
+/// the trace as one story (the mixed layers and flash attention), explains the layout
+/// difference, and layer 0 at step 0 (its inputs come from the embeddings, its window
+/// cache is llama.cpp's) is bit for bit the reference's.
+#[test]
+fn mixed_run_on_a_sliding_window_model_against_an_f16_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = tiny_llama::zoo::write_zoo_model(d, tiny_llama::zoo::Arch::Gemma3).unwrap();
+    let reference = d.join("f16.gguf");
+    trace(&m, &reference, &[]);
+    let mixed = d.join("mixed-w16.gguf");
+    trace(
+        &m,
+        &mixed,
+        &["--mixed-kv-cache", "--mixed-hot-window", "16"],
+    );
+    let (code, v) = analyze(&reference, &mixed, &[]);
+    assert_eq!(code, Some(1), "{v:#}");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("KV cache layout differs"), "{notes}");
+    assert!(!notes.contains("flash attention differs"), "{notes}");
+    assert_eq!(v["shape_mismatches"], 0, "{v:#}");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2, "{v:#}");
+    let k0 = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["role"] == "kqv_out" && t["layer"] == 0 && t["step"] == 0)
+        .expect("kqv_out of layer 0, step 0");
+    assert_eq!(k0["metrics"]["max_abs"], 0.0, "{k0}");
+}
