@@ -59,6 +59,8 @@ COMMANDS:
         docs/performance.md and docs/performance-long-runs.md from the results.
         --only long-runs|kv-caches: that section alone (docs/performance-long-runs.md,
         docs/performance-kv-caches.md: F16/q8_0/q4_0/mixed caches on gemma-3-270m).
+        --only kv-caches --reuse-json: render from the JSON the last run of the
+        kv_quality bench left in target/kcm-bench (KCM_BENCH_JSON), without running it.
         --quick: fewer runs; --skip-cold-build: skip the ~10-minute cold build;
         --no-write: print the report instead of writing the file.
   test [ARGS...]

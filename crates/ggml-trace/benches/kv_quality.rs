@@ -13,6 +13,9 @@
 //! - Decode speed: tokens/s of the generation steps of each replay (logits read each
 //!   step, as for every row), ÷ F16's.
 //!
+//! Every run decodes the prompt in ubatches of 32 tokens (`-ub 32 -b 32`): the most the
+//! mixed cache takes, and a replay repeats the reference's steps exactly.
+//!
 //! `cargo bench -p ggml-trace --bench kv_quality` (KCM_BENCH_PROMPT_FILE: the prompt,
 //! default the first 8,600 characters of docs/design.md; KCM_BENCH_THREADS, default 2;
 //! KCM_BENCH_JSON=FILE: the results as JSON for `cargo xtask bench`).
@@ -73,7 +76,15 @@ struct Row {
     same_top_unc: f64,
 }
 
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn main() {
+    let load_start = load();
     let tokens: u32 = env_or("KCM_BENCH_TOKENS", 256);
     let threads: u32 = env_or("KCM_BENCH_THREADS", 2);
     let model = model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("gemma-3-270m");
@@ -97,6 +108,12 @@ fn main() {
             "0",
             "-fa",
             "on",
+            // The mixed cache decodes at most 32 tokens per ubatch; every run (and the
+            // reference they replay) takes the same steps.
+            "-ub",
+            "32",
+            "-b",
+            "32",
             "-n",
             &n.to_string(),
         ]
@@ -249,6 +266,8 @@ fn main() {
             "threads": threads,
             "prompt_tokens": info.prompt_tokens.len(),
             "tokens": tokens,
+            "load_start": load_start,
+            "load_end": load(),
             "rows": rows_json,
         });
         std::fs::write(&path, format!("{doc:#}\n")).expect("write KCM_BENCH_JSON");
