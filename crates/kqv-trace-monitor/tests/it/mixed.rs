@@ -537,3 +537,125 @@ fn a_planted_cold_store_layout_bug_fails_the_check() {
         assert!(caught.nmse > 1e-3, "the planted bug must fail: {caught:?}");
     }
 }
+
+/// Issue 21 (the mixed node's kernel: KV rows in tiles of 32, and at decode, with fewer
+/// (KV head, query row) items than threads, the KV range cut into one chunk per thread and
+/// merged by the last thread): a hot window of 40 (hot segments of 40 to 104 cells: whole
+/// and partial tiles), cold q8_0 and q4_0, run with 1 and 3 threads (tiny-llama has 2 KV
+/// heads: every decode step from 128 cells on is split at -t 3, in chunks that are not
+/// whole tiles of the segments). Every group verifies against the f64 recomputation in both
+/// runs; where a group's six inputs are the same in both runs, the outputs (`kqv_out`)
+/// agree within F32 rounding (NMSE <= 1e-10), bit for bit where no split happens (prompt
+/// steps: each item is one thread's work whatever the thread count).
+#[test]
+fn mixed_node_output_does_not_depend_on_the_thread_count_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, cfg) = model(dir.path());
+    for cold in ["q8_0", "q4_0"] {
+        let mut outs = Vec::new();
+        for threads in [1u32, 3] {
+            let args = LlamaArgs::new(&m, PROMPT)
+                .n(N_GEN as u32)
+                .ubatch(16)
+                .threads(threads)
+                .greedy()
+                .build();
+            let out = dir.path().join(format!("mixed-{cold}-t{threads}.gguf"));
+            let extra = [
+                "--mixed-kv-cache",
+                "--mixed-hot-window",
+                "40",
+                "--mixed-cold-type",
+                cold,
+            ];
+            let t = crate::common::trace_with(args, &out, &extra);
+            assert!(t.run.mixed_kv_cache);
+            let mut hot_sizes = std::collections::BTreeSet::new();
+            let mut worst = 0.0f64;
+            let mut attn = Vec::new();
+            for &(step, layer) in t.groups().keys() {
+                let k = t.find(Role::K, layer, step).unwrap();
+                hot_sizes.insert(k.meta.layout.ne[1]);
+                let v = verify_group(&t, step, layer)
+                    .unwrap()
+                    .into_result()
+                    .unwrap_or_else(|m| {
+                        panic!(
+                            "{cold} -t {threads} step {step} layer {layer} misses {:?}",
+                            m.0
+                        )
+                    });
+                worst = worst.max(v.nmse);
+                let vals = |r| t.f32(t.find(r, layer, step).unwrap()).unwrap();
+                let inputs: Vec<Vec<f32>> = [
+                    Role::Q,
+                    Role::K,
+                    Role::V,
+                    Role::KQuant,
+                    Role::VQuant,
+                    Role::Mask,
+                ]
+                .into_iter()
+                .map(vals)
+                .collect();
+                attn.push(((step, layer), inputs, vals(Role::KqvOut)));
+            }
+            eprintln!(
+                "{cold} -t {threads}: {} groups verify, worst NMSE {worst:.3e}, hot sizes {hot_sizes:?}",
+                t.groups().len()
+            );
+            assert!(worst <= 1e-6, "worst NMSE {worst:e}");
+            assert_eq!(t.groups().len(), t.steps.len() * cfg.n_layer);
+            // whole and partial tiles of 32 in the hot segment, and several tiles
+            assert!(
+                hot_sizes.iter().any(|&n| n > 64 && n % 32 != 0),
+                "{hot_sizes:?}"
+            );
+            outs.push(attn);
+        }
+        assert_eq!(outs[0].len(), outs[1].len());
+        let bits = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        let mut compared = 0;
+        let mut split_seen = 0;
+        for ((g1, in1, o1), (g2, in2, o2)) in outs[0].iter().zip(&outs[1]) {
+            assert_eq!(g1, g2);
+            if !in1.iter().zip(in2).all(|(a, b)| bits(a, b)) {
+                continue;
+            }
+            compared += 1;
+            let n_q = in1[0].len() / (cfg.n_head * cfg.head_dim);
+            let n_kv = in1[1].len() / (cfg.n_head_kv * cfg.head_dim)
+                + in1[3].len() / (cfg.n_head_kv * cfg.head_dim);
+            if n_q * cfg.n_head_kv >= 3 || n_kv < 128 {
+                assert!(
+                    bits(o1, o2),
+                    "{cold}: step/layer {g1:?}: -t 1 and -t 3 differ"
+                );
+            } else {
+                split_seen += 1;
+                let num: f64 = o1
+                    .iter()
+                    .zip(o2)
+                    .map(|(a, b)| f64::from(a - b).powi(2))
+                    .sum();
+                let den: f64 = o1.iter().map(|a| f64::from(*a).powi(2)).sum();
+                assert!(
+                    num <= 1e-10 * den,
+                    "{cold}: step/layer {g1:?}: NMSE {}",
+                    num / den
+                );
+            }
+        }
+        eprintln!(
+            "{cold}: {compared} of {} groups with the same inputs at -t 1 and -t 3 ({split_seen} split at -t 3)",
+            outs[0].len()
+        );
+        assert!(split_seen > 0, "no split decode step with the same inputs");
+        assert!(
+            compared >= cfg.n_layer,
+            "only {compared} groups with the same inputs"
+        );
+    }
+}
