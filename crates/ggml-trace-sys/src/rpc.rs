@@ -69,17 +69,12 @@ mod tests {
             define("RPC_PROTO_PATCH_VERSION"),
             u64::from(RPC_PROTO_PATCH_VERSION)
         );
-        assert_eq!(
-            define("GGML_RPC_MAX_SERVERS"),
-            GGML_RPC_MAX_SERVERS as u64
-        );
+        assert_eq!(define("GGML_RPC_MAX_SERVERS"), GGML_RPC_MAX_SERVERS as u64);
         let transport = std::fs::read_to_string(
             std::path::Path::new(crate::LLAMA_CPP_DIR).join("ggml/src/ggml-rpc/transport.h"),
         )
         .expect("transport.h");
-        assert!(transport.contains(&format!(
-            "RPC_CONN_CAPS_SIZE = {RPC_CONN_CAPS_SIZE};"
-        )));
+        assert!(transport.contains(&format!("RPC_CONN_CAPS_SIZE = {RPC_CONN_CAPS_SIZE};")));
     }
 
     #[test]

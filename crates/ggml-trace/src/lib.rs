@@ -10,6 +10,7 @@
 
 pub mod capture;
 mod pool_hash;
+pub mod rpc;
 pub mod run_info;
 pub mod session;
 

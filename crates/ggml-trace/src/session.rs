@@ -30,6 +30,10 @@ pub enum SessionError {
     Decode(String),
     #[error("capture failed: {0}")]
     Capture(#[from] CaptureError),
+    /// An RPC endpoint of `--rpc` is down, speaks another protocol, or cannot serve this
+    /// run (checked before llama.cpp connects: see [`crate::rpc`]).
+    #[error("{0}")]
+    Rpc(#[from] crate::rpc::RpcError),
 }
 
 fn c_string(buf: &[c_char]) -> String {
@@ -252,6 +256,8 @@ pub fn run_replay(
     replay: Option<&Replay>,
     sink: &mut dyn CaptureSink,
 ) -> Result<(RunInfo, RunOutcome), SessionError> {
+    // Before llama.cpp's parser registers the servers (its client aborts on a dead one).
+    let rpc_endpoints = crate::rpc::check_run(llama_args)?;
     let mut argv_owned = vec![CString::new("kqv-trace-monitor").unwrap_or_default()];
     for a in llama_args {
         argv_owned
@@ -355,6 +361,7 @@ pub fn run_replay(
         n_threads: raw.n_threads.max(0) as u32,
         n_threads_batch: raw.n_threads_batch.max(0) as u32,
         replayed_from: replay.map(|r| r.source.clone()),
+        rpc_endpoints,
     };
     // SAFETY: state_ptr is live (boxed above).
     unsafe { (*state_ptr).capture.start(&info) }.map_err(SessionError::Capture)?;

@@ -161,7 +161,9 @@ impl CaptureSink for Started<'_> {
 
 impl crate::Failure for MonitorError {
     fn exit_code(&self) -> u8 {
-        if self.is_usage() {
+        // An RPC endpoint that is down or speaks another protocol: the run's options
+        // cannot work as given (one line naming the endpoint, no "try --help").
+        if self.is_usage() || matches!(self, MonitorError::Session(session::SessionError::Rpc(_))) {
             exit::USAGE
         } else {
             exit::FAILED
