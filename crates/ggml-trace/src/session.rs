@@ -258,6 +258,25 @@ pub fn run_replay(
 ) -> Result<(RunInfo, RunOutcome), SessionError> {
     // Before llama.cpp's parser registers the servers (its client aborts on a dead one).
     let rpc_endpoints = crate::rpc::check_run(llama_args)?;
+    // With RPC servers, a server that dies mid-run makes ggml-rpc abort the process on its
+    // dispatcher thread: the sink gets on_fatal there instead (crate::fatal).
+    let lock = std::sync::Arc::new(std::sync::Mutex::new(()));
+    let sink_ptr: *mut (dyn CaptureSink + '_) = sink;
+    let mut guarded = crate::fatal::Guarded {
+        // SAFETY: reborrows the caller's `&mut` sink; `sink` is not used again directly.
+        inner: unsafe { &mut *sink_ptr },
+        lock: std::sync::Arc::clone(&lock),
+    };
+    let _armed = (!rpc_endpoints.is_empty()).then(|| {
+        // SAFETY: the sink outlives `_armed` (dropped at the end of this function, before
+        // the caller's borrow ends) and is reached only through `guarded` meanwhile.
+        unsafe { crate::fatal::Armed::arm(sink_ptr, lock, rpc_endpoints.clone()) }
+    });
+    let sink: &mut dyn CaptureSink = if rpc_endpoints.is_empty() {
+        guarded.inner
+    } else {
+        &mut guarded
+    };
     let mut argv_owned = vec![CString::new("kqv-trace-monitor").unwrap_or_default()];
     for a in llama_args {
         argv_owned
