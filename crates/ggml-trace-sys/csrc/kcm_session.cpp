@@ -128,10 +128,10 @@ static std::string replay_split(kcm_session * s, size_t n_prompt, bool encoder) 
     return "";
 }
 
-// --mixed-kv-cache: the attention the mixed KV cache cannot express (vendor/patches/0001-0002).
-// The patch replaces only llm_graph_context::build_attn over llama.cpp's plain unified KV cache
-// with one node computing softmax(scale * q.k [softcap] + mask [ALiBi]) . v over a hot F16 and a
-// cold quantized store. Anything else would run wrong (an explicit tanh chain dropped), crash
+// --mixed-kv-cache: the attention the mixed KV cache cannot express (vendor/patches/0001-0004).
+// The patches replace only llm_graph_context::build_attn over llama.cpp's plain unified KV cache
+// (and over the base, full-attention cache of its iSWA cache) with one node computing
+// softmax(scale * q.k [softcap] + mask [ALiBi]) . v over a hot F16 and a cold quantized store. Anything else would run wrong (an explicit tanh chain dropped), crash
 // (MLA's K-only cache) or abort (T5), so it is refused here, from the model's hparams and GGUF
 // keys, before a context exists. Returns the reason (one line), or "" when the model is accepted.
 // The patch's own checks at context creation stay as the backstop for caches not listed here.
@@ -167,9 +167,13 @@ static std::string mixed_kv_refusal(const llama_model * m, const std::string & p
         return refuse("it does not use llama.cpp's plain unified KV cache (recurrent or hybrid "
                       "recurrent layers)");
     }
-    if (llama_model_n_swa(m) > 0) {
-        return refuse("it does not use llama.cpp's plain unified KV cache (sliding-window or chunked "
-                      "attention over " + std::to_string(llama_model_n_swa(m)) + " tokens: an iSWA cache)");
+    // Interleaved sliding-window attention (llama.cpp's iSWA cache) is accepted: the full-attention
+    // layers' cache becomes mixed, the sliding-window layers keep their own window cache. Chunked
+    // attention (llama4, the only architecture llama.cpp builds with LLAMA_SWA_TYPE_CHUNKED) is not.
+    if (llama_model_n_swa(m) > 0 && arch == "llama4") {
+        return refuse("chunked attention over " + std::to_string(llama_model_n_swa(m)) +
+                      " tokens (llama.cpp's iSWA cache with LLAMA_SWA_TYPE_CHUNKED): only the full-attention "
+                      "layers of standard sliding-window models are supported");
     }
     for (const char * k : {".attention.key_length_mla", ".attention.key_length_mla_swa"}) {
         const std::string v = meta(arch + k);

@@ -595,6 +595,24 @@ impl GgufFile {
             .unwrap_or(&[])
     }
 
+    /// Let the pages of a memory-mapped file that this process has read leave its
+    /// resident set (`MADV_DONTNEED`; Linux and other Unix): the page cache keeps them and
+    /// the next read faults them back in, with the same bytes. For a reader that streams
+    /// through a file much larger than the memory it wants to hold (`gguf-reader
+    /// --verify-attention`, the offline analyzer): without it every page read stays
+    /// resident until the file is closed, so the peak RSS is the file's size. A no-op for
+    /// a file read into memory and on other platforms.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mmap(m) = &self.storage {
+            // SAFETY: the map is read-only and private and nothing writes through it, so
+            // every page is clean: MADV_DONTNEED only drops this process's copy of the
+            // mapping's pages, and a later read maps the file's same bytes again (the
+            // contract `open` already relies on: the file does not change while mapped).
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// Total size of the input in bytes.
     pub fn len(&self) -> u64 {
         self.storage.bytes().len() as u64

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use trace_format::json::number as float_json;
 
-use gguf_io::{Array, GgufFile, Header, Result, StreamReader, Value};
+use gguf_io::{Array, GgmlType, GgufFile, Header, Result, StreamReader, TensorInfo, Value};
 use serde_json::{json, Map, Value as Json};
+use trace_format::stored::Storage;
 
 use crate::args::Options;
 use crate::data::{self, TensorData};
@@ -45,6 +46,32 @@ pub struct Report {
     /// bytes`, `same as #i`), from its `kqv_trace.tensor.base` / `n_ranges`; `None` for
     /// any other file (or one whose arrays do not have an entry per tensor).
     pub stored: Option<Vec<String>>,
+    /// A format-version-2 trace: per tensor, the type and shape of its logical data (what
+    /// `--show-data` shows: a delta rebuilt, as the version-1 file has it); `None` for any
+    /// other file.
+    pub logical: Option<Vec<(GgmlType, Vec<u64>)>>,
+}
+
+/// A format-version-2 trace's storage, read from its header: `None` for any other file,
+/// `Some(Err)` (the reason) when the storage keys contradict the file.
+fn storage_of(h: &Header) -> Option<std::result::Result<Storage, String>> {
+    use trace_format::keys;
+    let v2 = h.metadata.get(keys::FORMAT_VERSION).and_then(Value::as_u64)
+        == Some(u64::from(trace_format::FORMAT_VERSION));
+    v2.then(|| Storage::from_header(h).map_err(|v| format!("version-2 storage not readable: {v}")))
+}
+
+/// Tensor `t` as its logical data is: type and shape as recorded in `storage`.
+fn logical_info(t: &TensorInfo, ty: GgmlType, dims: &[u64]) -> TensorInfo {
+    let n_elements = dims.iter().product();
+    TensorInfo {
+        name: t.name.clone(),
+        dims: dims.to_vec(),
+        ty,
+        offset: t.offset,
+        n_elements,
+        n_bytes: ty.bytes_for(n_elements).unwrap_or(0),
+    }
 }
 
 /// How each tensor of a version-2 trace is stored, as the listing says it.
@@ -114,6 +141,7 @@ impl Report {
             .flatten();
         Self {
             stored,
+            logical: None,
             input: input.to_owned(),
             file_size,
             header,
@@ -126,36 +154,152 @@ impl Report {
 
     pub fn from_file(input: &str, file: &GgufFile, opts: &Options) -> Result<Self> {
         let mut r = Self::new(input, Some(file.len()), file.header().clone(), opts);
-        if opts.show_data {
-            let order = file.header().byte_order;
-            for &i in &r.selected {
-                let t = &file.tensors()[i];
-                let d = data::inspect(t, file.tensor_data(t), order, opts.count);
-                r.data.insert(i, d.map_err(|e| e.to_string()));
-            }
+        if !opts.show_data {
+            return Ok(r);
+        }
+        let order = file.header().byte_order;
+        let storage = (r.kind == Kind::KqvTrace)
+            .then(|| storage_of(file.header()))
+            .flatten();
+        r.set_logical(storage.as_ref());
+        for &i in &r.selected {
+            let t = &file.tensors()[i];
+            let d = match &storage {
+                None => data::inspect(t, file.tensor_data(t), order, opts.count)
+                    .map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e.clone()),
+                // A version-2 trace: the logical data, a delta rebuilt (from the last
+                // tensor rebuilt of its stream when there is one).
+                Some(Ok(s)) => {
+                    let (ty, ne) = s.logical(i);
+                    data::inspect(
+                        &logical_info(t, ty, &ne),
+                        &s.data(file, i),
+                        order,
+                        opts.count,
+                    )
+                    .map_err(|e| e.to_string())
+                }
+            };
+            r.data.insert(i, d);
         }
         Ok(r)
     }
 
+    /// Record each tensor's logical type and shape from a version-2 storage.
+    fn set_logical(&mut self, storage: Option<&std::result::Result<Storage, String>>) {
+        if let Some(Ok(s)) = storage {
+            self.logical = Some(
+                (0..self.header.tensors.len())
+                    .map(|i| {
+                        let (ty, ne) = s.logical(i);
+                        (ty, ne.to_vec())
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// The type and shape of tensor `i`'s data as `--show-data` shows it: the GGUF
+    /// tensor's, or a version-2 trace's logical ones.
+    pub fn data_layout(&self, i: usize) -> (GgmlType, &[u64]) {
+        match self.logical.as_ref().and_then(|l| l.get(i)) {
+            Some((ty, dims)) => (*ty, dims),
+            None => (self.header.tensors[i].ty, &self.header.tensors[i].dims),
+        }
+    }
+
+    /// From a stream, the tensors come in data order, each read once: a version-2
+    /// delta is rebuilt from its base's bytes, kept only while a tensor still to come
+    /// that is shown (or that a shown one is rebuilt from) needs them.
     pub fn from_stream<R: Read>(
         input: &str,
         reader: &mut StreamReader<R>,
         opts: &Options,
     ) -> Result<Self> {
         let mut r = Self::new(input, None, reader.header().clone(), opts);
-        if opts.show_data {
-            let order = reader.header().byte_order;
-            let wanted: std::collections::HashSet<usize> = r.selected.iter().copied().collect();
-            while let Some((t, bytes)) = reader.next_tensor()? {
-                let Some(i) = r.header.tensors.iter().position(|x| x.name == t.name) else {
-                    continue;
-                };
-                if wanted.contains(&i) {
-                    let d = data::inspect(t, &bytes, order, opts.count);
-                    r.data.insert(i, d.map_err(|e| e.to_string()));
+        if !opts.show_data {
+            return Ok(r);
+        }
+        let order = reader.header().byte_order;
+        let storage = (r.kind == Kind::KqvTrace)
+            .then(|| storage_of(reader.header()))
+            .flatten();
+        r.set_logical(storage.as_ref());
+        let n = r.header.tensors.len();
+        let position: std::collections::HashMap<&str, usize> = r
+            .header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let mut wanted = vec![false; n];
+        for &i in &r.selected {
+            wanted[i] = true;
+        }
+        // Version 2: the tensors a shown one is rebuilt from, and how many of those
+        // still to come need each one's bytes.
+        let mut needed = wanted.clone();
+        let mut uses = vec![0u32; n];
+        if let Some(Ok(s)) = &storage {
+            for i in (0..n).rev() {
+                if let (true, Some(b)) = (needed[i], s.base(i)) {
+                    needed[b] = true;
+                    uses[b] += 1;
                 }
             }
         }
+        let mut held: std::collections::HashMap<usize, Vec<u8>> = Default::default();
+        let mut found = Vec::new();
+        while let Some((t, bytes)) = reader.next_tensor()? {
+            let Some(&i) = position.get(t.name.as_str()) else {
+                continue;
+            };
+            if !needed[i] {
+                continue;
+            }
+            let d = match &storage {
+                None => data::inspect(t, &bytes, order, opts.count).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e.clone()),
+                Some(Ok(s)) => {
+                    let logical = match s.base(i) {
+                        None => Ok(bytes),
+                        Some(b) => {
+                            uses[b] = uses[b].saturating_sub(1);
+                            let base = if uses[b] == 0 {
+                                held.remove(&b)
+                            } else {
+                                held.get(&b).cloned()
+                            };
+                            match base {
+                                Some(mut buf) => {
+                                    s.apply_delta(i, &bytes, &mut buf);
+                                    Ok(buf)
+                                }
+                                None => Err(format!(
+                                    "stored against tensor #{b}, which the stream did not \
+                                     hold before it (its data is not in table order)"
+                                )),
+                            }
+                        }
+                    };
+                    let d = logical.as_ref().map_err(Clone::clone).and_then(|l| {
+                        let (ty, ne) = s.logical(i);
+                        data::inspect(&logical_info(t, ty, &ne), l, order, opts.count)
+                            .map_err(|e| e.to_string())
+                    });
+                    if let (Ok(l), true) = (logical, uses[i] > 0) {
+                        held.insert(i, l);
+                    }
+                    d
+                }
+            };
+            if wanted[i] {
+                found.push((i, d));
+            }
+        }
+        r.data.extend(found);
         Ok(r)
     }
 

@@ -112,13 +112,14 @@ pub fn render(r: &Report, opts: &Options, out: &mut impl Write) -> io::Result<()
             opts.count
         )?;
         for &i in sel {
-            let t = &h.tensors[i];
+            // A version-2 trace's tensor as its logical data is (a delta rebuilt).
+            let (ty, dims) = r.data_layout(i);
             writeln!(
                 out,
                 "  {} [{} {}]",
-                escape(&t.name),
-                t.ty.name(),
-                shape_text(&t.dims)
+                escape(&h.tensors[i].name),
+                ty.name(),
+                shape_text(dims)
             )?;
             match r.data.get(&i) {
                 Some(Ok(d)) => {

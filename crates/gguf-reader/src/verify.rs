@@ -52,9 +52,16 @@ pub fn run<'a>(
     limits: &Limits,
 ) -> Result<Vec<Row<'a>>, VerifyError> {
     let mut rows = Vec::new();
+    let mut last_step = None;
     for ((s, l), tensors) in trace.groups() {
         if step.is_some_and(|x| x != s) || layer.is_some_and(|x| x != l) {
             continue;
+        }
+        // A new step: the pages read for the last one leave the resident set, so the
+        // peak RSS is about one step's data, not the file (the rebuilt views are kept
+        // per (layer, role) by the trace's own cache).
+        if verify && last_step.replace(s) != Some(s) {
+            trace.gguf().release_pages();
         }
         let result = verify.then(|| match check_in_trace_with(trace, s, l, limits) {
             Ok(o) => GroupResult::Outcome(o),

@@ -532,7 +532,17 @@ impl CaptureSink for MonitorSink {
                 .saturating_sub(self.n_layer);
             self.n_cross_layer = self.n_cross_layer.max(il + 1);
         } else if !att.op.is_empty() {
-            self.seen_op.get_or_insert_with(|| att.op.clone());
+            // The mixed KV cache's node says nothing about flash attention: on a sliding-window
+            // (iSWA) model the window layers' op decides the flag (a run of mixed nodes only
+            // keeps the first).
+            let mixed = |op: &str| op == trace_format::MIXED_ATTN_OP;
+            if self
+                .seen_op
+                .as_deref()
+                .is_none_or(|op| mixed(op) && !mixed(&att.op))
+            {
+                self.seen_op = Some(att.op.clone());
+            }
         }
         self.rotation.observe(&att);
         // With flash attention `kqv_out` shares the attention output's bytes: the same

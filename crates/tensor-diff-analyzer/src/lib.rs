@@ -180,7 +180,14 @@ pub fn compare_files(
             ));
         }
     }
+    let mut last_step = None;
     for t in &current.tensors {
+        // A new step: the pages of both files read so far leave the resident set (the
+        // peak RSS stays about one step's data, not the files': GgufFile::release_pages).
+        if last_step.replace(t.meta.step) != Some(t.meta.step) {
+            current.gguf().release_pages();
+            a.reference.gguf().release_pages();
+        }
         a.compare(&t.meta, &t.name, &le_data(current, t));
     }
     let reference = a.reference;

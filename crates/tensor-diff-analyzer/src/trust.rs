@@ -341,15 +341,19 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
         .iter()
         .filter_map(|(e, what)| e.as_ref().map(|e| format!("{e} ({what})")))
         .collect();
-    if present.len() > 1 {
+    // A mixed KV cache on a sliding-window (iSWA) model: its full-attention layers run the
+    // mixed node, its window layers llama.cpp's own attention, flash or not (one story).
+    let iswa_mixed = run.mixed_kv_cache && layouts.mixed.is_some() && present.len() == 2;
+    if present.len() > 1 && !iswa_mixed {
         return Err(TrustError::Inconsistent(
             present[0].clone(),
             present[1].clone(),
         ));
     }
 
-    // Flash attention. A mixed run records the flag as asked; its node has its own layout.
-    if layouts.mixed.is_none() {
+    // Flash attention. A mixed run records the flag as asked, or as its window layers ran;
+    // its node has its own layout.
+    if layouts.mixed.is_none() || iswa_mixed {
         let contra = match run.flash_attn.as_str() {
             "on" => layouts.plain.as_ref(),
             "off" => layouts.flash.as_ref(),
@@ -445,10 +449,13 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
 /// Flash attention and the mixed KV cache as the tensors show them (no rotation).
 fn observed_layouts(run: &RunMeta, layouts: &Layouts) -> Observed {
     Observed {
-        flash: if layouts.mixed.is_some() || layouts.flash.is_some() {
+        // (the window layers of a mixed run on a sliding-window model decide)
+        flash: if layouts.flash.is_some() {
             Some(true)
         } else if layouts.plain.is_some() {
             Some(false)
+        } else if layouts.mixed.is_some() {
+            Some(true)
         } else {
             // No attention op traced (kqv_out only): the flag decides nothing but a note.
             flash_of(run)

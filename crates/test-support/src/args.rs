@@ -56,6 +56,11 @@ impl LlamaArgs {
         self.arg("-ctk").arg(k).arg("-ctv").arg(v)
     }
 
+    /// `--kv-storage full|delta`: how a saved trace stores its tensors.
+    pub fn storage(self, s: trace_format::KvStorage) -> LlamaArgs {
+        self.args(crate::storage::args(s))
+    }
+
     /// One more argument, as it is.
     pub fn arg(mut self, a: impl Into<String>) -> LlamaArgs {
         self.0.push(a.into());

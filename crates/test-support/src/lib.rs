@@ -7,6 +7,7 @@
 //!   trace of any number of groups for the scale test;
 //! - [`pty`]: run a tool with stderr on a pseudo-terminal (progress-line tests);
 //! - [`rpc_server`]: `kcm-rpc-server` processes on free loopback ports, killed on drop;
+//! - [`storage`]: trace tests for both storages (`--kv-storage full` and `delta`);
 //! - `timed` (feature `capture`): time the generation steps of a run (benchmarks).
 
 pub mod args;
@@ -15,6 +16,7 @@ pub mod hostile;
 pub mod pty;
 pub mod rng;
 pub mod rpc_server;
+pub mod storage;
 #[cfg(feature = "capture")]
 pub mod timed;
 

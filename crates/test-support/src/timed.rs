@@ -73,6 +73,17 @@ impl<S: CaptureSink> CaptureSink for Timed<S> {
         self.sink_time += t0.elapsed();
         r
     }
+    fn on_output(&mut self, out: ggml_trace::capture::StepOutput) -> Result<(), CaptureError> {
+        match self.inner.as_mut() {
+            Some(s) => s.on_output(out),
+            None => Ok(()),
+        }
+    }
+    fn on_unexplained(&mut self, change: &ggml_trace::capture::UnexplainedChange) {
+        if let Some(s) = self.inner.as_mut() {
+            s.on_unexplained(change);
+        }
+    }
 }
 
 /// The median of a set of runs.

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use gguf_io::{Array, GgmlType, GgufFile, Metadata, Value};
+use gguf_io::{Array, GgmlType, GgufFile, Header, Metadata, TensorInfo, Value};
 
 use crate::escape::escape;
 use crate::keys;
@@ -94,7 +94,17 @@ impl Storage {
     /// Each contradiction is a file-level violation. Nothing is allocated from a claim
     /// before it is checked against the file.
     pub(crate) fn parse(m: &Metadata, file: &GgufFile) -> Result<Self, Violation> {
-        let infos = file.tensors();
+        Self::parse_tensors(m, file.tensors())
+    }
+
+    /// [`parse`](Self::parse) from a header alone (a trace read from a stream, where the
+    /// data comes tensor by tensor: see [`base`](Self::base) and
+    /// [`apply_delta`](Self::apply_delta)); the same checks.
+    pub fn from_header(h: &Header) -> Result<Self, Violation> {
+        Self::parse_tensors(&h.metadata, &h.tensors)
+    }
+
+    fn parse_tensors(m: &Metadata, infos: &[TensorInfo]) -> Result<Self, Violation> {
         let n = infos.len();
         let types = typed!(m, keys::TENSOR_TYPE, U32, "uint32");
         let nes = typed!(m, keys::TENSOR_NE, U64, "uint64");
@@ -335,9 +345,20 @@ impl Storage {
         own.chunks_exact(2).map(|r| (r[0], r[1])).collect()
     }
 
+    /// The tensor tensor `i` is stored against (`None` when it is stored whole).
+    pub fn base(&self, i: usize) -> Option<usize> {
+        usize::try_from(self.base[i]).ok()
+    }
+
     /// Apply tensor `i`'s ranges onto `buf` (its base's bytes).
     fn apply(&self, file: &GgufFile, i: usize, buf: &mut [u8]) {
-        let data = file.tensor_data(&file.tensors()[i]);
+        self.apply_delta(i, file.tensor_data(&file.tensors()[i]), buf);
+    }
+
+    /// Rebuild delta `i` in place: `buf` holds its [`base`](Self::base)'s full bytes,
+    /// `data` its GGUF tensor's bytes (the changed bytes, in range order); each range of
+    /// `buf` is overwritten by the next of them. Nothing to do for a tensor stored whole.
+    pub fn apply_delta(&self, i: usize, data: &[u8], buf: &mut [u8]) {
         let mut pos = 0usize;
         let own =
             &self.ranges[2 * self.first_range[i]..2 * (self.first_range[i] + self.n_ranges[i])];
@@ -353,8 +374,9 @@ impl Storage {
     }
 
     /// Tensor `i`'s full logical bytes: borrowed from the file when a tensor stored whole
-    /// has them, else rebuilt from the nearest tensor whole or cached.
-    pub(crate) fn data<'a>(&self, file: &'a GgufFile, i: usize) -> Cow<'a, [u8]> {
+    /// has them, else rebuilt from the nearest tensor whole or cached. `file` is the GGUF
+    /// whose header this storage was parsed from.
+    pub fn data<'a>(&self, file: &'a GgufFile, i: usize) -> Cow<'a, [u8]> {
         let c = self.canonical[i];
         if self.base[c] == -1 {
             return Cow::Borrowed(file.tensor_data(&file.tensors()[c]));

@@ -376,3 +376,24 @@ fn fuzz_regressions() {
     }
     assert!(n >= 2);
 }
+
+/// `release_pages` drops the mapped pages from the resident set; reads after it see the
+/// file's same bytes (and it is a no-op for a file in memory).
+#[test]
+fn released_pages_read_back_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.gguf");
+    std::fs::write(&path, sample_file()).unwrap();
+    let (_, data) = sample_spec(ByteOrder::Little);
+    for f in [
+        GgufFile::open(&path).unwrap(),
+        GgufFile::from_bytes(sample_file()).unwrap(),
+    ] {
+        for _ in 0..2 {
+            for (t, d) in f.tensors().iter().zip(&data) {
+                assert_eq!(f.tensor_data(t), &d[..]);
+            }
+            f.release_pages();
+        }
+    }
+}

@@ -147,6 +147,8 @@ fn check(dir: &Path, label: &str, args: Vec<String>) {
     assert_eq!(groups(&va), groups(&vb), "{label}");
     assert_eq!(va, vb, "{label}: verification reads other values");
 
+    show_data_is_the_same(label, &full, &delta);
+
     // The listing says how each tensor is stored.
     let (code, out, _) = reader(&[delta.to_str().unwrap()]);
     assert_eq!(code, 0);
@@ -156,6 +158,99 @@ fn check(dir: &Path, label: &str, args: Vec<String>) {
     );
     let (_, out, _) = reader(&[full.to_str().unwrap()]);
     assert!(!out.contains("delta of #"));
+}
+
+/// `gguf-reader` with `args` reading `path` from stdin.
+fn reader_stdin(path: &Path, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(READER)
+        .arg("-")
+        .args(args)
+        .stdin(std::fs::File::open(path).unwrap())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// `--show-data` shows each tensor's logical values: the Data section of the version-2
+/// file (read from a path or from stdin, every tensor or one delta picked alone) is the
+/// version-1 file's, line for line, and so are the `--json` data objects.
+fn show_data_is_the_same(label: &str, full: &Path, delta: &Path) {
+    let data_section = |out: &str| -> String {
+        let at = out
+            .find("\nData (")
+            .unwrap_or_else(|| panic!("{label}: no Data section"));
+        out[at..].to_owned()
+    };
+    let show = ["--show-data", "--count", "40"];
+    let run = |p: &Path, stdin: bool, extra: &[&str]| {
+        let args: Vec<&str> = show.iter().chain(extra).copied().collect();
+        let (code, out, err) = if stdin {
+            reader_stdin(p, &args)
+        } else {
+            let mut a = vec![p.to_str().unwrap()];
+            a.extend(&args);
+            reader(&a)
+        };
+        assert_eq!(code, 0, "{label}: {err}");
+        out
+    };
+    let want = data_section(&run(full, false, &[]));
+    assert!(!want.contains("no data"), "{label}: {want}");
+    for stdin in [false, true] {
+        let got = data_section(&run(delta, stdin, &[]));
+        assert!(
+            got == want,
+            "{label} (stdin {stdin}): --show-data differs on version 2:\n{}",
+            first_difference(&want, &got)
+        );
+    }
+    // One delta deep in a K stream, alone (rebuilt through its chain).
+    let b = TraceFile::open(delta).unwrap();
+    let last_k = b
+        .tensors
+        .iter()
+        .rev()
+        .find(|t| {
+            t.meta.role == Role::K
+                && matches!(b.stored(t.index), Stored::Delta { n_ranges: 1.., .. })
+        })
+        .unwrap_or_else(|| panic!("{label}: no K delta"));
+    let pick = format!("^{}$", regex::escape(&last_k.name));
+    for stdin in [false, true] {
+        let got = data_section(&run(delta, stdin, &["--tensor", &pick]));
+        let want = data_section(&run(full, stdin, &["--tensor", &pick]));
+        assert_eq!(got, want, "{label}: {} alone", last_k.name);
+        assert!(got.contains("values: ["), "{got}");
+    }
+    // --json: every tensor's data object.
+    let data_objects = |out: &str| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(out).unwrap();
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["data"].clone())
+            .collect()
+    };
+    let (a, b) = (
+        data_objects(&run(full, false, &["--json"])),
+        data_objects(&run(delta, false, &["--json"])),
+    );
+    assert!(a.iter().all(|d| d.get("first").is_some()), "{label}");
+    assert!(a == b, "{label}: --json data objects differ on version 2");
+}
+
+/// The first line where `a` and `b` differ, for a readable failure.
+fn first_difference(a: &str, b: &str) -> String {
+    a.lines()
+        .zip(b.lines())
+        .find(|(x, y)| x != y)
+        .map(|(x, y)| format!("version 1: {x}\nversion 2: {y}"))
+        .unwrap_or_else(|| format!("{} lines against {}", a.lines().count(), b.lines().count()))
 }
 
 pub(crate) fn tiny(dir: &Path) -> PathBuf {

@@ -3,6 +3,7 @@
 //! the traced q/k/v/mask (with the recorded layouts) and match the traced `kqv_out`.
 
 use std::path::{Path, PathBuf};
+use test_support::storage::KvStorage;
 use test_support::LlamaArgs;
 
 use attn_verify::check_in_trace;
@@ -23,14 +24,15 @@ fn model_with_head_dim(dir: &Path, head_dim: usize) -> PathBuf {
     tiny_llama::write_with_head_dim(dir, head_dim).unwrap()
 }
 
-fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
+/// The run traced in both storages (full, delta): every check below reads each.
+fn traces(model: &Path, out: &Path, extra: &[&str]) -> Vec<(KvStorage, TraceFile)> {
     let args = LlamaArgs::new(model, PROMPT)
         .n(3)
         .ubatch(16)
         .threads(2)
         .greedy()
         .build();
-    crate::common::trace_with(args, out, extra)
+    crate::common::trace_both(args, out, extra)
 }
 
 /// Verify every (step, layer) of a trace against its documented bound
@@ -90,14 +92,15 @@ fn f16_cache_traces_verify_with_and_without_flash_attention() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
     for (fa, flash) in [("on", true), ("off", false)] {
-        let t = trace(&m, &dir.path().join(format!("f16-{fa}.gguf")), &["-fa", fa]);
-        check_structure(&t, flash);
-        assert_eq!(t.run.cache_type_k, "f16");
-        // Against the documented bounds: with flash attention ggml's CPU kernel
-        // accumulates softmax·V in an F16 buffer (VKQ16 in ops.cpp) when V is F16
-        // (measured worst 1.13e-6 on this model, bound 2e-6); without it, the softmax is
-        // rounded to F16 for the kqv product (bound 1e-6). docs/verification.md.
-        verify_all(&t, &format!("f16 fa={fa}"));
+        for (s, t) in traces(&m, &dir.path().join(format!("f16-{fa}.gguf")), &["-fa", fa]) {
+            check_structure(&t, flash);
+            assert_eq!(t.run.cache_type_k, "f16");
+            // Against the documented bounds: with flash attention ggml's CPU kernel
+            // accumulates softmax·V in an F16 buffer (VKQ16 in ops.cpp) when V is F16
+            // (measured worst 1.13e-6 on this model, bound 2e-6); without it, the softmax
+            // is rounded to F16 for the kqv product (bound 1e-6). docs/verification.md.
+            verify_all(&t, &format!("f16 fa={fa} {}", s.name()));
+        }
     }
 }
 
@@ -121,42 +124,46 @@ fn quantized_and_other_cache_types_verify() {
         } else {
             model_with_head_dim(dir.path(), hd)
         };
-        let t = trace(
+        for (s, t) in traces(
             &m,
             &dir.path().join(format!("hd{hd}-{ctk}-{ctv}-{fa}.gguf")),
             &["-ctk", ctk, "-ctv", ctv, "-fa", fa],
-        );
-        assert_eq!(t.run.cache_type_k, ctk);
-        assert_eq!(t.run.kv_rotation, rotated);
-        let k = t.find(Role::K, 0, 0).unwrap();
-        assert_eq!(k.meta.layout.ty.name(), ctk, "K is kept in its cache type");
-        // A rotated cache also records kqv_out rotated back, for every kqv_out.
-        let n_out = t
-            .tensors
-            .iter()
-            .filter(|x| x.meta.role == Role::KqvOut)
-            .count();
-        let n_unrot = t
-            .tensors
-            .iter()
-            .filter(|x| x.meta.role == Role::KqvOutUnrotated)
-            .count();
-        assert_eq!(n_unrot, if rotated { n_out } else { 0 });
-        if rotated {
-            let a = t.find(Role::KqvOut, 1, 2).unwrap();
-            let b = t.find(Role::KqvOutUnrotated, 1, 2).unwrap();
-            assert_eq!(a.meta.layout.ne, b.meta.layout.ne);
-            assert_ne!(t.data(a), t.data(b));
-            // A Hadamard rotation is orthonormal: the norm of each row is kept.
-            let (va, vb) = (t.f32(a).unwrap(), t.f32(b).unwrap());
-            let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-            assert!(
-                (norm(&va) - norm(&vb)).abs() <= 1e-4 * norm(&va),
-                "{} vs {}",
-                norm(&va),
-                norm(&vb)
+        ) {
+            assert_eq!(t.run.cache_type_k, ctk);
+            assert_eq!(t.run.kv_rotation, rotated);
+            let k = t.find(Role::K, 0, 0).unwrap();
+            assert_eq!(k.meta.layout.ty.name(), ctk, "K is kept in its cache type");
+            // A rotated cache also records kqv_out rotated back, for every kqv_out.
+            let n_out = t
+                .tensors
+                .iter()
+                .filter(|x| x.meta.role == Role::KqvOut)
+                .count();
+            let n_unrot = t
+                .tensors
+                .iter()
+                .filter(|x| x.meta.role == Role::KqvOutUnrotated)
+                .count();
+            assert_eq!(n_unrot, if rotated { n_out } else { 0 });
+            if rotated {
+                let a = t.find(Role::KqvOut, 1, 2).unwrap();
+                let b = t.find(Role::KqvOutUnrotated, 1, 2).unwrap();
+                assert_eq!(a.meta.layout.ne, b.meta.layout.ne);
+                assert_ne!(t.data(a), t.data(b));
+                // A Hadamard rotation is orthonormal: the norm of each row is kept.
+                let (va, vb) = (t.f32(a).unwrap(), t.f32(b).unwrap());
+                let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+                assert!(
+                    (norm(&va) - norm(&vb)).abs() <= 1e-4 * norm(&va),
+                    "{} vs {}",
+                    norm(&va),
+                    norm(&vb)
+                );
+            }
+            verify_all(
+                &t,
+                &format!("head_dim {hd} {ctk}/{ctv} fa={fa} {}", s.name()),
             );
         }
-        verify_all(&t, &format!("head_dim {hd} {ctk}/{ctv} fa={fa}"));
     }
 }

@@ -325,25 +325,29 @@ fn gguf_reader() -> PathBuf {
 fn save_gguf_to_stdout_is_a_trace_and_stats_go_to_stderr() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
-    let o = small_run(&m, &["-fa", "on", "--save-gguf", "-"]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let rows = table(&text(&o.stderr));
-    assert_eq!(rows.len(), N_STEPS * N_LAYER * FA_ROLES.len());
+    for storage in test_support::storage::BOTH {
+        let [flag, name] = test_support::storage::args(storage);
+        let o = small_run(&m, &["-fa", "on", flag, name, "--save-gguf", "-"]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let rows = table(&text(&o.stderr));
+        assert_eq!(rows.len(), N_STEPS * N_LAYER * FA_ROLES.len());
 
-    let file = gguf_io::GgufFile::from_bytes(o.stdout.clone()).expect("stdout is a GGUF");
-    assert_eq!(file.tensors().len(), rows.len());
-    let t = TraceFile::from_gguf(file).unwrap();
-    assert!(t.run.complete);
-    assert_eq!(t.steps.len(), N_STEPS);
-    assert_eq!(t.run.flash_attn, "on");
-    // The file lists the tensors in the order the table printed them.
-    for (r, tt) in rows.iter().zip(&t.tensors) {
-        assert_eq!(
-            (r.step, r.layer, r.role.as_str()),
-            (tt.meta.step, tt.meta.layer, tt.meta.role.name())
-        );
-        assert_eq!(r.name, tt.meta.ggml_name);
-        assert_eq!(r.shape, tt.meta.layout.ne);
+        let file = gguf_io::GgufFile::from_bytes(o.stdout.clone()).expect("stdout is a GGUF");
+        assert_eq!(file.tensors().len(), rows.len());
+        let t = TraceFile::from_gguf(file).unwrap();
+        assert!(t.run.complete);
+        assert_eq!(t.steps.len(), N_STEPS);
+        assert_eq!(t.run.flash_attn, "on");
+        // The file lists the tensors in the order the table printed them.
+        for (r, tt) in rows.iter().zip(&t.tensors) {
+            assert_eq!(
+                (r.step, r.layer, r.role.as_str()),
+                (tt.meta.step, tt.meta.layer, tt.meta.role.name())
+            );
+            assert_eq!(r.name, tt.meta.ggml_name);
+            assert_eq!(r.shape, tt.meta.layout.ne);
+        }
+        assert_eq!(t.format_version, storage.format_version());
     }
 
     // Through a real pipe into gguf-reader.
@@ -691,8 +695,13 @@ fn seed_readme_commands_run_as_written() {
 fn gguf_reader_verifies_attention_of_a_piped_trace() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
-    for (fa, sources, code) in [("on", true, 0), ("off", true, 0), ("on", false, 2)] {
+    for ((fa, sources, code), storage) in [("on", true, 0), ("off", true, 0), ("on", false, 2)]
+        .into_iter()
+        .flat_map(|c| test_support::storage::BOTH.map(|s| (c, s)))
+    {
         let mut args = vec![
+            "--kv-storage".to_owned(),
+            storage.name().to_owned(),
             "-m".to_owned(),
             m.display().to_string(),
             "-p".into(),
@@ -727,7 +736,8 @@ fn gguf_reader_verifies_attention_of_a_piped_trace() {
         assert_eq!(
             reader.status.code(),
             Some(code),
-            "fa={fa} sources={sources}\n{out}\n{}",
+            "fa={fa} sources={sources} {}\n{out}\n{}",
+            storage.name(),
             text(&reader.stderr)
         );
         if sources {
@@ -763,48 +773,56 @@ fn ctrl_c_saves_what_was_traced_marked_incomplete() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
-    let out = dir.path().join("partial.gguf");
-    let mut child = Command::new(BIN)
-        .args([
-            "-m",
-            m.to_str().unwrap(),
-            "-p",
-            "Hi",
-            "-n",
-            "500",
-            "-c",
-            "512",
-            "--ignore-eos",
-            "--temp",
-            "0",
-            "--save-gguf",
-            out.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until statistics flow (the run is under way), then interrupt it.
-    let mut first = [0u8; 4096];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = child.wait_with_output().unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
-    assert!(err.contains("interrupted after"), "{err}");
-    let t = TraceFile::open(&out).unwrap();
-    assert!(!t.run.complete);
-    let n = t.steps.len();
-    assert!((1..501).contains(&n), "{n} steps");
-    // Every step that was started was traced whole: both layers.
-    assert_eq!(t.groups().len(), 2 * n);
+    for storage in test_support::storage::BOTH {
+        let out = dir.path().join(format!("partial-{}.gguf", storage.name()));
+        let mut child = Command::new(BIN)
+            .args(test_support::storage::args(storage))
+            .args([
+                "-m",
+                m.to_str().unwrap(),
+                "-p",
+                "Hi",
+                "-n",
+                "500",
+                "-c",
+                "512",
+                "--ignore-eos",
+                "--temp",
+                "0",
+                "--save-gguf",
+                out.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until statistics flow (the run is under way), then interrupt it.
+        let mut first = [0u8; 4096];
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut first)
+            .unwrap();
+        let st = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let o = child.wait_with_output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert!(err.contains("interrupted after"), "{err}");
+        let t = TraceFile::open(&out).unwrap();
+        assert!(!t.run.complete);
+        let n = t.steps.len();
+        assert!((1..501).contains(&n), "{n} steps");
+        // Every step that was started was traced whole: both layers.
+        assert_eq!(t.groups().len(), 2 * n);
+        assert_eq!(t.format_version, storage.format_version());
+        // and every tensor reads back whole
+        for x in &t.tensors {
+            assert_eq!(t.data(x).len() as u64, x.meta.layout.n_bytes().unwrap());
+        }
+    }
 }

@@ -82,38 +82,44 @@ fn gemma_traces_verify_in_every_mode() {
             vec!["-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0"],
         ),
     ] {
-        let (t, stdout) = trace(
-            &extra,
-            &dir.path()
-                .join(format!("{}.gguf", label.replace([' ', '='], "_"))),
-        );
-        assert_eq!(t.run.architecture, "gemma3");
-        assert_eq!(t.run.n_layer, 18);
-        assert_eq!(t.groups().len() as u32, 18 * t.steps.len() as u32);
-        let k = t.find(Role::K, 5, 0).unwrap();
-        assert_eq!(k.meta.layout.ne[0], 256, "head_dim");
-        assert_eq!(k.meta.layout.ne[2], 1, "one KV head");
-        // Sliding-window and full-attention layers read different masks with one name.
-        assert_ne!(
-            t.find(Role::Mask, 0, 0).unwrap().name,
-            t.find(Role::Mask, 5, 0).unwrap().name
-        );
-        if label.starts_with("q8_0") {
+        let path = dir
+            .path()
+            .join(format!("{}.gguf", label.replace([' ', '='], "_")));
+        let (_, stdout) = trace(&extra, &path);
+        // One run (gemma is slow), read in both storages: the delta file it wrote and its
+        // version-1 copy (test_support::storage::as_storage).
+        for storage in test_support::storage::BOTH {
+            let t = TraceFile::open(test_support::storage::as_storage(&path, storage)).unwrap();
+            let label = format!("{label} ({})", storage.name());
+            let label = label.as_str();
+            assert_eq!(t.run.architecture, "gemma3");
+            assert_eq!(t.run.n_layer, 18);
+            assert_eq!(t.groups().len() as u32, 18 * t.steps.len() as u32);
+            let k = t.find(Role::K, 5, 0).unwrap();
+            assert_eq!(k.meta.layout.ne[0], 256, "head_dim");
+            assert_eq!(k.meta.layout.ne[2], 1, "one KV head");
+            // Sliding-window and full-attention layers read different masks with one name.
+            assert_ne!(
+                t.find(Role::Mask, 0, 0).unwrap().name,
+                t.find(Role::Mask, 5, 0).unwrap().name
+            );
+            if label.starts_with("q8_0") {
+                assert!(
+                    t.run.kv_rotation,
+                    "head_dim 256 with a quantized cache is rotated"
+                );
+            }
+            verify_all(&t, label);
+            // The monitor verified the same groups live (--verify), with the same verdicts.
+            let n = t.groups().len();
+            assert_eq!(stdout.matches("\nverify step ").count(), n, "{stdout}");
             assert!(
-                t.run.kv_rotation,
-                "head_dim 256 with a quantized cache is rotated"
+                stdout.contains(&format!(
+                    "verify: verified {n} of {n} (step, layer) groups: 0 failed, 0 missing inputs"
+                )),
+                "{stdout}"
             );
         }
-        verify_all(&t, label);
-        // The monitor verified the same groups live (--verify), with the same verdicts.
-        let n = t.groups().len();
-        assert_eq!(stdout.matches("\nverify step ").count(), n, "{stdout}");
-        assert!(
-            stdout.contains(&format!(
-                "verify: verified {n} of {n} (step, layer) groups: 0 failed, 0 missing inputs"
-            )),
-            "{stdout}"
-        );
     }
 }
 
@@ -127,41 +133,45 @@ fn gemma_sliding_window_beyond_512_tokens_verifies() {
         ["The capital of France is Paris, and the capital of Italy is Rome."; 60].join(" ");
     // Layer 0 slides; layer 5 attends to everything (gemma 3: every sixth layer is global).
     for layer in ["0", "5"] {
-        let (t, stdout) = trace_with(
-            &prompt,
-            &["-n", "2", "-fa", "on", "--layer", layer],
-            &dir.path().join(format!("long-{layer}.gguf")),
-        );
-        let last = t.steps.last().unwrap();
-        let pos = *last.positions.last().unwrap();
-        assert!(pos > 600, "the prompt must outgrow the window: {pos}");
-        assert!(
-            t.steps.len() >= 4,
-            "at least two prompt ubatches and two tokens"
-        );
-        assert!(t.steps[0].positions.len() > 1, "a multi-token ubatch");
-        let layer: i32 = layer.parse().unwrap();
-        let mask = t.find(Role::Mask, layer, last.step).unwrap();
-        let attended = t
-            .f32(mask)
-            .unwrap()
-            .iter()
-            .take(mask.meta.layout.ne[0] as usize)
-            .filter(|x| **x != f32::NEG_INFINITY)
-            .count();
-        if layer == 0 {
+        let path = dir.path().join(format!("long-{layer}.gguf"));
+        let (_, stdout) = trace_with(&prompt, &["-n", "2", "-fa", "on", "--layer", layer], &path);
+        // One run, read in both storages (the delta file and its version-1 copy).
+        for storage in test_support::storage::BOTH {
+            let t = TraceFile::open(test_support::storage::as_storage(&path, storage)).unwrap();
+            let last = t.steps.last().unwrap();
+            let pos = *last.positions.last().unwrap();
+            assert!(pos > 600, "the prompt must outgrow the window: {pos}");
             assert!(
-                attended <= 512 && (attended as i32) < pos + 1,
-                "the window hides old cells: {attended} attended at position {pos}"
+                t.steps.len() >= 4,
+                "at least two prompt ubatches and two tokens"
             );
-        } else {
-            assert_eq!(
-                attended as i32,
-                pos + 1,
-                "a global layer sees every position"
+            assert!(t.steps[0].positions.len() > 1, "a multi-token ubatch");
+            let layer: i32 = layer.parse().unwrap();
+            let mask = t.find(Role::Mask, layer, last.step).unwrap();
+            let attended = t
+                .f32(mask)
+                .unwrap()
+                .iter()
+                .take(mask.meta.layout.ne[0] as usize)
+                .filter(|x| **x != f32::NEG_INFINITY)
+                .count();
+            if layer == 0 {
+                assert!(
+                    attended <= 512 && (attended as i32) < pos + 1,
+                    "the window hides old cells: {attended} attended at position {pos}"
+                );
+            } else {
+                assert_eq!(
+                    attended as i32,
+                    pos + 1,
+                    "a global layer sees every position"
+                );
+            }
+            verify_all(
+                &t,
+                &format!("long prompt, layer {layer} ({})", storage.name()),
             );
         }
-        verify_all(&t, &format!("long prompt, layer {layer}"));
         assert!(stdout.contains("0 failed, 0 missing inputs"), "{stdout}");
     }
 }

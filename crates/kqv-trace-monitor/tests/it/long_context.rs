@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use attn_verify::{check_in_trace, kernel::KernelPath, Checked, Outcome, Suspect};
+use test_support::storage::KvStorage;
 use test_support::{LlamaArgs, Rng};
 use trace_format::{Role, TraceFile};
 
@@ -117,7 +118,7 @@ fn assert_cell_named(planted: &Path, step: u32, layer: i32, cell: usize) {
 }
 
 /// About 1,900 gemma tokens of the project's own prose.
-fn docs_prompt() -> String {
+pub(crate) fn docs_prompt() -> String {
     let text = [
         include_str!("../../../../docs/verification.md"),
         include_str!("../../../../docs/design.md"),
@@ -136,10 +137,13 @@ fn gemma_at_2k_tokens_verifies_every_group_and_names_a_scaled_recent_k_cell() {
         model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let prompt = docs_prompt();
-    for threads in [2u32, 1] {
+    // Both storages from the two runs that happen anyway (gemma at 2k tokens is slow):
+    // -t 2 writes version 1 (`--kv-storage full`), -t 1 the default version 2.
+    for (threads, storage) in [(2u32, KvStorage::Full), (1, KvStorage::Delta)] {
         let out = dir.path().join(format!("gemma-2k-t{threads}.gguf"));
         trace(
             LlamaArgs::new(&model, &prompt)
+                .storage(storage)
                 .n(32)
                 .threads(threads)
                 .greedy()
@@ -151,6 +155,7 @@ fn gemma_at_2k_tokens_verifies_every_group_and_names_a_scaled_recent_k_cell() {
                 .build(),
         );
         let t = TraceFile::open(&out).unwrap();
+        assert_eq!(t.format_version, storage.format_version());
         let last = t.steps.last().unwrap().clone();
         let pos = *last.positions.last().unwrap();
         assert!(
@@ -176,7 +181,7 @@ fn gemma_at_2k_tokens_verifies_every_group_and_names_a_scaled_recent_k_cell() {
 }
 
 /// The tiny LLaMA at `n_ctx` cells: the decode steps after a prompt of random bytes.
-fn tiny_at(n_ctx: usize) {
+fn tiny_at(n_ctx: usize, storage: KvStorage) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let model = dir.path().join("tiny.gguf");
     tiny_llama::write_model(
@@ -205,6 +210,7 @@ fn tiny_at(n_ctx: usize) {
             .ctx(n_ctx as u32)
             .ubatch(ubatch as u32)
             .flash(true)
+            .storage(storage)
             .arg("--from-step")
             .arg(prefill_steps.to_string())
             .arg("--quiet")
@@ -213,6 +219,7 @@ fn tiny_at(n_ctx: usize) {
             .build(),
     );
     let t = TraceFile::open(&out).unwrap();
+    assert_eq!(t.format_version, storage.format_version());
     let last = t.steps.last().unwrap().clone();
     let pos = *last.positions.last().unwrap() as usize;
     assert!(pos + 64 >= n_ctx, "context of {n_ctx}: last position {pos}");
@@ -230,12 +237,13 @@ fn tiny_at(n_ctx: usize) {
     assert_cell_named(&planted, last.step, 1, cell);
 }
 
+/// Both storages over the two sizes that run anyway: 8k cells in version 1, 32k in 2.
 #[test]
 fn the_tiny_model_at_8k_cells_verifies_and_names_a_scaled_recent_k_cell() {
-    tiny_at(8192);
+    tiny_at(8192, KvStorage::Full);
 }
 
 #[test]
 fn the_tiny_model_at_32k_cells_verifies_and_names_a_scaled_recent_k_cell() {
-    tiny_at(32768);
+    tiny_at(32768, KvStorage::Delta);
 }

@@ -1,12 +1,14 @@
-//! The mixed KV cache end to end (`--mixed-kv-cache`, vendor/patches/0001-0003) on the
+//! The mixed KV cache end to end (`--mixed-kv-cache`, vendor/patches/0001-0004) on the
 //! generated tiny LLaMA: a hot window smaller than the prompt, so chunks of tokens move
 //! to the quantized cold store during the prompt and during generation; every traced
 //! (step, layer) holds the six inputs of the mixed node and verifies against the f64
 //! recomputation; the KV buffers' size comes from ggml's buffer sizes; unsupported setups
-//! fail at start with a clear message.
+//! fail at start with a clear message. On gemma-3-270m (sliding-window layers) at about
+//! 2,000 tokens, the full-attention layers are mixed and every group verifies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use test_support::storage::KvStorage;
 use test_support::LlamaArgs;
 
 use attn_verify::verify_group;
@@ -49,6 +51,11 @@ fn trace(model: &Path, out: &Path, extra: &[&str]) -> TraceFile {
     crate::common::trace_with(base_args(model), out, extra)
 }
 
+/// The run traced in both storages (full, delta).
+fn traces(model: &Path, out: &Path, extra: &[&str]) -> Vec<(KvStorage, TraceFile)> {
+    crate::common::trace_both(base_args(model), out, extra)
+}
+
 fn mixed_args() -> [&'static str; 5] {
     mixed_args_with("q4_0")
 }
@@ -67,107 +74,109 @@ fn mixed_args_with(cold: &'static str) -> [&'static str; 5] {
 fn chunks_move_during_prompt_and_generation_and_every_group_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let (m, cfg) = model(dir.path());
-    let t = trace(&m, &dir.path().join("mixed.gguf"), &mixed_args());
-    assert!(t.run.mixed_kv_cache);
-    assert!(!t.run.kv_rotation, "the mixed cache does not rotate");
-    let n_prompt = t.run.prompt_tokens.len();
-    assert!(
-        n_prompt > (WINDOW + 2 * CHUNK) as usize,
-        "{n_prompt} prompt tokens"
-    );
-    let n_prompt_steps = n_prompt.div_ceil(16);
-    assert_eq!(t.steps.len(), n_prompt_steps + N_GEN, "steps");
-    assert_eq!(t.groups().len(), t.steps.len() * cfg.n_layer);
+    for (storage, t) in traces(&m, &dir.path().join("mixed.gguf"), &mixed_args()) {
+        eprintln!("storage {}", storage.name());
+        assert!(t.run.mixed_kv_cache);
+        assert!(!t.run.kv_rotation, "the mixed cache does not rotate");
+        let n_prompt = t.run.prompt_tokens.len();
+        assert!(
+            n_prompt > (WINDOW + 2 * CHUNK) as usize,
+            "{n_prompt} prompt tokens"
+        );
+        let n_prompt_steps = n_prompt.div_ceil(16);
+        assert_eq!(t.steps.len(), n_prompt_steps + N_GEN, "steps");
+        assert_eq!(t.groups().len(), t.steps.len() * cfg.n_layer);
 
-    let hd = cfg.head_dim as u64;
-    let hkv = cfg.n_head_kv as u64;
-    let mut cold_rows = Vec::new();
-    for (i, step) in t.steps.iter().enumerate() {
-        let s = step.step;
-        for layer in 0..cfg.n_layer as i32 {
-            let a = t.attn(s, layer).unwrap();
-            assert_eq!(a.op, MIXED_ATTN_OP);
-            let get = |r| {
-                t.find(r, layer, s)
-                    .unwrap_or_else(|| panic!("step {s} layer {layer}: no {r}"))
-            };
-            let (q, k, v, kq, vq, mask) = (
-                get(Role::Q),
-                get(Role::K),
-                get(Role::V),
-                get(Role::KQuant),
-                get(Role::VQuant),
-                get(Role::Mask),
-            );
-            let n_tok = step.positions.len() as u64;
-            assert_eq!(q.meta.layout.ne, [hd, n_tok, cfg.n_head as u64, 1]);
-            assert_eq!(k.meta.layout.ty, GgmlType::F16);
-            assert_eq!(v.meta.layout.ty, GgmlType::F16);
-            assert_eq!(kq.meta.layout.ty, GgmlType::Q4_0);
-            assert_eq!(vq.meta.layout.ty, GgmlType::Q4_0);
-            // permuted views: [hd, n, hkv] over memory ordered [hd, hkv, n]
-            for x in [k, v, kq, vq] {
-                assert_eq!(x.meta.layout.ne[0], hd);
-                assert_eq!(x.meta.layout.ne[2], hkv);
-                if x.meta.layout.ne[1] > 1 {
-                    assert!(x.meta.layout.is_permuted(), "{:?}", x.meta.layout);
+        let hd = cfg.head_dim as u64;
+        let hkv = cfg.n_head_kv as u64;
+        let mut cold_rows = Vec::new();
+        for (i, step) in t.steps.iter().enumerate() {
+            let s = step.step;
+            for layer in 0..cfg.n_layer as i32 {
+                let a = t.attn(s, layer).unwrap();
+                assert_eq!(a.op, MIXED_ATTN_OP);
+                let get = |r| {
+                    t.find(r, layer, s)
+                        .unwrap_or_else(|| panic!("step {s} layer {layer}: no {r}"))
+                };
+                let (q, k, v, kq, vq, mask) = (
+                    get(Role::Q),
+                    get(Role::K),
+                    get(Role::V),
+                    get(Role::KQuant),
+                    get(Role::VQuant),
+                    get(Role::Mask),
+                );
+                let n_tok = step.positions.len() as u64;
+                assert_eq!(q.meta.layout.ne, [hd, n_tok, cfg.n_head as u64, 1]);
+                assert_eq!(k.meta.layout.ty, GgmlType::F16);
+                assert_eq!(v.meta.layout.ty, GgmlType::F16);
+                assert_eq!(kq.meta.layout.ty, GgmlType::Q4_0);
+                assert_eq!(vq.meta.layout.ty, GgmlType::Q4_0);
+                // permuted views: [hd, n, hkv] over memory ordered [hd, hkv, n]
+                for x in [k, v, kq, vq] {
+                    assert_eq!(x.meta.layout.ne[0], hd);
+                    assert_eq!(x.meta.layout.ne[2], hkv);
+                    if x.meta.layout.ne[1] > 1 {
+                        assert!(x.meta.layout.is_permuted(), "{:?}", x.meta.layout);
+                    }
+                }
+                assert!(
+                    kq.meta.view_of.starts_with("cache_k_cold_l"),
+                    "{}",
+                    kq.meta.view_of
+                );
+                let (n_hot, n_cold) = (k.meta.layout.ne[1], kq.meta.layout.ne[1]);
+                assert_eq!(vq.meta.layout.ne[1], n_cold);
+                assert_eq!(
+                    mask.meta.layout.ne[0],
+                    n_cold + n_hot,
+                    "mask covers cold then hot"
+                );
+                // every position seen so far is in exactly one store: count unmasked cells of
+                // the step's last token (causal: it sees every earlier token and itself)
+                let mvals = t.f32(mask).unwrap();
+                let last = (n_tok - 1) as usize * (n_cold + n_hot) as usize;
+                let visible = mvals[last..last + (n_cold + n_hot) as usize]
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .count();
+                let last_pos = *step.positions.last().unwrap() as usize;
+                assert_eq!(visible, last_pos + 1, "step {s} layer {layer}");
+                if layer == 0 {
+                    cold_rows.push((i, n_cold));
                 }
             }
-            assert!(
-                kq.meta.view_of.starts_with("cache_k_cold_l"),
-                "{}",
-                kq.meta.view_of
-            );
-            let (n_hot, n_cold) = (k.meta.layout.ne[1], kq.meta.layout.ne[1]);
-            assert_eq!(vq.meta.layout.ne[1], n_cold);
-            assert_eq!(
-                mask.meta.layout.ne[0],
-                n_cold + n_hot,
-                "mask covers cold then hot"
-            );
-            // every position seen so far is in exactly one store: count unmasked cells of
-            // the step's last token (causal: it sees every earlier token and itself)
-            let mvals = t.f32(mask).unwrap();
-            let last = (n_tok - 1) as usize * (n_cold + n_hot) as usize;
-            let visible = mvals[last..last + (n_cold + n_hot) as usize]
-                .iter()
-                .filter(|x| x.is_finite())
-                .count();
-            let last_pos = *step.positions.last().unwrap() as usize;
-            assert_eq!(visible, last_pos + 1, "step {s} layer {layer}");
-            if layer == 0 {
-                cold_rows.push((i, n_cold));
-            }
         }
-    }
-    // chunks moved during the prompt and during generation, in whole chunks
-    let cold_at = |i: usize| cold_rows[i].1;
-    assert_eq!(cold_at(0), 0);
-    assert!(
-        cold_at(n_prompt_steps - 1) > 0,
-        "no chunk moved during the prompt"
-    );
-    assert!(
-        cold_at(t.steps.len() - 1) > cold_at(n_prompt_steps),
-        "no chunk moved during generation: {cold_rows:?}"
-    );
-    assert!(cold_rows.iter().all(|&(_, c)| c % u64::from(CHUNK) == 0));
+        // chunks moved during the prompt and during generation, in whole chunks
+        let cold_at = |i: usize| cold_rows[i].1;
+        assert_eq!(cold_at(0), 0);
+        assert!(
+            cold_at(n_prompt_steps - 1) > 0,
+            "no chunk moved during the prompt"
+        );
+        assert!(
+            cold_at(t.steps.len() - 1) > cold_at(n_prompt_steps),
+            "no chunk moved during generation: {cold_rows:?}"
+        );
+        assert!(cold_rows.iter().all(|&(_, c)| c % u64::from(CHUNK) == 0));
 
-    let mut worst = 0.0f64;
-    for &(step, layer) in t.groups().keys() {
-        let v = verify_group(&t, step, layer)
-            .unwrap()
-            .into_result()
-            .unwrap_or_else(|m| panic!("step {step} layer {layer} misses {:?}", m.0));
-        assert!(v.cosine > 0.999, "{v:?}");
-        worst = worst.max(v.nmse);
-    }
-    eprintln!(
+        let mut worst = 0.0f64;
+        for &(step, layer) in t.groups().keys() {
+            let v = verify_group(&t, step, layer)
+                .unwrap()
+                .into_result()
+                .unwrap_or_else(|m| panic!("step {step} layer {layer} misses {:?}", m.0));
+            assert!(v.cosine > 0.999, "{v:?}");
+            worst = worst.max(v.nmse);
+        }
+        eprintln!(
         "mixed q4_0 window {WINDOW}: {} groups verify, worst NMSE {worst:.3e}; cold rows per step {:?}",
         t.groups().len(),
         cold_rows.iter().map(|&(_, c)| c).collect::<Vec<_>>()
     );
-    assert!(worst <= 1e-6, "worst NMSE {worst:e}");
+        assert!(worst <= 1e-6, "worst NMSE {worst:e}");
+    }
 }
 
 /// kqv_out of the mixed run against a plain F16 cache with flash attention, per layer, over
@@ -357,16 +366,125 @@ fn unsupported_setups_fail_at_start_with_a_clear_message() {
     expect_failure(&a, "is not a multiple of the q4_0 block size");
 }
 
-/// Gemma 3 uses llama.cpp's sliding-window (iSWA) cache: rejected, not silently replaced.
+/// gemma-3-270m (iSWA: layers 5, 11 and 17 attend to everything, the other 15 to a
+/// 512-token window) with `--mixed-kv-cache` (window 256, cold q4_0) at about 2,000
+/// tokens: the three full-attention layers run the mixed node over their cold and hot
+/// stores, the window layers keep llama.cpp's cache and flash attention; every token is in
+/// exactly one store; every group verifies live (`--verify`), from the file (each within
+/// its documented bound) and with `gguf-reader --verify-attention`.
 #[test]
-fn sliding_window_models_are_rejected() {
+fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies() {
+    const FULL: [i32; 3] = [5, 11, 17];
     let model =
         model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
-    let args = LlamaArgs::new(&model, "Hi")
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = dir.path().join("gemma-mixed-2k.gguf");
+    let args = LlamaArgs::new(&model, &crate::long_context::docs_prompt())
+        .n(16)
         .threads(2)
-        .args(["--mixed-kv-cache", "-v"])
+        .greedy()
+        .args(["--mixed-kv-cache", "--verify", "--quiet", "--save-gguf"])
+        .arg(out.to_str().unwrap())
         .build();
-    expect_failure(&args, "does not use llama.cpp's plain unified KV cache");
+    let o = Command::new(BIN).args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let t = TraceFile::open(&out).unwrap();
+    assert!(t.run.mixed_kv_cache);
+    let n_layer = t.run.n_layer as i32;
+    assert_eq!(n_layer, 18);
+    let last = t.steps.last().unwrap().clone();
+    let last_pos = *last.positions.last().unwrap() as u64;
+    assert!(
+        last_pos >= 1500,
+        "about 2,000 tokens: last position {last_pos}"
+    );
+    let n = t.groups().len();
+    assert_eq!(n, t.steps.len() * n_layer as usize);
+    assert!(
+        stdout.contains(&format!(
+            "verify: verified {n} of {n} (step, layer) groups: 0 failed, 0 missing inputs"
+        )),
+        "{stdout}"
+    );
+    for layer in 0..n_layer {
+        let a = t.attn(last.step, layer).unwrap();
+        if FULL.contains(&layer) {
+            assert_eq!(a.op, MIXED_ATTN_OP, "layer {layer}");
+            let (kq, k, mask) = (
+                t.find(Role::KQuant, layer, last.step).unwrap(),
+                t.find(Role::K, layer, last.step).unwrap(),
+                t.find(Role::Mask, layer, last.step).unwrap(),
+            );
+            assert_eq!(kq.meta.layout.ty, GgmlType::Q4_0);
+            let (n_cold, n_hot) = (kq.meta.layout.ne[1], k.meta.layout.ne[1]);
+            assert!(
+                n_cold > 1000 && n_cold % u64::from(CHUNK) == 0,
+                "layer {layer}: {n_cold} cold rows"
+            );
+            assert!(
+                n_hot <= 256 + 2 * u64::from(CHUNK),
+                "layer {layer}: {n_hot} hot cells"
+            );
+            let m = t.f32(mask).unwrap();
+            let visible = m[..(n_cold + n_hot) as usize]
+                .iter()
+                .filter(|x| x.is_finite())
+                .count();
+            assert_eq!(
+                visible as u64,
+                last_pos + 1,
+                "layer {layer}: every position once"
+            );
+        } else {
+            assert_eq!(a.op, "FLASH_ATTN_EXT", "layer {layer}");
+            assert!(
+                t.find(Role::KQuant, layer, last.step).is_none(),
+                "layer {layer}"
+            );
+        }
+    }
+    let mut worst = (0f64, 0f64);
+    for &(step, layer) in t.groups().keys() {
+        let c = attn_verify::check_in_trace(&t, step, layer)
+            .unwrap()
+            .into_result()
+            .unwrap_or_else(|m| panic!("step {step} layer {layer} misses {:?}", m.0));
+        assert!(
+            c.pass && c.findings.is_empty(),
+            "step {step} layer {layer}: NMSE {:e} (bound {:e}): {:#?}",
+            c.verification.nmse,
+            c.bound,
+            c.findings
+        );
+        let w = if FULL.contains(&layer) {
+            &mut worst.0
+        } else {
+            &mut worst.1
+        };
+        *w = w.max(c.verification.nmse);
+    }
+    drop(t);
+    let v = Command::new(test_support::workspace_bin("gguf-reader", "gguf-reader"))
+        .arg(&out)
+        .arg("--verify-attention")
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "gguf-reader --verify-attention: {:?}\n{}{}",
+        v.status,
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    eprintln!(
+        "gemma-3-270m mixed q4_0 window 256: {n} groups to position {last_pos} verify; worst NMSE mixed layers {:.3e}, window layers {:.3e}",
+        worst.0, worst.1
+    );
 }
 
 /// The seed's bug, on the cold store: its permuted view `[D, n_cold, H_kv]` lies in memory
@@ -377,43 +495,45 @@ fn a_planted_cold_store_layout_bug_fails_the_check() {
     let dir = tempfile::tempdir().unwrap();
     let (m, _) = model(dir.path());
     let path = dir.path().join("mixed.gguf");
-    let t = trace(&m, &path, &mixed_args());
-    let (step, kq) = t
-        .steps
-        .iter()
-        .find_map(|s| {
-            let k = t.find(Role::KQuant, 0, s.step)?;
-            (k.meta.layout.ne[1] >= 2).then_some((s.step, k))
-        })
-        .expect("a step with cold rows");
-    let [d, n, h, _] = kq.meta.layout.ne.map(|x| x as usize);
-    assert!(h >= 2);
-    let row = kq.meta.layout.ty.bytes_for(d as u64).unwrap() as usize;
-    let logical = t.data(kq).to_vec();
-    // memory as ggml held it: the heads of one cell adjacent
-    let mut memory = vec![0u8; logical.len()];
-    for j in 0..h {
-        for c in 0..n {
-            let src = (j * n + c) * row;
-            let dst = (c * h + j) * row;
-            memory[dst..dst + row].copy_from_slice(&logical[src..src + row]);
+    for (storage, t) in traces(&m, &path, &mixed_args()) {
+        let path = test_support::storage::path_for(&path, storage);
+        let (step, kq) = t
+            .steps
+            .iter()
+            .find_map(|s| {
+                let k = t.find(Role::KQuant, 0, s.step)?;
+                (k.meta.layout.ne[1] >= 2).then_some((s.step, k))
+            })
+            .expect("a step with cold rows");
+        let [d, n, h, _] = kq.meta.layout.ne.map(|x| x as usize);
+        assert!(h >= 2);
+        let row = kq.meta.layout.ty.bytes_for(d as u64).unwrap() as usize;
+        let logical = t.data(kq).to_vec();
+        // memory as ggml held it: the heads of one cell adjacent
+        let mut memory = vec![0u8; logical.len()];
+        for j in 0..h {
+            for c in 0..n {
+                let src = (j * n + c) * row;
+                let dst = (c * h + j) * row;
+                memory[dst..dst + row].copy_from_slice(&logical[src..src + row]);
+            }
         }
+        assert_ne!(memory, logical);
+        // Every tensor whole (the version-2 trace materialized), patched in place.
+        let bytes = trace_format::materialize::full_bytes(&path).unwrap();
+        let file = gguf_io::GgufFile::from_bytes(bytes.clone()).unwrap();
+        let info = &file.tensors()[kq.index];
+        let start = (file.header().data_offset + info.offset) as usize;
+        let mut planted = bytes;
+        planted[start..start + memory.len()].copy_from_slice(&memory);
+        let bad = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(planted).unwrap()).unwrap();
+        let good = verify_group(&t, step, 0).unwrap().into_result().unwrap();
+        let caught = verify_group(&bad, step, 0).unwrap().into_result().unwrap();
+        eprintln!(
+            "cold layout: good NMSE {:.3e}, planted {:.3e}",
+            good.nmse, caught.nmse
+        );
+        assert!(good.nmse <= 1e-6, "{good:?}");
+        assert!(caught.nmse > 1e-3, "the planted bug must fail: {caught:?}");
     }
-    assert_ne!(memory, logical);
-    // Every tensor whole (the version-2 trace materialized), patched in place.
-    let bytes = trace_format::materialize::full_bytes(&path).unwrap();
-    let file = gguf_io::GgufFile::from_bytes(bytes.clone()).unwrap();
-    let info = &file.tensors()[kq.index];
-    let start = (file.header().data_offset + info.offset) as usize;
-    let mut planted = bytes;
-    planted[start..start + memory.len()].copy_from_slice(&memory);
-    let bad = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(planted).unwrap()).unwrap();
-    let good = verify_group(&t, step, 0).unwrap().into_result().unwrap();
-    let caught = verify_group(&bad, step, 0).unwrap().into_result().unwrap();
-    eprintln!(
-        "cold layout: good NMSE {:.3e}, planted {:.3e}",
-        good.nmse, caught.nmse
-    );
-    assert!(good.nmse <= 1e-6, "{good:?}");
-    assert!(caught.nmse > 1e-3, "the planted bug must fail: {caught:?}");
 }

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use test_support::storage::KvStorage;
 use test_support::LlamaArgs;
 
 use attn_verify::{check_in_trace, Checked, Suspect};
@@ -21,14 +22,24 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A trace of the tiny model, made once per test binary (`fa` = "on" or "off").
+/// A trace of the tiny model in the default storage (delta), made once per test binary
+/// (`fa` = "on" or "off"). The bugs are planted into its version-1 bytes (materialized),
+/// so every planted file is version 1 whatever the run wrote; the unplanted trace is
+/// checked in both storages ([`good_trace_in`]).
 fn good_trace(fa: &'static str) -> PathBuf {
-    static ON: OnceLock<PathBuf> = OnceLock::new();
-    static OFF: OnceLock<PathBuf> = OnceLock::new();
-    let cell = if fa == "on" { &ON } else { &OFF };
+    good_trace_in(fa, KvStorage::Delta)
+}
+
+/// [`good_trace`] written with `--kv-storage` `storage`.
+fn good_trace_in(fa: &'static str, storage: KvStorage) -> PathBuf {
+    static CELLS: [OnceLock<PathBuf>; 4] = [const { OnceLock::new() }; 4];
+    let cell = &CELLS[usize::from(fa == "on") * 2 + usize::from(storage == KvStorage::Delta)];
     cell.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("planted-{}-{fa}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "planted-{}-{fa}-{}",
+            std::process::id(),
+            storage.name()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("tiny.gguf");
         tiny_llama::write_model(&model, &tiny_llama::TinyLlamaConfig::default()).unwrap();
@@ -42,6 +53,7 @@ fn good_trace(fa: &'static str) -> PathBuf {
                     .greedy()
                     .arg("-fa")
                     .arg(fa)
+                    .storage(storage)
                     .arg("--save-gguf")
                     .arg(out.to_str().unwrap())
                     .build(),
@@ -148,11 +160,18 @@ fn reader_names(path: &Path, step: u32, layer: i32, suspect_line: &str) -> Outpu
 #[test]
 fn the_unplanted_trace_verifies_without_findings() {
     for fa in ["on", "off"] {
-        let t = TraceFile::open(good_trace(fa)).unwrap();
-        assert_eq!(t.groups().len(), 12);
-        for &(s, l) in t.groups().keys() {
-            let c = check_in_trace(&t, s, l).unwrap().into_result().unwrap();
-            assert!(c.pass && c.findings.is_empty(), "fa={fa}: {c:?}");
+        for storage in test_support::storage::BOTH {
+            let t = TraceFile::open(good_trace_in(fa, storage)).unwrap();
+            assert_eq!(t.format_version, storage.format_version());
+            assert_eq!(t.groups().len(), 12);
+            for &(s, l) in t.groups().keys() {
+                let c = check_in_trace(&t, s, l).unwrap().into_result().unwrap();
+                assert!(
+                    c.pass && c.findings.is_empty(),
+                    "fa={fa} {}: {c:?}",
+                    storage.name()
+                );
+            }
         }
     }
 }

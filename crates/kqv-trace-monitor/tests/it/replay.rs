@@ -55,70 +55,74 @@ fn replay_decodes_the_reference_steps_and_records_its_own_choices() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let model = write_zoo_model(d, Arch::Llama).unwrap();
-    let reference = d.join("reference.gguf");
-    let r = trace_with(
-        LlamaArgs::new(&model, PROMPT)
-            .ubatch(16)
-            .n(6)
-            .threads(2)
-            .args(["--temp", "0.9", "--seed", "7"])
-            .build(),
-        &reference,
-        &["--no-trace-sources", "--logits"],
-    );
-    let prompt_steps = r.run.prompt_tokens.len().div_ceil(16);
-    assert!(prompt_steps >= 2, "{prompt_steps}");
-    assert_eq!(r.steps.len(), prompt_steps + 6);
-    // Not a replay: each choice is the next step's token (the last one has none).
-    for s in &r.steps[prompt_steps - 1..r.steps.len() - 1] {
-        assert_eq!(
-            r.sampled_at(s.step),
-            Some(r.steps[s.step as usize + 1].tokens[0]),
-            "step {}",
-            s.step
+    // The reference in both storages: the replay reads either.
+    for storage in test_support::storage::BOTH {
+        let reference = d.join(format!("reference-{}.gguf", storage.name()));
+        let r = trace_with(
+            LlamaArgs::new(&model, PROMPT)
+                .storage(storage)
+                .ubatch(16)
+                .n(6)
+                .threads(2)
+                .args(["--temp", "0.9", "--seed", "7"])
+                .build(),
+            &reference,
+            &["--no-trace-sources", "--logits"],
         );
-    }
-    for s in &r.steps[..prompt_steps - 1] {
-        assert_eq!(
-            r.sampled_at(s.step),
-            None,
-            "a prompt ubatch before the last"
-        );
-    }
-    assert!(r.sampled_at(r.steps.len() as u32 - 1).is_some());
-    assert_eq!(r.logits.len(), r.steps.len());
-    assert_eq!(r.run.replayed_from, "");
-
-    // Replayed greedily with another seed and -ub: the same steps, its own choices.
-    let replayed = d.join("replayed.gguf");
-    let t = trace_with(
-        replay_args(&model, &reference)
-            .ubatch(32)
-            .args(["--temp", "0", "--seed", "9"])
-            .build(),
-        &replayed,
-        &["--no-trace-sources", "--logits"],
-    );
-    assert_eq!(step_tokens(&t), step_tokens(&r));
-    assert_eq!(t.run.prompt_tokens, r.run.prompt_tokens);
-    assert_eq!(t.run.replayed_from, reference.display().to_string());
-    assert_eq!(t.logits.len(), t.steps.len());
-    for s in &t.steps {
-        let row = t.f32(t.logits_at(s.step).unwrap()).unwrap();
-        assert_eq!(row.len(), tiny_llama::N_VOCAB);
-        if s.step as usize >= prompt_steps - 1 {
-            assert_eq!(t.sampled_at(s.step), Some(argmax(&row)), "step {}", s.step);
+        let prompt_steps = r.run.prompt_tokens.len().div_ceil(16);
+        assert!(prompt_steps >= 2, "{prompt_steps}");
+        assert_eq!(r.steps.len(), prompt_steps + 6);
+        // Not a replay: each choice is the next step's token (the last one has none).
+        for s in &r.steps[prompt_steps - 1..r.steps.len() - 1] {
+            assert_eq!(
+                r.sampled_at(s.step),
+                Some(r.steps[s.step as usize + 1].tokens[0]),
+                "step {}",
+                s.step
+            );
         }
-    }
+        for s in &r.steps[..prompt_steps - 1] {
+            assert_eq!(
+                r.sampled_at(s.step),
+                None,
+                "a prompt ubatch before the last"
+            );
+        }
+        assert!(r.sampled_at(r.steps.len() as u32 - 1).is_some());
+        assert_eq!(r.logits.len(), r.steps.len());
+        assert_eq!(r.run.replayed_from, "");
 
-    // -n limits the generated steps replayed.
-    let short = trace_with(
-        replay_args(&model, &reference).n(2).build(),
-        &d.join("short.gguf"),
-        &["--no-trace-sources"],
-    );
-    assert_eq!(step_tokens(&short), step_tokens(&r)[..prompt_steps + 2]);
-    assert!(short.logits.is_empty(), "no --logits, no rows");
+        // Replayed greedily with another seed and -ub: the same steps, its own choices.
+        let replayed = d.join("replayed.gguf");
+        let t = trace_with(
+            replay_args(&model, &reference)
+                .ubatch(32)
+                .args(["--temp", "0", "--seed", "9"])
+                .build(),
+            &replayed,
+            &["--no-trace-sources", "--logits"],
+        );
+        assert_eq!(step_tokens(&t), step_tokens(&r));
+        assert_eq!(t.run.prompt_tokens, r.run.prompt_tokens);
+        assert_eq!(t.run.replayed_from, reference.display().to_string());
+        assert_eq!(t.logits.len(), t.steps.len());
+        for s in &t.steps {
+            let row = t.f32(t.logits_at(s.step).unwrap()).unwrap();
+            assert_eq!(row.len(), tiny_llama::N_VOCAB);
+            if s.step as usize >= prompt_steps - 1 {
+                assert_eq!(t.sampled_at(s.step), Some(argmax(&row)), "step {}", s.step);
+            }
+        }
+
+        // -n limits the generated steps replayed.
+        let short = trace_with(
+            replay_args(&model, &reference).n(2).build(),
+            &d.join("short.gguf"),
+            &["--no-trace-sources"],
+        );
+        assert_eq!(step_tokens(&short), step_tokens(&r)[..prompt_steps + 2]);
+        assert!(short.logits.is_empty(), "no --logits, no rows");
+    }
 }
 
 /// An encoder-decoder model: step 0 is encoded, the decoder's steps follow.

@@ -19,6 +19,7 @@ use ggml_trace::session::{self, RunInfo, RunOptions};
 use kcm_cli::capture_args::{Options, SaveTarget};
 use kcm_cli::sink::MonitorSink;
 use kcm_cli::stats::{summarize, Stats};
+use test_support::storage::KvStorage;
 use test_support::LlamaArgs;
 use trace_format::layout::differing_ranges;
 use trace_format::{Role, StepMeta, TraceFile};
@@ -71,6 +72,7 @@ fn run(
     threads: &str,
     keep: bool,
     save: &Path,
+    storage: KvStorage,
 ) -> (Vec<CapturedTensor>, u32) {
     let llama_args = LlamaArgs::new(model, PROMPT)
         .n(N_GEN as u32)
@@ -83,6 +85,7 @@ fn run(
         .build();
     let opts = Options {
         save: Some(SaveTarget::Path(save.to_path_buf())),
+        kv_storage: storage,
         quiet: true,
         llama_args: llama_args.clone(),
         ..Options::default()
@@ -125,9 +128,17 @@ fn run(
 fn revisions_name_exactly_the_changed_rows_and_stats_and_traces_stay_exact() {
     let dir = tempfile::tempdir().unwrap();
     let model = model(dir.path());
-    for flash in ["on", "off"] {
-        let save = dir.path().join(format!("rev-{flash}.gguf"));
-        let (seen, prompt_steps) = run(&model, flash, "2", true, &save);
+    // The saved trace in both storages (full, delta): each holds every captured byte.
+    for (flash, storage) in ["on", "off"]
+        .into_iter()
+        .flat_map(|f| test_support::storage::BOTH.map(|s| (f, s)))
+    {
+        let save = dir
+            .path()
+            .join(format!("rev-{flash}-{}.gguf", storage.name()));
+        let (seen, prompt_steps) = run(&model, flash, "2", true, &save, storage);
+        let flash = format!("{flash} {}", storage.name());
+        let flash = flash.as_str();
         assert!(prompt_steps >= 3, "{flash}: {prompt_steps} prompt steps");
 
         // Revisions: present exactly for K/V/mask, chained per (layer, role), exact rows.
@@ -256,8 +267,23 @@ fn kept_views_hold_the_bytes_of_a_fresh_copy() {
     for (flash, threads) in [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")] {
         let flash = flash.to_string() + " -t " + threads;
         let fa = &flash[..flash.find(' ').unwrap_or(flash.len())];
-        let (kept, _) = run(&model, fa, threads, true, &dir.path().join("kept.gguf"));
-        let (fresh, _) = run(&model, fa, threads, false, &dir.path().join("fresh.gguf"));
+        let delta = KvStorage::Delta;
+        let (kept, _) = run(
+            &model,
+            fa,
+            threads,
+            true,
+            &dir.path().join("kept.gguf"),
+            delta,
+        );
+        let (fresh, _) = run(
+            &model,
+            fa,
+            threads,
+            false,
+            &dir.path().join("fresh.gguf"),
+            delta,
+        );
         assert_eq!(kept.len(), fresh.len(), "{flash}");
         let mut with_revision = 0;
         for (k, f) in kept.iter().zip(&fresh) {

@@ -114,13 +114,21 @@ fn verify_prints_a_verdict_per_group_and_a_summary() {
 fn single_threaded_runs_are_bit_for_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
-    for extra in [&["-fa", "on"][..], &["-fa", "off"][..]] {
+    for (extra, storage) in [&["-fa", "on"][..], &["-fa", "off"][..]]
+        .into_iter()
+        .flat_map(|e| test_support::storage::BOTH.map(|s| (e, s)))
+    {
+        let extra: Vec<&str> = extra
+            .iter()
+            .chain(&test_support::storage::args(storage))
+            .copied()
+            .collect();
         let mut traces = Vec::new();
         let mut stdouts = Vec::new();
         for run in 0..2 {
             let path = dir.path().join(format!("run{run}.gguf"));
             let mut args = vec!["-t", "1", "--verify", "--save-gguf", path.to_str().unwrap()];
-            args.extend_from_slice(extra);
+            args.extend_from_slice(&extra);
             let o = monitor(&m, &args);
             assert!(o.status.success(), "{}", text(&o.stderr));
             stdouts.push(text(&o.stdout));
@@ -169,113 +177,119 @@ fn gguf_reader() -> PathBuf {
 fn gguf_reader_shapes_show_the_recorded_layouts() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
-    let path = dir.path().join("t.gguf");
-    let o = monitor(
-        &m,
-        &[
-            "-t",
-            "2",
-            "-fa",
-            "off",
-            "--save-gguf",
-            path.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let t = TraceFile::open(&path).unwrap();
-    let reader = gguf_reader();
-    let o = Command::new(&reader)
-        .args([
-            path.to_str().unwrap(),
-            "--shapes",
-            "--step",
-            "1",
-            "--layer",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let out = text(&o.stdout);
-    let lines: Vec<&str> = out.lines().collect();
-    assert!(
-        lines[0]
-            .split_whitespace()
-            .eq(["role", "type", "ne", "nb", "mem", "order", "layout", "ggml", "name"].into_iter()),
-        "{out}"
-    );
-    assert_eq!(lines[1].split_whitespace().collect::<Vec<_>>(), ["1", "0"]);
-    let group = t.groups()[&(1, 0)].clone();
-    assert_eq!(lines.len(), 2 + group.len(), "{out}");
-    let dims = |x: [u64; 4]| format!("[{},{},{},{}]", x[0], x[1], x[2], x[3]);
-    for (line, tt) in lines[2..].iter().zip(&group) {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let l = &tt.meta.layout;
-        assert_eq!(w[0], tt.meta.role.name());
-        assert_eq!(w[1], l.ty.name());
-        assert_eq!(w[2], dims(l.ne));
-        assert_eq!(w[3], dims(l.nb));
-        let order = l.memory_order();
-        assert_eq!(
-            w[4],
-            format!("[{},{},{},{}]", order[0], order[1], order[2], order[3])
+    for storage in test_support::storage::BOTH {
+        let path = dir.path().join(format!("t-{}.gguf", storage.name()));
+        let [flag, name] = test_support::storage::args(storage);
+        let o = monitor(
+            &m,
+            &[
+                "-t",
+                "2",
+                "-fa",
+                "off",
+                flag,
+                name,
+                "--save-gguf",
+                path.to_str().unwrap(),
+            ],
         );
-        assert!(line.ends_with(&tt.meta.ggml_name), "{line}");
-    }
-    // The K view is permuted; without flash attention V is the transposed cache, read as
-    // [n_kv, head_dim, n_head_kv].
-    let row = |role: &str| {
-        *lines
-            .iter()
-            .find(|l| l.split_whitespace().next() == Some(role))
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let t = TraceFile::open(&path).unwrap();
+        let reader = gguf_reader();
+        let o = Command::new(&reader)
+            .args([
+                path.to_str().unwrap(),
+                "--shapes",
+                "--step",
+                "1",
+                "--layer",
+                "0",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let out = text(&o.stdout);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].split_whitespace().eq([
+                "role", "type", "ne", "nb", "mem", "order", "layout", "ggml", "name"
+            ]
+            .into_iter()),
+            "{out}"
+        );
+        assert_eq!(lines[1].split_whitespace().collect::<Vec<_>>(), ["1", "0"]);
+        let group = t.groups()[&(1, 0)].clone();
+        assert_eq!(lines.len(), 2 + group.len(), "{out}");
+        let dims = |x: [u64; 4]| format!("[{},{},{},{}]", x[0], x[1], x[2], x[3]);
+        for (line, tt) in lines[2..].iter().zip(&group) {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let l = &tt.meta.layout;
+            assert_eq!(w[0], tt.meta.role.name());
+            assert_eq!(w[1], l.ty.name());
+            assert_eq!(w[2], dims(l.ne));
+            assert_eq!(w[3], dims(l.nb));
+            let order = l.memory_order();
+            assert_eq!(
+                w[4],
+                format!("[{},{},{},{}]", order[0], order[1], order[2], order[3])
+            );
+            assert!(line.ends_with(&tt.meta.ggml_name), "{line}");
+        }
+        // The K view is permuted; without flash attention V is the transposed cache, read as
+        // [n_kv, head_dim, n_head_kv].
+        let row = |role: &str| {
+            *lines
+                .iter()
+                .find(|l| l.split_whitespace().next() == Some(role))
+                .unwrap()
+        };
+        assert!(row("k").contains(" [0,2,1,3] ") && row("k").contains(" permuted "));
+        assert!(row("v").contains(" [256,16,2,1] "), "{}", row("v"));
+        // JSON.
+        let o = Command::new(&reader)
+            .args([path.to_str().unwrap(), "--shapes", "--json"])
+            .output()
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(doc["schema"], "gguf-reader-shapes/1");
+        assert_eq!(doc["groups"].as_array().unwrap().len(), t.groups().len());
+        let k = t.find(trace_format::Role::K, 0, 1).unwrap();
+        let kj = doc["groups"][2]["inputs"]
+            .as_array()
             .unwrap()
-    };
-    assert!(row("k").contains(" [0,2,1,3] ") && row("k").contains(" permuted "));
-    assert!(row("v").contains(" [256,16,2,1] "), "{}", row("v"));
-    // JSON.
-    let o = Command::new(&reader)
-        .args([path.to_str().unwrap(), "--shapes", "--json"])
-        .output()
-        .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(doc["schema"], "gguf-reader-shapes/1");
-    assert_eq!(doc["groups"].as_array().unwrap().len(), t.groups().len());
-    let k = t.find(trace_format::Role::K, 0, 1).unwrap();
-    let kj = doc["groups"][2]["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["role"] == "k")
-        .unwrap();
-    assert_eq!(kj["nb"], serde_json::json!(k.meta.layout.nb));
-    assert_eq!(kj["memory_order"], serde_json::json!([0, 2, 1, 3]));
-    assert_eq!(kj["name"], k.name);
-    // Under the verdicts, with --verify-attention.
-    let o = Command::new(&reader)
-        .args([
-            path.to_str().unwrap(),
-            "--verify-attention",
-            "--shapes",
-            "--layer",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0));
-    let out = text(&o.stdout);
-    assert!(
-        out.contains("verified 6 of 6 (step, layer) groups: 0 failed"),
-        "{out}"
-    );
-    assert_eq!(out.matches(" ok\n").count(), 6);
-    assert!(out.contains("cache_k_l1 (view) (permuted)"), "{out}");
-    // A filter that matches nothing is a usage error.
-    let o = Command::new(&reader)
-        .args([path.to_str().unwrap(), "--shapes", "--step", "99"])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o.stderr).contains("no (step, layer) group matching --step 99"));
+            .iter()
+            .find(|x| x["role"] == "k")
+            .unwrap();
+        assert_eq!(kj["nb"], serde_json::json!(k.meta.layout.nb));
+        assert_eq!(kj["memory_order"], serde_json::json!([0, 2, 1, 3]));
+        assert_eq!(kj["name"], k.name);
+        // Under the verdicts, with --verify-attention.
+        let o = Command::new(&reader)
+            .args([
+                path.to_str().unwrap(),
+                "--verify-attention",
+                "--shapes",
+                "--layer",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        let out = text(&o.stdout);
+        assert!(
+            out.contains("verified 6 of 6 (step, layer) groups: 0 failed"),
+            "{out}"
+        );
+        assert_eq!(out.matches(" ok\n").count(), 6);
+        assert!(out.contains("cache_k_l1 (view) (permuted)"), "{out}");
+        // A filter that matches nothing is a usage error.
+        let o = Command::new(&reader)
+            .args([path.to_str().unwrap(), "--shapes", "--step", "99"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(text(&o.stderr).contains("no (step, layer) group matching --step 99"));
+    }
 }
 
 /// A q8_0 cache on heads of 32 with a 6-ubatch prompt: every group verifies. Before the

@@ -209,6 +209,21 @@ fn run(model: &Path, dir: &Path, arch: Arch, mode: Mode) -> Run {
         .arg("--verify-attention")
         .output()
         .unwrap();
+    // Both storages without a second run: the trace (delta, version 2) and its version-1
+    // copy (test_support::storage::as_storage) verify alike, verdict for verdict.
+    let full = test_support::storage::as_storage(&trace, test_support::storage::KvStorage::Full);
+    let v1 = Command::new(gguf_reader())
+        .arg(&full)
+        .arg("--verify-attention")
+        .output()
+        .unwrap();
+    assert_eq!(
+        (v1.status.code(), &v1.stdout),
+        (v.status.code(), &v.stdout),
+        "{arch} {}: version 1 verifies otherwise than version 2:\n{}",
+        mode.name(),
+        text(&v1)
+    );
     Run {
         stage: Stage::Verify,
         exit: Exit::of(v.status),

@@ -139,43 +139,48 @@ fn nmse(
 fn the_same_configuration_twice_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path(), 16);
-    let r = dir.path().join("ref.gguf");
-    let t = reference(&m, &r, &[]);
-    let o = live(&m, &r, &[], &[]);
-    let out = text(&o.stdout);
-    assert_eq!(code(&o), 0, "{out}\n{}", text(&o.stderr));
-    let n = t.tensors.len();
-    assert!(
-        out.starts_with("=== TENSOR DIFFERENCE ANALYSIS SUMMARY ===\n"),
-        "{out}"
-    );
-    assert!(out.contains(&format!("Total comparisons: {n}\n")), "{out}");
-    assert!(
-        out.contains(&format!("Tensors within tolerance: {n}/{n} (100.0%)")),
-        "{out}"
-    );
-    assert!(
-        out.contains("Tolerance - Absolute: 1.00e-06, Relative: 1.00e-04"),
-        "{out}"
-    );
-    assert!(out.contains("First out of tolerance: none"), "{out}");
-    // JSON: every tensor of the reference compared, all exactly equal.
-    let j = json(&live(&m, &r, &[], &["--json"]));
-    assert_eq!(j["schema"], "tensor-diff-analyzer/1");
-    assert_eq!(j["total_comparisons"].as_u64(), Some(n as u64));
-    assert_eq!(j["exit_code"], 0);
-    for c in j["tensors"].as_array().unwrap() {
-        assert_eq!(f64_of(&c["metrics"]["max_abs"]), 0.0, "{c}");
-        assert_eq!(f64_of(&c["metrics"]["cosine"]), 1.0, "{c}");
+    // The reference in both storages: the live analyzer reads either.
+    for storage in test_support::storage::BOTH {
+        let r = dir.path().join(format!("ref-{}.gguf", storage.name()));
+        let t = reference(&m, &r, &test_support::storage::args(storage));
+        assert_eq!(t.format_version, storage.format_version());
+        let o = live(&m, &r, &[], &[]);
+        let out = text(&o.stdout);
+        assert_eq!(code(&o), 0, "{out}\n{}", text(&o.stderr));
+        let n = t.tensors.len();
+        assert!(
+            out.starts_with("=== TENSOR DIFFERENCE ANALYSIS SUMMARY ===\n"),
+            "{out}"
+        );
+        assert!(out.contains(&format!("Total comparisons: {n}\n")), "{out}");
+        assert!(
+            out.contains(&format!("Tensors within tolerance: {n}/{n} (100.0%)")),
+            "{out}"
+        );
+        assert!(
+            out.contains("Tolerance - Absolute: 1.00e-06, Relative: 1.00e-04"),
+            "{out}"
+        );
+        assert!(out.contains("First out of tolerance: none"), "{out}");
+        // JSON: every tensor of the reference compared, all exactly equal.
+        let j = json(&live(&m, &r, &[], &["--json"]));
+        assert_eq!(j["schema"], "tensor-diff-analyzer/1");
+        assert_eq!(j["total_comparisons"].as_u64(), Some(n as u64));
+        assert_eq!(j["exit_code"], 0);
+        for c in j["tensors"].as_array().unwrap() {
+            assert_eq!(f64_of(&c["metrics"]["max_abs"]), 0.0, "{c}");
+            assert_eq!(f64_of(&c["metrics"]["cosine"]), 1.0, "{c}");
+        }
+        // --noise-floor: the run-to-run difference is reported (and is zero on the CPU).
+        let o = live(&m, &r, &[], &["--noise-floor"]);
+        let out = text(&o.stdout);
+        assert_eq!(code(&o), 0, "{out}\n{}", text(&o.stderr));
+        assert!(
+            out.contains("noise NMSE")
+                && out.contains("noise: the current configuration run twice"),
+            "{out}"
+        );
     }
-    // --noise-floor: the run-to-run difference is reported (and is zero on the CPU).
-    let o = live(&m, &r, &[], &["--noise-floor"]);
-    let out = text(&o.stdout);
-    assert_eq!(code(&o), 0, "{out}\n{}", text(&o.stderr));
-    assert!(
-        out.contains("noise NMSE") && out.contains("noise: the current configuration run twice"),
-        "{out}"
-    );
 }
 
 #[test]
@@ -208,6 +213,24 @@ fn offline_gives_the_live_numbers_and_works_both_ways() {
         "offline must reproduce live exactly"
     );
     assert_eq!(lj["exit_code"], oj["exit_code"]);
+    // Both files (written delta, the default) as version 1 too: the same numbers, and
+    // one of each storage against the other.
+    use test_support::storage::{as_storage, KvStorage};
+    let (r1, saved1) = (
+        as_storage(&r, KvStorage::Full),
+        as_storage(&saved, KvStorage::Full),
+    );
+    for (a, b) in [(&r1, &saved1), (&r, &saved1), (&r1, &saved)] {
+        let j = json(&offline(a, b, &["--json"]));
+        assert_eq!(
+            lj["tensors"],
+            j["tensors"],
+            "{} against {}",
+            a.display(),
+            b.display()
+        );
+        assert_eq!(lj["exit_code"], j["exit_code"]);
+    }
     // Each compared kqv_out's NMSE is the f64 NMSE of the two files' tensors.
     let ct = TraceFile::open(&saved).unwrap();
     for c in oj["tensors"].as_array().unwrap() {

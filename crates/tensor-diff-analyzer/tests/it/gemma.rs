@@ -127,5 +127,28 @@ fn seed_workflows_2_and_3_on_gemma() {
         }
     }
     assert_eq!(j["exit_code"].as_i64(), Some(i64::from(code)));
+    // Both storages from these runs: the two files (delta, the default) as version 1
+    // (test_support::storage::as_storage) compare to the same numbers.
+    use test_support::storage::{as_storage, KvStorage};
+    let full = |p: &str| {
+        as_storage(Path::new(p), KvStorage::Full)
+            .display()
+            .to_string()
+    };
+    let o1 = Command::new(BIN)
+        .args(s(&[
+            "--reference",
+            &full(&golden),
+            "--current",
+            &full(&q4),
+            "--tolerance-abs",
+            "1e-3",
+            "--json",
+        ]))
+        .output()
+        .unwrap();
+    let j1: Value = serde_json::from_slice(&o1.stdout).unwrap();
+    assert_eq!(j1["tensors"], j["tensors"], "version 1 compares otherwise");
+    assert_eq!(j1["exit_code"], j["exit_code"]);
     let _ = Path::new(&q4);
 }

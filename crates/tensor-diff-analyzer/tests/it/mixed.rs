@@ -34,7 +34,23 @@ fn trace(model: &Path, out: &Path, extra: &[&str]) {
     }
 }
 
+/// The analyzer's verdict on two traces (both written delta, the default), checked to be
+/// the same on their version-1 copies (test_support::storage::as_storage): every
+/// comparison here runs for both storages.
 fn analyze(reference: &Path, current: &Path, own: &[&str]) -> (Option<i32>, Value) {
+    use test_support::storage::{as_storage, KvStorage};
+    let (code, v) = analyze_as_is(reference, current, own);
+    let (code1, v1) = analyze_as_is(
+        &as_storage(reference, KvStorage::Full),
+        &as_storage(current, KvStorage::Full),
+        own,
+    );
+    assert_eq!(code1, code, "version 1: another exit code");
+    assert_eq!(v1["tensors"], v["tensors"], "version 1 compares otherwise");
+    (code, v)
+}
+
+fn analyze_as_is(reference: &Path, current: &Path, own: &[&str]) -> (Option<i32>, Value) {
     let o = Command::new(BIN)
         .arg("--reference")
         .arg(reference)
@@ -139,4 +155,38 @@ fn mixed_run_against_an_f16_reference() {
             assert!(nmse < 1e-5, "{t}");
         }
     }
+}
+
+/// A sliding-window (iSWA) model: the mixed run's full-attention layer (1) runs the mixed
+/// node, its window layer (0) flash attention like the reference's. The analyzer takes
+/// the trace as one story (the mixed layers and flash attention), explains the layout
+/// difference, and layer 0 at step 0 (its inputs come from the embeddings, its window
+/// cache is llama.cpp's) is bit for bit the reference's.
+#[test]
+fn mixed_run_on_a_sliding_window_model_against_an_f16_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = tiny_llama::zoo::write_zoo_model(d, tiny_llama::zoo::Arch::Gemma3).unwrap();
+    let reference = d.join("f16.gguf");
+    trace(&m, &reference, &[]);
+    let mixed = d.join("mixed-w16.gguf");
+    trace(
+        &m,
+        &mixed,
+        &["--mixed-kv-cache", "--mixed-hot-window", "16"],
+    );
+    let (code, v) = analyze(&reference, &mixed, &[]);
+    assert_eq!(code, Some(1), "{v:#}");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("KV cache layout differs"), "{notes}");
+    assert!(!notes.contains("flash attention differs"), "{notes}");
+    assert_eq!(v["shape_mismatches"], 0, "{v:#}");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 2, "{v:#}");
+    let k0 = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["role"] == "kqv_out" && t["layer"] == 0 && t["step"] == 0)
+        .expect("kqv_out of layer 0, step 0");
+    assert_eq!(k0["metrics"]["max_abs"], 0.0, "{k0}");
 }
