@@ -6,7 +6,8 @@
 //!   kcm_shim   our C shim over `common` (csrc/)
 //!   common     llama.cpp's common/ (argument parsing, sampling, ...), without download code
 //!   llama      src/*.cpp and src/models/*.cpp (the latter as unity batches, like upstream)
-//!   ggml       the backend registry (ggml-backend-reg.cpp; GGML_USE_CPU)
+//!   ggml       the backend registry (ggml-backend-reg.cpp; GGML_USE_CPU, GGML_USE_RPC)
+//!   ggml-rpc   the RPC backend (ggml-rpc/: client and server, TCP transport)
 //!   ggml-cpu   the CPU backend, with host-specific SIMD flags (build/cpu.rs)
 //!   ggml-base  ggml core, gguf, the scheduler
 //!

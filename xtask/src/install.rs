@@ -1,5 +1,6 @@
-//! `cargo xtask install --prefix DIR [--debug]`: the three binaries under
-//! `DIR/bin`, each also under the `llama-*` name the seed's scripts call.
+//! `cargo xtask install --prefix DIR [--debug]`: the binaries under `DIR/bin`, the
+//! three tools each also under the `llama-*` name the seed's scripts call, and
+//! `kcm-rpc-server` (no alias: it is not llama.cpp's `rpc-server`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,9 @@ pub const NAMES: [(&str, &str); 3] = [
     ("gguf-reader", "llama-kqv-gguf-reader"),
     ("tensor-diff-analyzer", "llama-tensor-diff-analyzer"),
 ];
+
+/// Installed under their own name only.
+pub const UNALIASED: [&str; 1] = ["kcm-rpc-server"];
 
 pub fn run(mut args: pico_args::Arguments) -> Result {
     let prefix: PathBuf = args
@@ -42,6 +46,10 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         link(name, &bin.join(alias))?;
         println!("{}", bin.join(name).display());
         println!("{} -> {name}", bin.join(alias).display());
+    }
+    for name in UNALIASED {
+        install_file(&built.join(name), &bin.join(name))?;
+        println!("{}", bin.join(name).display());
     }
     Ok(())
 }

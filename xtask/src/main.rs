@@ -50,7 +50,8 @@ COMMANDS:
         Build the three tools (release profile; --debug: the dev profile) and
         install them in DIR/bin, each also under the llama.cpp-style name the
         seed scripts call (llama-kqv-trace-monitor, llama-kqv-gguf-reader,
-        llama-tensor-diff-analyzer, as relative symlinks).
+        llama-tensor-diff-analyzer, as relative symlinks), and kcm-rpc-server
+        (the RPC server for --rpc; no alias).
         Example: cargo xtask install --prefix ~/.local
   bench [--quick] [--skip-cold-build] [--no-write] [--only long-runs|kv-caches]
         Run every benchmark of the project in one go (criterion micro-benchmarks,

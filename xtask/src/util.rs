@@ -64,7 +64,12 @@ pub fn no_more_args(args: pico_args::Arguments) -> Result {
 }
 
 /// The packages holding the three user-facing binaries.
-pub const BINARY_PACKAGES: [&str; 3] = ["kqv-trace-monitor", "gguf-reader", "tensor-diff-analyzer"];
+pub const BINARY_PACKAGES: [&str; 4] = [
+    "kqv-trace-monitor",
+    "gguf-reader",
+    "tensor-diff-analyzer",
+    "kcm-rpc-server",
+];
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` or `<workspace>/target`.
 pub fn target_dir() -> PathBuf {

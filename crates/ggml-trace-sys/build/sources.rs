@@ -1,7 +1,7 @@
 //! What goes into each library: sources, include directories, defines.
 //! Mirrors the cmake targets (ggml/src/CMakeLists.txt,
 //! ggml/src/ggml-cpu/CMakeLists.txt, src/CMakeLists.txt, common/CMakeLists.txt)
-//! for a static, CPU-only, non-OpenMP build.
+//! for a static, non-OpenMP build with the CPU and RPC backends.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +24,7 @@ pub fn libraries(tree: &Path, csrc: &Path, gen: &Generated, cpu: &CpuFlags) -> V
         common(tree, csrc, gen),
         llama(tree, gen),
         ggml(tree),
+        ggml_rpc(tree),
         ggml_cpu(tree, cpu),
         ggml_base(tree, gen),
     ]
@@ -59,7 +60,8 @@ fn ggml_base(tree: &Path, gen: &Generated) -> Library {
 }
 
 /// The `ggml` target: the backend registry. GGML_USE_CPU makes it register
-/// the CPU backend (the only one we build).
+/// the CPU backend, GGML_USE_RPC the RPC backend (`--rpc host:port,...`), as
+/// ggml's CMake does for GGML_CPU=ON and GGML_RPC=ON.
 fn ggml(tree: &Path) -> Library {
     let src = tree.join("ggml/src");
     let mut lib = Library::new("ggml");
@@ -67,6 +69,21 @@ fn ggml(tree: &Path) -> Library {
     lib.includes = vec![tree.join("ggml/include"), src];
     lib.defines = ggml_dir_defines();
     lib.defines.push(("GGML_USE_CPU", None));
+    lib.defines.push(("GGML_USE_RPC", None));
+    lib
+}
+
+/// The RPC backend (ggml/src/ggml-rpc/CMakeLists.txt): the client that
+/// `--rpc` registers, and `ggml_backend_rpc_start_server` (kcm-rpc-server).
+/// TCP only: without GGML_RPC_RDMA no RDMA transport and no libibverbs;
+/// transport-apple.cpp is macOS RDMA. No system library beyond libc.
+fn ggml_rpc(tree: &Path) -> Library {
+    let src = tree.join("ggml/src");
+    let dir = src.join("ggml-rpc");
+    let mut lib = Library::new("ggml-rpc");
+    lib.add(&dir, &["ggml-rpc.cpp", "transport.cpp"]);
+    lib.includes = vec![tree.join("ggml/include"), src, dir];
+    lib.defines = ggml_dir_defines();
     lib
 }
 

@@ -76,9 +76,12 @@ static void set_err(char * err, size_t len, const std::string & msg) {
     }
 }
 
-// Quiet mode: llama.cpp's and ggml's own logs keep errors only.
+// Quiet mode: llama.cpp's and ggml's own logs keep errors only. Not ggml-rpc's transport
+// errors ("recv failed ...", "send failed ..."): each is followed by ggml-rpc's abort,
+// which the tools turn into one line naming the server (ggml-trace's fatal.rs).
 static void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
-    if (level == GGML_LOG_LEVEL_ERROR) {
+    if (level == GGML_LOG_LEVEL_ERROR && strncmp(text, "recv failed", 11) != 0 &&
+        strncmp(text, "send failed", 11) != 0) {
         fputs(text, stderr);
     }
 }

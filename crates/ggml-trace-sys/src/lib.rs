@@ -1,4 +1,4 @@
-//! llama.cpp and ggml (CPU backend), compiled by this crate's build script from
+//! llama.cpp and ggml (CPU and RPC backends), compiled by this crate's build script from
 //! `vendor/llama.cpp`, with raw FFI bindings ([`sys`]), our C shims over llama.cpp
 //! (`csrc/`: [`shim`] for `common`, [`session`] for a traced run) and dequantization
 //! through ggml ([`dequant`]).
@@ -10,6 +10,7 @@
 use std::ffi::CStr;
 
 pub mod dequant;
+pub mod rpc;
 pub mod session;
 pub mod shim;
 

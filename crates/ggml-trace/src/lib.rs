@@ -9,7 +9,9 @@
 //! Prepare the source tree first: `cargo xtask build-llama` (docs/build.md).
 
 pub mod capture;
+mod fatal;
 mod pool_hash;
+pub mod rpc;
 pub mod run_info;
 pub mod session;
 

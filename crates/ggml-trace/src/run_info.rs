@@ -33,6 +33,9 @@ pub struct RunInfo {
     /// The trace whose steps this run replays (`--replay`, the analyzer's default), as
     /// the user named it; `None` when the run decoded its own prompt and samples.
     pub replayed_from: Option<String>,
+    /// The RPC servers the run's `--rpc` (or `LLAMA_ARG_RPC`) named, `host:port`, in
+    /// llama.cpp's order (devices `RPC0`, `RPC1`, ...); empty without RPC.
+    pub rpc_endpoints: Vec<String>,
 }
 
 impl RunInfo {

@@ -30,6 +30,10 @@ pub enum SessionError {
     Decode(String),
     #[error("capture failed: {0}")]
     Capture(#[from] CaptureError),
+    /// An RPC endpoint of `--rpc` is down, speaks another protocol, or cannot serve this
+    /// run (checked before llama.cpp connects: see [`crate::rpc`]).
+    #[error("{0}")]
+    Rpc(#[from] crate::rpc::RpcError),
 }
 
 fn c_string(buf: &[c_char]) -> String {
@@ -252,6 +256,27 @@ pub fn run_replay(
     replay: Option<&Replay>,
     sink: &mut dyn CaptureSink,
 ) -> Result<(RunInfo, RunOutcome), SessionError> {
+    // Before llama.cpp's parser registers the servers (its client aborts on a dead one).
+    let rpc_endpoints = crate::rpc::check_run(llama_args)?;
+    // With RPC servers, a server that dies mid-run makes ggml-rpc abort the process on its
+    // dispatcher thread: the sink gets on_fatal there instead (crate::fatal).
+    let lock = std::sync::Arc::new(std::sync::Mutex::new(()));
+    let sink_ptr: *mut (dyn CaptureSink + '_) = sink;
+    let mut guarded = crate::fatal::Guarded {
+        // SAFETY: reborrows the caller's `&mut` sink; `sink` is not used again directly.
+        inner: unsafe { &mut *sink_ptr },
+        lock: std::sync::Arc::clone(&lock),
+    };
+    let _armed = (!rpc_endpoints.is_empty()).then(|| {
+        // SAFETY: the sink outlives `_armed` (dropped at the end of this function, before
+        // the caller's borrow ends) and is reached only through `guarded` meanwhile.
+        unsafe { crate::fatal::Armed::arm(sink_ptr, lock, rpc_endpoints.clone()) }
+    });
+    let sink: &mut dyn CaptureSink = if rpc_endpoints.is_empty() {
+        guarded.inner
+    } else {
+        &mut guarded
+    };
     let mut argv_owned = vec![CString::new("kqv-trace-monitor").unwrap_or_default()];
     for a in llama_args {
         argv_owned
@@ -355,6 +380,7 @@ pub fn run_replay(
         n_threads: raw.n_threads.max(0) as u32,
         n_threads_batch: raw.n_threads_batch.max(0) as u32,
         replayed_from: replay.map(|r| r.source.clone()),
+        rpc_endpoints,
     };
     // SAFETY: state_ptr is live (boxed above).
     unsafe { (*state_ptr).capture.start(&info) }.map_err(SessionError::Capture)?;

@@ -456,6 +456,7 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
         seed: info.seed,
         prompt_tokens: info.prompt_tokens.clone(),
         replayed_from: info.replayed_from.clone().unwrap_or_default(),
+        rpc_endpoints: info.rpc_endpoints.clone(),
         llama_version: ggml_trace::llama_version(),
         cpu_simd: ggml_trace::cpu_simd(),
         target_layer: -1,

@@ -56,7 +56,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     let stats_on_terminal =
         opts.save == Some(SaveTarget::Stdout) || std::io::stdout().is_terminal();
     let progress = Progress::new("kqv-trace-monitor", opts.quiet || stats_on_terminal);
-    let mut sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?.with_progress(progress);
+    let sink = MonitorSink::new(opts, stats_out, Arc::clone(&stop))?.with_progress(progress);
     let run_opts = RunOptions {
         capture: CaptureConfig {
             layer: opts.layer,
@@ -71,7 +71,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
         eval_callback: true,
     };
     let mut started = Started {
-        sink: &mut sink,
+        sink: Some(sink),
         info: None,
         steps: 0,
     };
@@ -81,6 +81,9 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     };
     let result = session::run_replay(&opts.llama_args, run_opts, replay.as_ref(), &mut started);
     let (started_info, started_steps) = (started.info.take(), started.steps);
+    let sink = started.sink.take().ok_or_else(|| {
+        MonitorError::Io(io::Error::other("the monitor's sink was already finished"))
+    })?;
     let (info, outcome) = match result {
         Ok(r) => r,
         Err(session::SessionError::Capture(e)) => {
@@ -125,21 +128,30 @@ pub fn load_replay(path: &std::path::Path) -> Result<session::Replay, MonitorErr
 }
 
 /// The monitor's sink, remembering the run's facts and its step count, so that a run
-/// that ends with a capture error can still save what was traced.
-struct Started<'a> {
-    sink: &'a mut MonitorSink,
+/// that ends with a capture error (or a backend failure) can still save what was traced.
+/// The sink is `None` only once `on_fatal` finished it (the process then ends).
+struct Started {
+    sink: Option<MonitorSink>,
     info: Option<RunInfo>,
     steps: u32,
 }
 
-impl CaptureSink for Started<'_> {
+impl Started {
+    fn sink(&mut self) -> Result<&mut MonitorSink, CaptureError> {
+        self.sink
+            .as_mut()
+            .ok_or_else(|| CaptureError::Sink("the trace was already finished".into()))
+    }
+}
+
+impl CaptureSink for Started {
     fn on_start(&mut self, info: &RunInfo) -> Result<(), CaptureError> {
         self.info = Some(info.clone());
-        self.sink.on_start(info)
+        self.sink()?.on_start(info)
     }
 
     fn on_step(&mut self, step: &trace_format::StepMeta) -> bool {
-        let go_on = self.sink.on_step(step);
+        let go_on = self.sink.as_mut().is_some_and(|s| s.on_step(step));
         if go_on {
             self.steps = step.step + 1;
         }
@@ -147,21 +159,50 @@ impl CaptureSink for Started<'_> {
     }
 
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
-        self.sink.on_attention(att)
+        self.sink()?.on_attention(att)
     }
 
     fn on_output(&mut self, out: ggml_trace::capture::StepOutput) -> Result<(), CaptureError> {
-        self.sink.on_output(out)
+        self.sink()?.on_output(out)
     }
 
     fn on_unexplained(&mut self, change: &ggml_trace::capture::UnexplainedChange) {
-        self.sink.on_unexplained(change)
+        if let Some(s) = self.sink.as_mut() {
+            s.on_unexplained(change)
+        }
+    }
+
+    /// An RPC server died mid-run (ggml would abort): as on Ctrl-C, save what was traced,
+    /// marked incomplete; one line; exit 1.
+    fn on_fatal(&mut self, reason: &str) -> u8 {
+        let saved = match (self.info.clone(), self.sink.take()) {
+            (Some(info), Some(sink)) => {
+                let outcome = RunOutcome {
+                    steps: self.steps,
+                    interrupted: true,
+                    generated_text: String::new(),
+                    ..RunOutcome::default()
+                };
+                match sink.finish(&info, &outcome) {
+                    Ok(()) => format!(
+                        "; stopped after {} steps, what was traced is saved (marked incomplete)",
+                        self.steps
+                    ),
+                    Err(e) => format!("; saving what was traced failed too: {e}"),
+                }
+            }
+            _ => String::new(),
+        };
+        eprintln!("kqv-trace-monitor: {reason}{saved}");
+        exit::FAILED
     }
 }
 
 impl crate::Failure for MonitorError {
     fn exit_code(&self) -> u8 {
-        if self.is_usage() {
+        // An RPC endpoint that is down or speaks another protocol: the run's options
+        // cannot work as given (one line naming the endpoint, no "try --help").
+        if self.is_usage() || matches!(self, MonitorError::Session(session::SessionError::Rpc(_))) {
             exit::USAGE
         } else {
             exit::FAILED

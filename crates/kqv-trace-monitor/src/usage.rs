@@ -60,6 +60,10 @@ LLAMA.CPP OPTIONS:
     the -fit dry run only with an explicit `-fit on`. The model, context and sampler are
     set up as llama.cpp's tools set them up, so --ignore-eos and the other sampling
     options behave as there.
+    --rpc HOST:PORT,... splits the model across RPC servers (kcm-rpc-server; with -ngl,
+    -ts, -sm layer|none): each endpoint is checked first (a down one, or one of another
+    protocol version: one line, exit 2); one that dies mid-run ends the run with one line
+    and the trace saved as incomplete (exit 1). The protocol is unauthenticated.
 
 STEPS:
     step 0 is the first ubatch of the prompt; each later llama_decode call (the next

@@ -62,6 +62,8 @@ ANALYSIS OPTIONS:
 LLAMA.CPP OPTIONS (live mode):
     Every other argument is parsed by llama.cpp's own `common_params_parse`, as in
     kqv-trace-monitor: -m -p -f -n -c -b -ub -t -ngl -ctk -ctv -fa on|off|auto --seed ...
+    --rpc HOST:PORT,... runs it across RPC servers (kcm-rpc-server), e.g. against a
+    local CPU reference: each endpoint is checked first (one line, exit 2).
     The reference's prompt and tokens are replayed (no -p or -n needed; -p, when given,
     must be the reference's prompt; -n limits the generated steps replayed). With
     --no-replay, use the reference's prompt and -n: tensors are matched by (role, layer,

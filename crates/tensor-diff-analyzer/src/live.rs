@@ -70,6 +70,14 @@ pub fn current_run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
 }
 
 impl CaptureSink for LiveSink<'_, '_> {
+    /// An RPC server died mid-run (ggml would abort): one line, exit 2 (nothing compared
+    /// to conclude from; the current run's trace is not saved).
+    fn on_fatal(&mut self, reason: &str) -> u8 {
+        self.clear_progress();
+        eprintln!("tensor-diff-analyzer: {reason}; nothing is concluded");
+        crate::exit::ERROR
+    }
+
     fn on_unexplained(&mut self, change: &ggml_trace::capture::UnexplainedChange) {
         match self.save.as_mut() {
             Some(s) => s.on_unexplained(change),

@@ -6,6 +6,7 @@
 //! - [`hostile`]: hostile traces derived from an honest one (issue 14), and a synthetic
 //!   trace of any number of groups for the scale test;
 //! - [`pty`]: run a tool with stderr on a pseudo-terminal (progress-line tests);
+//! - [`rpc_server`]: `kcm-rpc-server` processes on free loopback ports, killed on drop;
 //! - [`storage`]: trace tests for both storages (`--kv-storage full` and `delta`);
 //! - `timed` (feature `capture`): time the generation steps of a run (benchmarks).
 
@@ -14,6 +15,7 @@ pub mod gguf_py;
 pub mod hostile;
 pub mod pty;
 pub mod rng;
+pub mod rpc_server;
 pub mod storage;
 #[cfg(feature = "capture")]
 pub mod timed;

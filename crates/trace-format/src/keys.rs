@@ -56,6 +56,9 @@ pub const STEP_SAMPLED: &str = "kqv_trace.step.sampled";
 /// The trace whose steps the run decoded again (`--replay`, the analyzer's default), as
 /// the user named it. Optional (absent: the run decoded its own prompt and samples).
 pub const RUN_REPLAYED_FROM: &str = "kqv_trace.run.replayed_from";
+/// ARRAY[STRING]: the RPC servers (`host:port`) of `--rpc`, in llama.cpp's device order.
+/// Optional (absent: a local run).
+pub const RUN_RPC_ENDPOINTS: &str = "kqv_trace.run.rpc_endpoints";
 
 /// Per tensor, parallel to the tensor table.
 pub const TENSOR_ROLE: &str = "kqv_trace.tensor.role";

@@ -205,6 +205,10 @@ pub struct RunMeta {
     pub n_cross_layer: u32,
     /// `on`/`off`: what the cross-attention records ran (empty without cross-attention).
     pub cross_flash_attn: String,
+    /// The RPC servers (`host:port`) the run split its model across (`--rpc`), in
+    /// llama.cpp's device order; empty for a local run. Which layer's attention ran where
+    /// is each attention record's `backend` (`RPC0[host:port]`, ...).
+    pub rpc_endpoints: Vec<String>,
 }
 
 /// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types

@@ -624,6 +624,7 @@ mod tests {
             trace_sources: true,
             complete: true,
             replayed_from: "golden.gguf".into(),
+            rpc_endpoints: vec!["127.0.0.1:50052".into(), "10.0.0.2:50052".into()],
             ..RunMeta::default()
         };
         w.finish(&run, Vec::new()).unwrap()
@@ -642,6 +643,7 @@ mod tests {
         assert_eq!(t.sampled_at(1), Some(3));
         assert_eq!(t.sampled_at(7), None);
         assert_eq!(t.run.replayed_from, "golden.gguf");
+        assert_eq!(t.run.rpc_endpoints, ["127.0.0.1:50052", "10.0.0.2:50052"]);
         assert!(t.first_problem().is_none());
     }
 

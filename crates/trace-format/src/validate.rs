@@ -270,6 +270,16 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         n_cross_layer: u(keys::RUN_N_CROSS_LAYER)?,
         cross_flash_attn: string(m, keys::RUN_CROSS_FLASH_ATTN)?,
         replayed_from: string(m, keys::RUN_REPLAYED_FROM)?,
+        rpc_endpoints: match m.get(keys::RUN_RPC_ENDPOINTS) {
+            None => Vec::new(),
+            Some(gguf_io::Value::Array(gguf_io::Array::String(v))) => v.clone(),
+            Some(_) => {
+                return Err(Violation::BadValue {
+                    key: keys::RUN_RPC_ENDPOINTS,
+                    what: "not an array of strings".into(),
+                })
+            }
+        },
     })
 }
 

@@ -500,6 +500,9 @@ impl TraceWriter {
         if !run.replayed_from.is_empty() {
             m.set(keys::RUN_REPLAYED_FROM, run.replayed_from.as_str());
         }
+        if !run.rpc_endpoints.is_empty() {
+            m.set(keys::RUN_RPC_ENDPOINTS, run.rpc_endpoints.clone());
+        }
 
         let t = &self.tensors;
         m.set(

@@ -202,6 +202,16 @@ pub trait CaptureSink {
     /// An audit found a KV-cache view changed where no graph node wrote (a kernel
     /// writing past its destination, host code): after the step's attention tensors.
     fn on_unexplained(&mut self, _change: &UnexplainedChange) {}
+    /// The run cannot go on and the process ends after this call: a backend failed on
+    /// another thread (an RPC server died mid-run, where ggml aborts; `crate::fatal`).
+    /// Called on that thread, once, while the run's own thread is stopped for good
+    /// outside the sink (never inside another sink call). `reason` is one line naming the
+    /// failed endpoints. Save what can be saved (marked incomplete), say so in one line,
+    /// and return the process's exit code (default: the line and 1).
+    fn on_fatal(&mut self, reason: &str) -> u8 {
+        eprintln!("{reason}");
+        1
+    }
 }
 
 /// Attention being assembled between its op and `kqv_out`.

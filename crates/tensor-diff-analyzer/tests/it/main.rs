@@ -1,7 +1,7 @@
 //! tensor-diff-analyzer's integration tests in one binary (one link of llama.cpp): the
 //! command line live and offline, gemma-3-270m, the mixed KV cache, the progress line,
 //! steps whose inputs differ (issue 20),
-//! traces whose metadata contradicts their tensors (issue 14).
+//! traces whose metadata contradicts their tensors (issue 14), runs split across RPC servers.
 //! One binary per crate, as ripgrep does (`tests/integration/`): each file below is a
 //! module; shared helpers live in the `test-support` crate.
 
@@ -11,4 +11,5 @@ mod gemma;
 mod mixed;
 mod progress;
 mod replay;
+mod rpc;
 mod trust;
