@@ -6,7 +6,8 @@
 //! - GQA (8 query heads over 2 KV heads, and 4 over 4), masks with -inf (including rows
 //!   where every cell is masked), ALiBi, softcap;
 //! - empty hot segment, empty cold segment, both non-empty; 1 and many query rows;
-//! - 1, 2, 3 and 4 threads give bit-identical results;
+//! - 1, 2, 3 and 4 threads give bit-identical results, also where decoding splits the KV
+//!   range into chunks (from 128 cells on), over a short and a long (4,540-cell) range;
 //! - with an empty cold store (a hot window larger than the context) the node equals
 //!   ggml's own `FLASH_ATTN_EXT` over the same F16 cache.
 
@@ -358,6 +359,23 @@ fn gqa_both_segments_one_and_many_rows() {
             ..Case::base()
         };
         check(&format!("gqa n_q={n_q}"), c, seed);
+    }
+}
+
+/// Decode over a long KV range: the kernel cuts each (KV head, query row) item's range into
+/// chunks of a fixed length (64 cells, longer past 64 chunks: here 48 chunks of 96 cells, the
+/// last partial), whatever the thread count; 1 query row (2 items) and 3 (6 items), and a
+/// hot segment that starts inside a chunk.
+#[test]
+fn long_kv_range_split_into_fixed_chunks() {
+    for (n_q, seed) in [(1, 14), (3, 15)] {
+        let c = Case {
+            n_q,
+            n_cold: 4500,
+            n_hot: 40,
+            ..Case::base()
+        };
+        check(&format!("long n_q={n_q}"), c, seed);
     }
 }
 
