@@ -132,6 +132,7 @@ fn main() {
             keep: true,
             logits: true,
             kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+            nodes: None,
         },
         eval_callback: false,
         prefill_only: false,

@@ -114,6 +114,7 @@ fn measure(
                     keep: true,
                     logits: false,
                     kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+                    nodes: None,
                 },
                 eval_callback: false,
                 prefill_only: false,

@@ -49,6 +49,10 @@ impl CaptureSink for Guarded<'_> {
         let _held = Self::hold(&self.lock);
         self.inner.on_attention(att)
     }
+    fn on_node(&mut self, node: crate::capture::CapturedTensor) -> Result<(), CaptureError> {
+        let _held = Self::hold(&self.lock);
+        self.inner.on_node(node)
+    }
     fn on_output(&mut self, out: StepOutput) -> Result<(), CaptureError> {
         let _held = Self::hold(&self.lock);
         self.inner.on_output(out)

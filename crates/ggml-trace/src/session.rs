@@ -152,7 +152,7 @@ impl Replay {
 }
 
 /// What `run` needs besides llama.cpp's own options.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RunOptions {
     pub capture: CaptureConfig,
     /// Install the eval callback (false only to measure llama.cpp without it: the sink
@@ -283,6 +283,7 @@ pub fn run_replay(
             .push(CString::new(a.as_str()).map_err(|_| SessionError::NulInArgument(a.clone()))?);
     }
     let argv: Vec<*const c_char> = argv_owned.iter().map(|c| c.as_ptr()).collect();
+    let want_logits = opts.capture.logits;
     let mut state = Box::new(State {
         capture: Capture::new(opts.capture, sink),
         stopped: false,
@@ -389,7 +390,7 @@ pub fn run_replay(
         kcm_session_run(
             guard.0,
             i32::from(opts.prefill_only),
-            i32::from(opts.capture.logits),
+            i32::from(want_logits),
             Some(on_step),
             Some(on_output),
             state_ptr.cast(),

@@ -43,6 +43,7 @@ fn options() -> RunOptions {
             keep: true,
             logits: false,
             kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+            nodes: None,
         },
         eval_callback: true,
         prefill_only: false,

@@ -44,6 +44,7 @@ fn tensor(
         },
         data,
         revision,
+        graph_order: None,
     }
 }
 

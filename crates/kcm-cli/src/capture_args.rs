@@ -33,6 +33,10 @@ pub struct Options {
     /// `--kv-audit N`: hash every kept K/V view whole every N steps (1: every step, no
     /// write tracking); between audits the capture reads only what the graph wrote.
     pub kv_audit: u32,
+    /// `--tensor-filter REGEX` (repeatable): graph nodes to trace besides attention, by
+    /// name (anchored at its start, as llama.cpp's `llama-debug`), role `node`; empty:
+    /// attention only.
+    pub tensor_filter: Vec<String>,
     /// Arguments for llama.cpp, in order.
     pub llama_args: Vec<String>,
 }
@@ -55,6 +59,7 @@ impl Default for Options {
             replay: None,
             kv_storage: trace_format::KvStorage::default(),
             kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+            tensor_filter: Vec::new(),
             llama_args: Vec::new(),
         }
     }
@@ -72,10 +77,25 @@ pub enum UsageError {
     BadStorage(String),
     #[error("--kv-audit expects a step count of 1 or more, got '{0}'")]
     BadAudit(String),
+    #[error("{0}")]
+    BadFilter(#[from] ggml_trace::capture::FilterError),
     #[error("--verify needs the attention inputs: drop --no-trace-sources")]
     VerifyWithoutSources,
     #[error("{0}")]
     NotUtf8(#[from] crate::tool::NotUtf8),
+}
+
+impl Options {
+    /// The compiled `--tensor-filter` patterns, None when there are none.
+    pub fn node_filter(&self) -> Option<std::sync::Arc<ggml_trace::capture::NodeFilter>> {
+        if self.tensor_filter.is_empty() {
+            return None;
+        }
+        // Each pattern was checked when parsed.
+        ggml_trace::capture::NodeFilter::new(&self.tensor_filter)
+            .ok()
+            .map(std::sync::Arc::new)
+    }
 }
 
 /// Split the command line into the monitor's options and llama.cpp's.
@@ -125,6 +145,14 @@ pub fn parse(args: Vec<String>) -> Result<Command<Options>, UsageError> {
                     .ok()
                     .filter(|&n: &u32| n >= 1)
                     .ok_or(UsageError::BadAudit(v))?;
+            }
+            "--tensor-filter" => {
+                let v = it
+                    .next()
+                    .ok_or(UsageError::MissingValue("--tensor-filter"))?;
+                // Checked here, so a bad pattern is a usage error before anything loads.
+                ggml_trace::capture::NodeFilter::new(std::slice::from_ref(&v))?;
+                o.tensor_filter.push(v);
             }
             "-v" | "--verbose" | "--log-verbose" => {
                 o.verbose = true;
@@ -228,6 +256,19 @@ mod tests {
         assert_eq!(o.llama_args, ["-m", "m.gguf"]);
         assert_eq!(run(&["-m", "m.gguf"]).kv_audit, 16);
         assert_eq!(run(&["--kv-audit", "1", "-m", "m.gguf"]).kv_audit, 1);
+        assert!(run(&["-m", "m.gguf"]).tensor_filter.is_empty());
+        let o = run(&[
+            "--tensor-filter",
+            "ffn_out",
+            "-m",
+            "m.gguf",
+            "--tensor-filter",
+            ".",
+        ]);
+        assert_eq!(o.tensor_filter, ["ffn_out", "."]);
+        assert_eq!(o.llama_args, ["-m", "m.gguf"]);
+        assert!(o.node_filter().unwrap().matches("ffn_out-3"));
+        assert!(run(&["-m", "m.gguf"]).node_filter().is_none());
     }
 
     #[test]
@@ -250,6 +291,18 @@ mod tests {
                 UsageError::BadAudit(bad.into())
             );
         }
+        assert_eq!(
+            parse(vec!["--tensor-filter".into()]).unwrap_err(),
+            UsageError::MissingValue("--tensor-filter")
+        );
+        let e = parse(vec!["--tensor-filter".into(), "ffn_(".into()]).unwrap_err();
+        assert!(
+            matches!(&e, UsageError::BadFilter(f) if f.pattern == "ffn_("),
+            "{e:?}"
+        );
+        assert!(e
+            .to_string()
+            .starts_with("--tensor-filter: invalid regex 'ffn_('"));
         assert_eq!(
             parse(vec!["--verify".into(), "--no-trace-sources".into()]).unwrap_err(),
             UsageError::VerifyWithoutSources

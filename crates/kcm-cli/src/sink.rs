@@ -601,9 +601,26 @@ impl CaptureSink for MonitorSink {
             // cold store, src5 the mask): the seed's `src<i>` names follow the node.
             let mixed = att.op == trace_format::MIXED_ATTN_OP;
             for t in att.tensors {
-                w.add_tensor_revision(t.meta, &t.data, mixed, t.revision.as_ref())
+                w.add_tensor_ordered(t.meta, &t.data, mixed, t.revision.as_ref(), t.graph_order)
                     .map_err(CaptureError::sink)?;
             }
+            self.counters.bytes_written = w.trace_bytes();
+        }
+        self.progress.update(self.counters);
+        Ok(())
+    }
+
+    /// A `--tensor-filter` node: a statistics line (when its type can be read as numbers)
+    /// and, when saving, the tensor with its graph order.
+    fn on_node(&mut self, node: CapturedTensor) -> Result<(), CaptureError> {
+        if gguf_io::quant::can_dequantize(node.meta.layout.ty) {
+            let s = self.stats.summarize(&node).map_err(CaptureError::sink)?;
+            let r = self.line(&node, &s);
+            self.written(r)?;
+        }
+        if let Some(w) = self.writer.as_mut() {
+            w.add_tensor_ordered(node.meta, &node.data, false, None, node.graph_order)
+                .map_err(CaptureError::sink)?;
             self.counters.bytes_written = w.trace_bytes();
         }
         self.progress.update(self.counters);
@@ -625,6 +642,7 @@ impl CaptureSink for MonitorSink {
             meta,
             data: Arc::new(logits.iter().flat_map(|x| x.to_le_bytes()).collect()),
             revision: None,
+            graph_order: None,
         };
         let s = self.stats.summarize(&t).map_err(CaptureError::sink)?;
         let r = self.line(&t, &s);
@@ -674,6 +692,7 @@ mod tests {
             },
             data,
             revision: None,
+            graph_order: None,
         }
     }
 

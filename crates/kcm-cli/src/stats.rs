@@ -246,6 +246,7 @@ pub fn summarize(t: &CapturedTensor) -> Result<Summary, String> {
         meta: t.meta.clone(),
         data: t.data.clone(),
         revision: None,
+        graph_order: None,
     };
     Stats::new().summarize(&fresh)
 }
@@ -285,6 +286,7 @@ mod tests {
             },
             data: Arc::new(data),
             revision: rev,
+            graph_order: None,
         }
     }
 

@@ -65,6 +65,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
             keep: true,
             logits: opts.logits,
             kv_audit: opts.kv_audit,
+            nodes: opts.node_filter(),
         },
         prefill_only: opts.prefill_only,
         verbose: opts.verbose,
@@ -160,6 +161,10 @@ impl CaptureSink for Started {
 
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError> {
         self.sink()?.on_attention(att)
+    }
+
+    fn on_node(&mut self, node: ggml_trace::capture::CapturedTensor) -> Result<(), CaptureError> {
+        self.sink()?.on_node(node)
     }
 
     fn on_output(&mut self, out: ggml_trace::capture::StepOutput) -> Result<(), CaptureError> {

@@ -84,6 +84,7 @@ fn main() {
                     keep: true,
                     logits: false,
                     kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+                    nodes: None,
                 },
                 prefill_only: false,
                 verbose: false,

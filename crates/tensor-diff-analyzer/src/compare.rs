@@ -45,6 +45,14 @@ pub struct Comparison {
     pub worst_rel_at: Option<Location>,
     /// The run-to-run difference of the same tensor (`--noise-floor`).
     pub noise: Option<DiffMetrics>,
+    /// The reference tensor's ggml name (`kqv_out-3`, `ffn_out-1`).
+    pub ggml_name: String,
+    /// Role `node`: which node of that name in its step (0 = the first; ggml names repeat
+    /// in a graph); 0 for attention tensors.
+    pub occurrence: u32,
+    /// The reference tensor's graph order (`kqv_trace.tensor.graph_order`), when recorded:
+    /// with the step, the order in which [`first divergence`](crate::report) looks.
+    pub graph_order: Option<u32>,
 }
 
 impl Comparison {
@@ -61,6 +69,32 @@ impl Comparison {
         self.shape_match()
             && self.error.is_none()
             && self.metrics.as_ref().is_some_and(|m| m.within)
+    }
+
+    /// Within the noise band: within tolerance, or, when the run-to-run difference of
+    /// the same tensor was measured (`--noise-floor`, `--noise-reference`), an NMSE no
+    /// larger than that difference's (a tensor that differs no more than the
+    /// configuration does from itself has not diverged).
+    pub fn clean(&self) -> bool {
+        if self.within() {
+            return true;
+        }
+        match (&self.metrics, &self.noise) {
+            (Some(m), Some(n)) if self.shape_match() && self.error.is_none() => {
+                m.nmse <= n.nmse || (m.nmse.is_nan() && n.nmse.is_nan())
+            }
+            _ => false,
+        }
+    }
+
+    /// The key a comparison of another pair of runs is matched by (noise).
+    fn key(&self, role: Role) -> (Role, i32, u32, &str, u32) {
+        let name = if role == Role::Node {
+            self.ggml_name.as_str()
+        } else {
+            ""
+        };
+        (role, self.layer, self.step, name, self.occurrence)
     }
 }
 
@@ -577,6 +611,19 @@ pub struct Analyzer<'r> {
     skipped_current_only: usize,
     skipped_steps: BTreeSet<u32>,
     used: Vec<bool>,
+    /// Reference nodes (role `node`) by (step, ggml name, occurrence), and which were
+    /// compared.
+    node_index: HashMap<(u32, String, u32), usize>,
+    node_used: Vec<bool>,
+    /// Current nodes seen per (step, ggml name): the next one's occurrence.
+    node_seen: HashMap<(u32, String), u32>,
+    /// Which nodes are compared: those `--tensor-filter` matches; None: every node of
+    /// either side (a comparison of saved traces without the option) unless
+    /// `compare_nodes` is off.
+    pub node_filter: Option<std::sync::Arc<ggml_trace::capture::NodeFilter>>,
+    /// Compare nodes when no filter is given (saved traces: yes; a live run, which
+    /// traces none without the option: no).
+    pub compare_nodes: bool,
     pub layer: Option<i32>,
     pub tolerance: Tolerance,
     pub threads: usize,
@@ -630,6 +677,17 @@ impl<'r> Analyzer<'r> {
             skipped_current_only: 0,
             skipped_steps: BTreeSet::new(),
             used: vec![false; reference.tensors.len()],
+            node_index: reference
+                .nodes
+                .iter()
+                .zip(trace_format::read::node_occurrences(&reference.nodes))
+                .enumerate()
+                .map(|(i, (t, k))| ((t.meta.step, t.meta.ggml_name.clone(), k), i))
+                .collect(),
+            node_used: vec![false; reference.nodes.len()],
+            node_seen: HashMap::new(),
+            node_filter: None,
+            compare_nodes: true,
             layer,
             tolerance,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -825,6 +883,12 @@ impl<'r> Analyzer<'r> {
                 one_sided += usize::from(!self.used[i]);
             }
         }
+        for (i, t) in self.reference.nodes.iter().enumerate() {
+            if t.meta.step >= from_step && self.wants_node(&t.meta) {
+                steps.insert(t.meta.step);
+                one_sided += usize::from(!self.node_used[i]);
+            }
+        }
         Some(InputsDiffer {
             from_step,
             steps: steps.into_iter().collect(),
@@ -835,6 +899,17 @@ impl<'r> Analyzer<'r> {
 
     pub fn wants_layer(&self, layer: i32) -> bool {
         self.layer.is_none_or(|l| l == layer)
+    }
+
+    /// Whether a node (role `node`) is compared: its layer is (nodes of no layer only
+    /// without `--layer`), and `--tensor-filter` matches its name (without the option:
+    /// [`compare_nodes`](Self::compare_nodes)).
+    pub fn wants_node(&self, meta: &TensorMeta) -> bool {
+        self.wants_layer(meta.layer)
+            && match &self.node_filter {
+                Some(f) => f.matches(&meta.ggml_name),
+                None => self.compare_nodes,
+            }
     }
 
     /// Why a tensor of this role and layer on this side cannot be compared (basis or
@@ -897,8 +972,13 @@ impl<'r> Analyzer<'r> {
         role
     }
 
-    /// Compare one current tensor (its bytes in logical order, in its own type).
+    /// Compare one current tensor (its bytes in logical order, in its own type). Nodes
+    /// (role `node`) are paired by (step, ggml name, occurrence): call this for them in
+    /// graph order, as the capture and the file give them.
     pub fn compare(&mut self, meta: &TensorMeta, name: &str, data: &[u8]) {
+        if meta.role == Role::Node {
+            return self.compare_node(meta, name, data);
+        }
         if !self.wants_layer(meta.layer) {
             self.current_other_layer += 1;
             return;
@@ -926,6 +1006,65 @@ impl<'r> Analyzer<'r> {
         };
         self.used[ri] = true;
         let rt = &self.reference.tensors[ri];
+        self.push_comparison(meta, name, data, rt, ref_role, 0);
+    }
+
+    /// A current node: paired with the reference node of the same step, ggml name and
+    /// occurrence.
+    fn compare_node(&mut self, meta: &TensorMeta, name: &str, data: &[u8]) {
+        let seen = self
+            .node_seen
+            .entry((meta.step, meta.ggml_name.clone()))
+            .or_insert(0);
+        let occurrence = *seen;
+        *seen += 1;
+        if !self.wants_node(meta) {
+            if !self.wants_layer(meta.layer) {
+                self.current_other_layer += 1;
+            }
+            return;
+        }
+        let ri = self
+            .node_index
+            .get(&(meta.step, meta.ggml_name.clone(), occurrence))
+            .copied();
+        if self.inputs_differ_at(meta.step) {
+            self.skipped_steps.insert(meta.step);
+            match ri {
+                Some(ri) => {
+                    self.node_used[ri] = true;
+                    self.skipped_pairs += 1;
+                }
+                None => self.skipped_current_only += 1,
+            }
+            return;
+        }
+        let Some(ri) = ri else {
+            self.current_unpaired.push(Unpaired {
+                side: "current",
+                name: name.to_owned(),
+                role: meta.role,
+                layer: meta.layer,
+                step: meta.step,
+                reason: None,
+            });
+            return;
+        };
+        self.node_used[ri] = true;
+        let rt = &self.reference.nodes[ri];
+        self.push_comparison(meta, name, data, rt, Role::Node, occurrence);
+    }
+
+    /// Compare the pair and keep the result.
+    fn push_comparison(
+        &mut self,
+        meta: &TensorMeta,
+        name: &str,
+        data: &[u8],
+        rt: &TracedTensor,
+        ref_role: Role,
+        occurrence: u32,
+    ) {
         let mut c = Comparison {
             role: meta.role,
             layer: meta.layer,
@@ -942,6 +1081,9 @@ impl<'r> Analyzer<'r> {
             worst_abs_at: None,
             worst_rel_at: None,
             noise: None,
+            ggml_name: rt.meta.ggml_name.clone(),
+            occurrence,
+            graph_order: rt.graph_order,
         };
         if c.shape_match() {
             let n = meta.layout.n_elements();
@@ -977,6 +1119,7 @@ impl<'r> Analyzer<'r> {
         self.reference
             .tensors
             .iter()
+            .chain(&self.reference.nodes)
             .filter(|t| !self.wants_layer(t.meta.layer))
             .count()
     }
@@ -1001,25 +1144,41 @@ impl<'r> Analyzer<'r> {
                 step: t.meta.step,
                 reason: self.not_comparable(t.meta.role, t.meta.layer, false),
             })
+            .chain(
+                self.reference
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, t)| {
+                        !self.node_used[*i]
+                            && self.wants_node(&t.meta)
+                            && !self.inputs_differ_at(t.meta.step)
+                    })
+                    .map(|(_, t)| Unpaired {
+                        side: "reference",
+                        name: t.name.clone(),
+                        role: t.meta.role,
+                        layer: t.meta.layer,
+                        step: t.meta.step,
+                        reason: None,
+                    }),
+            )
             .collect()
     }
 
     /// Attach run-to-run differences: `noise` compares two runs of one configuration,
     /// the reference's (`of_reference`, keyed by the reference role) or the current one.
     pub fn attach_noise(&mut self, noise: &[Comparison], of_reference: bool) {
-        let by_key: HashMap<(Role, i32, u32), &Comparison> = noise
-            .iter()
-            .map(|c| ((c.role, c.layer, c.step), c))
-            .collect();
+        let by_key: HashMap<(Role, i32, u32, &str, u32), &Comparison> =
+            noise.iter().map(|c| (c.key(c.role), c)).collect();
         for c in &mut self.comparisons {
             let role = if of_reference {
                 c.reference_role
             } else {
                 c.role
             };
-            c.noise = by_key
-                .get(&(role, c.layer, c.step))
-                .and_then(|n| n.metrics.clone());
+            let noise = by_key.get(&c.key(role)).and_then(|n| n.metrics.clone());
+            c.noise = noise;
         }
     }
 }

@@ -190,6 +190,14 @@ pub fn compare_files(
         }
         a.compare(&t.meta, &t.name, &le_data(current, t));
     }
+    // Nodes (`--tensor-filter`) after the attention tensors, in graph order.
+    for t in &current.nodes {
+        if last_step.replace(t.meta.step) != Some(t.meta.step) {
+            current.gguf().release_pages();
+            a.reference.gguf().release_pages();
+        }
+        a.compare(&t.meta, &t.name, &le_data(current, t));
+    }
     let reference = a.reference;
     a.outputs.add_trace(reference, current);
     Ok(())
@@ -287,6 +295,7 @@ pub fn compare_live(
             // The reference's logits are compared whenever it has them.
             logits: opts.monitor.logits || !a.reference.logits.is_empty(),
             kv_audit: opts.monitor.kv_audit,
+            nodes: opts.monitor.node_filter(),
         },
         prefill_only: opts.monitor.prefill_only,
         verbose: opts.monitor.verbose,
@@ -325,8 +334,21 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         .monitor
         .layer
         .or((reference.run.target_layer >= 0).then_some(reference.run.target_layer));
+    // Which nodes (role `node`) are compared: those --tensor-filter names; without it,
+    // every node of two saved traces, none in a live run (which then traces none).
+    let nodes = |a: &mut Analyzer| {
+        a.node_filter = opts.monitor.node_filter();
+        a.compare_nodes = opts.current.is_some();
+    };
     let mut a = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
     a.include_diverged = opts.include_diverged;
+    nodes(&mut a);
+    if a.node_filter.is_none() && !a.compare_nodes && !reference.nodes.is_empty() {
+        a.late_notes.push(format!(
+            "the reference holds {} graph node(s) (role node); this live run traced none:              --tensor-filter REGEX traces and compares them",
+            reference.nodes.len()
+        ));
+    }
     // The first live run's trace, when --noise-floor runs the configuration again.
     let tmp = tempfile::tempdir()?;
     let first_run = match (&opts.monitor.save, opts.noise_floor) {
@@ -370,6 +392,8 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         let second = open("noise reference", p)?;
         let mut n = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
         n.include_diverged = opts.include_diverged;
+        nodes(&mut n);
+        n.compare_nodes = true;
         compare_files(&mut n, &second, p)?;
         let noise: Vec<Comparison> = n.comparisons;
         a.attach_noise(&noise, true);
@@ -379,6 +403,7 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         let first = open("first run", path)?;
         let mut n = analyzer(&first, path, layer, opts.tolerance)?;
         n.include_diverged = opts.include_diverged;
+        nodes(&mut n);
         compare_live(&mut n, opts, None)?;
         let noise: Vec<Comparison> = n.comparisons;
         a.attach_noise(&noise, false);

@@ -5,7 +5,9 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ggml_trace::capture::{CaptureError, CaptureSink, CapturedAttention, StepOutput};
+use ggml_trace::capture::{
+    CaptureError, CaptureSink, CapturedAttention, CapturedTensor, StepOutput,
+};
 use ggml_trace::session::RunInfo;
 use kcm_cli::progress::{Counters, Progress};
 use kcm_cli::sink::MonitorSink;
@@ -139,6 +141,15 @@ impl CaptureSink for LiveSink<'_, '_> {
         self.progress.update(self.counters);
         match self.save.as_mut() {
             Some(s) => s.on_attention(att),
+            None => Ok(()),
+        }
+    }
+
+    fn on_node(&mut self, node: CapturedTensor) -> Result<(), CaptureError> {
+        let name = trace_format::tensor_name(&node.meta, false);
+        self.analyzer.compare(&node.meta, &name, &node.data);
+        match self.save.as_mut() {
+            Some(s) => s.on_node(node),
             None => Ok(()),
         }
     }

@@ -73,6 +73,17 @@ impl<S: CaptureSink> CaptureSink for Timed<S> {
         self.sink_time += t0.elapsed();
         r
     }
+    fn on_node(&mut self, node: ggml_trace::capture::CapturedTensor) -> Result<(), CaptureError> {
+        let Some(s) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        let t0 = Instant::now();
+        let r = s.on_node(node);
+        if self.gen_start.is_some() {
+            self.sink_time += t0.elapsed();
+        }
+        r
+    }
     fn on_output(&mut self, out: ggml_trace::capture::StepOutput) -> Result<(), CaptureError> {
         match self.inner.as_mut() {
             Some(s) => s.on_output(out),

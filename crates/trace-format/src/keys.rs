@@ -69,6 +69,11 @@ pub const TENSOR_OP: &str = "kqv_trace.tensor.op";
 /// Four original byte strides per tensor, concatenated.
 pub const TENSOR_NB: &str = "kqv_trace.tensor.nb";
 pub const TENSOR_VIEW_OF: &str = "kqv_trace.tensor.view_of";
+/// Per tensor, INT32: the position in the step's graph (ggml's node order, 0 = the first
+/// node the scheduler evaluated) of the node at whose evaluation the tensor was read: the
+/// node itself for role `node` and for outputs, the consuming op for attention inputs;
+/// -1 when unknown (logits, tensors of older writers). Optional (absent in older traces).
+pub const TENSOR_GRAPH_ORDER: &str = "kqv_trace.tensor.graph_order";
 
 /// Per traced attention (one per step and layer).
 pub const ATTN_STEP: &str = "kqv_trace.attn.step";

@@ -20,7 +20,9 @@ pub mod write;
 
 pub use escape::escape;
 pub use layout::{LayoutError, TensorLayout};
-pub use meta::{AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta, MIXED_ATTN_OP};
+pub use meta::{
+    node_layer, AttnParams, Revision, Role, RunMeta, StepMeta, TensorMeta, MIXED_ATTN_OP,
+};
 pub use read::{TraceFile, TracedTensor};
 pub use stored::Stored;
 pub use validate::Violation;

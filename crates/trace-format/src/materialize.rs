@@ -28,10 +28,15 @@ fn writer(trace: &TraceFile) -> Result<TraceWriter, TraceError> {
     for a in &trace.attn {
         w.add_attn(a.clone());
     }
-    let mut all: Vec<_> = trace.tensors.iter().chain(&trace.logits).collect();
+    let mut all: Vec<_> = trace
+        .tensors
+        .iter()
+        .chain(&trace.logits)
+        .chain(&trace.nodes)
+        .collect();
     all.sort_by_key(|t| t.index);
     for t in all {
-        w.add_tensor_named(t.meta.clone(), &t.name, &trace.data(t))?;
+        w.add_tensor_named(t.meta.clone(), &t.name, &trace.data(t), t.graph_order)?;
     }
     Ok(w)
 }

@@ -41,10 +41,16 @@ pub enum Role {
     /// (`--logits`). Readers keep them apart from the attention tensors
     /// ([`TraceFile::logits`](crate::TraceFile::logits)).
     Logits,
+    /// Not attention: a graph node matched by `--tensor-filter`, keyed by its ggml name
+    /// (which can repeat in a graph: the k-th node of a name in a step is its
+    /// occurrence k), layer from the name's `-<layer>` suffix (-1 without one). Readers
+    /// keep them apart from the attention tensors
+    /// ([`TraceFile::nodes`](crate::TraceFile::nodes)).
+    Node,
 }
 
 impl Role {
-    pub const ALL: [Role; 15] = [
+    pub const ALL: [Role; 16] = [
         Role::KqvOut,
         Role::Attn,
         Role::Q,
@@ -60,6 +66,7 @@ impl Role {
         Role::VMla,
         Role::KqBias,
         Role::Logits,
+        Role::Node,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +86,7 @@ impl Role {
             Role::VMla => "v_mla",
             Role::KqBias => "kq_bias",
             Role::Logits => "logits",
+            Role::Node => "node",
         }
     }
 
@@ -107,6 +115,24 @@ impl Role {
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The layer a graph node's name carries: the number after its last `-`, when the name
+/// (up to its first space: ggml appends ` (view)`, ` (permuted)` to views) ends with
+/// `-<digits>` (`ffn_out-7` → 7, `Qcur-0 (view)` → 0); -1 without one (`result_norm`,
+/// `inp_embd`).
+pub fn node_layer(ggml_name: &str) -> i32 {
+    let base = ggml_name.split(' ').next().unwrap_or("");
+    match base.rsplit_once('-') {
+        Some((head, digits))
+            if !head.is_empty()
+                && !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            digits.parse().unwrap_or(-1)
+        }
+        _ => -1,
     }
 }
 

@@ -22,6 +22,9 @@ pub struct TracedTensor {
     /// GGUF tensor name.
     pub name: String,
     pub meta: TensorMeta,
+    /// `kqv_trace.tensor.graph_order`: the position in its step's graph of the node at
+    /// whose evaluation it was read; None when not recorded.
+    pub graph_order: Option<u32>,
 }
 
 /// An opened trace.
@@ -37,6 +40,11 @@ pub struct TraceFile {
     /// the attention tensors in `tensors`. Checked on open: F32 `[n_vocab]`, layer -1,
     /// one per step, within the trace's steps, one n_vocab for all.
     pub logits: Vec<TracedTensor>,
+    /// Graph nodes traced by `--tensor-filter` (role `node`), in table order (per step,
+    /// graph order); kept apart from the attention tensors. Checked on open: the layer is
+    /// the one the ggml name carries ([`crate::node_layer`]), the step within the trace's
+    /// steps, the strides consistent with the shape. See [`node_occurrences`].
+    pub nodes: Vec<TracedTensor>,
     /// Per step (index = step): the token the run's sampler chose from that step's
     /// output (`kqv_trace.step.sampled`); empty when the trace does not record it.
     pub sampled: Vec<Option<i32>>,
@@ -183,6 +191,14 @@ impl TraceFile {
             let ops = strings(m, keys::TENSOR_OP)?;
             let nbs = u64s(m, keys::TENSOR_NB)?;
             let views = strings(m, keys::TENSOR_VIEW_OF)?;
+            // Optional (older traces): unknown.
+            let orders = if m.contains(keys::TENSOR_GRAPH_ORDER) {
+                let o = i32s(m, keys::TENSOR_GRAPH_ORDER)?;
+                same_length(keys::TENSOR_GRAPH_ORDER, o.len(), n, "tensors")?;
+                o
+            } else {
+                vec![-1; n]
+            };
             for (key, len) in [
                 (keys::TENSOR_ROLE, roles.len()),
                 (keys::TENSOR_LAYER, layers.len()),
@@ -226,6 +242,7 @@ impl TraceFile {
                         layout: TensorLayout { ty, ne, nb },
                         view_of: views[i].clone(),
                     },
+                    graph_order: u32::try_from(orders[i]).ok(),
                 });
             }
         } else {
@@ -256,6 +273,7 @@ impl TraceFile {
                         layout,
                         view_of: String::new(),
                     },
+                    graph_order: None,
                 });
             }
         }
@@ -359,6 +377,9 @@ impl TraceFile {
             .partition(|t| t.meta.role == Role::Logits);
         check_logits(&logits, steps.len())?;
         logits.sort_by_key(|t| t.meta.step);
+        let (nodes, tensors): (Vec<TracedTensor>, Vec<TracedTensor>) =
+            tensors.into_iter().partition(|t| t.meta.role == Role::Node);
+        check_nodes(&nodes, has_steps.then_some(steps.len()))?;
 
         let n_steps = has_steps.then_some(steps.len());
         if has_roles {
@@ -386,6 +407,7 @@ impl TraceFile {
             attn,
             unknown,
             logits,
+            nodes,
             sampled,
             from_names_only: !has_roles,
             problems,
@@ -521,6 +543,52 @@ impl TraceFile {
 
 /// The logits rows: F32 `[n_vocab, 1, 1, 1]` contiguous, layer -1, one per step, within
 /// the trace's `n_steps`, the same n_vocab everywhere; sorted by step afterwards.
+/// Each node's occurrence of its ggml name in its step (0 for the first node of that
+/// name in the step, 1 for the next, ...), in the order given (table order is graph
+/// order): with the step and the name, the key that pairs nodes across runs (ggml names
+/// repeat in a graph).
+pub fn node_occurrences<'a>(nodes: impl IntoIterator<Item = &'a TracedTensor>) -> Vec<u32> {
+    let mut seen: HashMap<(u32, &str), u32> = HashMap::new();
+    nodes
+        .into_iter()
+        .map(|t| {
+            let k = seen
+                .entry((t.meta.step, t.meta.ggml_name.as_str()))
+                .or_insert(0);
+            *k += 1;
+            *k - 1
+        })
+        .collect()
+}
+
+fn check_nodes(nodes: &[TracedTensor], n_steps: Option<usize>) -> Result<(), Violation> {
+    let bad = |t: &TracedTensor, what: String| Violation::BadValue {
+        key: keys::TENSOR_ROLE,
+        what: format!("node tensor {}: {what}", crate::escape::escape(&t.name)),
+    };
+    for t in nodes {
+        let want = crate::meta::node_layer(&t.meta.ggml_name);
+        if t.meta.layer != want {
+            return Err(bad(
+                t,
+                format!("layer {}, where its ggml name says {want}", t.meta.layer),
+            ));
+        }
+        if let Some(n) = n_steps {
+            if t.meta.step as usize >= n {
+                return Err(bad(
+                    t,
+                    format!("step {} outside the trace's {n} steps", t.meta.step),
+                ));
+            }
+        }
+        if let Err(e) = t.meta.layout.span_bytes() {
+            return Err(bad(t, format!("strides {:?}: {e}", t.meta.layout.nb)));
+        }
+    }
+    Ok(())
+}
+
 fn check_logits(logits: &[TracedTensor], n_steps: usize) -> Result<(), Violation> {
     let bad = |t: &TracedTensor, what: String| Violation::BadValue {
         key: keys::TENSOR_ROLE,

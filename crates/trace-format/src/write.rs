@@ -114,6 +114,8 @@ impl Spooled {
 pub struct TraceWriter {
     spool: BufWriter<File>,
     tensors: Vec<(TensorMeta, String, Spooled)>,
+    /// Per tensor: its graph order (`kqv_trace.tensor.graph_order`), -1 when unknown.
+    graph_order: Vec<i32>,
     names: HashSet<String>,
     steps: Vec<StepMeta>,
     /// Step -> the token the sampler chose from its output.
@@ -131,6 +133,8 @@ pub struct TraceWriter {
     /// Delta storage: (xxh3 of the bytes, byte length) -> the tensors spooled whole with
     /// them, the candidates a later tensor of the same bytes is stored against.
     whole_by_hash: HashMap<(u64, usize), Vec<usize>>,
+    /// Nodes (role `node`) added per (step, ggml name): the next one's occurrence.
+    node_seen: HashMap<(u32, String), u32>,
 }
 
 /// The GGUF tensor name: the seed's `kqv_out_<name>_step_<N>` for outputs and
@@ -140,6 +144,9 @@ pub struct TraceWriter {
 pub fn tensor_name(meta: &TensorMeta, mixed: bool) -> String {
     if meta.role == Role::Logits {
         return format!("logits_result_output_step_{}", meta.step);
+    }
+    if meta.role == Role::Node {
+        return node_tensor_name(meta, 0);
     }
     let prefix = match meta.role.src_index(mixed) {
         Some(i) => format!("src{i}"),
@@ -159,6 +166,27 @@ pub fn tensor_name(meta: &TensorMeta, mixed: bool) -> String {
         base.truncate(cut);
     }
     format!("{prefix}_{base}{suffix}")
+}
+
+/// A node's GGUF tensor name: `node_<ggml name>_step_<N>` for the first node of its name
+/// in the step, `node_<ggml name>#<k>_step_<N>` for the k-th after it (ggml names repeat
+/// in a graph: `Qcur-0` labels three nodes); spaces dropped, cut to ggml's 63 bytes in
+/// the name part. The layer is not appended: a node's layer is its name's.
+pub fn node_tensor_name(meta: &TensorMeta, occurrence: u32) -> String {
+    let mut base: String = meta.ggml_name.chars().filter(|c| *c != ' ').collect();
+    if occurrence > 0 {
+        base.push_str(&format!("#{occurrence}"));
+    }
+    let suffix = format!("_step_{}", meta.step);
+    let room = MAX_TENSOR_NAME.saturating_sub("node_".len() + suffix.len());
+    if base.len() > room {
+        let mut cut = room;
+        while !base.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        base.truncate(cut);
+    }
+    format!("node_{base}{suffix}")
 }
 
 /// The description of step `step`'s logits row of `n_vocab` values.
@@ -207,6 +235,7 @@ impl TraceWriter {
         Ok(Self {
             spool: BufWriter::with_capacity(1 << 20, tempfile::tempfile()?),
             tensors: Vec::new(),
+            graph_order: Vec::new(),
             names: HashSet::new(),
             steps: Vec::new(),
             sampled: HashMap::new(),
@@ -217,6 +246,7 @@ impl TraceWriter {
             streams_with_changes: HashSet::new(),
             storage,
             whole_by_hash: HashMap::new(),
+            node_seen: HashMap::new(),
         })
     }
 
@@ -289,8 +319,35 @@ impl TraceWriter {
                 data.len()
             )));
         }
-        let name = tensor_name(&meta, mixed);
+        let name = if meta.role == Role::Node {
+            let k = self
+                .node_seen
+                .entry((meta.step, meta.ggml_name.clone()))
+                .or_insert(0);
+            *k += 1;
+            node_tensor_name(&meta, *k - 1)
+        } else {
+            tensor_name(&meta, mixed)
+        };
         self.push(meta, name, data, revision)
+    }
+
+    /// [`add_tensor_revision`](Self::add_tensor_revision) recording the tensor's graph
+    /// order (`kqv_trace.tensor.graph_order`: the position in the step's graph of the node
+    /// at whose evaluation it was read), when known.
+    pub fn add_tensor_ordered(
+        &mut self,
+        meta: TensorMeta,
+        data: &[u8],
+        mixed: bool,
+        revision: Option<&Revision>,
+        graph_order: Option<u32>,
+    ) -> Result<(), TraceError> {
+        self.add_tensor_revision(meta, data, mixed, revision)?;
+        if let (Some(o), Some(last)) = (graph_order, self.graph_order.last_mut()) {
+            *last = i32::try_from(o).unwrap_or(-1);
+        }
+        Ok(())
     }
 
     /// [`add_tensor`](Self::add_tensor) under a name given rather than derived from the
@@ -300,6 +357,7 @@ impl TraceWriter {
         meta: TensorMeta,
         name: &str,
         data: &[u8],
+        graph_order: Option<u32>,
     ) -> Result<(), TraceError> {
         let need = meta.layout.n_bytes()?;
         if need != data.len() as u64 {
@@ -309,7 +367,11 @@ impl TraceWriter {
                 data.len()
             )));
         }
-        self.push(meta, name.to_owned(), data, None)
+        self.push(meta, name.to_owned(), data, None)?;
+        if let (Some(o), Some(last)) = (graph_order, self.graph_order.last_mut()) {
+            *last = i32::try_from(o).unwrap_or(-1);
+        }
+        Ok(())
     }
 
     fn push(
@@ -384,6 +446,7 @@ impl TraceWriter {
         self.trace_bytes += data.len() as u64;
         self.names.insert(name.clone());
         self.tensors.push((meta, name, spooled));
+        self.graph_order.push(-1);
         Ok(())
     }
 
@@ -541,6 +604,9 @@ impl TraceWriter {
                 .map(|(x, _, _)| x.view_of.clone())
                 .collect::<Vec<_>>(),
         );
+        if self.graph_order.iter().any(|&o| o >= 0) {
+            m.set(keys::TENSOR_GRAPH_ORDER, self.graph_order.clone());
+        }
 
         let a = &self.attn;
         m.set(

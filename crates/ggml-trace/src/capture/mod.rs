@@ -50,10 +50,12 @@ mod error;
 pub mod fault;
 mod graph;
 mod kept;
+mod nodes;
 mod read;
 mod writes;
 
 pub use error::CaptureError;
+pub use nodes::{FilterError, NodeFilter};
 
 pub use graph::mixed_attn_params;
 use graph::{
@@ -76,6 +78,11 @@ pub struct CapturedTensor {
     /// For KV-cache views and masks: how these bytes relate to the previous capture of
     /// the same (layer, role). `None` for everything else.
     pub revision: Option<Revision>,
+    /// The position in the step's graph (ggml's node order, 0 = the first node the
+    /// scheduler evaluated) of the node at whose evaluation these bytes were read: the
+    /// node itself for a `node` and for outputs, the consuming op for attention inputs.
+    /// None when not read in the graph (logits).
+    pub graph_order: Option<u32>,
 }
 
 /// Everything captured for one layer in one step.
@@ -116,7 +123,7 @@ pub struct Rotation {
 }
 
 /// What to capture.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CaptureConfig {
     /// Only this layer; `None` for all.
     pub layer: Option<i32>,
@@ -136,6 +143,9 @@ pub struct CaptureConfig {
     /// written, with a full hash of each view every N-th step (an audit) that finds
     /// and reports changes no graph node made ([`CaptureSink::on_unexplained`]).
     pub kv_audit: u32,
+    /// `--tensor-filter`: graph nodes to capture besides attention (role `node`, handed
+    /// to [`CaptureSink::on_node`]); None: attention only.
+    pub nodes: Option<Arc<NodeFilter>>,
 }
 
 /// The default [`CaptureConfig::kv_audit`]: a full hash of each kept view every 16th
@@ -194,6 +204,12 @@ pub trait CaptureSink {
     }
     /// A layer's attention for the current step is complete. An error stops the run.
     fn on_attention(&mut self, att: CapturedAttention) -> Result<(), CaptureError>;
+    /// A graph node that [`CaptureConfig::nodes`] matched has run: its output, read
+    /// after it ran (role `node`, layer from its name, graph order set). An error stops
+    /// the run.
+    fn on_node(&mut self, _node: CapturedTensor) -> Result<(), CaptureError> {
+        Ok(())
+    }
     /// The step has run: what the sampler chose and, when asked for, the logits. An error
     /// stops the run.
     fn on_output(&mut self, _out: StepOutput) -> Result<(), CaptureError> {
@@ -224,6 +240,15 @@ struct Pending {
     layer_hint: Option<i32>,
 }
 
+/// What the `ask` call decided for the node the scheduler asked about last (its data call
+/// follows, for that node, when either is true).
+#[derive(Clone, Copy)]
+struct Asked {
+    node: *const sys::ggml_tensor,
+    attention: bool,
+    filtered: bool,
+}
+
 /// The callback's state. Create one per run, pass `Capture::callback` and a pointer to it
 /// as the context's eval callback, and call [`Capture::begin_step`] before each decode.
 pub struct Capture<'a> {
@@ -250,10 +275,16 @@ pub struct Capture<'a> {
     unexplained: Vec<UnexplainedChange>,
     /// Reading the sources of a mixed attention node (its stores are not tracked).
     in_mixed: bool,
+    /// Nodes asked about so far in this step: the next node's graph order.
+    next_order: u32,
+    /// The graph order of the node asked about last (the one a data call reads).
+    order: u32,
+    asked: Option<Asked>,
 }
 
 impl<'a> Capture<'a> {
     pub fn new(cfg: CaptureConfig, sink: &'a mut dyn CaptureSink) -> Self {
+        let kv_audit = cfg.kv_audit;
         Self {
             cfg,
             sink,
@@ -263,11 +294,14 @@ impl<'a> Capture<'a> {
             emitted: HashSet::new(),
             error: None,
             scratch: Vec::new(),
-            kept: KeptCache::new(KEPT_BUDGET, cfg.kv_audit),
+            kept: KeptCache::new(KEPT_BUDGET, kv_audit),
             cache_rotated: HashMap::new(),
             n_layer: 0,
             unexplained: Vec::new(),
             in_mixed: false,
+            next_order: 0,
+            order: 0,
+            asked: None,
         }
     }
 
@@ -305,6 +339,8 @@ impl<'a> Capture<'a> {
         self.done.clear();
         self.open.clear();
         self.emitted.clear();
+        self.next_order = 0;
+        self.asked = None;
         self.sink.on_step(step)
     }
 
@@ -717,6 +753,7 @@ impl<'a> Capture<'a> {
             },
             data: Arc::clone(&attn.data),
             revision: None,
+            graph_order: Some(self.order),
         };
         // SAFETY: caller guarantees liveness.
         unsafe { self.emit_layer(t, layer, out) }?;
@@ -850,6 +887,11 @@ impl<'a> Capture<'a> {
     /// `t` must point to a live ggml tensor of the graph being computed, computed when
     /// `ask` is false.
     unsafe fn eval(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> Result<bool, CaptureError> {
+        if ask {
+            // The scheduler asks about every node once, in graph order.
+            self.order = self.next_order;
+            self.next_order = self.next_order.saturating_add(1);
+        }
         if self.step < self.cfg.from_step {
             return Ok(false);
         }
@@ -865,26 +907,94 @@ impl<'a> Capture<'a> {
         }
         if ask {
             // SAFETY: caller guarantees liveness.
-            let Some(layer) = kqv_out_layer(unsafe { &*t }) else {
-                // SAFETY: as above.
-                return Ok(unsafe { self.wants(t) });
-            };
-            if self.cfg.layer.is_some_and(|l| l != layer) {
-                return Ok(false);
-            }
-            // Not attention's output but its projection by wo (bert.cpp, t5.cpp name it
-            // `kqv_out-<layer>` as well): ignored, the layer's output was traced.
+            let attention = unsafe { self.ask_attention(t) }?;
             // SAFETY: as above.
-            if unsafe { projects_kqv_out(t, |c| self.emitted.contains(&c)) } {
-                return Ok(false);
-            }
-            // SAFETY: as above.
-            if self.cfg.trace_sources && unsafe { self.finish_layer_as_view(t, layer) }? {
-                return Ok(false);
-            }
-            return Ok(true);
+            let filtered = unsafe { self.wants_node(t) };
+            self.asked = Some(Asked {
+                node: t,
+                attention,
+                filtered,
+            });
+            return Ok(attention || filtered);
         }
-        // SAFETY: as above; this node has been computed.
-        unsafe { self.observe(t) }.map(|()| true)
+        // The data call follows the ask about the same node.
+        let (attention, filtered) = match self.asked.take() {
+            Some(a) if a.node == t as *const _ => (a.attention, a.filtered),
+            _ => (true, false),
+        };
+        #[cfg(feature = "fault-injection")]
+        fault::tap(t, self.step, self.order);
+        if attention {
+            // SAFETY: as above; this node has been computed.
+            unsafe { self.observe(t) }?;
+        }
+        if filtered {
+            // SAFETY: as above.
+            let node = unsafe { self.read_node(t) }?;
+            self.sink.on_node(node)?;
+        }
+        Ok(true)
+    }
+
+    /// The `ask` decision for attention (see the module docs).
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor of the graph being computed.
+    unsafe fn ask_attention(&mut self, t: *mut sys::ggml_tensor) -> Result<bool, CaptureError> {
+        // SAFETY: caller guarantees liveness.
+        let Some(layer) = kqv_out_layer(unsafe { &*t }) else {
+            // SAFETY: as above.
+            return Ok(unsafe { self.wants(t) });
+        };
+        if self.cfg.layer.is_some_and(|l| l != layer) {
+            return Ok(false);
+        }
+        // Not attention's output but its projection by wo (bert.cpp, t5.cpp name it
+        // `kqv_out-<layer>` as well): ignored, the layer's output was traced.
+        // SAFETY: as above.
+        if unsafe { projects_kqv_out(t, |c| self.emitted.contains(&c)) } {
+            return Ok(false);
+        }
+        // SAFETY: as above.
+        if self.cfg.trace_sources && unsafe { self.finish_layer_as_view(t, layer) }? {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Does `--tensor-filter` want this node (its name matches, its layer is the one
+    /// `--layer` asks for, and it has elements)?
+    ///
+    /// # Safety
+    /// `t` must point to a live ggml tensor.
+    unsafe fn wants_node(&self, t: *const sys::ggml_tensor) -> bool {
+        let Some(filter) = self.cfg.nodes.as_deref() else {
+            return false;
+        };
+        // SAFETY: caller guarantees liveness.
+        let tr = unsafe { &*t };
+        if tr.ne.iter().any(|&n| n <= 0) {
+            return false;
+        }
+        let name = String::from_utf8_lossy(graph::name_bytes(tr));
+        filter.matches(&name)
+            && self
+                .cfg
+                .layer
+                .is_none_or(|l| trace_format::node_layer(&name) == l)
+    }
+
+    /// Read a filtered node's output (role `node`, its layer from its name).
+    ///
+    /// # Safety
+    /// `t` must point to a live, computed ggml tensor.
+    unsafe fn read_node(
+        &mut self,
+        t: *const sys::ggml_tensor,
+    ) -> Result<CapturedTensor, CaptureError> {
+        // SAFETY: caller guarantees liveness.
+        let layer = trace_format::node_layer(&tensor_name(unsafe { &*t }));
+        // SAFETY: as above.
+        unsafe { self.read(t, Role::Node, layer) }
     }
 }

@@ -104,6 +104,7 @@ impl Capture<'_> {
             },
             data,
             revision,
+            graph_order: Some(self.order),
         })
     }
 

@@ -117,6 +117,7 @@ fn run(model: &Path, flash: &str, keep: bool, kv_audit: u32, plant: Option<Fault
             keep,
             logits: false,
             kv_audit,
+            nodes: None,
         },
         prefill_only: false,
         verbose: false,

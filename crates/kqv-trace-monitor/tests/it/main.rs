@@ -15,6 +15,7 @@ mod kv_writes;
 mod long_context;
 mod mixed;
 mod mixed_zoo;
+mod nodes;
 mod planted;
 mod planted_zoo;
 mod progress;

@@ -290,6 +290,7 @@ fn kv_bytes(args: &[String]) -> u64 {
             keep: true,
             logits: false,
             kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+            nodes: None,
         },
         eval_callback: false,
         prefill_only: true,

@@ -109,6 +109,7 @@ fn run(
             keep,
             logits: false,
             kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
+            nodes: None,
         },
         prefill_only: false,
         verbose: false,
