@@ -30,6 +30,11 @@ ANALYSIS OPTIONS:
     --plot FILE.svg         heatmap of the worst NMSE per layer (rows) and step (columns),
                             out-of-tolerance cells marked; more than 120 steps or 64
                             layers are binned (each cell the worst of its bin)
+    --tensor-filter REGEX   also compare graph nodes whose ggml name matches (anchored at
+                            its start, as llama.cpp's llama-debug; repeatable; '.' is every
+                            node): live, they are traced (slow: the graph stops at each);
+                            offline, only the traces' nodes it names are compared (without
+                            it, every node both traces hold)
     --include-diverged      also compare the steps from the first one whose inputs differ
                             from the reference's (other tokens: generation diverged; other
                             positions: another ubatch split) on; by default they are listed

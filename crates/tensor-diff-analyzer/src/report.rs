@@ -81,6 +81,44 @@ impl Skipped {
     }
 }
 
+/// How many of the clean tensors just before the first divergence are named.
+pub const JUST_BEFORE: usize = 5;
+
+/// The first compared tensor, in step and graph order, whose difference leaves the noise
+/// band ([`Comparison::clean`]), and the clean ones before it.
+#[derive(Clone, Debug)]
+pub struct FirstDivergence<'a> {
+    pub at: &'a Comparison,
+    /// Every compared tensor before it, in order (all clean).
+    pub before: Vec<&'a Comparison>,
+    /// Whether a run-to-run measurement widened the band (else: the tolerance).
+    pub noise: bool,
+}
+
+impl FirstDivergence<'_> {
+    /// The last [`JUST_BEFORE`] clean tensors before it, nearest last.
+    pub fn just_before(&self) -> &[&Comparison] {
+        &self.before[self.before.len().saturating_sub(JUST_BEFORE)..]
+    }
+}
+
+/// `ffn_out-1` for a node (`Qcur-0 #2` for the third node of that name), `kqv_out
+/// (kqv_out-1)` for an attention tensor.
+pub fn tensor_label(c: &Comparison) -> String {
+    let name = shown(&c.ggml_name);
+    if c.role == trace_format::Role::Node {
+        if c.occurrence > 0 {
+            format!("{name} #{}", c.occurrence)
+        } else {
+            name
+        }
+    } else if name.is_empty() {
+        c.role.name().to_owned()
+    } else {
+        format!("{} ({name})", c.role.name())
+    }
+}
+
 /// Everything the summary says.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -180,6 +218,28 @@ impl Outcome {
         } else {
             s / n as f64
         }
+    }
+
+    /// The compared tensors in the order the runs computed them: by step, then graph
+    /// order (`kqv_trace.tensor.graph_order` of the reference; tensors without one after
+    /// those with one), then the order they were compared in.
+    pub fn in_graph_order(&self) -> Vec<&Comparison> {
+        let mut v: Vec<(usize, &Comparison)> = self.comparisons.iter().enumerate().collect();
+        v.sort_by_key(|(i, c)| (c.step, c.graph_order.unwrap_or(u32::MAX), *i));
+        v.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// The first tensor out of the noise band, in [`in_graph_order`](Self::in_graph_order);
+    /// None when every compared tensor is within it.
+    pub fn first_divergence(&self) -> Option<FirstDivergence<'_>> {
+        let ordered = self.in_graph_order();
+        let i = ordered.iter().position(|c| !c.clean())?;
+        let at = ordered[i];
+        Some(FirstDivergence {
+            at,
+            before: ordered[..i].to_vec(),
+            noise: at.noise.is_some(),
+        })
     }
 
     /// The earliest (step, layer) with a tensor out of tolerance, and its roles there.
@@ -309,6 +369,72 @@ fn failure_line(c: &Comparison, t: &Tolerance) -> String {
     s
 }
 
+fn order_text(c: &Comparison) -> String {
+    c.graph_order.map_or_else(
+        || "graph order unknown".into(),
+        |o| format!("graph order {o}"),
+    )
+}
+
+fn diff_text(c: &Comparison) -> String {
+    if !c.shape_match() {
+        return format!(
+            "shape mismatch: reference {:?}, current {:?}",
+            c.reference_shape, c.current_shape
+        );
+    }
+    if let Some(e) = &c.error {
+        return format!("not compared: {e}");
+    }
+    match &c.metrics {
+        Some(m) => format!(
+            "nmse={}, abs={}, outside {}/{}",
+            e2(m.nmse),
+            e2(m.max_abs),
+            m.mismatches,
+            m.count
+        ),
+        None => "not compared".into(),
+    }
+}
+
+/// The first-divergence lines of the text summary.
+pub fn divergence_text(d: &FirstDivergence) -> Vec<String> {
+    let c = d.at;
+    let band = if d.noise {
+        "outside tolerance and above the run-to-run noise"
+    } else {
+        "outside tolerance"
+    };
+    let mut lines = vec![format!(
+        "First divergence: step {}, layer {}: {} ({}) is the first tensor {band}: {}",
+        c.step,
+        c.layer,
+        tensor_label(c),
+        order_text(c),
+        diff_text(c)
+    )];
+    if d.before.is_empty() {
+        lines.push("  no tensor was compared before it".into());
+        return lines;
+    }
+    let just: Vec<String> = d
+        .just_before()
+        .iter()
+        .rev()
+        .map(|b| {
+            let nmse = b.metrics.as_ref().map_or("-".into(), |m| e2(m.nmse));
+            format!("{} (step {}, nmse={nmse})", tensor_label(b), b.step)
+        })
+        .collect();
+    lines.push(format!(
+        "  clean before it: {} tensor(s); just before it: {}",
+        d.before.len(),
+        just.join(", ")
+    ));
+    lines
+}
+
 /// `3-5, 7` (runs of consecutive steps as ranges).
 fn step_ranges(steps: &[u32]) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -408,6 +534,22 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
             )?;
         }
         None => writeln!(out, "First out of tolerance: none")?,
+    }
+    match o.first_divergence() {
+        Some(d) => {
+            for line in divergence_text(&d) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        None => writeln!(
+            out,
+            "First divergence: none (every compared tensor within the {})",
+            if o.comparisons.iter().any(|c| c.noise.is_some()) {
+                "noise band"
+            } else {
+                "tolerance"
+            }
+        )?,
     }
     let failing: Vec<&Comparison> = o.comparisons.iter().filter(|c| !c.within()).collect();
     if !failing.is_empty() {
@@ -568,12 +710,31 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
                 "worst_abs": loc_json(&c.worst_abs_at, c.metrics.as_ref().and_then(|m| m.worst_abs)),
                 "worst_rel": loc_json(&c.worst_rel_at, c.metrics.as_ref().and_then(|m| m.worst_rel)),
                 "noise": c.noise.as_ref().map(metrics_json),
+                "ggml_name": c.ggml_name, "occurrence": c.occurrence,
+                "graph_order": c.graph_order,
             })
         })
         .collect();
     let first = o.first_failure().map(|(step, layer, at)| {
         let roles: Vec<&str> = at.iter().map(|c| c.role.name()).collect();
         json!({"step": step, "layer": layer, "roles": roles})
+    });
+    let entry = |c: &Comparison| {
+        json!({
+            "step": c.step, "layer": c.layer, "role": c.role.name(),
+            "ggml_name": c.ggml_name, "occurrence": c.occurrence,
+            "graph_order": c.graph_order, "reference_name": c.reference_name,
+            "within": c.within(), "clean": c.clean(),
+            "nmse": c.metrics.as_ref().map(|m| num(m.nmse)),
+            "max_abs": c.metrics.as_ref().map(|m| num(m.max_abs)),
+        })
+    };
+    let divergence = o.first_divergence().map(|d| {
+        let mut v = entry(d.at);
+        v["band"] = json!(if d.noise { "noise" } else { "tolerance" });
+        v["clean_before"] = json!(d.before.len());
+        v["just_before"] = json!(d.just_before().iter().map(|c| entry(c)).collect::<Vec<_>>());
+        v
     });
     let layers: Vec<Value> = o
         .layers()
@@ -608,6 +769,7 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
         "max_rel": num(o.max_rel()),
         "average_cosine": num(o.average_cosine()),
         "first_failure": first,
+        "first_divergence": divergence,
         "layers": layers,
         "tensors": tensors,
         "unmatched": o.unmatched.iter().map(unpaired_json).collect::<Vec<_>>(),

@@ -118,22 +118,21 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// The layer a graph node's name carries: the number after its last `-`, when the name
-/// (up to its first space: ggml appends ` (view)`, ` (permuted)` to views) ends with
-/// `-<digits>` (`ffn_out-7` → 7, `Qcur-0 (view)` → 0); -1 without one (`result_norm`,
-/// `inp_embd`).
+/// The layer a graph node's name carries: the number after its last `-` (llama.cpp's
+/// `name-<layer>`: `ffn_out-7` → 7, `Qcur-0 (view)` → 0) or `_l` (the KV cache's
+/// `cache_k_l<layer>`), when the name up to its first space (ggml appends ` (view)`,
+/// ` (permuted)` to views) ends with it; -1 without one (`result_norm`, `inp_embd`,
+/// `node_24`).
 pub fn node_layer(ggml_name: &str) -> i32 {
     let base = ggml_name.split(' ').next().unwrap_or("");
-    match base.rsplit_once('-') {
-        Some((head, digits))
-            if !head.is_empty()
-                && !digits.is_empty()
-                && digits.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            digits.parse().unwrap_or(-1)
-        }
-        _ => -1,
+    let digits = base.trim_end_matches(|c: char| c.is_ascii_digit());
+    let number = &base[digits.len()..];
+    let tagged =
+        (digits.ends_with('-') && digits.len() > 1) || (digits.ends_with("_l") && digits.len() > 2);
+    if number.is_empty() || !tagged {
+        return -1;
     }
+    number.parse().unwrap_or(-1)
 }
 
 /// Parameters of the attention op (FLASH_ATTN_EXT `op_params`, or SOFT_MAX's scale and
@@ -347,4 +346,33 @@ pub struct Revision {
     /// byte is equal. `None` when there is nothing to compare with: the first capture, or
     /// the view's type, shape or strides changed.
     pub since: Option<(u64, Vec<std::ops::Range<usize>>)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_layer;
+
+    #[test]
+    fn a_node_layer_is_its_name_suffix() {
+        assert_eq!(node_layer("ffn_out-7"), 7);
+        assert_eq!(node_layer("Qcur-0 (view) (permuted)"), 0);
+        assert_eq!(node_layer("kqv_out-12"), 12);
+        assert_eq!(node_layer("cache_k_l3 (view)"), 3);
+        for none in [
+            "result_norm",
+            "inp_embd",
+            "node_24",
+            "norm",
+            "-3",
+            "_l4",
+            "a-",
+            "x-1b",
+            "",
+        ] {
+            assert_eq!(node_layer(none), -1, "{none}");
+        }
+        // A number must follow the tag right up to the end of the name's first word.
+        assert_eq!(node_layer("attn_norm-1x (view)"), -1);
+        assert_eq!(node_layer("l_out-99999999999"), -1);
+    }
 }

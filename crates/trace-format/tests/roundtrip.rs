@@ -411,3 +411,131 @@ fn per_layer_rotation_reads_back_and_is_checked() {
     };
     refused("short.gguf", &short, Some(1), "1 entries for 2 layers");
 }
+
+/// Graph nodes (role `node`, `--tensor-filter`) read back apart from the attention
+/// tensors, in table order, with their graph order, names made unique by occurrence, a
+/// quantized node kept as blocks; a trace without `kqv_trace.tensor.graph_order` (older
+/// writers) reads with no order; a node whose layer contradicts its name is refused.
+#[test]
+fn nodes_and_graph_order_round_trip() {
+    for storage in [KvStorage::Full, KvStorage::Delta] {
+        let mut w = TraceWriter::with_storage(storage).unwrap();
+        w.add_step(StepMeta {
+            step: 0,
+            positions: vec![0, 1],
+            tokens: vec![1, 2],
+        });
+        let f32_bytes = |n: usize, by: f32| -> Vec<u8> {
+            (0..n).flat_map(|i| (i as f32 + by).to_le_bytes()).collect()
+        };
+        let node = |name: &str, ty: GgmlType, ne: [u64; 4]| TensorMeta {
+            role: Role::Node,
+            layer: trace_format::node_layer(name),
+            ..meta(Role::Node, 0, 0, name, ty, ne)
+        };
+        let q8: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) / 7.0).collect();
+        let q8 = quant::quantize(GgmlType::Q8_0, &q8).unwrap();
+        // Two nodes of one name (ggml names repeat), a quantized one, one of no layer.
+        let nodes = [
+            (
+                node("Qcur-0", GgmlType::F32, [8, 2, 1, 1]),
+                f32_bytes(16, 0.0),
+                3,
+            ),
+            (
+                node("Qcur-0", GgmlType::F32, [4, 2, 2, 1]),
+                f32_bytes(16, 0.5),
+                4,
+            ),
+            (
+                node("cache_k_l1 (view)", GgmlType::Q8_0, [32, 2, 1, 1]),
+                q8,
+                7,
+            ),
+            (
+                node("result_norm", GgmlType::F32, [8, 2, 1, 1]),
+                f32_bytes(16, 1.0),
+                9,
+            ),
+        ];
+        let kqv = meta(Role::KqvOut, 0, 0, "kqv_out-0", GgmlType::F32, [8, 2, 1, 1]);
+        w.add_tensor_ordered(kqv, &f32_bytes(16, 2.0), false, None, Some(5))
+            .unwrap();
+        for (m, b, o) in &nodes {
+            w.add_tensor_ordered(m.clone(), b, false, None, Some(*o))
+                .unwrap();
+        }
+        let run = RunMeta {
+            n_layer: 2,
+            target_layer: -1,
+            trace_sources: true,
+            complete: true,
+            ..Default::default()
+        };
+        let bytes = w.finish(&run, Vec::new()).unwrap();
+        let t = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(bytes).unwrap()).unwrap();
+        assert_eq!(t.tensors.len(), 1, "{storage:?}: attention tensors apart");
+        assert_eq!(t.tensors[0].graph_order, Some(5));
+        assert_eq!(t.nodes.len(), 4);
+        let names: Vec<&str> = t.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "node_Qcur-0_step_0",
+                "node_Qcur-0#1_step_0",
+                "node_cache_k_l1(view)_step_0",
+                "node_result_norm_step_0"
+            ]
+        );
+        assert_eq!(trace_format::read::node_occurrences(&t.nodes), [0, 1, 0, 0]);
+        for (n, (m, b, o)) in t.nodes.iter().zip(&nodes) {
+            assert_eq!(&n.meta, m);
+            assert_eq!(n.graph_order, Some(*o));
+            assert_eq!(&t.data(n)[..], &b[..], "{storage:?} {}", n.name);
+        }
+        assert_eq!(t.nodes[2].meta.layer, 1);
+        assert_eq!(t.nodes[3].meta.layer, -1);
+    }
+
+    // An older writer's trace: no graph order key, no order.
+    let mut w = TraceWriter::new().unwrap();
+    w.add_step(StepMeta {
+        step: 0,
+        positions: vec![0],
+        tokens: vec![1],
+    });
+    let kqv = meta(Role::KqvOut, 0, 0, "kqv_out-0", GgmlType::F32, [8, 1, 1, 1]);
+    w.add_tensor(kqv, &[0u8; 32], false).unwrap();
+    let run = RunMeta {
+        n_layer: 1,
+        target_layer: -1,
+        trace_sources: true,
+        complete: true,
+        ..Default::default()
+    };
+    let bytes = w.finish(&run, Vec::new()).unwrap();
+    let g = gguf_io::GgufFile::from_bytes(bytes).unwrap();
+    assert!(!g
+        .metadata()
+        .contains(trace_format::keys::TENSOR_GRAPH_ORDER));
+    let t = TraceFile::from_gguf(g).unwrap();
+    assert_eq!(t.tensors[0].graph_order, None);
+    assert!(t.nodes.is_empty());
+
+    // A node whose recorded layer is not its name's.
+    let mut w = TraceWriter::new().unwrap();
+    w.add_step(StepMeta {
+        step: 0,
+        positions: vec![0],
+        tokens: vec![1],
+    });
+    let mut m = meta(Role::Node, 0, 0, "ffn_out-1", GgmlType::F32, [8, 1, 1, 1]);
+    m.layer = 0;
+    w.add_tensor_ordered(m, &[0u8; 32], false, None, Some(0))
+        .unwrap();
+    let bytes = w.finish(&run, Vec::new()).unwrap();
+    let e = TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(bytes).unwrap())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("ffn_out-1"), "{e}");
+}

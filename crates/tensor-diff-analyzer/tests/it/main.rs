@@ -7,6 +7,7 @@
 
 mod cli;
 mod diverged;
+mod first_divergence;
 mod gemma;
 mod mixed;
 mod progress;
