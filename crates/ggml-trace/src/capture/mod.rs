@@ -919,7 +919,7 @@ impl<'a> Capture<'a> {
         }
         // The data call follows the ask about the same node.
         let (attention, filtered) = match self.asked.take() {
-            Some(a) if a.node == t as *const _ => (a.attention, a.filtered),
+            Some(a) if std::ptr::eq(a.node, t) => (a.attention, a.filtered),
             _ => (true, false),
         };
         #[cfg(feature = "fault-injection")]
