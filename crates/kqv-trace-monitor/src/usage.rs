@@ -24,6 +24,14 @@ MONITOR OPTIONS:
                          reads only the cells written; every N steps (default 16) it hashes
                          each K/V view whole and reports (a warning line) a change no
                          graph node made, recorded at that step; 1: hash every step
+    --tensor-filter REGEX
+                         also trace every graph node whose ggml name matches REGEX
+                         (repeatable; anchored at the start of the name, as llama.cpp's
+                         llama-debug; `.` traces every node): read after it ran, with its
+                         layout, op and type (quantized kept), saved with role node, its
+                         layer from the name's -<layer> suffix, and its graph order;
+                         --layer N keeps the nodes of layer N. Slow: the graph stops at
+                         each node traced
     --prefill-only       decode the prompt only, no generation
     --verify             recompute each traced attention in f64 from its captured q/k/v/mask
                          as it is traced (no --save-gguf needed) and compare with kqv_out:
@@ -78,6 +86,7 @@ EXAMPLES:
     kqv-trace-monitor -m model.gguf -p \"Hello world\" --layer 0 --save-gguf layer0.gguf
     kqv-trace-monitor -m model.gguf -n 4 -p \"Hello, world\" -ctk q4_0 -ctv q4_0 -fa --layer 0
     kqv-trace-monitor -m model.gguf -p \"Hi\" --save-gguf - | gguf-reader -
+    kqv-trace-monitor -m model.gguf -p \"Hi\" --tensor-filter 'ffn_out|l_out' --save-gguf ffn.gguf
     kqv-trace-monitor -m model.gguf -p \"Hello world\" -n 4 -fa on --verify
     kqv-trace-monitor -m model.gguf -p \"Hi\" -n 64 --logits --save-gguf f16.gguf
     kqv-trace-monitor -m model.gguf --replay f16.gguf -ctk q4_0 -ctv q4_0 --logits --save-gguf q4.gguf
