@@ -243,12 +243,20 @@ impl Outcome {
     }
 
     /// The earliest (step, layer) with a tensor out of tolerance, and its roles there.
+    /// Nodes of no layer (-1: the embeddings, the output) count after the layers of their
+    /// step, whatever their place in the graph.
     pub fn first_failure(&self) -> Option<(u32, i32, Vec<&Comparison>)> {
-        let (step, layer) = self
+        let (step, _, layer) = self
             .comparisons
             .iter()
             .filter(|c| !c.within())
-            .map(|c| (c.step, c.layer))
+            .map(|c| {
+                (
+                    c.step,
+                    if c.layer < 0 { i32::MAX } else { c.layer },
+                    c.layer,
+                )
+            })
             .min()?;
         let at = self
             .comparisons

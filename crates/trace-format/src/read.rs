@@ -41,9 +41,9 @@ pub struct TraceFile {
     /// one per step, within the trace's steps, one n_vocab for all.
     pub logits: Vec<TracedTensor>,
     /// Graph nodes traced by `--tensor-filter` (role `node`), in table order (per step,
-    /// graph order); kept apart from the attention tensors. Checked on open: the layer is
-    /// the one the ggml name carries ([`crate::node_layer`]), the step within the trace's
-    /// steps, the strides consistent with the shape. See [`node_occurrences`].
+    /// graph order); kept apart from the attention tensors. Checked on open: the layer -1 or
+    /// more (as the capture took it from the name, [`crate::node_layer`]), the step within
+    /// the trace's steps, the strides consistent with the shape. See [`node_occurrences`].
     pub nodes: Vec<TracedTensor>,
     /// Per step (index = step): the token the run's sampler chose from that step's
     /// output (`kqv_trace.step.sampled`); empty when the trace does not record it.
@@ -567,12 +567,8 @@ fn check_nodes(nodes: &[TracedTensor], n_steps: Option<usize>) -> Result<(), Vio
         what: format!("node tensor {}: {what}", crate::escape::escape(&t.name)),
     };
     for t in nodes {
-        let want = crate::meta::node_layer(&t.meta.ggml_name);
-        if t.meta.layer != want {
-            return Err(bad(
-                t,
-                format!("layer {}, where its ggml name says {want}", t.meta.layer),
-            ));
+        if t.meta.layer < -1 {
+            return Err(bad(t, format!("layer {}", t.meta.layer)));
         }
         if let Some(n) = n_steps {
             if t.meta.step as usize >= n {

@@ -415,7 +415,7 @@ fn per_layer_rotation_reads_back_and_is_checked() {
 /// Graph nodes (role `node`, `--tensor-filter`) read back apart from the attention
 /// tensors, in table order, with their graph order, names made unique by occurrence, a
 /// quantized node kept as blocks; a trace without `kqv_trace.tensor.graph_order` (older
-/// writers) reads with no order; a node whose layer contradicts its name is refused.
+/// writers) reads with no order; a node of a layer below -1 is refused.
 #[test]
 fn nodes_and_graph_order_round_trip() {
     for storage in [KvStorage::Full, KvStorage::Delta] {
@@ -522,7 +522,7 @@ fn nodes_and_graph_order_round_trip() {
     assert_eq!(t.tensors[0].graph_order, None);
     assert!(t.nodes.is_empty());
 
-    // A node whose recorded layer is not its name's.
+    // A node of a layer below -1.
     let mut w = TraceWriter::new().unwrap();
     w.add_step(StepMeta {
         step: 0,
@@ -530,7 +530,7 @@ fn nodes_and_graph_order_round_trip() {
         tokens: vec![1],
     });
     let mut m = meta(Role::Node, 0, 0, "ffn_out-1", GgmlType::F32, [8, 1, 1, 1]);
-    m.layer = 0;
+    m.layer = -2;
     w.add_tensor_ordered(m, &[0u8; 32], false, None, Some(0))
         .unwrap();
     let bytes = w.finish(&run, Vec::new()).unwrap();
