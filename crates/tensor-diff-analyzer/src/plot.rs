@@ -153,6 +153,22 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
         ),
         None => binned,
     };
+    // The first divergence's cell gets a black frame, named in the caption.
+    let first = o.first_divergence().map(|d| {
+        let c = d.at;
+        (
+            (col_of[&c.step], row_of[&c.layer]),
+            format!(
+                "; black frame: first divergence, {} at step {}",
+                crate::report::tensor_label(c),
+                c.step
+            ),
+        )
+    });
+    let binned = match &first {
+        Some((_, what)) => format!("{binned}{what}"),
+        None => binned,
+    };
     let cell_px = 28u32;
     let width = (120 + cell_px * nx as u32).max(480);
     let height = 130 + cell_px * (ny - y0) as u32;
@@ -208,6 +224,12 @@ pub fn write_svg(o: &Outcome, path: &Path) -> Result<(), String> {
                     ShapeStyle::from(&RED).stroke_width(2),
                 ));
                 marks.push(Text::new("x", (x, y + 1), ("sans-serif", 14)));
+            }
+            if first.as_ref().is_some_and(|(cell, _)| *cell == (xi, yi)) {
+                rects.push(Rectangle::new(
+                    [(x, y), (x + 1, y + 1)],
+                    ShapeStyle::from(&BLACK).stroke_width(4),
+                ));
             }
         }
     }

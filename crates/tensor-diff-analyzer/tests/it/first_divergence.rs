@@ -169,8 +169,18 @@ fn a_planted_weight_change_is_found_at_the_first_node_that_uses_it() {
     args.extend(all.iter().map(|s| s.to_string()));
     args.extend(["--save-gguf".into(), current.display().to_string()]);
     run_monitor(args);
-    let o = offline(&reference_path, &current, &["--json"]);
+    let plot = dir.path().join("plot.svg");
+    let o = offline(
+        &reference_path,
+        &current,
+        &["--json", "--plot", plot.to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.contains("black frame: first divergence, ffn_out-1 at step 0"),
+        "the plot names the first divergence"
+    );
     let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
     check_json(&doc, "offline");
     // Only the nodes a filter names: the divergence is then the first of those.
