@@ -42,7 +42,7 @@ pub struct Case {
 }
 
 /// Per-tensor metadata arrays and how many entries each tensor has in them.
-pub const PER_TENSOR: [(&str, usize); 7] = [
+pub const PER_TENSOR: [(&str, usize); 8] = [
     (keys::TENSOR_ROLE, 1),
     (keys::TENSOR_LAYER, 1),
     (keys::TENSOR_STEP, 1),
@@ -50,6 +50,8 @@ pub const PER_TENSOR: [(&str, usize); 7] = [
     (keys::TENSOR_OP, 1),
     (keys::TENSOR_NB, 4),
     (keys::TENSOR_VIEW_OF, 1),
+    // Optional (absent in older traces): kept in step when present.
+    (keys::TENSOR_GRAPH_ORDER, 1),
 ];
 
 /// Per-attention-record arrays.

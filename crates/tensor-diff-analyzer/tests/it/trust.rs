@@ -27,6 +27,8 @@ struct Entry {
     op: String,
     nb: [u64; 4],
     view_of: String,
+    /// `kqv_trace.tensor.graph_order` (optional: -1 when the source has none).
+    graph_order: i32,
 }
 
 fn strings(m: &Metadata, k: &str) -> Vec<String> {
@@ -64,6 +66,11 @@ fn rewrite(
     let Some(Value::Array(Array::U64(nbs))) = m.get(keys::TENSOR_NB).cloned() else {
         panic!("nb")
     };
+    let orders = match m.get(keys::TENSOR_GRAPH_ORDER).cloned() {
+        Some(Value::Array(Array::I32(o))) => Some(o),
+        None => None,
+        v => panic!("graph_order: {v:?}"),
+    };
     let mut entries: Vec<Entry> = f
         .tensors()
         .iter()
@@ -79,6 +86,7 @@ fn rewrite(
             op: ops[i].clone(),
             nb: nbs[4 * i..4 * i + 4].try_into().unwrap(),
             view_of: views[i].clone(),
+            graph_order: orders.as_ref().map_or(-1, |o| o[i]),
         })
         .collect();
     edit(&mut spec.metadata, &mut entries);
@@ -117,6 +125,12 @@ fn rewrite(
             .map(|e| e.view_of.clone())
             .collect::<Vec<_>>(),
     );
+    if orders.is_some() {
+        m.set(
+            keys::TENSOR_GRAPH_ORDER,
+            entries.iter().map(|e| e.graph_order).collect::<Vec<_>>(),
+        );
+    }
     m.set(keys::TENSOR_COUNT, entries.len() as i32);
     spec.tensors = entries.iter().map(|e| e.spec.clone()).collect();
     spec.byte_order = order;
