@@ -1052,6 +1052,22 @@ impl<'r> Analyzer<'r> {
         };
         self.node_used[ri] = true;
         let rt = &self.reference.nodes[ri];
+        // A type the analyzer cannot read as numbers (IQ2_XXS, ...): not comparable, not a
+        // failure (I8/I16/I32 index tensors are compared as numbers).
+        if let Some(ty) = [meta.layout.ty, rt.meta.layout.ty]
+            .into_iter()
+            .find(|&t| !quant::can_dequantize(t))
+        {
+            self.current_unpaired.push(Unpaired {
+                side: "current",
+                name: name.to_owned(),
+                role: meta.role,
+                layer: meta.layer,
+                step: meta.step,
+                reason: Some(format!("a {} node holds no values to compare", ty.name())),
+            });
+            return;
+        }
         self.push_comparison(meta, name, data, rt, Role::Node, occurrence);
     }
 
@@ -1267,6 +1283,204 @@ mod tests {
 
     /// Tokens differ from step 3 on, and so do the values (by 100): steps 3-5 are left out,
     /// listed as not compared, and not reported as unpaired; 0-2 are compared and pass.
+    /// One step of kqv_out (layers 0, 1) and graph nodes: `Qcur-0` twice (ggml names
+    /// repeat), `ffn_out-1` (its values offset by `by`), an I32 index node (compared as
+    /// numbers), `result_norm`, an IQ2_XXS node (no values the analyzer reads);
+    /// the second `Qcur-0` offset by `by_second`.
+    fn node_trace(by: f32, by_second: f32) -> TraceFile {
+        let mut w = TraceWriter::new().unwrap();
+        w.add_step(StepMeta {
+            step: 0,
+            positions: vec![0],
+            tokens: vec![1],
+        });
+        let f32s = |base: f32| -> Vec<u8> {
+            (0..8)
+                .flat_map(|i| (base + i as f32).to_le_bytes())
+                .collect()
+        };
+        let meta = |role: Role, name: &str, ty: GgmlType| TensorMeta {
+            role,
+            layer: if role == Role::Node {
+                trace_format::node_layer(name)
+            } else {
+                name.rsplit('-').next().unwrap().parse().unwrap()
+            },
+            step: 0,
+            ggml_name: name.into(),
+            op: "MUL_MAT".into(),
+            // (IQ2_XXS: one block of 256)
+            layout: TensorLayout::contiguous(
+                ty,
+                [if ty == GgmlType::IQ2_XXS { 256 } else { 8 }, 1, 1, 1],
+            )
+            .unwrap(),
+            view_of: String::new(),
+        };
+        let nodes: [(&str, GgmlType, Vec<u8>, u32); 7] = [
+            ("Qcur-0", GgmlType::F32, f32s(1.0), 2),
+            ("Qcur-0", GgmlType::F32, f32s(2.0 + by_second), 3),
+            ("kqv_out-0", GgmlType::F32, f32s(0.0), 5),
+            ("ffn_moe_argsort-1", GgmlType::I32, vec![7u8; 32], 8),
+            ("ffn_out-1", GgmlType::F32, f32s(3.0 + by), 9),
+            ("result_norm", GgmlType::F32, f32s(4.0 + by), 12),
+            ("iq2_view", GgmlType::IQ2_XXS, vec![1u8; 66], 13),
+        ];
+        w.add_tensor_ordered(
+            meta(Role::KqvOut, "kqv_out-0", GgmlType::F32),
+            &f32s(0.0),
+            false,
+            None,
+            Some(5),
+        )
+        .unwrap();
+        w.add_tensor_ordered(
+            meta(Role::KqvOut, "kqv_out-1", GgmlType::F32),
+            &f32s(0.5),
+            false,
+            None,
+            Some(7),
+        )
+        .unwrap();
+        for (name, ty, data, order) in nodes {
+            w.add_tensor_ordered(meta(Role::Node, name, ty), &data, false, None, Some(order))
+                .unwrap();
+        }
+        let run = RunMeta {
+            architecture: "llama".into(),
+            n_layer: 2,
+            n_head: 2,
+            n_head_kv: 2,
+            target_layer: -1,
+            complete: true,
+            ..Default::default()
+        };
+        let bytes = w.finish(&run, Vec::new()).unwrap();
+        TraceFile::from_gguf(gguf_io::GgufFile::from_bytes(bytes).unwrap()).unwrap()
+    }
+
+    fn offline_nodes<'r>(r: &'r TraceFile, c: &TraceFile) -> Analyzer<'r> {
+        let mut a = Analyzer::new(r, None, Tolerance::default()).unwrap();
+        a.set_current_run(c.run.clone(), trust::observe(c).unwrap());
+        for s in &c.steps {
+            a.add_current_step(s.clone());
+        }
+        for t in c.tensors.iter().chain(&c.nodes) {
+            a.compare(&t.meta, &t.name, &le_data(c, t));
+        }
+        a
+    }
+
+    #[test]
+    fn nodes_pair_by_name_and_occurrence_and_the_first_divergence_follows_graph_order() {
+        let r = node_trace(0.0, 0.0);
+        // Identical: every node compared, the index node not comparable, no divergence.
+        let a = offline_nodes(&r, &node_trace(0.0, 0.0));
+        let nodes: Vec<&Comparison> = a
+            .comparisons
+            .iter()
+            .filter(|c| c.role == Role::Node)
+            .collect();
+        assert_eq!(nodes.len(), 6);
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|c| (c.ggml_name.as_str(), c.occurrence))
+                .collect::<Vec<_>>(),
+            [
+                ("Qcur-0", 0),
+                ("Qcur-0", 1),
+                ("kqv_out-0", 0),
+                ("ffn_moe_argsort-1", 0),
+                ("ffn_out-1", 0),
+                ("result_norm", 0)
+            ]
+        );
+        assert!(a.comparisons.iter().all(Comparison::within));
+        assert_eq!(a.current_unpaired.len(), 1);
+        assert!(a.current_unpaired[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("iq2_xxs"));
+        assert!(a.reference_unpaired().is_empty());
+        let o = crate::report::Outcome::new("r".into(), "c".into(), &a, None);
+        assert!(o.passed());
+        assert!(o.first_divergence().is_none());
+
+        // ffn_out-1 and result_norm differ: ffn_out-1 (graph order 9) is first, after the
+        // kqv_out-1 attention tensor (order 7), the index node (8) and everything before.
+        let a = offline_nodes(&r, &node_trace(1.0, 0.0));
+        let o = crate::report::Outcome::new("r".into(), "c".into(), &a, None);
+        let d = o.first_divergence().unwrap();
+        assert_eq!(
+            (d.at.ggml_name.as_str(), d.at.graph_order),
+            ("ffn_out-1", Some(9))
+        );
+        let before: Vec<(&str, Role)> = d
+            .before
+            .iter()
+            .map(|c| (c.ggml_name.as_str(), c.role))
+            .collect();
+        assert_eq!(
+            before,
+            [
+                ("Qcur-0", Role::Node),
+                ("Qcur-0", Role::Node),
+                ("kqv_out-0", Role::KqvOut),
+                ("kqv_out-0", Role::Node),
+                ("kqv_out-1", Role::KqvOut),
+                ("ffn_moe_argsort-1", Role::Node),
+            ]
+        );
+        let text = crate::report::divergence_text(&d);
+        assert!(
+            text[0].starts_with("First divergence: step 0, layer 1: ffn_out-1 (graph order 9)"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains("clean before it: 6 tensor(s); just before it: ffn_moe_argsort-1 (step 0, nmse=0.00e+00), kqv_out (kqv_out-1)"),
+            "{text:?}"
+        );
+        // The first-failure line counts no-layer nodes after the layers.
+        assert_eq!(o.first_failure().map(|f| (f.0, f.1)), Some((0, 1)));
+
+        // Only the second Qcur-0 differs: it is found as occurrence 1.
+        let a = offline_nodes(&r, &node_trace(0.0, 0.5));
+        let o = crate::report::Outcome::new("r".into(), "c".into(), &a, None);
+        let d = o.first_divergence().unwrap();
+        assert_eq!((d.at.ggml_name.as_str(), d.at.occurrence), ("Qcur-0", 1));
+        assert_eq!(crate::report::tensor_label(d.at), "Qcur-0 #1");
+        assert_eq!(d.before.len(), 1);
+
+        // Measured run-to-run noise as large widens the band: no divergence then.
+        let mut a = offline_nodes(&r, &node_trace(0.0, 0.5));
+        let noise = a.comparisons.clone();
+        a.attach_noise(&noise, false);
+        let o = crate::report::Outcome::new("r".into(), "c".into(), &a, None);
+        assert!(o.first_divergence().is_none());
+        assert!(!o.passed(), "the tolerance verdict is unchanged");
+
+        // A filter keeps only the nodes it names (anchored at the start).
+        let mut a = Analyzer::new(&r, None, Tolerance::default()).unwrap();
+        a.node_filter = Some(std::sync::Arc::new(
+            ggml_trace::capture::NodeFilter::new(&["ffn_out"]).unwrap(),
+        ));
+        let c = node_trace(1.0, 0.0);
+        a.set_current_run(c.run.clone(), trust::observe(&c).unwrap());
+        for t in c.tensors.iter().chain(&c.nodes) {
+            a.compare(&t.meta, &t.name, &le_data(&c, t));
+        }
+        let names: Vec<&str> = a
+            .comparisons
+            .iter()
+            .filter(|c| c.role == Role::Node)
+            .map(|c| c.ggml_name.as_str())
+            .collect();
+        assert_eq!(names, ["ffn_out-1"]);
+        assert!(a.reference_unpaired().is_empty());
+    }
+
     #[test]
     fn steps_from_a_divergence_on_are_not_compared() {
         let r = trace(&run(6, 6, 0.0));
