@@ -32,6 +32,12 @@
 //!   written (`SET_ROWS`) into the V cache tensor the attention reads did; both are
 //!   recorded per layer with `kqv_out` ([`Rotation`]).
 //!
+//! Besides attention, `CaptureConfig::nodes` (`--tensor-filter`, [`NodeFilter`]) asks for
+//! every node whose name matches, read after it ran as role `node` and handed to
+//! [`CaptureSink::on_node`]. The scheduler asks about every node once per graph, in graph
+//! order, so counting the asks gives each tensor read its graph order
+//! ([`CapturedTensor::graph_order`]).
+//!
 //! The callback asks (`ask == true`) only for those nodes and reads data only in the
 //! `ask == false` call that follows each one's computation, while its inputs are still
 //! live: q and k are consumed by `kq` long before `kqv_out` runs when flash attention is
