@@ -9,6 +9,7 @@ mod cli;
 mod diverged;
 mod gemma;
 mod mixed;
+mod plot;
 mod progress;
 mod replay;
 mod rpc;
