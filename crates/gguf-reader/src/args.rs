@@ -44,6 +44,14 @@ OPTIONS:
                      (every tensor whole, each rebuilt from the deltas of a version-2
                      trace; a version-1 trace is copied as is), for tools that read the
                      GGUF tensors directly
+    --export FILE.safetensors
+                     for a kv-cache-monitor trace: write every traced tensor (and logits
+                     row) to a safetensors file, named step{S}/layer{L}/{role} (logits:
+                     step{S}/logits), in logical layout (shape: ggml's ne reversed, numpy
+                     order), dequantized to F32; the trace's metadata and a per-tensor
+                     table as safetensors metadata (docs/trace-format.md, \"Export\")
+    --export-raw     with --export: F32/F16/BF16 tensors as they are, quantized ones as
+                     their raw blocks (U8, the row in bytes last)
     --step N         with --verify-attention / --shapes: only step N
     --layer N        with --verify-attention / --shapes: only layer N
     -h, --help       print this help
@@ -64,6 +72,7 @@ EXAMPLES:
     kqv-trace-monitor -m model.gguf -p \"Hello\" --save-gguf - | gguf-reader -
     gguf-reader trace.gguf --verify-attention --shapes --step 1 --layer 0
     gguf-reader trace.gguf --materialize trace-v1.gguf
+    gguf-reader trace.gguf --export trace.safetensors
 ";
 
 /// Where the GGUF comes from.
@@ -98,6 +107,10 @@ pub struct Options {
     pub max_work: u64,
     /// `--materialize OUT`: write a version-1 copy of the trace.
     pub materialize: Option<std::path::PathBuf>,
+    /// `--export FILE.safetensors`: write the traced tensors for Python.
+    pub export: Option<std::path::PathBuf>,
+    /// `--export-raw`: keep F16/BF16 and quantized blocks as they are.
+    pub export_raw: bool,
 }
 
 /// What the command line asks for.
@@ -111,6 +124,8 @@ pub enum UsageError {
     MissingInput,
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
+    #[error("{0} needs {1}")]
+    Requires(&'static str, &'static str),
     #[error("--tensor: invalid regex '{pattern}': {problem}")]
     BadRegex { pattern: String, problem: String },
 }
@@ -145,6 +160,12 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
     let materialize = p.opt_value_from_os_str("--materialize", |s| {
         Ok::<_, String>(std::path::PathBuf::from(s))
     })?;
+    let export =
+        p.opt_value_from_os_str("--export", |s| Ok::<_, String>(std::path::PathBuf::from(s)))?;
+    let export_raw = p.contains("--export-raw");
+    if export_raw && export.is_none() {
+        return Err(UsageError::Requires("--export-raw", "--export"));
+    }
     let count = p
         .opt_value_from_fn("--count", |s| {
             s.parse::<usize>()
@@ -193,5 +214,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
         layer,
         max_work,
         materialize,
+        export,
+        export_raw,
     }))
 }

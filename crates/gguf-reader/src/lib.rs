@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod data;
+pub mod export;
 pub mod materialize;
 pub mod report;
 pub mod text;
@@ -48,6 +49,12 @@ pub enum RunError {
         #[source]
         source: trace_format::TraceError,
     },
+    #[error("{}: {}", trace_format::escape(.input), trace_format::escape(&.source.to_string()))]
+    Export {
+        input: String,
+        #[source]
+        source: export::ExportError,
+    },
 }
 
 /// One stderr line: `gguf-reader: <name>: <message>`, everything from the file escaped.
@@ -73,6 +80,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         let mut out = io::BufWriter::new(stdout.lock());
         if let Some(dest) = &opts.materialize {
             let result = materialize::run(&opts.input, dest, &mut out)
+                .and_then(|()| out.flush().map_err(RunError::from));
+            return TOOL.exit(result.map(|()| exit::OK));
+        }
+        if let Some(dest) = &opts.export {
+            let result = export::run(&opts.input, dest, opts.export_raw, &mut out)
                 .and_then(|()| out.flush().map_err(RunError::from));
             return TOOL.exit(result.map(|()| exit::OK));
         }

@@ -400,7 +400,7 @@ impl Report {
     }
 }
 
-fn value_json(v: &Value) -> Json {
+pub(crate) fn value_json(v: &Value) -> Json {
     match v {
         Value::U8(x) => json!(x),
         Value::I8(x) => json!(x),

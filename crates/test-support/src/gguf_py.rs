@@ -1,7 +1,8 @@
 //! Shared helpers for integration tests that use gguf-py (PyPI `gguf`) as an oracle.
 //!
 //! [`python()`] returns the interpreter of a virtualenv at
-//! `<workspace>/target/gguf-py-venv` holding `gguf==0.19.0` and numpy, creating it on
+//! `<workspace>/target/gguf-py-venv` holding `gguf==0.19.0`, numpy and safetensors (the
+//! oracle of `gguf-reader --export`), creating it on
 //! first use (needs `python3` with the `venv` module and network access to PyPI). Test
 //! binaries run concurrently, so creation is serialized with a lock directory and the
 //! venv is built in a temporary directory that is renamed into place only when complete.
@@ -19,7 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 /// What the venv must contain; written to its marker file, so a change rebuilds it.
-pub const GGUF_PY_REQUIREMENTS: &[&str] = &["gguf==0.19.0", "numpy"];
+pub const GGUF_PY_REQUIREMENTS: &[&str] = &["gguf==0.19.0", "numpy", "safetensors"];
 
 /// A lock older than this is taken to belong to a process that died mid-install.
 const STALE_LOCK: Duration = Duration::from_secs(20 * 60);
@@ -189,7 +190,7 @@ fn build_venv(venv: &Path) -> Result<(), String> {
         .env("PIP_NO_INPUT", "1");
     run(&mut pip, "pip install")?;
     run(
-        Command::new(&py).args(["-c", "import gguf.quants, numpy"]),
+        Command::new(&py).args(["-c", "import gguf.quants, numpy, safetensors.numpy"]),
         "import gguf",
     )?;
     let mut f = fs::File::create(tmp.join(".gguf-io-ready")).map_err(|e| e.to_string())?;

@@ -6,6 +6,7 @@
 //! module python/kqv_trace.py against the Rust reader on the same files (python_module.rs).
 
 mod cli;
+mod export;
 mod hostile;
 mod python_module;
 mod scale;

@@ -10,6 +10,7 @@ mod diverged;
 mod first_divergence;
 mod gemma;
 mod mixed;
+mod plot;
 mod progress;
 mod replay;
 mod rpc;
