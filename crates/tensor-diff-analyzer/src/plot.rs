@@ -464,9 +464,9 @@ fn draw<DB: DrawingBackend>(
                 outline(root, r)?;
             }
             if d.first == Some((x as usize, y as usize)) {
-                // Inside the red outline, as many nested 1-px rectangles.
+                // Two nested 1-px rectangles just inside the red outline's place.
                 let k = OUTLINE_RECTS as i32;
-                for i in k..2 * k {
+                for i in k..k + 2 {
                     root.draw(&Rectangle::new(
                         [(r.0 .0 + i, r.0 .1 + i), (r.1 .0 - 1 - i, r.1 .1 - 1 - i)],
                         BLACK.stroke_width(1),
