@@ -181,6 +181,30 @@ fn a_planted_weight_change_is_found_at_the_first_node_that_uses_it() {
         svg.contains("black frame: first divergence, ffn_out-1 at step 0"),
         "the plot names the first divergence"
     );
+    // Its cell (step 0: column 0; layer 1: row 2 of layers -1, 0, 1) is framed in black
+    // just inside the outline; the cell above it (layer 0) is not.
+    let pix = crate::plot::render(svg.as_bytes());
+    let lay = tensor_diff_analyzer::plot::Layout::new(3, 3, false);
+    let frame = |row: i32| {
+        let ((x0, y0), (_, y1)) = lay.cell_rect(0, row);
+        let k = tensor_diff_analyzer::plot::OUTLINE_RECTS as i32;
+        let (edge, inside) = (
+            crate::plot::rgb(&pix, x0 + k, (y0 + y1) / 2),
+            crate::plot::rgb(&pix, x0 + k + 2, y0 + k + 2),
+        );
+        let sum = |c: (u8, u8, u8)| c.0 as i32 + c.1 as i32 + c.2 as i32;
+        (sum(edge), sum(inside))
+    };
+    let (edge, inside) = frame(2);
+    assert!(
+        edge < 150 && inside > edge + 100,
+        "first divergence cell: {edge} vs {inside}"
+    );
+    let (edge, inside) = frame(1);
+    assert!(
+        (edge - inside).abs() < 30,
+        "layer 0's cell: {edge} vs {inside}"
+    );
     let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
     check_json(&doc, "offline");
     // Only the nodes a filter names: the divergence is then the first of those.

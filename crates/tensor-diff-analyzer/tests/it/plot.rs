@@ -83,7 +83,7 @@ fn trace(path: &Path, current: bool) {
     w.finish_to_path(&run, path).unwrap();
 }
 
-fn render(svg: &[u8]) -> resvg::tiny_skia::Pixmap {
+pub(crate) fn render(svg: &[u8]) -> resvg::tiny_skia::Pixmap {
     let tree = resvg::usvg::Tree::from_data(svg, &resvg::usvg::Options::default())
         .expect("the plot is valid SVG");
     let size = tree.size().to_int_size();
@@ -96,7 +96,7 @@ fn render(svg: &[u8]) -> resvg::tiny_skia::Pixmap {
     pixmap
 }
 
-fn rgb(p: &resvg::tiny_skia::Pixmap, x: i32, y: i32) -> (u8, u8, u8) {
+pub(crate) fn rgb(p: &resvg::tiny_skia::Pixmap, x: i32, y: i32) -> (u8, u8, u8) {
     let c = p
         .pixel(x as u32, y as u32)
         .unwrap_or_else(|| panic!("({x}, {y}) outside {}x{}", p.width(), p.height()))
