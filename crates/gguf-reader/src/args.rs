@@ -47,7 +47,7 @@ OPTIONS:
     --export FILE.safetensors
                      for a kv-cache-monitor trace: write every traced tensor (and logits
                      row) to a safetensors file, named step{S}/layer{L}/{role} (logits:
-                     step{S}/logits), in logical layout (shape: ggml's ne reversed, numpy
+                     step{S}/logits; nodes: step{S}/{ggml name}), in logical layout (shape: ggml's ne reversed, numpy
                      order), dequantized to F32; the trace's metadata and a per-tensor
                      table as safetensors metadata (docs/trace-format.md, \"Export\")
     --export-raw     with --export: F32/F16/BF16 tensors as they are, quantized ones as

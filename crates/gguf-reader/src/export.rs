@@ -150,6 +150,7 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
             "op": t.meta.op,
             "type": t.meta.ty().name(),
             "ne": t.meta.layout.ne,
+            "graph_order": t.graph_order,
         }));
         entries.push(Entry {
             name,
@@ -166,6 +167,15 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
     }
     for t in &trace.logits {
         push(format!("step{}/logits", t.meta.step), t, &mut w)?;
+    }
+    // Graph nodes (`--tensor-filter`) by their ggml name: the k-th of a name in a step
+    // gets `#k` (k >= 2), in graph order.
+    for t in &trace.nodes {
+        push(
+            format!("step{}/{}", t.meta.step, t.meta.ggml_name),
+            t,
+            &mut w,
+        )?;
     }
     w.flush()?;
     drop(w);

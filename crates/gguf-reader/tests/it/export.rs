@@ -72,7 +72,7 @@ fn check(trace_path: &Path, raw: bool, dir: &Path) -> Vec<(String, Vec<u8>)> {
     let (code, out, err) = reader(&a);
     assert_eq!(code, 0, "{err}");
     let t = TraceFile::open(trace_path).unwrap();
-    let n = t.tensors.len() + t.logits.len();
+    let n = t.tensors.len() + t.logits.len() + t.nodes.len();
     assert!(out.contains(&format!("{n} tensors")), "{out}");
     let dump = dir.join(format!("{label}-dump"));
     std::fs::create_dir_all(&dump).unwrap();
@@ -96,11 +96,28 @@ fn check(trace_path: &Path, raw: bool, dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     let mut got = Vec::new();
     let mut roles = std::collections::BTreeSet::new();
-    for (i, tt) in t.tensors.iter().chain(&t.logits).enumerate() {
+    let mut node_names: std::collections::HashMap<String, usize> = Default::default();
+    for (i, tt) in t
+        .tensors
+        .iter()
+        .chain(&t.logits)
+        .chain(&t.nodes)
+        .enumerate()
+    {
         let e = &lines[i];
         let name = e["name"].as_str().unwrap().to_owned();
-        let is_logits = i >= t.tensors.len();
-        let expected_name = if is_logits {
+        let is_logits = i >= t.tensors.len() && i < t.tensors.len() + t.logits.len();
+        let expected_name = if tt.meta.role == trace_format::Role::Node {
+            // `step{S}/{ggml name}`, `#k` for the k-th (k >= 2) of a name in a step.
+            let base = format!("step{}/{}", tt.meta.step, tt.meta.ggml_name);
+            let k = node_names.entry(base.clone()).or_insert(0);
+            *k += 1;
+            if *k == 1 {
+                base
+            } else {
+                format!("{base}#{k}")
+            }
+        } else if is_logits {
             format!("step{}/logits", tt.meta.step)
         } else {
             format!(
@@ -152,6 +169,7 @@ fn check(trace_path: &Path, raw: bool, dir: &Path) -> Vec<(String, Vec<u8>)> {
         assert!(roles.iter().any(|x| *x == r), "{r} not exported: {roles:?}");
     }
     assert!(!t.logits.is_empty());
+    assert!(roles.contains("node"), "no node exported: {roles:?}");
     got
 }
 
@@ -167,6 +185,8 @@ fn export_reads_back_with_pypi_safetensors_in_both_storages() {
             .cache("q8_0", "q8_0")
             .flash(true)
             .arg("--logits")
+            // Nodes too: Qcur-<l> repeats in a step, cache_k views are q8_0 blocks.
+            .args(["--tensor-filter", "Qcur|ffn_out|cache_k"])
             .build(),
     );
     // The cache is q8_0 (raw export: blocks) and the mask F16 (raw export: float16).
