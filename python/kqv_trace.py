@@ -95,6 +95,9 @@ class TensorInfo(NamedTuple):
     stored: str  #: ``whole``, ``delta`` (changed ranges) or ``same`` (bytes of ``base``)
     base: int  #: the table index it is stored against, -1 when stored whole
     n_ranges: int  #: changed byte ranges of a delta (0 otherwise)
+    #: position in its step's graph of the node it was read at (``kqv_trace.tensor.graph_order``);
+    #: -1 when unknown (logits, older traces)
+    graph_order: int = -1
 
     @property
     def shape(self) -> tuple:
@@ -194,6 +197,7 @@ class Trace:
         op = self._strings(_P + "tensor.op", n, "tensors")
         view_of = self._strings(_P + "tensor.view_of", n, "tensors")
         nb = self._ints(_P + "tensor.nb", 4 * n, "dims (4 per tensor)")
+        graph_order = self._ints(_P + "tensor.graph_order", n, "tensors", missing_ok=True) or [-1] * n
 
         if self.format_version == 2:
             self._parse_storage(n)
@@ -224,7 +228,7 @@ class Trace:
             stored = "whole" if b < 0 else ("delta" if self._n_ranges[i] else "same")
             info = TensorInfo(
                 i, names[i], step[i], layer[i], role[i], ggml_name[i], op[i], view_of[i],
-                ty, ne, tuple(nb[4 * i:4 * i + 4]), stored, b, self._n_ranges[i],
+                ty, ne, tuple(nb[4 * i:4 * i + 4]), stored, b, self._n_ranges[i], graph_order[i],
             )
             self.tensors.append(info)
             self._index.setdefault((role[i], layer[i], step[i]), i)  # the first, as Rust's find

@@ -65,7 +65,8 @@ for ti in t.tensors:
         with open(os.path.join(out, f"logits-{ti.step}.f32"), "wb") as f: f.write(l.astype("<f4").tobytes())
     print(json.dumps(dict(index=ti.index, name=ti.name, role=ti.role, layer=ti.layer, step=ti.step,
         type=ti.type.name.lower(), ne=list(ti.ne), nb=list(ti.nb), stored=ti.stored, base=ti.base,
-        n_ranges=ti.n_ranges, ggml_name=ti.ggml_name, op=ti.op, view_of=ti.view_of)))
+        n_ranges=ti.n_ranges, ggml_name=ti.ggml_name, op=ti.op, view_of=ti.view_of,
+        graph_order=ti.graph_order)))
 n_read = len(t.tensors)
 assert t.deltas_applied <= n_read, (t.deltas_applied, n_read)
 # A fresh reader backwards (each read from the nearest tensor stored whole), then streams.
@@ -117,7 +118,7 @@ fn compare(label: &str, trace: &Path, dir: &Path) -> Vec<serde_json::Value> {
     let (run, tensors) = lines.split_last().expect("a run line");
     let run = &run["run"];
     let t = TraceFile::open(trace).unwrap();
-    let all: Vec<_> = t.tensors.iter().chain(&t.logits).collect();
+    let all: Vec<_> = t.tensors.iter().chain(&t.logits).chain(&t.nodes).collect();
     assert_eq!(tensors.len(), all.len(), "{label}: tensor count");
     assert_eq!(tensors.len(), t.gguf().tensors().len(), "{label}");
     let by_index: BTreeMap<usize, _> = all.iter().map(|tt| (tt.index, *tt)).collect();
@@ -137,6 +138,8 @@ fn compare(label: &str, trace: &Path, dir: &Path) -> Vec<serde_json::Value> {
         assert_eq!(m["ggml_name"], tt.meta.ggml_name.as_str(), "{what}");
         assert_eq!(m["op"], tt.meta.op.as_str(), "{what}");
         assert_eq!(m["view_of"], tt.meta.view_of.as_str(), "{what}");
+        let order = tt.graph_order.map_or(-1, i64::from);
+        assert_eq!(m["graph_order"], order, "{what}");
         let (kind, base, n_ranges) = stored_name(t.stored(i));
         assert_eq!(m["stored"], kind, "{what}");
         assert_eq!(m["base"], base, "{what}");
@@ -226,7 +229,16 @@ fn the_module_reads_llama_traces_as_the_rust_reader_does() {
         args(&model).flash(true).arg("--logits").build(),
     );
     assert!(!t.logits.is_empty(), "--logits wrote no logits");
-    let t = check(dir.path(), "fa-off", args(&model).flash(false).build());
+    // With --tensor-filter nodes (Qcur-<l> repeats in a step): listed with their graph order.
+    let t = check(
+        dir.path(),
+        "fa-off",
+        args(&model)
+            .flash(false)
+            .args(["--tensor-filter", "Qcur|ffn_out"])
+            .build(),
+    );
+    assert!(t.nodes.len() > t.steps.len(), "no nodes traced");
     let (k, v) = (
         t.find(Role::K, 0, 0).unwrap(),
         t.find(Role::V, 0, 0).unwrap(),
