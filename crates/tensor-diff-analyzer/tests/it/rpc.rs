@@ -295,3 +295,46 @@ fn compare_devices_refuses_a_bad_device_or_a_dead_server_in_one_line() {
         "--compare-devices runs both sides itself: --rpc (each side's devices are its selection)"
     ));
 }
+
+/// gemma-3-270m Q4_K_M split across two servers (`-ngl 99 -ts 1,3`), compared with the
+/// local CPU in one command. The local CPU backend repacks some quantized weights into
+/// interleaved layouts (llama.cpp's CPU_REPACK buffers, on AVX2 builds Q4_K among them)
+/// and multiplies them with other kernels; a server's buffers are not repacked, so its
+/// matrix products add in another order: the sides differ (exit 1, the report says from
+/// which step and layer; with this prompt the first decode step, layer 8). With `-nr` (llama.cpp's `--no-repack`) both run the same kernels:
+/// bit-identical.
+#[test]
+fn compare_devices_on_gemma_finds_weight_repacking_and_without_it_is_bit_identical() {
+    let model =
+        model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
+    let (a, b) = (RpcServer::start(1), RpcServer::start(1));
+    let remote = format!("rpc:{},{}", a.endpoint(), b.endpoint());
+    let args = || {
+        LlamaArgs::new(&model, "Hello, world")
+            .n(2)
+            .threads(1)
+            .greedy()
+            .flash(true)
+            .args(["-ngl", "99", "-ts", "1,3"])
+    };
+    let (code, out, err) = compare_devices(args().arg("-nr"), "cpu", &remote);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    for want in [
+        "Bit-identical: yes, every element of the ".to_owned(),
+        "attention ran on CPU (layers 0-17)".to_owned(),
+        format!("RPC0[{}] (layers 0-", a.endpoint()),
+        format!("RPC0[{}] (layers ", b.endpoint()),
+        "Verdict: all tensors within tolerance".to_owned(),
+    ] {
+        assert!(out.contains(&want), "{want:?} in\n{out}");
+    }
+    let avx2 = ggml_trace::cpu_simd()
+        .split_whitespace()
+        .any(|f| f == "avx2");
+    if avx2 {
+        let (code, out, err) = compare_devices(args(), "cpu", &remote);
+        assert_eq!(code, Some(1), "{out}\n{err}");
+        assert!(out.contains("Bit-identical: no, "), "{out}");
+        assert!(!out.contains("First out of tolerance: none"), "{out}");
+    }
+}
