@@ -315,7 +315,12 @@ pub fn run_side(
         return Ok(devices);
     }
     let why = match (last, out.status.code()) {
-        (Some(l), _) => reason(l).to_owned(),
+        // The monitor's line after a server died mid-run says it saved what was traced:
+        // here that trace was the side's temporary one.
+        (Some(l), _) => reason(l).replace(
+            ", what was traced is saved (marked incomplete)",
+            " (the side's trace was a temporary one; nothing is compared)",
+        ),
         (None, Some(c)) => format!("its run ended with exit code {c}"),
         (None, None) => {
             #[cfg(unix)]

@@ -338,3 +338,53 @@ fn compare_devices_on_gemma_finds_weight_repacking_and_without_it_is_bit_identic
         assert!(!out.contains("First out of tolerance: none"), "{out}");
     }
 }
+
+/// A server that dies while its side runs: the side's own line (which server, how many
+/// steps were traced), prefixed with the side, exit 2; nothing is compared.
+#[test]
+fn compare_devices_with_a_server_killed_mid_run_is_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let mut server = RpcServer::start(1);
+    let remote = format!("rpc:{}", server.endpoint());
+    let args = LlamaArgs::new(&m, PROMPT)
+        .n(4000)
+        .ctx(4096)
+        .ubatch(16)
+        .greedy()
+        .threads(1)
+        .args([
+            "--ignore-eos",
+            "-ngl",
+            "99",
+            "--compare-devices",
+            &remote,
+            "cpu",
+        ])
+        .build();
+    let child = Command::new(BIN)
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Side A (the server's) generates 4,000 tokens: it is still running after a second.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    server.kill();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "tensor-diff-analyzer: --compare-devices side A ({remote}): "
+        )) && err.contains("mid-run")
+            && err.contains(&server.endpoint())
+            && err.trim_end().ends_with("nothing is compared)"),
+        "{err}"
+    );
+}
