@@ -108,6 +108,17 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     util::run(&mut cmd)?;
     report.mixed = Some(read_json(&mixed_json)?);
 
+    // 2c. The monitor across two loopback RPC servers: speed and the capture's RPC bytes.
+    let rpc_json = out.join("rpc.json");
+    let _ = fs::remove_file(&rpc_json);
+    let mut cmd = util::cargo();
+    cmd.args(["bench", "-p", "kqv-trace-monitor", "--bench", "rpc"])
+        .env("KCM_BENCH_TOKENS", tokens)
+        .env("KCM_BENCH_RUNS", runs)
+        .env("KCM_BENCH_JSON", &rpc_json);
+    util::run(&mut cmd)?;
+    report.rpc = Some(read_json(&rpc_json)?);
+
     // 3. gguf-reader against gguf-py's gguf-dump on the same model.
     let model = fetch_model::gemma()?;
     let mut cmd = util::cargo();
@@ -457,6 +468,7 @@ struct Report {
     criterion: BTreeMap<String, BTreeMap<String, Crit>>,
     overhead: Option<Value>,
     mixed: Option<Value>,
+    rpc: Option<Value>,
     reader: Vec<Timed>,
     cold_build: Option<ColdBuild>,
     skipped: Vec<String>,
@@ -501,6 +513,7 @@ impl Report {
         );
         self.render_overhead(&mut s);
         self.render_mixed(&mut s);
+        self.render_rpc(&mut s);
         self.render_reader(&mut s);
         self.render_dequant(&mut s);
         self.render_diff(&mut s);
@@ -603,6 +616,54 @@ impl Report {
             );
         }
         s.push('\n');
+    }
+
+    fn render_rpc(&self, s: &mut String) {
+        let Some(o) = &self.rpc else { return };
+        let _ = writeln!(s, "## The monitor across RPC servers\n");
+        let _ = writeln!(
+            s,
+            "{} split over {} loopback `kcm-rpc-server`s ({}, each server --threads {}), the client\n\
+             -t {}, -fa {}, {} generated tokens ({} steps with the prompt's), median of {} runs; the\n\
+             modes alternate in one process. Bytes are counted by a forwarding proxy in front of\n\
+             each server, both directions. Reproduce: `KCM_BENCH_TOKENS={} KCM_BENCH_RUNS={} cargo\n\
+             bench -p kqv-trace-monitor --bench rpc`.\n",
+            o["model"].as_str().unwrap_or("?"),
+            o["servers"],
+            o["split"].as_str().unwrap_or("?"),
+            o["server_threads"],
+            o["threads"],
+            o["flash_attn"].as_str().unwrap_or("?"),
+            o["tokens"],
+            o["steps"],
+            o["runs"],
+            o["tokens"],
+            o["runs"],
+        );
+        let _ = writeln!(
+            s,
+            "| mode | tokens/s | ratio to no callback | bytes to the servers | bytes from the servers |\n|---|---|---|---|---|"
+        );
+        for mode in o["modes"].as_array().into_iter().flatten() {
+            let f = |k: &str| mode[k].as_f64().unwrap_or(f64::NAN);
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {:.3} | {:.0} | {:.0} |",
+                mode["mode"].as_str().unwrap_or("?"),
+                f("tokens_per_s"),
+                f("ratio"),
+                f("bytes_to_servers"),
+                f("bytes_from_servers"),
+            );
+        }
+        let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "\nThe capture's own RPC traffic (the monitor's run minus the run without callback, per\n\
+             step): {:.0} bytes from the servers, {:.0} to them.\n",
+            f("capture_bytes_from_servers_per_step"),
+            f("capture_bytes_to_servers_per_step"),
+        );
     }
 
     fn render_mixed(&self, s: &mut String) {
@@ -867,6 +928,19 @@ mod tests {
                                 "median_tokens_per_s": 20.0, "median_ratio": 1.05,
                                 "best_tokens_per_s": 21.0, "best_ratio": 1.01}]}
         }));
+        r.rpc = Some(serde_json::json!({
+            "model": "m", "servers": 2, "server_threads": 1, "threads": 2,
+            "split": "-ngl 99 -ts 1,3", "flash_attn": "on", "tokens": 32, "runs": 3,
+            "steps": 33,
+            "modes": [
+                {"mode": "no callback", "tokens_per_s": 10.0, "ratio": 1.0,
+                 "bytes_to_servers": 1000.0, "bytes_from_servers": 2000.0},
+                {"mode": "monitor (all layers, stats)", "tokens_per_s": 5.0, "ratio": 0.5,
+                 "bytes_to_servers": 1500.0, "bytes_from_servers": 4000.0},
+            ],
+            "capture_bytes_from_servers_per_step": 60.6,
+            "capture_bytes_to_servers_per_step": 15.2,
+        }));
         r.reader = vec![
             Timed {
                 what: "gguf-dump".into(),
@@ -901,6 +975,9 @@ mod tests {
             "| mixed | 100 | 0.342 | 30.00 | 0.980 | 31.00 | 0.950 |",
             "At long context: a 8192-token prompt at -c 16384",
             "| mixed | 200 | 0.300 | 20.00 | 1.050 | 21.00 | 1.010 |",
+            "## The monitor across RPC servers",
+            "| monitor (all layers, stats) | 5.00 | 0.500 | 1500 | 4000 |",
+            "per\nstep): 61 bytes from the servers, 15 to them.",
             "## offline_diff: throughput against memcpy",
             "| tensor-diff-analyzer --current | 2.00 | 0.500 |",
             "| q8_0 | 3.00 | 2.00 | 1.50 |",

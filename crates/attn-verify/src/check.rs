@@ -141,26 +141,45 @@ pub fn check_with(
     if mla::is_mla(g) {
         return mla::check_mla(g, previous, limits);
     }
-    let Some((inp, actual)) = build_inputs(g, budget.clone())? else {
+    let Some((mut inp, actual)) = build_inputs(g, budget.clone())? else {
         return Ok(Outcome::Missing(g.missing()));
     };
     output_fits(g, inp.q.ne, inp.v.ne, actual.len())?;
+    let v_type = g.get(Role::V).map_or(GgmlType::F32, |v| v.layout.ty);
+    // The F16 dot product's order is modelled on AVX2 builds (K F16).
+    let dot_modelled = inp.k_type == GgmlType::F16
+        && crate::kernel::DotOrder::of(&inp.simd) == crate::kernel::DotOrder::Avx2;
+    // A group that ran on an RPC server: if it matches this build's CPU kernel within
+    // that model's bound, the server computed it with that kernel (kcm-rpc-server serves
+    // this build's CPU backend) and the group is judged as a CPU group; otherwise (a
+    // server of another kind) against the exact reference, as any unnamed path.
+    let mut modelled_reference = None;
+    if let (Err(why), Some(path)) = (inp.kernel.clone(), inp.rpc_cpu) {
+        inp.kernel = Ok(path);
+        let r = inp.reference()?;
+        let nmse = compare(&r, &actual, 0..r.ne[2]).nmse;
+        if nmse <= faithful_bound(path, v_type, dot_modelled) {
+            modelled_reference = Some(r);
+        } else {
+            inp.kernel = Err(format!(
+                "{why}; nor does it match this build's CPU {} kernel (NMSE {nmse:.1e} \
+                 against its model)",
+                path.short()
+            ));
+        }
+    }
     if inp.kernel.is_ok() {
         // The exact reference beside the faithful one: two recomputations.
         budget.spend(inp.work())?;
     }
-    let reference = inp.reference()?;
-    let v_type = g.get(Role::V).map_or(GgmlType::F32, |v| v.layout.ty);
+    let reference = match modelled_reference {
+        Some(r) => r,
+        None => inp.reference()?,
+    };
     let n_cells = attended_cells(inp.mask.as_ref(), inp.k.ne[1], inp.q.ne[1]);
     let rounding_range = nmse_bound(v_type, inp.flash, n_cells);
     let bound = match &inp.kernel {
-        Ok(path) => faithful_bound(
-            *path,
-            v_type,
-            // The F16 dot product's order is modelled on AVX2 builds (K F16).
-            inp.k_type == GgmlType::F16
-                && crate::kernel::DotOrder::of(&inp.simd) == crate::kernel::DotOrder::Avx2,
-        ),
+        Ok(path) => faithful_bound(*path, v_type, dot_modelled),
         Err(_) => rounding_range,
     };
     let op = g.op.clone().unwrap_or_default();

@@ -116,6 +116,38 @@ pub(crate) fn select(f: &PathFacts<'_>) -> Result<KernelPath, String> {
     Ok(KernelPath::OneChunk)
 }
 
+/// For a group that ran on an RPC server (`kqv_trace.attn.backend` `RPC0[host:port]`):
+/// the path this build's CPU backend would have taken, the hypothesis that the server is
+/// this build's CPU backend (as `kcm-rpc-server` is; ggml-rpc does not tell the client
+/// what a server runs). `None` where that path depends on the server's thread count
+/// (split-KV: the trace records the client's threads, not the server's), for any other
+/// backend, and where no CPU path can be named. [`crate::check`] keeps the hypothesis
+/// only when the group matches the path's model within its bound; otherwise the group is
+/// judged against the exact reference as before.
+pub(crate) fn rpc_cpu_path(f: &PathFacts<'_>) -> Option<KernelPath> {
+    if !f.kernel.backend.starts_with("RPC") {
+        return None;
+    }
+    let cpu = KernelFacts {
+        backend: "CPU".into(),
+        // Unknown: a split-KV step is then not named (select says why).
+        n_threads: 0,
+        simd: f.kernel.simd.clone(),
+    };
+    match select(&PathFacts {
+        kernel: &cpu,
+        op: f.op,
+        q_type: f.q_type,
+        k_type: f.k_type,
+        v_type: f.v_type,
+        q_ne: f.q_ne,
+        n_kv: f.n_kv,
+    }) {
+        Ok(KernelPath::SplitKv { .. }) | Err(_) => None,
+        Ok(path) => Some(path),
+    }
+}
+
 /// The type ggml converts the other operand to before a dot product with a row of `ty`
 /// (`vec_dot_type` of ggml-cpu's type traits): F16 for F16, Q8_0 for the legacy 4/5/8-bit
 /// quants and IQ4_NL, BF16 for BF16; `None` (no conversion: F32 stays F32) otherwise.

@@ -104,6 +104,8 @@ pub(crate) struct Inputs {
     /// The ggml path that computed the group, or why it cannot be named: picks the
     /// reference ([`kernel::faithful`], or the exact one with the older bound).
     pub(crate) kernel: Result<KernelPath, String>,
+    /// A group that ran on an RPC server: the CPU path to try ([`kernel::rpc_cpu_path`]).
+    pub(crate) rpc_cpu: Option<KernelPath>,
     /// The SIMD the library was built with (`kqv_trace.run.cpu_simd`).
     pub(crate) simd: String,
 }
@@ -213,17 +215,21 @@ pub(crate) fn build_inputs(
         v_type: v.layout.ty,
         flash: g.flash(),
         budget,
-        kernel: kernel::select(&PathFacts {
-            kernel: &g.kernel,
-            op: g.op.as_deref().unwrap_or_default(),
-            q_type: q.layout.ty,
-            k_type: k.layout.ty,
-            v_type: v.layout.ty,
-            q_ne: q.layout.ne.map(|x| x as usize),
-            n_kv: k.layout.ne[1] as usize,
-        }),
+        kernel: Err(String::new()),
+        rpc_cpu: None,
         simd: g.kernel.simd.clone(),
     };
+    let facts = PathFacts {
+        kernel: &g.kernel,
+        op: g.op.as_deref().unwrap_or_default(),
+        q_type: q.layout.ty,
+        k_type: k.layout.ty,
+        v_type: v.layout.ty,
+        q_ne: q.layout.ne.map(|x| x as usize),
+        n_kv: k.layout.ne[1] as usize,
+    };
+    inp.kernel = kernel::select(&facts);
+    inp.rpc_cpu = kernel::rpc_cpu_path(&facts);
     // Both paths take Q·K with ggml's vec_dot (flash attention, or the `kq` MUL_MAT).
     inp.set_q(dense(q)?)?;
     // Without flash attention V is read transposed: ne [n_kv, Dv, H_kv].

@@ -16,6 +16,8 @@ pub const RPC_PROTO_MINOR_VERSION: u8 = 0;
 pub const RPC_PROTO_PATCH_VERSION: u8 = 0;
 /// `RPC_CMD_HELLO` (ggml-rpc.cpp: "RPC_CMD_HELLO must be always 14").
 pub const RPC_CMD_HELLO: u8 = 14;
+/// `RPC_CMD_DEVICE_COUNT`: the command after `RPC_CMD_HELLO` in ggml-rpc.cpp's `rpc_cmd`.
+pub const RPC_CMD_DEVICE_COUNT: u8 = 15;
 /// `RPC_CONN_CAPS_SIZE` (ggml-rpc/transport.h): the transport capabilities a HELLO
 /// request and response carry (all zero: plain TCP).
 pub const RPC_CONN_CAPS_SIZE: usize = 24;
@@ -75,6 +77,15 @@ mod tests {
         )
         .expect("transport.h");
         assert!(transport.contains(&format!("RPC_CONN_CAPS_SIZE = {RPC_CONN_CAPS_SIZE};")));
+        // RPC_CMD_DEVICE_COUNT follows RPC_CMD_HELLO (= 14, asserted there) in the enum.
+        let rpc = std::fs::read_to_string(
+            std::path::Path::new(crate::LLAMA_CPP_DIR).join("ggml/src/ggml-rpc/ggml-rpc.cpp"),
+        )
+        .expect("ggml-rpc.cpp");
+        let cmds: String = rpc.split_whitespace().collect();
+        assert!(cmds.contains("RPC_CMD_HELLO,RPC_CMD_DEVICE_COUNT,"));
+        assert!(cmds.contains("static_assert(RPC_CMD_HELLO==14"));
+        assert_eq!(RPC_CMD_DEVICE_COUNT, RPC_CMD_HELLO + 1);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use ggml_trace_sys::rpc::{
-    RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION,
-    RPC_PROTO_PATCH_VERSION,
+    RPC_CMD_DEVICE_COUNT, RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, RPC_PROTO_MAJOR_VERSION,
+    RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION,
 };
 
 /// How long to wait for a connection and for the server's answer.
@@ -134,6 +134,71 @@ pub fn check_run(llama_args: &[String]) -> Result<Vec<String>, RpcError> {
 /// The handshake with one endpoint (`host:port`, as ggml-rpc parses it: the host up to
 /// the first colon, resolved to IPv4).
 pub fn check_endpoint(endpoint: &str) -> Result<ServerVersion, RpcError> {
+    handshake(endpoint).map(|(_, v)| v)
+}
+
+/// The names of this build's devices that llama.cpp's `--device` accepts before any
+/// `--rpc` registered a server (`--list-devices` without `--rpc`): every registered
+/// device that is not a CPU (`CUDA0`, `Vulkan0`, ...); empty on a CPU-only build. Loads
+/// ggml's backend registry (as llama.cpp's parser does); no device is initialised.
+pub fn local_devices() -> Vec<String> {
+    use ggml_trace_sys::sys;
+    let mut names = Vec::new();
+    // SAFETY: ggml's registry functions take no pointers from us; each device pointer
+    // comes from the registry and its name is a NUL-terminated string it owns.
+    unsafe {
+        sys::ggml_backend_load_all();
+        for i in 0..sys::ggml_backend_dev_count() {
+            let dev = sys::ggml_backend_dev_get(i);
+            if dev.is_null() || sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU
+            {
+                continue;
+            }
+            let name = sys::ggml_backend_dev_name(dev);
+            if !name.is_null() {
+                names.push(
+                    std::ffi::CStr::from_ptr(name)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    names
+}
+
+/// How many devices the server at `endpoint` serves: the handshake, then ggml-rpc's
+/// `RPC_CMD_DEVICE_COUNT` on the same connection (what the client asks when `--rpc`
+/// registers the server). llama.cpp names the devices of the servers of one `--rpc` list
+/// `RPC0`, `RPC1`, ... in list order, each server's in its own order; `--device` takes
+/// those names.
+pub fn device_count(endpoint: &str) -> Result<u32, RpcError> {
+    let (mut s, _) = handshake(endpoint)?;
+    let not_rpc = |what: String| RpcError::NotRpc {
+        endpoint: endpoint.to_owned(),
+        what,
+    };
+    // | cmd (1 byte) | request size (u64) = 0 |
+    let mut req = vec![RPC_CMD_DEVICE_COUNT];
+    req.extend_from_slice(&0u64.to_le_bytes());
+    s.write_all(&req)
+        .map_err(|e| not_rpc(format!("asking its device count: {e}")))?;
+    // | response size (u64) = 4 | rpc_msg_device_count_rsp: device_count (u32) |
+    let mut rsp = [0u8; 12];
+    s.read_exact(&mut rsp)
+        .map_err(|e| not_rpc(format!("answering the device count: {e}")))?;
+    let size = u64::from_le_bytes(rsp[..8].try_into().unwrap_or_default());
+    if size != 4 {
+        return Err(not_rpc(format!(
+            "its answer to the device count announces {size} bytes"
+        )));
+    }
+    Ok(u32::from_le_bytes(rsp[8..].try_into().unwrap_or_default()))
+}
+
+/// Connects to `endpoint` and does the HELLO exchange; the open connection and the
+/// server's version.
+fn handshake(endpoint: &str) -> Result<(TcpStream, ServerVersion), RpcError> {
     let addr = resolve(endpoint)?;
     let down = |source| RpcError::Down {
         endpoint: endpoint.to_owned(),
@@ -198,7 +263,7 @@ pub fn check_endpoint(endpoint: &str) -> Result<ServerVersion, RpcError> {
             v.major, v.minor, v.patch
         )));
     }
-    Ok(v)
+    Ok((s, v))
 }
 
 fn resolve(endpoint: &str) -> Result<SocketAddr, RpcError> {
@@ -244,6 +309,13 @@ mod tests {
         assert!(mixed_kv_cache(&args(&["--mixed-kv-cache"]), None));
         assert!(mixed_kv_cache(&[], Some("on")));
         assert!(!mixed_kv_cache(&[], Some("0")));
+    }
+
+    #[test]
+    fn no_device_but_the_cpu_before_any_server() {
+        // This build has the CPU backend and ggml-rpc (no server registered yet): nothing
+        // that --device takes.
+        assert!(local_devices().is_empty(), "{:?}", local_devices());
     }
 
     #[test]
@@ -305,6 +377,41 @@ mod tests {
             0,
         ));
         assert!(matches!(check_endpoint(&ep), Err(RpcError::Version { .. })));
+    }
+
+    /// A server that answers the handshake, then the device-count request with `answer`.
+    fn counting(answer: Vec<u8>) -> (String, std::thread::JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep = l.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = [0u8; 33];
+            s.read_exact(&mut req).unwrap();
+            s.write_all(&hello_answer(RPC_PROTO_MAJOR_VERSION, 0, 0))
+                .unwrap();
+            let mut cmd = vec![0u8; 9];
+            s.read_exact(&mut cmd).unwrap();
+            s.write_all(&answer).unwrap();
+            cmd
+        });
+        (ep, h)
+    }
+
+    #[test]
+    fn the_device_count_follows_the_handshake() {
+        let mut answer = 4u64.to_le_bytes().to_vec();
+        answer.extend_from_slice(&3u32.to_le_bytes());
+        let (ep, h) = counting(answer);
+        assert_eq!(device_count(&ep).unwrap(), 3);
+        // The request: RPC_CMD_DEVICE_COUNT (15), an empty body.
+        let mut want = vec![15u8];
+        want.extend_from_slice(&0u64.to_le_bytes());
+        assert_eq!(h.join().unwrap(), want);
+        let mut answer = 8u64.to_le_bytes().to_vec();
+        answer.extend_from_slice(&[0; 4]);
+        let (ep, _) = counting(answer);
+        let e = device_count(&ep).unwrap_err();
+        assert!(e.to_string().contains("announces 8 bytes"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 
 use kcm_cli::capture_args::{self as monitor_args, SaveTarget};
+
+use crate::devices::{DeviceSelection, SelectionError};
 use tensor_stats::{Tolerance, ToleranceMode};
 
 pub const USAGE: &str = "\
@@ -14,10 +16,25 @@ tensor-diff-analyzer: compare a live llama.cpp run, or a saved trace, with a ref
 USAGE:
     tensor-diff-analyzer [llama.cpp options] --reference FILE [analysis options]   (live)
     tensor-diff-analyzer --reference FILE --current FILE [analysis options]        (offline)
+    tensor-diff-analyzer [llama.cpp options] --compare-devices A B [analysis options]
 
 ANALYSIS OPTIONS:
     --reference FILE        reference trace (kqv-trace-monitor --save-gguf); required
+                            unless --compare-devices
     --current FILE          compare this saved trace instead of running llama.cpp
+    --compare-devices A B   run the llama.cpp options twice, on device selection A (the
+                            reference) and on B (replaying A's tokens), each in a process of
+                            its own, and compare B with A tensor by tensor; the report says
+                            where each side's attention ran and whether the two are
+                            bit-identical. A selection, in llama.cpp's --device vocabulary:
+                            cpu (or none: nothing offloaded), device names as
+                            --list-devices shows them (CUDA0, Vulkan0,Vulkan1), RPC servers
+                            as rpc:HOST:PORT[,HOST:PORT...] (their devices become RPC0,
+                            RPC1, ...). -ngl, -ts, -sm apply to both sides; --rpc and
+                            --device are the selections' (refused beside it). A device the
+                            build lacks or a server that is down: one line, exit 2.
+                            Not with --reference, --current, --save-gguf, --no-replay,
+                            --noise-floor, --noise-reference
     --layer N               compare only layer N (0-based); -1 or absent: every layer the
                             reference holds
     --tolerance-abs F       absolute tolerance (default 1e-6)
@@ -68,7 +85,8 @@ LLAMA.CPP OPTIONS (live mode):
     Every other argument is parsed by llama.cpp's own `common_params_parse`, as in
     kqv-trace-monitor: -m -p -f -n -c -b -ub -t -ngl -ctk -ctv -fa on|off|auto --seed ...
     --rpc HOST:PORT,... runs it across RPC servers (kcm-rpc-server), e.g. against a
-    local CPU reference: each endpoint is checked first (one line, exit 2).
+    local CPU reference: each endpoint is checked first (one line, exit 2). The RPC
+    protocol has no authentication: keep servers off untrusted networks.
     The reference's prompt and tokens are replayed (no -p or -n needed; -p, when given,
     must be the reference's prompt; -n limits the generated steps replayed). With
     --no-replay, use the reference's prompt and -n: tensors are matched by (role, layer,
@@ -79,7 +97,9 @@ EXIT CODES:
     1  some tensor outside tolerance, a shape mismatch, or a tensor without counterpart
     2  usage or input error: bad option, unreadable trace, run metadata its tensors
        contradict, a duplicated tensor, different prompt or model shape, nothing or no
-       kqv_out compared (also when the inputs differ from the first step on)
+       kqv_out compared (also when the inputs differ from the first step on);
+       --compare-devices: a side that could not run (a device the build does not have,
+       a server down, its run failed)
     Steps whose inputs differ (and every later step) are left out of the verdict unless
     --include-diverged is given.
 
@@ -89,10 +109,14 @@ EXAMPLES:
     tensor-diff-analyzer -m model.gguf -p \"Test prompt\" -ctk q4_0 -ctv q4_0 \\
         --reference golden.gguf --tolerance-abs 1e-3
     tensor-diff-analyzer --reference golden.gguf --current q4.gguf --json
+    tensor-diff-analyzer -m model.gguf -p \"Hello\" -n 8 --temp 0 -ngl 99 \\
+        --compare-devices cpu rpc:127.0.0.1:50052
 ";
 
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// The reference trace (empty with `--compare-devices`: side A's trace, made by the
+    /// run).
     pub reference: PathBuf,
     pub current: Option<PathBuf>,
     pub tolerance: Tolerance,
@@ -104,6 +128,9 @@ pub struct Options {
     pub no_replay: bool,
     /// `--include-diverged`: compare the steps from the divergence on as well.
     pub include_diverged: bool,
+    /// `--compare-devices A B`: run the configuration on each device selection and
+    /// compare B with A (no `--reference`).
+    pub compare_devices: Option<[DeviceSelection; 2]>,
     /// `--layer`, `--json`, `-v`, the capture switches and llama.cpp's arguments.
     pub monitor: monitor_args::Options,
 }
@@ -134,6 +161,21 @@ pub enum UsageError {
     MonitorOnly(&'static str, &'static str),
     #[error("{0}")]
     NotUtf8(#[from] kcm_cli::tool::NotUtf8),
+    #[error("{0}")]
+    Devices(#[from] SelectionError),
+    /// An option that a `--compare-devices` run sets itself, or that means nothing there.
+    #[error("--compare-devices runs both sides itself: {0} cannot be used with it")]
+    NotWithDevices(String),
+}
+
+/// llama.cpp options that choose devices: with `--compare-devices` each side's selection
+/// does that.
+const DEVICE_OPTIONS: [&str; 4] = ["--rpc", "-dev", "--device", "--list-devices"];
+
+fn is_device_option(a: &str) -> bool {
+    DEVICE_OPTIONS
+        .iter()
+        .any(|o| a == *o || a.strip_prefix(o).is_some_and(|v| v.starts_with('=')))
 }
 
 fn number(flag: &'static str, v: String) -> Result<f64, UsageError> {
@@ -152,6 +194,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     let mut noise_reference = None;
     let mut no_replay = false;
     let mut include_diverged = false;
+    let mut compare_devices = None;
     let mut rest = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -191,6 +234,13 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                 ))
             }
             "--noise-floor" => noise_floor = true,
+            "--compare-devices" => {
+                let a = value("--compare-devices")?;
+                let b = it.next().ok_or(UsageError::MissingValue(
+                    "--compare-devices (two selections)",
+                ))?;
+                compare_devices = Some([DeviceSelection::parse(&a)?, DeviceSelection::parse(&b)?]);
+            }
             "--include-diverged" => include_diverged = true,
             "--noise-reference" => {
                 noise_reference = Some(PathBuf::from(value("--noise-reference")?))
@@ -203,7 +253,33 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         kcm_cli::Command::Help => return Ok(Command::Help),
         kcm_cli::Command::Version => return Ok(Command::Version),
     };
-    let reference = reference.ok_or(UsageError::NoReference)?;
+    if compare_devices.is_some() {
+        let conflicts = [
+            (
+                reference.is_some(),
+                "--reference (side A's run is the reference)",
+            ),
+            (current.is_some(), "--current"),
+            (noise_floor, "--noise-floor"),
+            (noise_reference.is_some(), "--noise-reference"),
+            (monitor.save.is_some(), "--save-gguf"),
+            (no_replay, "--no-replay (side B replays side A's tokens)"),
+        ];
+        if let Some((_, what)) = conflicts.iter().find(|(used, _)| *used) {
+            return Err(UsageError::NotWithDevices((*what).to_owned()));
+        }
+        if let Some(a) = monitor.llama_args.iter().find(|a| is_device_option(a)) {
+            return Err(UsageError::NotWithDevices(format!(
+                "{} (each side's devices are its selection)",
+                a.split('=').next().unwrap_or(a)
+            )));
+        }
+    }
+    let reference = match (reference, &compare_devices) {
+        (Some(r), _) => r,
+        (None, Some(_)) => PathBuf::new(),
+        (None, None) => return Err(UsageError::NoReference),
+    };
     if monitor.save == Some(SaveTarget::Stdout) {
         return Err(UsageError::SaveToStdout);
     }
@@ -238,6 +314,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
         noise_reference,
         no_replay,
         include_diverged,
+        compare_devices,
         monitor,
     })))
 }
@@ -337,6 +414,60 @@ mod tests {
             e(&["--reference", "a", "--layer", "x"]),
             UsageError::Monitor(_)
         ));
+    }
+
+    #[test]
+    fn compare_devices_takes_two_selections_and_no_reference() {
+        let o = run(&[
+            "-m",
+            "m.gguf",
+            "-ngl",
+            "99",
+            "--compare-devices",
+            "cpu",
+            "rpc:127.0.0.1:50052",
+            "--layer",
+            "1",
+        ]);
+        let [a, b] = o.compare_devices.expect("two sides");
+        assert!(a.is_cpu());
+        assert_eq!(b.endpoints(), ["127.0.0.1:50052"]);
+        assert_eq!(o.monitor.llama_args, ["-m", "m.gguf", "-ngl", "99"]);
+        assert_eq!(o.monitor.layer, Some(1));
+        let e = |v: &[&str]| parse(args(v)).unwrap_err();
+        assert_eq!(
+            e(&["-m", "x", "--compare-devices", "cpu"]),
+            UsageError::MissingValue("--compare-devices (two selections)")
+        );
+        assert!(matches!(
+            e(&["-m", "x", "--compare-devices", "cpu", "h:1"]),
+            UsageError::Devices(_)
+        ));
+        for extra in [
+            &["--reference", "r.gguf"][..],
+            &["--current", "c.gguf"],
+            &["--noise-floor"],
+            &["--noise-reference", "n.gguf"],
+            &["--save-gguf", "s.gguf"],
+            &["--no-replay"],
+            &["--rpc", "h:1"],
+            &["--rpc=h:1"],
+            &["-dev", "none"],
+            &["--device=CUDA0"],
+            &["--list-devices"],
+        ] {
+            let mut v = vec!["-m", "x", "--compare-devices", "cpu", "cpu"];
+            v.extend_from_slice(extra);
+            assert!(
+                matches!(e(&v), UsageError::NotWithDevices(_)),
+                "{extra:?}: {:?}",
+                e(&v)
+            );
+        }
+        // Without --compare-devices the device options are llama.cpp's, as before.
+        let o = run(&["-m", "x", "--rpc", "h:1", "--reference", "r"]);
+        assert_eq!(o.monitor.llama_args, ["-m", "x", "--rpc", "h:1"]);
+        assert!(o.compare_devices.is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod compare;
+pub mod devices;
 pub mod live;
 pub mod output;
 pub mod plot;
@@ -80,6 +81,13 @@ pub enum AnalyzerError {
     Save(String),
     #[error("--plot: {0}")]
     Plot(String),
+    /// A `--compare-devices` side could not run (its devices, its run): nothing compared.
+    #[error("--compare-devices side {side} ({selection}): {why}")]
+    Side {
+        side: &'static str,
+        selection: String,
+        why: String,
+    },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -93,6 +101,10 @@ pub const TOOL: Tool = Tool {
 
 /// The whole program: parse, run, one error line and a documented exit code.
 pub fn main(args: Vec<OsString>) -> ExitCode {
+    // One side of a --compare-devices run, started by the run itself.
+    if args.first().is_some_and(|a| a == devices::SIDE_ARG) {
+        return devices::side_main(args.into_iter().skip(1).collect());
+    }
     TOOL.main(
         args,
         |a| match utf8_args(a) {
@@ -328,7 +340,20 @@ pub fn compare_live(
 
 /// The whole analysis; returns the exit code of the verdict.
 pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
+    match &opts.compare_devices {
+        Some(sides) => devices::run(opts, sides),
+        None => analyze(opts, None),
+    }
+}
+
+/// The analysis of a reference and a current run (live or saved); `devices`: the two
+/// sides of a `--compare-devices` run, whose traces `opts` names.
+pub fn analyze(opts: &Options, devices: Option<[devices::Side; 2]>) -> Result<u8, AnalyzerError> {
+    let mut devices = devices;
     let reference = open("reference", &opts.reference)?;
+    if let Some(d) = devices.as_mut() {
+        d[0].backends = devices::backends(&reference);
+    }
     // A reference traced for one layer: compare that layer unless told otherwise.
     let layer = opts
         .monitor
@@ -360,6 +385,9 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         Some(path) => {
             let cur = open("current", path)?;
             compare_files(&mut a, &cur, path)?;
+            if let Some(d) = devices.as_mut() {
+                d[1].backends = devices::backends(&cur);
+            }
             path.display().to_string()
         }
         None => {
@@ -409,12 +437,18 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
         a.attach_noise(&noise, false);
         noise_source = Some("the current configuration run twice".into());
     }
-    let outcome = Outcome::new(
-        opts.reference.display().to_string(),
-        current_label,
-        &a,
-        noise_source,
-    );
+    let (reference_label, current_label) = match &devices {
+        Some([da, db]) => (
+            format!("side A, {} (a temporary trace)", da.selection),
+            format!(
+                "side B, {} (a temporary trace, side A's tokens replayed)",
+                db.selection
+            ),
+        ),
+        None => (opts.reference.display().to_string(), current_label),
+    };
+    let mut outcome = Outcome::new(reference_label, current_label, &a, noise_source);
+    outcome.devices = devices;
     let code = if outcome.passed() {
         exit::OK
     } else {

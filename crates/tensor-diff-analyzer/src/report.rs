@@ -139,6 +139,8 @@ pub struct Outcome {
     pub inputs_differ: Option<InputsDiffer>,
     /// What the difference did to the output, over the compared steps.
     pub output: crate::output::OutputSummary,
+    /// `--compare-devices`: the two sides (A the reference, B the current run).
+    pub devices: Option<[crate::devices::Side; 2]>,
 }
 
 impl Outcome {
@@ -182,7 +184,67 @@ impl Outcome {
             diverged_at: a.diverged_at(),
             inputs_differ,
             output: a.outputs.summary(a.reference, |s| a.compares_step(s)),
+            devices: None,
         }
+    }
+
+    /// Compared tensors whose every element equals its counterpart (same shape and type,
+    /// largest absolute difference 0, no NaN/Inf that disagrees).
+    pub fn identical(&self) -> usize {
+        self.comparisons
+            .iter()
+            .filter(|c| {
+                c.shape_match()
+                    && c.type_match()
+                    && c.metrics
+                        .as_ref()
+                        .is_some_and(|m| m.max_abs == 0.0 && m.nonfinite_mismatch == 0)
+            })
+            .count()
+    }
+
+    /// The `--compare-devices` lines: each side's devices and where its attention ran,
+    /// then whether the two are bit-identical or how far apart.
+    pub fn devices_text(&self) -> Option<String> {
+        let d = self.devices.as_ref()?;
+        let mut s = String::from("--- Devices (--compare-devices) ---\n");
+        for (side, role) in d.iter().zip(["reference", "current"]) {
+            s += &format!(
+                "  {} ({role}): {}: llama.cpp {}; attention ran on {}\n",
+                side.name,
+                side.selection,
+                side.llama_args.join(" "),
+                side.backends
+            );
+        }
+        let (n, same) = (self.comparisons.len(), self.identical());
+        if same == n {
+            s += &format!(
+                "  Bit-identical: yes, every element of the {n} compared tensors is equal\n"
+            );
+        } else {
+            let worst = self
+                .comparisons
+                .iter()
+                .filter_map(|c| c.metrics.as_ref().map(|m| (m.nmse, c)))
+                .filter(|(x, _)| !x.is_nan())
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            let at = worst.map_or(String::new(), |(x, c)| {
+                format!(
+                    "; largest NMSE {} at step {}, layer {}, {}",
+                    e2(x),
+                    c.step,
+                    c.layer,
+                    c.role.name()
+                )
+            });
+            s += &format!(
+                "  Bit-identical: no, {} of {n} compared tensors differ{at}; the tolerance \
+                 decides the verdict\n",
+                n - same
+            );
+        }
+        Some(s)
     }
 
     pub fn within(&self) -> usize {
@@ -444,7 +506,7 @@ pub fn divergence_text(d: &FirstDivergence) -> Vec<String> {
 }
 
 /// `3-5, 7` (runs of consecutive steps as ranges).
-fn step_ranges(steps: &[u32]) -> String {
+pub(crate) fn step_ranges(steps: &[u32]) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut i = 0;
     while i < steps.len() {
@@ -500,6 +562,10 @@ pub fn write_text(o: &Outcome, out: &mut dyn Write) -> io::Result<()> {
         t.mode.name(),
         t.max_mismatch_pct
     )?;
+    if let Some(d) = o.devices_text() {
+        writeln!(out)?;
+        write!(out, "{d}")?;
+    }
     if !o.notes.is_empty() {
         writeln!(out)?;
         writeln!(out, "--- Run differences (from the trace metadata) ---")?;
@@ -795,6 +861,16 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
         })),
         "not_comparable": o.not_comparable.iter().map(unpaired_json).collect::<Vec<_>>(),
         "noise_source": o.noise_source,
+        "devices": o.devices.as_ref().map(|d| {
+            let side = |s: &crate::devices::Side| json!({
+                "selection": s.selection, "llama_args": s.llama_args, "backends": s.backends,
+            });
+            json!({
+                "a": side(&d[0]), "b": side(&d[1]),
+                "identical_tensors": o.identical(),
+                "bit_identical": o.identical() == o.comparisons.len(),
+            })
+        }),
         "passed": o.passed(),
         "exit_code": exit_code,
     })

@@ -572,3 +572,69 @@ fn q8_0_operands_are_rounded_as_the_cpu_build_rounds_them() {
         "the rows must exercise the differences"
     );
 }
+
+/// A group that ran on an RPC server (`kqv_trace.attn.backend` `RPC0[host:port]`): ggml-rpc
+/// does not tell the client what the server computes with, so the verification tries this
+/// build's CPU kernel model and keeps it when the group matches it (a `kcm-rpc-server`
+/// serves this build's CPU backend, so its groups do: bit for bit on AVX2). The F16
+/// accumulator's own error is what the exact reference sees, and on few cells it can pass
+/// the older bound's `2e-6 + n_cells * 2^-24` (the cause of an RPC group failing at NMSE
+/// 1.05e-5 before). A group that matches no CPU model (another kind of server: here the
+/// CPU output perturbed in its last bits, as another kernel's rounding would) falls back
+/// to the exact reference and its older bound, with the reason; so does split-KV, whose
+/// chunks follow the server's thread count, which the trace does not know.
+#[test]
+fn a_group_from_an_rpc_server_is_judged_by_the_cpu_kernel_it_matches() {
+    let rpc = |mut g: Group| {
+        g.kernel.backend = "RPC0[127.0.0.1:50052]".into();
+        g.kernel.n_threads = 7; // the client's, not the server's
+        g
+    };
+    // One-chunk (F16 accumulator) on a CPU-backed server: the CPU model, its bound.
+    let g = rpc(run(&Case::new(1, 100, GgmlType::F16, 2), 5));
+    let Outcome::Checked(r) = check(&g, None).unwrap() else {
+        panic!("missing inputs")
+    };
+    assert_eq!(r.kernel, Ok(KernelPath::OneChunk));
+    assert!(r.pass && r.bound <= 1e-7, "{r:?}");
+    if avx2() {
+        assert_eq!(r.verification.nmse, 0.0);
+    }
+    assert!(r.exact_nmse.unwrap() > 1e-8, "{r:?}");
+
+    // The same output changed by 1e-3 relative (NMSE about 1e-6, above every CPU model's
+    // bound, within the older one's 8e-6): not this build's CPU kernel, judged against
+    // the exact reference (which it passes).
+    let mut other = g.clone();
+    for op in other.operands.iter_mut().filter(|o| o.role == Role::KqvOut) {
+        for (i, x) in op.values.iter_mut().enumerate() {
+            *x *= 1.0 + if i % 2 == 0 { 1e-3 } else { -1e-3 };
+        }
+    }
+    let Outcome::Checked(r) = check(&other, None).unwrap() else {
+        panic!("missing inputs")
+    };
+    let why = r.kernel.clone().unwrap_err();
+    assert!(
+        why.contains("RPC0[127.0.0.1:50052]")
+            && why.contains("nor does it match this build's CPU one-chunk kernel"),
+        "{why}"
+    );
+    assert!(r.pass, "{r:?}");
+    assert_eq!(r.exact_nmse, None);
+
+    // Split-KV (512+ cells, one token): the server's threads are unknown; exact reference.
+    let g = rpc(run(&Case::new(1, 600, GgmlType::F16, 3), 9));
+    let Outcome::Checked(r) = check(&g, None).unwrap() else {
+        panic!("missing inputs")
+    };
+    assert!(r.kernel.is_err(), "{:?}", r.kernel);
+    assert!(r.pass, "{r:?}");
+
+    // A CPU group is unchanged: the recorded thread count names the split.
+    let g = run(&Case::new(1, 600, GgmlType::F16, 3), 9);
+    let Outcome::Checked(r) = check(&g, None).unwrap() else {
+        panic!("missing inputs")
+    };
+    assert_eq!(r.kernel, Ok(KernelPath::SplitKv { n_chunks: 3 }));
+}
