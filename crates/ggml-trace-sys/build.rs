@@ -50,6 +50,7 @@ fn main() {
     let sys_rs = manifest_dir.join("src/sys.rs");
     emit_rerun_directives(&tree, &csrc, &sys_rs);
 
+    require_mixed_kv(&tree);
     let committed = std::fs::read_to_string(&sys_rs)
         .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", sys_rs.display())));
     generate_enums(&tree.path, &committed, &out_dir);
@@ -184,6 +185,29 @@ fn describe(tree: &Path) -> (String, u64) {
         return (origin, number);
     }
     ("unknown".into(), 0)
+}
+
+/// The tools need the mixed KV cache of vendor/patches (the committed bindings'
+/// `llama_context_params` has its fields, the capture links `llama_mixed_attn_get_params`,
+/// csrc/ sets its options): a tree without it fails here with one line instead of in the
+/// layout guard or the linker.
+fn require_mixed_kv(tree: &Tree) {
+    let llama_h = std::fs::read_to_string(tree.path.join("include/llama.h")).unwrap_or_default();
+    let common_h = std::fs::read_to_string(tree.path.join("common/common.h")).unwrap_or_default();
+    if !(llama_h.contains("llama_mixed_attn_get_params") && common_h.contains("mixed_kv_cache")) {
+        // A copy staged by `--with-patches` whose patches did not apply says which one.
+        let stamp = std::fs::read_to_string(tree.path.join(STAMP)).unwrap_or_default();
+        if let Some(why) = stamp.lines().find_map(|l| l.strip_prefix("unpatched: ")) {
+            fail(&format!(
+                "llama.cpp at {} has no mixed KV cache, which these tools need: vendor/patches/{why} to this tree",
+                tree.path.display()
+            ));
+        }
+        fail(&format!(
+            "llama.cpp at {} has no mixed KV cache (vendor/patches are not applied), which these tools need: build with `cargo xtask build-llama --llama-src PATH --with-patches`",
+            tree.path.display()
+        ));
+    }
 }
 
 /// Generates `$OUT_DIR/tree_enums.rs` (the tree's values of the enums in
