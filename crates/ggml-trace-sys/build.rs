@@ -145,7 +145,7 @@ fn locate_tree(manifest_dir: &Path) -> Tree {
 
 /// (origin, build number) of a tree: its stamp's `origin`/`build-number` lines (or first
 /// line) when it has one, else `git describe --tags --always --dirty` and
-/// `git rev-list --count HEAD` when it is a git checkout, else ("unknown", 0).
+/// `git rev-list --count HEAD` when it is a git checkout, else ([`unversioned`], 0).
 fn describe(tree: &Path) -> (String, u64) {
     if let Ok(stamp) = std::fs::read_to_string(tree.join(STAMP)) {
         let field = |key: &str| {
@@ -184,7 +184,20 @@ fn describe(tree: &Path) -> (String, u64) {
             .unwrap_or(0);
         return (origin, number);
     }
-    ("unknown".into(), 0)
+    (unversioned(tree), 0)
+}
+
+/// The origin of a tree that is not a git checkout: its last two path components
+/// (`tree llama-cpp-python-0.3.36/vendor`), which usually name the source package.
+fn unversioned(tree: &Path) -> String {
+    let parts: Vec<String> = tree
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let shown: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
+    format!("tree {} (not a git checkout)", shown.join("/"))
 }
 
 /// The tools need the mixed KV cache of vendor/patches (the committed bindings'

@@ -297,7 +297,8 @@ fn check_patch(root: &Path, tree: &Path, patch: &Path) -> Result<bool> {
 
 /// (`git <describe>`, build number) of a checkout whose top level is `tree`
 /// (`git describe --tags --always --dirty`, `git rev-list --count HEAD`), else
-/// ("unknown", 0). Same rule as crates/ggml-trace-sys/build.rs.
+/// ("tree <last two path components> (not a git checkout)", 0). Same rule as
+/// crates/ggml-trace-sys/build.rs.
 pub fn describe_checkout(tree: &Path) -> (String, u64) {
     let git = |args: &[&str]| {
         Command::new("git")
@@ -312,7 +313,15 @@ pub fn describe_checkout(tree: &Path) -> (String, u64) {
     };
     let top = git(&["rev-parse", "--show-toplevel"]).map(PathBuf::from);
     if top.and_then(|t| t.canonicalize().ok()).as_deref() != Some(tree) {
-        return ("unknown".into(), 0);
+        // Same wording as build.rs's `unversioned`.
+        let parts: Vec<String> = tree
+            .components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let shown: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
+        return (format!("tree {} (not a git checkout)", shown.join("/")), 0);
     }
     let origin = git(&["describe", "--tags", "--always", "--dirty"])
         .map(|d| format!("git {d}"))

@@ -5,7 +5,9 @@
 //!   `vendor/test-patches/*.patch`, which insert a new op before `GGML_OP_FLASH_ATTN_EXT`
 //!   (every later op code moves up by one). The tools are built against it with
 //!   `KCM_LLAMA_SRC`; the tiny model is traced with flash attention on and off and with F16
-//!   and q8_0 caches, and every trace verified with `gguf-reader --verify-attention`.
+//!   and q8_0 caches, and every trace verified with `gguf-reader --verify-attention`;
+//!   ggml-trace-sys's tests of the generated op codes (against the fork's `ggml_op_name`),
+//!   the layout guard and the build info run against it too.
 //! - **guard**: the same fork with a member added to `struct ggml_tensor`: the build must
 //!   fail in its build script, before compiling anything, with the one line naming the
 //!   moved field and `cargo xtask bindgen --llama-src`.
@@ -131,6 +133,33 @@ fn fork_test(fork: &Path) -> Result<Vec<String>> {
     demo::build_tools(false)?;
     report.push(format!(
         "fork: the tools built in {:.0} s",
+        start.elapsed().as_secs_f64()
+    ));
+
+    // ggml-trace-sys's own tests on the fork: generated op codes against ggml_op_name,
+    // the layout guard, the build info.
+    let start = Instant::now();
+    let tests = util::output(util::cargo().args([
+        "test",
+        "-p",
+        "ggml-trace-sys",
+        "--test",
+        "it",
+        "--",
+        "tree_enums",
+        "layout_guard",
+        "llama_ffi",
+        "--nocapture",
+    ]))?;
+    let tests = String::from_utf8_lossy(&tests);
+    print!("{tests}");
+    for line in tests.lines() {
+        if line.contains("would be misread") || line.starts_with("test result:") {
+            report.push(format!("fork: ggml-trace-sys tests: {}", line.trim()));
+        }
+    }
+    report.push(format!(
+        "fork: ggml-trace-sys tests built and ran in {:.0} s",
         start.elapsed().as_secs_f64()
     ));
 

@@ -60,7 +60,7 @@ pub const LLAMA_CPP_DIR: &str = env!("KCM_LLAMA_CPP_DIR");
 /// Where that tree came from: `llama-cpp-sys-2 0.1.161` for the pinned tree
 /// (`vendor/llama.cpp`), `git <describe>` for a checkout given with `KCM_LLAMA_SRC`, the
 /// description `cargo xtask build-llama --llama-src` recorded for a staged copy, or
-/// `unknown`.
+/// `tree <parent>/<name> (not a git checkout)`.
 pub const LLAMA_ORIGIN: &str = env!("KCM_LLAMA_ORIGIN");
 
 /// Whether the tree is the pinned `vendor/llama.cpp` (the committed bindings' own tree).

@@ -193,3 +193,54 @@ fn render_reports_changed_and_missing_enumerators() {
     )];
     assert!(enums::render(&neg, sys_rs).is_err());
 }
+
+/// ggml's own name table of the tree built (`ggml_op_name`, compiled from its ggml.c) as
+/// the oracle: every generated `GGML_OP_X` names op `X`. On a tree whose op numbers moved
+/// (`cargo xtask test-trees`, the fork), the committed constants name other ops: what the
+/// capture would have misread without the generated ones.
+#[test]
+fn generated_op_codes_name_the_same_op_in_the_tree_built() {
+    let name = |op: sys::ggml_op| {
+        // SAFETY: ggml_op_name indexes a static table; every op below is < GGML_OP_COUNT
+        // of the tree built (checked first).
+        let p = unsafe { sys::ggml_op_name(op) };
+        // SAFETY: a NUL-terminated string in static storage.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let ops: Vec<(&str, i64, i64)> = ENUMS_TREE_VS_COMMITTED
+        .iter()
+        .copied()
+        .filter(|(n, _, _)| n.starts_with("GGML_OP_") && *n != "GGML_OP_COUNT")
+        .filter(|(n, _, _)| !n.starts_with("GGML_OP_POOL_"))
+        .collect();
+    assert!(ops.len() > 90, "{}", ops.len());
+    let mut misread = Vec::new();
+    for (full, tree, committed) in &ops {
+        assert!(*tree < i64::from(sys::GGML_OP_COUNT), "{full}");
+        let short = full.trim_start_matches("GGML_OP_");
+        assert_eq!(name(*tree as sys::ggml_op), short, "{full} = {tree}");
+        if committed != tree && *committed < i64::from(sys::GGML_OP_COUNT) {
+            misread.push(format!(
+                "{full} ({committed}) is {} here",
+                name(*committed as sys::ggml_op)
+            ));
+        }
+    }
+    println!("{} op codes checked against ggml_op_name", ops.len());
+    if LLAMA_TREE_IS_PINNED {
+        assert!(misread.is_empty(), "{misread:?}");
+    } else {
+        println!(
+            "with the committed op codes, {} ops would be misread on {LLAMA_ORIGIN}: {}",
+            misread.len(),
+            misread
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+}
