@@ -70,7 +70,7 @@ pub fn prepare(force: bool) -> Result {
 }
 
 /// Fetches the pin and returns the package version and its `llama.cpp/` directory.
-fn locate_pinned_source(root: &Path) -> Result<(String, PathBuf)> {
+pub fn locate_pinned_source(root: &Path) -> Result<(String, PathBuf)> {
     let manifest = root.join("vendor/pin/Cargo.toml");
     util::run(
         util::cargo()

@@ -78,7 +78,7 @@ COMMANDS:
   test [ARGS...]
         build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
         e.g. `cargo xtask test -- --nocapture`).
-  test-trees [--only fork|guard]
+  test-trees [--only fork|guard|staging]
         Build the tools against llama.cpp trees other than the pin and check them
         (docs/build.md, section Other llama.cpp trees). fork: vendor/llama.cpp plus
         vendor/test-patches/*.patch (a new op before GGML_OP_FLASH_ATTN_EXT, so every
@@ -86,7 +86,9 @@ COMMANDS:
         it (a full llama.cpp build, ~10 min) and the tiny model traced with -fa on/off
         and F16/q8_0 caches and verified (gguf-reader --verify-attention). guard: the
         same fork with a member added to struct ggml_tensor must fail the build with
-        the layout guard's one line. Prints build times.
+        the layout guard's one line. staging: --with-patches on the pinned package's
+        unpatched tree gives exactly vendor/llama.cpp, and on vendor/llama.cpp (already
+        patched) names patch 0001 (no build). Prints build times.
   help
         Print this help.
 ";

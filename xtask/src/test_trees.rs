@@ -5,12 +5,17 @@
 //!   `vendor/test-patches/*.patch`, which insert a new op before `GGML_OP_FLASH_ATTN_EXT`
 //!   (every later op code moves up by one). The tools are built against it with
 //!   `KCM_LLAMA_SRC`; the tiny model is traced with flash attention on and off and with F16
-//!   and q8_0 caches, and every trace verified with `gguf-reader --verify-attention`;
+//!   and q8_0 caches (V stays F16 without flash attention, as llama.cpp requires), and
+//!   every trace verified with `gguf-reader --verify-attention`;
 //!   ggml-trace-sys's tests of the generated op codes (against the fork's `ggml_op_name`),
 //!   the layout guard and the build info run against it too.
 //! - **guard**: the same fork with a member added to `struct ggml_tensor`: the build must
 //!   fail in its build script, before compiling anything, with the one line naming the
 //!   moved field and `cargo xtask bindgen --llama-src`.
+//!
+//! - **staging**: `--with-patches` on the pinned package's unpatched tree gives exactly
+//!   vendor/llama.cpp; on an already patched tree it names patch 0001 and stages the tree
+//!   without patches (no build).
 //!
 //! Build times are printed (wall clock; the machine may be busy).
 
@@ -30,11 +35,16 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         .opt_value_from_str("--only")
         .map_err(|e| format!("--only: {e}"))?;
     util::no_more_args(args)?;
-    let (fork, guard) = match only.as_deref() {
-        None => (true, true),
-        Some("fork") => (true, false),
-        Some("guard") => (false, true),
-        Some(other) => return Err(format!("--only: unknown `{other}` (fork or guard)")),
+    let (fork, guard, staging) = match only.as_deref() {
+        None => (true, true, true),
+        Some("fork") => (true, false, false),
+        Some("guard") => (false, true, false),
+        Some("staging") => (false, false, true),
+        Some(other) => {
+            return Err(format!(
+                "--only: unknown `{other}` (fork, guard or staging)"
+            ))
+        }
     };
     let root = util::workspace_root();
     llama_tree::prepare(false)?;
@@ -50,6 +60,9 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         "llama-cpp-sys-2 0.1.161 + kv-cache-monitor patches + test fork (new op before FLASH_ATTN_EXT)",
     )?;
     let mut report = Vec::new();
+    if staging {
+        report.extend(staging_test(&root)?);
+    }
     if guard {
         report.push(guard_test(&tree)?);
     }
@@ -61,6 +74,51 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         eprintln!("  {line}");
     }
     Ok(())
+}
+
+/// `--with-patches` staging, without building: the pinned package's unpatched tree (in the
+/// cargo registry) plus our patches must equal vendor/llama.cpp file for file; the already
+/// patched vendor/llama.cpp must be staged unpatched, the stamp naming patch 0001.
+fn staging_test(root: &Path) -> Result<Vec<String>> {
+    let (_, pristine) = llama_tree::locate_pinned_source(root)?;
+    eprintln!("\n== staging: {} --with-patches", pristine.display());
+    let staged = llama_tree::stage_external(&pristine, true)?;
+    let stamp = std::fs::read_to_string(staged.join(llama_tree::STAMP)).unwrap_or_default();
+    if !stamp.contains("+ kv-cache-monitor patches") {
+        return Err(format!(
+            "staging: patches not applied to {}:\n{stamp}",
+            staged.display()
+        ));
+    }
+    let vendor = root.join("vendor/llama.cpp");
+    let same = Command::new("diff")
+        .args(["-r", "-q", "-x", llama_tree::STAMP])
+        .arg(&vendor)
+        .arg(&staged)
+        .status()
+        .map_err(|e| format!("cannot run diff: {e}"))?;
+    if !same.success() {
+        return Err(format!(
+            "staging: {} differs from vendor/llama.cpp",
+            staged.display()
+        ));
+    }
+    eprintln!("\n== staging: vendor/llama.cpp (already patched) --with-patches");
+    let unpatched = llama_tree::stage_external(&vendor, true)?;
+    let stamp = std::fs::read_to_string(unpatched.join(llama_tree::STAMP)).unwrap_or_default();
+    if !stamp.contains("unpatched: 0001-") {
+        return Err(format!(
+            "staging: expected patch 0001 to be refused for {}:\n{stamp}",
+            unpatched.display()
+        ));
+    }
+    for dir in [&staged, &unpatched] {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(vec![
+        "staging: the pinned package's tree + our patches, staged, equals vendor/llama.cpp".into(),
+        "staging: an already patched tree is staged unpatched, patch 0001 named".into(),
+    ])
 }
 
 /// The fork with `int32_t kcm_fork_field;` after `enum ggml_op op;` in `struct ggml_tensor`:
@@ -183,35 +241,48 @@ fn fork_test(fork: &Path) -> Result<Vec<String>> {
             .arg(&model)
             .args(["--head-dim", "32"]),
     )?;
-    for fa in ["on", "off"] {
-        for cache in ["f16", "q8_0"] {
-            let trace = out.join(format!("trace-fa-{fa}-{cache}.gguf"));
-            step(
-                Command::new(bin.join("kqv-trace-monitor"))
-                    .arg("-m")
-                    .arg(&model)
-                    .args(["-p", "Hello", "-n", "4", "--temp", "0", "-fa", fa])
-                    .args(["-ctk", cache, "-ctv", cache])
-                    .arg("--save-gguf")
-                    .arg(&trace),
-            )?;
-            let verdict = util::output(
-                Command::new(bin.join("gguf-reader"))
-                    .arg(&trace)
-                    .arg("--verify-attention"),
-            )?;
-            let verdict = String::from_utf8_lossy(&verdict);
-            print!("{verdict}");
-            let last = verdict
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
-            report.push(format!(
-                "fork: -fa {fa} -ctk/-ctv {cache}: verify: {}",
-                last.trim()
-            ));
-        }
+    // llama.cpp quantizes the V cache only with flash attention: -fa off keeps V in F16.
+    for (fa, ctk, ctv) in [
+        ("on", "f16", "f16"),
+        ("on", "q8_0", "q8_0"),
+        ("off", "f16", "f16"),
+        ("off", "q8_0", "f16"),
+    ] {
+        let trace = out.join(format!("trace-fa-{fa}-k-{ctk}-v-{ctv}.gguf"));
+        step(
+            Command::new(bin.join("kqv-trace-monitor"))
+                .arg("-m")
+                .arg(&model)
+                .args(["-p", "Hello", "-n", "4", "--temp", "0", "-fa", fa])
+                .args(["-ctk", ctk, "-ctv", ctv])
+                .arg("--save-gguf")
+                .arg(&trace),
+        )?;
+        let verdict = util::output(
+            Command::new(bin.join("gguf-reader"))
+                .arg(&trace)
+                .arg("--verify-attention"),
+        )?;
+        let verdict = String::from_utf8_lossy(&verdict);
+        print!("{verdict}");
+        let ops: std::collections::BTreeSet<&str> = verdict
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && f[0].parse::<u32>().is_ok() && f.last() == Some(&"ok"))
+                    .then(|| f[2])
+            })
+            .collect();
+        let last = verdict
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        report.push(format!(
+            "fork: -fa {fa} -ctk {ctk} -ctv {ctv}: {} (op: {})",
+            last.trim(),
+            ops.into_iter().collect::<Vec<_>>().join(", ")
+        ));
     }
     Ok(report)
 }

@@ -84,7 +84,7 @@ pub fn parse_enum(header: &str, name: &str) -> Result<Option<Vec<Enumerator>>, S
             .next_back()
             .is_none_or(|c| !is_ident_char(c));
         let after_ok = after.chars().next().is_some_and(|c| !is_ident_char(c));
-        if !(before_ok && after_ok) || !after.trim_start().starts_with('{') {
+        if !(before_ok && after_ok && after.trim_start().starts_with('{')) {
             continue; // a use (`enum ggml_type type`), or a longer name
         }
         let open = after.find('{').expect("starts with {");
