@@ -40,12 +40,23 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
             Err("--with-patches needs --llama-src PATH (the pinned tree always has them)".into())
         }
         None if prepare_only => llama_tree::prepare(force),
-        None => build(release, force),
+        None => {
+            llama_tree::prepare(force)?;
+            build_tree(None, release)
+        }
     }
 }
 
-/// Shared with `cargo xtask test`: the pinned tree.
+/// For `cargo xtask test`, `demo`, `install` and `bench`: the tree `KCM_LLAMA_SRC` names
+/// when it is set (the cargo commands they run next inherit it), else the pinned tree.
 pub fn build(release: bool, force: bool) -> Result {
+    if let Some(tree) = std::env::var_os(SRC_ENV).filter(|t| !t.is_empty()) {
+        eprintln!(
+            "xtask: {SRC_ENV} is set: building against {}",
+            Path::new(&tree).display()
+        );
+        return build_tree(Some(Path::new(&tree)), release);
+    }
     llama_tree::prepare(force)?;
     build_tree(None, release)
 }
