@@ -324,10 +324,16 @@ fn emit_rerun_directives(tree: &Tree, csrc: &Path, sys_rs: &Path) {
             "common",
             "vendor",
         ] {
-            println!("cargo:rerun-if-changed={}", tree.path.join(dir).display());
+            // Only existing paths: cargo reruns every time for a missing one.
+            let path = tree.path.join(dir);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
         }
     }
-    println!("cargo:rerun-if-changed={}", tree.path.join(STAMP).display());
+    if tree.pinned || tree.path.join(STAMP).exists() {
+        println!("cargo:rerun-if-changed={}", tree.path.join(STAMP).display());
+    }
     println!("cargo:rerun-if-env-changed={SRC_ENV}");
     println!("cargo:rerun-if-changed={}", sys_rs.display());
     println!("cargo:rerun-if-changed={}", csrc.display());
