@@ -11,6 +11,13 @@
 //!   ggml-cpu   the CPU backend, with host-specific SIMD flags (build/cpu.rs)
 //!   ggml-base  ggml core, gguf, the scheduler
 //!
+//! Before compiling, the script reads the C enum values the Rust side uses (op codes,
+//! types, flags) from the tree's headers (build/enums.rs) and checks that the structs the
+//! Rust side reads have the committed bindings' layout (build/layout.rs).
+//!
+//! The tree is `vendor/llama.cpp`, or `$KCM_LLAMA_SRC` (`cargo xtask build-llama
+//! --llama-src PATH`).
+//!
 //! Each archive is cached in `<target-dir>/kcm-llama/<name>-<fingerprint>/`,
 //! shared by all profiles and by `cargo clippy` (build/cache.rs).
 
@@ -20,8 +27,12 @@ mod cache;
 mod compile;
 #[path = "build/cpu.rs"]
 mod cpu;
+#[path = "build/enums.rs"]
+mod enums;
 #[path = "build/generated.rs"]
 mod generated;
+#[path = "build/layout.rs"]
+mod layout;
 #[path = "build/sources.rs"]
 mod sources;
 
@@ -36,16 +47,23 @@ fn main() {
     let out_dir = PathBuf::from(env("OUT_DIR"));
     let tree = locate_tree(&manifest_dir);
     let csrc = manifest_dir.join("csrc");
-    emit_rerun_directives(&tree, &csrc);
+    let sys_rs = manifest_dir.join("src/sys.rs");
+    emit_rerun_directives(&tree, &csrc, &sys_rs);
+
+    require_mixed_kv(&tree);
+    let committed = std::fs::read_to_string(&sys_rs)
+        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", sys_rs.display())));
+    generate_enums(&tree.path, &committed, &out_dir);
+    guard_layouts(&tree.path, &csrc, &committed, &out_dir);
 
     let cache = cache::Cache::new(&out_dir);
-    let files = generated::render(&tree);
+    let files = generated::render(&tree.path, &tree.origin, tree.build_number);
     let gen = generated::write_all(&files, &cache.generated_dir(&files));
     let cpu = cpu::CpuFlags::for_host();
-    let libs = sources::libraries(&tree, &csrc, &gen, &cpu);
+    let libs = sources::libraries(&tree.path, &csrc, &gen, &cpu);
 
     let roots = [
-        (tree.clone(), "<llama.cpp>"),
+        (tree.path.clone(), "<llama.cpp>"),
         (csrc.clone(), "<csrc>"),
         (cache.root().to_path_buf(), "<cache>"),
     ];
@@ -56,29 +74,268 @@ fn main() {
     emit_metadata(&tree, &csrc);
 }
 
+/// One line on stderr (cargo shows it under the failed build script) and exit 1.
+fn fail(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(1);
+}
+
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| panic!("cargo sets {key}"))
 }
 
-/// The prepared llama.cpp tree; exits with one line when it is not there.
-fn locate_tree(manifest_dir: &Path) -> PathBuf {
+/// Names the environment variable that points the build at another llama.cpp tree.
+const SRC_ENV: &str = "KCM_LLAMA_SRC";
+
+/// The llama.cpp source tree being built.
+struct Tree {
+    path: PathBuf,
+    /// Where it came from, for `llama_version()` and build-info: the pin's package
+    /// (`llama-cpp-sys-2 0.1.161`), `git describe` of a checkout, or the stamp that
+    /// `cargo xtask build-llama --llama-src` wrote into a staged copy.
+    origin: String,
+    /// llama.cpp's build number (`git rev-list --count HEAD`), 0 when unknown.
+    build_number: u64,
+    /// `vendor/llama.cpp`, the tree the committed bindings were generated from.
+    pinned: bool,
+}
+
+/// `$KCM_LLAMA_SRC` when set, else the prepared `vendor/llama.cpp`; exits with one line
+/// when neither is usable.
+fn locate_tree(manifest_dir: &Path) -> Tree {
+    if let Some(src) = std::env::var_os(SRC_ENV).filter(|s| !s.is_empty()) {
+        let given = PathBuf::from(&src);
+        let path = given.canonicalize().unwrap_or_else(|e| {
+            fail(&format!("{SRC_ENV}={}: {e}", given.display()));
+        });
+        for needed in ["ggml/include/ggml.h", "include/llama.h", "src", "common"] {
+            if !path.join(needed).exists() {
+                fail(&format!(
+                    "{SRC_ENV}={}: not a llama.cpp source tree (no {needed})",
+                    given.display()
+                ));
+            }
+        }
+        let (origin, build_number) = describe(&path);
+        return Tree {
+            path,
+            origin,
+            build_number,
+            pinned: false,
+        };
+    }
     let tree = manifest_dir.join("../../vendor/llama.cpp");
     match tree.join(STAMP).canonicalize() {
-        Ok(stamp) => stamp
-            .parent()
-            .expect("the stamp is inside the tree")
-            .to_path_buf(),
-        Err(_) => {
-            eprintln!("vendor/llama.cpp is missing: run `cargo xtask build-llama`");
-            std::process::exit(1);
+        Ok(stamp) => {
+            let path = stamp
+                .parent()
+                .expect("the stamp is inside the tree")
+                .to_path_buf();
+            let (origin, build_number) = describe(&path);
+            Tree {
+                path,
+                origin,
+                build_number,
+                pinned: true,
+            }
         }
+        Err(_) => fail("vendor/llama.cpp is missing: run `cargo xtask build-llama`"),
     }
 }
 
-/// Rerun only when the tree is re-prepared (its stamp changes), our own C
-/// sources change, or the CPU flag override changes; not for every vendored file.
-fn emit_rerun_directives(tree: &Path, csrc: &Path) {
-    println!("cargo:rerun-if-changed={}", tree.join(STAMP).display());
+/// (origin, build number) of a tree: its stamp's `origin`/`build-number` lines (or first
+/// line) when it has one, else `git describe --tags --always --dirty` and
+/// `git rev-list --count HEAD` when it is a git checkout, else ([`unversioned`], 0).
+fn describe(tree: &Path) -> (String, u64) {
+    if let Ok(stamp) = std::fs::read_to_string(tree.join(STAMP)) {
+        let field = |key: &str| {
+            stamp
+                .lines()
+                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        };
+        let origin = field("origin ")
+            .or_else(|| stamp.lines().next().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into());
+        let number = field("build-number ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return (origin, number);
+    }
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(tree)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    // Only a checkout whose top level is the tree itself: a tree unpacked inside some
+    // other repository (a source package in a project) must not take that one's commit.
+    let top = git(&["rev-parse", "--show-toplevel"]).map(PathBuf::from);
+    if top.and_then(|t| t.canonicalize().ok()).as_deref() == Some(tree) {
+        let origin = git(&["describe", "--tags", "--always", "--dirty"])
+            .map(|d| format!("git {d}"))
+            .unwrap_or_else(|| "unknown".into());
+        let number = git(&["rev-list", "--count", "HEAD"])
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return (origin, number);
+    }
+    (unversioned(tree), 0)
+}
+
+/// The origin of a tree that is not a git checkout: its last two path components
+/// (`tree llama-cpp-python-0.3.36/vendor`), which usually name the source package.
+fn unversioned(tree: &Path) -> String {
+    let parts: Vec<String> = tree
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let shown: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
+    format!("tree {} (not a git checkout)", shown.join("/"))
+}
+
+/// The tools need the mixed KV cache of vendor/patches (the committed bindings'
+/// `llama_context_params` has its fields, the capture links `llama_mixed_attn_get_params`,
+/// csrc/ sets its options): a tree without it fails here with one line instead of in the
+/// layout guard or the linker.
+fn require_mixed_kv(tree: &Tree) {
+    let llama_h = std::fs::read_to_string(tree.path.join("include/llama.h")).unwrap_or_default();
+    let common_h = std::fs::read_to_string(tree.path.join("common/common.h")).unwrap_or_default();
+    if !(llama_h.contains("llama_mixed_attn_get_params") && common_h.contains("mixed_kv_cache")) {
+        // A copy staged by `--with-patches` whose patches did not apply says which one.
+        let stamp = std::fs::read_to_string(tree.path.join(STAMP)).unwrap_or_default();
+        if let Some(why) = stamp.lines().find_map(|l| l.strip_prefix("unpatched: ")) {
+            fail(&format!(
+                "llama.cpp at {} has no mixed KV cache, which these tools need: vendor/patches/{why} to this tree",
+                tree.path.display()
+            ));
+        }
+        fail(&format!(
+            "llama.cpp at {} has no mixed KV cache (vendor/patches are not applied), which these tools need: build with `cargo xtask build-llama --llama-src PATH --with-patches`",
+            tree.path.display()
+        ));
+    }
+}
+
+/// Generates `$OUT_DIR/tree_enums.rs` (the tree's values of the enums in
+/// [`enums::ENUMS`], shadowing the committed ones in `sys`) and
+/// `$OUT_DIR/tree_enum_pairs.rs` (names in both, for the test comparing them).
+fn generate_enums(tree: &Path, committed: &str, out_dir: &Path) {
+    let mut parsed = Vec::new();
+    for (name, header) in enums::ENUMS {
+        let path = tree.join(header);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", path.display())));
+        match enums::parse_enum(&text, name) {
+            Ok(Some(values)) => parsed.push((name.to_string(), values)),
+            Ok(None) => fail(&format!("{} has no `enum {name}`", path.display())),
+            Err(e) => fail(&format!("{}: {e}", path.display())),
+        }
+    }
+    let r = enums::render(&parsed, committed)
+        .unwrap_or_else(|e| fail(&format!("{}: {e}", tree.display())));
+    if !r.changed.is_empty() {
+        let list: Vec<String> = r
+            .changed
+            .iter()
+            .map(|(n, was, now)| format!("{n} {was}->{now}"))
+            .collect();
+        println!(
+            "cargo:warning=kcm: {} enum value(s) of this llama.cpp tree differ from the committed bindings; using the tree's: {}",
+            list.len(),
+            abbreviate(&list)
+        );
+    }
+    if !r.missing.is_empty() {
+        println!(
+            "cargo:warning=kcm: not in this llama.cpp tree (they never match): {}",
+            abbreviate(&r.missing)
+        );
+    }
+    let pairs: String = r
+        .common
+        .iter()
+        .map(|n| format!("    (\"{n}\", sys::{n} as i64, committed::{n} as i64),\n"))
+        .collect();
+    let write = |name: &str, text: &str| {
+        let path = out_dir.join(name);
+        std::fs::write(&path, text)
+            .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", path.display())));
+    };
+    write("tree_enums.rs", &r.rust);
+    write("tree_enum_pairs.rs", &format!("&[\n{pairs}]\n"));
+}
+
+/// The first few items of `list`, and how many more.
+fn abbreviate(list: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = list[..list.len().min(SHOWN)].join(", ");
+    if list.len() > SHOWN {
+        s.push_str(&format!(", ... ({} more)", list.len() - SHOWN));
+    }
+    s
+}
+
+/// The struct layout guard (build/layout.rs): fails the build with one line when a struct
+/// the Rust side reads through the committed bindings has another layout in this tree.
+fn guard_layouts(tree: &Path, csrc: &Path, committed: &str, out_dir: &Path) {
+    let checks = layout::checks(committed, layout::GUARDED);
+    if checks.len() < layout::GUARDED.len() {
+        fail("src/sys.rs: the committed bindings have no layout tests for the guarded structs");
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .cargo_metadata(false)
+        .warnings(false)
+        .include(tree.join("include"))
+        .include(tree.join("ggml/include"))
+        .include(csrc);
+    let compiler = build.get_compiler().to_command();
+    let source = layout::render(&checks);
+    if let Err(what) = layout::verify(compiler, &source, &out_dir.join("kcm_layout_guard.cpp")) {
+        fail(&format!(
+            "llama.cpp at {} does not match the committed bindings: {what}; regenerate them with `cargo xtask bindgen --llama-src {}`",
+            tree.display(),
+            tree.display()
+        ));
+    }
+}
+
+/// Rerun only when the tree is re-prepared (its stamp changes), our own C sources or the
+/// committed bindings change, or the CPU flag override changes; not for every vendored file
+/// of the pinned tree. For another tree, rerun when any of its files changes.
+fn emit_rerun_directives(tree: &Tree, csrc: &Path, sys_rs: &Path) {
+    if !tree.pinned {
+        // Cargo scans these directories recursively; the compile cache then rebuilds
+        // only the libraries whose inputs changed.
+        for dir in [
+            "ggml/include",
+            "ggml/src",
+            "include",
+            "src",
+            "common",
+            "vendor",
+        ] {
+            // Only existing paths: cargo reruns every time for a missing one.
+            let path = tree.path.join(dir);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
+    if tree.pinned || tree.path.join(STAMP).exists() {
+        println!("cargo:rerun-if-changed={}", tree.path.join(STAMP).display());
+    }
+    println!("cargo:rerun-if-env-changed={SRC_ENV}");
+    println!("cargo:rerun-if-changed={}", sys_rs.display());
     println!("cargo:rerun-if-changed={}", csrc.display());
     println!("cargo:rerun-if-env-changed={}", cpu::OVERRIDE_ENV);
     println!("cargo:rerun-if-env-changed={}", compile::DEBUG_ENV);
@@ -121,15 +378,17 @@ fn emit_link_directives(libs: &[compile::Library], lib_dirs: &[PathBuf]) {
 
 /// `links` metadata for dependents' build scripts, and the tree path for this
 /// crate's code (`ggml_trace_sys::LLAMA_CPP_DIR`).
-fn emit_metadata(tree: &Path, csrc: &Path) {
-    println!("cargo:root={}", tree.display());
+fn emit_metadata(tree: &Tree, csrc: &Path) {
+    println!("cargo:root={}", tree.path.display());
     let includes = [
-        tree.join("include"),
-        tree.join("ggml/include"),
-        tree.join("common"),
+        tree.path.join("include"),
+        tree.path.join("ggml/include"),
+        tree.path.join("common"),
         csrc.to_path_buf(),
     ];
     let joined: Vec<String> = includes.iter().map(|p| p.display().to_string()).collect();
     println!("cargo:include={}", joined.join(","));
-    println!("cargo:rustc-env=KCM_LLAMA_CPP_DIR={}", tree.display());
+    println!("cargo:rustc-env=KCM_LLAMA_CPP_DIR={}", tree.path.display());
+    println!("cargo:rustc-env=KCM_LLAMA_ORIGIN={}", tree.origin);
+    println!("cargo:rustc-env=KCM_LLAMA_PINNED={}", tree.pinned);
 }

@@ -70,7 +70,7 @@ pub fn prepare(force: bool) -> Result {
 }
 
 /// Fetches the pin and returns the package version and its `llama.cpp/` directory.
-fn locate_pinned_source(root: &Path) -> Result<(String, PathBuf)> {
+pub fn locate_pinned_source(root: &Path) -> Result<(String, PathBuf)> {
     let manifest = root.join("vendor/pin/Cargo.toml");
     util::run(
         util::cargo()
@@ -129,7 +129,12 @@ fn list_patches(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn stamp_text(version: &str, patches: &[PathBuf]) -> Result<String> {
-    let mut text = format!("{PACKAGE} {version}\n");
+    Ok(format!("{PACKAGE} {version}\n{}", patch_lines(patches)?))
+}
+
+/// `patch NAME sha256:HEX` for each patch.
+fn patch_lines(patches: &[PathBuf]) -> Result<String> {
+    let mut text = String::new();
     for patch in patches {
         let bytes = fs::read(patch).map_err(|e| format!("cannot read {}: {e}", patch.display()))?;
         let digest = Sha256::digest(&bytes);
@@ -184,4 +189,185 @@ fn remove_dir(dir: &Path) -> Result {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
     }
+}
+
+/// `cargo xtask build-llama --llama-src PATH [--with-patches]`: the tree to build.
+///
+/// Without patches that is PATH itself (canonicalized): the build only reads it. With
+/// `--with-patches`, a copy of PATH's sources is staged in `target/kcm-trees/` and our
+/// patches are applied there one by one, each after `git apply --check`; if one does not
+/// apply, the copy is staged again without any patch and the build goes on without them.
+/// The user's tree is never written to.
+pub fn stage_external(src: &Path, with_patches: bool) -> Result<PathBuf> {
+    let src = src
+        .canonicalize()
+        .map_err(|e| format!("--llama-src {}: {e}", src.display()))?;
+    for needed in ["ggml/include/ggml.h", "include/llama.h", "src", "common"] {
+        if !src.join(needed).exists() {
+            return Err(format!(
+                "--llama-src {}: not a llama.cpp source tree (no {needed})",
+                src.display()
+            ));
+        }
+    }
+    if !with_patches {
+        return Ok(src);
+    }
+    let root = util::workspace_root();
+    let (origin, build_number) = describe_checkout(&src);
+    let name = src
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tree".into());
+    let mut hash = Sha256::new();
+    hash.update(src.as_os_str().as_encoded_bytes());
+    let key: String = hash.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dest = root.join(format!("target/kcm-trees/{name}-{key}"));
+    let tmp = root.join(format!("target/kcm-trees/{name}-{key}.tmp"));
+
+    let patches = list_patches(&root.join("vendor/patches"))?;
+    let stage = |apply: bool| -> Result<Option<String>> {
+        remove_dir(&tmp)?;
+        for sub in COPIED {
+            if src.join(sub).exists() {
+                copy_recursively(&src.join(sub), &tmp.join(sub))?;
+            }
+        }
+        if !apply {
+            return Ok(None);
+        }
+        for patch in &patches {
+            if !check_patch(&root, &tmp, patch)? {
+                return Ok(Some(
+                    patch
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                ));
+            }
+            apply_patch(&root, &tmp, patch)?;
+        }
+        Ok(None)
+    };
+    eprintln!("xtask: staging {} -> {}", src.display(), dest.display());
+    let mut stamp = match stage(true)? {
+        None => format!(
+            "origin {origin} + kv-cache-monitor patches\n{}",
+            patch_lines(&patches)?
+        ),
+        Some(failed) => {
+            eprintln!(
+                "xtask: vendor/patches/{failed} does not apply to {}; building without our patches",
+                src.display()
+            );
+            stage(false)?;
+            format!("origin {origin}\nunpatched: {failed} does not apply\n")
+        }
+    };
+    stamp.push_str(&format!(
+        "build-number {build_number}\nsource {}\n",
+        src.display()
+    ));
+    fs::write(tmp.join(STAMP), &stamp).map_err(|e| format!("cannot write the stamp: {e}"))?;
+    remove_dir(&dest)?;
+    fs::rename(&tmp, &dest)
+        .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), dest.display()))?;
+    Ok(dest)
+}
+
+/// `git apply --check` of `patch` against `tree` (see [`apply_patch`] for the paths).
+fn check_patch(root: &Path, tree: &Path, patch: &Path) -> Result<bool> {
+    let rel = tree
+        .strip_prefix(root)
+        .map_err(|_| "tree outside the workspace".to_string())?;
+    let out = Command::new("git")
+        .current_dir(root)
+        .arg("apply")
+        .arg("--check")
+        .arg(format!("--directory={}", rel.display()))
+        .arg(patch)
+        .output()
+        .map_err(|e| format!("cannot run git apply --check: {e}"))?;
+    Ok(out.status.success())
+}
+
+/// (`git <describe>`, build number) of a checkout whose top level is `tree`
+/// (`git describe --tags --always --dirty`, `git rev-list --count HEAD`), else
+/// ("tree <last two path components> (not a git checkout)", 0). Same rule as
+/// crates/ggml-trace-sys/build.rs.
+pub fn describe_checkout(tree: &Path) -> (String, u64) {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(tree)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let top = git(&["rev-parse", "--show-toplevel"]).map(PathBuf::from);
+    if top.and_then(|t| t.canonicalize().ok()).as_deref() != Some(tree) {
+        // Same wording as build.rs's `unversioned`.
+        let parts: Vec<String> = tree
+            .components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let shown: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
+        return (format!("tree {} (not a git checkout)", shown.join("/")), 0);
+    }
+    let origin = git(&["describe", "--tags", "--always", "--dirty"])
+        .map(|d| format!("git {d}"))
+        .unwrap_or_else(|| "unknown".into());
+    let number = git(&["rev-list", "--count", "HEAD"])
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (origin, number)
+}
+
+/// Stages a copy of `src`'s sources as `target/kcm-trees/<name>` with `patches` applied
+/// (each must apply: a test tree, not a user's), and a stamp recording `origin`.
+pub fn stage_test_tree(
+    src: &Path,
+    name: &str,
+    patches: &[PathBuf],
+    origin: &str,
+) -> Result<PathBuf> {
+    let root = util::workspace_root();
+    let dest = root.join("target/kcm-trees").join(name);
+    let tmp = root.join("target/kcm-trees").join(format!("{name}.tmp"));
+    remove_dir(&tmp)?;
+    for sub in COPIED {
+        if src.join(sub).exists() {
+            copy_recursively(&src.join(sub), &tmp.join(sub))?;
+        }
+    }
+    for patch in patches {
+        if !check_patch(&root, &tmp, patch)? {
+            return Err(format!(
+                "{} does not apply to {}",
+                patch.display(),
+                src.display()
+            ));
+        }
+        apply_patch(&root, &tmp, patch)?;
+    }
+    let stamp = format!("origin {origin}\nbuild-number 0\n{}", patch_lines(patches)?);
+    fs::write(tmp.join(STAMP), stamp).map_err(|e| format!("cannot write the stamp: {e}"))?;
+    remove_dir(&dest)?;
+    fs::rename(&tmp, &dest)
+        .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), dest.display()))?;
+    Ok(dest)
+}
+
+/// The patches in `dir` (`*.patch`, name order).
+pub fn patches_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    list_patches(dir)
 }

@@ -11,6 +11,7 @@ mod gen_bindings;
 mod install;
 mod llama_tree;
 mod test;
+mod test_trees;
 mod util;
 
 use std::process::ExitCode;
@@ -25,8 +26,18 @@ COMMANDS:
         `cargo build -p ggml-trace-sys` (with --release: the release profile).
         --force copies the tree again even when its stamp is current.
         --prepare-only stops after preparing vendor/llama.cpp.
-  bindgen
-        Regenerate crates/ggml-trace-sys/src/sys.rs from crates/ggml-trace-sys/csrc/wrapper.h.
+  build-llama --llama-src PATH [--with-patches] [--release] [--prepare-only]
+        Build against the llama.cpp source tree at PATH (a checkout of upstream, a
+        fork, a source package's tree) instead of the pin: `cargo build -p
+        ggml-trace-sys` with KCM_LLAMA_SRC=PATH. PATH is only read. --with-patches
+        stages a copy in target/kcm-trees/ and applies vendor/patches/*.patch to it
+        if every one applies (`git apply --check`), else names the first that does
+        not and builds the copy without patches; KCM_LLAMA_SRC then points at the
+        copy (printed with --prepare-only). For cargo build/test/install, export
+        KCM_LLAMA_SRC yourself (the command prints the value).
+  bindgen [--llama-src PATH]
+        Regenerate crates/ggml-trace-sys/src/sys.rs from crates/ggml-trace-sys/csrc/wrapper.h
+        (against the tree at PATH instead of the prepared vendor/llama.cpp).
         Needs libclang at run time (normal builds do not). Looked up in order:
           1. $LIBCLANG_PATH (a directory holding libclang.so);
           2. a system libclang (/usr/lib/llvm-*/lib, /usr/lib/x86_64-linux-gnu, ...);
@@ -67,6 +78,17 @@ COMMANDS:
   test [ARGS...]
         build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
         e.g. `cargo xtask test -- --nocapture`).
+  test-trees [--only fork|guard|staging]
+        Build the tools against llama.cpp trees other than the pin and check them
+        (docs/build.md, section Other llama.cpp trees). fork: vendor/llama.cpp plus
+        vendor/test-patches/*.patch (a new op before GGML_OP_FLASH_ATTN_EXT, so every
+        later op code moves), staged in target/kcm-trees/; the tools are built against
+        it (a full llama.cpp build, ~10 min) and the tiny model traced with -fa on/off
+        and F16/q8_0 caches and verified (gguf-reader --verify-attention). guard: the
+        same fork with a member added to struct ggml_tensor must fail the build with
+        the layout guard's one line. staging: --with-patches on the pinned package's
+        unpatched tree gives exactly vendor/llama.cpp, and on vendor/llama.cpp (already
+        patched) names patch 0001 (no build). Prints build times.
   help
         Print this help.
 ";
@@ -78,6 +100,7 @@ fn main() -> ExitCode {
         Some("build-llama") => build_llama::run(args),
         Some("bindgen") => gen_bindings::run(args),
         Some("test") => test::run(args),
+        Some("test-trees") => test_trees::run(args),
         Some("demo") => demo::run(args),
         Some("bench") => bench::run(args),
         Some("fetch-model") => fetch_model::run(args),

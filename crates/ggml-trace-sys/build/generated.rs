@@ -20,12 +20,10 @@ pub struct Generated {
     pub unity_models: Vec<PathBuf>,
 }
 
-/// The generated files' names and contents.
-pub fn render(tree: &Path) -> Vec<(String, String)> {
-    // "llama-cpp-sys-2 0.1.161" from the tree stamp: the best commit id we have.
-    let stamp = fs::read_to_string(tree.join(crate::STAMP)).unwrap_or_default();
-    let origin = stamp.lines().next().unwrap_or("unknown").to_string();
-
+/// The generated files' names and contents. `origin` is the tree's description
+/// (`llama-cpp-sys-2 0.1.161` for the pin, `git describe` output for a checkout) and
+/// stands in for the commit; `build_number` is llama.cpp's build number (0 if unknown).
+pub fn render(tree: &Path, origin: &str, build_number: u64) -> Vec<(String, String)> {
     let mut files = vec![
         (
             "ggml-version.h".to_string(),
@@ -38,7 +36,10 @@ pub fn render(tree: &Path) -> Vec<(String, String)> {
             "llama-version.h".to_string(),
             format!("#pragma once\n#define LLAMA_VERSION \"{LLAMA_VERSION}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
         ),
-        ("build-info.cpp".to_string(), build_info(tree, &origin)),
+        (
+            "build-info.cpp".to_string(),
+            build_info(tree, origin, build_number),
+        ),
     ];
     files.extend(unity_batches(&tree.join("src/models")));
     files
@@ -82,13 +83,13 @@ fn ggml_version(tree: &Path) -> String {
 }
 
 /// common/build-info.cpp.in with cmake's @VARIABLES@ filled in.
-fn build_info(tree: &Path, origin: &str) -> String {
+fn build_info(tree: &Path, origin: &str, build_number: u64) -> String {
     let template_path = tree.join("common/build-info.cpp.in");
     let template = fs::read_to_string(&template_path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
     let target = std::env::var("TARGET").unwrap_or_default();
     template
-        .replace("@LLAMA_BUILD_NUMBER@", "0")
+        .replace("@LLAMA_BUILD_NUMBER@", &build_number.to_string())
         .replace("@LLAMA_BUILD_COMMIT@", origin)
         .replace("@BUILD_COMPILER@", "cc-rs (kv-cache-monitor ggml-trace)")
         .replace("@BUILD_TARGET@", &target)

@@ -44,7 +44,16 @@ fn common_params_parse_rejects_unknown_options() {
 #[test]
 fn common_build_info_comes_from_the_generated_build_info() {
     let info = shim::common_build_info();
-    assert!(info.starts_with("b0-llama-cpp-sys-2 "), "{info}");
+    // b<build number>-<commit>, the commit standing for the tree's origin.
+    if ggml_trace_sys::LLAMA_TREE_IS_PINNED {
+        assert!(info.starts_with("b0-llama-cpp-sys-2 "), "{info}");
+    }
+    assert!(info.starts_with('b'), "{info}");
+    assert!(info.ends_with(ggml_trace_sys::LLAMA_ORIGIN), "{info}");
+    assert_eq!(
+        ggml_trace_sys::llama_version(),
+        format!("llama.cpp from {} ({info})", ggml_trace_sys::LLAMA_ORIGIN)
+    );
 }
 
 #[test]

@@ -7,5 +7,7 @@
 mod ggml_ffi;
 mod ggml_oracle;
 mod kernel_model;
+mod layout_guard;
 mod llama_ffi;
 mod mixed_attn;
+mod tree_enums;
