@@ -631,6 +631,8 @@ pub struct Analyzer<'r> {
     pub current_run: RunMeta,
     pub current_steps: Vec<StepMeta>,
     pub comparisons: Vec<Comparison>,
+    /// kqv_out's difference per (layer, head, position).
+    pub breakdown: crate::breakdown::Breakdown,
     /// Current tensors without a counterpart, or not comparable.
     pub current_unpaired: Vec<Unpaired>,
     /// Current tensors of a layer `--layer` leaves out.
@@ -695,6 +697,7 @@ impl<'r> Analyzer<'r> {
             current_run: RunMeta::default(),
             current_steps: Vec::new(),
             comparisons: Vec::new(),
+            breakdown: Default::default(),
             current_unpaired: Vec::new(),
             current_other_layer: 0,
             current_no_role: 0,
@@ -1123,6 +1126,22 @@ impl<'r> Analyzer<'r> {
                     c.worst_abs_at = at(m.worst_abs);
                     c.worst_rel_at = at(m.worst_rel);
                     c.metrics = Some(m);
+                    // Error where it lives: kqv_out per (head, position).
+                    if meta.role == Role::KqvOut
+                        && meta.layout.ty == GgmlType::F32
+                        && rt.meta.layout.ty == GgmlType::F32
+                    {
+                        if let Some(step) = step {
+                            self.breakdown.add(
+                                meta.layer,
+                                self.current_run.n_head,
+                                meta.layout.ne,
+                                &step.positions,
+                                data,
+                                &le_data(self.reference, rt),
+                            );
+                        }
+                    }
                 }
                 Err(e) => c.error = Some(e),
             }

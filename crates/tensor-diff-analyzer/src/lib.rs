@@ -7,6 +7,7 @@
 //! run whose `kqv_out` were all skipped are input errors (`trust`). docs/diff.md.
 
 pub mod args;
+pub mod breakdown;
 pub mod compare;
 pub mod devices;
 pub mod live;
@@ -465,6 +466,7 @@ pub fn analyze(opts: &Options, devices: Option<[devices::Side; 2]>) -> Result<u8
     out.flush()?;
     if let Some(p) = &opts.plot {
         plot::write_svg(&outcome, p).map_err(AnalyzerError::Plot)?;
+        plot::write_heads_svg(&outcome, p).map_err(AnalyzerError::Plot)?;
     }
     Ok(code)
 }

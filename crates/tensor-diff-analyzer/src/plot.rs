@@ -681,3 +681,191 @@ mod tests {
         }
     }
 }
+
+/// Where `--plot FILE.svg` writes the per-(head, position) panels: `FILE.heads.svg`.
+pub fn heads_path(plot: &Path) -> std::path::PathBuf {
+    let stem = plot
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plot".into());
+    plot.with_file_name(format!("{stem}.heads.svg"))
+}
+
+/// Pixel geometry of the per-(head, position) panels, one per layer, stacked.
+#[derive(Clone, Debug)]
+pub struct HeadsLayout {
+    pub width: i32,
+    pub height: i32,
+    pub left: i32,
+    pub top: i32,
+    /// Cell width (a position, or a bin of positions) and height (a head).
+    pub cell_w: i32,
+    pub cell_h: i32,
+    /// Each panel's top edge.
+    pub panel_tops: Vec<i32>,
+    pub columns: i32,
+    pub bar_left: i32,
+    pub bar_width: i32,
+    pub bar_top: i32,
+    pub bar_height: i32,
+}
+
+impl HeadsLayout {
+    /// `heads[i]`: the number of heads of panel `i`; `columns`: position columns drawn.
+    pub fn new(heads: &[u32], columns: usize) -> HeadsLayout {
+        let columns = columns.clamp(1, MAX_COLUMNS) as i32;
+        let cell_w = if columns > 60 { 6 } else { 14 };
+        let max_heads = heads.iter().copied().max().unwrap_or(1).max(1) as i32;
+        let cell_h = (96 / max_heads).clamp(3, 14);
+        let (left, top) = (90, 60);
+        let mut panel_tops = Vec::with_capacity(heads.len());
+        let mut y = top;
+        for &h in heads {
+            panel_tops.push(y);
+            y += cell_h * h.max(1) as i32 + 34;
+        }
+        let bar_left = left + cell_w * columns + 30;
+        let bar_height = (y - top - 34).clamp(160, 600);
+        HeadsLayout {
+            width: (bar_left + 100).max(520),
+            height: y.max(top + bar_height) + 50,
+            left,
+            top,
+            cell_w,
+            cell_h,
+            panel_tops,
+            columns,
+            bar_left,
+            bar_width: 16,
+            bar_top: top,
+            bar_height,
+        }
+    }
+
+    /// Panel `panel`'s cell of head `head`, column `col`: corners.
+    pub fn cell_rect(&self, panel: usize, head: i32, col: i32) -> ((i32, i32), (i32, i32)) {
+        let x0 = self.left + col * self.cell_w;
+        let y0 = self.panel_tops[panel] + head * self.cell_h;
+        ((x0, y0), (x0 + self.cell_w, y0 + self.cell_h))
+    }
+
+    fn as_bar_layout(&self) -> Layout {
+        Layout {
+            width: self.width,
+            height: self.height,
+            left: self.left,
+            top: self.top,
+            cell: self.cell_w,
+            columns: self.columns,
+            rows: 1,
+            kld_top: None,
+            bar_left: self.bar_left,
+            bar_width: self.bar_width,
+            bar_top: self.bar_top,
+            bar_height: self.bar_height,
+            bar_step: 0,
+        }
+    }
+}
+
+/// The positions of all panels (the union), binned to at most [`MAX_COLUMNS`] columns:
+/// each position's column, and the column labels.
+fn position_columns(grids: &[crate::breakdown::Grid]) -> (HashMap<i32, usize>, Vec<String>) {
+    let mut all: Vec<i32> = grids.iter().flat_map(|g| g.positions.clone()).collect();
+    all.sort_unstable();
+    all.dedup();
+    let (_, of, labels) = bins(&all, MAX_COLUMNS);
+    (of, labels)
+}
+
+/// `--plot FILE.svg`'s second file, [`heads_path`]: per layer a panel of kqv_out's NMSE
+/// per head (rows, head 0 on top) and token position (columns; binned to at most 120,
+/// each cell the worst of its bin), on one log-scale viridis colour bar shared by all
+/// panels. Returns the path written, or None when nothing could be broken down.
+pub fn write_heads_svg(o: &Outcome, plot: &Path) -> Result<Option<std::path::PathBuf>, String> {
+    let grids = &o.by_head_position;
+    if grids.is_empty() {
+        return Ok(None);
+    }
+    let path = heads_path(plot);
+    let (col_of, labels) = position_columns(grids);
+    let heads: Vec<u32> = grids.iter().map(|g| g.heads).collect();
+    let lay = HeadsLayout::new(&heads, labels.len());
+    // Worst NMSE per (panel, head, column).
+    let mut cells: BTreeMap<(usize, u32, usize), Option<f64>> = BTreeMap::new();
+    for (i, g) in grids.iter().enumerate() {
+        for (h, row) in g.nmse.iter().enumerate() {
+            for (p, v) in g.positions.iter().zip(row) {
+                let key = (i, h as u32, col_of[p]);
+                let e = cells.entry(key).or_insert(Some(f64::NEG_INFINITY));
+                *e = match (*e, *v) {
+                    (None, _) | (_, None) => None,
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                };
+            }
+        }
+    }
+    let scale = Scale::of(cells.values().filter_map(|v| *v));
+    let root = SVGBackend::new(&path, (lay.width as u32, lay.height as u32)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    draw_heads(&root, &lay, grids, &cells, &labels, &scale).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    drop(root);
+    Ok(Some(path))
+}
+
+fn draw_heads<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    lay: &HeadsLayout,
+    grids: &[crate::breakdown::Grid],
+    cells: &BTreeMap<(usize, u32, usize), Option<f64>>,
+    labels: &[String],
+    scale: &Scale,
+) -> DrawResult<DB::ErrorType> {
+    root.fill(&WHITE)?;
+    root.draw(&Text::new(
+        "kqv_out NMSE per head (rows) and token position (columns), per layer; log10 colour scale"
+            .to_string(),
+        (lay.left, 12),
+        text_style(15, HPos::Left, VPos::Top, BLACK),
+    ))?;
+    root.draw(&Text::new(
+        "summed over every compared step; light grey: not compared, black: reference all zero"
+            .to_string(),
+        (lay.left, 34),
+        text_style(12, HPos::Left, VPos::Top, BLACK),
+    ))?;
+    let widest = labels.iter().map(|s| s.len()).max().unwrap_or(1) as i32;
+    let every_x = ((widest * 7 + 6) / lay.cell_w + 1).max(1);
+    for (i, g) in grids.iter().enumerate() {
+        let top = lay.panel_tops[i];
+        let h_px = lay.cell_h * g.heads.max(1) as i32;
+        root.draw(&Text::new(
+            format!("layer {}", g.layer),
+            (lay.left - 8, top + h_px / 2),
+            text_style(11, HPos::Right, VPos::Center, BLACK),
+        ))?;
+        for h in 0..g.heads {
+            for col in 0..lay.columns {
+                let r = lay.cell_rect(i, h as i32, col);
+                let fill = match cells.get(&(i, h, col as usize)) {
+                    Some(Some(v)) => palette(scale.t(*v)),
+                    Some(None) => NON_FINITE,
+                    None => EMPTY,
+                };
+                root.draw(&Rectangle::new([r.0, r.1], fill.filled()))?;
+            }
+        }
+        // Position labels under the panel, at column centres.
+        for col in (0..lay.columns).step_by(every_x as usize) {
+            let cx = lay.left + col * lay.cell_w + lay.cell_w / 2;
+            root.draw(&Text::new(
+                labels.get(col as usize).cloned().unwrap_or_default(),
+                (cx, top + h_px + 3),
+                text_style(9, HPos::Center, VPos::Top, BLACK),
+            ))?;
+        }
+    }
+    colour_bar(root, &lay.as_bar_layout(), 0, scale, "NMSE")?;
+    Ok(())
+}

@@ -141,6 +141,8 @@ pub struct Outcome {
     pub output: crate::output::OutputSummary,
     /// `--compare-devices`: the two sides (A the reference, B the current run).
     pub devices: Option<[crate::devices::Side; 2]>,
+    /// kqv_out's NMSE per (layer, head, position) ([`crate::breakdown`]).
+    pub by_head_position: Vec<crate::breakdown::Grid>,
 }
 
 impl Outcome {
@@ -185,6 +187,7 @@ impl Outcome {
             inputs_differ,
             output: a.outputs.summary(a.reference, |s| a.compares_step(s)),
             devices: None,
+            by_head_position: a.breakdown.grids(),
         }
     }
 
@@ -861,6 +864,14 @@ pub fn to_json(o: &Outcome, check: &RunCheck, exit_code: u8) -> Value {
         })),
         "not_comparable": o.not_comparable.iter().map(unpaired_json).collect::<Vec<_>>(),
         "noise_source": o.noise_source,
+        "error_by_head_position": o.by_head_position.iter().map(|g| json!({
+            "layer": g.layer,
+            "role": "kqv_out",
+            "heads": g.heads,
+            "positions": g.positions,
+            "nmse": g.nmse.iter().map(|row| row.iter().map(|v| v.map(num)).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "devices": o.devices.as_ref().map(|d| {
             let side = |s: &crate::devices::Side| json!({
                 "selection": s.selection, "llama_args": s.llama_args, "backends": s.backends,

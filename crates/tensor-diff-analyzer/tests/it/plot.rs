@@ -210,3 +210,125 @@ fn the_heatmap_shows_each_cell_on_a_labelled_log_scale() {
         "layer 2's cells"
     );
 }
+
+/// kqv_out of 2 heads of 4 dims: a 4-token prompt (positions 0-3), then 4 decode steps
+/// (positions 4-7). The current run differs only in head 1, from position 2 on, by a
+/// relative 1e-4 x position.
+fn heads_trace(path: &Path, current: bool) {
+    let mut w = TraceWriter::new().unwrap();
+    let steps: Vec<Vec<i32>> = vec![vec![0, 1, 2, 3], vec![4], vec![5], vec![6], vec![7]];
+    for (s, positions) in steps.iter().enumerate() {
+        w.add_step(StepMeta {
+            step: s as u32,
+            positions: positions.clone(),
+            tokens: vec![1; positions.len()],
+        });
+        let data: Vec<u8> = positions
+            .iter()
+            .flat_map(|&p| (0..8).map(move |i| head_value(p, i, current)))
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        let meta = TensorMeta {
+            role: Role::KqvOut,
+            layer: 0,
+            step: s as u32,
+            ggml_name: "kqv_out-0".into(),
+            op: "RESHAPE".into(),
+            layout: TensorLayout::contiguous(
+                gguf_io::GgmlType::F32,
+                [8, positions.len() as u64, 1, 1],
+            )
+            .unwrap(),
+            view_of: String::new(),
+        };
+        w.add_tensor(meta, &data, false).unwrap();
+    }
+    let run = RunMeta {
+        architecture: "llama".into(),
+        n_layer: 1,
+        n_head: 2,
+        n_head_kv: 2,
+        target_layer: -1,
+        trace_sources: false,
+        complete: true,
+        ..Default::default()
+    };
+    w.finish_to_path(&run, path).unwrap();
+}
+
+/// Value `i` (head i / 4, dim i % 4) of the token at position `p`.
+fn head_value(p: i32, i: usize, current: bool) -> f32 {
+    let r = 0.5 + 0.1 * i as f32 - 0.03 * p as f32;
+    if current && i >= 4 && p >= 2 {
+        r * (1.0 + 1e-4 * p as f32)
+    } else {
+        r
+    }
+}
+
+#[test]
+fn the_error_is_broken_down_per_head_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (r, c) = (d.join("r.gguf"), d.join("c.gguf"));
+    heads_trace(&r, false);
+    heads_trace(&c, true);
+    let svg_path = d.join("where.svg");
+    let o = offline(&r, &c, &["--json", "--plot", svg_path.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let grids = j["error_by_head_position"].as_array().unwrap();
+    assert_eq!(grids.len(), 1, "{j}");
+    let g = &grids[0];
+    assert_eq!(g["layer"], 0);
+    assert_eq!(g["heads"], 2);
+    let positions: Vec<i64> = g["positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap())
+        .collect();
+    assert_eq!(positions, (0..8).collect::<Vec<_>>());
+    // The oracle: f64 sums over each head's 4 values of each position.
+    for h in 0..2usize {
+        for p in 0..8i32 {
+            let (mut e2, mut r2) = (0.0f64, 0.0f64);
+            for i in h * 4..h * 4 + 4 {
+                let (cv, rv) = (
+                    f64::from(head_value(p, i, true)),
+                    f64::from(head_value(p, i, false)),
+                );
+                e2 += (cv - rv) * (cv - rv);
+                r2 += rv * rv;
+            }
+            let want = e2 / r2;
+            let got = g["nmse"][h][p as usize].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1e-300),
+                "head {h} position {p}: {got} vs {want}"
+            );
+            assert_eq!(got > 0.0, h == 1 && p >= 2, "head {h} position {p}: {got}");
+        }
+    }
+    // The panels: rendered, head 1's last position at its place on the shared log scale,
+    // head 0 at the scale's bottom (NMSE 0).
+    let heads_svg = tensor_diff_analyzer::plot::heads_path(&svg_path);
+    let svg = std::fs::read_to_string(&heads_svg).unwrap();
+    assert!(svg.contains("layer 0"), "{svg:.1500}");
+    let pixmap = render(svg.as_bytes());
+    let lay = tensor_diff_analyzer::plot::HeadsLayout::new(&[2], 8);
+    let top = g["nmse"][1][7].as_f64().unwrap();
+    let hi = top.log10().ceil();
+    for (h, p, t) in [
+        (0, 7, 0.0),
+        (1, 1, 0.0),
+        (1, 7, (top.log10() + 16.0) / (hi + 16.0)),
+    ] {
+        let ((x0, y0), _) = lay.cell_rect(0, h, p);
+        let got = rgb(&pixmap, x0 + 2, y0 + 2);
+        assert!(
+            close(got, palette(t), 3),
+            "head {h} position {p}: {got:?} vs {:?}",
+            palette(t)
+        );
+    }
+}
