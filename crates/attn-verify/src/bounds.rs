@@ -42,7 +42,9 @@ pub fn nmse_bound(v_type: GgmlType, flash: bool, n_cells: usize) -> f64 {
 /// - f32 accumulation (tiled, or a V that is not F16), modelled in f64 (3.0e-12 on
 ///   gemma's 512-token ubatches): 1e-10;
 /// - without flash attention the softmax is rounded to F16 for the product with V, and
-///   ggml's SIMD `expf` tips a few of those roundings (up to 3.4e-9 on the zoo): 3e-8.
+///   ggml's SIMD `expf` tips a few of those roundings (up to 3.4e-9 on the zoo): 3e-8; a
+///   group over it gets an allowance for the roundings its score errors could flip
+///   (`check`, [`crate::kernel::unfused_tip_energy`]).
 pub fn faithful_bound(path: KernelPath, v_type: GgmlType, exact_dot: bool) -> f64 {
     match path {
         KernelPath::OneChunk | KernelPath::SplitKv { .. } if v_type == GgmlType::F16 => {

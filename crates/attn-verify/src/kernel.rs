@@ -723,3 +723,125 @@ pub(crate) fn faithful(path: KernelPath, o: &Operands<'_>) -> Result<Dense, Veri
         KernelPath::Unfused => unfused(o),
     }
 }
+
+/// The unfused path's rounding ambiguity: [`unfused`] rounds each probability, computed in
+/// f64, to V's dot type (F16 or BF16); ggml rounds its own f32 softmax, whose value may
+/// differ from the f64 one by the f32 errors of the score GEMM, the subtraction of the
+/// row's maximum, `expf` and the normalisation. Where that error could move a probability
+/// across a rounding midpoint, ggml may round it the other way: each such "ambiguous"
+/// cell may change the output by one rounding step (or more, if the error spans several)
+/// times its V row. Returns the squared sum, over every output value, of the largest
+/// such change (each ambiguous cell's step times `|v|`, added up: the worst case, every
+/// ambiguous rounding tipped in the same direction). 0 for other dot types (F32 V, or a
+/// quantized V's Q8_0 rows).
+///
+/// Error model of a score `s_j = scale * q.k_j` (f32 GEMM over `d` products): at most
+/// `n * u * scale * sum_i |q_i k_ji|` (worst-case f32 accumulation of `n` terms in one
+/// accumulator, `u = 2^-24`; `n = d / 8 + 8` on AVX2 builds, whose dot products and GEMM
+/// tiles use 8-lane accumulators, else `d`), plus one rounding of the product and of the
+/// scaling; the probability's relative error is
+/// then bounded by its score's error, the largest score error of the row (the maximum
+/// and the normalising sum), and 16 `u` for `expf` and the normalisation.
+pub(crate) fn unfused_tip_energy(o: &Operands<'_>) -> Result<f64, VerifyError> {
+    let p_type = vec_dot_type(o.v_type);
+    let round: fn(f64) -> f64 = match p_type {
+        Some(GgmlType::F16) => |x| half::f16::from_f64(x).to_f64(),
+        Some(GgmlType::BF16) => |x| half::bf16::from_f64(x).to_f64(),
+        _ => return Ok(0.0),
+    };
+    let sh = shape(o)?;
+    let mut q = o.q.clone();
+    round_rows_as(&mut q, vec_dot_type(o.k_type), o.dot)?;
+    const U: f64 = 1.0 / 16_777_216.0; // 2^-24
+    let p = o.p;
+    let scale = if p.softcap != 0.0 {
+        p.scale / p.softcap
+    } else {
+        p.scale
+    };
+    // Products summed one after the other in one f32 accumulator, at most: an AVX2 build
+    // spreads them over 8-lane accumulators (ggml_vec_dot_f16, or llamafile's sgemm
+    // tiles), d / 8 per lane plus the reduction; any other build, d.
+    let terms = match o.dot {
+        DotOrder::Avx2 => (sh.d as f64 / 8.0).ceil() + 8.0,
+        DotOrder::Exact => sh.d as f64,
+    };
+    let mut scores = vec![None; sh.n_kv];
+    let mut err = vec![0f64; sh.n_kv];
+    let mut amb = vec![0f64; sh.dv];
+    let mut energy = 0f64;
+    for s in 0..sh.n_seq {
+        for h in 0..sh.n_head {
+            let kh = h / sh.rk;
+            let k_base = at(o.k.ne, 0, kh, s);
+            let vh = h / sh.rv;
+            let v_base = at(o.v.ne, 0, vh, s);
+            for t in 0..sh.n_tokens {
+                let qs = at(q.ne, t, h, s);
+                let qrow = &q.data[qs..qs + sh.d];
+                scores_exact(o, &sh, qrow, t, h, s, &mut scores);
+                let sink = o.sinks.map(|x| x[h]);
+                let max = scores
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if max == f64::NEG_INFINITY {
+                    continue;
+                }
+                let mut sum = sink.map_or(0.0, |x| (x - max).exp());
+                let mut worst = 0f64;
+                for (j, sc) in scores.iter().enumerate() {
+                    let Some(x) = sc else {
+                        err[j] = 0.0;
+                        continue;
+                    };
+                    sum += (x - max).exp();
+                    let krow = &o.k.data[k_base + j * sh.d..k_base + (j + 1) * sh.d];
+                    let abs_dot: f64 = qrow.iter().zip(krow).map(|(a, b)| (a * b).abs()).sum();
+                    // softcap: tanh's slope is at most 1, its f32 evaluation a few u.
+                    let e = (terms + 2.0) * U * scale.abs() * abs_dot
+                        + 4.0 * U * x.abs()
+                        + if p.softcap != 0.0 {
+                            4.0 * U * p.softcap.abs()
+                        } else {
+                            0.0
+                        };
+                    err[j] = e;
+                    worst = worst.max(e);
+                }
+                if sum == 0.0 {
+                    continue;
+                }
+                amb.iter_mut().for_each(|a| *a = 0.0);
+                let mut any = false;
+                for (j, sc) in scores.iter().enumerate() {
+                    let Some(x) = sc else { continue };
+                    let pj = (x - max).exp() / sum;
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    // Relative error of ggml's f32 probability (first order in the errors).
+                    let rel = err[j] + 2.0 * worst + (x - max).abs() * U + 16.0 * U;
+                    let r = round(pj);
+                    let lo = round(pj * (1.0 - rel));
+                    let hi = round(pj * (1.0 + rel));
+                    let step = (lo - r).abs().max((hi - r).abs());
+                    if step == 0.0 {
+                        continue;
+                    }
+                    any = true;
+                    let vrow = &o.v.data[v_base + j * sh.dv..v_base + (j + 1) * sh.dv];
+                    for (a, &vv) in amb.iter_mut().zip(vrow) {
+                        *a += step * vv.abs();
+                    }
+                }
+                if any {
+                    energy += amb.iter().map(|a| a * a).sum::<f64>();
+                }
+            }
+        }
+    }
+    Ok(energy)
+}

@@ -165,6 +165,21 @@ impl Inputs {
         )
         .map_err(attn_err)
     }
+    /// The unfused path's allowance for rounding ambiguity, as an NMSE against
+    /// `reference` ([`kernel::unfused_tip_energy`] over the reference's variance, the
+    /// denominator of the verdict's NMSE); 0 for other paths. Costs one more pass over
+    /// the scores, spent from the budget.
+    pub(crate) fn tip_allowance(&self, reference: &Dense) -> Result<f64, VerifyError> {
+        if self.kernel != Ok(kernel::KernelPath::Unfused) {
+            return Ok(0.0);
+        }
+        self.budget.spend(self.work())?;
+        let energy = kernel::unfused_tip_energy(&self.operands(&self.p))?;
+        let n = reference.data.len().max(1) as f64;
+        let mean = reference.data.iter().sum::<f64>() / n;
+        let var: f64 = reference.data.iter().map(|r| (r - mean).powi(2)).sum();
+        Ok(if var > 0.0 { energy / var } else { 0.0 })
+    }
     pub(crate) fn operands<'a>(&'a self, p: &'a AttentionParams) -> kernel::Operands<'a> {
         kernel::Operands {
             q: &self.q_raw,

@@ -11,3 +11,4 @@ mod layout_guard;
 mod llama_ffi;
 mod mixed_attn;
 mod tree_enums;
+mod unfused_ambiguity;
