@@ -36,6 +36,8 @@ pub struct MonitorSink {
     n_layer: u32,
     target_layer: Option<i32>,
     trace_sources: bool,
+    /// `--tensor-filter` patterns, recorded in the trace.
+    tensor_filter: Vec<String>,
     n_steps: u32,
     /// `--verify`: checks each (step, layer) as it is captured.
     verifier: Option<Verifier>,
@@ -232,6 +234,7 @@ impl MonitorSink {
             n_layer: 0,
             target_layer: opts.layer,
             trace_sources: opts.trace_sources,
+            tensor_filter: opts.tensor_filter.clone(),
             n_steps: 0,
             verifier: opts.verify.then(|| Verifier {
                 simd: ggml_trace::cpu_simd(),
@@ -321,6 +324,7 @@ impl MonitorSink {
             target_layer: self.target_layer.unwrap_or(-1),
             trace_sources: self.trace_sources,
             complete: !outcome.interrupted,
+            tensor_filter: self.tensor_filter.clone(),
             ..base
         };
         if self.n_cross_layer > 0 {

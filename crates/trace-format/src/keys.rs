@@ -59,6 +59,9 @@ pub const RUN_REPLAYED_FROM: &str = "kqv_trace.run.replayed_from";
 /// ARRAY[STRING]: the RPC servers (`host:port`) of `--rpc`, in llama.cpp's device order.
 /// Optional (absent: a local run).
 pub const RUN_RPC_ENDPOINTS: &str = "kqv_trace.run.rpc_endpoints";
+/// ARRAY[STRING]: the `--tensor-filter` patterns, as given (each anchored at the start of a
+/// node's name). Optional (absent: attention only, no nodes traced).
+pub const RUN_TENSOR_FILTER: &str = "kqv_trace.run.tensor_filter";
 
 /// Per tensor, parallel to the tensor table.
 pub const TENSOR_ROLE: &str = "kqv_trace.tensor.role";

@@ -234,6 +234,9 @@ pub struct RunMeta {
     /// llama.cpp's device order; empty for a local run. Which layer's attention ran where
     /// is each attention record's `backend` (`RPC0[host:port]`, ...).
     pub rpc_endpoints: Vec<String>,
+    /// The `--tensor-filter` patterns the run traced graph nodes with (role `node`), as
+    /// given; empty: attention only.
+    pub tensor_filter: Vec<String>,
 }
 
 /// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types

@@ -270,17 +270,21 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         n_cross_layer: u(keys::RUN_N_CROSS_LAYER)?,
         cross_flash_attn: string(m, keys::RUN_CROSS_FLASH_ATTN)?,
         replayed_from: string(m, keys::RUN_REPLAYED_FROM)?,
-        rpc_endpoints: match m.get(keys::RUN_RPC_ENDPOINTS) {
-            None => Vec::new(),
-            Some(gguf_io::Value::Array(gguf_io::Array::String(v))) => v.clone(),
-            Some(_) => {
-                return Err(Violation::BadValue {
-                    key: keys::RUN_RPC_ENDPOINTS,
-                    what: "not an array of strings".into(),
-                })
-            }
-        },
+        rpc_endpoints: strings(m, keys::RUN_RPC_ENDPOINTS)?,
+        tensor_filter: strings(m, keys::RUN_TENSOR_FILTER)?,
     })
+}
+
+/// An optional ARRAY[STRING] key (absent: empty).
+fn strings(m: &Metadata, key: &'static str) -> Result<Vec<String>, Violation> {
+    match m.get(key) {
+        None => Ok(Vec::new()),
+        Some(gguf_io::Value::Array(gguf_io::Array::String(v))) => Ok(v.clone()),
+        Some(_) => Err(Violation::BadValue {
+            key,
+            what: "not an array of strings".into(),
+        }),
+    }
 }
 
 // ---- file level ----------------------------------------------------------------------

@@ -566,6 +566,9 @@ impl TraceWriter {
         if !run.rpc_endpoints.is_empty() {
             m.set(keys::RUN_RPC_ENDPOINTS, run.rpc_endpoints.clone());
         }
+        if !run.tensor_filter.is_empty() {
+            m.set(keys::RUN_TENSOR_FILTER, run.tensor_filter.clone());
+        }
 
         let t = &self.tensors;
         m.set(

@@ -282,6 +282,8 @@ fn every_node_traced_equals_an_independent_read_and_attention_still_verifies() {
         let reads = trace_all(model, extra, &save, storage);
         let t = TraceFile::open(&save).unwrap();
         assert_eq!(t.format_version, storage.format_version());
+        // The patterns are recorded with the run.
+        assert_eq!(t.run.tensor_filter, ["."], "{label}");
         let n = check(&t, &reads, label);
         // Every node the scheduler stopped at was saved (all of them, with `.`).
         assert_eq!(
