@@ -230,6 +230,9 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
     let run = &trace.run;
     let mut seen: HashMap<(Role, i32, u32), usize> = HashMap::with_capacity(trace.tensors.len());
     let mut layouts = Layouts::default();
+    // Encoder-decoder runs record decoder layer il's cross-attention as layer n_layer + il.
+    let mut cross = Layouts::default();
+    let is_cross = |layer: i32| run.n_cross_layer > 0 && i64::from(layer) >= i64::from(run.n_layer);
     let (mut kqv_out, mut unrotated) = (None, None);
     let type_k = cache_type(keys::RUN_CACHE_TYPE_K, &run.cache_type_k)?;
     let type_v = cache_type(keys::RUN_CACHE_TYPE_V, &run.cache_type_v)?;
@@ -261,14 +264,24 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
                 format!("{} is of another layer", at(t)),
             ));
         }
-        if run.n_layer > 0 && (m.layer < 0 || i64::from(m.layer) >= i64::from(run.n_layer)) {
+        // Cross-attention of decoder layer `il` is recorded as layer `n_layer + il`.
+        let layers = i64::from(run.n_layer) + i64::from(run.n_cross_layer);
+        if run.n_layer > 0 && (m.layer < 0 || i64::from(m.layer) >= layers) {
             return Err(contradiction(
                 keys::RUN_N_LAYER,
-                run.n_layer.to_string(),
+                if run.n_cross_layer > 0 {
+                    format!("{} (+ {} cross-attention)", run.n_layer, run.n_cross_layer)
+                } else {
+                    run.n_layer.to_string()
+                },
                 format!("{} is outside that range", at(t)),
             ));
         }
-        layouts.role(t);
+        if is_cross(m.layer) {
+            cross.role(t);
+        } else {
+            layouts.role(t);
+        }
         let ne = m.layout.ne;
         match m.role {
             Role::KqvOut => {
@@ -290,7 +303,13 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
                 } else {
                     (keys::RUN_CACHE_TYPE_V, type_v)
                 };
-                if let Some(ty) = claimed.filter(|&ty| ty != m.layout.ty) {
+                // The cache types describe the KV cache: in an encoder-decoder run the
+                // encoder's K and V come from `Kcur`/`Vcur` without a cache (F32) and are
+                // not held to them; only tensors of the cache (named `cache_*`) are.
+                let from_cache = run.n_cross_layer == 0
+                    || m.view_of.starts_with("cache_")
+                    || m.ggml_name.starts_with("cache_");
+                if let Some(ty) = claimed.filter(|&ty| from_cache && ty != m.layout.ty) {
                     return Err(contradiction(
                         key,
                         ty.name(),
@@ -321,7 +340,12 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
         }
     }
     for a in &trace.attn {
-        layouts.op(&a.op, || {
+        let l = if is_cross(a.layer) {
+            &mut cross
+        } else {
+            &mut layouts
+        };
+        l.op(&a.op, || {
             format!(
                 "the attention record of step {}, layer {} has op {}",
                 a.step,
@@ -373,6 +397,25 @@ pub fn observe(trace: &TraceFile) -> Result<Observed, TrustError> {
                 e.clone(),
             ));
         }
+    }
+    // Cross-attention (layers from n_layer on) tells its own story, by its own flag.
+    if let (Some(f), Some(p)) = (&cross.flash, &cross.plain) {
+        return Err(TrustError::Inconsistent(
+            format!("{f} (flash attention on)"),
+            format!("{p} (flash attention off)"),
+        ));
+    }
+    let contra = match run.cross_flash_attn.as_str() {
+        "on" => cross.plain.as_ref(),
+        "off" => cross.flash.as_ref(),
+        _ => None,
+    };
+    if let Some(e) = contra {
+        return Err(contradiction(
+            keys::RUN_CROSS_FLASH_ATTN,
+            run.cross_flash_attn.clone(),
+            e.clone(),
+        ));
     }
     // The mixed KV cache.
     match (&layouts.mixed, run.mixed_kv_cache) {

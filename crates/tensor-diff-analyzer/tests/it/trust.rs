@@ -625,3 +625,31 @@ fn ten_thousand_steps_pair_every_tensor() {
         text(&o.stdout)
     );
 }
+
+/// An encoder-decoder trace (T5 from the zoo: encoder layers' K and V come straight from
+/// `Kcur`/`Vcur` in F32, not from the F16 cache; cross-attention recorded as layers past
+/// `n_layer`) compared with itself offline: every tensor identical, exit 0. The cache
+/// types describe the cache, so only tensors read from it are held to them.
+#[test]
+fn an_encoder_decoder_trace_compares_with_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama::zoo::write_zoo_model(dir.path(), tiny_llama::zoo::Arch::T5).unwrap();
+    let r = dir.path().join("t5.gguf");
+    let t = reference(&model, &r, &["-ub", "64"]);
+    assert!(
+        t.tensors
+            .iter()
+            .any(|x| x.meta.role == Role::K && x.meta.layout.ty == gguf_io::GgmlType::F32),
+        "the trace has F32 (encoder) K tensors"
+    );
+    let o = offline(&r, &r, &[]);
+    assert_eq!(code(&o), 0, "{}\n{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains(&format!(
+            "Tensors within tolerance: {n}/{n} (100.0%)",
+            n = t.tensors.len()
+        )),
+        "{}",
+        text(&o.stdout)
+    );
+}
