@@ -979,7 +979,7 @@ impl<'a> Capture<'a> {
         };
         // SAFETY: caller guarantees liveness.
         let tr = unsafe { &*t };
-        if tr.ne.iter().any(|&n| n <= 0) {
+        if tr.ne.iter().any(|&n| n <= 0) || !computed(tr) {
             return false;
         }
         let name = String::from_utf8_lossy(graph::name_bytes(tr));
@@ -1003,4 +1003,15 @@ impl<'a> Capture<'a> {
         // SAFETY: as above.
         unsafe { self.read(t, Role::Node, layer) }
     }
+}
+
+/// Whether the graph computes `t`. A graph built with `ggml_build_forward_select` (llama.cpp
+/// builds its input embeddings so: token, vector and mixed paths, one selected per batch)
+/// holds nodes of the branches not taken without `GGML_TENSOR_FLAG_COMPUTE`; the scheduler
+/// still asks about them, but they never run and their memory holds whatever was there.
+/// A tree without the flag (older llama.cpp) computes every node.
+pub(crate) fn computed(t: &sys::ggml_tensor) -> bool {
+    let flag = sys::GGML_TENSOR_FLAG_COMPUTE;
+    // The generated constant is the type's maximum where the tree has no such flag.
+    flag == sys::ggml_tensor_flag::MAX || t.flags & (flag as i32) != 0
 }

@@ -40,6 +40,8 @@ struct Read {
     values: Option<Vec<f32>>,
     /// Quantized nodes: the raw blocks of every row, rows in logical order.
     blocks: Option<Vec<u8>>,
+    /// The node carries GGML_TENSOR_FLAG_COMPUTE (the graph computes it).
+    computed: bool,
 }
 
 /// An independent read of a live, computed node (host memory: the CPU backend).
@@ -63,6 +65,7 @@ unsafe fn read_node(t: *const sys::ggml_tensor) -> Read {
         nb,
         values: None,
         blocks: None,
+        computed: tr.flags & (sys::GGML_TENSOR_FLAG_COMPUTE as i32) != 0,
     };
     // SAFETY: a type id of a live tensor.
     if unsafe { sys::ggml_is_quantized(ty) } {
@@ -194,6 +197,11 @@ fn check(t: &TraceFile, reads: &HashMap<(u32, u32), Read>, label: &str) -> usize
         assert_eq!(m.layout.ne, r.ne, "{label}: {}", n.name);
         assert_eq!(m.layout.nb, r.nb, "{label}: {}", n.name);
         assert_eq!(m.layer, trace_format::node_layer(&r.name));
+        assert!(
+            r.computed,
+            "{label}: {} is not computed by the graph",
+            n.name
+        );
         let data = t.data(n);
         match (&r.values, &r.blocks) {
             (Some(v), _) => {
@@ -212,9 +220,24 @@ fn check(t: &TraceFile, reads: &HashMap<(u32, u32), Read>, label: &str) -> usize
         }
     }
     for (step, orders) in &per_step {
-        let want: Vec<u32> = (0..orders.len() as u32).collect();
-        assert_eq!(orders, &want, "{label}: step {step}: graph orders");
+        assert_eq!(
+            orders.first(),
+            Some(&0),
+            "{label}: step {step}: graph orders"
+        );
+        assert!(
+            orders.windows(2).all(|w| w[0] < w[1]),
+            "{label}: step {step}: graph orders {orders:?}"
+        );
     }
+    // llama.cpp builds three input-embedding branches (token ids, vectors, a mix) with
+    // ggml_build_forward_select and computes the one the batch needs; the nodes of the
+    // others stay in the graph without GGML_TENSOR_FLAG_COMPUTE, never run and hold stale
+    // memory. They are not traced: the mixed branch's DUP (the graph's only one) is absent.
+    assert!(
+        !t.nodes.iter().any(|n| n.meta.op == "DUP"),
+        "{label}: a node of an unselected branch was traced"
+    );
     // Layers from the names: each layer's ffn_out, none for the output.
     let find = |name: &str, step: u32| {
         t.nodes
