@@ -1106,11 +1106,13 @@ impl<'r> Analyzer<'r> {
         };
         if c.shape_match() {
             let n = meta.layout.n_elements();
+            // Read (or rebuilt from a delta) once: the metrics and the breakdown use it.
+            let reference = le_data(self.reference, rt);
             match diff_bytes(
                 meta.layout.ty,
                 data,
                 rt.meta.layout.ty,
-                &le_data(self.reference, rt),
+                &reference,
                 n,
                 self.tolerance,
                 self.threads,
@@ -1138,7 +1140,7 @@ impl<'r> Analyzer<'r> {
                                 meta.layout.ne,
                                 &step.positions,
                                 data,
-                                &le_data(self.reference, rt),
+                                &reference,
                             );
                         }
                     }
