@@ -1,7 +1,8 @@
 //! `--export FILE.safetensors`: the traced tensors for the Python ecosystem, written with
 //! the `safetensors` crate. Each tensor is named `step{S}/layer{L}/{role}` (the role's
 //! name as the trace spells it: `q`, `k`, `v`, `kq_mask`, `kqv_out`, ...; a second tensor
-//! with the same name gets `#2`, `#3`, ... appended), logits rows `step{S}/logits`, in
+//! with the same name gets `#1`, `#2`, ... appended: the occurrence, counted from 0, as the
+//! trace's own node names count it), logits rows `step{S}/logits`, in
 //! logical layout: shape = ggml's `ne` reversed (numpy order, 4 dimensions), dequantized
 //! to F32 by default; with `--export-raw` F32, F16 and BF16 stay as they are and quantized
 //! tensors are their raw blocks as U8 (shape: ne reversed with the row in bytes last).
@@ -135,10 +136,11 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
      -> Result<(), ExportError> {
         let count = seen.entry(base.clone()).or_insert(0);
         *count += 1;
+        // The occurrence, from 0 (`Qcur-0`, `Qcur-0#1`, ...), as trace node names have it.
         let name = if *count == 1 {
             base
         } else {
-            format!("{base}#{count}")
+            format!("{base}#{}", *count - 1)
         };
         let (dtype, shape, len) = write_tensor(trace, t, raw, order, w)?;
         table.push(serde_json::json!({
@@ -169,7 +171,7 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
         push(format!("step{}/logits", t.meta.step), t, &mut w)?;
     }
     // Graph nodes (`--tensor-filter`) by their ggml name: the k-th of a name in a step
-    // gets `#k` (k >= 2), in graph order.
+    // gets `#k` (k >= 1, counted from 0 as in the trace), in graph order.
     for t in &trace.nodes {
         push(
             format!("step{}/{}", t.meta.step, t.meta.ggml_name),

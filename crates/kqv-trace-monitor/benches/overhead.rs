@@ -1,7 +1,9 @@
 //! Monitor overhead on real decoding: gemma-3-270m, -t 2, tokens/s of the generation
 //! steps with (a) no eval callback, (b) the monitor's capture and statistics for all
-//! layers, (c) the same plus `--save-gguf` (spooling). Runs alternate so drift hits all
-//! three alike; the median of each is reported.
+//! layers, (c) the same plus `--save-gguf` (spooling), (d) the capture with the data
+//! dropped, (e) every graph node traced and summarised (`--tensor-filter .`, issue 19),
+//! (f) the same plus `--save-gguf`. Runs alternate so drift hits all alike; the median
+//! of each is reported.
 //!
 //! `cargo bench -p kqv-trace-monitor --bench overhead` (KCM_BENCH_TOKENS, KCM_BENCH_RUNS
 //! override the 32 tokens and 3 runs; with KCM_BENCH_JSON=FILE the medians and every run
@@ -47,6 +49,8 @@ fn main() {
         "monitor (all layers, stats)",
         "monitor + --save-gguf",
         "capture only (data dropped)",
+        "--tensor-filter . (every node, stats)",
+        "--tensor-filter . + --save-gguf",
     ];
     // KCM_BENCH_MODES=1,2 runs only those modes (for profiling one at a time).
     let only: Option<Vec<usize>> = std::env::var("KCM_BENCH_MODES")
@@ -61,13 +65,19 @@ fn main() {
                 continue;
             }
             let save = dir.path().join("bench.gguf");
+            let every_node = m == 4 || m == 5;
             let opts = Options {
-                save: (m == 2).then(|| SaveTarget::Path(save.clone())),
+                save: (m == 2 || m == 5).then(|| SaveTarget::Path(save.clone())),
                 quiet: true,
                 llama_args: llama_args.clone(),
+                tensor_filter: if every_node {
+                    vec![".".to_string()]
+                } else {
+                    Vec::new()
+                },
                 ..Options::default()
             };
-            let inner = (m == 1 || m == 2).then(|| {
+            let inner = (m == 1 || m == 2 || every_node).then(|| {
                 MonitorSink::new(
                     &opts,
                     Box::new(io::sink()),
@@ -84,7 +94,7 @@ fn main() {
                     keep: true,
                     logits: false,
                     kv_audit: ggml_trace::capture::DEFAULT_KV_AUDIT,
-                    nodes: None,
+                    nodes: opts.node_filter(),
                 },
                 prefill_only: false,
                 verbose: false,

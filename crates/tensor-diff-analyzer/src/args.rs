@@ -22,6 +22,13 @@ ANALYSIS OPTIONS:
     --reference FILE        reference trace (kqv-trace-monitor --save-gguf); required
                             unless --compare-devices
     --current FILE          compare this saved trace instead of running llama.cpp
+    --map MAP.toml          the reference is a .safetensors file of activations recorded
+                            elsewhere (a transformers model with forward hooks:
+                            python/record_reference.py; numpy; gguf-reader --export); the
+                            map says which traced tensor each of its names is and how its
+                            layout becomes ours (docs/reference-import.md). Live, the
+                            tokens the file records are replayed and the nodes it maps
+                            are traced
     --compare-devices A B   run the llama.cpp options twice, on device selection A (the
                             reference) and on B (replaying A's tokens), each in a process of
                             its own, and compare B with A tensor by tensor; the report says
@@ -118,6 +125,8 @@ pub struct Options {
     /// The reference trace (empty with `--compare-devices`: side A's trace, made by the
     /// run).
     pub reference: PathBuf,
+    /// `--map`: the reference is a safetensors file read through this map.
+    pub map: Option<PathBuf>,
     pub current: Option<PathBuf>,
     pub tolerance: Tolerance,
     pub plot: Option<PathBuf>,
@@ -150,6 +159,9 @@ pub enum UsageError {
     BadMode(String),
     #[error("--reference FILE is required")]
     NoReference,
+    /// `--map` and a `.safetensors` reference go together.
+    #[error("{0}")]
+    Map(&'static str),
     #[error("{0}")]
     Monitor(#[from] monitor_args::UsageError),
     #[error("--current compares two saved traces: {0} cannot be used with it")]
@@ -187,6 +199,7 @@ fn number(flag: &'static str, v: String) -> Result<f64, UsageError> {
 
 pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     let mut reference = None;
+    let mut map = None;
     let mut current = None;
     let mut tol = Tolerance::default();
     let mut plot = None;
@@ -204,6 +217,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
             "-V" | "--version" => return Ok(Command::Version),
             "--reference" => reference = Some(PathBuf::from(value("--reference")?)),
             "--current" => current = Some(PathBuf::from(value("--current")?)),
+            "--map" => map = Some(PathBuf::from(value("--map")?)),
             "--tolerance-abs" => tol.abs = number("--tolerance-abs", value("--tolerance-abs")?)?,
             "--tolerance-rel" => tol.rel = number("--tolerance-rel", value("--tolerance-rel")?)?,
             "--tolerance-mode" => {
@@ -260,6 +274,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
                 "--reference (side A's run is the reference)",
             ),
             (current.is_some(), "--current"),
+            (map.is_some(), "--map"),
             (noise_floor, "--noise-floor"),
             (noise_reference.is_some(), "--noise-reference"),
             (monitor.save.is_some(), "--save-gguf"),
@@ -282,6 +297,24 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     };
     if monitor.save == Some(SaveTarget::Stdout) {
         return Err(UsageError::SaveToStdout);
+    }
+    let safetensors = reference
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    match (safetensors, map.is_some()) {
+        (true, false) => {
+            return Err(UsageError::Map(
+                "a .safetensors reference needs --map MAP.toml (which traced tensor each of \
+                 its names is: docs/reference-import.md)",
+            ))
+        }
+        (false, true) if compare_devices.is_none() => {
+            return Err(UsageError::Map(
+                "--map reads a .safetensors reference; this --reference is a trace (no map \
+                 needed)",
+            ))
+        }
+        _ => {}
     }
     if current.is_some() {
         let live_only = [
@@ -307,6 +340,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, UsageError> {
     }
     Ok(Command::Run(Box::new(Options {
         reference,
+        map,
         current,
         tolerance: tol,
         plot,
@@ -468,6 +502,46 @@ mod tests {
         let o = run(&["-m", "x", "--rpc", "h:1", "--reference", "r"]);
         assert_eq!(o.monitor.llama_args, ["-m", "x", "--rpc", "h:1"]);
         assert!(o.compare_devices.is_none());
+    }
+
+    #[test]
+    fn a_safetensors_reference_and_map_go_together() {
+        let o = run(&[
+            "--reference",
+            "r.safetensors",
+            "--map",
+            "m.toml",
+            "--current",
+            "c",
+        ]);
+        assert_eq!(o.map, Some(PathBuf::from("m.toml")));
+        let o = run(&["-m", "x", "--reference", "R.SafeTensors", "--map", "m.toml"]);
+        assert_eq!(o.monitor.llama_args, ["-m", "x"]);
+        let e = |v: &[&str]| parse(args(v)).unwrap_err();
+        assert!(matches!(
+            e(&["--reference", "r.safetensors", "--current", "c"]),
+            UsageError::Map(_)
+        ));
+        assert!(matches!(
+            e(&["--reference", "r.gguf", "--map", "m.toml"]),
+            UsageError::Map(_)
+        ));
+        assert_eq!(
+            e(&["--reference", "r.safetensors", "--map"]),
+            UsageError::MissingValue("--map")
+        );
+        assert!(matches!(
+            e(&[
+                "-m",
+                "x",
+                "--compare-devices",
+                "cpu",
+                "cpu",
+                "--map",
+                "m.toml"
+            ]),
+            UsageError::NotWithDevices(_)
+        ));
     }
 
     #[test]

@@ -617,6 +617,8 @@ pub struct Analyzer<'r> {
     node_used: Vec<bool>,
     /// Current nodes seen per (step, ggml name): the next one's occurrence.
     node_seen: HashMap<(u32, String), u32>,
+    /// The graph order of the current tensor being compared, when known.
+    current_order: Option<u32>,
     /// Which nodes are compared: those `--tensor-filter` matches; None: every node of
     /// either side (a comparison of saved traces without the option) unless
     /// `compare_nodes` is off.
@@ -624,6 +626,15 @@ pub struct Analyzer<'r> {
     /// Compare nodes when no filter is given (saved traces: yes; a live run, which
     /// traces none without the option: no).
     pub compare_nodes: bool,
+    /// The reference was imported (`--map`): its shapes are compared with size-1
+    /// dimensions left out, and its node names carry their occurrence (`Qcur-0#2`).
+    pub imported: bool,
+    /// Imported reference: current tensors of a role it maps none of (q, k, mask, ...),
+    /// not compared, by role name.
+    pub current_not_mapped: std::collections::BTreeMap<&'static str, usize>,
+    /// Imported reference: the roles it holds, and its nodes' (name, occurrence).
+    imported_roles: BTreeSet<Role>,
+    imported_nodes: std::collections::HashSet<(String, u32)>,
     pub layer: Option<i32>,
     pub tolerance: Tolerance,
     pub threads: usize,
@@ -688,8 +699,13 @@ impl<'r> Analyzer<'r> {
                 .collect(),
             node_used: vec![false; reference.nodes.len()],
             node_seen: HashMap::new(),
+            current_order: None,
             node_filter: None,
             compare_nodes: true,
+            imported: false,
+            current_not_mapped: Default::default(),
+            imported_roles: BTreeSet::new(),
+            imported_nodes: Default::default(),
             layer,
             tolerance,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -975,12 +991,57 @@ impl<'r> Analyzer<'r> {
         role
     }
 
+    /// The reference is an imported one (`--map`, [`crate::import`]): its node names
+    /// say their occurrence (`Qcur-0#2` is the third `Qcur-0` of its step), and shapes
+    /// are compared with their size-1 dimensions left out.
+    pub fn set_imported(&mut self) {
+        self.imported = true;
+        self.imported_roles = self.reference.tensors.iter().map(|t| t.meta.role).collect();
+        self.imported_nodes = self
+            .reference
+            .nodes
+            .iter()
+            .map(|t| {
+                let (name, k) = crate::import::split_occurrence(&t.meta.ggml_name);
+                (name.to_owned(), k)
+            })
+            .collect();
+        self.node_index = self
+            .reference
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let (name, k) = crate::import::split_occurrence(&t.meta.ggml_name);
+                ((t.meta.step, name.to_owned(), k), i)
+            })
+            .collect();
+    }
+
     /// Compare one current tensor (its bytes in logical order, in its own type). Nodes
     /// (role `node`) are paired by (step, ggml name, occurrence): call this for them in
     /// graph order, as the capture and the file give them.
     pub fn compare(&mut self, meta: &TensorMeta, name: &str, data: &[u8]) {
+        self.compare_ordered(meta, name, data, None);
+    }
+
+    /// [`compare`](Self::compare) with the current tensor's graph order, when known: the
+    /// first divergence follows it where the reference records none (an imported one).
+    pub fn compare_ordered(
+        &mut self,
+        meta: &TensorMeta,
+        name: &str,
+        data: &[u8],
+        graph_order: Option<u32>,
+    ) {
+        self.current_order = graph_order;
         if meta.role == Role::Node {
             return self.compare_node(meta, name, data);
+        }
+        // An imported reference maps some roles (kqv_out); the others are not its.
+        if self.imported && !self.imported_roles.contains(&meta.role) {
+            *self.current_not_mapped.entry(meta.role.name()).or_insert(0) += 1;
+            return;
         }
         if !self.wants_layer(meta.layer) {
             self.current_other_layer += 1;
@@ -1031,6 +1092,17 @@ impl<'r> Analyzer<'r> {
             .node_index
             .get(&(meta.step, meta.ggml_name.clone(), occurrence))
             .copied();
+        // An imported reference maps some nodes (and some occurrences of a name: `Qcur-0`
+        // but not `Qcur-0#2`); a node it maps in no step is not its.
+        if ri.is_none()
+            && self.imported
+            && !self
+                .imported_nodes
+                .contains(&(meta.ggml_name.clone(), occurrence))
+        {
+            *self.current_not_mapped.entry("node").or_insert(0) += 1;
+            return;
+        }
         if self.inputs_differ_at(meta.step) {
             self.skipped_steps.insert(meta.step);
             match ri {
@@ -1102,8 +1174,16 @@ impl<'r> Analyzer<'r> {
             noise: None,
             ggml_name: rt.meta.ggml_name.clone(),
             occurrence,
-            graph_order: rt.graph_order,
+            graph_order: rt.graph_order.or(self.current_order),
         };
+        // An imported reference's shape has its size-1 dimensions left out: the same
+        // values in the same order as any shape that differs from it only in those.
+        if self.imported
+            && crate::import::squeezed(c.reference_shape)
+                == crate::import::squeezed(c.current_shape)
+        {
+            c.reference_shape = c.current_shape;
+        }
         if c.shape_match() {
             let n = meta.layout.n_elements();
             // Read (or rebuilt from a delta) once: the metrics and the breakdown use it.

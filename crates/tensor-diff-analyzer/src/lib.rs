@@ -10,6 +10,7 @@ pub mod args;
 pub mod breakdown;
 pub mod compare;
 pub mod devices;
+pub mod import;
 pub mod live;
 pub mod output;
 pub mod plot;
@@ -89,6 +90,9 @@ pub enum AnalyzerError {
         selection: String,
         why: String,
     },
+    /// `--map`: the map or the safetensors reference could not be read or converted.
+    #[error("{0}")]
+    Import(#[from] import::ImportError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -201,7 +205,7 @@ pub fn compare_files(
             current.gguf().release_pages();
             a.reference.gguf().release_pages();
         }
-        a.compare(&t.meta, &t.name, &le_data(current, t));
+        a.compare_ordered(&t.meta, &t.name, &le_data(current, t), t.graph_order);
     }
     // Nodes (`--tensor-filter`) after the attention tensors, in graph order.
     for t in &current.nodes {
@@ -209,7 +213,7 @@ pub fn compare_files(
             current.gguf().release_pages();
             a.reference.gguf().release_pages();
         }
-        a.compare(&t.meta, &t.name, &le_data(current, t));
+        a.compare_ordered(&t.meta, &t.name, &le_data(current, t), t.graph_order);
     }
     let reference = a.reference;
     a.outputs.add_trace(reference, current);
@@ -308,7 +312,7 @@ pub fn compare_live(
             // The reference's logits are compared whenever it has them.
             logits: opts.monitor.logits || !a.reference.logits.is_empty(),
             kv_audit: opts.monitor.kv_audit,
-            nodes: opts.monitor.node_filter(),
+            nodes: a.node_filter.clone(),
         },
         prefill_only: opts.monitor.prefill_only,
         verbose: opts.monitor.verbose,
@@ -339,6 +343,39 @@ pub fn compare_live(
     }
 }
 
+/// What an import left out, as notes of the report.
+fn import_notes(a: &mut Analyzer, imp: &import::Imported) {
+    let list = |v: &[String]| {
+        let names: Vec<String> = v.iter().take(6).map(|n| shown(n)).collect();
+        format!(
+            "{}{}",
+            names.join(", "),
+            if v.len() > 6 { ", ..." } else { "" }
+        )
+    };
+    if !imp.unmapped.is_empty() {
+        a.late_notes.push(format!(
+            "{} reference tensor(s) match no --map entry and are not compared: {}",
+            imp.unmapped.len(),
+            list(&imp.unmapped)
+        ));
+    }
+    if !imp.unused_entries.is_empty() {
+        a.late_notes.push(format!(
+            "{} --map entr(y/ies) matched no reference tensor: {}",
+            imp.unused_entries.len(),
+            list(&imp.unused_entries)
+        ));
+    }
+    if imp.tokens_from.is_none() {
+        a.late_notes.push(
+            "the imported reference records no tokens (metadata kcm.steps): its steps' inputs \
+             are not checked against this run's"
+                .into(),
+        );
+    }
+}
+
 /// The whole analysis; returns the exit code of the verdict.
 pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
     match &opts.compare_devices {
@@ -351,7 +388,38 @@ pub fn run(opts: &Options) -> Result<u8, AnalyzerError> {
 /// sides of a `--compare-devices` run, whose traces `opts` names.
 pub fn analyze(opts: &Options, devices: Option<[devices::Side; 2]>) -> Result<u8, AnalyzerError> {
     let mut devices = devices;
-    let reference = open("reference", &opts.reference)?;
+    let tmp = tempfile::tempdir()?;
+    // `--map`: the safetensors reference becomes a trace first (import.rs).
+    let (reference_path, imported) = match &opts.map {
+        Some(m) => {
+            let map = import::Map::load(m)?;
+            let dest = tmp.path().join("imported-reference.gguf");
+            let imported = import::convert(&opts.reference, &map, &dest)?;
+            (dest, Some(imported))
+        }
+        None => (opts.reference.clone(), None),
+    };
+    let reference = open("reference", &reference_path)?;
+    // A live run against an imported reference traces the nodes it maps, unless
+    // --tensor-filter says which.
+    let derived;
+    let opts = match &imported {
+        Some(_) if opts.monitor.tensor_filter.is_empty() && !reference.nodes.is_empty() => {
+            let names: std::collections::BTreeSet<String> = reference
+                .nodes
+                .iter()
+                .map(|t| {
+                    let (name, _) = import::split_occurrence(&t.meta.ggml_name);
+                    format!("{}$", regex::escape(name))
+                })
+                .collect();
+            let mut o = opts.clone();
+            o.monitor.tensor_filter = names.into_iter().collect();
+            derived = o;
+            &derived
+        }
+        _ => opts,
+    };
     if let Some(d) = devices.as_mut() {
         d[0].backends = devices::backends(&reference);
     }
@@ -369,6 +437,10 @@ pub fn analyze(opts: &Options, devices: Option<[devices::Side; 2]>) -> Result<u8
     let mut a = analyzer(&reference, &opts.reference, layer, opts.tolerance)?;
     a.include_diverged = opts.include_diverged;
     nodes(&mut a);
+    if let Some(imp) = &imported {
+        a.set_imported();
+        import_notes(&mut a, imp);
+    }
     if a.node_filter.is_none() && !a.compare_nodes && !reference.nodes.is_empty() {
         a.late_notes.push(format!(
             "the reference holds {} graph node(s) (role node); this live run traced none:              --tensor-filter REGEX traces and compares them",
@@ -376,7 +448,6 @@ pub fn analyze(opts: &Options, devices: Option<[devices::Side; 2]>) -> Result<u8
         ));
     }
     // The first live run's trace, when --noise-floor runs the configuration again.
-    let tmp = tempfile::tempdir()?;
     let first_run = match (&opts.monitor.save, opts.noise_floor) {
         (Some(SaveTarget::Path(p)), _) => Some(p.clone()),
         (_, true) => Some(tmp.path().join("first-run.gguf")),
@@ -415,7 +486,26 @@ pub fn analyze(opts: &Options, devices: Option<[devices::Side; 2]>) -> Result<u8
             layer.map_or(String::new(), |l| format!(", layer {l} only")),
         )));
     }
-    kqv_out_compared(&a).map_err(AnalyzerError::NoKqvOut)?;
+    // An imported reference that maps no kqv_out (only nodes) asks about those only.
+    let maps_kqv_out = reference
+        .tensors
+        .iter()
+        .any(|t| t.meta.role == Role::KqvOut);
+    if imported.is_none() || maps_kqv_out {
+        kqv_out_compared(&a).map_err(AnalyzerError::NoKqvOut)?;
+    }
+    if !a.current_not_mapped.is_empty() {
+        let roles: Vec<String> = a
+            .current_not_mapped
+            .iter()
+            .map(|(r, n)| format!("{n} {r}"))
+            .collect();
+        a.late_notes.push(format!(
+            "the current run's tensors of roles the imported reference does not map are not \
+             compared: {}",
+            roles.join(", ")
+        ));
+    }
     let mut noise_source = None;
     if let Some(p) = &opts.noise_reference {
         let second = open("noise reference", p)?;

@@ -136,7 +136,8 @@ impl CaptureSink for LiveSink<'_, '_> {
         }
         for t in &att.tensors {
             let name = trace_format::tensor_name(&t.meta, false);
-            self.analyzer.compare(&t.meta, &name, &t.data);
+            self.analyzer
+                .compare_ordered(&t.meta, &name, &t.data, t.graph_order);
         }
         self.progress.update(self.counters);
         match self.save.as_mut() {
@@ -147,7 +148,8 @@ impl CaptureSink for LiveSink<'_, '_> {
 
     fn on_node(&mut self, node: CapturedTensor) -> Result<(), CaptureError> {
         let name = trace_format::tensor_name(&node.meta, false);
-        self.analyzer.compare(&node.meta, &name, &node.data);
+        self.analyzer
+            .compare_ordered(&node.meta, &name, &node.data, node.graph_order);
         match self.save.as_mut() {
             Some(s) => s.on_node(node),
             None => Ok(()),

@@ -108,14 +108,14 @@ fn check(trace_path: &Path, raw: bool, dir: &Path) -> Vec<(String, Vec<u8>)> {
         let name = e["name"].as_str().unwrap().to_owned();
         let is_logits = i >= t.tensors.len() && i < t.tensors.len() + t.logits.len();
         let expected_name = if tt.meta.role == trace_format::Role::Node {
-            // `step{S}/{ggml name}`, `#k` for the k-th (k >= 2) of a name in a step.
+            // `step{S}/{ggml name}`, `#k` for occurrence k >= 1 (from 0) of a name in a step.
             let base = format!("step{}/{}", tt.meta.step, tt.meta.ggml_name);
             let k = node_names.entry(base.clone()).or_insert(0);
             *k += 1;
             if *k == 1 {
                 base
             } else {
-                format!("{base}#{k}")
+                format!("{base}#{}", *k - 1)
             }
         } else if is_logits {
             format!("step{}/logits", tt.meta.step)

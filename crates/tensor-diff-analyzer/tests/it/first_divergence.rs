@@ -227,7 +227,7 @@ fn a_planted_weight_change_is_found_at_the_first_node_that_uses_it() {
     );
 }
 
-fn run_monitor(args: Vec<String>) -> TraceFile {
+pub(crate) fn run_monitor(args: Vec<String>) -> TraceFile {
     let out = args[args.iter().position(|a| a == "--save-gguf").unwrap() + 1].clone();
     let opts = match kcm_cli::capture_args::parse(args).unwrap() {
         kcm_cli::capture_args::Command::Run(o) => o,
