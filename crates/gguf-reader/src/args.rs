@@ -50,8 +50,11 @@ OPTIONS:
                      step{S}/logits; nodes: step{S}/{ggml name}), in logical layout (shape: ggml's ne reversed, numpy
                      order), dequantized to F32; the trace's metadata and a per-tensor
                      table as safetensors metadata (docs/trace-format.md, \"Export\")
-    --export-raw     with --export: F32/F16/BF16 tensors as they are, quantized ones as
-                     their raw blocks (U8, the row in bytes last)
+    --export FILE.npz
+                     the same as numpy's savez (np.load), F32; the metadata as the
+                     UTF-8 JSON bytes of a uint8 array __metadata__
+    --export-raw     with --export FILE.safetensors: F32/F16/BF16 tensors as they are,
+                     quantized ones as their raw blocks (U8, the row in bytes last)
     --step N         with --verify-attention / --shapes: only step N
     --layer N        with --verify-attention / --shapes: only layer N
     -h, --help       print this help

@@ -38,8 +38,12 @@ pub enum ExportError {
     Io(#[from] io::Error),
     #[error("writing the export: {0}")]
     Safetensors(#[from] safetensors::SafeTensorError),
-    #[error("--export: the destination must end in .safetensors, got {0}")]
+    #[error("--export: the destination must end in .safetensors or .npz, got {0}")]
     Extension(String),
+    #[error("--export-raw writes .safetensors only (an .npz export is dequantized to F32)")]
+    RawNpz,
+    #[error("writing the export: {0}")]
+    Npz(#[from] ndarray_npy::WriteNpzError),
 }
 
 /// One exported tensor: its place in the spill file and how safetensors describes it.
@@ -80,9 +84,12 @@ pub fn run(input: &Input, dest: &Path, raw: bool, out: &mut impl Write) -> Resul
         input: name.clone(),
         source: e,
     };
-    if dest.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-        return Err(wrap(ExportError::Extension(dest.display().to_string())));
-    }
+    let npz = match dest.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => false,
+        Some("npz") if raw => return Err(wrap(ExportError::RawNpz)),
+        Some("npz") => true,
+        _ => return Err(wrap(ExportError::Extension(dest.display().to_string()))),
+    };
     let file = match input {
         Input::Path(p) => GgufFile::open(p),
         Input::Stdin => {
@@ -93,7 +100,12 @@ pub fn run(input: &Input, dest: &Path, raw: bool, out: &mut impl Write) -> Resul
     }
     .map_err(|e| wrap(ExportError::Trace(e.into())))?;
     let trace = TraceFile::from_gguf(file).map_err(|e| wrap(e.into()))?;
-    let n = export(&trace, dest, raw).map_err(wrap)?;
+    let n = if npz {
+        export_npz(&trace, dest)
+    } else {
+        export(&trace, dest, raw)
+    }
+    .map_err(wrap)?;
     writeln!(
         out,
         "{}: {n} tensors ({})",
@@ -127,33 +139,11 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
     let spill = tempfile::tempfile_in(dir)?;
     let mut w = BufWriter::with_capacity(1 << 20, &spill);
     let mut entries: Vec<Entry> = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
     let mut table = Vec::new();
     let mut offset = 0usize;
-    let mut push = |base: String,
-                    t: &TracedTensor,
-                    w: &mut BufWriter<&std::fs::File>|
-     -> Result<(), ExportError> {
-        let count = seen.entry(base.clone()).or_insert(0);
-        *count += 1;
-        // The occurrence, from 0 (`Qcur-0`, `Qcur-0#1`, ...), as trace node names have it.
-        let name = if *count == 1 {
-            base
-        } else {
-            format!("{base}#{}", *count - 1)
-        };
-        let (dtype, shape, len) = write_tensor(trace, t, raw, order, w)?;
-        table.push(serde_json::json!({
-            "name": name,
-            "role": t.meta.role.name(),
-            "layer": t.meta.layer,
-            "step": t.meta.step,
-            "ggml_name": t.meta.ggml_name,
-            "op": t.meta.op,
-            "type": t.meta.ty().name(),
-            "ne": t.meta.layout.ne,
-            "graph_order": t.graph_order,
-        }));
+    for (name, t) in named(trace) {
+        let (dtype, shape, len) = write_tensor(trace, t, raw, order, &mut w)?;
+        table.push(table_entry(&name, t));
         entries.push(Entry {
             name,
             dtype,
@@ -162,35 +152,11 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
             len,
         });
         offset += len;
-        Ok(())
-    };
-    for t in &trace.tensors {
-        push(tensor_name(t), t, &mut w)?;
-    }
-    for t in &trace.logits {
-        push(format!("step{}/logits", t.meta.step), t, &mut w)?;
-    }
-    // Graph nodes (`--tensor-filter`) by their ggml name: the k-th of a name in a step
-    // gets `#k` (k >= 1, counted from 0 as in the trace), in graph order.
-    for t in &trace.nodes {
-        push(
-            format!("step{}/{}", t.meta.step, t.meta.ggml_name),
-            t,
-            &mut w,
-        )?;
     }
     w.flush()?;
     drop(w);
 
-    let mut info: HashMap<String, String> = HashMap::new();
-    for (k, v) in trace.gguf().metadata().iter() {
-        if let gguf_io::Value::Array(a) = v {
-            if a.len() > MAX_ARRAY {
-                continue;
-            }
-        }
-        info.insert(k.to_owned(), crate::report::value_json(v).to_string());
-    }
+    let mut info: HashMap<String, String> = run_metadata(trace).into_iter().collect();
     info.insert(
         "kqv_trace.export.tensors".into(),
         serde_json::Value::Array(table).to_string(),
@@ -225,6 +191,110 @@ pub fn export(trace: &TraceFile, dest: &Path, raw: bool) -> Result<usize, Export
         .collect();
     safetensors::tensor::serialize_to_file(views, Some(info), dest)?;
     Ok(n)
+}
+
+/// The exported names of a trace's tensors, in the order written: attention tensors,
+/// logits rows, then graph nodes in graph order; a repeated name gets `#k`, its
+/// occurrence counted from 0.
+fn named(trace: &TraceFile) -> Vec<(String, &TracedTensor)> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let bases = trace
+        .tensors
+        .iter()
+        .map(|t| (tensor_name(t), t))
+        .chain(
+            trace
+                .logits
+                .iter()
+                .map(|t| (format!("step{}/logits", t.meta.step), t)),
+        )
+        .chain(
+            trace
+                .nodes
+                .iter()
+                .map(|t| (format!("step{}/{}", t.meta.step, t.meta.ggml_name), t)),
+        );
+    bases
+        .map(|(base, t)| {
+            let count = seen.entry(base.clone()).or_insert(0);
+            *count += 1;
+            let name = if *count == 1 {
+                base
+            } else {
+                format!("{base}#{}", *count - 1)
+            };
+            (name, t)
+        })
+        .collect()
+}
+
+/// Write `dest` as an `.npz` (numpy's `savez`: one `.npy` per tensor, through the
+/// `ndarray-npy` crate) of every traced tensor dequantized to F32, under the names and
+/// shapes of the safetensors export; the run's metadata and the tensor table (the
+/// safetensors export's `__metadata__`, as one JSON object) as the UTF-8 bytes of a
+/// `uint8` array `__metadata__`. Written atomically. Returns the number of tensors.
+pub fn export_npz(trace: &TraceFile, dest: &Path) -> Result<usize, ExportError> {
+    let entries = named(trace);
+    let mut file = gguf_io::AtomicFile::create(dest).map_err(|e| ExportError::Trace(e.into()))?;
+    let mut table = Vec::with_capacity(entries.len());
+    {
+        let mut npz = ndarray_npy::NpzWriter::new(BufWriter::with_capacity(1 << 20, file.file()));
+        for (name, t) in &entries {
+            let values = trace.f32(t)?;
+            let shape = numpy_shape(t.meta.layout.ne);
+            let array = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), values)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            npz.add_array(name.as_str(), &array)?;
+            table.push(table_entry(name, t));
+        }
+        let mut info = serde_json::Map::new();
+        for (k, v) in run_metadata(trace) {
+            info.insert(k, serde_json::Value::String(v));
+        }
+        info.insert(
+            "kqv_trace.export.tensors".into(),
+            serde_json::Value::String(serde_json::Value::Array(table).to_string()),
+        );
+        info.insert("kqv_trace.export.values".into(), "f32".into());
+        let meta = serde_json::Value::Object(info).to_string().into_bytes();
+        npz.add_array("__metadata__", &ndarray::Array1::from_vec(meta))?;
+        let inner = npz.finish()?;
+        inner
+            .into_inner()
+            .map_err(|e| ExportError::Io(e.into_error()))?;
+    }
+    file.commit().map_err(|e| ExportError::Trace(e.into()))?;
+    Ok(entries.len())
+}
+
+/// One row of `kqv_trace.export.tensors`.
+fn table_entry(name: &str, t: &TracedTensor) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "role": t.meta.role.name(),
+        "layer": t.meta.layer,
+        "step": t.meta.step,
+        "ggml_name": t.meta.ggml_name,
+        "op": t.meta.op,
+        "type": t.meta.ty().name(),
+        "ne": t.meta.layout.ne,
+        "graph_order": t.graph_order,
+    })
+}
+
+/// The trace's run-level metadata, each value as JSON (arrays over [`MAX_ARRAY`] left
+/// out).
+fn run_metadata(trace: &TraceFile) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in trace.gguf().metadata().iter() {
+        if let gguf_io::Value::Array(a) = v {
+            if a.len() > MAX_ARRAY {
+                continue;
+            }
+        }
+        out.push((k.to_owned(), crate::report::value_json(v).to_string()));
+    }
+    out
 }
 
 /// ggml's `ne` reversed (numpy order).

@@ -44,6 +44,28 @@ print(json.dumps({"keys": sorted(meta), "values": meta["kqv_trace.export.values"
                   "arch": json.loads(meta["kqv_trace.run.architecture"])}))
 "#;
 
+/// numpy's np.load of the .npz at argv[2] against safetensors' load of argv[1]: the same
+/// names, shapes, dtypes and values (bit for bit), and the same metadata.
+const NPZ_SAME: &str = r#"
+import sys, json
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+st = load_file(sys.argv[1])
+with safe_open(sys.argv[1], framework="np") as f:
+    st_meta = f.metadata()
+z = np.load(sys.argv[2])
+meta = json.loads(bytes(z["__metadata__"]).decode())
+names = [k for k in z.files if k != "__metadata__"]
+assert sorted(names) == sorted(st), (sorted(names)[:5], sorted(st)[:5])
+for k in names:
+    a, b = z[k], st[k]
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
+    assert a.tobytes() == b.tobytes(), k
+assert meta == st_meta, sorted(set(meta) ^ set(st_meta))
+print(len(names), "arrays equal")
+"#;
+
 fn reader(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(READER).args(args).output().unwrap();
     (
@@ -205,6 +227,18 @@ fn export_reads_back_with_pypi_safetensors_in_both_storages() {
     assert!(a == b, "version 1 and version 2 export different tensors");
     let raw = check(&delta, true, d);
     assert_eq!(raw.len(), a.len());
+    // The .npz export, read by numpy's own np.load: the same arrays as the safetensors
+    // export (checked above against the Rust reader), and the same metadata.
+    let st = d.join("same.safetensors");
+    let npz = d.join("same.npz");
+    for dest in [&st, &npz] {
+        let (code, out, err) =
+            reader(&[delta.to_str().unwrap(), "--export", dest.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("{} tensors", a.len())), "{out}");
+    }
+    let out = run_python_ok(NPZ_SAME, [st.to_str().unwrap(), npz.to_str().unwrap()]);
+    assert_eq!(out.trim(), format!("{} arrays equal", a.len()));
     eprintln!(
         "{} tensors exported from each storage, values and raw",
         a.len()
@@ -223,8 +257,18 @@ fn bad_export_requests_fail_in_one_line_and_leave_nothing() {
     let (code, _, err) = reader(&[t, "--export", npy.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("must end in .safetensors"), "{err}");
+    assert!(err.contains("must end in .safetensors or .npz"), "{err}");
     assert!(!npy.exists());
+    // Raw blocks are a safetensors thing.
+    let npz = d.join("x.npz");
+    let (code, _, err) = reader(&[t, "--export", npz.to_str().unwrap(), "--export-raw"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--export-raw writes .safetensors only"),
+        "{err}"
+    );
+    assert!(!npz.exists());
     // --export-raw alone is a usage error.
     let (code, _, err) = reader(&[t, "--export-raw"]);
     assert_eq!(code, 2, "{err}");
