@@ -292,3 +292,40 @@ impl Capture<'_> {
         unsafe { self.kept.prehash(&spans) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_clip_merge_near_neighbours_and_give_up_when_too_many() {
+        // Clipped to the span; an empty range dropped; neighbours within MERGE_GAP merged.
+        assert_eq!(
+            requests(&[0..10, 20..30, 5000..5010, 9200..9300], 9250),
+            Some(vec![0..30, 5000..5010, 9200..9250])
+        );
+        assert_eq!(requests(&[100..200, 150..160], 1000), Some(vec![100..200]));
+        assert_eq!(requests(&[2000..3000], 1000), Some(vec![]));
+        let at = |start: usize| vec![0..1, start..start + 1];
+        assert_eq!(
+            requests(&at(1 + MERGE_GAP), 1 << 20),
+            Some(vec![0..1 + MERGE_GAP + 1]),
+            "a gap of MERGE_GAP bytes is read with the ranges"
+        );
+        assert_eq!(
+            requests(&at(2 + MERGE_GAP), 1 << 20),
+            Some(at(2 + MERGE_GAP)),
+            "one byte more: two requests"
+        );
+        let far = |n: usize| -> Vec<std::ops::Range<usize>> {
+            (0..n)
+                .map(|i| i * 2 * MERGE_GAP..i * 2 * MERGE_GAP + 4)
+                .collect()
+        };
+        assert_eq!(
+            requests(&far(MAX_REQUESTS), usize::MAX).map(|r| r.len()),
+            Some(MAX_REQUESTS)
+        );
+        assert_eq!(requests(&far(MAX_REQUESTS + 1), usize::MAX), None);
+    }
+}

@@ -388,17 +388,21 @@ fn kv_span_and_cell(t: &TraceFile, step: u32, layer: i32) -> (u64, u64) {
 /// stderr), and reads a remote K/V view only where the step wrote it: the trace equals the
 /// one read whole (`--kv-audit 1` turns the write tracking off) and the local run's, and
 /// each generated token reads the two views' spans less one written cell each (and the
-/// 8-byte `SET_ROWS` indices) fewer bytes than the whole reads.
+/// 8-byte `SET_ROWS` indices) fewer bytes than the whole reads. With an audit every 2nd
+/// step (a whole read that checks the log) the trace is the same too.
 #[test]
 fn the_capture_counts_its_rpc_reads_and_reads_a_remote_kv_view_only_where_written() {
     let dir = tempfile::tempdir().unwrap();
-    let m = model(dir.path());
+    let m16 = model(dir.path());
+    // q8_0 blocks of 32 need heads of 32 (the default tiny model's are 16).
+    let m32 = tiny_llama::write_with_head_dim(dir.path(), 32).unwrap();
     let (a, b) = (RpcServer::start(1), RpcServer::start(1));
     let rpc = rpc_list(&[&a, &b]);
-    for fa in [true, false] {
-        let what = format!("-fa {fa}");
+    for (fa, ct) in [(true, "f16"), (false, "f16"), (true, "q8_0")] {
+        let what = format!("-fa {fa} -ctk/-ctv {ct}");
+        let m = if ct == "f16" { &m16 } else { &m32 };
         let remote = || {
-            base(&m, fa, "f16", "f16")
+            base(m, fa, ct, ct)
                 .arg("--rpc")
                 .arg(&rpc)
                 .arg("-ngl")
@@ -406,17 +410,14 @@ fn the_capture_counts_its_rpc_reads_and_reads_a_remote_kv_view_only_where_writte
                 .arg("-ts")
                 .arg("1,3")
         };
-        let local = traced(
-            base(&m, fa, "f16", "f16"),
-            &dir.path().join(format!("local-{fa}.gguf")),
-        );
-        let (delta, err) = traced_err(remote(), &dir.path().join(format!("delta-{fa}.gguf")));
-        let whole = traced(
-            remote().arg("--kv-audit").arg("1"),
-            &dir.path().join(format!("whole-{fa}.gguf")),
-        );
+        let file = |name: &str| dir.path().join(format!("{name}-{fa}-{ct}.gguf"));
+        let local = traced(base(m, fa, ct, ct), &file("local"));
+        let (delta, err) = traced_err(remote(), &file("delta"));
+        let whole = traced(remote().arg("--kv-audit").arg("1"), &file("whole"));
+        let audited = traced(remote().arg("--kv-audit").arg("2"), &file("audited"));
         assert_same_values(&local, &delta, &what);
         assert_same_values(&whole, &delta, &what);
+        assert_same_values(&audited, &delta, &what);
         assert!(
             local.run.rpc_read_bytes.is_empty(),
             "{what}: a local run reads no RPC"
@@ -449,7 +450,8 @@ fn the_capture_counts_its_rpc_reads_and_reads_a_remote_kv_view_only_where_writte
                 cells += c;
             }
             if fa {
-                // Each layer's K and V: one cell read instead of the span; the index
+                // Each layer's K and V: one cell (f16 values or q8_0 blocks) read instead
+                // of the span; the index
                 // tensors (one I64 per token, K's and V's, a copy on each server) read once.
                 assert_eq!(
                     w[s] - d[s],
