@@ -71,7 +71,10 @@ LLAMA.CPP OPTIONS:
     --rpc HOST:PORT,... splits the model across RPC servers (kcm-rpc-server; with -ngl,
     -ts, -sm layer|none): each endpoint is checked first (a down one, or one of another
     protocol version: one line, exit 2); one that dies mid-run ends the run with one line
-    and the trace saved as incomplete (exit 1). The protocol is unauthenticated.
+    and the trace saved as incomplete (exit 1). The protocol is unauthenticated. The
+    run ends with a stderr line of the bytes the capture read from the servers (in all,
+    and per generated token; per step in the trace, kqv_trace.run.rpc_read_bytes): a
+    remote K/V view is read only where a step wrote it, whole every --kv-audit steps.
 
 STEPS:
     step 0 is the first ubatch of the prompt; each later llama_decode call (the next
