@@ -294,6 +294,7 @@ impl Capture<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
