@@ -115,12 +115,14 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     if opts.verbose && !outcome.generated_text.is_empty() {
         eprintln!("generated: {:?}", outcome.generated_text);
     }
+    // The capture's RPC traffic, unless --quiet (the analyzer's --compare-devices sides).
     let traffic = crate::sink::rpc_traffic_line(
         "kqv-trace-monitor",
         &info,
         &outcome.remote_read_bytes,
         &step_tokens,
-    );
+    )
+    .filter(|_| !opts.quiet);
     let finished = sink.finish(&info, &outcome);
     if let Some(line) = traffic {
         eprintln!("{line}");
