@@ -664,6 +664,16 @@ impl Report {
             f("capture_bytes_from_servers_per_step"),
             f("capture_bytes_to_servers_per_step"),
         );
+        if o.get("capture_counted_bytes_per_token").is_some() {
+            let _ = writeln!(
+                s,
+                "As the capture counts its own reads from the servers (`ggml_backend_tensor_get`,\n\
+                 the stderr line and `kqv_trace.run.rpc_read_bytes`): {:.0} bytes in the prompt's\n\
+                 step, {:.0} bytes per generated token (median; the K/V views read where written).\n",
+                f("capture_counted_bytes_prompt_step"),
+                f("capture_counted_bytes_per_token"),
+            );
+        }
     }
 
     fn render_mixed(&self, s: &mut String) {
@@ -940,6 +950,8 @@ mod tests {
             ],
             "capture_bytes_from_servers_per_step": 60.6,
             "capture_bytes_to_servers_per_step": 15.2,
+            "capture_counted_bytes_prompt_step": 70000.0,
+            "capture_counted_bytes_per_token": 12345.0,
         }));
         r.reader = vec![
             Timed {
@@ -978,6 +990,7 @@ mod tests {
             "## The monitor across RPC servers",
             "| monitor (all layers, stats) | 5.00 | 0.500 | 1500 | 4000 |",
             "per\nstep): 61 bytes from the servers, 15 to them.",
+            "70000 bytes in the prompt's\nstep, 12345 bytes per generated token",
             "## offline_diff: throughput against memcpy",
             "| tensor-diff-analyzer --current | 2.00 | 0.500 |",
             "| q8_0 | 3.00 | 2.00 | 1.50 |",

@@ -68,4 +68,7 @@ pub struct RunOutcome {
     pub generated_text: String,
     /// What keeping KV-cache views cost (zero without a capture).
     pub capture: crate::capture::CaptureStats,
+    /// Bytes the capture read from RPC servers' memory in each step (index = step;
+    /// empty without a capture): see [`crate::capture::CaptureStats::remote_read_bytes`].
+    pub remote_read_bytes: Vec<u64>,
 }

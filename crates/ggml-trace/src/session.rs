@@ -417,6 +417,7 @@ pub fn run_replay(
     drop(guard);
     let interrupted = state.stopped;
     let capture = state.capture.stats();
+    let remote_read_bytes = state.capture.remote_bytes_per_step().to_vec();
     drop(state);
     Ok((
         info,
@@ -425,6 +426,7 @@ pub fn run_replay(
             interrupted,
             generated_text,
             capture,
+            remote_read_bytes,
         },
     ))
 }

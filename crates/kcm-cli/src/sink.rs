@@ -325,6 +325,11 @@ impl MonitorSink {
             trace_sources: self.trace_sources,
             complete: !outcome.interrupted,
             tensor_filter: self.tensor_filter.clone(),
+            rpc_read_bytes: if info.rpc_endpoints.is_empty() {
+                Vec::new()
+            } else {
+                outcome.remote_read_bytes.clone()
+            },
             ..base
         };
         if self.n_cross_layer > 0 {
@@ -773,5 +778,83 @@ mod tests {
             }
             assert_eq!(line["count"], 1024);
         }
+    }
+}
+
+/// The line that tells what the capture read from RPC servers (`None` for a local run):
+/// the total over the steps, and the median over the steps of one token (generated
+/// tokens: what the capture costs per token). `bytes[i]` and `tokens[i]` are step `i`'s
+/// bytes read and tokens decoded.
+pub fn rpc_traffic_line(
+    tool: &str,
+    info: &RunInfo,
+    bytes: &[u64],
+    tokens: &[usize],
+) -> Option<String> {
+    if info.rpc_endpoints.is_empty() || bytes.is_empty() {
+        return None;
+    }
+    let total: u64 = bytes.iter().sum();
+    let mut per_token: Vec<u64> = bytes
+        .iter()
+        .zip(tokens)
+        .filter(|&(_, &n)| n == 1)
+        .map(|(&b, _)| b)
+        .collect();
+    per_token.sort_unstable();
+    let mut line = format!(
+        "{tool}: the capture read {total} bytes from the RPC servers in {} steps",
+        bytes.len()
+    );
+    if let Some(&median) = per_token.get(per_token.len() / 2) {
+        line.push_str(&format!(
+            "; per generated token: {median} bytes (median of {} one-token steps)",
+            per_token.len()
+        ));
+    }
+    Some(line)
+}
+
+#[cfg(test)]
+mod rpc_line_tests {
+    use super::*;
+
+    fn info(endpoints: &[&str]) -> RunInfo {
+        RunInfo {
+            n_layer: 1,
+            n_head: 1,
+            n_head_kv: 1,
+            n_ctx: 256,
+            n_batch: 16,
+            n_ubatch: 16,
+            n_predict: 0,
+            seed: 0,
+            flash_attn_requested: None,
+            type_k: gguf_io::GgmlType::F16,
+            type_v: gguf_io::GgmlType::F16,
+            architecture: "llama".into(),
+            model_path: String::new(),
+            prompt_tokens: Vec::new(),
+            mixed: None,
+            kv_buffer_bytes: 0,
+            n_threads: 1,
+            n_threads_batch: 1,
+            replayed_from: None,
+            rpc_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_rpc_line_sums_the_steps_and_takes_the_median_of_one_token_steps() {
+        let i = info(&["127.0.0.1:1"]);
+        assert_eq!(
+            rpc_traffic_line("t", &i, &[1000, 30, 10, 20], &[16, 1, 1, 1]).as_deref(),
+            Some("t: the capture read 1060 bytes from the RPC servers in 4 steps; per generated token: 20 bytes (median of 3 one-token steps)")
+        );
+        assert_eq!(
+            rpc_traffic_line("t", &i, &[7], &[5]).as_deref(),
+            Some("t: the capture read 7 bytes from the RPC servers in 1 steps")
+        );
+        assert_eq!(rpc_traffic_line("t", &info(&[]), &[7], &[1]), None);
     }
 }

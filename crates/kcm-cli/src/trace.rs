@@ -75,6 +75,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
         sink: Some(sink),
         info: None,
         steps: 0,
+        tokens: Vec::new(),
     };
     let replay = match &opts.replay {
         Some(p) => Some(load_replay(p)?),
@@ -82,6 +83,7 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     };
     let result = session::run_replay(&opts.llama_args, run_opts, replay.as_ref(), &mut started);
     let (started_info, started_steps) = (started.info.take(), started.steps);
+    let step_tokens = std::mem::take(&mut started.tokens);
     let sink = started.sink.take().ok_or_else(|| {
         MonitorError::Io(io::Error::other("the monitor's sink was already finished"))
     })?;
@@ -113,7 +115,19 @@ pub fn run(opts: &Options) -> Result<(), MonitorError> {
     if opts.verbose && !outcome.generated_text.is_empty() {
         eprintln!("generated: {:?}", outcome.generated_text);
     }
-    sink.finish(&info, &outcome)
+    // The capture's RPC traffic, unless --quiet (the analyzer's --compare-devices sides).
+    let traffic = crate::sink::rpc_traffic_line(
+        "kqv-trace-monitor",
+        &info,
+        &outcome.remote_read_bytes,
+        &step_tokens,
+    )
+    .filter(|_| !opts.quiet);
+    let finished = sink.finish(&info, &outcome);
+    if let Some(line) = traffic {
+        eprintln!("{line}");
+    }
+    finished
 }
 
 /// The steps of the trace at `path`, to decode again (`--replay`).
@@ -135,6 +149,8 @@ struct Started {
     sink: Option<MonitorSink>,
     info: Option<RunInfo>,
     steps: u32,
+    /// Tokens decoded in each step begun (index = step).
+    tokens: Vec<usize>,
 }
 
 impl Started {
@@ -155,6 +171,11 @@ impl CaptureSink for Started {
         let go_on = self.sink.as_mut().is_some_and(|s| s.on_step(step));
         if go_on {
             self.steps = step.step + 1;
+            let i = step.step as usize;
+            if self.tokens.len() <= i {
+                self.tokens.resize(i + 1, 0);
+            }
+            self.tokens[i] = step.tokens.len();
         }
         go_on
     }

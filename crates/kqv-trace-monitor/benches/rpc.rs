@@ -4,7 +4,10 @@
 //! capture and statistics for all layers, runs alternating, the median of each; and the
 //! bytes the run moves over RPC, counted by a forwarding proxy in front of each server
 //! (both directions), so that the capture's own traffic is the difference between the two
-//! modes (the model's upload and the graphs are the same in both).
+//! modes (the model's upload and the graphs are the same in both). The monitor's runs
+//! also report what the capture itself counted (`ggml_backend_tensor_get` from the
+//! servers' memory, `RunOutcome::remote_read_bytes`): the prompt's step and the median
+//! generated token.
 //!
 //! `cargo bench -p kqv-trace-monitor --bench rpc` (KCM_BENCH_TOKENS, KCM_BENCH_RUNS
 //! override the 32 tokens and 3 runs; KCM_BENCH_JSON=FILE also writes the figures as
@@ -113,6 +116,9 @@ fn main() {
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     // Per run: bytes to the servers, bytes from them, steps decoded.
     let mut bytes: Vec<Vec<(u64, u64, u32)>> = vec![Vec::new(); modes.len()];
+    // The monitor's runs, as the capture counted its reads: (prompt step, median of the
+    // generated tokens' steps).
+    let mut counted: Vec<(f64, f64)> = Vec::new();
     for _ in 0..runs {
         for (m, (rate, moved)) in rates.iter_mut().zip(bytes.iter_mut()).enumerate() {
             let opts = Options {
@@ -152,6 +158,18 @@ fn main() {
                 .zip(&after)
                 .fold((0, 0), |(u, d), (b, a)| (u + a.0 - b.0, d + a.1 - b.1));
             moved.push((up, down, outcome.steps));
+            if m == 1 {
+                let per_step = &outcome.remote_read_bytes;
+                let decode: Vec<f64> = per_step.iter().skip(1).map(|&b| b as f64).collect();
+                counted.push((
+                    per_step.first().map_or(0.0, |&b| b as f64),
+                    if decode.is_empty() {
+                        0.0
+                    } else {
+                        median(&decode)
+                    },
+                ));
+            }
             if let Some(sink) = timed.inner.take() {
                 sink.finish(&info, &outcome).expect("finish");
             }
@@ -188,6 +206,12 @@ fn main() {
         per_step(extra_down),
         per_step(extra_up)
     );
+    let counted_prompt = median(&counted.iter().map(|c| c.0).collect::<Vec<_>>());
+    let counted_token = median(&counted.iter().map(|c| c.1).collect::<Vec<_>>());
+    println!(
+        "the capture's own count of its reads from the servers: {counted_prompt:.0} bytes in \
+         the prompt's step, {counted_token:.0} bytes per generated token (median)"
+    );
     if let Some(path) = std::env::var_os("KCM_BENCH_JSON") {
         let doc = serde_json::json!({
             "model": "gemma-3-270m Q4_K_M",
@@ -196,6 +220,8 @@ fn main() {
             "modes": json_modes,
             "capture_bytes_from_servers_per_step": per_step(extra_down),
             "capture_bytes_to_servers_per_step": per_step(extra_up),
+            "capture_counted_bytes_prompt_step": counted_prompt,
+            "capture_counted_bytes_per_token": counted_token,
         });
         std::fs::write(&path, format!("{doc:#}\n")).expect("write KCM_BENCH_JSON");
     }

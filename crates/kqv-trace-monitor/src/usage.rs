@@ -53,7 +53,8 @@ MONITOR OPTIONS:
     --json               statistics as JSON Lines (schema: docs/json.md)
     --quiet              no progress line on stderr (it is shown only when stderr is a
                          terminal and the statistics are not: stdout redirected); NO_COLOR
-                         turns its colour off
+                         turns its colour off. Nor, with --rpc, the line of the bytes read
+                         from the servers
     -v, --verbose        show llama.cpp's log on stderr (default: errors only); also
                          passed to llama.cpp
     -h, --help           this help
@@ -71,7 +72,11 @@ LLAMA.CPP OPTIONS:
     --rpc HOST:PORT,... splits the model across RPC servers (kcm-rpc-server; with -ngl,
     -ts, -sm layer|none): each endpoint is checked first (a down one, or one of another
     protocol version: one line, exit 2); one that dies mid-run ends the run with one line
-    and the trace saved as incomplete (exit 1). The protocol is unauthenticated.
+    and the trace saved as incomplete (exit 1). The protocol is unauthenticated. The
+    run ends with a stderr line (not with --quiet) of the bytes the capture read from the
+    servers, in all and per generated token (per step in the trace:
+    kqv_trace.run.rpc_read_bytes); a remote K/V view is read only where a step wrote it,
+    and whole every --kv-audit steps.
 
 STEPS:
     step 0 is the first ubatch of the prompt; each later llama_decode call (the next

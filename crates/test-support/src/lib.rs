@@ -29,7 +29,9 @@ use std::sync::{Mutex, OnceLock};
 
 /// A workspace binary (`target/<profile>/<bin>`, beside the running test's `deps/`
 /// directory), built once per test process with `cargo build -p <package>` (a no-op when
-/// it is up to date): a test of another crate must never run a stale binary.
+/// it is up to date): a test of another crate must never run a stale binary. From a
+/// benchmark (`target/release/deps/`: cargo's bench profile writes there) it is built
+/// with `--release`, into the directory it is looked for in.
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let exe = std::env::current_exe().expect("current test executable");
@@ -45,8 +47,13 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
         .unwrap_or_else(|p| p.into_inner());
     if !built.iter().any(|p| p == package) {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let release = dir.file_name().is_some_and(|d| d == "release");
+        let mut args = vec!["build", "-p", package];
+        if release {
+            args.push("--release");
+        }
         let st = Command::new(cargo)
-            .args(["build", "-p", package])
+            .args(&args)
             .current_dir(gguf_py::workspace_root())
             .status()
             .expect("run cargo");

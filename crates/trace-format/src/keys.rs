@@ -62,6 +62,9 @@ pub const RUN_RPC_ENDPOINTS: &str = "kqv_trace.run.rpc_endpoints";
 /// ARRAY[STRING]: the `--tensor-filter` patterns, as given (each anchored at the start of a
 /// node's name). Optional (absent: attention only, no nodes traced).
 pub const RUN_TENSOR_FILTER: &str = "kqv_trace.run.tensor_filter";
+/// ARRAY[UINT64]: per step (index = step), the bytes the capture read from RPC servers'
+/// memory (`ggml_backend_tensor_get`). Optional (absent: a local run, or not counted).
+pub const RUN_RPC_READ_BYTES: &str = "kqv_trace.run.rpc_read_bytes";
 
 /// Per tensor, parallel to the tensor table.
 pub const TENSOR_ROLE: &str = "kqv_trace.tensor.role";

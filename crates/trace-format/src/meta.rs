@@ -237,6 +237,10 @@ pub struct RunMeta {
     /// The `--tensor-filter` patterns the run traced graph nodes with (role `node`), as
     /// given; empty: attention only.
     pub tensor_filter: Vec<String>,
+    /// Per step (index = step): the bytes the capture read from the RPC servers' memory
+    /// with `ggml_backend_tensor_get` (remote layers' traced tensors, the written parts of
+    /// their K/V views); empty for a local run or when not counted.
+    pub rpc_read_bytes: Vec<u64>,
 }
 
 /// Whether llama.cpp rotates K (and Q) and V by a Hadamard matrix for these cache types

@@ -690,6 +690,7 @@ mod tests {
             replayed_from: "golden.gguf".into(),
             rpc_endpoints: vec!["127.0.0.1:50052".into(), "10.0.0.2:50052".into()],
             tensor_filter: vec!["ffn_out".into(), "l_out|attn_norm".into()],
+            rpc_read_bytes: vec![4_718_592, 12_345],
             ..RunMeta::default()
         };
         w.finish(&run, Vec::new()).unwrap()
@@ -710,6 +711,7 @@ mod tests {
         assert_eq!(t.run.replayed_from, "golden.gguf");
         assert_eq!(t.run.rpc_endpoints, ["127.0.0.1:50052", "10.0.0.2:50052"]);
         assert_eq!(t.run.tensor_filter, ["ffn_out", "l_out|attn_norm"]);
+        assert_eq!(t.run.rpc_read_bytes, [4_718_592, 12_345]);
         assert!(t.first_problem().is_none());
     }
 

@@ -272,6 +272,16 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         replayed_from: string(m, keys::RUN_REPLAYED_FROM)?,
         rpc_endpoints: strings(m, keys::RUN_RPC_ENDPOINTS)?,
         tensor_filter: strings(m, keys::RUN_TENSOR_FILTER)?,
+        rpc_read_bytes: match m.get(keys::RUN_RPC_READ_BYTES) {
+            None => Vec::new(),
+            Some(gguf_io::Value::Array(gguf_io::Array::U64(v))) => v.clone(),
+            Some(_) => {
+                return Err(Violation::BadValue {
+                    key: keys::RUN_RPC_READ_BYTES,
+                    what: "not an array of UINT64".into(),
+                })
+            }
+        },
     })
 }
 

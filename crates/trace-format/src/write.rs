@@ -569,6 +569,9 @@ impl TraceWriter {
         if !run.tensor_filter.is_empty() {
             m.set(keys::RUN_TENSOR_FILTER, run.tensor_filter.clone());
         }
+        if !run.rpc_read_bytes.is_empty() {
+            m.set(keys::RUN_RPC_READ_BYTES, run.rpc_read_bytes.clone());
+        }
 
         let t = &self.tensors;
         m.set(

@@ -24,6 +24,12 @@ struct Kept {
     pos: u64,
     /// Gathers with write tracking since the last full hash.
     since_audit: u32,
+    /// For a view in another backend's memory (an RPC server): `src` holds that
+    /// backend's addresses (keys, not memory of this process), and `raw` the span's bytes
+    /// as last read, updated where the write log says the graph wrote (see
+    /// [`KeptCache::take_raw`]). Empty for host memory.
+    remote: bool,
+    raw: Vec<u8>,
 }
 
 /// One gather's result.
@@ -100,7 +106,7 @@ impl KeptCache {
     /// memory it was last gathered from (a write no graph node makes).
     #[cfg(feature = "fault-injection")]
     pub(crate) fn plant_byte(&mut self, key: Key, cell: usize) {
-        let Some(k) = self.kept.get(&key) else {
+        let Some(k) = self.kept.get(&key).filter(|k| !k.remote) else {
             return;
         };
         let at = cell
@@ -140,9 +146,43 @@ impl KeptCache {
         self.log.watch(spans);
     }
 
+    /// A new step (see [`WriteLog::new_step`]).
+    pub(crate) fn new_step(&mut self) {
+        self.log.new_step();
+    }
+
+    /// (bytes, calls) the write log read from non-host buffers since the last call.
+    pub(crate) fn take_log_remote_bytes(&mut self) -> (u64, u64) {
+        self.log.take_remote_bytes()
+    }
+
+    /// The bytes of `key`'s remote span as last read (empty when there are none), taken
+    /// out to be updated and handed back with [`KeptCache::put_raw`] after the gather.
+    pub(crate) fn take_raw(&mut self, key: Key) -> Vec<u8> {
+        match self.kept.get_mut(&key) {
+            Some(k) => {
+                let raw = std::mem::take(&mut k.raw);
+                self.kept_bytes -= raw.len();
+                raw
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Keep `raw` (the bytes of `key`'s remote span just gathered) for the next delta
+    /// read, when the key is kept and tracked; its bytes count against the budget.
+    pub(crate) fn put_raw(&mut self, key: Key, raw: Vec<u8>) {
+        if let Some(k) = self.kept.get_mut(&key) {
+            if k.tracked && k.remote && k.raw.is_empty() {
+                self.kept_bytes += raw.len();
+                k.raw = raw;
+            }
+        }
+    }
+
     /// The writes into `src` since `key`'s last gather, when they are known: the key is
     /// tracked, was gathered from the same memory in the same layout, and no audit is due.
-    fn known_writes(
+    pub(crate) fn known_writes(
         &self,
         key: Key,
         layout: &TensorLayout,
@@ -248,10 +288,25 @@ impl KeptCache {
         key: Key,
         track: bool,
     ) -> Result<Gathered, LayoutError> {
+        self.gather_from(src, None, layout, key, track)
+    }
+
+    /// [`KeptCache::gather`] of bytes read from another backend's memory: `remote` is
+    /// the address the span starts at there (the tensor's `data`, a key for the write
+    /// log); `src` is this process's copy of the span (see [`KeptCache::take_raw`]).
+    pub(crate) fn gather_from(
+        &mut self,
+        src: &[u8],
+        remote: Option<usize>,
+        layout: TensorLayout,
+        key: Key,
+        track: bool,
+    ) -> Result<Gathered, LayoutError> {
         self.revisions += 1;
         let id = self.revisions;
         let n_bytes = layout.n_bytes()? as usize;
-        let span = src.as_ptr() as usize..src.as_ptr() as usize + layout.span_bytes()? as usize;
+        let origin = remote.unwrap_or(src.as_ptr() as usize);
+        let span = origin..origin + layout.span_bytes()? as usize;
         let track = track && self.audit_every > 1;
         let fits = self.fits_budget(key, n_bytes);
         let known = self.known_writes(key, &layout, &span, track);
@@ -322,6 +377,7 @@ impl KeptCache {
                 let rewatch = k.tracked != track || k.src != span;
                 k.tracked = track;
                 k.src = span;
+                k.remote = remote.is_some();
                 let data = Arc::clone(&k.data);
                 if rewatch {
                     self.rewatch();
@@ -363,6 +419,8 @@ impl KeptCache {
                 tracked: track,
                 pos: position,
                 since_audit: 0,
+                remote: remote.is_some(),
+                raw: Vec::new(),
             },
         );
         self.rewatch();

@@ -170,6 +170,12 @@ pub struct CaptureStats {
     pub hashed_bytes: u64,
     /// Audits that found bytes no graph node wrote.
     pub unexplained: u64,
+    /// Bytes the capture read from memory that is not the host's (an RPC server's) with
+    /// `ggml_backend_tensor_get`: traced tensors of remote layers, the written parts of
+    /// their K/V views, the `SET_ROWS` indices that say which; and the number of those
+    /// reads (each a round trip to an RPC server).
+    pub remote_read_bytes: u64,
+    pub remote_reads: u64,
 }
 
 /// A change to a kept KV-cache view that no graph node wrote, found by an audit
@@ -281,6 +287,10 @@ pub struct Capture<'a> {
     unexplained: Vec<UnexplainedChange>,
     /// Reading the sources of a mixed attention node (its stores are not tracked).
     in_mixed: bool,
+    /// Bytes read from non-host memory in the current step, and in each step ended so
+    /// far (index = step number; steps not traced: 0).
+    step_remote_bytes: u64,
+    remote_bytes_per_step: Vec<u64>,
     /// Nodes asked about so far in this step: the next node's graph order.
     next_order: u32,
     /// The graph order of the node asked about last (the one a data call reads).
@@ -305,6 +315,8 @@ impl<'a> Capture<'a> {
             n_layer: 0,
             unexplained: Vec::new(),
             in_mixed: false,
+            step_remote_bytes: 0,
+            remote_bytes_per_step: Vec::new(),
             next_order: 0,
             order: 0,
             asked: None,
@@ -335,6 +347,8 @@ impl<'a> Capture<'a> {
             return false;
         }
         self.step = step.step;
+        self.step_remote_bytes = 0;
+        self.kept.new_step();
         self.kept.trim_log();
         #[cfg(feature = "fault-injection")]
         if let Some(fault::Fault::HostWrite { step, layer, cell }) = fault::planned() {
@@ -353,6 +367,17 @@ impl<'a> Capture<'a> {
     /// The step has run (after its `llama_decode`); false when the run must stop (an
     /// error, kept for [`Capture::take_error`]).
     pub fn end_step(&mut self, out: StepOutput) -> bool {
+        let (index_bytes, index_reads) = self.kept.take_log_remote_bytes();
+        self.kept.stats.remote_read_bytes += index_bytes;
+        self.kept.stats.remote_reads += index_reads;
+        let step = usize::try_from(self.step).unwrap_or(usize::MAX);
+        if step < (1 << 24) {
+            if self.remote_bytes_per_step.len() <= step {
+                self.remote_bytes_per_step.resize(step + 1, 0);
+            }
+            self.remote_bytes_per_step[step] = self.step_remote_bytes + index_bytes;
+        }
+        self.step_remote_bytes = 0;
         if self.error.is_some() {
             return false;
         }
@@ -386,6 +411,12 @@ impl<'a> Capture<'a> {
     /// What keeping views has cost so far.
     pub fn stats(&self) -> CaptureStats {
         self.kept.stats
+    }
+
+    /// Bytes read from non-host memory (RPC servers) in each step ended so far, index =
+    /// step (see [`CaptureStats::remote_read_bytes`]).
+    pub fn remote_bytes_per_step(&self) -> &[u64] {
+        &self.remote_bytes_per_step
     }
 
     /// The first error met inside the callbacks (the run stops there).

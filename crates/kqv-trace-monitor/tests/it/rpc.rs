@@ -42,6 +42,11 @@ fn base(model: &Path, fa: bool, ctk: &str, ctv: &str) -> LlamaArgs {
 /// Runs the monitor with `args` and `--save-gguf out`; asserts exit 0 and every group
 /// verified.
 fn traced(args: LlamaArgs, out: &Path) -> TraceFile {
+    traced_err(args, out).0
+}
+
+/// [`traced`], with the monitor's stderr.
+fn traced_err(args: LlamaArgs, out: &Path) -> (TraceFile, String) {
     let args = args
         .arg("--verify")
         .arg("--save-gguf")
@@ -66,7 +71,7 @@ fn traced(args: LlamaArgs, out: &Path) -> TraceFile {
         .filter(|l| l.starts_with("verify step") && l.contains("kernel exact"))
         .collect();
     assert!(exact.is_empty(), "{args:?}\n{}", exact.join("\n"));
-    TraceFile::open(out).unwrap()
+    (TraceFile::open(out).unwrap(), text(&o.stderr))
 }
 
 /// The same (step, layer, role) tensors with the same types, shapes and bytes.
@@ -362,4 +367,105 @@ fn a_server_killed_mid_run_ends_in_one_line_and_an_incomplete_trace() {
         .tensors
         .iter()
         .any(|x| x.meta.role == Role::KqvOut && x.meta.step >= 3));
+}
+
+/// The bytes of the K and V views' spans of `layer` at `step`, and the bytes of one
+/// cache cell of each (with flash attention the views are [head_dim, n_kv, n_head_kv],
+/// a cell's heads contiguous: a cell is dimension 1's stride).
+fn kv_span_and_cell(t: &TraceFile, step: u32, layer: i32) -> (u64, u64) {
+    let mut span = 0;
+    let mut cell = 0;
+    for x in t.tensors.iter().filter(|x| {
+        x.meta.step == step && x.meta.layer == layer && matches!(x.meta.role, Role::K | Role::V)
+    }) {
+        span += x.meta.layout.span_bytes().unwrap();
+        cell += x.meta.layout.nb[1];
+    }
+    (span, cell)
+}
+
+/// The capture counts what it reads from the servers (per step, in the trace and on
+/// stderr), and reads a remote K/V view only where the step wrote it: the trace equals the
+/// one read whole (`--kv-audit 1` turns the write tracking off) and the local run's, and
+/// each generated token reads the two views' spans less one written cell each (and the
+/// 8-byte `SET_ROWS` indices) fewer bytes than the whole reads. With an audit every 2nd
+/// step (a whole read that checks the log) the trace is the same too.
+#[test]
+fn the_capture_counts_its_rpc_reads_and_reads_a_remote_kv_view_only_where_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let m16 = model(dir.path());
+    // q8_0 blocks of 32 need heads of 32 (the default tiny model's are 16).
+    let m32 = tiny_llama::write_with_head_dim(dir.path(), 32).unwrap();
+    let (a, b) = (RpcServer::start(1), RpcServer::start(1));
+    let rpc = rpc_list(&[&a, &b]);
+    for (fa, ct) in [(true, "f16"), (false, "f16"), (true, "q8_0")] {
+        let what = format!("-fa {fa} -ctk/-ctv {ct}");
+        let m = if ct == "f16" { &m16 } else { &m32 };
+        let remote = || {
+            base(m, fa, ct, ct)
+                .arg("--rpc")
+                .arg(&rpc)
+                .arg("-ngl")
+                .arg("99")
+                .arg("-ts")
+                .arg("1,3")
+        };
+        let file = |name: &str| dir.path().join(format!("{name}-{fa}-{ct}.gguf"));
+        let local = traced(base(m, fa, ct, ct), &file("local"));
+        let (delta, err) = traced_err(remote(), &file("delta"));
+        let whole = traced(remote().arg("--kv-audit").arg("1"), &file("whole"));
+        let audited = traced(remote().arg("--kv-audit").arg("2"), &file("audited"));
+        assert_same_values(&local, &delta, &what);
+        assert_same_values(&whole, &delta, &what);
+        assert_same_values(&audited, &delta, &what);
+        assert!(
+            local.run.rpc_read_bytes.is_empty(),
+            "{what}: a local run reads no RPC"
+        );
+        let (d, w) = (&delta.run.rpc_read_bytes, &whole.run.rpc_read_bytes);
+        assert_eq!(d.len(), 6, "{what}: one count per step: {d:?}");
+        assert_eq!(w.len(), 6, "{what}: {w:?}");
+        // The stderr line: the total, and the median of the 3 generated tokens' steps.
+        let mut tokens: Vec<u64> = d[3..].to_vec();
+        tokens.sort_unstable();
+        assert!(
+            err.contains(&format!(
+                "kqv-trace-monitor: the capture read {} bytes from the RPC servers in 6 steps; \
+                 per generated token: {} bytes (median of 3 one-token steps)",
+                d.iter().sum::<u64>(),
+                tokens[1]
+            )),
+            "{what}: {err}"
+        );
+        eprintln!("{what}: counted per step, delta reads {d:?}, whole reads {w:?}");
+        // The prompt's first step sees every view for the first time: read whole (and
+        // no write is followed before a view is kept).
+        assert_eq!(d[0], w[0], "{what}: first sight");
+        for step in 3..6u32 {
+            let s = step as usize;
+            let (mut span, mut cells) = (0, 0);
+            for layer in 0..2 {
+                let (sp, c) = kv_span_and_cell(&whole, step, layer);
+                span += sp;
+                cells += c;
+            }
+            if fa {
+                // Each layer's K and V: one cell (f16 values or q8_0 blocks) read instead
+                // of the span; the index
+                // tensors (one I64 per token, K's and V's, a copy on each server) read once.
+                assert_eq!(
+                    w[s] - d[s],
+                    span - cells - 4 * 8,
+                    "{what}: step {step}: whole {} delta {} (K/V spans {span}, cells {cells})",
+                    w[s],
+                    d[s]
+                );
+                assert!(d[s] * 4 < w[s], "{what}: step {step}: {} vs {}", d[s], w[s]);
+            } else {
+                // The transposed V cache scatters a token's values over its whole view
+                // (read as one merged request); K is read by its cell.
+                assert!(d[s] < w[s], "{what}: step {step}: {} vs {}", d[s], w[s]);
+            }
+        }
+    }
 }
