@@ -4,6 +4,7 @@
 #include "arg.h"
 #include "build-info.h"
 #include "common.h"
+#include "debug.h"
 
 #include <cstdio>
 #include <cstring>
@@ -46,4 +47,20 @@ extern "C" int32_t kcm_common_params_parse(int32_t argc, const char * const * ar
 
 extern "C" const char * kcm_common_build_info(void) {
     return llama_build_info();
+}
+
+bool kcm_llama_debug_cb(struct ggml_tensor * t, bool ask, void * user_data) {
+    return common_debug_cb_eval(t, ask, user_data);
+}
+
+void * kcm_llama_debug_new(void) {
+    try {
+        return new common_debug_cb_user_data();
+    } catch (const std::exception &) {
+        return nullptr;
+    }
+}
+
+void kcm_llama_debug_free(void * user_data) {
+    delete static_cast<common_debug_cb_user_data *>(user_data);
 }

@@ -29,6 +29,16 @@ extern "C" {
     ) -> i32;
     /// See csrc/kcm_shim.h.
     pub fn kcm_common_build_info() -> *const c_char;
+    /// llama.cpp's `common_debug_cb_eval` (csrc/kcm_shim.h): an eval callback.
+    pub fn kcm_llama_debug_cb(
+        t: *mut crate::sys::ggml_tensor,
+        ask: bool,
+        user_data: *mut std::ffi::c_void,
+    ) -> bool;
+    /// A new `common_debug_cb_user_data` (every node); NULL on failure.
+    pub fn kcm_llama_debug_new() -> *mut std::ffi::c_void;
+    /// Frees what [`kcm_llama_debug_new`] returned.
+    pub fn kcm_llama_debug_free(user_data: *mut std::ffi::c_void);
 }
 
 /// Some of `common_params` after llama.cpp's own argument parser ran.

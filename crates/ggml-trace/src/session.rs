@@ -256,6 +256,28 @@ pub fn run_replay(
     replay: Option<&Replay>,
     sink: &mut dyn CaptureSink,
 ) -> Result<(RunInfo, RunOutcome), SessionError> {
+    run_with(llama_args, opts, replay, sink, false)
+}
+
+/// [`run`] with llama.cpp's own eval callback, `common_debug_cb_eval` (what
+/// `llama-eval-callback` and `llama-debug` install: every node's values printed through
+/// common's log, on stderr with `opts.verbose`), instead of the capture; the sink sees
+/// the steps only. The benchmarks' anchor for the cost of looking at every node.
+pub fn run_llama_debug(
+    llama_args: &[String],
+    opts: RunOptions,
+    sink: &mut dyn CaptureSink,
+) -> Result<(RunInfo, RunOutcome), SessionError> {
+    run_with(llama_args, opts, None, sink, true)
+}
+
+fn run_with(
+    llama_args: &[String],
+    opts: RunOptions,
+    replay: Option<&Replay>,
+    sink: &mut dyn CaptureSink,
+    llama_debug: bool,
+) -> Result<(RunInfo, RunOutcome), SessionError> {
     // Before llama.cpp's parser registers the servers (its client aborts on a dead one).
     let rpc_endpoints = crate::rpc::check_run(llama_args)?;
     // With RPC servers, a server that dies mid-run makes ggml-rpc abort the process on its
@@ -307,18 +329,39 @@ pub fn run_replay(
         n_steps: replay_lens.len() as i32,
         n_prompt_tokens: i32::try_from(r.n_prompt_tokens).unwrap_or(i32::MAX),
     });
+    // llama.cpp's own callback's state, freed after the session (declared first: dropped
+    // last).
+    struct DebugData(*mut c_void);
+    impl Drop for DebugData {
+        fn drop(&mut self) {
+            if !self.0.is_null() {
+                // SAFETY: made by kcm_llama_debug_new, freed once, after the session.
+                unsafe { ggml_trace_sys::shim::kcm_llama_debug_free(self.0) }
+            }
+        }
+    }
+    // SAFETY: no arguments; NULL on failure (checked).
+    let debug =
+        llama_debug.then(|| DebugData(unsafe { ggml_trace_sys::shim::kcm_llama_debug_new() }));
+    if debug.as_ref().is_some_and(|d| d.0.is_null()) {
+        return Err(SessionError::Setup(
+            "common_debug_cb_user_data could not be made".into(),
+        ));
+    }
+    let (callback, callback_data): (crate::sys::ggml_backend_sched_eval_callback, *mut c_void) =
+        match &debug {
+            Some(d) => (Some(ggml_trace_sys::shim::kcm_llama_debug_cb), d.0),
+            None if opts.eval_callback => (Some(Capture::callback), cap_ptr.cast()),
+            None => (None, cap_ptr.cast()),
+        };
     // SAFETY: argv holds argc valid C strings; the callback and its user data stay valid
     // until kcm_session_free below.
     let session = unsafe {
         kcm_session_create(
             argv.len() as i32,
             argv.as_ptr(),
-            if opts.eval_callback {
-                Some(Capture::callback)
-            } else {
-                None
-            },
-            cap_ptr.cast(),
+            callback,
+            callback_data,
             i32::from(opts.verbose),
             replay_c
                 .as_ref()
@@ -336,7 +379,7 @@ pub fn run_replay(
         });
     }
     let guard = SessionGuard(session);
-    if opts.eval_callback {
+    if opts.eval_callback && debug.is_none() {
         let mut n_threads = 0i32;
         // SAFETY: valid session; the pool lives until kcm_session_free (the guard), after
         // the last decode, and the eval callback runs between the computations on it.

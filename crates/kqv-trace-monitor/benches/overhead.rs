@@ -2,8 +2,10 @@
 //! steps with (a) no eval callback, (b) the monitor's capture and statistics for all
 //! layers, (c) the same plus `--save-gguf` (spooling), (d) the capture with the data
 //! dropped, (e) every graph node traced and summarised (`--tensor-filter .`, issue 19),
-//! (f) the same plus `--save-gguf`. Runs alternate so drift hits all alike; the median
-//! of each is reported.
+//! (f) the same plus `--save-gguf`, (g) llama.cpp's own `common_debug_cb_eval` on every
+//! node (`llama-eval-callback`'s printing, through common's log to stderr: run the bench
+//! with `2>/dev/null`). Runs alternate so drift hits all alike; the median of each is
+//! reported.
 //!
 //! `cargo bench -p kqv-trace-monitor --bench overhead` (KCM_BENCH_TOKENS, KCM_BENCH_RUNS
 //! override the 32 tokens and 3 runs; with KCM_BENCH_JSON=FILE the medians and every run
@@ -51,6 +53,7 @@ fn main() {
         "capture only (data dropped)",
         "--tensor-filter . (every node, stats)",
         "--tensor-filter . + --save-gguf",
+        "llama.cpp common_debug_cb_eval",
     ];
     // KCM_BENCH_MODES=1,2 runs only those modes (for profiling one at a time).
     let only: Option<Vec<usize>> = std::env::var("KCM_BENCH_MODES")
@@ -97,10 +100,16 @@ fn main() {
                     nodes: opts.node_filter(),
                 },
                 prefill_only: false,
-                verbose: false,
+                // llama.cpp's callback prints through common's log: shown only verbose.
+                verbose: m == 6,
                 eval_callback: m > 0,
             };
-            let (info, outcome) = session::run(&llama_args, run_opts, &mut timed).expect("run");
+            let (info, outcome) = if m == 6 {
+                session::run_llama_debug(&llama_args, run_opts, &mut timed)
+            } else {
+                session::run(&llama_args, run_opts, &mut timed)
+            }
+            .expect("run");
             rate.push(timed.tokens_per_s(Instant::now()));
             if timed.inner.is_some() {
                 sink_ms.push(timed.sink_ms_per_token());
