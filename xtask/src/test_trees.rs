@@ -17,6 +17,14 @@
 //!   vendor/llama.cpp; on an already patched tree it names patch 0001 and stages the tree
 //!   without patches (no build).
 //!
+//! - **lcp**: llama-cpp-python 0.3.36's `vendor/llama.cpp` (an older upstream than the pin),
+//!   downloaded once (`curl`, SHA-256 checked) and unpacked under `target/`, staged with our
+//!   patches when they all apply (they do), built, and the tiny model and gemma-3-270m traced
+//!   and verified like the fork, plus one `--mixed-kv-cache` trace of the tiny model.
+//! - **lcp-plain** (only with `--only`): the same tree as it is, without our patches: the
+//!   build detects no mixed KV cache, `--version` must say so, `--mixed-kv-cache` must be
+//!   refused in one line with exit 2, and the tiny model traces and verifies.
+//!
 //! Build times are printed (wall clock; the machine may be busy).
 
 use std::path::Path;
