@@ -18,12 +18,10 @@
 //!   without patches (no build).
 //!
 //! - **lcp**: llama-cpp-python 0.3.36's `vendor/llama.cpp` (an older upstream than the pin),
-//!   downloaded once (`curl`, SHA-256 checked) and unpacked under `target/`, staged with our
-//!   patches when they all apply (they do), built, and the tiny model and gemma-3-270m traced
-//!   and verified like the fork, plus one `--mixed-kv-cache` trace of the tiny model.
-//! - **lcp-plain** (only with `--only`): the same tree as it is, without our patches: the
-//!   build detects no mixed KV cache, `--version` must say so, `--mixed-kv-cache` must be
-//!   refused in one line with exit 2, and the tiny model traces and verifies.
+//!   downloaded once (`curl`, SHA-256 checked) and unpacked under `target/`, built as it is
+//!   (our patches apply to it but do not compile there): the build detects no mixed KV
+//!   cache, `--version` must say so, `--mixed-kv-cache` must be refused in one line with
+//!   exit 2, and the tiny model and gemma-3-270m are traced and verified like the fork.
 //!
 //! Build times are printed (wall clock; the machine may be busy).
 
@@ -110,26 +108,20 @@ fn sha256_hex(path: &Path) -> Result<String> {
     Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The origin recorded for the llama-cpp-python tree (its path says only `vendor/llama.cpp`).
-fn lcp_origin() -> String {
-    format!("llama-cpp-python {LCP_VERSION} vendor/llama.cpp")
-}
-
 pub fn run(mut args: pico_args::Arguments) -> Result {
     let only: Option<String> = args
         .opt_value_from_str("--only")
         .map_err(|e| format!("--only: {e}"))?;
     util::no_more_args(args)?;
-    let (fork, guard, staging, lcp, lcp_plain) = match only.as_deref() {
-        None => (true, true, true, true, false),
-        Some("fork") => (true, false, false, false, false),
-        Some("guard") => (false, true, false, false, false),
-        Some("staging") => (false, false, true, false, false),
-        Some("lcp") => (false, false, false, true, false),
-        Some("lcp-plain") => (false, false, false, false, true),
+    let (fork, guard, staging, lcp) = match only.as_deref() {
+        None => (true, true, true, true),
+        Some("fork") => (true, false, false, false),
+        Some("guard") => (false, true, false, false),
+        Some("staging") => (false, false, true, false),
+        Some("lcp") => (false, false, false, true),
         Some(other) => {
             return Err(format!(
-                "--only: unknown `{other}` (fork, guard, staging, lcp or lcp-plain)"
+                "--only: unknown `{other}` (fork, guard, staging or lcp)"
             ))
         }
     };
@@ -137,9 +129,6 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     let mut report = Vec::new();
     if lcp {
         report.extend(lcp_test()?);
-    }
-    if lcp_plain {
-        report.extend(lcp_plain_test()?);
     }
     if fork || guard || staging {
         llama_tree::prepare(false)?;
@@ -171,35 +160,30 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     Ok(())
 }
 
-/// The llama-cpp-python tree: fetched, staged with our patches when they all apply (else
-/// without, and the tools are built without the mixed KV cache), built, traced with the
-/// tiny model and gemma-3-270m.
+/// The llama-cpp-python tree as it is, without our patches: they apply to it
+/// (`git apply --check`) but the patched tree does not compile (the patches use members
+/// the older tree lacks: `n_rot_k`/`n_rot_v` in llama-kv-cache.cpp, `mixed_n_cold` in
+/// llama-graph.cpp), so it is built without the mixed KV cache. The build detects that,
+/// `--version` must say `features: no mixed-kv-cache`, `--mixed-kv-cache` must be refused
+/// in one line with exit 2, and the tiny model and gemma-3-270m trace and verify.
 fn lcp_test() -> Result<Vec<String>> {
     let start = Instant::now();
     let src = lcp_source()?;
-    let tree = llama_tree::stage_external(&src, true, Some(&lcp_origin()))?;
-    let stamp = std::fs::read_to_string(tree.join(llama_tree::STAMP)).unwrap_or_default();
-    let how = match stamp.lines().find_map(|l| l.strip_prefix("unpatched: ")) {
-        Some(why) => format!("without our patches ({why})"),
-        None => "with our patches".to_string(),
-    };
+    let tree = llama_tree::stage_external(&src, false, None)?;
     let mut report = vec![format!(
-        "lcp: llama-cpp-python {LCP_VERSION} vendor/llama.cpp fetched and staged {how} in {:.0} s",
+        "lcp: llama-cpp-python {LCP_VERSION} vendor/llama.cpp fetched and unpacked in {:.0} s (built as it is, without our patches)",
         start.elapsed().as_secs_f64()
     )];
-    let patched = !stamp.contains("unpatched: ");
-    report.extend(tree_test("lcp", &tree, "llama-cpp-python", true, patched)?);
+    report.extend(tree_test(
+        "lcp",
+        &tree,
+        "llama_cpp_python-0.3.36",
+        true,
+        false,
+    )?);
     Ok(report)
 }
 
-/// The llama-cpp-python tree as it is (no patches): the build detects that it has no mixed
-/// KV cache, the tools say so in `--version`, refuse `--mixed-kv-cache` (exit 2) and trace
-/// and verify the tiny model.
-fn lcp_plain_test() -> Result<Vec<String>> {
-    let src = lcp_source()?;
-    let tree = llama_tree::stage_external(&src, false, None)?;
-    tree_test("lcp-plain", &tree, "llama_cpp_python-0.3.36", false, false)
-}
 /// `--with-patches` staging, without building: the pinned package's unpatched tree (in the
 /// cargo registry) plus our patches must equal vendor/llama.cpp file for file; the already
 /// patched vendor/llama.cpp must be staged unpatched, the stamp naming patch 0001.
@@ -327,34 +311,6 @@ fn tree_test(
     demo::build_tools(false)?;
     report.push(format!(
         "{label}: the tools built in {:.0} s",
-        start.elapsed().as_secs_f64()
-    ));
-
-    // ggml-trace-sys's own tests on the fork: generated op codes against ggml_op_name,
-    // the layout guard, the build info.
-    let start = Instant::now();
-    let tests = util::output(util::cargo().args([
-        "test",
-        "-p",
-        "ggml-trace-sys",
-        "--test",
-        "it",
-        "--",
-        "tree_enums",
-        "layout_guard",
-        "llama_ffi",
-        "mixed",
-        "--nocapture",
-    ]))?;
-    let tests = String::from_utf8_lossy(&tests);
-    print!("{tests}");
-    for line in tests.lines() {
-        if line.contains("would be misread") || line.starts_with("test result:") {
-            report.push(format!("{label}: ggml-trace-sys tests: {}", line.trim()));
-        }
-    }
-    report.push(format!(
-        "{label}: ggml-trace-sys tests built and ran in {:.0} s",
         start.elapsed().as_secs_f64()
     ));
 
@@ -504,6 +460,35 @@ fn tree_test(
             lines[0]
         ));
     }
+    // After the traces, so that their results come first on a busy machine.
+    // ggml-trace-sys's own tests on the fork: generated op codes against ggml_op_name,
+    // the layout guard, the build info.
+    let start = Instant::now();
+    let tests = util::output(util::cargo().args([
+        "test",
+        "-p",
+        "ggml-trace-sys",
+        "--test",
+        "it",
+        "--",
+        "tree_enums",
+        "layout_guard",
+        "llama_ffi",
+        "mixed",
+        "--nocapture",
+    ]))?;
+    let tests = String::from_utf8_lossy(&tests);
+    print!("{tests}");
+    for line in tests.lines() {
+        if line.contains("would be misread") || line.starts_with("test result:") {
+            report.push(format!("{label}: ggml-trace-sys tests: {}", line.trim()));
+        }
+    }
+    report.push(format!(
+        "{label}: ggml-trace-sys tests built and ran in {:.0} s",
+        start.elapsed().as_secs_f64()
+    ));
+
     Ok(report)
 }
 

@@ -540,7 +540,12 @@ void kcm_session_info(const kcm_session * s, kcm_run_info * out) {
     out->mixed_hot_window = 0;
     out->mixed_cold_type = -1;
 #endif
+#if KCM_MIXED_KV
+    // llama_memory_buffer_size comes with the mixed KV cache (vendor/patches/0002).
     out->kv_buffer_bytes = (uint64_t) llama_memory_buffer_size(llama_get_memory(s->ctx));
+#else
+    out->kv_buffer_bytes = 0; // unknown: the tree has no llama_memory_buffer_size
+#endif
     out->n_threads = (int32_t) llama_n_threads(s->ctx);
     out->n_threads_batch = (int32_t) llama_n_threads_batch(s->ctx);
     llama_model_meta_val_str(m, "general.architecture", out->arch, sizeof(out->arch));
