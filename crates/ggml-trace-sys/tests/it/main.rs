@@ -20,7 +20,7 @@ mod unfused_ambiguity;
 #[cfg(not(kcm_mixed_kv))]
 #[test]
 fn mixed_attn_skipped() {
-    assert!(!ggml_trace_sys::MIXED_KV_CACHE);
+    const { assert!(!ggml_trace_sys::MIXED_KV_CACHE) };
     eprintln!(
         "skipped: mixed_attn (this llama.cpp tree has no mixed KV cache: {})",
         ggml_trace_sys::FEATURES
