@@ -50,17 +50,18 @@ fn main() {
     let sys_rs = manifest_dir.join("src/sys.rs");
     emit_rerun_directives(&tree, &csrc, &sys_rs);
 
-    require_mixed_kv(&tree);
+    let mixed = detect_mixed_kv(&tree);
+    emit_features(mixed);
     let committed = std::fs::read_to_string(&sys_rs)
         .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", sys_rs.display())));
     generate_enums(&tree.path, &committed, &out_dir);
-    guard_layouts(&tree.path, &csrc, &committed, &out_dir);
+    guard_layouts(&tree.path, &csrc, &committed, &out_dir, mixed);
 
     let cache = cache::Cache::new(&out_dir);
-    let files = generated::render(&tree.path, &tree.origin, tree.build_number);
+    let files = generated::render(&tree.path, &tree.version, &tree.origin, tree.build_number);
     let gen = generated::write_all(&files, &cache.generated_dir(&files));
     let cpu = cpu::CpuFlags::for_host();
-    let libs = sources::libraries(&tree.path, &csrc, &gen, &cpu);
+    let libs = sources::libraries(&tree.path, &csrc, &gen, &cpu, mixed);
 
     let roots = [
         (tree.path.clone(), "<llama.cpp>"),
@@ -96,6 +97,9 @@ struct Tree {
     origin: String,
     /// llama.cpp's build number (`git rev-list --count HEAD`), 0 when unknown.
     build_number: u64,
+    /// llama.cpp's version (`LLAMA_VERSION`, e.g. `0.6.0-dev`): the stamp's `llama-version`,
+    /// else the tree's top-level CMakeLists.txt, else the pin's.
+    version: String,
     /// `vendor/llama.cpp`, the tree the committed bindings were generated from.
     pinned: bool,
 }
@@ -118,6 +122,7 @@ fn locate_tree(manifest_dir: &Path) -> Tree {
         }
         let (origin, build_number) = describe(&path);
         return Tree {
+            version: version_of(&path),
             path,
             origin,
             build_number,
@@ -133,6 +138,7 @@ fn locate_tree(manifest_dir: &Path) -> Tree {
                 .to_path_buf();
             let (origin, build_number) = describe(&path);
             Tree {
+                version: version_of(&path),
                 path,
                 origin,
                 build_number,
@@ -141,6 +147,20 @@ fn locate_tree(manifest_dir: &Path) -> Tree {
         }
         Err(_) => fail("vendor/llama.cpp is missing: run `cargo xtask build-llama`"),
     }
+}
+
+/// llama.cpp's version of a tree: its stamp's `llama-version` line (a copy staged by xtask),
+/// else its top-level CMakeLists.txt, else the pin's version.
+fn version_of(tree: &Path) -> String {
+    let stamp = std::fs::read_to_string(tree.join(STAMP)).unwrap_or_default();
+    stamp
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("llama-version ")
+                .map(|v| v.trim().to_string())
+        })
+        .or_else(|| generated::llama_version(tree))
+        .unwrap_or_else(|| generated::PINNED_LLAMA_VERSION.to_string())
 }
 
 /// (origin, build number) of a tree: its stamp's `origin`/`build-number` lines (or first
@@ -187,40 +207,66 @@ fn describe(tree: &Path) -> (String, u64) {
     (unversioned(tree), 0)
 }
 
-/// The origin of a tree that is not a git checkout: its last two path components
-/// (`tree llama-cpp-python-0.3.36/vendor`), which usually name the source package.
+/// The origin of a tree that is not a git checkout: its last two path components, three
+/// under a `vendor` directory (`tree llama_cpp_python-0.3.36/vendor/llama.cpp (not a git
+/// checkout)`), which usually name the source package.
 fn unversioned(tree: &Path) -> String {
     let parts: Vec<String> = tree
         .components()
         .rev()
-        .take(2)
+        .take(shown_components(tree))
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
     let shown: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
     format!("tree {} (not a git checkout)", shown.join("/"))
 }
 
-/// The tools need the mixed KV cache of vendor/patches (the committed bindings'
-/// `llama_context_params` has its fields, the capture links `llama_mixed_attn_get_params`,
-/// csrc/ sets its options): a tree without it fails here with one line instead of in the
-/// layout guard or the linker.
-fn require_mixed_kv(tree: &Tree) {
+/// Names of the capability the build detects, in `--version` and the build output.
+const MIXED_FEATURE: &str = "mixed-kv-cache";
+
+/// Whether the tree has our mixed KV cache (vendor/patches 0001-0004): the declarations
+/// production code links (`llama_mixed_attn_get_params`, `llama_mixed_attn` in llama.h)
+/// and common's options (`mixed_kv_cache` in common.h). Without it the crate is built
+/// without `cfg(kcm_mixed_kv)`: the capture's mixed path, the shim's options and the
+/// `llama_context_params` fields are left out, and the tools refuse `--mixed-kv-cache`.
+fn detect_mixed_kv(tree: &Tree) -> bool {
     let llama_h = std::fs::read_to_string(tree.path.join("include/llama.h")).unwrap_or_default();
     let common_h = std::fs::read_to_string(tree.path.join("common/common.h")).unwrap_or_default();
-    if !(llama_h.contains("llama_mixed_attn_get_params") && common_h.contains("mixed_kv_cache")) {
+    let present = llama_h.contains("llama_mixed_attn_get_params")
+        && llama_h.contains("llama_mixed_attn(")
+        && common_h.contains("mixed_kv_cache");
+    if !present {
         // A copy staged by `--with-patches` whose patches did not apply says which one.
         let stamp = std::fs::read_to_string(tree.path.join(STAMP)).unwrap_or_default();
-        if let Some(why) = stamp.lines().find_map(|l| l.strip_prefix("unpatched: ")) {
-            fail(&format!(
-                "llama.cpp at {} has no mixed KV cache, which these tools need: vendor/patches/{why} to this tree",
-                tree.path.display()
-            ));
-        }
-        fail(&format!(
-            "llama.cpp at {} has no mixed KV cache (vendor/patches are not applied), which these tools need: build with `cargo xtask build-llama --llama-src PATH --with-patches`",
+        let why = stamp
+            .lines()
+            .find_map(|l| l.strip_prefix("unpatched: "))
+            .map(|w| format!("vendor/patches/{w}"))
+            .unwrap_or_else(|| "vendor/patches are not applied".into());
+        println!(
+            "cargo:warning=kcm: llama.cpp at {} has no mixed KV cache ({why}): building without it (--mixed-kv-cache is refused)",
             tree.path.display()
-        ));
+        );
     }
+    present
+}
+
+/// The cfg and constants that say what the tree has (`ggml_trace_sys::MIXED_KV_CACHE`,
+/// `ggml_trace_sys::FEATURES`), and `DEP_KCM_LLAMA_MIXED_KV` for dependents' build scripts.
+fn emit_features(mixed: bool) {
+    println!("cargo:rustc-check-cfg=cfg(kcm_mixed_kv)");
+    if mixed {
+        println!("cargo:rustc-cfg=kcm_mixed_kv");
+    }
+    println!("cargo:rustc-env=KCM_MIXED_KV={mixed}");
+    println!("cargo:mixed_kv={}", u8::from(mixed));
+    let features = if mixed {
+        MIXED_FEATURE.to_string()
+    } else {
+        format!("no {MIXED_FEATURE}")
+    };
+    println!("cargo:rustc-env=KCM_LLAMA_FEATURES={features}");
+    println!("kcm: features: {features}");
 }
 
 /// Generates `$OUT_DIR/tree_enums.rs` (the tree's values of the enums in
@@ -284,11 +330,21 @@ fn abbreviate(list: &[String]) -> String {
 
 /// The struct layout guard (build/layout.rs): fails the build with one line when a struct
 /// the Rust side reads through the committed bindings has another layout in this tree.
-fn guard_layouts(tree: &Path, csrc: &Path, committed: &str, out_dir: &Path) {
+///
+/// Without the mixed KV cache, `llama_context_params` lacks the patch's three fields (its
+/// last): their offsets and the struct's size are not checked, and the Rust side never
+/// builds that struct in such a build (`cfg(kcm_mixed_kv)`; the one test that does is
+/// skipped).
+fn guard_layouts(tree: &Path, csrc: &Path, committed: &str, out_dir: &Path, mixed: bool) {
     let checks = layout::checks(committed, layout::GUARDED);
     if checks.len() < layout::GUARDED.len() {
         fail("src/sys.rs: the committed bindings have no layout tests for the guarded structs");
     }
+    let checks = if mixed {
+        checks
+    } else {
+        layout::without_mixed_kv(checks)
+    };
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -391,4 +447,17 @@ fn emit_metadata(tree: &Tree, csrc: &Path) {
     println!("cargo:rustc-env=KCM_LLAMA_CPP_DIR={}", tree.path.display());
     println!("cargo:rustc-env=KCM_LLAMA_ORIGIN={}", tree.origin);
     println!("cargo:rustc-env=KCM_LLAMA_PINNED={}", tree.pinned);
+    println!("cargo:rustc-env=KCM_LLAMA_VERSION={}", tree.version);
+}
+
+/// How many trailing path components name a tree that is not a git checkout: two
+/// (`<parent>/<name>`), three when the parent is `vendor` (a source package's
+/// `<package>/vendor/llama.cpp`, e.g. llama-cpp-python's).
+fn shown_components(tree: &Path) -> usize {
+    let parent = tree.parent().and_then(|p| p.file_name());
+    if parent.is_some_and(|n| n == "vendor") {
+        3
+    } else {
+        2
+    }
 }

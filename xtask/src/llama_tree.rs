@@ -198,7 +198,10 @@ fn remove_dir(dir: &Path) -> Result {
 /// patches are applied there one by one, each after `git apply --check`; if one does not
 /// apply, the copy is staged again without any patch and the build goes on without them.
 /// The user's tree is never written to.
-pub fn stage_external(src: &Path, with_patches: bool) -> Result<PathBuf> {
+///
+/// `origin` overrides how the stamp names the tree (default: [`describe_checkout`]), for a
+/// tree whose path says little (a source package's `vendor/llama.cpp`).
+pub fn stage_external(src: &Path, with_patches: bool, origin: Option<&str>) -> Result<PathBuf> {
     let src = src
         .canonicalize()
         .map_err(|e| format!("--llama-src {}: {e}", src.display()))?;
@@ -214,7 +217,8 @@ pub fn stage_external(src: &Path, with_patches: bool) -> Result<PathBuf> {
         return Ok(src);
     }
     let root = util::workspace_root();
-    let (origin, build_number) = describe_checkout(&src);
+    let (described, build_number) = describe_checkout(&src);
+    let origin = origin.map(str::to_string).unwrap_or(described);
     let name = src
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -272,6 +276,10 @@ pub fn stage_external(src: &Path, with_patches: bool) -> Result<PathBuf> {
         "build-number {build_number}\nsource {}\n",
         src.display()
     ));
+    // The top-level CMakeLists.txt is not staged; its version goes into the stamp.
+    if let Some(version) = llama_version(&src) {
+        stamp.push_str(&format!("llama-version {version}\n"));
+    }
     fs::write(tmp.join(STAMP), &stamp).map_err(|e| format!("cannot write the stamp: {e}"))?;
     remove_dir(&dest)?;
     fs::rename(&tmp, &dest)
@@ -317,7 +325,7 @@ pub fn describe_checkout(tree: &Path) -> (String, u64) {
         let parts: Vec<String> = tree
             .components()
             .rev()
-            .take(2)
+            .take(shown_components(tree))
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect();
         let shown: Vec<&str> = parts.iter().rev().map(String::as_str).collect();
@@ -370,4 +378,34 @@ pub fn stage_test_tree(
 /// The patches in `dir` (`*.patch`, name order).
 pub fn patches_in(dir: &Path) -> Result<Vec<PathBuf>> {
     list_patches(dir)
+}
+
+/// llama.cpp's version as its top-level CMakeLists.txt sets it
+/// (`LLAMA_VERSION_{MAJOR,MINOR,PATCH}`, `-dev` while `LLAMA_BUILD_IS_DEV` defaults to ON),
+/// or `None` without that file. Same rule as crates/ggml-trace-sys/build/generated.rs.
+pub fn llama_version(tree: &Path) -> Option<String> {
+    let text = fs::read_to_string(tree.join("CMakeLists.txt")).ok()?;
+    let part = |name: &str| {
+        let prefix = format!("set(LLAMA_VERSION_{name} ");
+        text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(&prefix)
+                .map(|v| v.trim_end_matches(')').trim().to_string())
+        })
+    };
+    let base = format!("{}.{}.{}", part("MAJOR")?, part("MINOR")?, part("PATCH")?);
+    let dev = text.contains("option(LLAMA_BUILD_IS_DEV \"llama: dev build\" ON)");
+    Some(if dev { format!("{base}-dev") } else { base })
+}
+
+/// How many trailing path components name a tree that is not a git checkout: two
+/// (`<parent>/<name>`), three when the parent is `vendor` (a source package's
+/// `<package>/vendor/llama.cpp`, e.g. llama-cpp-python's).
+fn shown_components(tree: &Path) -> usize {
+    let parent = tree.parent().and_then(|p| p.file_name());
+    if parent.is_some_and(|n| n == "vendor") {
+        3
+    } else {
+        2
+    }
 }

@@ -78,7 +78,7 @@ COMMANDS:
   test [ARGS...]
         build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
         e.g. `cargo xtask test -- --nocapture`).
-  test-trees [--only fork|guard|staging]
+  test-trees [--only fork|guard|staging|lcp]
         Build the tools against llama.cpp trees other than the pin and check them
         (docs/build.md, section Other llama.cpp trees). fork: vendor/llama.cpp plus
         vendor/test-patches/*.patch (a new op before GGML_OP_FLASH_ATTN_EXT, so every
@@ -88,7 +88,12 @@ COMMANDS:
         same fork with a member added to struct ggml_tensor must fail the build with
         the layout guard's one line. staging: --with-patches on the pinned package's
         unpatched tree gives exactly vendor/llama.cpp, and on vendor/llama.cpp (already
-        patched) names patch 0001 (no build). Prints build times.
+        patched) names patch 0001 (no build). lcp: llama-cpp-python 0.3.36's
+        vendor/llama.cpp (an older upstream; the sdist is downloaded once with curl into
+        target/downloads/, SHA-256 checked), built as it is: our patches apply to it but
+        do not compile there, so it has no mixed KV cache; --version must say so,
+        --mixed-kv-cache must be refused (exit 2), and the tiny model and gemma-3-270m
+        are traced and verified as for fork. Prints build times.
   help
         Print this help.
 ";

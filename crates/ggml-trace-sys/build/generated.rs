@@ -4,9 +4,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// llama.cpp's top-level CMakeLists.txt (not copied into vendor/llama.cpp)
-/// says 0.6.0 with LLAMA_BUILD_IS_DEV=ON. Update together with the pin.
-const LLAMA_VERSION: &str = "0.6.0-dev";
+/// The pin's version: its top-level CMakeLists.txt (not copied into vendor/llama.cpp)
+/// says 0.6.0 with LLAMA_BUILD_IS_DEV=ON. Update together with the pin. Other trees'
+/// versions come from their stamp or their own CMakeLists.txt ([`llama_version`]).
+pub const PINNED_LLAMA_VERSION: &str = "0.6.0-dev";
 
 /// Upstream builds src/models/*.cpp with CMake's UNITY_BUILD, batch size 16
 /// (src/CMakeLists.txt). We do the same: ~10 translation units instead of
@@ -23,7 +24,12 @@ pub struct Generated {
 /// The generated files' names and contents. `origin` is the tree's description
 /// (`llama-cpp-sys-2 0.1.161` for the pin, `git describe` output for a checkout) and
 /// stands in for the commit; `build_number` is llama.cpp's build number (0 if unknown).
-pub fn render(tree: &Path, origin: &str, build_number: u64) -> Vec<(String, String)> {
+pub fn render(
+    tree: &Path,
+    llama_version: &str,
+    origin: &str,
+    build_number: u64,
+) -> Vec<(String, String)> {
     let mut files = vec![
         (
             "ggml-version.h".to_string(),
@@ -34,7 +40,7 @@ pub fn render(tree: &Path, origin: &str, build_number: u64) -> Vec<(String, Stri
         ),
         (
             "llama-version.h".to_string(),
-            format!("#pragma once\n#define LLAMA_VERSION \"{LLAMA_VERSION}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
+            format!("#pragma once\n#define LLAMA_VERSION \"{llama_version}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
         ),
         (
             "build-info.cpp".to_string(),
@@ -64,6 +70,25 @@ pub fn write_all(files: &[(String, String)], dir: &Path) -> Generated {
 
 fn write(path: &Path, text: &str) {
     fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// llama.cpp's version from the tree's top-level CMakeLists.txt
+/// (`set(LLAMA_VERSION_{MAJOR,MINOR,PATCH} N)`, `-dev` while `LLAMA_BUILD_IS_DEV` defaults
+/// to ON), `None` without that file (vendor/llama.cpp and staged copies, which carry the
+/// version in their stamp instead). Same rule as xtask's `llama_tree::llama_version`.
+pub fn llama_version(tree: &Path) -> Option<String> {
+    let text = fs::read_to_string(tree.join("CMakeLists.txt")).ok()?;
+    let part = |name: &str| {
+        let prefix = format!("set(LLAMA_VERSION_{name} ");
+        text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(&prefix)
+                .map(|v| v.trim_end_matches(')').trim().to_string())
+        })
+    };
+    let base = format!("{}.{}.{}", part("MAJOR")?, part("MINOR")?, part("PATCH")?);
+    let dev = text.contains("option(LLAMA_BUILD_IS_DEV \"llama: dev build\" ON)");
+    Some(if dev { format!("{base}-dev") } else { base })
 }
 
 /// "MAJOR.MINOR.PATCH" from the `set(GGML_VERSION_*)` lines of ggml/CMakeLists.txt.

@@ -43,6 +43,21 @@ pub enum Check {
     },
 }
 
+/// The checks of a tree without our mixed KV cache: `llama_context_params` there lacks the
+/// patch's fields (`mixed_*`, its last ones), so their offsets and the struct's size are
+/// dropped; every other field must still be where the bindings say.
+pub fn without_mixed_kv(checks: Vec<Check>) -> Vec<Check> {
+    checks
+        .into_iter()
+        .filter(|c| match c {
+            Check::Size { ty, .. } => ty != "llama_context_params",
+            Check::Offset { ty, field, .. } => {
+                !(ty == "llama_context_params" && field.starts_with("mixed_"))
+            }
+        })
+        .collect()
+}
+
 /// Rust keywords bindgen renames by appending `_` (`type` -> `type_`).
 const RUST_KEYWORDS: &[&str] = &[
     "type", "fn", "mod", "ref", "match", "move", "loop", "impl", "use", "in", "box", "self",

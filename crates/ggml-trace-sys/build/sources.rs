@@ -18,9 +18,18 @@ const SCHED_MAX_COPIES: &str = "4";
 const COMMON_EXCLUDED: &[&str] = &["download.cpp", "hf-cache.cpp"];
 
 /// The libraries, in link order (dependents first).
-pub fn libraries(tree: &Path, csrc: &Path, gen: &Generated, cpu: &CpuFlags) -> Vec<Library> {
+///
+/// `mixed_kv`: the tree has our mixed KV cache; our shim is compiled with `KCM_MIXED_KV=1`
+/// (else `0`: its options and refusal checks are left out).
+pub fn libraries(
+    tree: &Path,
+    csrc: &Path,
+    gen: &Generated,
+    cpu: &CpuFlags,
+    mixed_kv: bool,
+) -> Vec<Library> {
     vec![
-        kcm_shim(tree, csrc),
+        kcm_shim(tree, csrc, mixed_kv),
         common(tree, csrc, gen),
         llama(tree, gen),
         ggml(tree),
@@ -160,12 +169,14 @@ fn common(tree: &Path, csrc: &Path, gen: &Generated) -> Library {
 }
 
 /// Our C shim (csrc/kcm_shim.cpp, csrc/kcm_session.cpp) over common and llama.
-fn kcm_shim(tree: &Path, csrc: &Path) -> Library {
+fn kcm_shim(tree: &Path, csrc: &Path, mixed_kv: bool) -> Library {
     let mut lib = Library::new("kcm_shim");
     lib.cpp.push(csrc.join("kcm_shim.cpp"));
     lib.cpp.push(csrc.join("kcm_session.cpp"));
     lib.includes = common_includes(tree);
     lib.includes.push(csrc.to_path_buf());
+    lib.defines
+        .push(("KCM_MIXED_KV", Some(if mixed_kv { "1" } else { "0" })));
     lib
 }
 

@@ -128,6 +128,14 @@ static std::string replay_split(kcm_session * s, size_t n_prompt, bool encoder) 
     return "";
 }
 
+// KCM_MIXED_KV (build.rs, build/sources.rs): 1 when the tree has our mixed KV cache
+// (vendor/patches 0001-0004: common_params::mixed_kv_cache and friends), else 0 and the
+// options are absent (the tools refuse --mixed-kv-cache before calling in here).
+#ifndef KCM_MIXED_KV
+#error "KCM_MIXED_KV is defined by ggml-trace-sys's build script"
+#endif
+
+#if KCM_MIXED_KV
 // --mixed-kv-cache: the attention the mixed KV cache cannot express (vendor/patches/0001-0004).
 // The patches replace only llm_graph_context::build_attn over llama.cpp's plain unified KV cache
 // (and over the base, full-attention cache of its iSWA cache) with one node computing
@@ -208,6 +216,7 @@ static std::string mixed_kv_refusal(const llama_model * m, const std::string & p
     }
     return "";
 }
+#endif // KCM_MIXED_KV
 
 kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                                  ggml_backend_sched_eval_callback cb, void * cb_user,
@@ -344,6 +353,7 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             // vocabulary-only load has no hyperparameters: load the model's metadata
             // (no_alloc: no weights read, nothing allocated) just for the check.
             std::string mixed_why;
+#if KCM_MIXED_KV
             if (p.mixed_kv_cache) {
                 llama_model_params mp = llama_model_default_params();
                 mp.n_gpu_layers = 0;
@@ -354,6 +364,7 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                     llama_model_free(fm);
                 }
             }
+#endif
             if (!mixed_why.empty()) {
                 set_err(err, err_len, mixed_why);
                 if (usage_error) {
@@ -520,10 +531,21 @@ void kcm_session_info(const kcm_session * s, kcm_run_info * out) {
     out->type_k = (int32_t) s->params.cache_type_k;
     out->type_v = (int32_t) s->params.cache_type_v;
     out->n_prompt_tokens = (int32_t) s->prompt.size();
+#if KCM_MIXED_KV
     out->mixed_kv_cache = s->params.mixed_kv_cache ? 1 : 0;
     out->mixed_hot_window = (uint32_t) s->params.mixed_hot_window;
     out->mixed_cold_type = (int32_t) s->params.mixed_cold_type;
+#else
+    out->mixed_kv_cache = 0;
+    out->mixed_hot_window = 0;
+    out->mixed_cold_type = -1;
+#endif
+#if KCM_MIXED_KV
+    // llama_memory_buffer_size comes with the mixed KV cache (vendor/patches/0002).
     out->kv_buffer_bytes = (uint64_t) llama_memory_buffer_size(llama_get_memory(s->ctx));
+#else
+    out->kv_buffer_bytes = 0; // unknown: the tree has no llama_memory_buffer_size
+#endif
     out->n_threads = (int32_t) llama_n_threads(s->ctx);
     out->n_threads_batch = (int32_t) llama_n_threads_batch(s->ctx);
     llama_model_meta_val_str(m, "general.architecture", out->arch, sizeof(out->arch));

@@ -46,6 +46,109 @@ pub mod sys {
     pub use crate::committed::*;
     // Items defined here shadow the glob import above.
     include!(concat!(env!("OUT_DIR"), "/tree_enums.rs"));
+
+    // Without the mixed KV cache (`cfg(kcm_mixed_kv)` unset, [`crate::MIXED_KV_CACHE`]
+    // false) the tree has no such functions: they are shadowed by unit constants, so code
+    // that calls them outside `#[cfg(kcm_mixed_kv)]` fails to compile instead of to link.
+    // Use the wrappers [`crate::mixed_attn_get_params`] and [`crate::mixed_attn`].
+    #[cfg(not(kcm_mixed_kv))]
+    #[doc(hidden)]
+    #[allow(non_upper_case_globals)]
+    pub const llama_mixed_attn: () = ();
+    #[cfg(not(kcm_mixed_kv))]
+    #[doc(hidden)]
+    #[allow(non_upper_case_globals)]
+    pub const llama_mixed_attn_get_params: () = ();
+}
+
+/// Whether the llama.cpp tree built has our mixed KV cache (vendor/patches 0001-0004),
+/// detected by the build script from the tree's headers (`llama_mixed_attn_get_params` and
+/// `llama_mixed_attn` in llama.h, `mixed_kv_cache` in common.h). The same as
+/// `cfg(kcm_mixed_kv)` in this crate. Without it the tools refuse `--mixed-kv-cache` and
+/// the capture has no mixed path; see docs/build.md, "Feature detection".
+pub const MIXED_KV_CACHE: bool = matches!(env!("KCM_MIXED_KV").as_bytes(), b"true");
+
+/// The detected features, for `--version`: `mixed-kv-cache` or `no mixed-kv-cache`.
+pub const FEATURES: &str = env!("KCM_LLAMA_FEATURES");
+
+/// llama.cpp's version number as the tree says (`LLAMA_VERSION`, e.g. `0.6.0-dev`).
+pub const LLAMA_VERSION_NUMBER: &str = env!("KCM_LLAMA_VERSION");
+
+/// For tests that need the mixed KV cache: on a build without it, prints
+/// `skipped: TEST (...)` on stderr and returns true (the test then returns); false otherwise.
+#[doc(hidden)]
+pub fn skip_without_mixed_kv(test: &str) -> bool {
+    if !MIXED_KV_CACHE {
+        eprintln!(
+            "skipped: {test} (the llama.cpp tree built, {LLAMA_ORIGIN}, has no mixed KV cache)"
+        );
+    }
+    !MIXED_KV_CACHE
+}
+
+/// One line for `--version`: which tree the tools were built from and what it has, e.g.
+/// `llama.cpp tree: /path/to/vendor/llama.cpp (LLAMA_VERSION 0.6.0-dev); features: mixed-kv-cache`.
+pub fn tree_summary() -> String {
+    format!("llama.cpp tree: {LLAMA_CPP_DIR} (LLAMA_VERSION {LLAMA_VERSION_NUMBER}); features: {FEATURES}")
+}
+
+/// The parameters (scale, max_bias, softcap) of a mixed-KV-cache attention node, or `None`
+/// for any other node, and always `None` on a tree without the mixed KV cache.
+///
+/// # Safety
+/// `node` must point to a live ggml tensor.
+pub unsafe fn mixed_attn_get_params(node: *const sys::ggml_tensor) -> Option<(f32, f32, f32)> {
+    #[cfg(kcm_mixed_kv)]
+    {
+        let (mut scale, mut max_bias, mut softcap) = (0f32, 0f32, 0f32);
+        // SAFETY: the caller guarantees a live tensor; the out-parameters are writable and
+        // the function only reads the node.
+        let is_mixed = unsafe {
+            sys::llama_mixed_attn_get_params(node, &mut scale, &mut max_bias, &mut softcap)
+        };
+        is_mixed.then_some((scale, max_bias, softcap))
+    }
+    #[cfg(not(kcm_mixed_kv))]
+    {
+        let _ = node;
+        None
+    }
+}
+
+/// `llama_mixed_attn` (builds a mixed attention node), or `None` on a tree without the
+/// mixed KV cache.
+///
+/// # Safety
+/// As `llama_mixed_attn`: live context and tensors of the shapes it expects.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mixed_attn(
+    ctx: *mut sys::ggml_context,
+    q: *mut sys::ggml_tensor,
+    k_hot: *mut sys::ggml_tensor,
+    v_hot: *mut sys::ggml_tensor,
+    k_cold: *mut sys::ggml_tensor,
+    v_cold: *mut sys::ggml_tensor,
+    mask: *mut sys::ggml_tensor,
+    scale: f32,
+    max_bias: f32,
+    softcap: f32,
+) -> Option<*mut sys::ggml_tensor> {
+    #[cfg(kcm_mixed_kv)]
+    {
+        // SAFETY: forwarded from the caller.
+        Some(unsafe {
+            sys::llama_mixed_attn(
+                ctx, q, k_hot, v_hot, k_cold, v_cold, mask, scale, max_bias, softcap,
+            )
+        })
+    }
+    #[cfg(not(kcm_mixed_kv))]
+    {
+        let _ = (
+            ctx, q, k_hot, v_hot, k_cold, v_cold, mask, scale, max_bias, softcap,
+        );
+        None
+    }
 }
 
 /// Every enum constant of [`sys`] that the committed bindings also have: (name, value in

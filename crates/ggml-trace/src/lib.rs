@@ -15,4 +15,7 @@ pub mod rpc;
 pub mod run_info;
 pub mod session;
 
-pub use ggml_trace_sys::{cpu_simd, dequant, llama_version, shim, sys, system_info, LLAMA_CPP_DIR};
+pub use ggml_trace_sys::{
+    cpu_simd, dequant, llama_version, shim, skip_without_mixed_kv, sys, system_info, tree_summary,
+    FEATURES, LLAMA_CPP_DIR, MIXED_KV_CACHE,
+};

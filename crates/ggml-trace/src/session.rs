@@ -36,6 +36,38 @@ pub enum SessionError {
     Rpc(#[from] crate::rpc::RpcError),
 }
 
+/// The options of our mixed KV cache (vendor/patches/0003).
+const MIXED_OPTIONS: [&str; 3] = [
+    "--mixed-kv-cache",
+    "--mixed-hot-window",
+    "--mixed-cold-type",
+];
+
+/// The refusal line when `llama_args` (or `LLAMA_ARG_MIXED_KV_CACHE`) ask for the mixed KV
+/// cache and the build has none (`available` false); `None` otherwise.
+pub fn mixed_kv_unavailable(
+    llama_args: &[String],
+    env: Option<&str>,
+    available: bool,
+) -> Option<String> {
+    if available {
+        return None;
+    }
+    let option = llama_args
+        .iter()
+        .map(|a| a.split('=').next().unwrap_or(a))
+        .find(|a| MIXED_OPTIONS.contains(a))
+        .map(str::to_string)
+        .or_else(|| {
+            crate::rpc::mixed_kv_cache(&[], env).then(|| crate::rpc::MIXED_ENV.to_string())
+        })?;
+    Some(format!(
+        "{option}: the llama.cpp these tools were built from ({}) has no mixed KV cache; \
+         rebuild with `cargo xtask build-llama --llama-src PATH --with-patches` (docs/build.md)",
+        ggml_trace_sys::LLAMA_ORIGIN
+    ))
+}
+
 fn c_string(buf: &[c_char]) -> String {
     let bytes: Vec<u8> = buf
         .iter()
@@ -278,6 +310,15 @@ fn run_with(
     sink: &mut dyn CaptureSink,
     llama_debug: bool,
 ) -> Result<(RunInfo, RunOutcome), SessionError> {
+    // A build without the mixed KV cache (ggml_trace_sys::MIXED_KV_CACHE): its options are
+    // refused in one line (a usage error, exit 2), not left to llama.cpp's parser.
+    if let Some(why) = mixed_kv_unavailable(
+        llama_args,
+        std::env::var(crate::rpc::MIXED_ENV).ok().as_deref(),
+        ggml_trace_sys::MIXED_KV_CACHE,
+    ) {
+        return Err(SessionError::Usage(why));
+    }
     // Before llama.cpp's parser registers the servers (its client aborts on a dead one).
     let rpc_endpoints = crate::rpc::check_run(llama_args)?;
     // With RPC servers, a server that dies mid-run makes ggml-rpc abort the process on its
@@ -557,6 +598,40 @@ mod tests {
                 tokens: 1,
                 positions: 2
             })
+        );
+    }
+}
+
+#[cfg(test)]
+mod mixed_kv_refusal_tests {
+    use super::mixed_kv_unavailable;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn refused_only_without_the_feature() {
+        let a = args(&["-m", "x.gguf", "--mixed-kv-cache"]);
+        assert_eq!(mixed_kv_unavailable(&a, None, true), None);
+        let line = mixed_kv_unavailable(&a, None, false).expect("refused");
+        assert!(line.starts_with("--mixed-kv-cache: "), "{line}");
+        assert!(line.contains("has no mixed KV cache"), "{line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
+
+    #[test]
+    fn every_mixed_option_and_the_environment_are_refused() {
+        for opt in ["--mixed-hot-window", "--mixed-cold-type=q4_0"] {
+            let line = mixed_kv_unavailable(&args(&[opt, "64"]), None, false).expect(opt);
+            assert!(line.starts_with(opt.split('=').next().unwrap()), "{line}");
+        }
+        let line = mixed_kv_unavailable(&[], Some("on"), false).expect("env");
+        assert!(line.starts_with("LLAMA_ARG_MIXED_KV_CACHE: "), "{line}");
+        assert_eq!(mixed_kv_unavailable(&[], Some("0"), false), None);
+        assert_eq!(
+            mixed_kv_unavailable(&args(&["-fa", "on"]), None, false),
+            None
         );
     }
 }

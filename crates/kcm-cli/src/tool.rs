@@ -85,10 +85,11 @@ impl Tool {
             Ok(Command::Run(o)) => run(o),
             Ok(Command::Help) => print_quietly(self.usage),
             Ok(Command::Version) => print_quietly(&format!(
-                "{} {} ({})\n",
+                "{} {} ({})\n{}\n",
                 self.name,
                 self.version,
-                ggml_trace::llama_version()
+                ggml_trace::llama_version(),
+                ggml_trace::tree_summary()
             )),
             Err(e) => self.usage_error(e),
         }

@@ -119,3 +119,73 @@ fn guard_passes_on_the_tree_built_and_names_the_moved_field_otherwise() {
     assert!(err.contains("flags"), "{err}");
     assert!(!err.contains('\n'));
 }
+
+/// A tree without the mixed KV cache: `llama_context_params` lacks the patch's three
+/// fields. The full guard fails on it; the guard of such builds (`without_mixed_kv`:
+/// those fields and the struct's size dropped, nothing else) passes, and still catches a
+/// moved field of the same struct.
+#[test]
+fn without_the_mixed_kv_cache_only_its_fields_are_not_guarded() {
+    let all = layout::checks(&committed(), layout::GUARDED);
+    let reduced = layout::without_mixed_kv(all.clone());
+    let dropped: Vec<&Check> = all.iter().filter(|c| !reduced.contains(c)).collect();
+    assert_eq!(
+        dropped,
+        vec![
+            &Check::Size {
+                ty: "llama_context_params".into(),
+                size: 176
+            },
+            &Check::Offset {
+                ty: "llama_context_params".into(),
+                field: "mixed_kv_cache".into(),
+                offset: 160
+            },
+            &Check::Offset {
+                ty: "llama_context_params".into(),
+                field: "mixed_hot_window".into(),
+                offset: 164
+            },
+            &Check::Offset {
+                ty: "llama_context_params".into(),
+                field: "mixed_cold_type".into(),
+                offset: 168
+            },
+        ]
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("guard.cpp");
+    let tree = scratch_copy(tmp.path());
+    let llama_h = tree.join("include/llama.h");
+    let text = std::fs::read_to_string(&llama_h).unwrap();
+    // The built tree's llama.h without the patch's fields (unchanged if it has none).
+    let plain: String = text
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            !(t.starts_with("bool           mixed_kv_cache;")
+                || t.starts_with("uint32_t       mixed_hot_window;")
+                || t.starts_with("enum ggml_type mixed_cold_type;"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!plain.contains("mixed_kv_cache;"), "the fields were found");
+    std::fs::write(&llama_h, &plain).unwrap();
+    let err = layout::verify(compiler(&tree), &layout::render(&all), &file).unwrap_err();
+    println!("full guard: {err}");
+    assert!(err.contains("mixed_kv_cache"), "{err}");
+    layout::verify(compiler(&tree), &layout::render(&reduced), &file).unwrap();
+
+    // A field before them that moved is still caught.
+    let moved = plain.replacen(
+        "        uint32_t n_ctx;",
+        "        uint32_t kcm_new_field;\n        uint32_t n_ctx;",
+        1,
+    );
+    assert_ne!(moved, plain);
+    std::fs::write(&llama_h, moved).unwrap();
+    let err = layout::verify(compiler(&tree), &layout::render(&reduced), &file).unwrap_err();
+    println!("reduced guard: {err}");
+    assert!(err.starts_with("llama_context_params::"), "{err}");
+}

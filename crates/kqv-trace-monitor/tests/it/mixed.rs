@@ -72,6 +72,11 @@ fn mixed_args_with(cold: &'static str) -> [&'static str; 5] {
 
 #[test]
 fn chunks_move_during_prompt_and_generation_and_every_group_verifies() {
+    if ggml_trace::skip_without_mixed_kv(
+        "chunks_move_during_prompt_and_generation_and_every_group_verifies",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (m, cfg) = model(dir.path());
     for (storage, t) in traces(&m, &dir.path().join("mixed.gguf"), &mixed_args()) {
@@ -185,6 +190,9 @@ fn chunks_move_during_prompt_and_generation_and_every_group_verifies() {
 /// moves differ only by flash attention's own F16 rounding.
 #[test]
 fn mixed_versus_f16_cache_per_layer() {
+    if ggml_trace::skip_without_mixed_kv("mixed_versus_f16_cache_per_layer") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (m, cfg) = model(dir.path());
     let f16 = trace(&m, &dir.path().join("f16.gguf"), &["-fa", "on"]);
@@ -302,6 +310,9 @@ fn kv_bytes(args: &[String]) -> u64 {
 
 #[test]
 fn kv_buffers_hold_the_window_plus_the_quantized_rest() {
+    if ggml_trace::skip_without_mixed_kv("kv_buffers_hold_the_window_plus_the_quantized_rest") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (m, cfg) = model(dir.path());
     let n_ctx: u64 = 1024;
@@ -342,6 +353,9 @@ fn expect_failure(args: &[String], needle: &str) {
 
 #[test]
 fn unsupported_setups_fail_at_start_with_a_clear_message() {
+    if ggml_trace::skip_without_mixed_kv("unsupported_setups_fail_at_start_with_a_clear_message") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (m, _) = model(dir.path());
     let with = |extra: &[&str]| {
@@ -375,6 +389,11 @@ fn unsupported_setups_fail_at_start_with_a_clear_message() {
 /// its documented bound) and with `gguf-reader --verify-attention`.
 #[test]
 fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies() {
+    if ggml_trace::skip_without_mixed_kv(
+        "gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies",
+    ) {
+        return;
+    }
     const FULL: [i32; 3] = [5, 11, 17];
     let model =
         model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
@@ -493,6 +512,9 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
 /// the cold cells across heads, and the verification catches it.
 #[test]
 fn a_planted_cold_store_layout_bug_fails_the_check() {
+    if ggml_trace::skip_without_mixed_kv("a_planted_cold_store_layout_bug_fails_the_check") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (m, _) = model(dir.path());
     let path = dir.path().join("mixed.gguf");
@@ -550,6 +572,11 @@ fn a_planted_cold_store_layout_bug_fails_the_check() {
 /// only, never on the thread count.
 #[test]
 fn mixed_node_output_does_not_depend_on_the_thread_count_and_verifies() {
+    if ggml_trace::skip_without_mixed_kv(
+        "mixed_node_output_does_not_depend_on_the_thread_count_and_verifies",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (m, cfg) = model(dir.path());
     for cold in ["q8_0", "q4_0"] {

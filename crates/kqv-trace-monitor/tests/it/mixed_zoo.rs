@@ -255,6 +255,11 @@ fn refused(dir: &Path, arch: Arch, model: &Path, text: &str) {
 
 #[test]
 fn every_zoo_architecture_is_refused_or_equals_the_plain_cache() {
+    if ggml_trace::skip_without_mixed_kv(
+        "every_zoo_architecture_is_refused_or_equals_the_plain_cache",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let mut table = Vec::new();
     for arch in Arch::ALL {
@@ -290,6 +295,9 @@ fn with_key(model: &Path, out: &Path, key: &str, value: impl Into<gguf_io::Value
 /// and a llama declared non-causal (`llama.attention.causal = false`).
 #[test]
 fn attention_sinks_and_non_causal_models_are_refused() {
+    if ggml_trace::skip_without_mixed_kv("attention_sinks_and_non_causal_models_are_refused") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let oss = write_zoo_model(dir.path(), Arch::GptOss).unwrap();
     let no_window = dir.path().join("gpt-oss-no-window.gguf");
@@ -325,6 +333,9 @@ const CHUNK: u64 = 32;
 /// every group, mixed node and flash attention alike, verifies within its bound.
 #[test]
 fn iswa_chunks_migrate_through_ring_buffer_reuse() {
+    if ggml_trace::skip_without_mixed_kv("iswa_chunks_migrate_through_ring_buffer_reuse") {
+        return;
+    }
     const N_GEN: u32 = 40;
     let dir = tempfile::tempdir().unwrap();
     let prompt = [PROMPT; 7].join(". ");

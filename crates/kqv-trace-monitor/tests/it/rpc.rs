@@ -267,6 +267,11 @@ fn a_dead_endpoint_or_a_garbage_listener_is_one_line_and_exit_2() {
 
 #[test]
 fn the_mixed_kv_cache_with_rpc_is_refused_before_any_server_is_contacted() {
+    if ggml_trace::skip_without_mixed_kv(
+        "the_mixed_kv_cache_with_rpc_is_refused_before_any_server_is_contacted",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let m = model(dir.path());
     // A listener that would see any connection.

@@ -80,6 +80,9 @@ fn roles(list: &Value) -> Vec<String> {
 
 #[test]
 fn mixed_run_against_an_f16_reference() {
+    if ggml_trace::skip_without_mixed_kv("mixed_run_against_an_f16_reference") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let m = model(d);
@@ -164,6 +167,11 @@ fn mixed_run_against_an_f16_reference() {
 /// cache is llama.cpp's) is bit for bit the reference's.
 #[test]
 fn mixed_run_on_a_sliding_window_model_against_an_f16_reference() {
+    if ggml_trace::skip_without_mixed_kv(
+        "mixed_run_on_a_sliding_window_model_against_an_f16_reference",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let m = tiny_llama::zoo::write_zoo_model(d, tiny_llama::zoo::Arch::Gemma3).unwrap();
