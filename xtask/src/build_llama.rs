@@ -23,7 +23,7 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
             if force {
                 return Err("--force is for the pinned tree; --llama-src always re-stages".into());
             }
-            let tree = llama_tree::stage_external(&src, with_patches, None)?;
+            let tree = llama_tree::stage_external(&src, with_patches)?;
             if prepare_only {
                 println!("{}", tree.display());
                 return Ok(());

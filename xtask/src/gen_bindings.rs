@@ -22,7 +22,7 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     let root = util::workspace_root();
     let (tree, origin) = match llama_src {
         Some(src) => {
-            let tree = llama_tree::stage_external(&src, false, None)?;
+            let tree = llama_tree::stage_external(&src, false)?;
             let origin = format!("the llama.cpp tree at {}", tree.display());
             (tree, origin)
         }

@@ -198,10 +198,7 @@ fn remove_dir(dir: &Path) -> Result {
 /// patches are applied there one by one, each after `git apply --check`; if one does not
 /// apply, the copy is staged again without any patch and the build goes on without them.
 /// The user's tree is never written to.
-///
-/// `origin` overrides how the stamp names the tree (default: [`describe_checkout`]), for a
-/// tree whose path says little (a source package's `vendor/llama.cpp`).
-pub fn stage_external(src: &Path, with_patches: bool, origin: Option<&str>) -> Result<PathBuf> {
+pub fn stage_external(src: &Path, with_patches: bool) -> Result<PathBuf> {
     let src = src
         .canonicalize()
         .map_err(|e| format!("--llama-src {}: {e}", src.display()))?;
@@ -217,8 +214,7 @@ pub fn stage_external(src: &Path, with_patches: bool, origin: Option<&str>) -> R
         return Ok(src);
     }
     let root = util::workspace_root();
-    let (described, build_number) = describe_checkout(&src);
-    let origin = origin.map(str::to_string).unwrap_or(described);
+    let (origin, build_number) = describe_checkout(&src);
     let name = src
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -169,7 +169,7 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
 fn lcp_test() -> Result<Vec<String>> {
     let start = Instant::now();
     let src = lcp_source()?;
-    let tree = llama_tree::stage_external(&src, false, None)?;
+    let tree = llama_tree::stage_external(&src, false)?;
     let mut report = vec![format!(
         "lcp: llama-cpp-python {LCP_VERSION} vendor/llama.cpp fetched and unpacked in {:.0} s (built as it is, without our patches)",
         start.elapsed().as_secs_f64()
@@ -190,7 +190,7 @@ fn lcp_test() -> Result<Vec<String>> {
 fn staging_test(root: &Path) -> Result<Vec<String>> {
     let (_, pristine) = llama_tree::locate_pinned_source(root)?;
     eprintln!("\n== staging: {} --with-patches", pristine.display());
-    let staged = llama_tree::stage_external(&pristine, true, None)?;
+    let staged = llama_tree::stage_external(&pristine, true)?;
     let stamp = std::fs::read_to_string(staged.join(llama_tree::STAMP)).unwrap_or_default();
     if !stamp.contains("+ kv-cache-monitor patches") {
         return Err(format!(
@@ -212,7 +212,7 @@ fn staging_test(root: &Path) -> Result<Vec<String>> {
         ));
     }
     eprintln!("\n== staging: vendor/llama.cpp (already patched) --with-patches");
-    let unpatched = llama_tree::stage_external(&vendor, true, None)?;
+    let unpatched = llama_tree::stage_external(&vendor, true)?;
     let stamp = std::fs::read_to_string(unpatched.join(llama_tree::STAMP)).unwrap_or_default();
     if !stamp.contains("unpatched: 0001-") {
         return Err(format!(

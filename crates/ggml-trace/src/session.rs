@@ -62,8 +62,9 @@ pub fn mixed_kv_unavailable(
             crate::rpc::mixed_kv_cache(&[], env).then(|| crate::rpc::MIXED_ENV.to_string())
         })?;
     Some(format!(
-        "{option}: the llama.cpp these tools were built from ({}) has no mixed KV cache; \
-         rebuild with `cargo xtask build-llama --llama-src PATH --with-patches` (docs/build.md)",
+        "{option}: the llama.cpp these tools were built from ({}) has no mixed KV cache \
+         (our vendor/patches add it: `cargo xtask build-llama --llama-src PATH \
+         --with-patches`, where they apply and compile; docs/build.md)",
         ggml_trace_sys::LLAMA_ORIGIN
     ))
 }
