@@ -23,6 +23,8 @@
 
 #[path = "build/cache.rs"]
 mod cache;
+#[path = "build/cmake_lists.rs"]
+mod cmake_lists;
 #[path = "build/compile.rs"]
 mod compile;
 #[path = "build/cpu.rs"]

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--skip-cold-build] [--no-write] [--only long-runs]`:
+//! `cargo xtask bench [--quick] [--skip-cold-build] [--no-write] [--only long-runs|kv-caches|rebuild]`:
 //! every benchmark of the project in one run, then docs/performance.md (and
 //! docs/performance-long-runs.md, see `bench_long`) rewritten from the results.
 //!
@@ -55,9 +55,15 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
             };
             return write_kv_caches(&v, &machine, quick, no_write);
         }
+        Some("rebuild") => {
+            build_llama::build(false, false)?;
+            let machine = Machine::probe();
+            let r = crate::bench_rebuild::run()?;
+            return write_rebuild(&r, &machine, no_write);
+        }
         Some(other) => {
             return Err(format!(
-                "bench: --only expects long-runs or kv-caches, got '{other}'"
+                "bench: --only expects long-runs, kv-caches or rebuild, got '{other}'"
             ))
         }
     }
@@ -149,6 +155,10 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     } else {
         report.cold_build = Some(cold_build(&target.join("bench-cold-build"))?);
     }
+
+    // 4b. Rebuild after editing one llama.cpp source (per-file object cache).
+    let r = crate::bench_rebuild::run()?;
+    write_rebuild(&r, &machine, no_write)?;
 
     // 5. Long runs (trace bytes, memory and speed at ~2,000 tokens of context).
     let long = crate::bench_long::run(quick)?;
@@ -260,6 +270,23 @@ fn write_kv_caches(v: &Value, m: &Machine, quick: bool, no_write: bool) -> Resul
     Ok(())
 }
 
+/// Write docs/performance-rebuild.md (or print it with --no-write).
+fn write_rebuild(r: &crate::bench_rebuild::Rebuild, m: &Machine, no_write: bool) -> Result {
+    let line = format!(
+        "Machine: {}, {} cores, {:.0} GiB",
+        m.cpu, m.cores, m.mem_gib
+    );
+    let text = r.render(&line);
+    if no_write {
+        print!("{text}");
+        return Ok(());
+    }
+    let path = util::workspace_root().join("docs/performance-rebuild.md");
+    fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
 /// Write docs/performance-long-runs.md (or print it with --no-write).
 fn write_long(
     long: &crate::bench_long::LongRuns,
@@ -293,7 +320,7 @@ fn has_bench(root: &Path, pkg: &str, bench: &str) -> bool {
         .unwrap_or(false)
 }
 
-struct Machine {
+pub(crate) struct Machine {
     cpu: String,
     cores: usize,
     mem_gib: f64,
@@ -322,7 +349,7 @@ impl Machine {
         }
     }
 
-    fn load() -> String {
+    pub(crate) fn load() -> String {
         fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|s| s.split_whitespace().next().map(str::to_owned))
@@ -524,8 +551,9 @@ impl Report {
             "## Long runs and KV caches\n\n\
              Trace bytes, memory and decode speed at ~2,000 tokens of context (64/128/256 generated\n\
              tokens): [performance-long-runs.md](performance-long-runs.md); F16, q8_0, q4_0 and mixed caches on\n\
-             gemma-3-270m (bytes, speed, KL divergence): [performance-kv-caches.md](performance-kv-caches.md).\n\
-             Each is written by `cargo xtask bench` or alone by `cargo xtask bench --only long-runs|kv-caches`.\n"
+             gemma-3-270m (bytes, speed, KL divergence): [performance-kv-caches.md](performance-kv-caches.md); the\n\
+             rebuild after editing one llama.cpp source: [performance-rebuild.md](performance-rebuild.md).\n\
+             Each is written by `cargo xtask bench` or alone by `cargo xtask bench --only long-runs|kv-caches|rebuild`.\n"
         );
         if !self.skipped.is_empty() {
             let _ = writeln!(s, "## Not measured in this run\n");

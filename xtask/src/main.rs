@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_long;
+mod bench_rebuild;
 mod build_llama;
 mod demo;
 mod fetch_model;
@@ -64,13 +65,15 @@ COMMANDS:
         llama-tensor-diff-analyzer, as relative symlinks), and kcm-rpc-server
         (the RPC server for --rpc; no alias).
         Example: cargo xtask install --prefix ~/.local
-  bench [--quick] [--skip-cold-build] [--no-write] [--only long-runs|kv-caches]
+  bench [--quick] [--skip-cold-build] [--no-write] [--only long-runs|kv-caches|rebuild]
         Run every benchmark of the project in one go (criterion micro-benchmarks,
         monitor overhead on gemma-3-270m, gguf-reader vs gguf-py's gguf-dump, the
         cold llama.cpp build, the long runs at ~2,000 tokens of context) and rewrite
         docs/performance.md and docs/performance-long-runs.md from the results.
-        --only long-runs|kv-caches: that section alone (docs/performance-long-runs.md,
-        docs/performance-kv-caches.md: F16/q8_0/q4_0/mixed caches on gemma-3-270m).
+        --only long-runs|kv-caches|rebuild: that section alone (docs/performance-long-runs.md,
+        docs/performance-kv-caches.md: F16/q8_0/q4_0/mixed caches on gemma-3-270m,
+        docs/performance-rebuild.md: rebuilding the tools after editing one llama.cpp
+        source, against a staged copy of vendor/llama.cpp).
         --only kv-caches --reuse-json: render from the JSON the last run of the
         kv_quality bench left in target/kcm-bench (KCM_BENCH_JSON), without running it.
         --quick: fewer runs; --skip-cold-build: skip the ~10-minute cold build;

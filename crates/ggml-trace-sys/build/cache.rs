@@ -4,15 +4,16 @@
 //! `cargo build` and `cargo build --release` each get a different one. Since
 //! llama.cpp is always compiled the same way (-O3, no debug info, whatever the
 //! profile), that would mean one 10-minute compile per command. Instead the
-//! archives live in `<target-dir>/kcm-llama/<lib>-<fingerprint>/` and every
-//! run with the same fingerprint reuses them. Each library has its own
-//! fingerprint covering everything that reaches the compiler for it
-//! (build/compile.rs): its sources and the headers of its include
-//! directories, by content, and its full compiler command lines (so CPU
-//! flags, CC/CFLAGS, KCM_LLAMA_DEBUG... all count). Editing csrc/ thus
-//! recompiles only the libraries containing csrc/ sources, and a patch that
-//! touches only llama.cpp's src/ and common/ recompiles only llama, common
-//! and kcm_shim, not ggml.
+//! cache lives in `<target-dir>/kcm-llama/`, at two levels (build/compile.rs):
+//!
+//! - objects, one file at a time: `obj/<lib>/<key>-<stem>.o`, where the key covers
+//!   the source (path and content) and what every file of its library shares (the
+//!   headers of its include directories by content, its extra inputs, its full
+//!   compiler command line: CPU flags, CC/CFLAGS, KCM_LLAMA_DEBUG... all count).
+//!   Editing one kernel recompiles that file only; editing a header recompiles the
+//!   libraries that can see it.
+//! - archives: `<lib>-<hash of its object keys>/lib<lib>.a`, re-archived (seconds)
+//!   whenever one of its objects changes.
 //!
 //! A cold build therefore needs both `cargo clean -p ggml-trace-sys` and
 //! `rm -rf <target-dir>/kcm-llama` (or a plain `cargo clean`).

@@ -31,11 +31,10 @@ impl Library {
         }
     }
 
-    /// Adds `dir/name` for each name, as C or C++ by extension.
-    pub fn add(&mut self, dir: &Path, names: &[&str]) {
-        for name in names {
-            let path = dir.join(name);
-            if name.ends_with(".c") {
+    /// Adds sources, as C or C++ by extension.
+    pub fn add_sources(&mut self, sources: Vec<PathBuf>) {
+        for path in sources {
+            if path.extension().is_some_and(|e| e == "c") {
                 self.c.push(path);
             } else {
                 self.cpp.push(path);
@@ -48,15 +47,20 @@ impl Library {
     }
 }
 
-/// Compiles every library that the cache does not have yet and returns the
-/// directory holding each `lib<name>.a`, in `libs` order. The libraries are
-/// built concurrently (one thread each) and `cc`'s `parallel` feature shares
-/// cargo's jobserver among all of their files, so both cores stay busy until
-/// the last file.
+/// Compiles every source file that the object store does not have yet, archives each
+/// library whose set of objects the cache does not have yet, and returns the directory
+/// holding each `lib<name>.a`, in `libs` order. The libraries are built concurrently (one
+/// thread each) and `cc`'s `parallel` feature shares cargo's jobserver among all of their
+/// files, so both cores stay busy until the last file.
+///
+/// Objects are cached one file at a time (`<cache>/obj/<lib>/<key>-<stem>.o`, see
+/// [`object_key`]): editing one kernel recompiles that file only, then re-archives its
+/// library (issue 18: users iterate on kernels). The archive of a library is cached under
+/// `<lib>-<hash of its object keys>`.
 ///
 /// `roots` are (directory, placeholder) pairs: occurrences of these absolute
 /// paths in file names, file contents and command lines are replaced by the
-/// placeholder before hashing, so the fingerprint does not depend on where the
+/// placeholder before hashing, so the keys do not depend on where the
 /// checkout lives (two worktrees with the same sources share cache entries).
 pub fn compile_all(libs: &[Library], cache: &Cache, roots: &[(PathBuf, &str)]) -> Vec<PathBuf> {
     std::thread::scope(|scope| {
@@ -64,8 +68,14 @@ pub fn compile_all(libs: &[Library], cache: &Cache, roots: &[(PathBuf, &str)]) -
             .iter()
             .map(|lib| {
                 scope.spawn(move || {
-                    let key = format!("{}-{}", lib.name, fingerprint(lib, roots));
-                    cache.get_or_build(&key, |dir| compile(lib, dir))
+                    let objects = planned_objects(lib, cache, roots);
+                    let mut h = Fnv::new();
+                    h.field(CACHE_FORMAT.as_bytes());
+                    for obj in &objects {
+                        h.field(obj.path.file_name().unwrap_or_default().as_encoded_bytes());
+                    }
+                    let key = format!("{}-{}", lib.name, h.hex());
+                    cache.get_or_build(&key, |dir| build_library(lib, &objects, cache, dir))
                 })
             })
             .collect();
@@ -76,36 +86,93 @@ pub fn compile_all(libs: &[Library], cache: &Cache, roots: &[(PathBuf, &str)]) -
     })
 }
 
-/// Everything that reaches the compiler for `lib`, by content: each source
-/// file and extra input (path relative to its root, and content), every
-/// header (`*.h`, `*.hpp`, `*.inc`) under each of its include directories
-/// (recursively), and the complete C and C++ command lines (tool, flags,
-/// defines, includes). Nothing else: a patch that only changes `src/` and
-/// `common/` changes the fingerprints of `llama`, `common` (and `kcm_shim`,
-/// whose include path has `common/`), not those of the ggml libraries.
-fn fingerprint(lib: &Library, roots: &[(PathBuf, &str)]) -> String {
+/// One translation unit and where its object lives in the store.
+struct PlannedObject {
+    source: PathBuf,
+    is_c: bool,
+    path: PathBuf,
+}
+
+/// The store path of every source's object, in the library's source order (C, then C++).
+fn planned_objects(lib: &Library, cache: &Cache, roots: &[(PathBuf, &str)]) -> Vec<PlannedObject> {
+    let shared = shared_inputs(lib, roots);
+    let dir = object_dir(cache, lib);
+    let c = lib.c.iter().map(|s| (s, true));
+    let cpp = lib.cpp.iter().map(|s| (s, false));
+    c.chain(cpp)
+        .map(|(source, is_c)| {
+            let key = object_key(&shared, source, is_c, roots);
+            let stem = source
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            PlannedObject {
+                source: source.clone(),
+                is_c,
+                path: dir.join(format!("{key}-{stem}.o")),
+            }
+        })
+        .collect()
+}
+
+/// `<cache>/obj/<lib>`: the object store of one library.
+fn object_dir(cache: &Cache, lib: &Library) -> PathBuf {
+    cache.root().join("obj").join(lib.name)
+}
+
+/// What every translation unit of a library shares, per language: its command line (tool,
+/// flags, defines, includes) and every header (`*.h`, `*.hpp`, `*.inc`) under each include
+/// directory (recursively, by content), and its extra inputs. A header edit therefore
+/// recompiles every file of the libraries that can see it; a source edit only that source.
+struct SharedInputs {
+    c: String,
+    cpp: String,
+}
+
+fn shared_inputs(lib: &Library, roots: &[(PathBuf, &str)]) -> SharedInputs {
     let norm = |bytes: &[u8]| normalize(bytes, roots);
-    let mut h = Fnv::new();
-    h.field(CACHE_FORMAT.as_bytes());
-    for src in lib.c.iter().chain(&lib.cpp).chain(&lib.extra_inputs) {
-        h.field(&norm(src.as_os_str().as_encoded_bytes()));
-        h.field(&norm(&std::fs::read(src).unwrap_or_default()));
+    let mut files = Fnv::new();
+    files.field(CACHE_FORMAT.as_bytes());
+    for extra in &lib.extra_inputs {
+        files.field(&norm(extra.as_os_str().as_encoded_bytes()));
+        files.field(&norm(&std::fs::read(extra).unwrap_or_default()));
     }
     for inc in &lib.includes {
-        h.field(&norm(inc.as_os_str().as_encoded_bytes()));
-        h.tree_files_with_extensions(inc, HEADER_EXTENSIONS);
+        files.field(&norm(inc.as_os_str().as_encoded_bytes()));
+        files.tree_files_with_extensions(inc, HEADER_EXTENSIONS);
     }
-    let mut builds = vec![cpp_build(lib)];
-    if !lib.c.is_empty() {
-        builds.push(c_build(lib));
-    }
-    for build in builds {
+    let files = files.hex();
+    let command = |build: cc::Build| {
+        let mut h = Fnv::new();
+        h.field(files.as_bytes());
         let tool = build.get_compiler();
         h.field(tool.path().as_os_str().as_encoded_bytes());
         for arg in tool.args() {
             h.field(&norm(arg.as_encoded_bytes()));
         }
+        h.hex()
+    };
+    SharedInputs {
+        c: command(c_build(lib)),
+        cpp: command(cpp_build(lib)),
     }
+}
+
+/// The key of one object: its library's shared inputs for its language, the source's path
+/// (relative to its root) and its content.
+fn object_key(
+    shared: &SharedInputs,
+    source: &Path,
+    is_c: bool,
+    roots: &[(PathBuf, &str)],
+) -> String {
+    let mut h = Fnv::new();
+    h.field(if is_c { &shared.c } else { &shared.cpp }.as_bytes());
+    h.field(&normalize(source.as_os_str().as_encoded_bytes(), roots));
+    h.field(&normalize(
+        &std::fs::read(source).unwrap_or_default(),
+        roots,
+    ));
     h.hex()
 }
 
@@ -136,22 +203,50 @@ fn normalize(bytes: &[u8], roots: &[(PathBuf, &str)]) -> Vec<u8> {
     out
 }
 
-/// Bump when the cache layout or the way archives are produced changes.
-const CACHE_FORMAT: &str = "kcm-llama-2";
+/// Bump when the cache layout or the way objects and archives are produced changes.
+const CACHE_FORMAT: &str = "kcm-llama-3";
 
-fn compile(lib: &Library, dir: &Path) {
-    let mut objects = Vec::new();
-    if !lib.c.is_empty() {
-        objects = c_build(lib)
-            .out_dir(dir)
-            .files(largest_first(&lib.c))
+/// Compiles the objects the store lacks (into a private directory, then renamed into the
+/// store one by one, so a killed build never leaves a partial object under its key) and
+/// archives all of the library's objects into `dir/lib<name>.a`.
+fn build_library(lib: &Library, objects: &[PlannedObject], cache: &Cache, dir: &Path) {
+    let store = object_dir(cache, lib);
+    std::fs::create_dir_all(&store)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", store.display()));
+    let scratch = dir.join("objects");
+    for is_c in [true, false] {
+        let missing: Vec<&PlannedObject> = objects
+            .iter()
+            .filter(|o| o.is_c == is_c && !o.path.is_file())
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let sources: Vec<PathBuf> = missing.iter().map(|o| o.source.clone()).collect();
+        let order = largest_first(&sources);
+        let build = if is_c { c_build(lib) } else { cpp_build(lib) };
+        let compiled = build
+            .clone()
+            .out_dir(&scratch)
+            .files(&order)
             .compile_intermediates();
+        for (source, object) in order.iter().zip(compiled) {
+            let Some(planned) = missing.iter().find(|o| &o.source == source) else {
+                continue;
+            };
+            if std::fs::rename(&object, &planned.path).is_err() && !planned.path.is_file() {
+                panic!(
+                    "cannot store {} as {}",
+                    object.display(),
+                    planned.path.display()
+                );
+            }
+        }
     }
+    let _ = std::fs::remove_dir_all(&scratch);
     cpp_build(lib)
         .out_dir(dir)
-        .files(largest_first(&lib.cpp))
-        .objects(&objects)
-        .compile(lib.name);
+        .create_archive(lib.name, objects.iter().map(|o| &o.path));
 }
 
 /// Big files first, so that the last file to finish is a short one (cc

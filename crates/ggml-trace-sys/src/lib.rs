@@ -157,6 +157,13 @@ pub unsafe fn mixed_attn(
 pub const ENUMS_TREE_VS_COMMITTED: &[(&str, i64, i64)] =
     include!(concat!(env!("OUT_DIR"), "/tree_enum_pairs.rs"));
 
+/// The source lists the build script chose (build/sources.rs): per library, a line
+/// `library <name> cmake|builtin <CMake file>`, then `cmake <name> <path>` for each source
+/// the tree's CMake list gave and `builtin <name> <path>` for each of the built-in list
+/// (paths relative to the tree).
+#[doc(hidden)]
+pub const SOURCE_LISTS: &str = include_str!(concat!(env!("OUT_DIR"), "/kcm_source_lists.txt"));
+
 /// Absolute path of the llama.cpp tree this crate was built from.
 pub const LLAMA_CPP_DIR: &str = env!("KCM_LLAMA_CPP_DIR");
 

@@ -12,6 +12,7 @@ mod llama_ffi;
 // Needs the mixed KV cache (vendor/patches 0001): compiled only when the tree has it.
 #[cfg(kcm_mixed_kv)]
 mod mixed_attn;
+mod source_lists;
 mod tree_enums;
 mod unfused_ambiguity;
 
