@@ -68,6 +68,12 @@ fn main() {
     let roots = [
         (tree.path.clone(), "<llama.cpp>"),
         (csrc.clone(), "<csrc>"),
+        // The generated files' directory is named by their content; their content is
+        // hashed where it matters (the headers of an include directory, build-info.cpp,
+        // the unity batches), so its name must not make every key of a library differ
+        // (a staged copy of the tree, with another origin in build-info.cpp, would
+        // otherwise recompile llama and ggml-base).
+        (gen.include_dir.clone(), "<gen>"),
         (cache.root().to_path_buf(), "<cache>"),
     ];
     let lib_dirs = compile::compile_all(&libs, &cache, &roots);

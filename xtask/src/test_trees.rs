@@ -475,14 +475,24 @@ fn tree_test(
         "layout_guard",
         "llama_ffi",
         "mixed",
+        "source_lists",
         "--nocapture",
     ]))?;
     let tests = String::from_utf8_lossy(&tests);
     print!("{tests}");
     for line in tests.lines() {
-        if line.contains("would be misread") || line.starts_with("test result:") {
+        if line.contains("would be misread")
+            || line.starts_with("test result:")
+            || line.starts_with("source lists:")
+        {
             report.push(format!("{label}: ggml-trace-sys tests: {}", line.trim()));
         }
+    }
+    if label == "fork" && !tests.contains("kcm-fork-test.cpp") {
+        return Err(
+            "fork: ggml-cpu/kcm-fork-test.cpp (listed only in the fork's CMake list) is not in the build's source list"
+                .into(),
+        );
     }
     report.push(format!(
         "{label}: ggml-trace-sys tests built and ran in {:.0} s",

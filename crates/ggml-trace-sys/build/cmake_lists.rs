@@ -444,3 +444,31 @@ fn glob(base: &Path, pattern: &str) -> Vec<String> {
     found.sort();
     found
 }
+
+/// CMake's `configure_file(... @ONLY)`: `@NAME@` (NAME of letters, digits and `_`)
+/// replaced from `vars`; also returns the names it had no value for.
+pub fn substitute(template: &str, vars: &[(&str, &str)]) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(template.len());
+    let mut unknown = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('@') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        if name_len > 0 && after[name_len..].starts_with('@') {
+            let name = &after[..name_len];
+            match vars.iter().find(|(n, _)| *n == name) {
+                Some((_, value)) => out.push_str(value),
+                None => unknown.push(name.to_string()),
+            }
+            rest = &after[name_len + 1..];
+        } else {
+            out.push('@');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    (out, unknown)
+}

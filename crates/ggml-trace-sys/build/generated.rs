@@ -1,4 +1,5 @@
-//! Files cmake would generate: version headers, common's build-info.cpp, and
+//! Files cmake would generate: version headers and common's build-info.cpp (from the
+//! tree's own `*.in` templates, `configure_file`'s `@VAR@` substitution), and
 //! the unity-build batches for src/models/*.cpp.
 
 use std::fs;
@@ -30,21 +31,39 @@ pub fn render(
     origin: &str,
     build_number: u64,
 ) -> Vec<(String, String)> {
+    let ggml_version = ggml_version(tree);
+    let build_number = build_number.to_string();
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let vars: &[(&str, &str)] = &[
+        ("GGML_VERSION", &ggml_version),
+        ("GGML_BUILD_COMMIT", origin),
+        ("LLAMA_VERSION", llama_version),
+        ("LLAMA_BUILD_COMMIT", origin),
+        ("LLAMA_BUILD_NUMBER", &build_number),
+        ("BUILD_COMPILER", "cc-rs (kv-cache-monitor ggml-trace)"),
+        ("BUILD_TARGET", &target),
+    ];
     let mut files = vec![
         (
             "ggml-version.h".to_string(),
-            format!(
-                "#pragma once\n#define GGML_VERSION \"{}\"\n#define GGML_COMMIT  \"{origin}\"\n",
-                ggml_version(tree)
-            ),
+            configure(tree, "ggml/src/ggml-version.h.in", vars, || {
+                "#pragma once\n#define GGML_VERSION \"@GGML_VERSION@\"\n#define GGML_COMMIT  \"@GGML_BUILD_COMMIT@\"\n".into()
+            }),
         ),
         (
             "llama-version.h".to_string(),
-            format!("#pragma once\n#define LLAMA_VERSION \"{llama_version}\"\n#define LLAMA_COMMIT  \"{origin}\"\n"),
+            configure(tree, "src/llama-version.h.in", vars, || {
+                "#pragma once\n#define LLAMA_VERSION \"@LLAMA_VERSION@\"\n#define LLAMA_COMMIT  \"@LLAMA_BUILD_COMMIT@\"\n".into()
+            }),
         ),
         (
             "build-info.cpp".to_string(),
-            build_info(tree, origin, build_number),
+            configure(tree, "common/build-info.cpp.in", vars, || {
+                crate::fail(&format!(
+                    "{}: no common/build-info.cpp.in: not a llama.cpp tree this build knows",
+                    tree.display()
+                ))
+            }),
         ),
     ];
     files.extend(unity_batches(&tree.join("src/models")));
@@ -107,17 +126,25 @@ fn ggml_version(tree: &Path) -> String {
     format!("{}.{}.{}", part("MAJOR"), part("MINOR"), part("PATCH"))
 }
 
-/// common/build-info.cpp.in with cmake's @VARIABLES@ filled in.
-fn build_info(tree: &Path, origin: &str, build_number: u64) -> String {
-    let template_path = tree.join("common/build-info.cpp.in");
-    let template = fs::read_to_string(&template_path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", template_path.display()));
-    let target = std::env::var("TARGET").unwrap_or_default();
-    template
-        .replace("@LLAMA_BUILD_NUMBER@", &build_number.to_string())
-        .replace("@LLAMA_BUILD_COMMIT@", origin)
-        .replace("@BUILD_COMPILER@", "cc-rs (kv-cache-monitor ggml-trace)")
-        .replace("@BUILD_TARGET@", &target)
+/// The tree's template `rel` (a CMake `configure_file` input) with its `@NAME@` variables
+/// replaced from `vars`, as CMake does; `fallback()` when the tree has no such template
+/// (older trees wrote some of these headers differently). A variable we do not know is
+/// replaced by nothing, as CMake does, and named in a build warning.
+fn configure(
+    tree: &Path,
+    rel: &str,
+    vars: &[(&str, &str)],
+    fallback: impl FnOnce() -> String,
+) -> String {
+    let template = fs::read_to_string(tree.join(rel)).unwrap_or_else(|_| fallback());
+    let (text, unknown) = crate::cmake_lists::substitute(&template, vars);
+    if !unknown.is_empty() {
+        println!(
+            "cargo:warning=kcm: {rel}: no value for {} (left empty, as CMake does)",
+            unknown.join(", ")
+        );
+    }
+    text
 }
 
 const UNITY_PREFIX: &str = "unity_models_";

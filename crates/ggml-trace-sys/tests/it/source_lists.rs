@@ -158,8 +158,13 @@ fn every_library_of_this_build_took_its_sources_from_the_trees_cmake_lists() {
             "llama"
         ]
     );
-    for (lib, (how, cmake, _)) in &chosen {
+    for (lib, (how, cmake, builtin)) in &chosen {
         assert_eq!(how, "cmake", "{lib} fell back to the built-in list");
+        let extra: Vec<&String> = cmake.difference(builtin).collect();
+        if !extra.is_empty() {
+            // `cargo xtask test-trees` reports this line (the test fork's new source file).
+            println!("source lists: {lib}: only in the CMake list: {extra:?}");
+        }
         for rel in cmake {
             assert!(
                 Path::new(LLAMA_CPP_DIR).join(rel).is_file(),
@@ -199,4 +204,17 @@ fn on_the_pinned_tree_the_cmake_lists_equal_the_built_in_lists() {
             "{lib}: only in the CMake list {only_cmake:?}, only in the built-in list {only_builtin:?}"
         );
     }
+}
+
+#[test]
+fn configure_file_substitution_fills_known_variables_and_names_unknown_ones() {
+    let (text, unknown) = cmake_lists::substitute(
+        "#define V \"@LLAMA_VERSION@\"\n// mail@example.com @ @@ @X@@Y@ @MISSING@\n",
+        &[("LLAMA_VERSION", "0.6.0-dev"), ("X", "1"), ("Y", "2")],
+    );
+    assert_eq!(
+        text,
+        "#define V \"0.6.0-dev\"\n// mail@example.com @ @@ 12 \n"
+    );
+    assert_eq!(unknown, ["MISSING"]);
 }
