@@ -587,7 +587,10 @@ pub(crate) fn check_run_flags(
             let wrong = if t.meta.role == plain && !in_mixed && !activation {
                 match swa_type {
                     // A window layer of the mixed cache: its own type.
-                    Some(swa) => t.meta.ty() != swa,
+                    Some(swa) => {
+                        !(t.meta.ty() == swa
+                            || (swa == GgmlType::F32 && t.meta.ty() == GgmlType::F16))
+                    }
                     None => !fits(t.meta.ty()),
                 }
             } else if t.meta.role == cold {
@@ -1587,7 +1590,7 @@ mod tests {
     fn mixed_swa_type_is_the_type_of_the_groups_without_the_mixed_node() {
         let s = Shapes::default();
         // Group (step 0, layer 0) becomes a mixed one (a cold store); the others are the
-        // window layers, whose K and V are F16 in this trace.
+        // window layers, whose K and V are F32 in this trace.
         let i = at(s, Role::Mask, 0, 0);
         let mixed = |swa: &'static str, mixed_flag: bool| {
             edit(s, move |spec, _| {
@@ -1596,8 +1599,8 @@ mod tests {
                 spec.metadata.set(keys::RUN_MIXED_SWA_TYPE, swa);
             })
         };
-        let t = open(mixed("f16", true)).unwrap();
-        assert_eq!(t.run.mixed_swa_type, "f16");
+        let t = open(mixed("f32", true)).unwrap();
+        assert_eq!(t.run.mixed_swa_type, "f32");
         let v = invalid(mixed("q8_0", true));
         assert!(
             matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_MIXED_SWA_TYPE),
