@@ -232,9 +232,9 @@ fn unversioned(tree: &Path) -> String {
 /// Names of the capability the build detects, in `--version` and the build output.
 const MIXED_FEATURE: &str = "mixed-kv-cache";
 
-/// Whether the tree has our mixed KV cache (vendor/patches 0001-0004): the declarations
+/// Whether the tree has our mixed KV cache (vendor/patches 0001-0005): the declarations
 /// production code links (`llama_mixed_attn_get_params`, `llama_mixed_attn` in llama.h)
-/// and common's options (`mixed_kv_cache` in common.h). Without it the crate is built
+/// and common's options (`mixed_kv_cache`, `mixed_swa_type` in common.h). Without it the crate is built
 /// without `cfg(kcm_mixed_kv)`: the capture's mixed path, the shim's options and the
 /// `llama_context_params` fields are left out, and the tools refuse `--mixed-kv-cache`.
 fn detect_mixed_kv(tree: &Tree) -> bool {
@@ -242,7 +242,8 @@ fn detect_mixed_kv(tree: &Tree) -> bool {
     let common_h = std::fs::read_to_string(tree.path.join("common/common.h")).unwrap_or_default();
     let present = llama_h.contains("llama_mixed_attn_get_params")
         && llama_h.contains("llama_mixed_attn(")
-        && common_h.contains("mixed_kv_cache");
+        && common_h.contains("mixed_kv_cache")
+        && common_h.contains("mixed_swa_type");
     if !present {
         // A copy staged by `--with-patches` whose patches did not apply says which one.
         let stamp = std::fs::read_to_string(tree.path.join(STAMP)).unwrap_or_default();

@@ -21,7 +21,7 @@
 // The layout that src/session.rs mirrors by hand (`kcm_run_info`), checked with the same
 // numbers as the `const` assertions there: a field added or moved on one side only fails
 // to compile on that side.
-static_assert(sizeof(kcm_run_info) == 4432, "kcm_run_info size");
+static_assert(sizeof(kcm_run_info) == 4440, "kcm_run_info size");
 static_assert(alignof(kcm_run_info) == 8, "kcm_run_info alignment");
 static_assert(offsetof(kcm_run_info, n_layer) == 0, "kcm_run_info.n_layer");
 static_assert(offsetof(kcm_run_info, n_head) == 4, "kcm_run_info.n_head");
@@ -43,6 +43,7 @@ static_assert(offsetof(kcm_run_info, mixed_cold_type) == 4408, "kcm_run_info.mix
 static_assert(offsetof(kcm_run_info, kv_buffer_bytes) == 4416, "kcm_run_info.kv_buffer_bytes");
 static_assert(offsetof(kcm_run_info, n_threads) == 4424, "kcm_run_info.n_threads");
 static_assert(offsetof(kcm_run_info, n_threads_batch) == 4428, "kcm_run_info.n_threads_batch");
+static_assert(offsetof(kcm_run_info, mixed_swa_type) == 4432, "kcm_run_info.mixed_swa_type");
 
 struct kcm_session {
     common_params params;
@@ -267,6 +268,21 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
             delete s;
             return nullptr;
         }
+#if KCM_MIXED_KV
+        // --mixed-swa-type (vendor/patches/0005) sets the window-layer cache of a mixed KV cache;
+        // a quantized one holds a quantized V, which llama.cpp reads with flash attention only.
+        if (p.mixed_swa_type != GGML_TYPE_COUNT) {
+            const std::string t = ggml_type_name(p.mixed_swa_type);
+            if (!p.mixed_kv_cache) {
+                return refuse("--mixed-swa-type " + t + " sets the sliding-window layers' cache of the mixed KV cache: "
+                              "add --mixed-kv-cache (or leave it out)");
+            }
+            if (ggml_is_quantized(p.mixed_swa_type) && p.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+                return refuse("--mixed-swa-type " + t + " quantizes the sliding-window layers' V cache, which llama.cpp "
+                              "attends to with flash attention only: use -fa on (or auto), or --mixed-swa-type f16");
+            }
+        }
+#endif
         const bool ctx_given = flag_given(argc, argv, "-c", "--ctx-size");
         const bool prompt_given = flag_given(argc, argv, "-p", "--prompt") || flag_given(argc, argv, "-f", "--file") ||
                                   flag_given(argc, argv, "-bf", "--binary-file");
@@ -361,6 +377,11 @@ kcm_session * kcm_session_create(int32_t argc, const char * const * argv,
                 mp.load_mode = LLAMA_LOAD_MODE_NONE;
                 if (llama_model * fm = llama_model_load_from_file(p.model.path.c_str(), mp)) {
                     mixed_why = mixed_kv_refusal(fm, p.model.path);
+                    if (mixed_why.empty() && p.mixed_swa_type != GGML_TYPE_COUNT && llama_model_n_swa(fm) == 0) {
+                        mixed_why = std::string("--mixed-swa-type ") + ggml_type_name(p.mixed_swa_type) +
+                                    ": architecture '" + arch + "' has no sliding-window layers (the option sets the "
+                                    "window layers' cache of an iSWA model such as Gemma 2/3)";
+                    }
                     llama_model_free(fm);
                 }
             }
@@ -535,10 +556,12 @@ void kcm_session_info(const kcm_session * s, kcm_run_info * out) {
     out->mixed_kv_cache = s->params.mixed_kv_cache ? 1 : 0;
     out->mixed_hot_window = (uint32_t) s->params.mixed_hot_window;
     out->mixed_cold_type = (int32_t) s->params.mixed_cold_type;
+    out->mixed_swa_type = s->params.mixed_swa_type == GGML_TYPE_COUNT ? -1 : (int32_t) s->params.mixed_swa_type;
 #else
     out->mixed_kv_cache = 0;
     out->mixed_hot_window = 0;
     out->mixed_cold_type = -1;
+    out->mixed_swa_type = -1;
 #endif
 #if KCM_MIXED_KV
     // llama_memory_buffer_size comes with the mixed KV cache (vendor/patches/0002).

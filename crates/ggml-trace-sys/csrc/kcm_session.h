@@ -42,6 +42,7 @@ typedef struct kcm_run_info {
     uint64_t kv_buffer_bytes;   // bytes of the context's KV buffers (llama_memory_buffer_size)
     int32_t  n_threads;         // threads of single-token graph computations (llama_n_threads)
     int32_t  n_threads_batch;   // threads of batched ones (llama_n_threads_batch)
+    int32_t  mixed_swa_type;    // ggml_type of an iSWA model's window-layer cache (--mixed-swa-type), -1: -ctk/-ctv
 } kcm_run_info;
 
 // Called before each llama_decode with the step number and the batch's tokens and

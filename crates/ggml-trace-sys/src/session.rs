@@ -45,12 +45,14 @@ pub struct kcm_run_info {
     pub n_threads: i32,
     /// Threads of batched ones (`llama_n_threads_batch`).
     pub n_threads_batch: i32,
+    /// ggml_type of an iSWA model's window-layer cache (`--mixed-swa-type`); -1: `-ctk`/`-ctv`.
+    pub mixed_swa_type: i32,
 }
 
 // The same numbers as the static_asserts in csrc/kcm_session.cpp.
 const _: () = {
     use std::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<kcm_run_info>() == 4432);
+    assert!(size_of::<kcm_run_info>() == 4440);
     assert!(align_of::<kcm_run_info>() == 8);
     assert!(offset_of!(kcm_run_info, n_layer) == 0);
     assert!(offset_of!(kcm_run_info, n_head) == 4);
@@ -72,6 +74,7 @@ const _: () = {
     assert!(offset_of!(kcm_run_info, kv_buffer_bytes) == 4416);
     assert!(offset_of!(kcm_run_info, n_threads) == 4424);
     assert!(offset_of!(kcm_run_info, n_threads_batch) == 4428);
+    assert!(offset_of!(kcm_run_info, mixed_swa_type) == 4432);
 };
 
 /// An opaque `kcm_session`.

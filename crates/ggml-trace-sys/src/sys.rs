@@ -1622,6 +1622,7 @@ pub struct llama_context_params {
     pub mixed_kv_cache: bool,
     pub mixed_hot_window: u32,
     pub mixed_cold_type: ggml_type,
+    pub mixed_swa_type: ggml_type,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -1707,6 +1708,8 @@ const _: () = {
         [::std::mem::offset_of!(llama_context_params, mixed_hot_window) - 164usize];
     ["Offset of field: llama_context_params::mixed_cold_type"]
         [::std::mem::offset_of!(llama_context_params, mixed_cold_type) - 168usize];
+    ["Offset of field: llama_context_params::mixed_swa_type"]
+        [::std::mem::offset_of!(llama_context_params, mixed_swa_type) - 172usize];
 };
 impl Default for llama_context_params {
     fn default() -> Self {

@@ -1,7 +1,9 @@
 //! What a KV cache costs a real model and what it saves: gemma-3-270m (15 of its 18
 //! layers slide over a 512-token window), a prompt of ~2,000 tokens then KCM_BENCH_TOKENS
 //! (default 256) generated tokens, for the plain F16 cache, plain q8_0 and q4_0 caches and
-//! the mixed cache (hot window 256, cold q4_0 and cold q8_0), all with flash attention:
+//! the mixed cache (hot window 256, cold q4_0 and cold q8_0; and cold q4_0 with the
+//! sliding-window layers' cache quantized too, `--mixed-swa-type q4_0` / `q8_0`), all with
+//! flash attention:
 //!
 //! - KV bytes: ggml's buffer sizes of the context's KV cache (`llama_memory_buffer_size`),
 //!   ÷ F16.
@@ -148,7 +150,7 @@ fn main() {
         .expect("replay of the reference");
     let prompt_steps = reference.steps.len() - tokens as usize;
 
-    let caches: [(&'static str, &[&str]); 6] = [
+    let caches: [(&'static str, &[&str]); 8] = [
         ("F16 (replayed against itself)", &[]),
         ("q8_0", &["-ctk", "q8_0", "-ctv", "q8_0"]),
         ("q4_0", &["-ctk", "q4_0", "-ctv", "q4_0"]),
@@ -169,6 +171,30 @@ fn main() {
                 "--mixed-hot-window",
                 "256",
                 "--mixed-cold-type",
+                "q8_0",
+            ],
+        ),
+        (
+            "mixed + SWA q4_0: window 256, cold q4_0, window layers q4_0",
+            &[
+                "--mixed-kv-cache",
+                "--mixed-hot-window",
+                "256",
+                "--mixed-cold-type",
+                "q4_0",
+                "--mixed-swa-type",
+                "q4_0",
+            ],
+        ),
+        (
+            "mixed + SWA q8_0: window 256, cold q4_0, window layers q8_0",
+            &[
+                "--mixed-kv-cache",
+                "--mixed-hot-window",
+                "256",
+                "--mixed-cold-type",
+                "q4_0",
+                "--mixed-swa-type",
                 "q8_0",
             ],
         ),
@@ -227,7 +253,7 @@ fn main() {
     );
     for r in &rows {
         println!(
-            "{:<48} KV {:>10} bytes ({:.3} of F16)  decode {:7.2} tokens/s ({:.3})  KLD mean {:.6} ± {:.6}  99% {:.6}  max {:.6}  same top {:.2} ± {:.2} %  ({} steps)",
+            "{:<62} KV {:>10} bytes ({:.3} of F16)  decode {:7.2} tokens/s ({:.3})  KLD mean {:.6} ± {:.6}  99% {:.6}  max {:.6}  same top {:.2} ± {:.2} %  ({} steps)",
             r.name,
             r.kv_bytes,
             r.kv_bytes as f64 / f16_bytes as f64,

@@ -57,6 +57,9 @@ pub struct MixedKvInfo {
     pub hot_window: u32,
     /// Type of the cold store (`--mixed-cold-type`).
     pub cold_type: gguf_io::GgmlType,
+    /// Type of an iSWA model's window-layer K and V cache (`--mixed-swa-type`); `None`:
+    /// the run's `-ctk`/`-ctv` (F16 with the mixed cache).
+    pub swa_type: Option<gguf_io::GgmlType>,
 }
 
 /// How the run went.

@@ -36,11 +36,12 @@ pub enum SessionError {
     Rpc(#[from] crate::rpc::RpcError),
 }
 
-/// The options of our mixed KV cache (vendor/patches/0003).
-const MIXED_OPTIONS: [&str; 3] = [
+/// The options of our mixed KV cache (vendor/patches/0003, 0005).
+const MIXED_OPTIONS: [&str; 4] = [
     "--mixed-kv-cache",
     "--mixed-hot-window",
     "--mixed-cold-type",
+    "--mixed-swa-type",
 ];
 
 /// The refusal line when `llama_args` (or `LLAMA_ARG_MIXED_KV_CACHE`) ask for the mixed KV
@@ -461,6 +462,9 @@ fn run_with(
         mixed: (raw.mixed_kv_cache != 0).then_some(MixedKvInfo {
             hot_window: raw.mixed_hot_window,
             cold_type: gguf_io::GgmlType(raw.mixed_cold_type as u32),
+            swa_type: u32::try_from(raw.mixed_swa_type)
+                .ok()
+                .map(gguf_io::GgmlType),
         }),
         kv_buffer_bytes: raw.kv_buffer_bytes,
         n_threads: raw.n_threads.max(0) as u32,
@@ -623,7 +627,11 @@ mod mixed_kv_refusal_tests {
 
     #[test]
     fn every_mixed_option_and_the_environment_are_refused() {
-        for opt in ["--mixed-hot-window", "--mixed-cold-type=q4_0"] {
+        for opt in [
+            "--mixed-hot-window",
+            "--mixed-cold-type=q4_0",
+            "--mixed-swa-type",
+        ] {
             let line = mixed_kv_unavailable(&args(&[opt, "64"]), None, false).expect(opt);
             assert!(line.starts_with(opt.split('=').next().unwrap()), "{line}");
         }

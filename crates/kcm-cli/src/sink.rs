@@ -437,6 +437,11 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
         .map(|f| trace_format::meta::model_head_dims(f.metadata()))
         .unwrap_or((0, 0));
     let (rot_k, rot_v) = trace_format::meta::kv_rotation(info.type_k, info.type_v, head_k, head_v);
+    // The mixed cache's window layers (`--mixed-swa-type`) have a type of their own.
+    let swa_type = info.mixed.and_then(|m| m.swa_type);
+    let (swa_rot_k, swa_rot_v) = swa_type.map_or((false, false), |t| {
+        trace_format::meta::kv_rotation(t, t, head_k, head_v)
+    });
     RunMeta {
         model_path: info.model_path.clone(),
         model_sha256: if with_sha {
@@ -456,8 +461,9 @@ pub fn run_meta(info: &RunInfo, with_sha: bool) -> RunMeta {
             None => "auto",
         }
         .into(),
-        kv_rotation: rot_k || rot_v,
+        kv_rotation: rot_k || rot_v || swa_rot_k || swa_rot_v,
         mixed_kv_cache: info.mixed.is_some(),
+        mixed_swa_type: swa_type.map(|t| t.name().to_string()).unwrap_or_default(),
         n_ctx: info.n_ctx,
         n_batch: info.n_batch,
         n_ubatch: info.n_ubatch,

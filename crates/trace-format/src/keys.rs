@@ -26,6 +26,10 @@ pub const RUN_KV_ROTATION: &str = "kqv_trace.run.kv_rotation";
 pub const RUN_ROTATED_K: &str = "kqv_trace.run.rotated_k";
 pub const RUN_ROTATED_V: &str = "kqv_trace.run.rotated_v";
 pub const RUN_MIXED_KV_CACHE: &str = "kqv_trace.run.mixed_kv_cache";
+/// STRING, with `mixed_kv_cache` on an iSWA model: the ggml type of the sliding-window
+/// layers' K and V cache (`--mixed-swa-type`), which then differs from `cache_type_k`/`_v`
+/// (the hot store's F16). Optional (absent: the window layers use `cache_type_k`/`_v`).
+pub const RUN_MIXED_SWA_TYPE: &str = "kqv_trace.run.mixed_swa_type";
 pub const RUN_N_CTX: &str = "kqv_trace.run.n_ctx";
 pub const RUN_N_BATCH: &str = "kqv_trace.run.n_batch";
 pub const RUN_N_UBATCH: &str = "kqv_trace.run.n_ubatch";

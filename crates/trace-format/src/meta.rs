@@ -210,6 +210,9 @@ pub struct RunMeta {
     /// empty when the run decoded its own prompt and sampled tokens.
     pub replayed_from: String,
     pub mixed_kv_cache: bool,
+    /// With the mixed KV cache on an iSWA model, the type of the sliding-window layers' K
+    /// and V cache (`--mixed-swa-type`, e.g. `q4_0`); empty: `cache_type_k`/`cache_type_v`.
+    pub mixed_swa_type: String,
     pub n_ctx: u32,
     pub n_batch: u32,
     pub n_ubatch: u32,

@@ -247,6 +247,7 @@ pub(crate) fn run_meta(m: &Metadata) -> Result<RunMeta, Violation> {
         rotated_k_layers: layer_flags(m, keys::RUN_ROTATED_K)?,
         rotated_v_layers: layer_flags(m, keys::RUN_ROTATED_V)?,
         mixed_kv_cache: boolean(m, keys::RUN_MIXED_KV_CACHE, false)?,
+        mixed_swa_type: string(m, keys::RUN_MIXED_SWA_TYPE)?,
         n_ctx: u(keys::RUN_N_CTX)?,
         n_batch: u(keys::RUN_N_BATCH)?,
         n_ubatch: u(keys::RUN_N_UBATCH)?,
@@ -526,6 +527,29 @@ pub(crate) fn check_run_flags(
                 .map(|a| (a.step, a.layer)),
         )
         .collect();
+    // The mixed cache's sliding-window layers (an iSWA model's groups without the mixed
+    // node) may have a cache type of their own (`--mixed-swa-type`).
+    let swa_type = if run.mixed_swa_type.is_empty() {
+        None
+    } else {
+        let Some(ty) = GgmlType::from_name(&run.mixed_swa_type) else {
+            return Err(Violation::BadValue {
+                key: keys::RUN_MIXED_SWA_TYPE,
+                what: format!("{:?} is not a ggml type", escape(&run.mixed_swa_type)),
+            });
+        };
+        if !run.mixed_kv_cache {
+            return Err(flag(
+                keys::RUN_MIXED_SWA_TYPE,
+                &run.mixed_swa_type,
+                format!(
+                    "the window layers' type of a mixed KV cache, and {} is false",
+                    keys::RUN_MIXED_KV_CACHE
+                ),
+            ));
+        }
+        Some(ty)
+    };
     for (key, name, plain, cold) in [
         (
             keys::RUN_CACHE_TYPE_K,
@@ -561,13 +585,27 @@ pub(crate) fn check_run_flags(
                 .iter()
                 .any(|p| t.meta.ggml_name.starts_with(p));
             let wrong = if t.meta.role == plain && !in_mixed && !activation {
-                !fits(t.meta.ty())
+                match swa_type {
+                    // A window layer of the mixed cache: its own type.
+                    Some(swa) => {
+                        !(t.meta.ty() == swa
+                            || (swa == GgmlType::F32 && t.meta.ty() == GgmlType::F16))
+                    }
+                    None => !fits(t.meta.ty()),
+                }
             } else if t.meta.role == cold {
                 // The mixed cache: the cold store has the cache type (the hot one is F16).
                 !fits(t.meta.ty()) && ty != GgmlType::F16
             } else {
                 false
             };
+            if wrong && swa_type.is_some() && t.meta.role == plain && !in_mixed {
+                return Err(flag(
+                    keys::RUN_MIXED_SWA_TYPE,
+                    &run.mixed_swa_type,
+                    describe(t),
+                ));
+            }
             if wrong {
                 return Err(flag(key, name, describe(t)));
             }
@@ -1545,6 +1583,44 @@ mod tests {
                 set_array(spec, keys::TENSOR_ROLE, strs, |v| v[i] = "k_quant".into())
             }),
         );
+    }
+
+    /// `mixed_swa_type`: the window layers' (non-mixed groups') K/V type of a mixed run.
+    #[test]
+    fn mixed_swa_type_is_the_type_of_the_groups_without_the_mixed_node() {
+        let s = Shapes::default();
+        // Group (step 0, layer 0) becomes a mixed one (a cold store); the others are the
+        // window layers, whose K and V are F32 in this trace.
+        let i = at(s, Role::Mask, 0, 0);
+        let mixed = |swa: &'static str, mixed_flag: bool| {
+            edit(s, move |spec, _| {
+                set_array(spec, keys::TENSOR_ROLE, strs, |v| v[i] = "k_quant".into());
+                spec.metadata.set(keys::RUN_MIXED_KV_CACHE, mixed_flag);
+                spec.metadata.set(keys::RUN_MIXED_SWA_TYPE, swa);
+            })
+        };
+        let t = open(mixed("f32", true)).unwrap();
+        assert_eq!(t.run.mixed_swa_type, "f32");
+        let v = invalid(mixed("q8_0", true));
+        assert!(
+            matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_MIXED_SWA_TYPE),
+            "{v}"
+        );
+        assert!(v.to_string().contains("q8_0"), "{v}");
+        let v = invalid(mixed("q9_9", true));
+        assert!(
+            matches!(&v, Violation::BadValue { key, .. } if *key == keys::RUN_MIXED_SWA_TYPE),
+            "{v}"
+        );
+        let plain = edit(s, |spec, _| {
+            spec.metadata.set(keys::RUN_MIXED_SWA_TYPE, "f16")
+        });
+        let v = invalid(plain);
+        assert!(
+            matches!(&v, Violation::RunFlag { key, .. } if *key == keys::RUN_MIXED_SWA_TYPE),
+            "{v}"
+        );
+        assert!(v.to_string().contains("mixed_kv_cache is false"), "{v}");
     }
 
     #[test]

@@ -517,6 +517,9 @@ impl TraceWriter {
             );
         }
         m.set(keys::RUN_MIXED_KV_CACHE, run.mixed_kv_cache);
+        if !run.mixed_swa_type.is_empty() {
+            m.set(keys::RUN_MIXED_SWA_TYPE, run.mixed_swa_type.as_str());
+        }
         m.set(keys::RUN_N_CTX, run.n_ctx);
         m.set(keys::RUN_N_BATCH, run.n_batch);
         m.set(keys::RUN_N_UBATCH, run.n_ubatch);

@@ -151,6 +151,11 @@ fn without_the_mixed_kv_cache_only_its_fields_are_not_guarded() {
                 field: "mixed_cold_type".into(),
                 offset: 168
             },
+            &Check::Offset {
+                ty: "llama_context_params".into(),
+                field: "mixed_swa_type".into(),
+                offset: 172
+            },
         ]
     );
 
@@ -166,7 +171,8 @@ fn without_the_mixed_kv_cache_only_its_fields_are_not_guarded() {
             let t = l.trim_start();
             !(t.starts_with("bool           mixed_kv_cache;")
                 || t.starts_with("uint32_t       mixed_hot_window;")
-                || t.starts_with("enum ggml_type mixed_cold_type;"))
+                || t.starts_with("enum ggml_type mixed_cold_type;")
+                || t.starts_with("enum ggml_type mixed_swa_type;"))
         })
         .map(|l| format!("{l}\n"))
         .collect();

@@ -4,7 +4,10 @@
 //! (step, layer) holds the six inputs of the mixed node and verifies against the f64
 //! recomputation; the KV buffers' size comes from ggml's buffer sizes; unsupported setups
 //! fail at start with a clear message. On gemma-3-270m (sliding-window layers) at about
-//! 2,000 tokens, the full-attention layers are mixed and every group verifies.
+//! 2,000 tokens, the full-attention layers are mixed and every group verifies, with the
+//! window layers' cache F16 or quantized (`--mixed-swa-type q4_0`); the KV bytes of F16,
+//! mixed and mixed + quantized window layers are exact; `--mixed-swa-type` is refused in one
+//! line where it cannot apply.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -381,6 +384,123 @@ fn unsupported_setups_fail_at_start_with_a_clear_message() {
     expect_failure(&a, "is not a multiple of the q4_0 block size");
 }
 
+/// gemma-3-270m at `-c 4096 -ub 32` (the kv_quality bench's setup), KV bytes as llama.cpp
+/// accounts them (`llama_memory_buffer_size`), exact: F16; the mixed cache (window 256,
+/// cold q4_0) on the three full-attention layers, the 15 window layers F16; and the same
+/// with the window layers' cache q4_0 / q8_0 (`--mixed-swa-type`). Each layer holds one KV
+/// head of 256 values; a window layer's cache has 768 cells (512 + one ubatch of 32, padded
+/// to 256); a full-attention layer's hot store 256 + 2 chunks of 32 cells, its cold store
+/// 4096 - 256 rows.
+#[test]
+fn gemma3_kv_bytes_with_the_window_layers_quantized() {
+    if ggml_trace::skip_without_mixed_kv("gemma3_kv_bytes_with_the_window_layers_quantized") {
+        return;
+    }
+    let model =
+        model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
+    let args = |extra: &[&str]| {
+        LlamaArgs::new(&model, "The quick brown fox")
+            .ctx(4096)
+            .ubatch(32)
+            .threads(2)
+            .greedy()
+            .flash(true)
+            .args(extra.iter().copied())
+            .build()
+    };
+    let f16 = kv_bytes(&args(&[]));
+    let mixed = kv_bytes(&args(&["--mixed-kv-cache"]));
+    let swa_q4 = kv_bytes(&args(&["--mixed-kv-cache", "--mixed-swa-type", "q4_0"]));
+    let swa_q8 = kv_bytes(&args(&["--mixed-kv-cache", "--mixed-swa-type", "q8_0"]));
+
+    // K and V of one cell of one layer (one KV head of 256 values).
+    let cell = |t: GgmlType| 2 * t.bytes_for(256).unwrap();
+    let (full, window) = (3u64, 15u64);
+    let (n_ctx, swa_cells, hot, cold) = (4096u64, 768u64, 256 + 2 * u64::from(CHUNK), 4096 - 256);
+    let mixed_full = full * (hot * cell(GgmlType::F16) + cold * cell(GgmlType::Q4_0));
+    let expect = [
+        full * n_ctx * cell(GgmlType::F16) + window * swa_cells * cell(GgmlType::F16),
+        mixed_full + window * swa_cells * cell(GgmlType::F16),
+        mixed_full + window * swa_cells * cell(GgmlType::Q4_0),
+        mixed_full + window * swa_cells * cell(GgmlType::Q8_0),
+    ];
+    let got = [f16, mixed, swa_q4, swa_q8];
+    eprintln!(
+        "gemma-3-270m KV bytes at -c 4096: F16 {f16}, mixed {mixed} ({:.4}), mixed + SWA q4_0 {swa_q4} ({:.4}), mixed + SWA q8_0 {swa_q8} ({:.4})",
+        mixed as f64 / f16 as f64,
+        swa_q4 as f64 / f16 as f64,
+        swa_q8 as f64 / f16 as f64
+    );
+    assert_eq!(got, expect);
+    // The figures docs/performance-kv-caches.md and the issue quote.
+    assert_eq!(got, [24_379_392, 16_097_280, 7_618_560, 10_567_680]);
+    assert!((swa_q4 as f64) <= 0.4 * f16 as f64);
+}
+
+/// `--mixed-swa-type` where it cannot apply: one line, exit 2, before any decode.
+#[test]
+fn mixed_swa_type_is_refused_where_it_cannot_apply() {
+    if ggml_trace::skip_without_mixed_kv("mixed_swa_type_is_refused_where_it_cannot_apply") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = model(dir.path());
+    let refused = |extra: &[&str], env: Option<&str>, needle: &str| {
+        let mut a = base_args(&m);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = Command::new(BIN);
+        cmd.args(&a).env_remove("LLAMA_ARG_MIXED_SWA_TYPE");
+        if let Some(v) = env {
+            cmd.env("LLAMA_ARG_MIXED_SWA_TYPE", v);
+        }
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{extra:?}: one line: {err}"
+        );
+        assert!(err.contains(needle), "{extra:?}: {needle:?} not in {err}");
+        assert!(o.stdout.is_empty(), "{extra:?}: nothing on stdout");
+    };
+    // Quantized window layers need flash attention (a quantized V).
+    refused(
+        &["--mixed-kv-cache", "--mixed-swa-type", "q4_0", "-fa", "off"],
+        None,
+        "--mixed-swa-type q4_0 quantizes the sliding-window layers' V cache, which llama.cpp attends to with flash attention only",
+    );
+    // Only with the mixed KV cache, also from the environment.
+    refused(
+        &["--mixed-swa-type", "q8_0"],
+        None,
+        "--mixed-swa-type q8_0 sets the sliding-window layers' cache of the mixed KV cache: add --mixed-kv-cache",
+    );
+    refused(
+        &[],
+        Some("q4_0"),
+        "--mixed-swa-type q4_0 sets the sliding-window layers' cache of the mixed KV cache",
+    );
+    // The tiny LLaMA has no sliding-window layers.
+    refused(
+        &[
+            "--mixed-kv-cache",
+            "--mixed-hot-window",
+            "16",
+            "--mixed-swa-type",
+            "q4_0",
+        ],
+        None,
+        "--mixed-swa-type q4_0: architecture 'llama' has no sliding-window layers",
+    );
+    // Not a type it takes: llama.cpp's parser names the option.
+    let mut bad = base_args(&m);
+    bad.extend(["--mixed-kv-cache", "--mixed-swa-type", "q2_K"].map(String::from));
+    let o = Command::new(BIN).args(&bad).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid --mixed-swa-type: q2_K"));
+}
+
 /// gemma-3-270m (iSWA: layers 5, 11 and 17 attend to everything, the other 15 to a
 /// 512-token window) with `--mixed-kv-cache` (window 256, cold q4_0) at about 2,000
 /// tokens: the three full-attention layers run the mixed node over their cold and hot
@@ -394,18 +514,41 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
     ) {
         return;
     }
+    gemma3_mixed_2k(None);
+}
+
+/// The same with the window layers' cache quantized (`--mixed-swa-type q4_0`): their K and
+/// V are q4_0 (rotated by llama.cpp, as a plain q4_0 cache), the trace records the type
+/// (`kqv_trace.run.mixed_swa_type`), and every group still verifies.
+#[test]
+fn gemma3_at_2k_tokens_with_q4_0_window_layers_every_group_verifies() {
+    if ggml_trace::skip_without_mixed_kv(
+        "gemma3_at_2k_tokens_with_q4_0_window_layers_every_group_verifies",
+    ) {
+        return;
+    }
+    gemma3_mixed_2k(Some(GgmlType::Q4_0));
+}
+
+/// gemma-3-270m with the mixed KV cache at about 2,000 tokens, the window layers' cache
+/// at `-ctk`/`-ctv` (F16) or at `swa` (`--mixed-swa-type`): see the tests above.
+fn gemma3_mixed_2k(swa: Option<GgmlType>) {
     const FULL: [i32; 3] = [5, 11, 17];
     let model =
         model_fetch::gemma3_270m(&model_fetch::default_cache_dir()).expect("fetch gemma-3-270m");
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = dir.path().join("gemma-mixed-2k.gguf");
-    let args = LlamaArgs::new(&model, &crate::long_context::docs_prompt())
+    let mut args = LlamaArgs::new(&model, &crate::long_context::docs_prompt())
         .n(16)
         .threads(2)
         .greedy()
         .args(["--mixed-kv-cache", "--verify", "--quiet", "--save-gguf"])
-        .arg(out.to_str().unwrap())
-        .build();
+        .arg(out.to_str().unwrap());
+    if let Some(t) = swa {
+        args = args.args(["--mixed-swa-type", t.name()]);
+    }
+    let args = args.build();
+    let started = std::time::Instant::now();
     let o = Command::new(BIN).args(&args).output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
@@ -415,6 +558,10 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
     );
     let t = TraceFile::open(&out).unwrap();
     assert!(t.run.mixed_kv_cache);
+    assert_eq!(
+        t.run.mixed_swa_type,
+        swa.map(|t| t.name().to_string()).unwrap_or_default()
+    );
     let n_layer = t.run.n_layer as i32;
     assert_eq!(n_layer, 18);
     let last = t.steps.last().unwrap().clone();
@@ -466,6 +613,12 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
                 t.find(Role::KQuant, layer, last.step).is_none(),
                 "layer {layer}"
             );
+            // The window layers' cache: F16 (-ctk/-ctv) or --mixed-swa-type's.
+            let want = swa.unwrap_or(GgmlType::F16);
+            for role in [Role::K, Role::V] {
+                let x = t.find(role, layer, last.step).unwrap();
+                assert_eq!(x.meta.layout.ty, want, "layer {layer} {role:?}");
+            }
         }
     }
     let mut worst = (0f64, 0f64);
@@ -502,8 +655,11 @@ fn gemma3_at_2k_tokens_mixes_its_full_attention_layers_and_every_group_verifies(
         String::from_utf8_lossy(&v.stderr)
     );
     eprintln!(
-        "gemma-3-270m mixed q4_0 window 256: {n} groups to position {last_pos} verify; worst NMSE mixed layers {:.3e}, window layers {:.3e}",
-        worst.0, worst.1
+        "gemma-3-270m mixed q4_0 window 256, window layers {}: {n} groups to position {last_pos} verify; worst NMSE mixed layers {:.3e}, window layers {:.3e} ({:.0} s)",
+        swa.map_or("F16", |t| t.name()),
+        worst.0,
+        worst.1,
+        started.elapsed().as_secs_f64()
     );
 }
 
