@@ -18,11 +18,18 @@
 //! The tree is `vendor/llama.cpp`, or `$KCM_LLAMA_SRC` (`cargo xtask build-llama
 //! --llama-src PATH`).
 //!
+//! With `$KCM_LLAMA_BUILD` (`cargo xtask build-llama --llama-build DIR`) nothing of
+//! llama.cpp is compiled: the libraries of that cmake build are linked (build/cmake.rs)
+//! and only kcm_shim is compiled, against the headers of the tree the build was
+//! configured from (`$KCM_LLAMA_SRC` when set, which must be that tree).
+//!
 //! Each archive is cached in `<target-dir>/kcm-llama/<name>-<fingerprint>/`,
 //! shared by all profiles and by `cargo clippy` (build/cache.rs).
 
 #[path = "build/cache.rs"]
 mod cache;
+#[path = "build/cmake.rs"]
+mod cmake;
 #[path = "build/cmake_lists.rs"]
 mod cmake_lists;
 #[path = "build/compile.rs"]
@@ -47,10 +54,15 @@ const STAMP: &str = ".kcm-tree-stamp";
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env("OUT_DIR"));
-    let tree = locate_tree(&manifest_dir);
+    let cmake_build = std::env::var_os(cmake::BUILD_ENV)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let tree = locate_tree(&manifest_dir, cmake_build.as_deref());
     let csrc = manifest_dir.join("csrc");
     let sys_rs = manifest_dir.join("src/sys.rs");
     emit_rerun_directives(&tree, &csrc, &sys_rs);
+    let plan =
+        cmake_build.map(|build| cmake::plan(&build, &tree.path).unwrap_or_else(|e| fail(&e)));
 
     let mixed = detect_mixed_kv(&tree);
     emit_features(mixed);
@@ -60,27 +72,33 @@ fn main() {
     guard_layouts(&tree.path, &csrc, &committed, &out_dir, mixed);
 
     let cache = cache::Cache::new(&out_dir);
-    let files = generated::render(&tree.path, &tree.version, &tree.origin, tree.build_number);
-    let gen = generated::write_all(&files, &cache.generated_dir(&files));
-    let cpu = cpu::CpuFlags::for_host();
-    let libs = sources::libraries(&tree.path, &csrc, &gen, &cpu, mixed);
-
-    let roots = [
-        (tree.path.clone(), "<llama.cpp>"),
-        (csrc.clone(), "<csrc>"),
-        // The generated files' directory is named by their content; their content is
-        // hashed where it matters (the headers of an include directory, build-info.cpp,
-        // the unity batches), so its name must not make every key of a library differ
-        // (a staged copy of the tree, with another origin in build-info.cpp, would
-        // otherwise recompile llama and ggml-base).
-        (gen.include_dir.clone(), "<gen>"),
-        (cache.root().to_path_buf(), "<cache>"),
-    ];
+    let mut roots = vec![(tree.path.clone(), "<llama.cpp>"), (csrc.clone(), "<csrc>")];
+    let libs = match &plan {
+        // The cmake build has everything but our shim (and its common has its own
+        // download code: csrc/kcm_no_download.cpp is not compiled).
+        Some(_) => vec![sources::kcm_shim(&tree.path, &csrc, mixed)],
+        None => {
+            let files =
+                generated::render(&tree.path, &tree.version, &tree.origin, tree.build_number);
+            let gen = generated::write_all(&files, &cache.generated_dir(&files));
+            // The generated files' directory is named by their content; their content is
+            // hashed where it matters (the headers of an include directory,
+            // build-info.cpp, the unity batches), so its name must not make every key of
+            // a library differ (a staged copy of the tree, with another origin in
+            // build-info.cpp, would otherwise recompile llama and ggml-base).
+            roots.push((gen.include_dir.clone(), "<gen>"));
+            let cpu = cpu::CpuFlags::for_host();
+            let libs = sources::libraries(&tree.path, &csrc, &gen, &cpu, mixed);
+            report_cpu(&cpu);
+            libs
+        }
+    };
+    roots.push((cache.root().to_path_buf(), "<cache>"));
     let lib_dirs = compile::compile_all(&libs, &cache, &roots);
-    report(&libs, &cpu, &lib_dirs);
+    report(&libs, &lib_dirs);
 
-    emit_link_directives(&libs, &lib_dirs);
-    emit_metadata(&tree, &csrc);
+    emit_link_directives(&libs, &lib_dirs, plan.as_ref());
+    emit_metadata(&tree, &csrc, plan.as_ref());
 }
 
 /// One line on stderr (cargo shows it under the failed build script) and exit 1.
@@ -112,18 +130,25 @@ struct Tree {
     pinned: bool,
 }
 
-/// `$KCM_LLAMA_SRC` when set, else the prepared `vendor/llama.cpp`; exits with one line
-/// when neither is usable.
-fn locate_tree(manifest_dir: &Path) -> Tree {
-    if let Some(src) = std::env::var_os(SRC_ENV).filter(|s| !s.is_empty()) {
-        let given = PathBuf::from(&src);
+/// `$KCM_LLAMA_SRC` when set, else the source tree of the cmake build `cmake_build`
+/// (`$KCM_LLAMA_BUILD`) when given, else the prepared `vendor/llama.cpp`; exits with one
+/// line when none is usable.
+fn locate_tree(manifest_dir: &Path, cmake_build: Option<&Path>) -> Tree {
+    let given = match std::env::var_os(SRC_ENV).filter(|s| !s.is_empty()) {
+        Some(src) => Some((PathBuf::from(src), SRC_ENV)),
+        None => cmake_build.map(|build| {
+            let src = cmake::source_of(build).unwrap_or_else(|e| fail(&e));
+            (src, "the source tree of KCM_LLAMA_BUILD")
+        }),
+    };
+    if let Some((given, what)) = given {
         let path = given.canonicalize().unwrap_or_else(|e| {
-            fail(&format!("{SRC_ENV}={}: {e}", given.display()));
+            fail(&format!("{what}={}: {e}", given.display()));
         });
         for needed in ["ggml/include/ggml.h", "include/llama.h", "src", "common"] {
             if !path.join(needed).exists() {
                 fail(&format!(
-                    "{SRC_ENV}={}: not a llama.cpp source tree (no {needed})",
+                    "{what}={}: not a llama.cpp source tree (no {needed})",
                     given.display()
                 ));
             }
@@ -400,6 +425,7 @@ fn emit_rerun_directives(tree: &Tree, csrc: &Path, sys_rs: &Path) {
         println!("cargo:rerun-if-changed={}", tree.path.join(STAMP).display());
     }
     println!("cargo:rerun-if-env-changed={SRC_ENV}");
+    println!("cargo:rerun-if-env-changed={}", cmake::BUILD_ENV);
     println!("cargo:rerun-if-changed={}", sys_rs.display());
     println!("cargo:rerun-if-changed={}", csrc.display());
     println!("cargo:rerun-if-env-changed={}", cpu::OVERRIDE_ENV);
@@ -408,7 +434,7 @@ fn emit_rerun_directives(tree: &Tree, csrc: &Path, sys_rs: &Path) {
 
 /// A summary in the build script's output (`cargo build -vv`, or
 /// target/*/build/ggml-trace-sys-*/output).
-fn report(libs: &[compile::Library], cpu: &cpu::CpuFlags, lib_dirs: &[PathBuf]) {
+fn report(libs: &[compile::Library], lib_dirs: &[PathBuf]) {
     for (lib, dir) in libs.iter().zip(lib_dirs) {
         println!(
             "kcm: lib{}.a from {} sources in {}",
@@ -417,6 +443,9 @@ fn report(libs: &[compile::Library], cpu: &cpu::CpuFlags, lib_dirs: &[PathBuf]) 
             dir.display()
         );
     }
+}
+
+fn report_cpu(cpu: &cpu::CpuFlags) {
     println!(
         "kcm: ggml-cpu flags: {} {}",
         cpu.flags.join(" "),
@@ -425,7 +454,11 @@ fn report(libs: &[compile::Library], cpu: &cpu::CpuFlags, lib_dirs: &[PathBuf]) 
     println!("kcm: ggml-cpu defines: {}", cpu.defines.join(" "));
 }
 
-fn emit_link_directives(libs: &[compile::Library], lib_dirs: &[PathBuf]) {
+fn emit_link_directives(
+    libs: &[compile::Library],
+    lib_dirs: &[PathBuf],
+    plan: Option<&cmake::Plan>,
+) {
     // Dependents before their dependencies: the linker resolves left to right.
     for (lib, dir) in libs.iter().zip(lib_dirs) {
         println!("cargo:rustc-link-search=native={}", dir.display());
@@ -436,14 +469,69 @@ fn emit_link_directives(libs: &[compile::Library], lib_dirs: &[PathBuf]) {
             dir.join(cache::COMPLETE).display()
         );
     }
-    for system in ["stdc++", "m", "pthread", "dl"] {
+    let Some(plan) = plan else {
+        for system in ["stdc++", "m", "pthread", "dl"] {
+            println!("cargo:rustc-link-lib=dylib={system}");
+        }
+        return;
+    };
+    emit_cmake_link(plan);
+}
+
+/// The libraries of a cmake build (build/cmake.rs), its system libraries, the rpath of
+/// this package's own tests and benches, and a warning when other packages' executables
+/// would lack it.
+fn emit_cmake_link(plan: &cmake::Plan) {
+    for input in plan.inputs() {
+        println!("cargo:rerun-if-changed={}", input.display());
+    }
+    let mut searched: Vec<&Path> = Vec::new();
+    for lib in &plan.libs {
+        if !searched.contains(&lib.dir()) {
+            println!("cargo:rustc-link-search=native={}", lib.dir().display());
+            searched.push(lib.dir());
+        }
+        let kind = if lib.shared { "dylib" } else { "static" };
+        println!("cargo:rustc-link-lib={kind}={}", lib.name);
+        println!("kcm: linking {} ({kind})", lib.path.display());
+    }
+    for dir in &plan.system_dirs {
+        println!("cargo:rustc-link-search=native={}", dir.display());
+    }
+    for system in &plan.system {
         println!("cargo:rustc-link-lib=dylib={system}");
+    }
+    println!(
+        "kcm: cmake build at {} ({}); backends besides the CPU: {}",
+        plan.build.display(),
+        plan.kind(),
+        if plan.backends.is_empty() {
+            "none".to_string()
+        } else {
+            plan.backends.join(", ")
+        }
+    );
+    let rpath = plan.rpath_dirs();
+    if rpath.is_empty() {
+        return;
+    }
+    let joined: Vec<String> = rpath.iter().map(|d| d.display().to_string()).collect();
+    // Reaches this package's tests, benches and examples only.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", joined.join(":"));
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if !cmake::has_rpath(&flags, &rpath) {
+        println!(
+            "cargo:warning=kcm: linked shared libraries of {} without an rpath: to run the tools, export RUSTFLAGS=\"{}\" before building (cargo xtask build-llama --llama-build does), or LD_LIBRARY_PATH={} when running them",
+            plan.build.display(),
+            cmake::rpath_flag(&rpath),
+            joined.join(":")
+        );
     }
 }
 
 /// `links` metadata for dependents' build scripts, and the tree path for this
 /// crate's code (`ggml_trace_sys::LLAMA_CPP_DIR`).
-fn emit_metadata(tree: &Tree, csrc: &Path) {
+fn emit_metadata(tree: &Tree, csrc: &Path, plan: Option<&cmake::Plan>) {
     println!("cargo:root={}", tree.path.display());
     let includes = [
         tree.path.join("include"),
@@ -457,6 +545,10 @@ fn emit_metadata(tree: &Tree, csrc: &Path) {
     println!("cargo:rustc-env=KCM_LLAMA_ORIGIN={}", tree.origin);
     println!("cargo:rustc-env=KCM_LLAMA_PINNED={}", tree.pinned);
     println!("cargo:rustc-env=KCM_LLAMA_VERSION={}", tree.version);
+    let cmake = plan
+        .map(|p| format!("cmake build at {} ({})", p.build.display(), p.kind()))
+        .unwrap_or_default();
+    println!("cargo:rustc-env=KCM_LLAMA_CMAKE={cmake}");
 }
 
 /// How many trailing path components name a tree that is not a git checkout: two

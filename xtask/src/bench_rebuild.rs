@@ -43,6 +43,7 @@ pub fn run() -> Result<Rebuild> {
         "rebuild-bench",
         &[],
         "vendor/llama.cpp copied for cargo xtask bench --only rebuild",
+        false,
     )?;
     std::env::set_var("KCM_LLAMA_SRC", &tree);
     eprintln!(

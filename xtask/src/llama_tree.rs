@@ -338,19 +338,33 @@ pub fn describe_checkout(tree: &Path) -> (String, u64) {
 
 /// Stages a copy of `src`'s sources as `target/kcm-trees/<name>` with `patches` applied
 /// (each must apply: a test tree, not a user's), and a stamp recording `origin`.
+///
+/// `full`: copy all of `src` (a tree for cmake: CMakeLists.txt, cmake/, ...), not only the
+/// sources the `cc` build reads, and keep an existing copy whose stamp is the same (so that
+/// a cmake build of it stays current).
 pub fn stage_test_tree(
     src: &Path,
     name: &str,
     patches: &[PathBuf],
     origin: &str,
+    full: bool,
 ) -> Result<PathBuf> {
     let root = util::workspace_root();
     let dest = root.join("target/kcm-trees").join(name);
     let tmp = root.join("target/kcm-trees").join(format!("{name}.tmp"));
+    let stamp = format!("origin {origin}\nbuild-number 0\n{}", patch_lines(patches)?);
+    if full && fs::read_to_string(dest.join(STAMP)).ok().as_deref() == Some(stamp.as_str()) {
+        eprintln!("xtask: {} is up to date", dest.display());
+        return Ok(dest);
+    }
     remove_dir(&tmp)?;
-    for sub in COPIED {
-        if src.join(sub).exists() {
-            copy_recursively(&src.join(sub), &tmp.join(sub))?;
+    if full {
+        copy_recursively(src, &tmp)?;
+    } else {
+        for sub in COPIED {
+            if src.join(sub).exists() {
+                copy_recursively(&src.join(sub), &tmp.join(sub))?;
+            }
         }
     }
     for patch in patches {
@@ -363,7 +377,6 @@ pub fn stage_test_tree(
         }
         apply_patch(&root, &tmp, patch)?;
     }
-    let stamp = format!("origin {origin}\nbuild-number 0\n{}", patch_lines(patches)?);
     fs::write(tmp.join(STAMP), stamp).map_err(|e| format!("cannot write the stamp: {e}"))?;
     remove_dir(&dest)?;
     fs::rename(&tmp, &dest)

@@ -6,6 +6,11 @@ mod bench;
 mod bench_long;
 mod bench_rebuild;
 mod build_llama;
+// The cmake build logic of ggml-trace-sys's build script, shared (the rpath of shared
+// libraries, the same one-line refusals before cargo runs).
+#[allow(dead_code)]
+#[path = "../../crates/ggml-trace-sys/build/cmake.rs"]
+mod cmake_plan;
 mod demo;
 mod fetch_model;
 mod gen_bindings;
@@ -36,6 +41,15 @@ COMMANDS:
         not and builds the copy without patches; KCM_LLAMA_SRC then points at the
         copy (printed with --prepare-only). For cargo build/test/install, export
         KCM_LLAMA_SRC yourself (the command prints the value).
+  build-llama --llama-build BUILD_DIR [--llama-src PATH] [--release]
+        Link the libraries of a cmake build of llama.cpp at BUILD_DIR (static or shared:
+        ggml, ggml-base, ggml-cpu, every other backend library there, llama, common)
+        instead of compiling llama.cpp; only our shim is compiled, against the headers of
+        PATH (default: the source directory in BUILD_DIR/CMakeCache.txt; it must be that
+        one). Sets KCM_LLAMA_BUILD and KCM_LLAMA_SRC, and for shared libraries adds
+        `-C link-arg=-Wl,-rpath,<their dirs>` to RUSTFLAGS; prints what to export for
+        cargo build/test/install. test, demo, install and bench link the cmake build too
+        when KCM_LLAMA_BUILD is set. GGML_BACKEND_DL=ON builds are refused.
   bindgen [--llama-src PATH]
         Regenerate crates/ggml-trace-sys/src/sys.rs from crates/ggml-trace-sys/csrc/wrapper.h
         (against the tree at PATH instead of the prepared vendor/llama.cpp).
@@ -81,7 +95,7 @@ COMMANDS:
   test [ARGS...]
         build-llama, then `cargo test --workspace ARGS...` (ARGS are passed through,
         e.g. `cargo xtask test -- --nocapture`).
-  test-trees [--only fork|guard|staging|lcp]
+  test-trees [--only fork|guard|staging|lcp|cmake|cmake-shared|cmake-static]
         Build the tools against llama.cpp trees other than the pin and check them
         (docs/build.md, section Other llama.cpp trees). fork: vendor/llama.cpp plus
         vendor/test-patches/*.patch (a new op before GGML_OP_FLASH_ATTN_EXT, so every
@@ -96,7 +110,13 @@ COMMANDS:
         target/downloads/, SHA-256 checked), built as it is: our patches apply to it but
         do not compile there, so it has no mixed KV cache; --version must say so,
         --mixed-kv-cache must be refused (exit 2), and the tiny model and gemma-3-270m
-        are traced and verified as for fork. Prints build times.
+        are traced and verified as for fork. cmake: the pinned package's complete
+        tree + our patches (target/kcm-trees/cmake-pinned) built with cmake (system's,
+        else PyPI cmake in target/cmake-venv), as shared and as static libraries (-j2,
+        two long builds); the tools linked against each (--llama-build), --version must
+        name the cmake build, tiny and gemma-3-270m traced and verified as for lcp, the
+        tiny model with --mixed-kv-cache too, and all of ggml-trace-sys's tests run
+        (cmake-shared, cmake-static: one of the two). Prints build times.
   help
         Print this help.
 ";

@@ -23,6 +23,14 @@
 //!   cache, `--version` must say so, `--mixed-kv-cache` must be refused in one line with
 //!   exit 2, and the tiny model and gemma-3-270m are traced and verified like the fork.
 //!
+//! - **cmake**: the pinned package's complete llama.cpp tree (CMakeLists.txt, cmake/, which
+//!   vendor/llama.cpp lacks) plus our patches, staged in `target/kcm-trees/cmake-pinned`,
+//!   configured and built with cmake (the system's, else PyPI `cmake` in
+//!   `target/cmake-venv`) twice: shared and static libraries, `-j2`. For each, the tools are
+//!   linked against it (`KCM_LLAMA_BUILD`), `--version` must name the cmake build, the tiny
+//!   model and gemma-3-270m are traced and verified like the fork (and the tiny model with
+//!   the mixed KV cache), and all of ggml-trace-sys's tests run against it.
+//!
 //! Build times are printed (wall clock; the machine may be busy).
 
 use std::path::Path;
@@ -30,6 +38,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use crate::build_llama::{self, SRC_ENV};
+use crate::cmake_plan::BUILD_ENV;
 use crate::demo;
 use crate::llama_tree;
 use crate::util::{self, Result};
@@ -113,15 +122,19 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
         .opt_value_from_str("--only")
         .map_err(|e| format!("--only: {e}"))?;
     util::no_more_args(args)?;
-    let (fork, guard, staging, lcp) = match only.as_deref() {
-        None => (true, true, true, true),
-        Some("fork") => (true, false, false, false),
-        Some("guard") => (false, true, false, false),
-        Some("staging") => (false, false, true, false),
-        Some("lcp") => (false, false, false, true),
+    let all_cmake: &[&str] = &["shared", "static"];
+    let (fork, guard, staging, lcp, cmake) = match only.as_deref() {
+        None => (true, true, true, true, all_cmake),
+        Some("fork") => (true, false, false, false, &[][..]),
+        Some("guard") => (false, true, false, false, &[][..]),
+        Some("staging") => (false, false, true, false, &[][..]),
+        Some("lcp") => (false, false, false, true, &[][..]),
+        Some("cmake") => (false, false, false, false, all_cmake),
+        Some("cmake-shared") => (false, false, false, false, &["shared"][..]),
+        Some("cmake-static") => (false, false, false, false, &["static"][..]),
         Some(other) => {
             return Err(format!(
-                "--only: unknown `{other}` (fork, guard, staging or lcp)"
+                "--only: unknown `{other}` (fork, guard, staging, lcp, cmake, cmake-shared or cmake-static)"
             ))
         }
     };
@@ -129,6 +142,9 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
     let mut report = Vec::new();
     if lcp {
         report.extend(lcp_test()?);
+    }
+    if !cmake.is_empty() {
+        report.extend(cmake_test(&root, cmake)?);
     }
     if fork || guard || staging {
         llama_tree::prepare(false)?;
@@ -142,6 +158,7 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
             FORK,
             &patches,
             "llama-cpp-sys-2 0.1.161 + kv-cache-monitor patches + test fork (new op before FLASH_ATTN_EXT)",
+            false,
         )?;
         if staging {
             report.extend(staging_test(&root)?);
@@ -150,7 +167,7 @@ pub fn run(mut args: pico_args::Arguments) -> Result {
             report.push(guard_test(&tree)?);
         }
         if fork {
-            report.extend(tree_test("fork", &tree, "test fork", false, true)?);
+            report.extend(tree_test("fork", &tree, None, "test fork", false, true)?);
         }
     }
     eprintln!("\nxtask test-trees: all passed");
@@ -177,6 +194,7 @@ fn lcp_test() -> Result<Vec<String>> {
     report.extend(tree_test(
         "lcp",
         &tree,
+        None,
         "llama_cpp_python-0.3.36",
         true,
         false,
@@ -285,11 +303,14 @@ fn guard_test(fork: &Path) -> Result<String> {
 
 /// Builds the tools against `tree` (`label` in the report; `--version` must contain
 /// `version_tag`) and traces + verifies the tiny model (and gemma-3-270m with `gemma`).
+/// `cmake`: the cmake build of `tree` to link (`KCM_LLAMA_BUILD`; then all of
+/// ggml-trace-sys's tests run, else those that depend on the tree).
 /// `mixed`: whether the tree has our mixed KV cache (then a mixed trace is verified too;
 /// else `--mixed-kv-cache` must be refused in one line with exit 2).
 fn tree_test(
     label: &str,
     tree: &Path,
+    cmake: Option<&Path>,
     version_tag: &str,
     gemma: bool,
     mixed: bool,
@@ -300,13 +321,22 @@ fn tree_test(
         tree.display()
     );
     let start = Instant::now();
-    build_llama::build_tree(Some(tree), false)?;
+    build_llama::build_tree(Some(tree), cmake, false)?;
     report.push(format!(
-        "{label}: ggml-trace-sys (llama.cpp) built in {:.0} s",
+        "{label}: ggml-trace-sys ({}) built in {:.0} s",
+        if cmake.is_some() {
+            "shim only, linking the cmake build"
+        } else {
+            "llama.cpp"
+        },
         start.elapsed().as_secs_f64()
     ));
-    // Everything below (cargo builds, the tools) sees the tree.
+    // Everything below (cargo builds, the tools) sees the tree (and the cmake build).
     std::env::set_var(SRC_ENV, tree);
+    match cmake {
+        Some(b) => std::env::set_var(BUILD_ENV, b),
+        None => std::env::remove_var(BUILD_ENV),
+    }
     let start = Instant::now();
     demo::build_tools(false)?;
     report.push(format!(
@@ -464,20 +494,26 @@ fn tree_test(
     // ggml-trace-sys's own tests on the fork: generated op codes against ggml_op_name,
     // the layout guard, the build info.
     let start = Instant::now();
-    let tests = util::output(util::cargo().args([
-        "test",
-        "-p",
-        "ggml-trace-sys",
-        "--test",
-        "it",
-        "--",
-        "tree_enums",
-        "layout_guard",
-        "llama_ffi",
-        "mixed",
-        "source_lists",
-        "--nocapture",
-    ]))?;
+    let args: &[&str] = if cmake.is_some() {
+        // Linked against another build of llama.cpp: every test of the crate.
+        &["test", "-p", "ggml-trace-sys", "--", "--nocapture"]
+    } else {
+        &[
+            "test",
+            "-p",
+            "ggml-trace-sys",
+            "--test",
+            "it",
+            "--",
+            "tree_enums",
+            "layout_guard",
+            "llama_ffi",
+            "mixed",
+            "source_lists",
+            "--nocapture",
+        ]
+    };
+    let tests = util::output(util::cargo().args(args))?;
     let tests = String::from_utf8_lossy(&tests);
     print!("{tests}");
     for line in tests.lines() {
@@ -499,6 +535,111 @@ fn tree_test(
         start.elapsed().as_secs_f64()
     ));
 
+    Ok(report)
+}
+
+/// PyPI's `cmake`, pinned, installed in `target/cmake-venv` when the system has none.
+const CMAKE_PYPI: &str = "cmake==4.4.5";
+
+/// cmake's options for the test builds: the CPU and RPC backends (as the `cc` build), no
+/// OpenSSL/network, no tests, examples, server, tools or app (only the libraries the
+/// tools link).
+const CMAKE_OPTIONS: &[&str] = &[
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_RPC=ON",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+];
+
+/// `cmake` on PATH, else `target/cmake-venv/bin/cmake` (made with pip when missing).
+fn cmake_binary() -> Result<std::path::PathBuf> {
+    let works = |cmd: &Path| {
+        Command::new(cmd)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(Path::new("cmake")) {
+        return Ok("cmake".into());
+    }
+    let venv = util::target_dir().join("cmake-venv");
+    let cmake = venv.join("bin/cmake");
+    if !works(&cmake) {
+        eprintln!(
+            "xtask: no cmake on PATH; installing PyPI {CMAKE_PYPI} in {}",
+            venv.display()
+        );
+        util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        util::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", CMAKE_PYPI]))?;
+    }
+    Ok(cmake)
+}
+
+/// The pinned package's complete tree plus our patches, built with cmake as shared and/or
+/// as static libraries (`kinds`); the tools linked against each and checked by
+/// [`tree_test`].
+fn cmake_test(root: &Path, kinds: &[&str]) -> Result<Vec<String>> {
+    let (version, pristine) = llama_tree::locate_pinned_source(root)?;
+    let patches = llama_tree::patches_in(&root.join("vendor/patches"))?;
+    let tree = llama_tree::stage_test_tree(
+        &pristine,
+        "cmake-pinned",
+        &patches,
+        &format!("llama-cpp-sys-2 {version} + kv-cache-monitor patches (complete tree, for cmake)"),
+        true,
+    )?;
+    let cmake = cmake_binary()?;
+    let trees = tree.parent().expect("under target/kcm-trees").to_path_buf();
+    let mut report = Vec::new();
+    for &kind in kinds {
+        let shared = if kind == "shared" { "ON" } else { "OFF" };
+        let build = trees.join(format!("cmake-build-{kind}"));
+        eprintln!("\n== cmake-{kind}: configure and build {}", build.display());
+        let start = Instant::now();
+        // cmake's git lookups (build info) must not find this repository.
+        step(
+            Command::new(&cmake)
+                .env("GIT_CEILING_DIRECTORIES", &trees)
+                .arg("-S")
+                .arg(&tree)
+                .arg("-B")
+                .arg(&build)
+                .arg(format!("-DBUILD_SHARED_LIBS={shared}"))
+                .args(CMAKE_OPTIONS),
+        )?;
+        step(
+            Command::new(&cmake)
+                .env("GIT_CEILING_DIRECTORIES", &trees)
+                .arg("--build")
+                .arg(&build)
+                .arg("-j2"),
+        )?;
+        report.push(format!(
+            "cmake-{kind}: cmake configure + build ({kind} libraries, -j2) took {:.0} s (a no-op when already built)",
+            start.elapsed().as_secs_f64()
+        ));
+        let rustflags = std::env::var_os("RUSTFLAGS");
+        let (src, plan) = build_llama::cmake_env(&build, Some(&tree))?;
+        let tag = format!("cmake build at {} ({})", plan.build.display(), plan.kind());
+        let result = tree_test(
+            &format!("cmake-{kind}"),
+            &src,
+            Some(&plan.build),
+            &tag,
+            true,
+            true,
+        );
+        match rustflags {
+            Some(v) => std::env::set_var("RUSTFLAGS", v),
+            None => std::env::remove_var("RUSTFLAGS"),
+        }
+        std::env::remove_var(BUILD_ENV);
+        report.extend(result?);
+    }
     Ok(report)
 }
 

@@ -403,7 +403,7 @@ fn common(tree: &Path, csrc: &Path, gen: &Generated, report: &mut Vec<ListReport
 }
 
 /// Our C shim (csrc/kcm_shim.cpp, csrc/kcm_session.cpp) over common and llama.
-fn kcm_shim(tree: &Path, csrc: &Path, mixed_kv: bool) -> Library {
+pub fn kcm_shim(tree: &Path, csrc: &Path, mixed_kv: bool) -> Library {
     let mut lib = Library::new("kcm_shim");
     lib.cpp.push(csrc.join("kcm_shim.cpp"));
     lib.cpp.push(csrc.join("kcm_session.cpp"));

@@ -87,10 +87,23 @@ pub fn skip_without_mixed_kv(test: &str) -> bool {
 }
 
 /// One line for `--version`: which tree the tools were built from and what it has, e.g.
-/// `llama.cpp tree: /path/to/vendor/llama.cpp (LLAMA_VERSION 0.6.0-dev); features: mixed-kv-cache`.
+/// `llama.cpp tree: /path/to/vendor/llama.cpp (LLAMA_VERSION 0.6.0-dev); features: mixed-kv-cache`,
+/// followed by `; cmake build at DIR (shared libraries)` when linked against a cmake build.
 pub fn tree_summary() -> String {
-    format!("llama.cpp tree: {LLAMA_CPP_DIR} (LLAMA_VERSION {LLAMA_VERSION_NUMBER}); features: {FEATURES}")
+    let mut s = format!(
+        "llama.cpp tree: {LLAMA_CPP_DIR} (LLAMA_VERSION {LLAMA_VERSION_NUMBER}); features: {FEATURES}"
+    );
+    if !LLAMA_CMAKE_BUILD.is_empty() {
+        s.push_str("; ");
+        s.push_str(LLAMA_CMAKE_BUILD);
+    }
+    s
 }
+
+/// `cmake build at DIR (shared libraries)` (or `static`) when the tools link the libraries
+/// of a cmake build of llama.cpp (`KCM_LLAMA_BUILD`, docs/build.md "Linking a cmake
+/// build"); empty when llama.cpp was compiled by the build script.
+pub const LLAMA_CMAKE_BUILD: &str = env!("KCM_LLAMA_CMAKE");
 
 /// The parameters (scale, max_bias, softcap) of a mixed-KV-cache attention node, or `None`
 /// for any other node, and always `None` on a tree without the mixed KV cache.

@@ -4,6 +4,7 @@
 //! One binary per crate, as ripgrep does (`tests/integration/`): each file below is a
 //! module; shared helpers live in the `test-support` crate.
 
+mod cmake_plan;
 mod ggml_ffi;
 mod ggml_oracle;
 mod kernel_model;
