@@ -99,7 +99,8 @@ COMMANDS:
         Build the tools against llama.cpp trees other than the pin and check them
         (docs/build.md, section Other llama.cpp trees). fork: vendor/llama.cpp plus
         vendor/test-patches/*.patch (a new op before GGML_OP_FLASH_ATTN_EXT, so every
-        later op code moves), staged in target/kcm-trees/; the tools are built against
+        later op code moves, with its kernel in a new source file that only the fork's
+        CMake list names), staged in target/kcm-trees/; the tools are built against
         it (a full llama.cpp build, ~10 min) and the tiny model traced with -fa on/off
         and F16/q8_0 caches and verified (gguf-reader --verify-attention). guard: the
         same fork with a member added to struct ggml_tensor must fail the build with
